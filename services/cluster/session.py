@@ -1,0 +1,80 @@
+"""A lease kept alive in the background, after etcd's ``clientv3/concurrency.Session``.
+
+aetcd has no background keepalive, so this owns it. Keys written with ``session.lease_id`` vanish
+when the process dies (the lease expires after ``ttl_s``). If the lease is lost while the process
+lives (etcd restored from a backup, a long partition), the session grants a new one and calls every
+``on_new_lease`` callback so the owner can write its keys again: liveness is the lease (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import aetcd
+
+log = logging.getLogger(__name__)
+
+NewLeaseCallback = Callable[[int], Awaitable[None]]
+
+
+class Session:
+    """Grant, keep alive, re-grant, revoke. ``lost`` is set each time a lease is found expired."""
+
+    def __init__(self, client: aetcd.Client, ttl_s: int = 5) -> None:
+        if ttl_s < 2:
+            raise ValueError(f"ttl_s must be >= 2 (etcd's minimum lease TTL), got {ttl_s}")
+        self._client = client
+        self.ttl_s = ttl_s
+        self._lease_id = 0
+        self._callbacks: list[NewLeaseCallback] = []
+        self._task: asyncio.Task[None] | None = None
+        self.lost = asyncio.Event()
+
+    @property
+    def lease_id(self) -> int:
+        if not self._lease_id:
+            raise RuntimeError("session not started")
+        return self._lease_id
+
+    def on_new_lease(self, callback: NewLeaseCallback) -> None:
+        """Runs ``callback(lease_id)`` after a lost lease was replaced by a new one."""
+        self._callbacks.append(callback)
+
+    async def start(self) -> None:
+        lease = await self._client.lease(self.ttl_s)
+        self._lease_id = lease.id
+        self._task = asyncio.create_task(self._keepalive(), name="session-keepalive")
+
+    async def _keepalive(self) -> None:
+        interval = self.ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await self._client.refresh_lease(self._lease_id)
+                if reply is not None and reply.TTL > 0:
+                    continue
+                log.warning("lease %x expired; granting a new one", self._lease_id)
+                self.lost.set()
+                lease = await self._client.lease(self.ttl_s)
+                self._lease_id = lease.id
+                self.lost.clear()
+                for callback in self._callbacks:
+                    await callback(self._lease_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # etcd down: unary calls reconnect once it is back
+                log.info("lease keepalive failed (%s); retrying", type(e).__name__)
+
+    async def close(self) -> None:
+        """Stops the keepalive and revokes the lease, so this process's keys vanish at once."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._lease_id:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.revoke_lease(self._lease_id), 2.0)

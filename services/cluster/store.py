@@ -1,0 +1,113 @@
+"""Typed access to etcd: protobuf values in, protobuf values out (DESIGN §4).
+
+Only services/cluster talks to aetcd; everything else goes through `Store`, `Session`,
+`Election` and `Mirror`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import aetcd
+from google.protobuf.message import Message
+from meshserve.cluster.keys import Keyspace
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where etcd is. ``endpoint`` is ``host:port``."""
+
+    endpoint: str = "127.0.0.1:2379"
+    timeout_s: float = 5.0  # per unary call
+
+    def __post_init__(self) -> None:
+        host, _, port = self.endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"etcd endpoint must be host:port, got {self.endpoint!r}")
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rpartition(":")[2])
+
+
+def connect(config: EtcdConfig) -> aetcd.Client:
+    """A client; it connects lazily and reconnects unary calls by itself after an etcd restart."""
+    return aetcd.Client(
+        host=config.host,
+        port=config.port,
+        timeout=config.timeout_s,
+        options={
+            "grpc.keepalive_time_ms": 10_000,
+            "grpc.keepalive_timeout_ms": 5_000,
+            "grpc.keepalive_permit_without_calls": 1,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One stored value with the revisions that fencing and watches need."""
+
+    key: bytes
+    value: T
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+class Store:
+    """Get, list, put and delete protobuf values."""
+
+    def __init__(self, client: aetcd.Client, keys: Keyspace) -> None:
+        self.client = client
+        self.keys = keys
+
+    async def get(self, key: bytes, kind: type[M]) -> M | None:
+        got = await self.client.get(key)
+        return None if got is None else kind.FromString(got.value)
+
+    async def list(self, prefix: bytes, kind: type[M]) -> tuple[list[Entry[M]], int]:
+        """All values under ``prefix`` and the store revision they were read at."""
+        got = await self.client.get_prefix(prefix)
+        entries = [
+            Entry(kv.key, kind.FromString(kv.value), kv.create_revision, kv.mod_revision, kv.lease)
+            for kv in got.kvs
+        ]
+        return entries, got.header.revision
+
+    async def put(self, key: bytes, value: Message, lease: int | None = None) -> int:
+        """Writes ``value``; returns the revision of the write."""
+        put = await self.client.put(key, value.SerializeToString(), lease=lease)
+        return int(put.header.revision)
+
+    async def delete(self, key: bytes) -> bool:
+        return await self.client.delete(key) is not None
+
+    async def txn_if_created_at(
+        self,
+        guard_key: bytes,
+        guard_create_revision: int,
+        puts: Sequence[tuple[bytes, Message]],
+        deletes: Sequence[bytes],
+    ) -> bool:
+        """Applies all puts and deletes atomically iff ``guard_key`` still has that create revision.
+
+        This is the fencing write: the guard is the leader key, so a deposed leader (whose key was
+        deleted or recreated) cannot write. Returns False when the guard failed; nothing is written.
+        """
+        tx = self.client.transactions
+        ops: list[Any] = [tx.put(k, v.SerializeToString()) for k, v in puts]
+        ops += [tx.delete(k) for k in deletes]
+        ok, _ = await self.client.transaction(
+            compare=[tx.create(guard_key) == guard_create_revision], success=ops, failure=[]
+        )
+        return bool(ok)

@@ -1,0 +1,84 @@
+"""Builds the tiny demo model locally: random-initialised Llama weights (``save_pretrained``) and a
+byte-level BPE tokenizer trained here with ``tokenizers``. No download (DESIGN §7).
+
+Hidden 64 with 2 heads gives head size 32, the smallest vLLM's CPU attention accepts, so the vLLM
+engine can load the same files. Needs the ``torch`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = """\
+Once upon a time there was a small mesh of machines that served many models to many people.
+Each machine held a few models in memory and answered questions, one token at a time.
+The scheduler decided where every model should live, and the router sent each request to the
+machine that could answer it soonest. When a machine went away, the others took its work.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex.
+Complex is better than complicated. Flat is better than nested. Sparse is better than dense.
+Readability counts. Errors should never pass silently, unless explicitly silenced.
+In the face of ambiguity, refuse the temptation to guess. Now is better than never.
+A request arrives with a prompt and a few sampling parameters: how many tokens, how hot, which seed.
+def hello(name): return f"Hello, {name}!"  # code is text too: 0 1 2 3 4 5 6 7 8 9 + - * / = ( )
+Graphics processors sit idle at eleven percent while nine models wait on nine cards.
+"""
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def build_demo_model(path: Path, seed: int = 0) -> Path:
+    """Writes the model to ``path`` unless a complete one is there; returns ``path``."""
+    if (path / "model.safetensors").exists() and (path / "tokenizer.json").exists():
+        return path
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS.splitlines() * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=2048,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+
+    config = LlamaConfig(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.3,  # livelier random text than the default 0.02
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "meshserve-demo.json").write_text(json.dumps({"seed": seed, "kind": "random-init"}))
+    return path

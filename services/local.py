@@ -1,0 +1,164 @@
+"""Runs a whole mesh on this machine as real processes: etcd, schedulers, node agents, router.
+
+`meshserve up` uses it, and so do the end-to-end tests: each service is the same
+``python -m meshserve <service>`` a production host runs, started with a ready file that the
+launcher waits for (no sleeps), its output in ``<data-dir>/logs/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshserve.cluster.etcd_process import EtcdProcess
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    ready_file: Path
+    address: str = ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Mesh:
+    def __init__(
+        self,
+        data_dir: Path,
+        lease_ttl_s: int = 3,
+        trace_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.lease_ttl_s = lease_ttl_s
+        self.trace_dir = trace_dir
+        self.env = dict(env or {})
+        self.etcd = EtcdProcess(self.data_dir / "etcd")
+        self.services: dict[str, Service] = {}
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
+
+    def start_etcd(self) -> None:
+        self.etcd.start()
+
+    def _spawn(self, name: str, args: list[str], timeout_s: float = 90.0) -> Service:
+        ready = self.data_dir / "run" / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        log = self.data_dir / "logs" / f"{name}.log"
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        if self.trace_dir is not None:
+            env["MESHSERVE_TRACE_DIR"] = str(self.trace_dir)
+        out = open(log, "ab")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshserve", *args, "--ready-file", str(ready)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        out.close()
+        service = Service(name, proc, log, ready)
+        self.services[name] = service
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready in {timeout_s} s:\n{self.tail(name)}")
+            time.sleep(0.05)
+        service.address = json.loads(ready.read_text())["address"]
+        return service
+
+    def start_scheduler(self, name: str = "scheduler-0") -> Service:
+        return self._spawn(
+            name,
+            [
+                "scheduler",
+                "--id",
+                name,
+                "--etcd",
+                self.etcd.endpoint,
+                "--lease-ttl",
+                str(self.lease_ttl_s),
+            ],
+        )
+
+    def start_agent(
+        self, name: str, memory_limit: str = "", threads: int = 1, device: str = "auto"
+    ) -> Service:
+        args = [
+            "agent",
+            "--node-id",
+            name,
+            "--etcd",
+            self.etcd.endpoint,
+            "--lease-ttl",
+            str(self.lease_ttl_s),
+            "--threads",
+            str(threads),
+            "--device",
+            device,
+        ]
+        if memory_limit:
+            args += ["--memory-limit", memory_limit]
+        return self._spawn(name, args)
+
+    def start_router(self, name: str = "router", listen: str = "127.0.0.1:0") -> Service:
+        return self._spawn(
+            name,
+            [
+                "router",
+                "--id",
+                name,
+                "--listen",
+                listen,
+                "--etcd",
+                self.etcd.endpoint,
+                "--lease-ttl",
+                str(self.lease_ttl_s),
+            ],
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        s = self.services[name]
+        if s.alive():
+            os.kill(s.proc.pid, sig)
+            s.proc.wait(30)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        try:
+            return "\n".join(
+                self.services[name].log.read_text(errors="replace").splitlines()[-lines:]
+            )
+        except (OSError, KeyError):
+            return ""
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM in dependency order (router, agents, schedulers), then etcd."""
+        order = sorted(
+            self.services.values(),
+            key=lambda s: (
+                0 if s.name.startswith("router") else 2 if s.name.startswith("scheduler") else 1
+            ),
+        )
+        for s in order:
+            if s.alive():
+                s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for s in order:
+            try:
+                s.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait()
+        self.etcd.stop()

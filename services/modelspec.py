@@ -1,0 +1,99 @@
+"""Reads a model's YAML (``meshserve model apply``) into a validated ModelSpec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from meshserve.cluster.keys import check_name
+from meshserve.nodeagent.config import parse_bytes
+from meshserve.v1 import cluster_pb2, common_pb2
+
+FIELDS = {
+    "name",
+    "source",
+    "engine",
+    "engine_args",
+    "memory",
+    "kv_headroom",
+    "min_replicas",
+    "max_replicas",
+    "priority",
+    "aliases",
+    "fallbacks",
+    "max_model_len",
+    "default_max_tokens",
+    "warmup_prompts",
+    "idle_timeout_s",
+}
+DEFAULT_KV_HEADROOM = 64 * 2**20
+
+
+def weights_bytes(source: Path) -> int:
+    """Size of the weights on disk (safetensors, else any .bin): the memory estimate's base."""
+    files = list(source.glob("*.safetensors")) or list(source.glob("*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
+def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.ModelSpec:
+    """Raises ValueError naming the field at fault."""
+    unknown = set(d) - FIELDS
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}; known: {sorted(FIELDS)}")
+    if "name" not in d or "source" not in d:
+        raise ValueError("fields 'name' and 'source' are required")
+    name = check_name("model", str(d["name"]))
+    source = Path(str(d["source"])).expanduser()
+    if not source.is_absolute():
+        source = (base / source).resolve()
+    engine = str(d.get("engine", "torch")).upper()
+    if f"ENGINE_KIND_{engine}" not in cluster_pb2.EngineKind.keys():  # noqa: SIM118 - protobuf enum wrapper is not iterable
+        raise ValueError(f"engine: must be torch or vllm, got {d.get('engine')!r}")
+    priority = str(d.get("priority", "normal")).upper()
+    if f"PRIORITY_{priority}" not in common_pb2.Priority.keys():  # noqa: SIM118
+        raise ValueError(
+            f"priority: must be low, normal, high or critical, got {d.get('priority')!r}"
+        )
+    memory = parse_bytes(str(d["memory"])) if "memory" in d else weights_bytes(source)
+    if memory <= 0:
+        raise ValueError(f"memory: not given and no weights found under {source}")
+    spec = cluster_pb2.ModelSpec(
+        name=name,
+        source=str(source),
+        engine=cluster_pb2.EngineKind.Value(f"ENGINE_KIND_{engine}"),
+        engine_args={str(k): str(v) for k, v in (d.get("engine_args") or {}).items()},
+        memory_bytes=memory,
+        kv_headroom_bytes=parse_bytes(str(d["kv_headroom"]))
+        if "kv_headroom" in d
+        else DEFAULT_KV_HEADROOM,
+        min_replicas=int(d.get("min_replicas", 0)),
+        max_replicas=int(d.get("max_replicas", 0)),
+        priority=common_pb2.Priority.Value(f"PRIORITY_{priority}"),
+        aliases=[check_name("alias", str(a)) for a in d.get("aliases", [])],
+        fallbacks=[check_name("fallback", str(f)) for f in d.get("fallbacks", [])],
+        max_model_len=int(d.get("max_model_len", 0)),
+        default_max_tokens=int(d.get("default_max_tokens", 0)),
+        warmup_prompts=[str(p) for p in d.get("warmup_prompts", [])],
+        idle_timeout_s=int(d.get("idle_timeout_s", 0)),
+    )
+    if spec.min_replicas < 0 or spec.max_replicas < 0:
+        raise ValueError("min_replicas and max_replicas must be >= 0")
+    if spec.max_replicas and spec.max_replicas < spec.min_replicas:
+        raise ValueError("max_replicas must be 0 (no limit) or >= min_replicas")
+    return spec
+
+
+def demo_spec(source: Path, min_replicas: int = 1) -> cluster_pb2.ModelSpec:
+    """The built-in tiny model, registered as ``demo`` (alias ``tiny``)."""
+    return spec_from_dict(
+        {
+            "name": "demo",
+            "source": str(source),
+            "aliases": ["tiny"],
+            "min_replicas": min_replicas,
+            "max_model_len": 2048,
+            "default_max_tokens": 32,
+            "kv_headroom": "16MiB",
+            "warmup_prompts": ["Hello"],
+        }
+    )

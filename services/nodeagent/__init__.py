@@ -1,0 +1,1 @@
+"""The node agent: devices, engines, reconciliation towards placements, Inference server."""

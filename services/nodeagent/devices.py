@@ -1,0 +1,147 @@
+"""What a node has: NVIDIA GPUs through NVML (``nvidia-ml-py``), or the host's memory when there
+is no driver. Both implement `DeviceProbe`; the agent never asks which one it has.
+
+NVML errors after start-up (a GPU fallen off the bus, a driver reload) are reported in the GPU's
+``name`` as ``error: …`` with zero memory, so the scheduler stops placing there, instead of
+crashing the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshserve.v1 import cluster_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    kind: str  # "cuda" or "cpu"
+    gpus: tuple[cluster_pb2.GpuDevice, ...]
+    host_total_bytes: int
+    host_available_bytes: int
+
+
+class DeviceProbe(Protocol):
+    kind: str
+
+    def read(self) -> DeviceReport:
+        """Current memory and utilization; never raises for a device fault."""
+
+    def close(self) -> None: ...
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes from /proc/meminfo; (0, 0) where there is none."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                fields[name] = int(rest.split()[0]) * 1024
+    except OSError:
+        return 0, 0
+    return fields.get("MemTotal", 0), fields.get("MemAvailable", fields.get("MemFree", 0))
+
+
+class HostProbe:
+    """No GPU: the serving device is the CPU and its memory is host RAM."""
+
+    kind = "cpu"
+
+    def read(self) -> DeviceReport:
+        total, available = host_memory()
+        return DeviceReport("cpu", (), total, available)
+
+    def close(self) -> None:
+        pass
+
+
+class NvmlProbe:
+    """NVIDIA GPUs through NVML. Construction raises when no driver is present."""
+
+    kind = "cuda"
+
+    def __init__(self) -> None:
+        import pynvml
+
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+        self._count = pynvml.nvmlDeviceGetCount()
+        if self._count == 0:
+            pynvml.nvmlShutdown()
+            raise RuntimeError("NVML found no GPU")
+
+    def _gpu(self, index: int) -> cluster_pb2.GpuDevice:
+        nv = self._nvml
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(index)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            gpu = cluster_pb2.GpuDevice(
+                uuid=_text(nv.nvmlDeviceGetUUID(h)),
+                name=_text(nv.nvmlDeviceGetName(h)),
+                index=index,
+                memory_total_bytes=int(mem.total),
+                memory_used_bytes=int(mem.used),
+            )
+            try:
+                gpu.utilization = nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0
+            except nv.NVMLError:
+                pass  # not supported on some MIG configurations
+            try:
+                current, _pending = nv.nvmlDeviceGetMigMode(h)
+                gpu.mig = bool(current)
+            except nv.NVMLError:
+                pass  # GPUs without MIG
+            try:
+                for proc in nv.nvmlDeviceGetComputeRunningProcesses(h):
+                    used = proc.usedGpuMemory if proc.usedGpuMemory is not None else 0
+                    gpu.processes.add(pid=int(proc.pid), used_memory_bytes=int(used))
+            except nv.NVMLError:
+                pass
+            return gpu
+        except nv.NVMLError as e:
+            log.warning("NVML error on GPU %d: %s", index, e)
+            return cluster_pb2.GpuDevice(index=index, name=f"error: {e}")
+
+    def read(self) -> DeviceReport:
+        total, available = host_memory()
+        return DeviceReport(
+            "cuda", tuple(self._gpu(i) for i in range(self._count)), total, available
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(self._nvml.NVMLError):
+            self._nvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def open_probe(kind: str = "auto") -> DeviceProbe:
+    """``auto``: NVML when a driver answers, else the host. ``cpu`` forces the host probe;
+    ``cuda`` requires NVML and raises without it."""
+    if kind == "cpu" or os.environ.get("MESHSERVE_FORCE_CPU") == "1":
+        return HostProbe()
+    try:
+        return NvmlProbe()
+    except Exception as e:
+        if kind == "cuda":
+            raise RuntimeError(f"--device cuda, but NVML is not usable: {e}") from e
+        log.info("no NVIDIA GPU (%s); serving on the CPU", e)
+        return HostProbe()
+
+
+def capacity_bytes(report: DeviceReport, memory_limit: int) -> int:
+    """Memory offered to models: the GPUs' total (or host memory on CPU), capped by the limit."""
+    if report.gpus:
+        offered = sum(g.memory_total_bytes for g in report.gpus)
+    else:
+        offered = int(report.host_total_bytes * 0.8)  # leave the OS and the agent room
+    return min(offered, memory_limit) if memory_limit else offered

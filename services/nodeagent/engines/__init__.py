@@ -1,0 +1,16 @@
+"""Engines load a model onto a device and stream generations. `torch` and `vllm` are imported only
+inside their engine modules, so router and scheduler never load them (STYLE)."""
+
+from __future__ import annotations
+
+from meshserve.nodeagent.engines.base import Engine, EngineConfig
+from meshserve.v1 import cluster_pb2
+
+
+def make_engine(spec: cluster_pb2.ModelSpec, config: EngineConfig) -> Engine:
+    """The engine for ``spec.engine``; raises ValueError for one this build does not have."""
+    if spec.engine in (cluster_pb2.ENGINE_KIND_UNSPECIFIED, cluster_pb2.ENGINE_KIND_TORCH):
+        from meshserve.nodeagent.engines.torch_engine import TorchEngine
+
+        return TorchEngine(config)
+    raise ValueError(f"engine {cluster_pb2.EngineKind.Name(spec.engine)} is not available here yet")

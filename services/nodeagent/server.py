@@ -1,0 +1,207 @@
+"""The agent's gRPC services: `Inference` (same API as the router) and `NodeAgent` (operators)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from meshserve.nodeagent.reconcile import Reconciler, Replica
+from meshserve.rpc import handlers
+from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.telemetry import metrics
+from meshserve.telemetry.tracing import tracer
+from meshserve.v1 import (
+    cluster_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    nodeagent_pb2,
+    nodeagent_pb2_grpc,
+)
+from meshserve.validation import check_embed, check_generate, resolve_params
+from opentelemetry import trace
+
+_tracer = tracer(__name__)
+Ctx = handlers.Ctx
+
+
+class AgentInference(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.rec = reconciler
+        self.node_id = reconciler.config.node_id
+
+    def _replica(self, name: str) -> Replica:
+        spec = self.rec.spec(name)
+        if spec is None:
+            raise not_found_model(name, [s.name for s in self.rec.models.snapshot.values()])
+        r = self.rec.replicas.get(spec.name)
+        if r is None or not r.ready or r.unloading:
+            state = "not placed" if r is None else cluster_pb2.ReplicaState.Name(r.status.state)
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"model {spec.name!r} is {state} on node {self.node_id}; call the router, which "
+                "sends requests to a READY replica",
+                "REPLICA_NOT_READY",
+                retry_after_s=1.0,
+            )
+        if self.rec.draining:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"node {self.node_id} is draining",
+                "NODE_DRAINING",
+                retry_after_s=1.0,
+            )
+        assert r.engine is not None
+        if r.engine.in_flight >= self.rec.config.max_in_flight:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"model {spec.name!r} on node {self.node_id} is serving its limit of "
+                f"{self.rec.config.max_in_flight} streams",
+                "REPLICA_BUSY",
+                retry_after_s=0.2,
+            )
+        return r
+
+    @handlers.stream
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: Ctx
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        server_span = trace.get_current_span()
+        server_span.set_attribute("gen_ai.request.model", request.model)
+        if request.request_id:
+            server_span.set_attribute("meshserve.request_id", request.request_id)
+        r = self._replica(request.model)
+        check_generate(request, r.spec)
+        params = resolve_params(request.sampling, r.spec)
+        assert r.engine is not None
+        model = r.spec.name
+        await context.send_initial_metadata(
+            (("meshserve-node", self.node_id), ("meshserve-model", model))
+        )
+        start = time.perf_counter()
+        last = start
+        code = "OK"
+        metrics.IN_FLIGHT.labels("agent", model).inc()
+        with _tracer.start_as_current_span(
+            "engine.generate",
+            attributes={
+                "gen_ai.system": "meshserve",
+                "gen_ai.operation.name": "text_completion",
+                "gen_ai.request.model": model,
+                "gen_ai.request.max_tokens": params.max_tokens,
+                "gen_ai.request.temperature": params.temperature,
+                "meshserve.node": self.node_id,
+            },
+        ) as span:
+            try:
+                first = True
+                async for chunk in r.engine.generate(request.prompt, request.messages, params):
+                    now = time.perf_counter()
+                    if first:
+                        span.set_attribute("meshserve.ttft_s", now - start)
+                        metrics.TTFT.labels("agent", model).observe(now - start)
+                        first = False
+                    else:
+                        metrics.INTER_TOKEN.labels("agent", model).observe(now - last)
+                    last = now
+                    r.generated_tokens += len(chunk.token_ids)
+                    metrics.TOKENS.labels(model).inc(len(chunk.token_ids))
+                    response = inference_pb2.GenerateResponse(
+                        text=chunk.text,
+                        token_ids=chunk.token_ids,
+                        finish_reason=chunk.finish_reason,  # type: ignore[arg-type]
+                    )
+                    if chunk.finish_reason:
+                        response.usage.input_tokens = chunk.input_tokens
+                        response.usage.output_tokens = chunk.output_tokens
+                        span.set_attribute("gen_ai.usage.input_tokens", chunk.input_tokens)
+                        span.set_attribute("gen_ai.usage.output_tokens", chunk.output_tokens)
+                        span.set_attribute(
+                            "gen_ai.response.finish_reasons",
+                            [inference_pb2.FinishReason.Name(chunk.finish_reason)],  # type: ignore[arg-type]
+                        )
+                    yield response
+            except BaseException as e:
+                code = handlers.code_of(e)
+                if code == "CANCELLED":
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, "cancelled by the client"))
+                raise
+            finally:
+                metrics.IN_FLIGHT.labels("agent", model).dec()
+                metrics.REQUESTS.labels("agent", model, code).inc()
+
+    @handlers.unary
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: Ctx
+    ) -> inference_pb2.EmbedResponse:
+        check_embed(request)
+        r = self._replica(request.model)
+        assert r.engine is not None
+        with _tracer.start_as_current_span(
+            "engine.embed", attributes={"gen_ai.request.model": r.spec.name}
+        ):
+            vectors = await r.engine.embed(request.inputs)
+        return inference_pb2.EmbedResponse(
+            embeddings=[inference_pb2.Embedding(values=v) for v in vectors]
+        )
+
+    @handlers.unary
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: Ctx
+    ) -> inference_pb2.ListModelsResponse:
+        out = inference_pb2.ListModelsResponse()
+        for r in sorted(self.rec.replicas.values(), key=lambda r: r.spec.name):
+            out.models.add(
+                name=r.spec.name,
+                aliases=r.spec.aliases,
+                ready_replicas=1 if r.ready else 0,
+                max_model_len=r.spec.max_model_len,
+            )
+        return out
+
+
+class AgentControl(nodeagent_pb2_grpc.NodeAgentServicer):
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.rec = reconciler
+
+    @handlers.unary
+    async def GetNodeStatus(
+        self, request: nodeagent_pb2.GetNodeStatusRequest, context: Ctx
+    ) -> nodeagent_pb2.GetNodeStatusResponse:
+        out = nodeagent_pb2.GetNodeStatusResponse(node=self.rec.node_status())
+        for r in sorted(self.rec.replicas.values(), key=lambda r: r.spec.name):
+            out.replicas.append(r.status)
+            out.load.add(
+                model=r.spec.name,
+                in_flight=r.engine.in_flight if r.engine else 0,
+                generated_tokens=r.generated_tokens,
+            )
+        return out
+
+    @handlers.unary
+    async def Drain(
+        self, request: nodeagent_pb2.DrainRequest, context: Ctx
+    ) -> nodeagent_pb2.DrainResponse:
+        self.rec.draining = not request.undrain
+        await self.rec.publish_node(force=True)
+        return nodeagent_pb2.DrainResponse(node=self.rec.node_status())
+
+    @handlers.unary
+    async def LoadModel(
+        self, request: nodeagent_pb2.LoadModelRequest, context: Ctx
+    ) -> nodeagent_pb2.LoadModelResponse:
+        spec = request.spec
+        if not spec.name or not spec.source:
+            from meshserve.rpc.errors import invalid_argument
+
+            raise invalid_argument([("spec", "name and source are required")])
+        r = await self.rec.load_direct(spec)
+        return nodeagent_pb2.LoadModelResponse(replica=r.status)
+
+    @handlers.unary
+    async def UnloadModel(
+        self, request: nodeagent_pb2.UnloadModelRequest, context: Ctx
+    ) -> nodeagent_pb2.UnloadModelResponse:
+        if not await self.rec.unload_direct(request.model):
+            raise not_found_model(request.model, list(self.rec.replicas))
+        return nodeagent_pb2.UnloadModelResponse()

@@ -1,0 +1,1 @@
+"""The router: one Inference endpoint for the whole mesh."""

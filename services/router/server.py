@@ -1,0 +1,323 @@
+"""The router's Inference service: a transparent, smart proxy in front of the agents.
+
+Generate forwards the agents' response messages as raw bytes (no re-encoding per token; DESIGN §3).
+Retries happen only before the first message, on another replica; after it, an upstream error ends
+the stream with the upstream's status. Deadlines and cancellation propagate: the upstream call gets
+the caller's remaining time, and a cancelled caller cancels the upstream call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from meshserve.router.coldstart import ColdStartQueue
+from meshserve.router.config import RouterConfig
+from meshserve.router.demand import DemandTracker
+from meshserve.router.outliers import Outliers
+from meshserve.router.picker import rank
+from meshserve.router.table import EndpointTable, Route
+from meshserve.rpc import handlers
+from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.server import CHANNEL_OPTIONS
+from meshserve.telemetry import metrics
+from meshserve.telemetry.tracing import client_interceptors, tracer
+from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.validation import check_embed, check_generate
+from opentelemetry import trace
+
+_tracer = tracer(__name__)
+Ctx = handlers.Ctx
+GENERATE = "/meshserve.v1.Inference/Generate"
+
+# Codes on which another replica may succeed (only before the first message).
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.NOT_FOUND,  # the replica unloaded between the table and the call
+        grpc.StatusCode.CANCELLED,  # the agent shut down mid-call
+    }
+)
+# Failures that say something about the replica's health (outlier detection).
+UNHEALTHY = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+FORWARDED_HEADERS = frozenset({"meshserve-node", "meshserve-model"})
+
+
+class Upstreams:
+    """One channel per agent address, with keepalive and trace-context propagation."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
+            )
+            self._channels[address] = ch
+        return ch
+
+    def generate(self, address: str) -> Any:
+        # Raw bytes both ways: the request is serialized once, responses are forwarded as they came.
+        return self.channel(address).unary_stream(GENERATE)
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+
+class RouterInference:
+    """Handlers for meshserve.v1.Inference; registered by `handlers_for` below."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        table: EndpointTable,
+        ensure: Callable[[str], Awaitable[str]],
+        demand: DemandTracker,
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.ensure = ensure
+        self.demand = demand
+        self.coldstart = ColdStartQueue(
+            table, ensure, config.queue_per_model, config.queue_timeout_s, config.ensure_interval_s
+        )
+        self.upstreams = Upstreams()
+        self.outstanding: dict[str, int] = defaultdict(int)  # address → streams in flight
+        self.outliers = Outliers(config.eject_after_failures, config.eject_for_s)
+        self._tiebreak = itertools.count()
+
+    # --- shared steps ------------------------------------------------------------------------
+
+    def _route(self, name: str) -> Route:
+        route = self.table.current.resolve(name)
+        if route is None:
+            raise not_found_model(name, list(self.table.current.routes))
+        return route
+
+    async def _ready_route(self, route: Route, context: Ctx) -> Route:
+        """The route to serve from: the model's own, a READY fallback, or the cold-start wait."""
+        if route.ready:
+            return route
+        for name in route.spec.fallbacks:
+            fallback = self.table.current.resolve(name)
+            if fallback is not None and fallback.ready:
+                asyncio.get_running_loop().create_task(self.ensure(route.spec.name))
+                trace.get_current_span().set_attribute("meshserve.fallback", fallback.spec.name)
+                return fallback
+        model = route.spec.name
+        self.demand.queued(model, +1)
+        metrics.QUEUED.labels(model).inc()
+        try:
+            with _tracer.start_as_current_span(
+                "router.queue", attributes={"gen_ai.request.model": model}
+            ):
+                return await self.coldstart.wait_ready(model, handlers.remaining_s(context))
+        finally:
+            self.demand.queued(model, -1)
+            metrics.QUEUED.labels(model).dec()
+
+    def _ranked(self, route: Route, session_key: str) -> tuple[Any, ...]:
+        with _tracer.start_as_current_span("router.pick") as span:
+            ranked = rank(
+                route.ready,
+                self.outstanding,
+                self.outliers.ejected(time.monotonic()),
+                session_key,
+                next(self._tiebreak),
+            )
+            span.set_attribute("meshserve.candidates", [e.node_id for e in ranked])
+        return ranked[: self.config.max_attempts]
+
+    # --- Generate ----------------------------------------------------------------------------
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, context: Ctx
+    ) -> AsyncIterator[bytes]:
+        span = trace.get_current_span()
+        span.set_attribute("gen_ai.request.model", request.model)
+        route = self._route(request.model)
+        check_generate(request, route.spec)
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        span.set_attribute("meshserve.request_id", request.request_id)
+        model = route.spec.name
+        self.demand.arrived(model)
+        self.demand.in_flight(model, +1)
+        metrics.IN_FLIGHT.labels("router", model).inc()
+        code = "OK"
+        try:
+            async for message in self._generate(request, route, context):
+                yield message
+        except BaseException as e:
+            code = handlers.code_of(e)
+            raise
+        finally:
+            self.demand.in_flight(model, -1)
+            metrics.IN_FLIGHT.labels("router", model).dec()
+            metrics.REQUESTS.labels("router", model, code).inc()
+
+    async def _generate(
+        self, request: inference_pb2.GenerateRequest, route: Route, context: Ctx
+    ) -> AsyncIterator[bytes]:
+        start = time.perf_counter()
+        route = await self._ready_route(route, context)
+        request.model = route.spec.name
+        payload = request.SerializeToString()
+        last_error: grpc.aio.AioRpcError | None = None
+        for attempt, endpoint in enumerate(self._ranked(route, request.session_key), start=1):
+            if attempt > 1:
+                metrics.RETRIES.labels(route.spec.name).inc()
+            remaining = handlers.remaining_s(context)
+            call = self.upstreams.generate(endpoint.address)(
+                payload, timeout=remaining, metadata=(("meshserve-request-id", request.request_id),)
+            )
+            self.outstanding[endpoint.address] += 1
+            attempt_span = _tracer.start_span(
+                "router.attempt",
+                attributes={"meshserve.node": endpoint.node_id, "meshserve.attempt": attempt},
+            )
+            try:
+                try:
+                    first = await asyncio.wait_for(call.read(), self.config.first_token_timeout_s)
+                except TimeoutError:
+                    call.cancel()
+                    self.outliers.failure(endpoint.address, time.monotonic())
+                    attempt_span.set_status(
+                        trace.Status(trace.StatusCode.ERROR, "no first token in time")
+                    )
+                    continue
+                except grpc.aio.AioRpcError as e:
+                    attempt_span.set_status(
+                        trace.Status(trace.StatusCode.ERROR, f"{e.code().name}: {e.details()}")
+                    )
+                    if e.code() in UNHEALTHY:
+                        self.outliers.failure(endpoint.address, time.monotonic())
+                    if e.code() not in RETRYABLE:
+                        raise
+                    last_error = e
+                    continue
+                self.outliers.success(endpoint.address)
+                ttft = time.perf_counter() - start
+                metrics.TTFT.labels("router", route.spec.name).observe(ttft)
+                self.demand.first_token(route.spec.name, ttft)
+                trace.get_current_span().set_attribute("meshserve.ttft_s", ttft)
+                headers = [
+                    (k, v)
+                    for k, v in (await call.initial_metadata() or ())
+                    if k in FORWARDED_HEADERS
+                ]
+                await context.send_initial_metadata(
+                    (*headers, ("meshserve-attempts", str(attempt)))
+                )
+                if first is grpc.aio.EOF:
+                    return
+                yield first
+                while True:
+                    try:
+                        message = await asyncio.wait_for(
+                            call.read(), self.config.inter_token_timeout_s
+                        )
+                    except TimeoutError:
+                        call.cancel()
+                        raise ServiceError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"replica on {endpoint.node_id} stalled: no token for "
+                            f"{self.config.inter_token_timeout_s:.0f} s",
+                            "REPLICA_STALLED",
+                        ) from None
+                    if message is grpc.aio.EOF:
+                        return
+                    yield message
+            finally:
+                self.outstanding[endpoint.address] -= 1
+                if not call.done():
+                    call.cancel()  # our caller went away (or we gave up): stop the agent's work
+                attempt_span.end()
+        tried = "; ".join(f"{e.code().name}: {e.details()}" for e in [last_error] if e)
+        raise ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"every replica of {route.spec.name!r} failed before the first token ({tried or 'timeout'})",
+            "ALL_REPLICAS_FAILED",
+            retry_after_s=1.0,
+        )
+
+    # --- Embed, ListModels -------------------------------------------------------------------
+
+    async def embed(
+        self, request: inference_pb2.EmbedRequest, context: Ctx
+    ) -> inference_pb2.EmbedResponse:
+        check_embed(request)
+        route = await self._ready_route(self._route(request.model), context)
+        request.model = route.spec.name
+        self.demand.arrived(route.spec.name)
+        last_error: grpc.aio.AioRpcError | None = None
+        for endpoint in self._ranked(route, ""):
+            stub = inference_pb2_grpc.InferenceStub(self.upstreams.channel(endpoint.address))
+            self.outstanding[endpoint.address] += 1
+            try:
+                return await stub.Embed(request, timeout=handlers.remaining_s(context))  # type: ignore[no-any-return]
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise
+                last_error = e
+            finally:
+                self.outstanding[endpoint.address] -= 1
+        raise ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"every replica of {route.spec.name!r} failed"
+            + (f" ({last_error.code().name}: {last_error.details()})" if last_error else ""),
+            "ALL_REPLICAS_FAILED",
+            retry_after_s=1.0,
+        )
+
+    async def list_models(
+        self, request: inference_pb2.ListModelsRequest, context: Ctx
+    ) -> inference_pb2.ListModelsResponse:
+        out = inference_pb2.ListModelsResponse()
+        for name, route in sorted(self.table.current.routes.items()):
+            out.models.add(
+                name=name,
+                aliases=route.spec.aliases,
+                ready_replicas=len(route.ready),
+                max_model_len=route.spec.max_model_len,
+            )
+        return out
+
+
+def handlers_for(servicer: RouterInference) -> grpc.GenericRpcHandler:
+    """Generate's responses go out as the raw bytes the agent sent (response_serializer=None)."""
+    return grpc.method_handlers_generic_handler(
+        "meshserve.v1.Inference",
+        {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                handlers.stream(servicer.generate),
+                request_deserializer=inference_pb2.GenerateRequest.FromString,
+                response_serializer=None,
+            ),
+            "Embed": grpc.unary_unary_rpc_method_handler(
+                handlers.unary(servicer.embed),
+                request_deserializer=inference_pb2.EmbedRequest.FromString,
+                response_serializer=inference_pb2.EmbedResponse.SerializeToString,
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                handlers.unary(servicer.list_models),
+                request_deserializer=inference_pb2.ListModelsRequest.FromString,
+                response_serializer=inference_pb2.ListModelsResponse.SerializeToString,
+            ),
+        },
+    )

@@ -1,0 +1,124 @@
+"""The Scheduler service. Every scheduler serves it; a standby forwards to the leader."""
+
+from __future__ import annotations
+
+import grpc
+from meshserve.rpc import handlers
+from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.server import CHANNEL_OPTIONS
+from meshserve.scheduler.leader import SchedulerLoop
+from meshserve.telemetry.tracing import client_interceptors
+from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+Ctx = handlers.Ctx
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, loop: SchedulerLoop) -> None:
+        self.loop = loop
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def _leader_stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        leader = await self.loop.election.leader()
+        if leader is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                "no scheduler leads right now; an election is under way",
+                "NO_LEADER",
+                retry_after_s=1.0,
+            )
+        address = cluster_pb2.SchedulerCandidate.FromString(leader.value).address
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
+            )
+        return scheduler_pb2_grpc.SchedulerStub(self._channels[address])
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+    def _spec(self, name: str) -> cluster_pb2.ModelSpec:
+        spec = self.loop.spec(name)
+        if spec is None:
+            raise not_found_model(name, [s.name for s in self.loop.models.snapshot.values()])
+        return spec
+
+    @handlers.unary
+    async def EnsureModel(
+        self, request: scheduler_pb2.EnsureModelRequest, context: Ctx
+    ) -> scheduler_pb2.EnsureModelResponse:
+        spec = self._spec(request.model)
+        if self.loop.leadership is None:
+            stub = await self._leader_stub()
+            return await stub.EnsureModel(request, timeout=handlers.remaining_s(context) or 5.0)  # type: ignore[no-any-return]
+        await self.loop.ensure(spec.name)
+        plan = self.loop.last_plan
+        decision = plan.decisions.get(spec.name) if plan else None
+        if decision is not None and decision.unschedulable:
+            return scheduler_pb2.EnsureModelResponse(
+                outcome=scheduler_pb2.ENSURE_OUTCOME_UNSCHEDULABLE,
+                nodes=decision.placed_on,
+                message=decision.unschedulable,
+            )
+        return scheduler_pb2.EnsureModelResponse(
+            outcome=scheduler_pb2.ENSURE_OUTCOME_PLACED,
+            nodes=decision.placed_on if decision else (),
+            message="placed" if decision and decision.placed_on else "placement pending",
+        )
+
+    @handlers.unary
+    async def Explain(
+        self, request: scheduler_pb2.ExplainRequest, context: Ctx
+    ) -> scheduler_pb2.ExplainResponse:
+        spec = self._spec(request.model)
+        if self.loop.leadership is None:
+            stub = await self._leader_stub()
+            return await stub.Explain(request, timeout=handlers.remaining_s(context) or 5.0)  # type: ignore[no-any-return]
+        plan = self.loop.last_plan
+        out = scheduler_pb2.ExplainResponse(
+            model=spec.name,
+            epoch=self.loop.leadership.token,
+            decided_unix_ms=int(self.loop.decided_at * 1000),
+        )
+        decision = plan.decisions.get(spec.name) if plan else None
+        if decision is None:
+            out.summary = "no decision yet"
+            return out
+        out.placed_on.extend(decision.placed_on)
+        for v in decision.verdicts:
+            out.verdicts.add(
+                node_id=v.node_id,
+                feasible=v.feasible,
+                reason=v.reason,
+                score=v.score,
+                free_bytes=v.free_bytes,
+                evicts=v.evicts,
+            )
+        if decision.unschedulable:
+            out.summary = f"unschedulable: {decision.unschedulable}"
+        elif decision.placed_on:
+            out.summary = f"placed on {', '.join(decision.placed_on)}"
+        else:
+            out.summary = "not wanted now: min_replicas is 0 and no recent demand (scaled to zero)"
+        return out
+
+    @handlers.unary
+    async def GetPlan(
+        self, request: scheduler_pb2.GetPlanRequest, context: Ctx
+    ) -> scheduler_pb2.GetPlanResponse:
+        leader = await self.loop.election.leader()
+        out = scheduler_pb2.GetPlanResponse(
+            placements=sorted(
+                self.loop.placements.snapshot.values(), key=lambda p: (p.node_id, p.model)
+            ),
+        )
+        if leader is not None:
+            out.epoch = leader.create_revision
+            out.leader_id = cluster_pb2.SchedulerCandidate.FromString(leader.value).scheduler_id
+        plan = self.loop.last_plan
+        if plan is not None:
+            out.unschedulable.extend(
+                f"{d.model}: {d.unschedulable}" for d in plan.decisions.values() if d.unschedulable
+            )
+        return out

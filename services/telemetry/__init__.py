@@ -1,0 +1,1 @@
+"""OpenTelemetry and Prometheus set-up shared by all services (DESIGN §6)."""

@@ -1,0 +1,42 @@
+"""Prometheus metrics of every service, named once here (DESIGN §6)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REQUESTS = Counter(
+    "meshserve_requests_total", "Inference requests by outcome", ["service", "model", "code"]
+)
+TTFT = Histogram(
+    "meshserve_time_to_first_token_seconds",
+    "Time to first token",
+    ["service", "model"],
+    buckets=_LATENCY,
+)
+INTER_TOKEN = Histogram(
+    "meshserve_inter_token_seconds",
+    "Time between streamed messages",
+    ["service", "model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+IN_FLIGHT = Gauge("meshserve_in_flight", "Streams in flight", ["service", "model"])
+QUEUED = Gauge("meshserve_router_queued", "Requests waiting for a replica (cold start)", ["model"])
+RETRIES = Counter("meshserve_router_retries_total", "Attempts on another replica", ["model"])
+TOKENS = Counter("meshserve_generated_tokens_total", "Tokens generated", ["model"])
+LOAD_SECONDS = Histogram(
+    "meshserve_model_load_seconds", "Model load + warm-up time", ["model"], buckets=_LATENCY
+)
+GPU_MEMORY_USED = Gauge("meshserve_gpu_memory_used_bytes", "GPU memory in use", ["gpu"])
+GPU_UTILIZATION = Gauge("meshserve_gpu_utilization_ratio", "GPU utilization", ["gpu"])
+SCHEDULER_ROUNDS = Counter("meshserve_scheduler_rounds_total", "Scheduling rounds", ["outcome"])
+SCHEDULER_ROUND_SECONDS = Histogram(
+    "meshserve_scheduler_round_seconds", "Scheduling round time", buckets=_LATENCY
+)
+
+
+def serve_metrics(port: int) -> None:
+    """Serves /metrics on ``port`` (0: disabled)."""
+    if port:
+        start_http_server(port, addr="127.0.0.1")

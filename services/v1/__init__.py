@@ -1,0 +1,1 @@
+"""Generated from protos/meshserve/v1 by scripts/gen_protos.py."""
