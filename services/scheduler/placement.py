@@ -71,7 +71,7 @@ class Plan:
 
 
 def need_bytes(memory: int, kv_headroom: int, overhead: float = OVERHEAD_FRACTION) -> int:
-    return int((memory + kv_headroom) * (1.0 + overhead))
+    return round((memory + kv_headroom) * (1.0 + overhead))
 
 
 def wanted_replicas(min_replicas: int, max_replicas: int, in_demand: bool) -> int:
@@ -152,13 +152,9 @@ def place(snap: ClusterSnapshot) -> Plan:
     # Victims placed nowhere else get a decision saying so.
     for victim, node_id in evictions:
         d = decisions.get(victim)
-        if d is not None and not d.unschedulable and count(victim) < models[victim].wanted:
-            decisions[victim] = ModelDecision(
-                victim,
-                d.placed_on,
-                d.verdicts,
-                f"evicted from {node_id} for a model that needed the room",
-            )
+        if d is not None and count(victim) < models[victim].wanted:
+            why = f"evicted from {node_id} for a model that needed the room; no free space elsewhere"
+            decisions[victim] = ModelDecision(victim, d.placed_on, d.verdicts, why)
     return Plan({n: frozenset(ms) for n, ms in assign.items() if ms}, decisions, tuple(evictions))
 
 

@@ -1,0 +1,54 @@
+"""`meshserve model apply` YAML → ModelSpec, with errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshserve.modelspec import spec_from_dict
+from meshserve.nodeagent.config import parse_bytes
+from meshserve.v1 import cluster_pb2, common_pb2
+
+
+def test_full_spec(tmp_path: Path) -> None:
+    s = spec_from_dict(
+        {"name": "m", "source": "weights", "memory": "2GiB", "kv_headroom": "512MiB",
+         "priority": "high", "aliases": ["mm"], "min_replicas": 1, "max_replicas": 3},
+        base=tmp_path,
+    )
+    assert s.source == str(tmp_path / "weights")
+    assert (s.memory_bytes, s.kv_headroom_bytes) == (2 * 2**30, 512 * 2**20)
+    assert s.priority == common_pb2.PRIORITY_HIGH
+    assert s.engine == cluster_pb2.ENGINE_KIND_TORCH
+
+
+def test_memory_estimated_from_weights(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert spec_from_dict({"name": "m", "source": str(tmp_path)}).memory_bytes == 1000
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"source": "/x", "memory": "1GB"}, "required"),
+        ({"name": "a/b", "source": "/x", "memory": "1GB"}, "invalid model name"),
+        ({"name": "m", "source": "/x", "memory": "1GB", "engine": "onnx"}, "engine"),
+        ({"name": "m", "source": "/x", "memory": "1GB", "priority": "urgent"}, "priority"),
+        ({"name": "m", "source": "/x", "memory": "lots"}, "not a size"),
+        ({"name": "m", "source": "/nonexistent"}, "memory"),
+        ({"name": "m", "source": "/x", "memory": "1GB", "colour": "red"}, "unknown field"),
+        ({"name": "m", "source": "/x", "memory": "1GB", "min_replicas": 3, "max_replicas": 1},
+         "max_replicas"),
+    ],
+)
+def test_errors_name_the_field(doc: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        spec_from_dict(doc)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29), ("100", 100)]
+)
+def test_parse_bytes(text: str, value: int) -> None:
+    assert parse_bytes(text) == value

@@ -1,0 +1,78 @@
+"""Endpoint picking and outlier detection (pure)."""
+
+from __future__ import annotations
+
+from meshserve.router.outliers import Outliers
+from meshserve.router.picker import AFFINITY_SLACK, rank, rendezvous
+from meshserve.router.table import Endpoint, build_table
+from meshserve.v1 import cluster_pb2
+from tests.factories import spec
+
+A, B, C = Endpoint("a", "h:1"), Endpoint("b", "h:2"), Endpoint("c", "h:3")
+
+
+def test_least_outstanding_first() -> None:
+    assert rank([A, B, C], {"h:1": 3, "h:2": 0, "h:3": 1}) == (B, C, A)
+
+
+def test_ejected_go_last_even_when_idle() -> None:
+    assert rank([A, B], {"h:2": 5}, ejected={"h:1"}) == (B, A)
+
+
+def test_ties_rotate_with_tiebreak() -> None:
+    firsts = {rank([A, B, C], {}, tiebreak=t)[0] for t in range(3)}
+    assert firsts == {A, B, C}
+
+
+def test_session_key_sticks_to_one_replica() -> None:
+    preferred = rendezvous("user-42", [A, B, C])
+    for t in range(5):
+        assert rank([A, B, C], {}, session_key="user-42", tiebreak=t)[0] == preferred
+
+
+def test_session_key_yields_when_its_replica_is_overloaded() -> None:
+    preferred = rendezvous("user-42", [A, B, C])
+    load = {preferred.address: AFFINITY_SLACK + 1}
+    assert rank([A, B, C], load, session_key="user-42")[0] != preferred
+
+
+def test_rendezvous_keeps_keys_when_a_replica_leaves() -> None:
+    keys = [f"k{i}" for i in range(200)]
+    before = {k: rendezvous(k, [A, B, C]) for k in keys}
+    after = {k: rendezvous(k, [A, B]) for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert all(before[k] == C for k in moved)  # only C's keys move
+
+
+def test_empty() -> None:
+    assert rank([], {}) == ()
+
+
+def test_outliers_eject_after_threshold_and_recover() -> None:
+    o = Outliers(threshold=3, eject_for_s=10)
+    for t in (0.0, 1.0):
+        o.failure("h:1", t)
+    assert o.ejected(2.0) == frozenset()
+    o.failure("h:1", 2.0)
+    assert o.ejected(2.0) == {"h:1"}
+    assert o.ejected(12.5) == frozenset()  # ejection ended; on probation
+    o.failure("h:1", 13.0)
+    assert o.ejected(13.0) == {"h:1"}  # one more failure ejects again
+    o.success("h:1")
+    assert o.ejected(13.0) == frozenset()
+
+
+def test_table_resolves_aliases_and_keeps_only_ready() -> None:
+    R = cluster_pb2
+    table = build_table(
+        [spec("demo", aliases=["tiny"])],
+        [
+            R.ReplicaStatus(model="demo", node_id="n2", address="h:2", state=R.REPLICA_STATE_READY),
+            R.ReplicaStatus(model="demo", node_id="n1", address="h:1", state=R.REPLICA_STATE_READY),
+            R.ReplicaStatus(model="demo", node_id="n3", address="h:3", state=R.REPLICA_STATE_LOADING),
+        ],
+    )
+    route = table.resolve("tiny")
+    assert route is not None and route.spec.name == "demo"
+    assert [e.node_id for e in route.ready] == ["n1", "n2"]
+    assert table.resolve("nope") is None

@@ -1,0 +1,192 @@
+"""Placement policy: first-fit-decreasing, anti-affinity, eviction (pure, no etcd)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshserve.scheduler.placement import need_bytes, place, wanted_replicas
+from tests.factories import GiB, model, node, snapshot
+
+
+def held(plan, node_id):  # type: ignore[no-untyped-def]
+    return set(plan.assignments.get(node_id, ()))
+
+
+def test_ffd_places_largest_first_on_first_fitting_node() -> None:
+    # Two 40 GiB GPUs; 30+10 fill the first, 25+14 the second: FFD order 30, 25, 14, 10.
+    plan = place(
+        snapshot(
+            [node("a", 40), node("b", 40)],
+            [model("m10", 10), model("m25", 25), model("m30", 30), model("m14", 14)],
+        )
+    )
+    assert held(plan, "a") == {"m30"} | {"m10"}
+    assert held(plan, "b") == {"m25", "m14"}
+    assert not plan.evictions
+
+
+def test_higher_priority_is_placed_first() -> None:
+    # Only one fits; the high-priority small model wins over the larger normal one.
+    plan = place(snapshot([node("a", 10)], [model("big", 8), model("vip", 6, priority=3)]))
+    assert held(plan, "a") == {"vip"}
+    assert plan.decisions["big"].unschedulable
+
+
+def test_anti_affinity_spreads_replicas() -> None:
+    plan = place(snapshot([node("a", 40), node("b", 40)], [model("m", 1, wanted=2, min_replicas=2)]))
+    assert held(plan, "a") == {"m"} and held(plan, "b") == {"m"}
+
+
+def test_anti_affinity_leaves_extra_replica_unplaced() -> None:
+    # Three replicas wanted, two nodes: never two on one node.
+    plan = place(snapshot([node("a", 40), node("b", 40)], [model("m", 1, wanted=3)]))
+    assert sum("m" in ms for ms in plan.assignments.values()) == 2
+    assert "anti-affinity" in plan.decisions["m"].unschedulable
+
+
+def test_existing_placement_is_kept_even_if_ffd_would_choose_elsewhere() -> None:
+    plan = place(snapshot([node("a", 40), node("b", 40)], [model("m", 5)], current={"b": {"m"}}))
+    assert held(plan, "b") == {"m"} and held(plan, "a") == set()
+
+
+def test_lost_node_replica_is_replaced_on_a_live_node() -> None:
+    # "dead" is absent from the snapshot (its lease expired); its model moves to "b".
+    plan = place(snapshot([node("b", 40)], [model("m", 5)], current={"dead": {"m"}}))
+    assert held(plan, "b") == {"m"}
+
+
+def test_draining_node_gets_nothing_and_loses_its_models() -> None:
+    plan = place(
+        snapshot([node("a", 40, draining=True), node("b", 40)], [model("m", 5)], current={"a": {"m"}})
+    )
+    assert held(plan, "a") == set() and held(plan, "b") == {"m"}
+
+
+def test_evicts_least_recently_used_when_full() -> None:
+    # Node fits two of the three; "new" was just asked for, "old" is the LRU of the two placed.
+    plan = place(
+        snapshot(
+            [node("a", 10)],
+            [
+                model("old", 4, last_used=100),
+                model("recent", 4, last_used=200),
+                model("new", 4, last_used=300),
+            ],
+            current={"a": {"old", "recent"}},
+        )
+    )
+    assert held(plan, "a") == {"recent", "new"}
+    assert plan.evictions == (("old", "a"),)
+    assert "evicted" in plan.decisions["old"].unschedulable
+
+
+def test_lower_priority_is_evicted_before_lru() -> None:
+    plan = place(
+        snapshot(
+            [node("a", 10)],
+            [model("low", 4, priority=1, last_used=500), model("lru", 4, last_used=1),
+             model("new", 4, last_used=900)],
+            current={"a": {"low", "lru"}},
+        )
+    )
+    assert plan.evictions == (("low", "a"),)
+
+
+def test_never_evicts_higher_priority_or_min_replicas_of_equal_priority() -> None:
+    plan = place(
+        snapshot(
+            [node("a", 10)],
+            [model("vip", 6, priority=3), model("pinned", 4, min_replicas=1),
+             model("new", 4, last_used=999)],
+            current={"a": {"vip", "pinned"}},
+        )
+    )
+    assert not plan.evictions
+    assert held(plan, "a") == {"vip", "pinned"}
+    assert "no node has room" in plan.decisions["new"].unschedulable
+
+
+def test_too_large_for_any_node_is_unresolvable() -> None:
+    plan = place(snapshot([node("a", 40), node("b", 40)], [model("codestral", 44 * 1.15)]))
+    assert "unresolvable" in plan.decisions["codestral"].unschedulable
+    assert plan.assignments == {}
+
+
+def test_failed_replica_is_moved_to_another_node() -> None:
+    plan = place(
+        snapshot([node("a", 40), node("b", 40)], [model("m", 5)], current={"a": {"m"}},
+                 failed={("m", "a")})
+    )
+    assert held(plan, "b") == {"m"}
+
+
+def test_scaled_to_zero_model_is_removed() -> None:
+    plan = place(snapshot([node("a", 40)], [model("idle", 5, wanted=0)], current={"a": {"idle"}}))
+    assert plan.assignments == {}
+
+
+def test_evicted_model_does_not_evict_back_in_the_same_round() -> None:
+    # One slot, two demand-driven models: the newer wins, the other is not placed by evicting it.
+    plan = place(
+        snapshot([node("a", 5)], [model("x", 4, last_used=1), model("y", 4, last_used=2)],
+                 current={"a": {"x"}})
+    )
+    assert held(plan, "a") == {"y"} and plan.evictions == (("x", "a"),)
+
+
+def test_need_and_wanted_helpers() -> None:
+    assert need_bytes(100, 0) == 115
+    assert wanted_replicas(0, 0, in_demand=False) == 0
+    assert wanted_replicas(0, 0, in_demand=True) == 1
+    assert wanted_replicas(3, 2, in_demand=True) == 2
+
+
+def test_explain_verdicts_name_the_rejecting_filter() -> None:
+    plan = place(snapshot([node("small", 1), node("big", 40)], [model("m", 5)]))
+    verdicts = {v.node_id: v for v in plan.decisions["m"].verdicts}
+    assert not verdicts["small"].feasible and "node offers" in verdicts["small"].reason
+    assert verdicts["big"].feasible and 0 < verdicts["big"].score <= 1
+
+
+@st.composite
+def clusters(draw):  # type: ignore[no-untyped-def]
+    nodes = [node(f"n{i}", draw(st.integers(1, 40))) for i in range(draw(st.integers(1, 6)))]
+    models = [
+        model(
+            f"m{i}",
+            draw(st.floats(0.1, 30)),
+            wanted=draw(st.integers(0, 3)),
+            priority=draw(st.integers(1, 4)),
+            last_used=draw(st.floats(0, 1000)),
+        )
+        for i in range(draw(st.integers(0, 12)))
+    ]
+    current = {
+        n.node_id: {m.name for m in models if draw(st.booleans())} for n in nodes
+    }
+    return snapshot(nodes, models, current)
+
+
+@settings(max_examples=200, deadline=None)
+@given(clusters())
+def test_plan_invariants(snap) -> None:  # type: ignore[no-untyped-def]
+    plan = place(snap)
+    needs = {m.name: m.need_bytes for m in snap.models}
+    prio = {m.name: m.priority for m in snap.models}
+    caps = {n.node_id: n.capacity_bytes for n in snap.nodes}
+    for node_id, ms in plan.assignments.items():
+        # never over-commits a node
+        assert sum(needs[m] for m in ms) <= caps[node_id]
+    for m in snap.models:
+        # anti-affinity is structural (a set per node); replicas never exceed wanted
+        assert sum(m.name in ms for ms in plan.assignments.values()) <= m.wanted
+    for victim, node_id in plan.evictions:
+        # an eviction only ever makes room for a model of at least the victim's priority
+        newcomers = plan.assignments.get(node_id, frozenset()) - snap.current.get(node_id, frozenset())
+        if caps[node_id] >= sum(needs[x] for x in snap.current.get(node_id, ()) if x in needs):
+            assert any(prio[n] >= prio[victim] for n in newcomers)
+
+
+def test_gib_constant() -> None:
+    assert GiB == 1024**3
