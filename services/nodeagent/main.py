@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -10,6 +11,7 @@ from meshserve.cluster.session import Session
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import open_probe
+from meshserve.nodeagent.engines import preload_engines
 from meshserve.nodeagent.reconcile import Reconciler
 from meshserve.nodeagent.server import AgentControl, AgentInference
 from meshserve.rpc.server import start_server
@@ -24,6 +26,8 @@ log = logging.getLogger("meshserve.nodeagent")
 async def serve(config: AgentConfig) -> None:
     setup_tracing("nodeagent")
     serve_metrics(config.metrics_port)
+    engines = await asyncio.to_thread(preload_engines)
+    log.info("engines available: %s", ", ".join(engines) or "none")
     client = connect(EtcdConfig(config.etcd))
     store = Store(client, Keyspace(config.prefix))
     session = Session(client, config.lease_ttl_s)

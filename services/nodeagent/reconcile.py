@@ -222,7 +222,7 @@ class Reconciler:
                         "meshserve.node": self.config.node_id,
                     },
                 ) as span:
-                    engine = make_engine(r.spec, self._engine_config)
+                    engine = await asyncio.to_thread(make_engine, r.spec, self._engine_config)
                     r.engine = engine
                     await engine.load(r.spec)
                     r.status.memory_bytes = engine.memory_bytes()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 
 import grpc
 from meshserve.router.table import EndpointTable, Route
@@ -34,9 +35,12 @@ class ColdStartQueue:
         self.ensure_interval_s = ensure_interval_s
         self.waiting: dict[str, int] = {}
 
-    async def wait_ready(self, model: str, deadline_s: float | None) -> Route:
-        """Returns the model's route once it has a READY replica; ``deadline_s`` is the caller's
-        remaining time (None: no deadline)."""
+    async def wait_ready(
+        self, model: str, deadline_s: float | None, exclude: AbstractSet[str] = frozenset()
+    ) -> Route:
+        """Returns the model's route once it has a READY replica whose address is not in
+        ``exclude`` (replicas that just failed); ``deadline_s`` is the caller's remaining time
+        (None: no deadline)."""
         if self.waiting.get(model, 0) >= self.per_model:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -55,7 +59,7 @@ class ColdStartQueue:
         try:
             while True:
                 route = self.table.current.resolve(model)
-                if route is not None and route.ready:
+                if route is not None and any(e.address not in exclude for e in route.ready):
                     return route
                 now = time.monotonic()
                 if ensuring is not None and ensuring.done():

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import grpc
@@ -22,7 +23,7 @@ from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker
 from meshserve.router.outliers import Outliers
 from meshserve.router.picker import rank
-from meshserve.router.table import EndpointTable, Route
+from meshserve.router.table import Endpoint, EndpointTable, Route
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.server import CHANNEL_OPTIONS
@@ -53,6 +54,14 @@ UNHEALTHY = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
 FORWARDED_HEADERS = frozenset({"meshserve-node", "meshserve-model"})
+
+
+class _Retry(Exception):
+    """A replica failed before its first message; another may succeed."""
+
+    def __init__(self, error: grpc.aio.AioRpcError | None) -> None:
+        super().__init__(error.details() if error else "timeout")
+        self.error = error
 
 
 class Upstreams:
@@ -109,13 +118,16 @@ class RouterInference:
             raise not_found_model(name, list(self.table.current.routes))
         return route
 
-    async def _ready_route(self, route: Route, context: Ctx) -> Route:
-        """The route to serve from: the model's own, a READY fallback, or the cold-start wait."""
-        if route.ready:
+    async def _ready_route(
+        self, route: Route, context: Ctx, failed: AbstractSet[str] = frozenset()
+    ) -> Route:
+        """The route to serve from: the model's own, a READY fallback, or the cold-start wait.
+        ``failed`` are addresses that just failed this request: they do not count as ready."""
+        if any(e.address not in failed for e in route.ready):
             return route
         for name in route.spec.fallbacks:
             fallback = self.table.current.resolve(name)
-            if fallback is not None and fallback.ready:
+            if fallback is not None and any(e.address not in failed for e in fallback.ready):
                 asyncio.get_running_loop().create_task(self.ensure(route.spec.name))
                 trace.get_current_span().set_attribute("meshserve.fallback", fallback.spec.name)
                 return fallback
@@ -126,15 +138,19 @@ class RouterInference:
             with _tracer.start_as_current_span(
                 "router.queue", attributes={"gen_ai.request.model": model}
             ):
-                return await self.coldstart.wait_ready(model, handlers.remaining_s(context))
+                return await self.coldstart.wait_ready(
+                    model, handlers.remaining_s(context), exclude=failed
+                )
         finally:
             self.demand.queued(model, -1)
             metrics.QUEUED.labels(model).dec()
 
-    def _ranked(self, route: Route, session_key: str) -> tuple[Any, ...]:
+    def _ranked(
+        self, route: Route, session_key: str, failed: AbstractSet[str] = frozenset()
+    ) -> tuple[Any, ...]:
         with _tracer.start_as_current_span("router.pick") as span:
             ranked = rank(
-                route.ready,
+                [e for e in route.ready if e.address not in failed],
                 self.outstanding,
                 self.outliers.ejected(time.monotonic()),
                 session_key,
@@ -175,86 +191,102 @@ class RouterInference:
         self, request: inference_pb2.GenerateRequest, route: Route, context: Ctx
     ) -> AsyncIterator[bytes]:
         start = time.perf_counter()
-        route = await self._ready_route(route, context)
-        request.model = route.spec.name
-        payload = request.SerializeToString()
+        failed: set[str] = set()
+        attempt = 0
         last_error: grpc.aio.AioRpcError | None = None
-        for attempt, endpoint in enumerate(self._ranked(route, request.session_key), start=1):
-            if attempt > 1:
-                metrics.RETRIES.labels(route.spec.name).inc()
-            remaining = handlers.remaining_s(context)
-            call = self.upstreams.generate(endpoint.address)(
-                payload, timeout=remaining, metadata=(("meshserve-request-id", request.request_id),)
-            )
-            self.outstanding[endpoint.address] += 1
-            attempt_span = _tracer.start_span(
-                "router.attempt",
-                attributes={"meshserve.node": endpoint.node_id, "meshserve.attempt": attempt},
-            )
-            try:
+        # Each pass tries the ranked replicas; when all of them fail before the first token (an
+        # agent just died and its lease has not expired yet), wait for a fresh replica within the
+        # caller's deadline and try again. Never after the first token (DESIGN §4).
+        for _ in range(2):
+            route = await self._ready_route(route, context, failed)
+            request.model = route.spec.name
+            payload = request.SerializeToString()
+            for endpoint in self._ranked(route, request.session_key, failed):
+                attempt += 1
+                if attempt > 1:
+                    metrics.RETRIES.labels(route.spec.name).inc()
+                outcome = self._attempt(endpoint, payload, request, route, attempt, start, context)
                 try:
-                    first = await asyncio.wait_for(call.read(), self.config.first_token_timeout_s)
-                except TimeoutError:
-                    call.cancel()
-                    self.outliers.failure(endpoint.address, time.monotonic())
-                    attempt_span.set_status(
-                        trace.Status(trace.StatusCode.ERROR, "no first token in time")
-                    )
-                    continue
-                except grpc.aio.AioRpcError as e:
-                    attempt_span.set_status(
-                        trace.Status(trace.StatusCode.ERROR, f"{e.code().name}: {e.details()}")
-                    )
-                    if e.code() in UNHEALTHY:
-                        self.outliers.failure(endpoint.address, time.monotonic())
-                    if e.code() not in RETRYABLE:
-                        raise
-                    last_error = e
-                    continue
-                self.outliers.success(endpoint.address)
-                ttft = time.perf_counter() - start
-                metrics.TTFT.labels("router", route.spec.name).observe(ttft)
-                self.demand.first_token(route.spec.name, ttft)
-                trace.get_current_span().set_attribute("meshserve.ttft_s", ttft)
-                headers = [
-                    (k, v)
-                    for k, v in (await call.initial_metadata() or ())
-                    if k in FORWARDED_HEADERS
-                ]
-                await context.send_initial_metadata(
-                    (*headers, ("meshserve-attempts", str(attempt)))
-                )
-                if first is grpc.aio.EOF:
+                    async for message in outcome:
+                        yield message
                     return
-                yield first
-                while True:
-                    try:
-                        message = await asyncio.wait_for(
-                            call.read(), self.config.inter_token_timeout_s
-                        )
-                    except TimeoutError:
-                        call.cancel()
-                        raise ServiceError(
-                            grpc.StatusCode.UNAVAILABLE,
-                            f"replica on {endpoint.node_id} stalled: no token for "
-                            f"{self.config.inter_token_timeout_s:.0f} s",
-                            "REPLICA_STALLED",
-                        ) from None
-                    if message is grpc.aio.EOF:
-                        return
-                    yield message
-            finally:
-                self.outstanding[endpoint.address] -= 1
-                if not call.done():
-                    call.cancel()  # our caller went away (or we gave up): stop the agent's work
-                attempt_span.end()
-        tried = "; ".join(f"{e.code().name}: {e.details()}" for e in [last_error] if e)
+                except _Retry as r:
+                    failed.add(endpoint.address)
+                    last_error = r.error or last_error
+        tried = f"{last_error.code().name}: {last_error.details()}" if last_error else "timeout"
         raise ServiceError(
             grpc.StatusCode.UNAVAILABLE,
-            f"every replica of {route.spec.name!r} failed before the first token ({tried or 'timeout'})",
+            f"every replica of {route.spec.name!r} failed before the first token ({tried})",
             "ALL_REPLICAS_FAILED",
             retry_after_s=1.0,
         )
+
+    async def _attempt(
+        self,
+        endpoint: Endpoint,
+        payload: bytes,
+        request: inference_pb2.GenerateRequest,
+        route: Route,
+        attempt: int,
+        start: float,
+        context: Ctx,
+    ) -> AsyncIterator[bytes]:
+        """Streams from one replica; raises _Retry when it fails before the first message."""
+        call = self.upstreams.generate(endpoint.address)(
+            payload,
+            timeout=handlers.remaining_s(context),
+            metadata=(("meshserve-request-id", request.request_id),),
+        )
+        self.outstanding[endpoint.address] += 1
+        span = _tracer.start_span(
+            "router.attempt",
+            attributes={"meshserve.node": endpoint.node_id, "meshserve.attempt": attempt},
+        )
+        try:
+            try:
+                first = await asyncio.wait_for(call.read(), self.config.first_token_timeout_s)
+            except TimeoutError:
+                self.outliers.failure(endpoint.address, time.monotonic())
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "no first token in time"))
+                raise _Retry(None) from None
+            except grpc.aio.AioRpcError as e:
+                span.set_status(
+                    trace.Status(trace.StatusCode.ERROR, f"{e.code().name}: {e.details()}")
+                )
+                if e.code() in UNHEALTHY:
+                    self.outliers.failure(endpoint.address, time.monotonic())
+                if e.code() not in RETRYABLE:
+                    raise
+                raise _Retry(e) from None
+            self.outliers.success(endpoint.address)
+            ttft = time.perf_counter() - start
+            metrics.TTFT.labels("router", route.spec.name).observe(ttft)
+            self.demand.first_token(route.spec.name, ttft)
+            trace.get_current_span().set_attribute("meshserve.ttft_s", ttft)
+            upstream_headers = await call.initial_metadata() or ()
+            headers = [(k, v) for k, v in upstream_headers if k in FORWARDED_HEADERS]
+            await context.send_initial_metadata((*headers, ("meshserve-attempts", str(attempt))))
+            if first is grpc.aio.EOF:
+                return
+            yield first
+            while True:
+                try:
+                    message = await asyncio.wait_for(call.read(), self.config.inter_token_timeout_s)
+                except TimeoutError:
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"replica on {endpoint.node_id} stalled: no token for "
+                        f"{self.config.inter_token_timeout_s:.0f} s",
+                        "REPLICA_STALLED",
+                    ) from None
+                if message is grpc.aio.EOF:
+                    return
+                yield message
+        finally:
+            self.outstanding[endpoint.address] -= 1
+            if not call.done():
+                call.cancel()  # our caller went away (or we gave up): stop the agent's work
+            span.end()
 
     # --- Embed, ListModels -------------------------------------------------------------------
 

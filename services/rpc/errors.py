@@ -19,7 +19,7 @@ DOMAIN = "meshserve.dev"
 DETAILS_KEY = "grpc-status-details-bin"
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: raising sets __traceback__ and friends on the instance
 class ServiceError(Exception):
     code: grpc.StatusCode
     message: str

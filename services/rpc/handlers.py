@@ -50,11 +50,20 @@ def stream(fn: F) -> F:
             await e.abort(context)
         except grpc.aio.AioRpcError as e:
             await _abort_like(context, e)
-        except asyncio.CancelledError:
-            record_cancelled(trace.get_current_span())
+        except (asyncio.CancelledError, GeneratorExit):
+            # grpc.aio closes a streaming handler's generator when the caller cancels or its
+            # deadline passes: GeneratorExit, not CancelledError, arrives at the yield.
+            record_cancelled(trace.get_current_span(), _why_closed(context))
             raise
 
     return handler  # type: ignore[return-value]
+
+
+def _why_closed(context: Ctx) -> str:
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        return "deadline exceeded"
+    return "cancelled by the client"
 
 
 async def _abort_like(context: Ctx, error: grpc.aio.AioRpcError) -> None:
@@ -66,7 +75,7 @@ def code_of(error: BaseException) -> str:
     """The status code name a handler's exception ends the call with (for metrics)."""
     if isinstance(error, ServiceError):
         return error.code.name
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     if isinstance(error, grpc.aio.AioRpcError):
         return str(error.code().name)

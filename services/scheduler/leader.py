@@ -175,11 +175,14 @@ class SchedulerLoop:
                     return False
             if puts or deletes:
                 log.info(
-                    "round: %d placements written, %d removed, evictions %s, unschedulable %s",
+                    "round: %d placements written, %d removed, evictions %s, unschedulable %s; "
+                    "held %s, plan %s",
                     len(puts),
                     len(deletes),
                     list(plan.evictions),
                     unplaced,
+                    {n: sorted(ms) for n, ms in snap.current.items()},
+                    {n: sorted(ms) for n, ms in plan.assignments.items()},
                 )
         self.last_plan, self.decided_at = plan, time.time()
         metrics.SCHEDULER_ROUNDS.labels("ok").inc()

@@ -153,7 +153,9 @@ def place(snap: ClusterSnapshot) -> Plan:
     for victim, node_id in evictions:
         d = decisions.get(victim)
         if d is not None and count(victim) < models[victim].wanted:
-            why = f"evicted from {node_id} for a model that needed the room; no free space elsewhere"
+            why = (
+                f"evicted from {node_id} for a model that needed the room; no free space elsewhere"
+            )
             decisions[victim] = ModelDecision(victim, d.placed_on, d.verdicts, why)
     return Plan({n: frozenset(ms) for n, ms in assign.items() if ms}, decisions, tuple(evictions))
 

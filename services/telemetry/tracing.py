@@ -71,5 +71,6 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
 
 def record_cancelled(span: trace.Span, what: str = "cancelled by the client") -> None:
     """The stock interceptor does not mark a client's cancel as an error (DESIGN §7); we do."""
-    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if "deadline" in what else grpc.StatusCode.CANCELLED
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
     span.set_status(trace.Status(trace.StatusCode.ERROR, what))

@@ -7,6 +7,21 @@ from meshserve.nodeagent.engines.base import Engine, EngineConfig
 from meshserve.v1 import cluster_pb2
 
 
+def preload_engines() -> list[str]:
+    """Imports the engine modules this host can run (torch takes seconds to import). Call it in
+    a worker thread before the lease starts: an import on the event loop would stall keepalives."""
+    import importlib
+
+    loaded = []
+    for name in ("torch_engine",):
+        try:
+            importlib.import_module(f"meshserve.nodeagent.engines.{name}")
+            loaded.append(name)
+        except ImportError:
+            pass  # that extra is not installed here
+    return loaded
+
+
 def make_engine(spec: cluster_pb2.ModelSpec, config: EngineConfig) -> Engine:
     """The engine for ``spec.engine``; raises ValueError for one this build does not have."""
     if spec.engine in (cluster_pb2.ENGINE_KIND_UNSPECIFIED, cluster_pb2.ENGINE_KIND_TORCH):

@@ -1,0 +1,97 @@
+"""A real mesh of processes (etcd, schedulers, agents, router) and client helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.store import EtcdConfig, Store, connect
+from meshserve.local import Mesh
+from meshserve.modelspec import spec_from_dict
+from meshserve.v1 import cluster_pb2, inference_pb2, inference_pb2_grpc
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+
+
+async def apply(mesh: Mesh, spec: cluster_pb2.ModelSpec) -> None:
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        await Store(client, Keyspace()).put(Keyspace().model(spec.name), spec)
+    finally:
+        await client.close()
+
+
+def model_spec(name: str, source: Path | str, **extra: object) -> cluster_pb2.ModelSpec:
+    doc: dict[str, object] = {
+        "name": name, "source": str(source), "max_model_len": 2048, "kv_headroom": "16MiB",
+        "memory": "1MiB", **extra,
+    }
+    return spec_from_dict(doc)
+
+
+@dataclass
+class Streamed:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    messages: int = 0
+    final: inference_pb2.GenerateResponse | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def generate(address: str, request: inference_pb2.GenerateRequest, timeout: float = 30) -> Streamed:
+    out = Streamed()
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = inference_pb2_grpc.InferenceStub(ch).Generate(request, timeout=timeout)
+        async for msg in call:
+            out.messages += 1
+            out.text += msg.text
+            out.token_ids.extend(msg.token_ids)
+            if msg.finish_reason:
+                out.final = msg
+        out.headers = {k: str(v) for k, v in (await call.initial_metadata() or ())}
+    return out
+
+
+async def ready_replicas(address: str, model: str) -> int:
+    async with grpc.aio.insecure_channel(address) as ch:
+        listing = await inference_pb2_grpc.InferenceStub(ch).ListModels(
+            inference_pb2.ListModelsRequest(), timeout=5
+        )
+    return sum(m.ready_replicas for m in listing.models if m.name == model)
+
+
+def read_spans(trace_dir: Path) -> list[dict[str, object]]:
+    spans = []
+    for f in trace_dir.glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                spans.append(json.loads(line))
+    return spans
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
+    root = tmp_path_factory.mktemp("mesh")
+    m = Mesh(root, lease_ttl_s=2, trace_dir=root / "traces")
+    try:
+        m.start_etcd()
+        m.start_scheduler("scheduler-0")
+        m.start_scheduler("scheduler-1")
+        m.start_agent("agent-0")
+        m.start_agent("agent-1")
+        m.start_router()
+        asyncio.run(apply(m, model_spec("demo", demo_model, aliases=["tiny"], min_replicas=1)))
+        asyncio.run(
+            eventually(lambda: ready_replicas(m.services["router"].address, "demo"), 90, "demo READY")
+        )
+        yield m
+    finally:
+        m.stop()

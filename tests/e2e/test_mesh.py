@@ -1,0 +1,260 @@
+"""End to end through real processes: router vs direct, statuses, cancel, traces, failover.
+
+Tests run in file order; the last ones kill processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from meshserve.local import Mesh
+from meshserve.rpc.errors import decode_details, error_reason
+from meshserve.v1 import inference_pb2, inference_pb2_grpc, nodeagent_pb2, nodeagent_pb2_grpc
+from meshserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.e2e.conftest import apply, generate, model_spec, read_spans, ready_replicas
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+G = inference_pb2.GenerateRequest
+
+
+def router(mesh: Mesh) -> str:
+    return mesh.services["router"].address
+
+
+def req(prompt: str = "Once upon a time", **sampling: object) -> inference_pb2.GenerateRequest:
+    r = G(model="demo", prompt=prompt)
+    for k, v in sampling.items():
+        setattr(r.sampling, k, v)
+    return r
+
+
+async def expect_status(address: str, request: G, code: grpc.StatusCode, timeout: float = 10) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(address, request, timeout=timeout)
+    assert info.value.code() == code, info.value.details()
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 0.0, "max_tokens": 48},  # greedy
+        {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 1234, "max_tokens": 48},  # seeded
+    ],
+)
+async def test_router_stream_equals_direct_agent_stream(mesh: Mesh, sampling: dict[str, object]) -> None:
+    via_router = await generate(router(mesh), req(**sampling))
+    node = via_router.headers["meshserve-node"]
+    direct = await generate(mesh.services[node].address, req(**sampling))
+    assert via_router.final is not None and direct.final is not None
+    assert via_router.token_ids == direct.token_ids
+    assert via_router.text == direct.text
+    assert len(via_router.token_ids) == 48 or via_router.final.finish_reason == inference_pb2.FINISH_REASON_STOP
+    assert via_router.final.usage.output_tokens == len(via_router.token_ids)
+    assert via_router.messages >= 2  # streamed, not one blob
+    assert via_router.headers["meshserve-model"] == "demo"
+    assert via_router.headers["meshserve-attempts"] == "1"
+
+
+async def test_alias_resolves_and_chat_messages_work(mesh: Mesh) -> None:
+    r = G(model="tiny", messages=[inference_pb2.ChatMessage(role="user", content="hi")])
+    r.sampling.max_tokens = 8
+    out = await generate(router(mesh), r)
+    assert out.final is not None and out.final.usage.input_tokens > 0
+    assert out.headers["meshserve-model"] == "demo"
+
+
+async def test_unknown_model_is_not_found_on_router_and_agent(mesh: Mesh) -> None:
+    for address in (router(mesh), mesh.services["agent-0"].address):
+        e = await expect_status(address, G(model="no-such-model", prompt="hi"), grpc.StatusCode.NOT_FOUND)
+        assert "no-such-model" in (e.details() or "")
+        assert error_reason(decode_details(e.trailing_metadata())) == "MODEL_NOT_FOUND"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (G(model="demo", prompt=""), "prompt"),
+        (req(max_tokens=0), "sampling.max_tokens"),
+        (req(max_tokens=4096), "sampling.max_tokens"),  # over the model's 2048-token context
+        (req(prompt="x" * 1_100_000), "prompt"),  # oversized
+        (req(temperature=3.0), "sampling.temperature"),
+    ],
+)
+async def test_bad_arguments_are_invalid_argument(mesh: Mesh, request_: G, field: str) -> None:
+    e = await expect_status(router(mesh), request_, grpc.StatusCode.INVALID_ARGUMENT)
+    status = decode_details(e.trailing_metadata())  # type: ignore[arg-type]
+    bad = error_details_pb2.BadRequest()
+    assert status is not None and any(d.Unpack(bad) for d in status.details)
+    assert field in [v.field for v in bad.field_violations]
+
+
+async def test_prompt_too_long_for_context_comes_from_the_agent_through_the_router(mesh: Mesh) -> None:
+    # The router cannot count tokens; the agent can. Its INVALID_ARGUMENT passes through intact.
+    e = await expect_status(
+        router(mesh), req(prompt="Once upon a time " * 600, max_tokens=2000), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "context" in (e.details() or "")
+    assert error_reason(decode_details(e.trailing_metadata())) == "INVALID_REQUEST"  # type: ignore[arg-type]
+
+
+async def test_deadline_during_generation(mesh: Mesh) -> None:
+    await expect_status(
+        router(mesh), req(max_tokens=2000, ignore_eos=True), grpc.StatusCode.DEADLINE_EXCEEDED, timeout=0.3
+    )
+
+
+async def test_deadline_while_waiting_for_a_replica(mesh: Mesh) -> None:
+    # "broken" can never load (no weights there): the router holds the request, then answers
+    # DEADLINE_EXCEEDED itself with a message saying why.
+    await apply(mesh, model_spec("broken", "/nonexistent/weights"))
+    e = await expect_status(
+        router(mesh), G(model="broken", prompt="hi"), grpc.StatusCode.DEADLINE_EXCEEDED, timeout=1.5
+    )
+    assert "deadline" in (e.details() or "")
+
+
+async def agent_load(mesh: Mesh, node: str, model: str) -> nodeagent_pb2.ReplicaLoad:
+    async with grpc.aio.insecure_channel(mesh.services[node].address) as ch:
+        status = await nodeagent_pb2_grpc.NodeAgentStub(ch).GetNodeStatus(
+            nodeagent_pb2.GetNodeStatusRequest(), timeout=5
+        )
+    return next(x for x in status.load if x.model == model)
+
+
+async def test_client_cancel_stops_generation_on_the_agent(mesh: Mesh) -> None:
+    max_tokens = 2000  # ≈ 3 s of work on this model if nothing stopped it
+    request = req(max_tokens=max_tokens, ignore_eos=True)
+    request.request_id = "cancel-me"
+    async with grpc.aio.insecure_channel(router(mesh)) as ch:
+        call = inference_pb2_grpc.InferenceStub(ch).Generate(request, timeout=30)
+        await call.read()
+        await call.read()
+        node = dict(await call.initial_metadata())["meshserve-node"]
+        before = (await agent_load(mesh, node, "demo")).generated_tokens
+        assert (await agent_load(mesh, node, "demo")).in_flight == 1
+        call.cancel()
+    # The stream ends on the agent well before max_tokens would have been reached.
+    await eventually(
+        lambda: _idle(mesh, node), timeout=1.5, what="the agent's stream to stop after the cancel"
+    )
+    after = (await agent_load(mesh, node, "demo")).generated_tokens
+    assert after - before < max_tokens / 2
+
+
+async def _idle(mesh: Mesh, node: str) -> bool:
+    return (await agent_load(mesh, node, "demo")).in_flight == 0
+
+
+async def test_one_trace_covers_router_and_agent_and_records_cancel(mesh: Mesh) -> None:
+    request = req(max_tokens=8)
+    request.request_id = "trace-me"
+    await generate(router(mesh), request)
+    trace_dir = mesh.trace_dir
+    assert trace_dir is not None
+
+    def spans_for(request_id: str) -> list[dict]:  # type: ignore[type-arg]
+        return [s for s in read_spans(trace_dir) if s["attributes"].get("meshserve.request_id") == request_id]  # type: ignore[union-attr]
+
+    def services(spans: list[dict]) -> set[str]:  # type: ignore[type-arg]
+        return {s["resource"]["attributes"]["service.name"] for s in spans}
+
+    spans = await eventually(
+        lambda: (s := spans_for("trace-me")) and len(services(s)) == 2 and s, 10, "router and agent spans"
+    )
+    assert services(spans) == {"meshserve-router", "meshserve-nodeagent"}
+    trace_ids = {s["context"]["trace_id"] for s in spans}
+    assert len(trace_ids) == 1
+    everything = [s for s in read_spans(trace_dir) if s["context"]["trace_id"] in trace_ids]
+    names = {s["name"] for s in everything}
+    assert {"router.pick", "router.attempt", "engine.generate"} <= names
+    engine = next(s for s in everything if s["name"] == "engine.generate")
+    assert engine["attributes"]["gen_ai.request.model"] == "demo"
+    assert engine["attributes"]["meshserve.ttft_s"] > 0
+    # The cancelled request of the previous test is an error on the agent, not a success.
+    cancelled = await eventually(
+        lambda: [s for s in spans_for("cancel-me") if s["status"]["status_code"] == "ERROR"],
+        10,
+        "the cancelled request's spans marked as errors",
+    )
+    assert any("cancel" in s["status"].get("description", "") for s in cancelled)
+
+
+async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Path) -> None:
+    await apply(mesh, model_spec("lazy", demo_model, min_replicas=0))
+    assert await ready_replicas(router(mesh), "lazy") == 0
+    r = G(model="lazy", prompt="Hello")
+    r.sampling.max_tokens = 4
+    out = await generate(router(mesh), r, timeout=60)
+    assert out.final is not None and out.headers["meshserve-model"] == "lazy"
+    async with grpc.aio.insecure_channel(mesh.services["scheduler-0"].address) as ch:
+        why = await scheduler_pb2_grpc.SchedulerStub(ch).Explain(
+            scheduler_pb2.ExplainRequest(model="lazy"), timeout=5
+        )
+    assert why.placed_on and why.summary.startswith("placed on")
+
+
+async def plan(mesh: Mesh, scheduler: str) -> scheduler_pb2.GetPlanResponse:
+    async with grpc.aio.insecure_channel(mesh.services[scheduler].address) as ch:
+        return await scheduler_pb2_grpc.SchedulerStub(ch).GetPlan(scheduler_pb2.GetPlanRequest(), timeout=5)  # type: ignore[no-any-return]
+
+
+async def test_standby_scheduler_takes_over(mesh: Mesh, demo_model: Path) -> None:
+    leader = (await plan(mesh, "scheduler-0")).leader_id
+    standby = "scheduler-1" if leader == "scheduler-0" else "scheduler-0"
+    mesh.kill(leader)
+    await eventually(
+        lambda: _leads(mesh, standby), timeout=10, what=f"{standby} to lead after {leader} died"
+    )
+    # The new leader places a model applied after the failover.
+    await apply(mesh, model_spec("late", demo_model, min_replicas=1))
+    await eventually(lambda: ready_replicas(router(mesh), "late"), 60, "model 'late' READY")
+
+
+async def _leads(mesh: Mesh, scheduler: str) -> bool:
+    return (await plan(mesh, scheduler)).leader_id == scheduler
+
+
+async def test_kill_9_agent_moves_the_model_and_requests_keep_working(
+    mesh: Mesh, record_property: object
+) -> None:
+    first = await generate(router(mesh), req(max_tokens=4))
+    victim = first.headers["meshserve-node"]
+    survivor = "agent-1" if victim == "agent-0" else "agent-0"
+    killed = time.monotonic()
+    mesh.kill(victim)  # SIGKILL: no goodbye, the lease must expire
+    # The next request waits (within its deadline) for the model to be re-placed and served.
+    out = await generate(router(mesh), req(max_tokens=4), timeout=60)
+    recovered = time.monotonic() - killed
+    assert out.headers["meshserve-node"] == survivor
+    print(f"\nkill -9 of {victim} → next successful request after {recovered:.2f} s")
+    record_property("kill_to_success_s", round(recovered, 2))  # type: ignore[operator]
+    # And the dead agent's replica key vanished with its lease.
+    await eventually(lambda: _only_on(mesh, survivor), 10, "only the survivor to serve demo")
+
+
+async def _only_on(mesh: Mesh, node: str) -> bool:
+    from meshserve.cluster.keys import Keyspace
+    from meshserve.cluster.store import EtcdConfig, Store, connect
+    from meshserve.v1 import cluster_pb2
+
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        entries, _ = await Store(client, Keyspace()).list(Keyspace().replicas(), cluster_pb2.ReplicaStatus)
+    finally:
+        await client.close()
+    return {e.value.node_id for e in entries if e.value.model == "demo"} == {node}
+
+
+async def test_everything_still_shuts_down_cleanly(mesh: Mesh) -> None:
+    # Not a behaviour test of its own: make sure the survivors are alive before teardown stops them.
+    alive = [name for name, s in mesh.services.items() if s.alive()]
+    assert "router" in alive and len(alive) == 3
+    await asyncio.sleep(0)
