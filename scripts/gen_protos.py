@@ -1,7 +1,8 @@
 """Regenerate services/v1 (package meshserve.v1) from protos/meshserve/v1.
 
 Usage: python scripts/gen_protos.py [--out DIR]   (DIR defaults to services/v1)
-tests/unit/test_codegen.py runs this into a temporary folder and fails when the committed stubs differ.
+tests/unit/test_codegen.py runs this into a temporary folder and fails when the committed stubs
+differ.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ PROTOS = ROOT / "protos"
 
 
 def generate(out: Path) -> None:
-    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "meshserve" / "v1").glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTOS)) for p in (PROTOS / "meshserve" / "v1").glob("*.proto")
+    )
     plugin = Path(sys.executable).parent / "protoc-gen-mypy"
     grpc_plugin = Path(sys.executable).parent / "protoc-gen-mypy_grpc"
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,7 +44,9 @@ def generate(out: Path) -> None:
             old.unlink()
         for f in sorted((Path(tmp) / "meshserve" / "v1").iterdir()):
             shutil.copy(f, out / f.name)
-    (out / "__init__.py").write_text('"""Generated from protos/meshserve/v1 by scripts/gen_protos.py."""\n')
+    (out / "__init__.py").write_text(
+        '"""Generated from protos/meshserve/v1 by scripts/gen_protos.py."""\n'
+    )
 
 
 if __name__ == "__main__":

@@ -80,9 +80,10 @@ def agent(
     from meshserve.runtime import run
 
     try:
-        labels = tuple(tuple(x.split("=", 1)) for x in label or [])
-        if any(len(pair) != 2 for pair in labels):
+        pairs = [x.split("=", 1) for x in label or []]
+        if any(len(pair) != 2 for pair in pairs):
             raise ValueError("--label takes key=value")
+        labels = tuple((k, v) for k, v in pairs)
         kwargs: dict[str, Any] = {"node_id": node_id} if node_id else {}
         config = AgentConfig(
             listen=listen,
@@ -222,7 +223,8 @@ def up(
         with console.status("waiting for model 'demo' to be READY…"):
             asyncio.run(_wait_ready(router_address, "demo", 120.0))
         console.print(
-            f"[green]mesh up[/green] in {time.monotonic() - started:.1f} s — router {router_address}, "
+            f"[green]mesh up[/green] in {time.monotonic() - started:.1f} s — "
+            f"router {router_address}, "
             f"etcd {mesh.etcd.endpoint}, logs {data_dir / 'logs'}, traces {data_dir / 'traces'}"
         )
         console.print(f"[bold]demo>[/bold] {prompt}", end="")
@@ -309,16 +311,16 @@ async def _generate(
                 if msg.finish_reason:
                     headers = dict(await call.initial_metadata())
                     elapsed = time.perf_counter() - start
+                    n = msg.usage.output_tokens
+                    node = headers.get("meshserve-node", "?")
+                    reason = inference_pb2.FinishReason.Name(msg.finish_reason)
                     err.print(
-                        f"\n[dim]{msg.usage.output_tokens} tokens from {headers.get('meshserve-node', '?')}, "
-                        f"first token {first * 1000:.0f} ms, {msg.usage.output_tokens / elapsed:.0f} tokens/s, "
-                        f"{inference_pb2.FinishReason.Name(msg.finish_reason)}[/dim]"
+                        f"\n[dim]{n} tokens from {node}, first token {first * 1000:.0f} ms, "
+                        f"{n / elapsed:.0f} tokens/s, {reason}[/dim]"
                     )
         except grpc.aio.AioRpcError as e:
-            reason = error_reason(decode_details(e.trailing_metadata()))  # type: ignore[arg-type]
-            raise _fail(
-                f"{e.code().name}: {e.details()}" + (f" [{reason}]" if reason else "")
-            ) from None
+            why = error_reason(decode_details(e.trailing_metadata()))
+            raise _fail(f"{e.code().name}: {e.details()}" + (f" [{why}]" if why else "")) from None
 
 
 @app.command()
@@ -333,7 +335,7 @@ def generate(
     timeout: Annotated[float, typer.Option(help="deadline, s")] = 60.0,
 ) -> None:
     """Stream a completion from MODEL (through the router `meshserve up` started, by default)."""
-    address = address or _state().get("router", "127.0.0.1:50051")
+    address = address or _state().get("router") or "127.0.0.1:50051"
     asyncio.run(_generate(address, model, prompt, max_tokens, temperature, seed, timeout, session))
 
 
@@ -383,8 +385,8 @@ async def _status(etcd: str, prefix: str) -> None:
     t = Table(title="nodes")
     for c in ("node", "address", "device", "GPUs", "capacity MiB", "used MiB", "draining"):
         t.add_column(c)
-    for e in nodes:
-        n = e.value
+    for entry in nodes:
+        n = entry.value
         gpus = (
             ", ".join(
                 f"{g.name} {g.memory_used_bytes / mib:.0f}/{g.memory_total_bytes / mib:.0f} MiB "
@@ -406,8 +408,8 @@ async def _status(etcd: str, prefix: str) -> None:
     t = Table(title="models")
     for c in ("model", "aliases", "memory MiB", "min", "priority"):
         t.add_column(c)
-    for e in models:
-        m = e.value
+    for model_entry in models:
+        m = model_entry.value
         t.add_row(
             m.name,
             ", ".join(m.aliases),
@@ -419,8 +421,8 @@ async def _status(etcd: str, prefix: str) -> None:
     t = Table(title="replicas")
     for c in ("model", "node", "state", "memory MiB", "load s", "error"):
         t.add_column(c)
-    for e in replicas:
-        r = e.value
+    for replica_entry in replicas:
+        r = replica_entry.value
         t.add_row(
             r.model,
             r.node_id,
@@ -433,8 +435,8 @@ async def _status(etcd: str, prefix: str) -> None:
     t = Table(title="placements")
     for c in ("node", "model", "tier", "epoch", "reason"):
         t.add_column(c)
-    for e in placements:
-        p = e.value
+    for placement_entry in placements:
+        p = placement_entry.value
         t.add_row(
             p.node_id,
             p.model,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import aetcd
 import pytest
-
 from meshserve.cluster.etcd_process import EtcdProcess
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect

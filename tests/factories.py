@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import meshserve.v1.cluster_pb2 as cluster_pb2
 from meshserve.scheduler.placement import ClusterSnapshot, ModelView, NodeView
-from meshserve.v1 import cluster_pb2
 
 GiB = 2**30
 MiB = 2**20

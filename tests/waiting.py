@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
-T = TypeVar("T")
+from collections.abc import Callable
+from typing import Any
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]] | Callable[[], T],
+    probe: Callable[[], Any],
     timeout: float,
     what: str,
     interval: float = 0.05,
-) -> T:
+) -> Any:
     """Polls ``probe`` until it returns a truthy value; fails with ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -25,7 +23,7 @@ async def eventually(
             if asyncio.iscoroutine(value):
                 value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return value
             last = value
         except Exception as e:  # a probe may fail while the condition is not yet true
             last = e

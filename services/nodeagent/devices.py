@@ -89,10 +89,8 @@ class NvmlProbe:
                 memory_total_bytes=int(mem.total),
                 memory_used_bytes=int(mem.used),
             )
-            try:
+            with contextlib.suppress(nv.NVMLError):  # not supported on some MIG configurations
                 gpu.utilization = nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0
-            except nv.NVMLError:
-                pass  # not supported on some MIG configurations
             try:
                 current, _pending = nv.nvmlDeviceGetMigMode(h)
                 gpu.mig = bool(current)

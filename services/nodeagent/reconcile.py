@@ -258,7 +258,8 @@ class Reconciler:
         try:
             await self._set(r, S.REPLICA_STATE_DRAINING)  # routers stop sending new streams
             deadline = time.monotonic() + self.config.drain_grace_s
-            while r.engine is not None and r.engine.in_flight and time.monotonic() < deadline:
+            # Engines expose a count, not an event: poll it until the grace period ends.
+            while r.engine is not None and r.engine.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             if r.engine is not None:
                 await r.engine.unload()

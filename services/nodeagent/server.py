@@ -9,6 +9,7 @@ import grpc
 from meshserve.nodeagent.reconcile import Reconciler, Replica
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import (
@@ -22,7 +23,6 @@ from meshserve.validation import check_embed, check_generate, resolve_params
 from opentelemetry import trace
 
 _tracer = tracer(__name__)
-Ctx = handlers.Ctx
 
 
 class AgentInference(inference_pb2_grpc.InferenceServicer):

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from collections.abc import Set as AbstractSet
+from typing import Any
 
 import grpc
 from meshserve.router.table import EndpointTable, Route
 from meshserve.rpc.errors import ServiceError
 
-DEADLINE_MARGIN_S = 0.05  # answer a little before the caller's deadline so it gets our message
+DEADLINE_MARGIN_S = 0.1  # answer a little before the caller's deadline so it gets our message
 
 
 class ColdStartQueue:
     def __init__(
         self,
         table: EndpointTable,
-        ensure: Callable[[str], Awaitable[str]],
+        ensure: Callable[[str], Coroutine[Any, Any, str]],
         per_model: int,
         timeout_s: float,
         ensure_interval_s: float,

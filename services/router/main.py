@@ -49,7 +49,7 @@ class SchedulerClient:
                 log.info("EnsureModel(%s) at %s failed: %s", model, c.address, e.code().name)
                 continue
             if reply.outcome == scheduler_pb2.ENSURE_OUTCOME_UNSCHEDULABLE:
-                return reply.message
+                return str(reply.message)
             return ""
         return "no scheduler reachable" if not candidates else "every scheduler failed"
 

@@ -13,7 +13,7 @@ import itertools
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -26,6 +26,7 @@ from meshserve.router.picker import rank
 from meshserve.router.table import Endpoint, EndpointTable, Route
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.handlers import Ctx
 from meshserve.rpc.server import CHANNEL_OPTIONS
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import client_interceptors, tracer
@@ -34,7 +35,6 @@ from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
 
 _tracer = tracer(__name__)
-Ctx = handlers.Ctx
 GENERATE = "/meshserve.v1.Inference/Generate"
 
 # Codes on which another replica may succeed (only before the first message).
@@ -95,7 +95,7 @@ class RouterInference:
         self,
         config: RouterConfig,
         table: EndpointTable,
-        ensure: Callable[[str], Awaitable[str]],
+        ensure: Callable[[str], Coroutine[Any, Any, str]],
         demand: DemandTracker,
     ) -> None:
         self.config = config

@@ -102,5 +102,5 @@ def error_reason(status: status_pb2.Status | None) -> str | None:
     for detail in status.details if status else ():
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return str(info.reason)
     return None

@@ -1,21 +1,20 @@
-"""Wrappers every servicer method uses: a `ServiceError` becomes a rich gRPC status, a client's
-cancel is recorded on the server span, and each outcome is counted."""
+"""Wrappers every servicer method uses: a `ServiceError` becomes a rich gRPC status and an
+upstream's status passes through unchanged. (Cancels and deadlines are recorded on the server span
+by telemetry/server_interceptor.py, which sees them first.)"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from meshserve.rpc.errors import DETAILS_KEY, ServiceError
-from meshserve.telemetry.tracing import record_cancelled
-from opentelemetry import trace
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-Ctx = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Ctx: TypeAlias = grpc.aio.ServicerContext  # grpc ships no types: this is Any to mypy
 
 
 def unary(fn: F) -> F:
@@ -30,9 +29,6 @@ def unary(fn: F) -> F:
             await e.abort(context)
         except grpc.aio.AioRpcError as e:  # an upstream's status, passed through unchanged
             await _abort_like(context, e)
-        except asyncio.CancelledError:
-            record_cancelled(trace.get_current_span())
-            raise
 
     return handler  # type: ignore[return-value]
 
@@ -50,20 +46,8 @@ def stream(fn: F) -> F:
             await e.abort(context)
         except grpc.aio.AioRpcError as e:
             await _abort_like(context, e)
-        except (asyncio.CancelledError, GeneratorExit):
-            # grpc.aio closes a streaming handler's generator when the caller cancels or its
-            # deadline passes: GeneratorExit, not CancelledError, arrives at the yield.
-            record_cancelled(trace.get_current_span(), _why_closed(context))
-            raise
 
     return handler  # type: ignore[return-value]
-
-
-def _why_closed(context: Ctx) -> str:
-    left = context.time_remaining()
-    if left is not None and left <= 0:
-        return "deadline exceeded"
-    return "cancelled by the client"
 
 
 async def _abort_like(context: Ctx, error: grpc.aio.AioRpcError) -> None:
@@ -74,7 +58,7 @@ async def _abort_like(context: Ctx, error: grpc.aio.AioRpcError) -> None:
 def code_of(error: BaseException) -> str:
     """The status code name a handler's exception ends the call with (for metrics)."""
     if isinstance(error, ServiceError):
-        return error.code.name
+        return str(error.code.name)
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     if isinstance(error, grpc.aio.AioRpcError):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import grpc
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.handlers import Ctx
 from meshserve.rpc.server import CHANNEL_OPTIONS
 from meshserve.scheduler.leader import SchedulerLoop
 from meshserve.telemetry.tracing import client_interceptors
 from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
-
-Ctx = handlers.Ctx
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):

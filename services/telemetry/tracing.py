@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -61,7 +61,9 @@ def tracer(name: str) -> trace.Tracer:
 
 def server_interceptors() -> list[Any]:
     """One server span per RPC, continuing the caller's W3C trace context from metadata."""
-    return [aio_server_interceptor()]
+    from meshserve.telemetry.server_interceptor import TracingInterceptor
+
+    return [TracingInterceptor()]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:

@@ -7,15 +7,17 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import pytest
-
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.local import Mesh
 from meshserve.modelspec import spec_from_dict
-from meshserve.v1 import cluster_pb2, inference_pb2, inference_pb2_grpc
+from meshserve.v1 import cluster_pb2, inference_pb2
+
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -31,8 +33,12 @@ async def apply(mesh: Mesh, spec: cluster_pb2.ModelSpec) -> None:
 
 def model_spec(name: str, source: Path | str, **extra: object) -> cluster_pb2.ModelSpec:
     doc: dict[str, object] = {
-        "name": name, "source": str(source), "max_model_len": 2048, "kv_headroom": "16MiB",
-        "memory": "1MiB", **extra,
+        "name": name,
+        "source": str(source),
+        "max_model_len": 2048,
+        "kv_headroom": "16MiB",
+        "memory": "1MiB",
+        **extra,
     }
     return spec_from_dict(doc)
 
@@ -46,7 +52,9 @@ class Streamed:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-async def generate(address: str, request: inference_pb2.GenerateRequest, timeout: float = 30) -> Streamed:
+async def generate(
+    address: str, request: inference_pb2.GenerateRequest, timeout: float = 30
+) -> Streamed:
     out = Streamed()
     async with grpc.aio.insecure_channel(address) as ch:
         call = inference_pb2_grpc.InferenceStub(ch).Generate(request, timeout=timeout)
@@ -68,7 +76,16 @@ async def ready_replicas(address: str, model: str) -> int:
     return sum(m.ready_replicas for m in listing.models if m.name == model)
 
 
-def read_spans(trace_dir: Path) -> list[dict[str, object]]:
+async def known(address: str, model: str) -> bool:
+    """True once the server at ``address`` lists ``model`` (its watch has seen the spec)."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        listing = await inference_pb2_grpc.InferenceStub(ch).ListModels(
+            inference_pb2.ListModelsRequest(), timeout=5
+        )
+    return any(m.name == model for m in listing.models)
+
+
+def read_spans(trace_dir: Path) -> list[dict[str, Any]]:
     spans = []
     for f in trace_dir.glob("*.jsonl"):
         for line in f.read_text().splitlines():
@@ -90,7 +107,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator
         m.start_router()
         asyncio.run(apply(m, model_spec("demo", demo_model, aliases=["tiny"], min_replicas=1)))
         asyncio.run(
-            eventually(lambda: ready_replicas(m.services["router"].address, "demo"), 90, "demo READY")
+            eventually(
+                lambda: ready_replicas(m.services["router"].address, "demo"), 90, "demo READY"
+            )
         )
         yield m
     finally:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import aetcd
 import pytest
-
 from meshserve.cluster.election import Election
 from meshserve.cluster.etcd_process import EtcdProcess
 from meshserve.cluster.keys import Keyspace
@@ -16,6 +15,7 @@ from meshserve.cluster.session import Session
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.router.table import EndpointTable
 from meshserve.v1 import cluster_pb2 as S
+
 from tests.factories import spec
 from tests.waiting import eventually
 
@@ -65,7 +65,9 @@ async def test_session_replaces_a_lost_lease_and_reregisters(store: Store, keys:
     assert await store.get(key, S.NodeStatus) is None
     await eventually(lambda: session.lease_id != first, timeout=5, what="a new lease")
     await eventually(
-        lambda: store.get(key, S.NodeStatus), timeout=5, what="the key written again under the new lease"
+        lambda: store.get(key, S.NodeStatus),
+        timeout=5,
+        what="the key written again under the new lease",
     )
     await session.close()
 
@@ -101,7 +103,9 @@ async def test_router_table_follows_watches(store: Store, keys: Keyspace) -> Non
     await table.synced()
     assert table.current.resolve("demo") is None
     await store.put(keys.model("demo"), spec("demo", aliases=["tiny"]))
-    replica = S.ReplicaStatus(model="demo", node_id="n1", address="h:1", state=S.REPLICA_STATE_LOADING)
+    replica = S.ReplicaStatus(
+        model="demo", node_id="n1", address="h:1", state=S.REPLICA_STATE_LOADING
+    )
     await store.put(keys.replica("demo", "n1"), replica)
     route = await eventually(lambda: table.current.resolve("tiny"), 5, "the model via its alias")
     assert route.ready == ()
@@ -138,14 +142,14 @@ async def test_watchers_and_leases_recover_after_etcd_restart(tmp_path: Path) ->
             lambda: _put_ok(store, keys.model("after")), 15, "a write after the restart"
         )
         await eventually(
-            lambda: keys.model("after") in mirror.snapshot and keys.model("before") in mirror.snapshot,
+            lambda: (
+                keys.model("after") in mirror.snapshot and keys.model("before") in mirror.snapshot
+            ),
             15,
             "the mirror to re-list and see both keys",
         )
         # The session's lease survived (etcd restores leases with a fresh TTL) or was replaced.
-        await eventually(
-            lambda: store.get(keys.node("alive"), S.NodeStatus), 10, "the leased key"
-        )
+        await eventually(lambda: store.get(keys.node("alive"), S.NodeStatus), 10, "the leased key")
         await mirror.stop()
         await session.close()
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from meshserve.cluster.keys import Keyspace, valid_name
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from meshserve.modelspec import spec_from_dict
 from meshserve.nodeagent.config import parse_bytes
 from meshserve.v1 import cluster_pb2, common_pb2
@@ -13,8 +12,16 @@ from meshserve.v1 import cluster_pb2, common_pb2
 
 def test_full_spec(tmp_path: Path) -> None:
     s = spec_from_dict(
-        {"name": "m", "source": "weights", "memory": "2GiB", "kv_headroom": "512MiB",
-         "priority": "high", "aliases": ["mm"], "min_replicas": 1, "max_replicas": 3},
+        {
+            "name": "m",
+            "source": "weights",
+            "memory": "2GiB",
+            "kv_headroom": "512MiB",
+            "priority": "high",
+            "aliases": ["mm"],
+            "min_replicas": 1,
+            "max_replicas": 3,
+        },
         base=tmp_path,
     )
     assert s.source == str(tmp_path / "weights")
@@ -38,8 +45,10 @@ def test_memory_estimated_from_weights(tmp_path: Path) -> None:
         ({"name": "m", "source": "/x", "memory": "lots"}, "not a size"),
         ({"name": "m", "source": "/nonexistent"}, "memory"),
         ({"name": "m", "source": "/x", "memory": "1GB", "colour": "red"}, "unknown field"),
-        ({"name": "m", "source": "/x", "memory": "1GB", "min_replicas": 3, "max_replicas": 1},
-         "max_replicas"),
+        (
+            {"name": "m", "source": "/x", "memory": "1GB", "min_replicas": 3, "max_replicas": 1},
+            "max_replicas",
+        ),
     ],
 )
 def test_errors_name_the_field(doc: dict[str, object], message: str) -> None:
@@ -48,7 +57,8 @@ def test_errors_name_the_field(doc: dict[str, object], message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "value"), [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29), ("100", 100)]
+    ("text", "value"),
+    [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29), ("100", 100)],
 )
 def test_parse_bytes(text: str, value: int) -> None:
     assert parse_bytes(text) == value

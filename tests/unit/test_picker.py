@@ -6,6 +6,7 @@ from meshserve.router.outliers import Outliers
 from meshserve.router.picker import AFFINITY_SLACK, rank, rendezvous
 from meshserve.router.table import Endpoint, build_table
 from meshserve.v1 import cluster_pb2
+
 from tests.factories import spec
 
 A, B, C = Endpoint("a", "h:1"), Endpoint("b", "h:2"), Endpoint("c", "h:3")
@@ -69,7 +70,9 @@ def test_table_resolves_aliases_and_keeps_only_ready() -> None:
         [
             R.ReplicaStatus(model="demo", node_id="n2", address="h:2", state=R.REPLICA_STATE_READY),
             R.ReplicaStatus(model="demo", node_id="n1", address="h:1", state=R.REPLICA_STATE_READY),
-            R.ReplicaStatus(model="demo", node_id="n3", address="h:3", state=R.REPLICA_STATE_LOADING),
+            R.ReplicaStatus(
+                model="demo", node_id="n3", address="h:3", state=R.REPLICA_STATE_LOADING
+            ),
         ],
     )
     route = table.resolve("tiny")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from meshserve.scheduler.placement import Plan, need_bytes, place, wanted_replicas
 
-from meshserve.scheduler.placement import need_bytes, place, wanted_replicas
 from tests.factories import GiB, model, node, snapshot
 
 
-def held(plan, node_id):  # type: ignore[no-untyped-def]
+def held(plan: Plan, node_id: str) -> set[str]:
     return set(plan.assignments.get(node_id, ()))
 
 
@@ -34,7 +34,9 @@ def test_higher_priority_is_placed_first() -> None:
 
 
 def test_anti_affinity_spreads_replicas() -> None:
-    plan = place(snapshot([node("a", 40), node("b", 40)], [model("m", 1, wanted=2, min_replicas=2)]))
+    plan = place(
+        snapshot([node("a", 40), node("b", 40)], [model("m", 1, wanted=2, min_replicas=2)])
+    )
     assert held(plan, "a") == {"m"} and held(plan, "b") == {"m"}
 
 
@@ -58,7 +60,9 @@ def test_lost_node_replica_is_replaced_on_a_live_node() -> None:
 
 def test_draining_node_gets_nothing_and_loses_its_models() -> None:
     plan = place(
-        snapshot([node("a", 40, draining=True), node("b", 40)], [model("m", 5)], current={"a": {"m"}})
+        snapshot(
+            [node("a", 40, draining=True), node("b", 40)], [model("m", 5)], current={"a": {"m"}}
+        )
     )
     assert held(plan, "a") == set() and held(plan, "b") == {"m"}
 
@@ -85,8 +89,11 @@ def test_lower_priority_is_evicted_before_lru() -> None:
     plan = place(
         snapshot(
             [node("a", 10)],
-            [model("low", 4, priority=1, last_used=500), model("lru", 4, last_used=1),
-             model("new", 4, last_used=900)],
+            [
+                model("low", 4, priority=1, last_used=500),
+                model("lru", 4, last_used=1),
+                model("new", 4, last_used=900),
+            ],
             current={"a": {"low", "lru"}},
         )
     )
@@ -97,8 +104,11 @@ def test_never_evicts_higher_priority_or_min_replicas_of_equal_priority() -> Non
     plan = place(
         snapshot(
             [node("a", 10)],
-            [model("vip", 6, priority=3), model("pinned", 4, min_replicas=1),
-             model("new", 4, last_used=999)],
+            [
+                model("vip", 6, priority=3),
+                model("pinned", 4, min_replicas=1),
+                model("new", 4, last_used=999),
+            ],
             current={"a": {"vip", "pinned"}},
         )
     )
@@ -115,8 +125,12 @@ def test_too_large_for_any_node_is_unresolvable() -> None:
 
 def test_failed_replica_is_moved_to_another_node() -> None:
     plan = place(
-        snapshot([node("a", 40), node("b", 40)], [model("m", 5)], current={"a": {"m"}},
-                 failed={("m", "a")})
+        snapshot(
+            [node("a", 40), node("b", 40)],
+            [model("m", 5)],
+            current={"a": {"m"}},
+            failed={("m", "a")},
+        )
     )
     assert held(plan, "b") == {"m"}
 
@@ -129,8 +143,11 @@ def test_scaled_to_zero_model_is_removed() -> None:
 def test_evicted_model_does_not_evict_back_in_the_same_round() -> None:
     # One slot, two demand-driven models: the newer wins, the other is not placed by evicting it.
     plan = place(
-        snapshot([node("a", 5)], [model("x", 4, last_used=1), model("y", 4, last_used=2)],
-                 current={"a": {"x"}})
+        snapshot(
+            [node("a", 5)],
+            [model("x", 4, last_used=1), model("y", 4, last_used=2)],
+            current={"a": {"x"}},
+        )
     )
     assert held(plan, "a") == {"y"} and plan.evictions == (("x", "a"),)
 
@@ -162,9 +179,7 @@ def clusters(draw):  # type: ignore[no-untyped-def]
         )
         for i in range(draw(st.integers(0, 12)))
     ]
-    current = {
-        n.node_id: {m.name for m in models if draw(st.booleans())} for n in nodes
-    }
+    current = {n.node_id: {m.name for m in models if draw(st.booleans())} for n in nodes}
     return snapshot(nodes, models, current)
 
 
@@ -183,7 +198,9 @@ def test_plan_invariants(snap) -> None:  # type: ignore[no-untyped-def]
         assert sum(m.name in ms for ms in plan.assignments.values()) <= m.wanted
     for victim, node_id in plan.evictions:
         # an eviction only ever makes room for a model of at least the victim's priority
-        newcomers = plan.assignments.get(node_id, frozenset()) - snap.current.get(node_id, frozenset())
+        newcomers = plan.assignments.get(node_id, frozenset()) - snap.current.get(
+            node_id, frozenset()
+        )
         if caps[node_id] >= sum(needs[x] for x in snap.current.get(node_id, ()) if x in needs):
             assert any(prio[n] >= prio[victim] for n in newcomers)
 

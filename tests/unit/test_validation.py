@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import inference_pb2
 from meshserve.validation import MAX_PROMPT_CHARS, check_generate, resolve_params
+
 from tests.factories import spec
 
 DEMO = spec("demo", max_model_len=2048, default_max_tokens=32)
@@ -40,8 +40,10 @@ def req(**kw: object) -> inference_pb2.GenerateRequest:
         (req(sampling={"stop": [""]}), "sampling.stop"),
         (req(prompt="x" * (MAX_PROMPT_CHARS + 1)), "prompt"),  # oversized
         (req(messages=[inference_pb2.ChatMessage(role="user", content="hi")]), "prompt"),  # both
-        (req(prompt="", messages=[inference_pb2.ChatMessage(role="robot", content="x")]),
-         "messages[0].role"),
+        (
+            req(prompt="", messages=[inference_pb2.ChatMessage(role="robot", content="x")]),
+            "messages[0].role",
+        ),
     ],
 )
 def test_bad_field_is_named(request_: inference_pb2.GenerateRequest, field: str) -> None:

@@ -117,7 +117,7 @@ class TorchEngine:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype)
-        model.to(self._device).eval()
+        model.to(self._device).eval()  # type: ignore[arg-type]
         self._tok, self._model = tok, model
         self._max_len = spec.max_model_len or int(model.config.max_position_embeddings)
         eos = model.generation_config.eos_token_id

@@ -1,0 +1,121 @@
+"""One server span per RPC, with W3C context from the caller's metadata (DESIGN §6).
+
+Written here instead of using opentelemetry-instrumentation-grpc's aio server interceptor because
+that one (a) does not record a client's cancel or an expired deadline as an error — on a cancel
+between two messages grpc.aio closes the outermost response generator, which is the interceptor's,
+so the handler never sees it before the span ends — and (b) wraps every streamed message. This one
+is the outermost generator, so it sees the close itself, and it touches nothing per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from meshserve.telemetry.tracing import record_cancelled
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
+
+_tracer = trace.get_tracer("meshserve.rpc")
+UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def _code_of(context: Any) -> grpc.StatusCode | None:
+    try:
+        code = context.code()
+    except (AttributeError, NotImplementedError):
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return None
+
+
+def _closed_reason(context: Any) -> str:
+    left = context.time_remaining()
+    return "deadline exceeded" if left is not None and left <= 0 else "cancelled by the client"
+
+
+def _finish(span: trace.Span, context: Any, error: BaseException | None) -> None:
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        record_cancelled(span, _closed_reason(context))
+        return
+    code = _code_of(context)
+    if code is None:
+        code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code != grpc.StatusCode.OK:
+        details = context.details() if hasattr(context, "details") else ""
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {details or ''}"))
+        if error is not None and code == grpc.StatusCode.UNKNOWN:
+            span.record_exception(error)
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        details: Any,
+    ) -> Any:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(UNTRACED_PREFIXES):
+            return handler
+        service, _, name = method.lstrip("/").partition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        parent_of = propagate.extract
+
+        def start(context: Any) -> trace.Span:
+            carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            return _tracer.start_span(
+                method.lstrip("/"),
+                context=parent_of(carrier),
+                kind=SpanKind.SERVER,
+                attributes=attributes,
+            )
+
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                span = start(context)
+                error: BaseException | None = None
+                try:
+                    with trace.use_span(span, end_on_exit=False):
+                        async for response in behavior(request, context):
+                            yield response
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    _finish(span, context, error)
+                    span.end()
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is not None:
+            unary_behavior = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                span = start(context)
+                error: BaseException | None = None
+                try:
+                    with trace.use_span(span, end_on_exit=False):
+                        return await unary_behavior(request, context)
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    _finish(span, context, error)
+                    span.end()
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client-streaming RPCs: none of ours

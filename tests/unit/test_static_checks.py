@@ -1,0 +1,33 @@
+"""ruff (lint + format) and mypy --strict are part of the suite, so CI keeps main clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=str(BIN))
+    if found is None:
+        pytest.skip(f"{name} not installed (pip install -e '.[dev]')")
+    return found
+
+
+@pytest.mark.parametrize(
+    "args", [["check", "services", "tests", "scripts", "bench"], ["format", "--check", "."]]
+)
+def test_ruff(args: list[str]) -> None:
+    result = subprocess.run([tool("ruff"), *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict() -> None:
+    result = subprocess.run([tool("mypy")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
