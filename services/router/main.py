@@ -13,13 +13,14 @@ from meshserve.cluster.session import Session
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker, publish_demand
-from meshserve.router.server import RouterInference, Upstreams, handlers_for
+from meshserve.router.server import RouterInference, Upstreams, handlers_for, trace_metadata
 from meshserve.router.table import EndpointTable
 from meshserve.rpc.server import start_server
 from meshserve.runtime import wait_for_signal, write_ready_file
 from meshserve.telemetry.metrics import serve_metrics
 from meshserve.telemetry.tracing import setup_tracing, shutdown_tracing
 from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
+from opentelemetry import trace
 
 log = logging.getLogger("meshserve.router")
 
@@ -44,6 +45,7 @@ class SchedulerClient:
                 reply = await stub.EnsureModel(
                     scheduler_pb2.EnsureModelRequest(model=model, requester=self.router_id),
                     timeout=3.0,
+                    metadata=trace_metadata(trace.get_current_span(), ""),
                 )
             except grpc.aio.AioRpcError as e:
                 log.info("EnsureModel(%s) at %s failed: %s", model, c.address, e.code().name)

@@ -29,10 +29,10 @@ from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.rpc.server import CHANNEL_OPTIONS
 from meshserve.telemetry import metrics
-from meshserve.telemetry.tracing import client_interceptors, tracer
+from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.validation import check_embed, check_generate
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 _tracer = tracer(__name__)
 GENERATE = "/meshserve.v1.Inference/Generate"
@@ -56,6 +56,13 @@ UNHEALTHY = frozenset(
 FORWARDED_HEADERS = frozenset({"meshserve-node", "meshserve-model"})
 
 
+def trace_metadata(span: trace.Span, request_id: str) -> tuple[tuple[str, str], ...]:
+    """W3C trace context of ``span`` plus the request id, as gRPC metadata."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return (*carrier.items(), ("meshserve-request-id", request_id))
+
+
 class _Retry(Exception):
     """A replica failed before its first message; another may succeed."""
 
@@ -73,9 +80,9 @@ class Upstreams:
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
-            )
+            # No client interceptors here: they wrap every streamed message. The trace context is
+            # injected once per call instead (`trace_metadata`).
+            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = ch
         return ch
 
@@ -232,16 +239,17 @@ class RouterInference:
         context: Ctx,
     ) -> AsyncIterator[bytes]:
         """Streams from one replica; raises _Retry when it fails before the first message."""
-        call = self.upstreams.generate(endpoint.address)(
-            payload,
-            timeout=handlers.remaining_s(context),
-            metadata=(("meshserve-request-id", request.request_id),),
-        )
-        self.outstanding[endpoint.address] += 1
         span = _tracer.start_span(
             "router.attempt",
             attributes={"meshserve.node": endpoint.node_id, "meshserve.attempt": attempt},
+            kind=trace.SpanKind.CLIENT,
         )
+        call = self.upstreams.generate(endpoint.address)(
+            payload,
+            timeout=handlers.remaining_s(context),
+            metadata=trace_metadata(span, request.request_id),
+        )
+        self.outstanding[endpoint.address] += 1
         try:
             try:
                 first = await asyncio.wait_for(call.read(), self.config.first_token_timeout_s)
@@ -269,19 +277,21 @@ class RouterInference:
             if first is grpc.aio.EOF:
                 return
             yield first
-            while True:
-                try:
-                    message = await asyncio.wait_for(call.read(), self.config.inter_token_timeout_s)
-                except TimeoutError:
-                    raise ServiceError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"replica on {endpoint.node_id} stalled: no token for "
-                        f"{self.config.inter_token_timeout_s:.0f} s",
-                        "REPLICA_STALLED",
-                    ) from None
-                if message is grpc.aio.EOF:
-                    return
-                yield message
+            # One timeout for the whole stream, pushed forward after each message: cheaper than a
+            # wait_for (a new task) per message.
+            gap = self.config.inter_token_timeout_s
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(loop.time() + gap) as watchdog:
+                    while (message := await call.read()) is not grpc.aio.EOF:
+                        yield message
+                        watchdog.reschedule(loop.time() + gap)
+            except TimeoutError:
+                raise ServiceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"replica on {endpoint.node_id} stalled: no token for {gap:.0f} s",
+                    "REPLICA_STALLED",
+                ) from None
         finally:
             self.outstanding[endpoint.address] -= 1
             if not call.done():
@@ -302,7 +312,12 @@ class RouterInference:
             stub = inference_pb2_grpc.InferenceStub(self.upstreams.channel(endpoint.address))
             self.outstanding[endpoint.address] += 1
             try:
-                return await stub.Embed(request, timeout=handlers.remaining_s(context))  # type: ignore[no-any-return]
+                reply: inference_pb2.EmbedResponse = await stub.Embed(
+                    request,
+                    timeout=handlers.remaining_s(context),
+                    metadata=trace_metadata(trace.get_current_span(), request.request_id),
+                )
+                return reply
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE:
                     raise
