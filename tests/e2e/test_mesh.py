@@ -233,6 +233,30 @@ async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Pa
     assert why.placed_on and why.summary.startswith("placed on")
 
 
+async def test_health_and_reflection_on_every_server(mesh: Mesh) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    expected = {
+        "router": "meshserve.v1.Inference",
+        "agent-1": "meshserve.v1.NodeAgent",
+        "scheduler-1": "meshserve.v1.Scheduler",
+    }
+    for name, service in expected.items():
+        if not mesh.services[name].alive():
+            continue  # killed by an earlier test
+        async with grpc.aio.insecure_channel(mesh.services[name].address) as ch:
+            health = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            stream = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+            listed = [s.name async for r in stream for s in r.list_services_response.service]
+            assert service in listed and "grpc.health.v1.Health" in listed
+
+
 async def plan(mesh: Mesh, scheduler: str) -> scheduler_pb2.GetPlanResponse:
     async with grpc.aio.insecure_channel(mesh.services[scheduler].address) as ch:
         stub = scheduler_pb2_grpc.SchedulerStub(ch)
