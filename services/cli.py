@@ -67,6 +67,12 @@ def agent(
     memory_limit: Annotated[
         str, typer.Option(envvar="MESHSERVE_MEMORY_LIMIT", help="cap on model memory, e.g. 2GiB")
     ] = "",
+    host_memory_limit: Annotated[
+        str, typer.Option(help="CPU RAM for offloaded models, e.g. 64GiB; default half the host's")
+    ] = "",
+    cache_dir: Annotated[
+        str, typer.Option(envvar="MESHSERVE_CACHE_DIR", help="disk tier; ~/.cache/meshserve/<node>")
+    ] = "",
     lease_ttl: LeaseTtl = 5,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
     max_in_flight: int = 64,
@@ -92,6 +98,8 @@ def agent(
             prefix=prefix,
             device=device,
             memory_limit_bytes=parse_bytes(memory_limit) if memory_limit else 0,
+            host_memory_limit_bytes=parse_bytes(host_memory_limit) if host_memory_limit else 0,
+            cache_dir=cache_dir,
             lease_ttl_s=lease_ttl,
             threads=threads,
             max_in_flight=max_in_flight,

@@ -94,7 +94,12 @@ class Mesh:
         )
 
     def start_agent(
-        self, name: str, memory_limit: str = "", threads: int = 1, device: str = "auto"
+        self,
+        name: str,
+        memory_limit: str = "",
+        threads: int = 1,
+        device: str = "auto",
+        host_memory_limit: str = "",
     ) -> Service:
         args = [
             "agent",
@@ -109,8 +114,11 @@ class Mesh:
             "--device",
             device,
         ]
+        args += ["--cache-dir", str(self.data_dir / "cache" / name)]
         if memory_limit:
             args += ["--memory-limit", memory_limit]
+        if host_memory_limit:
+            args += ["--host-memory-limit", host_memory_limit]
         return self._spawn(name, args)
 
     def start_router(self, name: str = "router", listen: str = "127.0.0.1:0") -> Service:

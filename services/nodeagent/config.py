@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ class AgentConfig:
     prefix: str = DEFAULT_PREFIX
     device: str = "auto"  # auto | cpu | cuda
     memory_limit_bytes: int = 0  # cap on memory offered to models; 0 = the device's
+    host_memory_limit_bytes: int = 0  # CPU RAM offered to offloaded models; 0 = half the host's
+    cache_dir: str = ""  # TIER_DISK copies; "" = ~/.cache/meshserve/<node_id>
     lease_ttl_s: int = 5
     threads: int = 2  # torch intra-op threads
     max_in_flight: int = 64  # streams per model before RESOURCE_EXHAUSTED
@@ -39,6 +42,10 @@ class AgentConfig:
             raise ValueError("lease_ttl_s must be >= 2 (etcd's minimum)")
         if self.threads < 1 or self.max_in_flight < 1:
             raise ValueError("threads and max_in_flight must be >= 1")
+
+    @property
+    def tier_cache_dir(self) -> str:
+        return self.cache_dir or os.path.expanduser(f"~/.cache/meshserve/{self.node_id}")
 
     def advertise(self, port: int) -> str:
         host = self.advertise_host or self.listen.rpartition(":")[0]

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Mirror
@@ -26,6 +27,7 @@ from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import cluster_pb2
 from meshserve.validation import GenerationParams
+from meshserve.weights import predict_weight_bytes
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -78,7 +80,9 @@ class Reconciler:
         self._dirty: set[str] = set()  # replicas whose last publish failed
         self._tasks: list[asyncio.Task[None]] = []
         self._engine_config = EngineConfig(
-            device="cuda:0" if probe.kind == "cuda" else "cpu", threads=config.threads
+            device="cuda:0" if probe.kind == "cuda" else "cpu",
+            threads=config.threads,
+            cache_dir=config.tier_cache_dir,
         )
         self._last_node: cluster_pb2.NodeStatus | None = None
         self._last_node_at = 0.0
@@ -162,17 +166,26 @@ class Reconciler:
                 and r.busy is None
                 and now - r.failed_at > self.config.load_retry_s
             ):
-                self._start_load(spec, placement.epoch, manual=False)
-            elif r.status.epoch != placement.epoch and not r.unloading:
-                r.status.epoch = placement.epoch
-                self._dirty.add(model)
+                self._start_load(spec, placement.epoch, manual=False, tier=placement.tier)
+            else:
+                if r.status.epoch != placement.epoch and not r.unloading:
+                    r.status.epoch = placement.epoch
+                    self._dirty.add(model)
+                settled = r.status.state in (S.REPLICA_STATE_READY, S.REPLICA_STATE_OFFLOADED)
+                want_tier = placement.tier or S.TIER_DEVICE
+                if settled and r.busy is None and not r.unloading and r.status.tier != want_tier:
+                    r.busy = asyncio.create_task(
+                        self._change_tier(r, want_tier), name=f"tier {model}"
+                    )
         for model, r in list(self.replicas.items()):
             wanted = model in current or model in stale or r.manual
             if not wanted and not r.unloading and r.busy is None:
                 r.unloading = True
                 r.busy = asyncio.create_task(self._unload(r), name=f"unload {model}")
 
-    def _start_load(self, spec: cluster_pb2.ModelSpec, epoch: int, manual: bool) -> Replica:
+    def _start_load(
+        self, spec: cluster_pb2.ModelSpec, epoch: int, manual: bool, tier: int = 0
+    ) -> Replica:
         status = S.ReplicaStatus(
             model=spec.name,
             node_id=self.config.node_id,
@@ -183,7 +196,7 @@ class Reconciler:
         )
         r = Replica(spec=spec, status=status, manual=manual)
         self.replicas[spec.name] = r
-        r.busy = asyncio.create_task(self._load(r), name=f"load {spec.name}")
+        r.busy = asyncio.create_task(self._load(r, tier or S.TIER_DEVICE), name=f"load {spec.name}")
         return r
 
     async def load_direct(self, spec: cluster_pb2.ModelSpec) -> Replica:
@@ -209,11 +222,14 @@ class Reconciler:
             await asyncio.shield(r.busy)
         return True
 
-    async def _load(self, r: Replica) -> None:
+    async def _load(self, r: Replica, tier: int) -> None:
         model = r.spec.name
         started = time.monotonic()
         try:
             async with self._load_lock:
+                r.status.predicted_bytes = await asyncio.to_thread(
+                    predict_weight_bytes, Path(r.spec.source), r.spec.engine_args.get("dtype")
+                )
                 await self._set(r, S.REPLICA_STATE_LOADING)
                 with _tracer.start_as_current_span(
                     "model.load",
@@ -226,10 +242,9 @@ class Reconciler:
                     r.engine = engine
                     await engine.load(r.spec)
                     r.status.memory_bytes = engine.memory_bytes()
+                    r.status.tier_note = engine.tier_note
                     await self._set(r, S.REPLICA_STATE_WARMING)
-                    for prompt in r.spec.warmup_prompts or ["Hello"]:
-                        async for _chunk in engine.generate(prompt, [], WARMUP):
-                            pass
+                    await self._warm_up(r)
                     r.status.load_seconds = time.monotonic() - started
                     span.set_attribute("meshserve.load_seconds", r.status.load_seconds)
                     span.set_attribute("meshserve.memory_bytes", r.status.memory_bytes)
@@ -238,6 +253,8 @@ class Reconciler:
                 "%s READY in %.2f s (%d bytes)", model, r.status.load_seconds, r.status.memory_bytes
             )
             await self._set(r, S.REPLICA_STATE_READY)
+            if tier != S.TIER_DEVICE:  # placed straight into a lower tier (prefetch)
+                await self._change_tier(r, tier, own_task=False)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -253,14 +270,74 @@ class Reconciler:
             r.busy = None
             self._wake.set()
 
+    async def _warm_up(self, r: Replica) -> None:
+        """Warm-up requests must pass before a replica is READY (after a load or a restore)."""
+        assert r.engine is not None
+        if r.spec.engine_args.get("task") == "embed":
+            await r.engine.embed(r.spec.warmup_prompts or ["Hello"])
+            return
+        for prompt in r.spec.warmup_prompts or ["Hello"]:
+            async for _chunk in r.engine.generate(prompt, [], WARMUP):
+                pass
+
+    async def _drain(self, r: Replica) -> None:
+        """DRAINING: routers stop sending; wait (up to the grace period) for streams to end."""
+        await self._set(r, S.REPLICA_STATE_DRAINING)
+        deadline = time.monotonic() + self.config.drain_grace_s
+        # Engines expose a count, not an event: poll it until the grace period ends.
+        while r.engine is not None and r.engine.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    async def _change_tier(self, r: Replica, tier: int, own_task: bool = True) -> None:
+        """Offload to CPU RAM / disk, or restore to the device (then warm up before READY)."""
+        model = r.spec.name
+        started = time.monotonic()
+        name = "model.restore" if tier == S.TIER_DEVICE else "model.offload"
+        attributes = {
+            "gen_ai.request.model": model,
+            "meshserve.node": self.config.node_id,
+            "meshserve.tier.from": S.Tier.Name(r.status.tier),
+            "meshserve.tier.to": S.Tier.Name(tier),  # type: ignore[arg-type]
+        }
+        try:
+            assert r.engine is not None
+            with _tracer.start_as_current_span(name, attributes=attributes) as span:
+                if tier == S.TIER_DEVICE:
+                    await self._set(r, S.REPLICA_STATE_LOADING)
+                    await r.engine.restore()
+                    r.status.tier = S.TIER_DEVICE
+                    r.status.memory_bytes = r.engine.memory_bytes()
+                    await self._set(r, S.REPLICA_STATE_WARMING)
+                    await self._warm_up(r)
+                    state = S.REPLICA_STATE_READY
+                else:
+                    await self._drain(r)
+                    await r.engine.offload(tier)
+                    r.status.tier = tier  # type: ignore[assignment]
+                    state = S.REPLICA_STATE_OFFLOADED
+                r.status.transition_seconds = time.monotonic() - started
+                span.set_attribute("meshserve.transition_seconds", r.status.transition_seconds)
+            metrics.SWAP_SECONDS.labels(model, S.Tier.Name(tier)).observe(  # type: ignore[arg-type]
+                r.status.transition_seconds
+            )  # type: ignore[arg-type]
+            log.info("%s → %s in %.3f s", model, S.Tier.Name(tier), r.status.transition_seconds)  # type: ignore[arg-type]
+            await self._set(r, state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("moving %s to %s failed", model, tier)
+            r.failed_at = time.monotonic()
+            r.status.error = f"tier change failed: {type(e).__name__}: {e}"[:2000]
+            await self._set(r, S.REPLICA_STATE_FAILED)
+        finally:
+            if own_task:
+                r.busy = None
+                self._wake.set()
+
     async def _unload(self, r: Replica) -> None:
         model = r.spec.name
         try:
-            await self._set(r, S.REPLICA_STATE_DRAINING)  # routers stop sending new streams
-            deadline = time.monotonic() + self.config.drain_grace_s
-            # Engines expose a count, not an event: poll it until the grace period ends.
-            while r.engine is not None and r.engine.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            await self._drain(r)
             if r.engine is not None:
                 await r.engine.unload()
             log.info("%s unloaded", model)
@@ -298,6 +375,7 @@ class Reconciler:
 
     def node_status(self) -> cluster_pb2.NodeStatus:
         report = self.probe.read()
+        engines = [r.engine for r in self.replicas.values() if r.engine is not None]
         return S.NodeStatus(
             node_id=self.config.node_id,
             address=self.address,
@@ -306,7 +384,10 @@ class Reconciler:
             host_memory_available_bytes=report.host_available_bytes,
             labels=dict(self.config.labels),
             capacity_bytes=capacity_bytes(report, self.config.memory_limit_bytes),
-            used_bytes=sum(r.status.memory_bytes for r in self.replicas.values()),
+            used_bytes=sum(e.memory_bytes() for e in engines),
+            host_capacity_bytes=self.config.host_memory_limit_bytes or report.host_total_bytes // 2,
+            host_used_bytes=sum(e.host_bytes() for e in engines),
+            disk_used_bytes=sum(e.disk_bytes() for e in engines),
             draining=self.draining,
             device_kind=report.kind,
         )
@@ -316,7 +397,16 @@ class Reconciler:
         old = self._last_node
         if old is None:
             return True
-        stable = ("address", "capacity_bytes", "used_bytes", "draining", "device_kind")
+        stable = (
+            "address",
+            "capacity_bytes",
+            "used_bytes",
+            "draining",
+            "device_kind",
+            "host_capacity_bytes",
+            "host_used_bytes",
+            "disk_used_bytes",
+        )
         if any(getattr(old, f) != getattr(new, f) for f in stable) or dict(old.labels) != dict(
             new.labels
         ):
@@ -352,6 +442,20 @@ class Reconciler:
         while True:
             await asyncio.sleep(2.0)
             await self.publish_node()
+            await self._publish_stats()
+
+    async def _publish_stats(self) -> None:
+        """Engine load into ReplicaStatus, at most every 2 s and only when it moved: at most
+        0.5 writes/s per replica, so etcd sees O(replicas) small writes, not one per request."""
+        for r in list(self.replicas.values()):
+            if r.engine is None or not r.ready:
+                continue
+            st = r.engine.stats()
+            s = r.status
+            moved = (st.running, st.waiting) != (s.running, s.waiting)
+            if moved or abs(st.kv_cache_usage - s.kv_cache_usage) > 0.1:
+                s.running, s.waiting, s.kv_cache_usage = st.running, st.waiting, st.kv_cache_usage
+                await self._publish(r)
 
     async def _republish(self, _lease: int) -> None:
         """After a lost lease: our keys are gone; write them again under the new lease."""

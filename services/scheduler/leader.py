@@ -217,6 +217,17 @@ class SchedulerLoop:
                     memory_bytes=int(spec.memory_bytes + spec.kv_headroom_bytes),
                     reason=reason,
                 )
+        for node_id, offloads in plan.offloads.items():
+            for model, tier in offloads.items():
+                spec = specs[model]
+                want[self.keys.placement(node_id, model)] = cluster_pb2.Placement(
+                    model=model,
+                    node_id=node_id,
+                    tier=tier,  # type: ignore[arg-type]
+                    epoch=epoch,
+                    memory_bytes=int(spec.memory_bytes),
+                    reason="evicted; kept offloaded for a quick restore",
+                )
         puts = []
         for key, p in want.items():
             old = current.get(key)

@@ -9,15 +9,19 @@ Policy (issue 3's skeleton; issue 5 turns it into a plugin pipeline):
 - when no node has room, evict: victims are models of lower priority, or of equal priority that
   are above their ``min_replicas`` and were used less recently (LRU); the node needing the fewest
   evictions wins. A model evicted in this round is not placed again by evicting others in the same
-  round, so two models cannot evict each other back and forth.
+  round, so two models cannot evict each other back and forth;
+- an evicted model that is still wanted is demoted, not discarded: to CPU RAM on its node while
+  the node's host budget allows, else to local disk; a model is placed first on a node that holds
+  it offloaded (restoring beats loading from the source). Models scaled to zero go away entirely.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 OVERHEAD_FRACTION = 0.15  # seed: runtime overhead on top of weights + KV headroom
+HOST, DISK = 2, 3  # meshserve.v1.Tier values (this module stays free of protobuf)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class NodeView:
     node_id: str
     capacity_bytes: int  # memory offered to models
     draining: bool = False
+    host_capacity_bytes: int = 0  # CPU RAM offered to offloaded models
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class ClusterSnapshot:
     models: tuple[ModelView, ...]
     current: Mapping[str, frozenset[str]] = field(default_factory=dict)  # node → models placed
     failed: frozenset[tuple[str, str]] = frozenset()  # (model, node) whose replica FAILED
+    offloaded: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # node → model → tier
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,10 @@ class ModelDecision:
 
 @dataclass(frozen=True)
 class Plan:
-    assignments: Mapping[str, frozenset[str]]  # node → models
+    assignments: Mapping[str, frozenset[str]]  # node → models on the device
     decisions: Mapping[str, ModelDecision]
     evictions: tuple[tuple[str, str], ...] = ()  # (model, node) removed to make room
+    offloads: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # node → model → tier
 
 
 def need_bytes(memory: int, kv_headroom: int, overhead: float = OVERHEAD_FRACTION) -> int:
@@ -83,6 +90,7 @@ def place(snap: ClusterSnapshot) -> Plan:
     """Filter every node, pick the first that fits, evict when none does. Deterministic."""
     models = {m.name: m for m in snap.models}
     nodes = sorted(snap.nodes, key=lambda n: n.node_id)
+    held_offloaded = {(m, n) for n, ms in snap.offloaded.items() for m in ms}
     usable = {n.node_id: n for n in nodes if not n.draining}
     assign: dict[str, set[str]] = {n.node_id: set() for n in nodes}
     for node_id, held in snap.current.items():
@@ -128,14 +136,17 @@ def place(snap: ClusterSnapshot) -> Plan:
             )
             fits = [v for v in verdicts if v.feasible and not v.evicts]
             with_eviction = [v for v in verdicts if v.feasible and v.evicts]
+            # Locality: a node holding the model offloaded restores it instead of loading it.
+            fits.sort(key=lambda v: (m.name, v.node_id) not in held_offloaded)
             if fits:
-                chosen = fits[0]  # first fit
+                chosen = fits[0]  # first fit (local first)
             elif with_eviction:
                 chosen = min(
                     with_eviction,
                     key=lambda v: (
                         len(v.evicts),
                         sum(models[x].priority for x in v.evicts),
+                        (m.name, v.node_id) not in held_offloaded,
                         v.node_id,
                     ),
                 )
@@ -157,7 +168,39 @@ def place(snap: ClusterSnapshot) -> Plan:
                 f"evicted from {node_id} for a model that needed the room; no free space elsewhere"
             )
             decisions[victim] = ModelDecision(victim, d.placed_on, d.verdicts, why)
-    return Plan({n: frozenset(ms) for n, ms in assign.items() if ms}, decisions, tuple(evictions))
+    offloads = _demote(snap, models, assign, evictions, count)
+    return Plan(
+        {n: frozenset(ms) for n, ms in assign.items() if ms}, decisions, tuple(evictions), offloads
+    )
+
+
+def _demote(
+    snap: ClusterSnapshot,
+    models: Mapping[str, ModelView],
+    assign: Mapping[str, set[str]],
+    evictions: list[tuple[str, str]],
+    count: Callable[[str], int],
+) -> dict[str, dict[str, int]]:
+    """Where evicted (or already offloaded) models that are still wanted wait: CPU RAM while the
+    node's host budget allows, else disk. Victims of this round first, then older ones."""
+    alive = {n.node_id: n for n in snap.nodes}
+    candidates = list(evictions) + sorted((m, n) for n, ms in snap.offloaded.items() for m in ms)
+    out: dict[str, dict[str, int]] = {}
+    host_used: dict[str, int] = {}
+    for model, node_id in candidates:
+        m = models.get(model)
+        node = alive.get(node_id)
+        if m is None or node is None or m.wanted == 0 or model in out.get(node_id, {}):
+            continue  # gone, dead node, scaled to zero, or already decided
+        if model in assign.get(node_id, set()) or count(model) >= m.wanted:
+            continue  # on the device here, or enough replicas elsewhere
+        used = host_used.get(node_id, 0)
+        if used + m.need_bytes <= node.host_capacity_bytes:
+            out.setdefault(node_id, {})[model] = HOST
+            host_used[node_id] = used + m.need_bytes
+        else:
+            out.setdefault(node_id, {})[model] = DISK
+    return out
 
 
 def _verdict(

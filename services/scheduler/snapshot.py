@@ -45,7 +45,7 @@ def build_snapshot(
         used = last_used.get(spec.name, 0.0)
         idle = spec.idle_timeout_s or DEFAULT_IDLE_S
         in_demand = spec.name in pressing or (used > 0 and now - used < idle)
-        memory = max(int(spec.memory_bytes), measured.get(spec.name, 0))
+        memory = measured.get(spec.name) or int(spec.memory_bytes)  # measured beats estimated
         views.append(
             ModelView(
                 name=spec.name,
@@ -57,11 +57,19 @@ def build_snapshot(
             )
         )
     current: dict[str, set[str]] = defaultdict(set)
+    offloaded: dict[str, dict[str, int]] = defaultdict(dict)
     for p in placements:
-        current[p.node_id].add(p.model)
+        if p.tier in (cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK):
+            offloaded[p.node_id][p.model] = int(p.tier)
+        else:
+            current[p.node_id].add(p.model)
     return ClusterSnapshot(
-        nodes=tuple(NodeView(n.node_id, int(n.capacity_bytes), n.draining) for n in nodes),
+        nodes=tuple(
+            NodeView(n.node_id, int(n.capacity_bytes), n.draining, int(n.host_capacity_bytes))
+            for n in nodes
+        ),
         models=tuple(views),
         current={k: frozenset(v) for k, v in current.items()},
         failed=frozenset(failed),
+        offloaded={k: dict(v) for k, v in offloaded.items()},
     )

@@ -28,6 +28,12 @@ TOKENS = Counter("meshserve_generated_tokens_total", "Tokens generated", ["model
 LOAD_SECONDS = Histogram(
     "meshserve_model_load_seconds", "Model load + warm-up time", ["model"], buckets=_LATENCY
 )
+SWAP_SECONDS = Histogram(
+    "meshserve_tier_change_seconds",
+    "Offload / restore (+ warm-up) time",
+    ["model", "tier"],
+    buckets=_LATENCY,
+)
 GPU_MEMORY_USED = Gauge("meshserve_gpu_memory_used_bytes", "GPU memory in use", ["gpu"])
 GPU_UTILIZATION = Gauge("meshserve_gpu_utilization_ratio", "GPU utilization", ["gpu"])
 SCHEDULER_ROUNDS = Counter("meshserve_scheduler_rounds_total", "Scheduling rounds", ["outcome"])

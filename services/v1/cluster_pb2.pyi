@@ -290,6 +290,9 @@ class NodeStatus(_message.Message):
     USED_BYTES_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     DEVICE_KIND_FIELD_NUMBER: _builtins.int
+    HOST_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_USED_BYTES_FIELD_NUMBER: _builtins.int
+    DISK_USED_BYTES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     """host:port of the agent's gRPC server"""
@@ -302,6 +305,12 @@ class NodeStatus(_message.Message):
     draining: _builtins.bool
     device_kind: _builtins.str
     """"cuda" or "cpu" """
+    host_capacity_bytes: _builtins.int
+    """CPU RAM offered to offloaded (TIER_HOST) models"""
+    host_used_bytes: _builtins.int
+    """CPU RAM its offloaded models take"""
+    disk_used_bytes: _builtins.int
+    """local disk its TIER_DISK models take"""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
         """empty on a host without an NVIDIA driver"""
@@ -321,10 +330,13 @@ class NodeStatus(_message.Message):
         used_bytes: _builtins.int = ...,
         draining: _builtins.bool = ...,
         device_kind: _builtins.str = ...,
+        host_capacity_bytes: _builtins.int = ...,
+        host_used_bytes: _builtins.int = ...,
+        disk_used_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity_bytes", b"capacity_bytes", "device_kind", b"device_kind", "draining", b"draining", "gpus", b"gpus", "host_memory_available_bytes", b"host_memory_available_bytes", "host_memory_total_bytes", b"host_memory_total_bytes", "labels", b"labels", "node_id", b"node_id", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity_bytes", b"capacity_bytes", "device_kind", b"device_kind", "disk_used_bytes", b"disk_used_bytes", "draining", b"draining", "gpus", b"gpus", "host_capacity_bytes", b"host_capacity_bytes", "host_memory_available_bytes", b"host_memory_available_bytes", "host_memory_total_bytes", b"host_memory_total_bytes", "host_used_bytes", b"host_used_bytes", "labels", b"labels", "node_id", b"node_id", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -345,6 +357,12 @@ class ReplicaStatus(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    PREDICTED_BYTES_FIELD_NUMBER: _builtins.int
+    TRANSITION_SECONDS_FIELD_NUMBER: _builtins.int
+    TIER_NOTE_FIELD_NUMBER: _builtins.int
+    KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -357,6 +375,19 @@ class ReplicaStatus(_message.Message):
     epoch: _builtins.int
     """epoch of the placement it follows; 0 for an operator's direct load"""
     load_seconds: _builtins.float
+    """load (from source) + warm-up"""
+    predicted_bytes: _builtins.int
+    """weights from the safetensors headers x dtype, before loading"""
+    transition_seconds: _builtins.float
+    """the last tier change (offload or restore + warm-up)"""
+    tier_note: _builtins.str
+    """how this engine implements tiers here, when it differs from the tier"""
+    kv_cache_usage: _builtins.float
+    """[0, 1]; engines with a paged KV cache"""
+    running: _builtins.int
+    """streams being generated"""
+    waiting: _builtins.int
+    """streams queued in the engine"""
     def __init__(
         self,
         *,
@@ -369,10 +400,16 @@ class ReplicaStatus(_message.Message):
         memory_bytes: _builtins.int = ...,
         epoch: _builtins.int = ...,
         load_seconds: _builtins.float = ...,
+        predicted_bytes: _builtins.int = ...,
+        transition_seconds: _builtins.float = ...,
+        tier_note: _builtins.str = ...,
+        kv_cache_usage: _builtins.float = ...,
+        running: _builtins.int = ...,
+        waiting: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "error", b"error", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "state", b"state", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "error", b"error", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "predicted_bytes", b"predicted_bytes", "running", b"running", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

