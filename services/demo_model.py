@@ -33,8 +33,12 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
-def build_demo_model(path: Path, seed: int = 0) -> Path:
-    """Writes the model to ``path`` unless a complete one is there; returns ``path``."""
+def build_demo_model(
+    path: Path, seed: int = 0, hidden: int = 64, layers: int = 2, intermediate: int = 128
+) -> Path:
+    """Writes the model to ``path`` unless a complete one is there; returns ``path``.
+
+    The defaults are the demo (≈ 0.5 MB); benchmarks pass larger sizes (heads of 64 dims)."""
     if (path / "model.safetensors").exists() and (path / "tokenizer.json").exists():
         return path
     import torch
@@ -65,11 +69,11 @@ def build_demo_model(path: Path, seed: int = 0) -> Path:
 
     config = LlamaConfig(
         vocab_size=bpe.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(2, hidden // 64),
+        num_key_value_heads=max(2, hidden // 64),
         max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

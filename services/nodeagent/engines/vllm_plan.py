@@ -1,0 +1,107 @@
+"""How a ModelSpec and the placement's memory grant become vLLM's engine arguments. Pure (no vLLM
+import), so it is unit-tested where vLLM is not installed; engines/vllm_engine.py uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshserve.nodeagent.engines.base import EngineConfig
+from meshserve.v1 import cluster_pb2
+
+GIB = 1 << 30
+OVERHEAD_FRACTION = 0.15  # runtime overhead when no placement granted bytes (manual LoadModel)
+MIN_UTILIZATION, MAX_UTILIZATION = 0.02, 0.95
+# engine_args keys passed to vLLM as they are (strings converted); others are refused at load.
+PASSTHROUGH: Mapping[str, type] = {
+    "dtype": str,
+    "quantization": str,
+    "tensor_parallel_size": int,
+    "max_num_seqs": int,
+    "max_num_batched_tokens": int,
+    "block_size": int,
+    "seed": int,
+    "enable_prefix_caching": bool,
+    "enable_chunked_prefill": bool,
+    "kv_cache_dtype": str,
+    "swap_space": float,
+    "trust_remote_code": bool,
+}
+
+
+@dataclass(frozen=True)
+class VllmPlan:
+    """What the engine will ask vLLM for: the arguments and the memory it takes."""
+
+    kwargs: dict[str, Any]
+    cpu_kv_gib: int  # VLLM_CPU_KVCACHE_SPACE on the CPU build; 0 on GPUs
+    budget_bytes: int  # what the engine may take in all
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def plan_engine(
+    spec: cluster_pb2.ModelSpec,
+    config: EngineConfig,
+    on_cpu: bool,
+    sleep_mode: bool,
+    weight_bytes: int,
+) -> VllmPlan:
+    """vLLM's arguments for ``spec`` under ``config``'s memory grant (pure; unit-tested)."""
+    args = dict(spec.engine_args)
+    if args.pop("task", "generate") != "generate":
+        raise ValueError(
+            "the vllm engine serves generation here; serve embeddings with engine torch"
+        )
+    budget = config.memory_budget_bytes or int(
+        (max(spec.memory_bytes, weight_bytes) + spec.kv_headroom_bytes) * (1 + OVERHEAD_FRACTION)
+    )
+    eager = _bool(args.pop("enforce_eager", "true" if on_cpu else "false"))
+    utilization = args.pop("gpu_memory_utilization", "")
+    kwargs: dict[str, Any] = {
+        "model": spec.source,
+        "tokenizer": spec.source,
+        "served_model_name": [spec.name],
+        "enforce_eager": eager,
+        "disable_log_stats": True,  # our stat logger still runs (AsyncLLM enables custom ones)
+        "enable_log_requests": False,
+    }
+    if spec.max_model_len:
+        kwargs["max_model_len"] = spec.max_model_len
+    for key, value in args.items():
+        kind = PASSTHROUGH.get(key)
+        if kind is None:
+            raise ValueError(
+                f"engine_args.{key} is not a vLLM argument meshserve passes on; "
+                f"known: {', '.join(sorted([*PASSTHROUGH, 'enforce_eager', 'task']))}"
+            )
+        kwargs[key] = _bool(value) if kind is bool else kind(value)
+    cpu_kv_gib = 0
+    if on_cpu:
+        # The CPU build takes whole GiB for the KV cache: what the grant leaves after the weights
+        # and the overhead, at least 1 (vLLM refuses to start without a KV cache).
+        spare = budget - weight_bytes - int(weight_bytes * OVERHEAD_FRACTION)
+        cpu_kv_gib = max(1, spare // GIB)
+    else:
+        total = config.device_total_bytes
+        if utilization:
+            fraction = float(utilization)  # an operator's explicit choice wins
+        elif total:
+            fraction = budget / total
+        else:
+            raise ValueError("the device's memory size is unknown: cannot size vLLM's share")
+        if not MIN_UTILIZATION <= fraction <= MAX_UTILIZATION:
+            raise ValueError(
+                f"vLLM would get {fraction:.1%} of the GPU ({budget} of {total} bytes): "
+                f"grants must lie between {MIN_UTILIZATION:.0%} and {MAX_UTILIZATION:.0%}"
+            )
+        kwargs["gpu_memory_utilization"] = round(fraction, 4)
+        kwargs["enable_sleep_mode"] = sleep_mode
+    return VllmPlan(kwargs, cpu_kv_gib, budget)

