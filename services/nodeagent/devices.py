@@ -107,11 +107,52 @@ class NvmlProbe:
             log.warning("NVML error on GPU %d: %s", index, e)
             return cluster_pb2.GpuDevice(index=index, name=f"error: {e}")
 
+    def _mig_instances(
+        self, index: int, parent: cluster_pb2.GpuDevice
+    ) -> list[cluster_pb2.GpuDevice]:
+        """The MIG instances of GPU ``index`` when MIG is on: each is a device of its own for
+        placement (memory, processes); empty when MIG is off or NVML cannot list them."""
+        nv = self._nvml
+        out: list[cluster_pb2.GpuDevice] = []
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(index)
+            slots = nv.nvmlDeviceGetMaxMigDeviceCount(h)
+        except nv.NVMLError:
+            return out
+        for slot in range(slots):
+            try:
+                mh = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, slot)
+            except nv.NVMLError:
+                continue  # an empty slot
+            try:
+                mem = nv.nvmlDeviceGetMemoryInfo(mh)
+                mig = cluster_pb2.GpuDevice(
+                    uuid=_text(nv.nvmlDeviceGetUUID(mh)),
+                    name=f"{parent.name} MIG {slot}",
+                    index=index,
+                    memory_total_bytes=int(mem.total),
+                    memory_used_bytes=int(mem.used),
+                    mig=True,
+                )
+                with contextlib.suppress(nv.NVMLError):
+                    for proc in nv.nvmlDeviceGetComputeRunningProcesses(mh):
+                        used = proc.usedGpuMemory if proc.usedGpuMemory is not None else 0
+                        mig.processes.add(pid=int(proc.pid), used_memory_bytes=int(used))
+                out.append(mig)
+            except nv.NVMLError as e:
+                log.warning("NVML error on MIG instance %d of GPU %d: %s", slot, index, e)
+        return out
+
     def read(self) -> DeviceReport:
+        """Every GPU; a GPU with MIG enabled is reported as its MIG instances (what a model can
+        actually be given), or as itself when NVML cannot list them."""
         total, available = host_memory()
-        return DeviceReport(
-            "cuda", tuple(self._gpu(i) for i in range(self._count)), total, available
-        )
+        gpus: list[cluster_pb2.GpuDevice] = []
+        for i in range(self._count):
+            gpu = self._gpu(i)
+            instances = self._mig_instances(i, gpu) if gpu.mig else []
+            gpus.extend(instances or [gpu])
+        return DeviceReport("cuda", tuple(gpus), total, available)
 
     def close(self) -> None:
         with contextlib.suppress(self._nvml.NVMLError):
