@@ -122,16 +122,28 @@ def scheduler(
     prefix: Prefix = "/meshserve/v1/",
     lease_ttl: LeaseTtl = 5,
     resync: Annotated[float, typer.Option(help="full round at least every N s")] = 5.0,
+    profile: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHSERVE_SCHEDULER_PROFILE",
+            help="YAML: filters, scorers (weights), strategy, eviction (see README)",
+        ),
+    ] = "",
     metrics_port: MetricsPort = 0,
     ready_file: ReadyFile = "",
 ) -> None:
     """Run a scheduler (leader-elected; standbys take over when the leader's lease ends)."""
+    import yaml
     from meshserve.runtime import run
     from meshserve.scheduler.config import SchedulerConfig
     from meshserve.scheduler.main import serve
+    from meshserve.scheduler.profile import load_profile
 
     try:
         kwargs: dict[str, Any] = {"scheduler_id": scheduler_id} if scheduler_id else {}
+        if profile:
+            with open(profile) as f:
+                kwargs["profile"] = load_profile(yaml.safe_load(f))
         config = SchedulerConfig(
             listen=listen,
             advertise_host=advertise_host,
@@ -143,7 +155,7 @@ def scheduler(
             ready_file=ready_file,
             **kwargs,
         )
-    except ValueError as e:
+    except (ValueError, OSError, yaml.YAMLError) as e:
         raise _fail(str(e)) from None
     run(serve(config))
 

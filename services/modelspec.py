@@ -25,6 +25,14 @@ FIELDS = {
     "default_max_tokens",
     "warmup_prompts",
     "idle_timeout_s",
+    "gpus_per_replica",
+    "gpu_types",
+    "node_selector",
+    "placement_strategy",
+    "slo_ttft_ms",
+    "target_rps_per_replica",
+    "target_in_flight_per_replica",
+    "scale_down_delay_s",
 }
 DEFAULT_KV_HEADROOM = 64 * 2**20
 
@@ -75,7 +83,21 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         default_max_tokens=int(d.get("default_max_tokens", 0)),
         warmup_prompts=[str(p) for p in d.get("warmup_prompts", [])],
         idle_timeout_s=int(d.get("idle_timeout_s", 0)),
+        gpus_per_replica=int(d.get("gpus_per_replica", 0)),
+        gpu_types=[str(t) for t in d.get("gpu_types", [])],
+        node_selector={str(k): str(v) for k, v in (d.get("node_selector") or {}).items()},
+        placement_strategy=str(d.get("placement_strategy", "")),
+        slo_ttft_ms=int(d.get("slo_ttft_ms", 0)),
+        target_rps_per_replica=float(d.get("target_rps_per_replica", 0.0)),
+        target_in_flight_per_replica=int(d.get("target_in_flight_per_replica", 0)),
+        scale_down_delay_s=int(d.get("scale_down_delay_s", 0)),
     )
+    if spec.placement_strategy not in ("", "binpack", "spread"):
+        raise ValueError(
+            f"placement_strategy: must be binpack or spread, got {spec.placement_strategy!r}"
+        )
+    if spec.target_rps_per_replica < 0:
+        raise ValueError("target_rps_per_replica must be >= 0")
     if spec.min_replicas < 0 or spec.max_replicas < 0:
         raise ValueError("min_replicas and max_replicas must be >= 0")
     if spec.max_replicas and spec.max_replicas < spec.min_replicas:

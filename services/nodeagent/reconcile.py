@@ -49,6 +49,7 @@ class Replica:
     generated_tokens: int = 0
     unloading: bool = False
     budget_bytes: int = 0  # memory the placement granted (0: an operator's LoadModel)
+    devices: tuple[str, ...] = ()  # GPU uuids the placement names (the first is used)
     # The tier last asked of the engine. An engine may settle elsewhere (vLLM's CPU build cannot
     # keep weights in CPU RAM): status.tier says where it is, this keeps us from asking again.
     asked_tier: int = S.TIER_DEVICE
@@ -176,6 +177,7 @@ class Reconciler:
                     manual=False,
                     tier=placement.tier,
                     budget=placement.memory_bytes,
+                    devices=tuple(placement.devices),
                 )
             else:
                 if r.status.epoch != placement.epoch and not r.unloading:
@@ -201,6 +203,7 @@ class Reconciler:
         manual: bool,
         tier: int = 0,
         budget: int = 0,
+        devices: tuple[str, ...] = (),
     ) -> Replica:
         status = S.ReplicaStatus(
             model=spec.name,
@@ -215,6 +218,7 @@ class Reconciler:
             status=status,
             manual=manual,
             budget_bytes=budget,
+            devices=devices,
             asked_tier=tier or S.TIER_DEVICE,
         )
         self.replicas[spec.name] = r
@@ -261,8 +265,12 @@ class Reconciler:
                     },
                 ) as span:
                     report = await asyncio.to_thread(self.probe.read)
+                    gpu = next((g for g in report.gpus if g.uuid in r.devices[:1]), None)
                     config = replace(
                         self._engine_config,
+                        device=f"cuda:{gpu.index}"
+                        if gpu is not None
+                        else self._engine_config.device,
                         memory_budget_bytes=r.budget_bytes,
                         device_total_bytes=report.gpus[0].memory_total_bytes
                         if report.gpus

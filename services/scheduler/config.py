@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from meshserve.cluster.keys import DEFAULT_PREFIX, check_name
+from meshserve.scheduler.profile import Profile
 
 
 def _default_id() -> str:
@@ -25,6 +26,7 @@ class SchedulerConfig:
     debounce_s: float = 0.05  # gather a burst of watch events into one round
     metrics_port: int = 0
     ready_file: str = ""
+    profile: Profile = field(default_factory=Profile)  # plugins, weights, strategy, eviction
 
     def __post_init__(self) -> None:
         check_name("scheduler", self.scheduler_id)

@@ -17,9 +17,11 @@ from meshserve.cluster.election import Election, Leadership
 from meshserve.cluster.mirror import Mirror
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
+from meshserve.scheduler.autoscale import ScaleState
 from meshserve.scheduler.config import SchedulerConfig
 from meshserve.scheduler.placement import Plan, place
-from meshserve.scheduler.snapshot import build_snapshot
+from meshserve.scheduler.profile import Profile
+from meshserve.scheduler.snapshot import autoscale, build_snapshot, loads
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import cluster_pb2
@@ -51,6 +53,8 @@ class SchedulerLoop:
         )
         self.election = Election(c, session, self.keys.election())
         self.ensured: dict[str, float] = {}
+        self.scale: dict[str, ScaleState] = {}  # the autoscaler's memory between rounds
+        self.profile: Profile = config.profile
         self.leadership: Leadership | None = None
         self.last_plan: Plan | None = None
         self.decided_at = 0.0
@@ -139,16 +143,24 @@ class SchedulerLoop:
         links, self._links = self._links, []
         with _tracer.start_as_current_span("scheduler.round", links=links) as span:
             now = time.time()
+            specs = list(self.models.snapshot.values())
+            placed: dict[str, int] = {}
+            for p in self.placements.snapshot.values():
+                if p.tier in (cluster_pb2.TIER_UNSPECIFIED, cluster_pb2.TIER_DEVICE):
+                    placed[p.model] = placed.get(p.model, 0) + 1
+            demand = list(self.demand.snapshot.values())
+            self.scale = autoscale(specs, loads(demand, self.ensured), self.scale, placed, now)
             snap = build_snapshot(
-                self.models.snapshot.values(),
+                specs,
                 self.nodes.snapshot.values(),
                 self.replicas.snapshot.values(),
                 self.placements.snapshot.values(),
-                self.demand.snapshot.values(),
+                demand,
                 self.ensured,
                 now,
+                self.scale,
             )
-            plan = place(snap)
+            plan = place(snap, self.profile)
             puts, deletes = self._diff(plan, lead.token)
             span.set_attribute("meshserve.epoch", lead.token)
             span.set_attribute("meshserve.models", len(snap.models))
@@ -156,6 +168,10 @@ class SchedulerLoop:
             span.set_attribute("meshserve.placements_written", len(puts))
             span.set_attribute("meshserve.placements_deleted", len(deletes))
             span.set_attribute("meshserve.evictions", len(plan.evictions))
+            span.set_attribute("meshserve.loads", plan.moves)
+            span.set_attribute(
+                "meshserve.wanted_replicas", sum(s.replicas for s in self.scale.values())
+            )
             unplaced = [d.model for d in plan.decisions.values() if d.unschedulable]
             span.set_attribute("meshserve.unschedulable", unplaced)
             ops = [*((k, v) for k, v in puts), *((k, None) for k in deletes)]
@@ -216,6 +232,7 @@ class SchedulerLoop:
                     epoch=epoch,
                     memory_bytes=int(spec.memory_bytes + spec.kv_headroom_bytes),
                     reason=reason,
+                    devices=[d for d in plan.devices.get((model, node_id), ()) if d],
                 )
         for node_id, offloads in plan.offloads.items():
             for model, tier in offloads.items():
@@ -231,10 +248,11 @@ class SchedulerLoop:
         puts = []
         for key, p in want.items():
             old = current.get(key)
-            if old is None or (old.tier, old.epoch, old.memory_bytes) != (
+            if old is None or (old.tier, old.epoch, old.memory_bytes, list(old.devices)) != (
                 p.tier,
                 p.epoch,
                 p.memory_bytes,
+                list(p.devices),
             ):
                 puts.append((key, p))
         deletes = [key for key in current if key not in want]

@@ -93,9 +93,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 score=v.score,
                 free_bytes=v.free_bytes,
                 evicts=v.evicts,
+                filter=v.filter,
+                scores=dict(v.scores),
+                unresolvable=v.unresolvable,
             )
+        out.unresolvable = decision.unresolvable
+        state = self.loop.scale.get(decision.model)
+        out.wanted_replicas = state.replicas if state is not None else 0
         if decision.unschedulable:
-            out.summary = f"unschedulable: {decision.unschedulable}"
+            kind = "unresolvable" if decision.unresolvable else "unschedulable"
+            out.summary = f"{kind}: {decision.unschedulable}"
         elif decision.placed_on:
             out.summary = f"placed on {', '.join(decision.placed_on)}"
         else:

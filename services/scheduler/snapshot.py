@@ -1,20 +1,73 @@
-"""Turns etcd records into the frozen `ClusterSnapshot` that `place` reads (pure)."""
+"""Turns etcd records into the frozen `ClusterSnapshot` that `place` reads (pure), running the
+autoscaler on the routers' demand on the way."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-from meshserve.scheduler.placement import (
-    ClusterSnapshot,
-    ModelView,
-    NodeView,
-    need_bytes,
-    wanted_replicas,
+from meshserve.scheduler.autoscale import (
+    DEFAULT_DOWN_DELAY_S,
+    DEFAULT_IDLE_S,
+    Load,
+    ScalePolicy,
+    ScaleState,
+    merge,
+    step,
 )
+from meshserve.scheduler.placement import ClusterSnapshot, Device, ModelView, NodeView, need_bytes
 from meshserve.v1 import cluster_pb2, common_pb2
 
-DEFAULT_IDLE_S = 300.0  # scale a min_replicas=0 model to zero after this long without requests
+
+def scale_policy(spec: cluster_pb2.ModelSpec) -> ScalePolicy:
+    return ScalePolicy(
+        min_replicas=spec.min_replicas,
+        max_replicas=spec.max_replicas,
+        target_rps=spec.target_rps_per_replica,
+        target_in_flight=spec.target_in_flight_per_replica,
+        slo_ttft_s=spec.slo_ttft_ms / 1000,
+        idle_timeout_s=float(spec.idle_timeout_s or DEFAULT_IDLE_S),
+        scale_down_delay_s=float(spec.scale_down_delay_s or DEFAULT_DOWN_DELAY_S),
+    )
+
+
+def loads(
+    demand: Iterable[cluster_pb2.RouterDemand], ensured: Mapping[str, float]
+) -> dict[str, Load]:
+    """Per model, every router's demand merged; an EnsureModel counts as a request at its time."""
+    per: dict[str, list[Load]] = defaultdict(list)
+    for router in demand:
+        for d in router.models:
+            per[d.model].append(
+                Load(
+                    d.request_rate,
+                    d.in_flight,
+                    d.queued,
+                    d.last_request_unix_ms / 1000,
+                    d.ttft_p99_s,
+                )
+            )
+    for model, at in ensured.items():
+        per[model].append(Load(last_request=at))
+    return {m: merge(xs) for m, xs in per.items()}
+
+
+def autoscale(
+    models: Iterable[cluster_pb2.ModelSpec],
+    load: Mapping[str, Load],
+    states: Mapping[str, ScaleState],
+    placed: Mapping[str, int],
+    now: float,
+) -> dict[str, ScaleState]:
+    """The next ScaleState of every model. A model with no state yet (a new leader) starts from
+    the replicas placed now, as if just changed, so a failover never scales down at once."""
+    out = {}
+    for spec in models:
+        prev = states.get(spec.name)
+        if prev is None and placed.get(spec.name):
+            prev = ScaleState(placed[spec.name], now)
+        out[spec.name] = step(scale_policy(spec), load.get(spec.name, Load()), prev, now)
+    return out
 
 
 def build_snapshot(
@@ -25,15 +78,20 @@ def build_snapshot(
     demand: Iterable[cluster_pb2.RouterDemand],
     ensured: Mapping[str, float],
     now: float,
+    scale: Mapping[str, ScaleState] | None = None,
 ) -> ClusterSnapshot:
-    """``now`` and ``ensured`` (model → time of its last EnsureModel) are in s since the epoch."""
-    last_used: dict[str, float] = dict(ensured)
-    pressing: set[str] = set()  # requests in flight or queued right now
-    for router in demand:
-        for d in router.models:
-            last_used[d.model] = max(last_used.get(d.model, 0.0), d.last_request_unix_ms / 1000)
-            if d.in_flight or d.queued:
-                pressing.add(d.model)
+    """``now`` and ``ensured`` (model → time of its last EnsureModel) are in s since the epoch.
+    ``scale`` is the autoscaler's output for this round; without it, one autoscaler step from
+    the placed replicas is taken."""
+    models = list(models)
+    placements = list(placements)
+    load = loads(demand, ensured)
+    placed: dict[str, int] = defaultdict(int)
+    for p in placements:
+        if p.tier in (cluster_pb2.TIER_UNSPECIFIED, cluster_pb2.TIER_DEVICE):
+            placed[p.model] += 1
+    if scale is None:
+        scale = autoscale(models, load, {}, placed, now)
     measured: dict[str, int] = defaultdict(int)
     failed: set[tuple[str, str]] = set()
     for r in replicas:
@@ -42,34 +100,59 @@ def build_snapshot(
             failed.add((r.model, r.node_id))
     views = []
     for spec in models:
-        used = last_used.get(spec.name, 0.0)
-        idle = spec.idle_timeout_s or DEFAULT_IDLE_S
-        in_demand = spec.name in pressing or (used > 0 and now - used < idle)
         memory = measured.get(spec.name) or int(spec.memory_bytes)  # measured beats estimated
+        state = scale.get(spec.name)
         views.append(
             ModelView(
                 name=spec.name,
                 need_bytes=need_bytes(memory, int(spec.kv_headroom_bytes)),
-                wanted=wanted_replicas(spec.min_replicas, spec.max_replicas, in_demand),
+                wanted=state.replicas if state is not None else spec.min_replicas,
                 min_replicas=spec.min_replicas,
                 priority=spec.priority or common_pb2.PRIORITY_NORMAL,
-                last_used=used,
+                last_used=load[spec.name].last_request if spec.name in load else 0.0,
+                gpus=max(1, spec.gpus_per_replica),
+                strategy=spec.placement_strategy,
+                gpu_types=frozenset(spec.gpu_types),
+                node_selector=dict(spec.node_selector),
+                request_rate=load[spec.name].rate if spec.name in load else 0.0,
             )
         )
     current: dict[str, set[str]] = defaultdict(set)
     offloaded: dict[str, dict[str, int]] = defaultdict(dict)
+    devices: dict[tuple[str, str], tuple[str, ...]] = {}
     for p in placements:
         if p.tier in (cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK):
             offloaded[p.node_id][p.model] = int(p.tier)
         else:
             current[p.node_id].add(p.model)
+            if p.devices:
+                devices[(p.model, p.node_id)] = tuple(p.devices)
     return ClusterSnapshot(
-        nodes=tuple(
-            NodeView(n.node_id, int(n.capacity_bytes), n.draining, int(n.host_capacity_bytes))
-            for n in nodes
-        ),
+        nodes=tuple(node_view(n) for n in nodes),
         models=tuple(views),
         current={k: frozenset(v) for k, v in current.items()},
         failed=frozenset(failed),
         offloaded={k: dict(v) for k, v in offloaded.items()},
+        current_devices=devices,
+    )
+
+
+def node_view(n: cluster_pb2.NodeStatus) -> NodeView:
+    """GPUs become devices, each offering its share of the node's capacity (an agent's
+    --memory-limit caps the total); a node without GPUs is one device of its capacity."""
+    gpus = [g for g in n.gpus if g.memory_total_bytes > 0]
+    devices: tuple[Device, ...] = ()
+    if gpus:
+        total = sum(g.memory_total_bytes for g in gpus)
+        scale = min(1.0, n.capacity_bytes / total) if n.capacity_bytes else 1.0
+        devices = tuple(
+            Device(g.uuid, int(g.memory_total_bytes * scale), g.name, g.mig) for g in gpus
+        )
+    return NodeView(
+        n.node_id,
+        int(n.capacity_bytes),
+        n.draining,
+        int(n.host_capacity_bytes),
+        devices,
+        dict(n.labels),
     )

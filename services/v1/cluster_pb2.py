@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshserve/v1/cluster.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\"\xd2\x03\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12(\n\x06\x65ngine\x18\x03 \x01(\x0e\x32\x18.meshserve.v1.EngineKind\x12<\n\x0b\x65ngine_args\x18\x04 \x03(\x0b\x32\'.meshserve.v1.ModelSpec.EngineArgsEntry\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x19\n\x11kv_headroom_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cmin_replicas\x18\x07 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x08 \x01(\r\x12(\n\x08priority\x18\t \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x0f\n\x07\x61liases\x18\n \x03(\t\x12\x11\n\tfallbacks\x18\x0b \x03(\t\x12\x15\n\rmax_model_len\x18\x0c \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\r \x01(\r\x12\x16\n\x0ewarmup_prompts\x18\x0e \x03(\t\x12\x16\n\x0eidle_timeout_s\x18\x0f \x01(\r\x1a\x31\n\x0f\x45ngineArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x19\n\x11used_memory_bytes\x18\x02 \x01(\x04\"\xbc\x01\n\tGpuDevice\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x13\n\x0butilization\x18\x06 \x01(\x02\x12\x0b\n\x03mig\x18\x07 \x01(\x08\x12+\n\tprocesses\x18\x08 \x03(\x0b\x32\x18.meshserve.v1.GpuProcess\"\xa2\x03\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12%\n\x04gpus\x18\x03 \x03(\x0b\x32\x17.meshserve.v1.GpuDevice\x12\x1f\n\x17host_memory_total_bytes\x18\x04 \x01(\x04\x12#\n\x1bhost_memory_available_bytes\x18\x05 \x01(\x04\x12\x34\n\x06labels\x18\x06 \x03(\x0b\x32$.meshserve.v1.NodeStatus.LabelsEntry\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x07 \x01(\x04\x12\x12\n\nused_bytes\x18\x08 \x01(\x04\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x13\n\x0b\x64\x65vice_kind\x18\n \x01(\t\x12\x1b\n\x13host_capacity_bytes\x18\x0b \x01(\x04\x12\x17\n\x0fhost_used_bytes\x18\x0c \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\r \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x02\n\rReplicaStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.ReplicaState\x12 \n\x04tier\x18\x05 \x01(\x0e\x32\x12.meshserve.v1.Tier\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x14\n\x0cload_seconds\x18\t \x01(\x01\x12\x17\n\x0fpredicted_bytes\x18\n \x01(\x04\x12\x1a\n\x12transition_seconds\x18\x0b \x01(\x01\x12\x11\n\ttier_note\x18\x0c \x01(\t\x12\x16\n\x0ekv_cache_usage\x18\r \x01(\x02\x12\x0f\n\x07running\x18\x0e \x01(\r\x12\x0f\n\x07waiting\x18\x0f \x01(\r\"\x93\x01\n\tPlacement\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12 \n\x04tier\x18\x03 \x01(\x0e\x32\x12.meshserve.v1.Tier\x12\x0f\n\x07\x64\x65vices\x18\x04 \x03(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\x9b\x01\n\x0bModelDemand\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0crequest_rate\x18\x02 \x01(\x01\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x1c\n\x14last_request_unix_ms\x18\x05 \x01(\x03\x12\x12\n\nttft_p50_s\x18\x06 \x01(\x01\x12\x12\n\nttft_p99_s\x18\x07 \x01(\x01\"e\n\x0cRouterDemand\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.ModelDemand\x12\x17\n\x0fupdated_unix_ms\x18\x03 \x01(\x03\";\n\x12SchedulerCandidate\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t*V\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NGINE_KIND_TORCH\x10\x01\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x02*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DISK\x10\x03*\xcf\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_LOADING\x10\x01\x12\x19\n\x15REPLICA_STATE_WARMING\x10\x02\x12\x17\n\x13REPLICA_STATE_READY\x10\x03\x12\x1b\n\x17REPLICA_STATE_OFFLOADED\x10\x04\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x05\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshserve/v1/cluster.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\"\x89\x06\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12(\n\x06\x65ngine\x18\x03 \x01(\x0e\x32\x18.meshserve.v1.EngineKind\x12<\n\x0b\x65ngine_args\x18\x04 \x03(\x0b\x32\'.meshserve.v1.ModelSpec.EngineArgsEntry\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x19\n\x11kv_headroom_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cmin_replicas\x18\x07 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x08 \x01(\r\x12(\n\x08priority\x18\t \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x0f\n\x07\x61liases\x18\n \x03(\t\x12\x11\n\tfallbacks\x18\x0b \x03(\t\x12\x15\n\rmax_model_len\x18\x0c \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\r \x01(\r\x12\x16\n\x0ewarmup_prompts\x18\x0e \x03(\t\x12\x16\n\x0eidle_timeout_s\x18\x0f \x01(\r\x12\x18\n\x10gpus_per_replica\x18\x10 \x01(\r\x12\x11\n\tgpu_types\x18\x11 \x03(\t\x12@\n\rnode_selector\x18\x12 \x03(\x0b\x32).meshserve.v1.ModelSpec.NodeSelectorEntry\x12\x1a\n\x12placement_strategy\x18\x13 \x01(\t\x12\x13\n\x0bslo_ttft_ms\x18\x14 \x01(\r\x12\x1e\n\x16target_rps_per_replica\x18\x15 \x01(\x01\x12$\n\x1ctarget_in_flight_per_replica\x18\x16 \x01(\r\x12\x1a\n\x12scale_down_delay_s\x18\x17 \x01(\r\x1a\x31\n\x0f\x45ngineArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11NodeSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\nGpuProcess\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x19\n\x11used_memory_bytes\x18\x02 \x01(\x04\"\xbc\x01\n\tGpuDevice\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x05 \x01(\x04\x12\x13\n\x0butilization\x18\x06 \x01(\x02\x12\x0b\n\x03mig\x18\x07 \x01(\x08\x12+\n\tprocesses\x18\x08 \x03(\x0b\x32\x18.meshserve.v1.GpuProcess\"\xa2\x03\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12%\n\x04gpus\x18\x03 \x03(\x0b\x32\x17.meshserve.v1.GpuDevice\x12\x1f\n\x17host_memory_total_bytes\x18\x04 \x01(\x04\x12#\n\x1bhost_memory_available_bytes\x18\x05 \x01(\x04\x12\x34\n\x06labels\x18\x06 \x03(\x0b\x32$.meshserve.v1.NodeStatus.LabelsEntry\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x07 \x01(\x04\x12\x12\n\nused_bytes\x18\x08 \x01(\x04\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x13\n\x0b\x64\x65vice_kind\x18\n \x01(\t\x12\x1b\n\x13host_capacity_bytes\x18\x0b \x01(\x04\x12\x17\n\x0fhost_used_bytes\x18\x0c \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\r \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x02\n\rReplicaStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.meshserve.v1.ReplicaState\x12 \n\x04tier\x18\x05 \x01(\x0e\x32\x12.meshserve.v1.Tier\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x14\n\x0cload_seconds\x18\t \x01(\x01\x12\x17\n\x0fpredicted_bytes\x18\n \x01(\x04\x12\x1a\n\x12transition_seconds\x18\x0b \x01(\x01\x12\x11\n\ttier_note\x18\x0c \x01(\t\x12\x16\n\x0ekv_cache_usage\x18\r \x01(\x02\x12\x0f\n\x07running\x18\x0e \x01(\r\x12\x0f\n\x07waiting\x18\x0f \x01(\r\"\x93\x01\n\tPlacement\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12 \n\x04tier\x18\x03 \x01(\x0e\x32\x12.meshserve.v1.Tier\x12\x0f\n\x07\x64\x65vices\x18\x04 \x03(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\x9b\x01\n\x0bModelDemand\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0crequest_rate\x18\x02 \x01(\x01\x12\x11\n\tin_flight\x18\x03 \x01(\r\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x1c\n\x14last_request_unix_ms\x18\x05 \x01(\x03\x12\x12\n\nttft_p50_s\x18\x06 \x01(\x01\x12\x12\n\nttft_p99_s\x18\x07 \x01(\x01\"e\n\x0cRouterDemand\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.ModelDemand\x12\x17\n\x0fupdated_unix_ms\x18\x03 \x01(\x03\";\n\x12SchedulerCandidate\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t*V\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NGINE_KIND_TORCH\x10\x01\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x02*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DISK\x10\x03*\xcf\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_LOADING\x10\x01\x12\x19\n\x15REPLICA_STATE_WARMING\x10\x02\x12\x17\n\x13REPLICA_STATE_READY\x10\x03\x12\x1b\n\x17REPLICA_STATE_OFFLOADED\x10\x04\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x05\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELSPEC_ENGINEARGSENTRY']._loaded_options = None
   _globals['_MODELSPEC_ENGINEARGSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSPEC_NODESELECTORENTRY']._loaded_options = None
+  _globals['_MODELSPEC_NODESELECTORENTRY']._serialized_options = b'8\001'
   _globals['_NODESTATUS_LABELSENTRY']._loaded_options = None
   _globals['_NODESTATUS_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ENGINEKIND']._serialized_start=2026
-  _globals['_ENGINEKIND']._serialized_end=2112
-  _globals['_TIER']._serialized_start=2114
-  _globals['_TIER']._serialized_end=2189
-  _globals['_REPLICASTATE']._serialized_start=2192
-  _globals['_REPLICASTATE']._serialized_end=2399
+  _globals['_ENGINEKIND']._serialized_start=2337
+  _globals['_ENGINEKIND']._serialized_end=2423
+  _globals['_TIER']._serialized_start=2425
+  _globals['_TIER']._serialized_end=2500
+  _globals['_REPLICASTATE']._serialized_start=2503
+  _globals['_REPLICASTATE']._serialized_end=2710
   _globals['_MODELSPEC']._serialized_start=72
-  _globals['_MODELSPEC']._serialized_end=538
-  _globals['_MODELSPEC_ENGINEARGSENTRY']._serialized_start=489
-  _globals['_MODELSPEC_ENGINEARGSENTRY']._serialized_end=538
-  _globals['_GPUPROCESS']._serialized_start=540
-  _globals['_GPUPROCESS']._serialized_end=592
-  _globals['_GPUDEVICE']._serialized_start=595
-  _globals['_GPUDEVICE']._serialized_end=783
-  _globals['_NODESTATUS']._serialized_start=786
-  _globals['_NODESTATUS']._serialized_end=1204
-  _globals['_NODESTATUS_LABELSENTRY']._serialized_start=1159
-  _globals['_NODESTATUS_LABELSENTRY']._serialized_end=1204
-  _globals['_REPLICASTATUS']._serialized_start=1207
-  _globals['_REPLICASTATUS']._serialized_end=1552
-  _globals['_PLACEMENT']._serialized_start=1555
-  _globals['_PLACEMENT']._serialized_end=1702
-  _globals['_MODELDEMAND']._serialized_start=1705
-  _globals['_MODELDEMAND']._serialized_end=1860
-  _globals['_ROUTERDEMAND']._serialized_start=1862
-  _globals['_ROUTERDEMAND']._serialized_end=1963
-  _globals['_SCHEDULERCANDIDATE']._serialized_start=1965
-  _globals['_SCHEDULERCANDIDATE']._serialized_end=2024
+  _globals['_MODELSPEC']._serialized_end=849
+  _globals['_MODELSPEC_ENGINEARGSENTRY']._serialized_start=747
+  _globals['_MODELSPEC_ENGINEARGSENTRY']._serialized_end=796
+  _globals['_MODELSPEC_NODESELECTORENTRY']._serialized_start=798
+  _globals['_MODELSPEC_NODESELECTORENTRY']._serialized_end=849
+  _globals['_GPUPROCESS']._serialized_start=851
+  _globals['_GPUPROCESS']._serialized_end=903
+  _globals['_GPUDEVICE']._serialized_start=906
+  _globals['_GPUDEVICE']._serialized_end=1094
+  _globals['_NODESTATUS']._serialized_start=1097
+  _globals['_NODESTATUS']._serialized_end=1515
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_start=1470
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_end=1515
+  _globals['_REPLICASTATUS']._serialized_start=1518
+  _globals['_REPLICASTATUS']._serialized_end=1863
+  _globals['_PLACEMENT']._serialized_start=1866
+  _globals['_PLACEMENT']._serialized_end=2013
+  _globals['_MODELDEMAND']._serialized_start=2016
+  _globals['_MODELDEMAND']._serialized_end=2171
+  _globals['_ROUTERDEMAND']._serialized_start=2173
+  _globals['_ROUTERDEMAND']._serialized_end=2274
+  _globals['_SCHEDULERCANDIDATE']._serialized_start=2276
+  _globals['_SCHEDULERCANDIDATE']._serialized_end=2335
 # @@protoc_insertion_point(module_scope)

@@ -117,6 +117,26 @@ class ModelSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
@@ -132,6 +152,14 @@ class ModelSpec(_message.Message):
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     WARMUP_PROMPTS_FIELD_NUMBER: _builtins.int
     IDLE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    GPUS_PER_REPLICA_FIELD_NUMBER: _builtins.int
+    GPU_TYPES_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    PLACEMENT_STRATEGY_FIELD_NUMBER: _builtins.int
+    SLO_TTFT_MS_FIELD_NUMBER: _builtins.int
+    TARGET_RPS_PER_REPLICA_FIELD_NUMBER: _builtins.int
+    TARGET_IN_FLIGHT_PER_REPLICA_FIELD_NUMBER: _builtins.int
+    SCALE_DOWN_DELAY_S_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """local directory with config.json + safetensors"""
@@ -151,6 +179,18 @@ class ModelSpec(_message.Message):
     """used when a request leaves max_tokens unset"""
     idle_timeout_s: _builtins.int
     """scale to zero after this long without requests (min_replicas 0)"""
+    gpus_per_replica: _builtins.int
+    """tensor parallel: devices per replica, all on one node (0 = 1)"""
+    placement_strategy: _builtins.str
+    """"binpack" | "spread"; empty: the scheduler profile's"""
+    slo_ttft_ms: _builtins.int
+    """time-to-first-token target; p99 above it adds a replica"""
+    target_rps_per_replica: _builtins.float
+    """autoscaling: requests/s one replica serves in its SLO"""
+    target_in_flight_per_replica: _builtins.int
+    """autoscaling: concurrent streams per replica"""
+    scale_down_delay_s: _builtins.int
+    """load must stay low this long before replicas are removed"""
     @_builtins.property
     def engine_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -162,6 +202,14 @@ class ModelSpec(_message.Message):
     @_builtins.property
     def warmup_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """must succeed before a replica is READY"""
+
+    @_builtins.property
+    def gpu_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """allowed GPU types (a substring of GpuDevice.name); empty: any"""
+
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """labels a node must carry to host this model"""
 
     def __init__(
         self,
@@ -181,10 +229,18 @@ class ModelSpec(_message.Message):
         default_max_tokens: _builtins.int = ...,
         warmup_prompts: _abc.Iterable[_builtins.str] | None = ...,
         idle_timeout_s: _builtins.int = ...,
+        gpus_per_replica: _builtins.int = ...,
+        gpu_types: _abc.Iterable[_builtins.str] | None = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        placement_strategy: _builtins.str = ...,
+        slo_ttft_ms: _builtins.int = ...,
+        target_rps_per_replica: _builtins.float = ...,
+        target_in_flight_per_replica: _builtins.int = ...,
+        scale_down_delay_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "priority", b"priority", "source", b"source", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

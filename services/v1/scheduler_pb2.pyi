@@ -114,12 +114,35 @@ Global___ExplainRequest: _TypeAlias = ExplainRequest  # noqa: Y015
 class NodeVerdict(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_ID_FIELD_NUMBER: _builtins.int
     FEASIBLE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     FREE_BYTES_FIELD_NUMBER: _builtins.int
     EVICTS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    UNRESOLVABLE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     feasible: _builtins.bool
     reason: _builtins.str
@@ -127,9 +150,17 @@ class NodeVerdict(_message.Message):
     score: _builtins.float
     """in [0, 1]; higher is better"""
     free_bytes: _builtins.int
+    filter: _builtins.str
+    """the filter that rejected the node"""
+    unresolvable: _builtins.bool
+    """evicting would not help on this node"""
     @_builtins.property
     def evicts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """models evicted to make room"""
+
+    @_builtins.property
+    def scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """each scorer's value in [0, 1], before weighting"""
 
     def __init__(
         self,
@@ -140,10 +171,13 @@ class NodeVerdict(_message.Message):
         score: _builtins.float = ...,
         free_bytes: _builtins.int = ...,
         evicts: _abc.Iterable[_builtins.str] | None = ...,
+        filter: _builtins.str = ...,
+        scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        unresolvable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evicts", b"evicts", "feasible", b"feasible", "free_bytes", b"free_bytes", "node_id", b"node_id", "reason", b"reason", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evicts", b"evicts", "feasible", b"feasible", "filter", b"filter", "free_bytes", b"free_bytes", "node_id", b"node_id", "reason", b"reason", "score", b"score", "scores", b"scores", "unresolvable", b"unresolvable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,10 +193,16 @@ class ExplainResponse(_message.Message):
     VERDICTS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     DECIDED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    UNRESOLVABLE_FIELD_NUMBER: _builtins.int
+    WANTED_REPLICAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     summary: _builtins.str
     epoch: _builtins.int
     decided_unix_ms: _builtins.int
+    unresolvable: _builtins.bool
+    """no node can take it even after evictions"""
+    wanted_replicas: _builtins.int
+    """what the autoscaler asks for now"""
     @_builtins.property
     def placed_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -176,10 +216,12 @@ class ExplainResponse(_message.Message):
         verdicts: _abc.Iterable[Global___NodeVerdict] | None = ...,
         epoch: _builtins.int = ...,
         decided_unix_ms: _builtins.int = ...,
+        unresolvable: _builtins.bool = ...,
+        wanted_replicas: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_unix_ms", b"decided_unix_ms", "epoch", b"epoch", "model", b"model", "placed_on", b"placed_on", "summary", b"summary", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_unix_ms", b"decided_unix_ms", "epoch", b"epoch", "model", b"model", "placed_on", b"placed_on", "summary", b"summary", "unresolvable", b"unresolvable", "verdicts", b"verdicts", "wanted_replicas", b"wanted_replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,108 @@
+"""Replicas wanted per model from the routers' demand (pure; the leader keeps `ScaleState` between
+rounds, the simulator keeps it in virtual time).
+
+recommendation = max(⌈rate / target_rps⌉, ⌈in_flight / target_in_flight⌉, 1 while anything is
+queued, in flight or was requested within the idle timeout), +1 while the TTFT p99 is above the
+model's SLO; clamped to [min_replicas, max_replicas]. Up at once (after a short cooldown, so one
+burst adds one step at a time); down only after the recommendation stayed lower for
+`scale_down_delay_s` (Kubernetes HPA's stabilization window), to the highest recommendation seen in
+that window. Zero after `idle_timeout_s` without requests when min_replicas is 0; the router's
+cold-start path brings it back on the next request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+DEFAULT_IDLE_S = 300.0
+DEFAULT_DOWN_DELAY_S = 120.0
+UP_COOLDOWN_S = 10.0
+
+
+@dataclass(frozen=True)
+class Load:
+    rate: float = 0.0  # requests/s, summed over routers
+    in_flight: int = 0
+    queued: int = 0  # waiting for a replica (cold start)
+    last_request: float = 0.0  # s since the epoch; 0 = never
+    ttft_p99_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScalePolicy:
+    min_replicas: int = 0
+    max_replicas: int = 0  # 0: no limit
+    target_rps: float = 0.0  # 0: not used
+    target_in_flight: int = 0  # 0: not used
+    slo_ttft_s: float = 0.0  # 0: no SLO
+    idle_timeout_s: float = DEFAULT_IDLE_S
+    scale_down_delay_s: float = DEFAULT_DOWN_DELAY_S
+
+
+@dataclass(frozen=True)
+class ScaleState:
+    replicas: int
+    changed_at: float = 0.0
+    window: tuple[tuple[float, int], ...] = field(default=())  # (time, recommendation) recent
+
+
+def recommend(policy: ScalePolicy, load: Load, current: int, now: float) -> int:
+    """What the load asks for now, before hysteresis."""
+    active = load.queued > 0 or load.in_flight > 0
+    recent = load.last_request > 0 and now - load.last_request < policy.idle_timeout_s
+    want = 1 if active or recent else 0
+    if policy.target_rps > 0:
+        want = max(want, math.ceil(load.rate / policy.target_rps - 1e-9))
+    if policy.target_in_flight > 0:
+        want = max(want, math.ceil(load.in_flight / policy.target_in_flight))
+    if policy.slo_ttft_s > 0 and current > 0 and load.ttft_p99_s > policy.slo_ttft_s:
+        want = max(want, current + 1)
+    return clamp(policy, want)
+
+
+def clamp(policy: ScalePolicy, n: int) -> int:
+    n = max(n, policy.min_replicas)
+    return min(n, policy.max_replicas) if policy.max_replicas else n
+
+
+def step(policy: ScalePolicy, load: Load, prev: ScaleState | None, now: float) -> ScaleState:
+    """The next ScaleState: up at once (cooldown), down after the stabilization window. Without
+    ``prev`` the model starts from min_replicas with no history; a new leader seeds ``prev`` from
+    the replicas actually placed (changed_at = now) so a failover never scales down at once."""
+    current = prev.replicas if prev is not None else clamp(policy, 0)
+    changed_at = prev.changed_at if prev is not None else -math.inf
+    rec = recommend(policy, load, current, now)
+    recent = [
+        (t, r) for t, r in (prev.window if prev else ()) if now - t < policy.scale_down_delay_s
+    ]
+    window = (*recent, (now, rec))
+    if rec > current:
+        if current == 0 or now - changed_at >= UP_COOLDOWN_S:
+            # From zero straight to what is asked (a cold start); otherwise one step per cooldown.
+            target = rec if current == 0 else current + 1
+            return ScaleState(target, now, window)
+        return ScaleState(current, changed_at, window)
+    if rec < current:
+        idle = load.last_request > 0 and now - load.last_request >= policy.idle_timeout_s
+        if rec == clamp(policy, 0) and idle and not (load.in_flight or load.queued):
+            return ScaleState(rec, now, window)  # the idle timeout is its own stabilization
+        target = max(r for _t, r in window)
+        if target < current and now - changed_at >= policy.scale_down_delay_s:
+            return ScaleState(target, now, window)
+    return ScaleState(current, changed_at, window)
+
+
+def merge(loads: Iterable[Load]) -> Load:
+    """Routers' views of one model summed (rates, streams) or maxed (times, latency)."""
+    out = Load()
+    for x in loads:
+        out = Load(
+            out.rate + x.rate,
+            out.in_flight + x.in_flight,
+            out.queued + x.queued,
+            max(out.last_request, x.last_request),
+            max(out.ttft_p99_s, x.ttft_p99_s),
+        )
+    return out

@@ -1,0 +1,89 @@
+"""The scheduling profile: which plugins run, their weights, the default strategy and the eviction
+policy. Built from configuration (YAML or flags) and checked at start-up: a misspelt plugin stops
+the scheduler with a message naming the valid ones (STYLE)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshserve.scheduler.plugins import FILTERS, SCORERS, VICTIM_ORDERS, ReloadCosts
+
+STRATEGIES = ("binpack", "spread")
+
+
+@dataclass(frozen=True)
+class Profile:
+    filters: tuple[str, ...] = (
+        "node_draining",
+        "node_selector",
+        "anti_affinity",
+        "failed_here",
+        "fits_memory",
+    )
+    scorers: Mapping[str, float] = field(
+        default_factory=lambda: {"fit": 1.0, "locality": 2.0, "priority": 0.25}
+    )
+    strategy: str = "binpack"  # a model's spec may override it
+    eviction: str = "cost_aware"  # or "lru"
+    # Feasible nodes scored per replica before choosing (kube-scheduler's numFeasibleNodesToFind):
+    # placement stays O(log devices) per replica on large fleets.
+    candidates: int = 4
+    # Up to this many nodes every node gets a verdict for Explain; above it, Explain shows the
+    # nodes the last replica's search looked at (rejections met on the way, scored candidates).
+    explain_nodes: int = 32
+    reload: ReloadCosts = field(default_factory=ReloadCosts)
+    # Full re-plans (nothing placed yet) then try to empty the least-used devices by moving their
+    # models elsewhere; incremental rounds never move a placed model for packing alone.
+    consolidate: bool = True
+
+
+def load_profile(doc: Mapping[str, Any] | None) -> Profile:
+    """A Profile from a mapping (e.g. YAML); raises ValueError naming what is wrong."""
+    doc = dict(doc or {})
+    base = Profile()
+    unknown = set(doc) - {
+        "filters",
+        "scorers",
+        "strategy",
+        "eviction",
+        "candidates",
+        "explain_nodes",
+        "consolidate",
+        "reload",
+    }
+    if unknown:
+        raise ValueError(f"unknown profile keys {sorted(unknown)}")
+    filters = tuple(doc.get("filters", base.filters))
+    for f in filters:
+        if f not in FILTERS:
+            raise ValueError(f"unknown filter {f!r}; known: {', '.join(FILTERS)}")
+    if "fits_memory" not in filters:
+        raise ValueError("filter fits_memory cannot be left out: plans must never over-commit")
+    scorers = {str(k): float(v) for k, v in dict(doc.get("scorers", base.scorers)).items()}
+    for s, w in scorers.items():
+        if s not in SCORERS:
+            raise ValueError(f"unknown scorer {s!r}; known: {', '.join(SCORERS)}")
+        if w < 0:
+            raise ValueError(f"scorer {s} has a negative weight {w}")
+    strategy = str(doc.get("strategy", base.strategy))
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    eviction = str(doc.get("eviction", base.eviction))
+    if eviction not in VICTIM_ORDERS:
+        raise ValueError(f"eviction must be one of {tuple(VICTIM_ORDERS)}, got {eviction!r}")
+    candidates = int(doc.get("candidates", base.candidates))
+    if candidates < 1:
+        raise ValueError("candidates must be >= 1")
+    reload = ReloadCosts(**{k: float(v) for k, v in dict(doc.get("reload", {})).items()})
+    return Profile(
+        filters=filters,
+        scorers=scorers,
+        strategy=strategy,
+        eviction=eviction,
+        candidates=candidates,
+        explain_nodes=int(doc.get("explain_nodes", base.explain_nodes)),
+        reload=reload,
+        consolidate=bool(doc.get("consolidate", base.consolidate)),
+    )

@@ -1,0 +1,108 @@
+"""Autoscaling from demand: recommendations, hysteresis, cooldowns, scale to zero (pure)."""
+
+from __future__ import annotations
+
+import itertools
+
+from meshserve.scheduler.autoscale import (
+    UP_COOLDOWN_S,
+    Load,
+    ScalePolicy,
+    ScaleState,
+    merge,
+    recommend,
+    step,
+)
+from meshserve.scheduler.snapshot import autoscale, loads
+from meshserve.v1 import cluster_pb2
+
+POLICY = ScalePolicy(
+    min_replicas=0, max_replicas=4, target_rps=10, idle_timeout_s=60, scale_down_delay_s=30
+)
+
+
+def test_recommendation_from_rate_concurrency_and_slo() -> None:
+    assert recommend(POLICY, Load(rate=25, last_request=99), 1, now=100) == 3
+    assert recommend(POLICY, Load(rate=500, last_request=99), 1, now=100) == 4  # max_replicas
+    assert recommend(POLICY, Load(), 0, now=100) == 0  # never used: nothing
+    assert recommend(POLICY, Load(queued=1), 0, now=100) == 1  # a cold start waiting
+    with_concurrency = ScalePolicy(target_in_flight=8)
+    assert recommend(with_concurrency, Load(in_flight=17), 1, now=0) == 3
+    slo = ScalePolicy(slo_ttft_s=0.5, max_replicas=5)
+    assert recommend(slo, Load(in_flight=1, ttft_p99_s=0.9), 2, now=0) == 3  # SLO missed: +1
+    assert recommend(ScalePolicy(min_replicas=2), Load(), 0, now=0) == 2
+
+
+def run(loads_by_second: list[Load]) -> list[int]:
+    state: ScaleState | None = None
+    out = []
+    for t, load in enumerate(loads_by_second):
+        state = step(POLICY, load, state, float(t))
+        out.append(state.replicas)
+    return out
+
+
+def test_scales_up_one_step_per_cooldown_and_down_only_after_the_window() -> None:
+    busy = [Load(rate=35, last_request=t) for t in range(40)]  # wants 4
+    calm = [Load(rate=5, last_request=40 + t) for t in range(80)]  # wants 1
+    replicas = run(busy + calm)
+    assert replicas[0] == 4  # from zero straight to what is asked (cold start)
+    assert replicas[39] == 4
+    # The load drops at t=40: nothing changes for the 30 s stabilization window ...
+    assert set(replicas[40:69]) == {4}
+    # ... then it goes down to the window's highest recommendation, and stays there.
+    assert replicas[75] == 1 and replicas[-1] == 1
+
+
+def test_a_burst_adds_replicas_one_cooldown_at_a_time() -> None:
+    low = [Load(rate=8, last_request=t) for t in range(5)]
+    burst = [Load(rate=39, last_request=5 + t) for t in range(40)]
+    replicas = run(low + burst)
+    assert replicas[4] == 1
+    ups = [t for t in range(1, len(replicas)) if replicas[t] > replicas[t - 1]]
+    assert all(b - a >= UP_COOLDOWN_S for a, b in itertools.pairwise(ups))
+    assert replicas[-1] == 4
+
+
+def test_flapping_load_does_not_flap_replicas() -> None:
+    flap = [Load(rate=25 if t % 4 < 2 else 5, last_request=t) for t in range(120)]
+    replicas = run(flap)
+    changes = sum(1 for a, b in itertools.pairwise(replicas) if a != b)
+    assert changes <= 3
+
+
+def test_scale_to_zero_after_the_idle_timeout_and_back_on_demand() -> None:
+    t0 = 1000.0  # the last request
+    state = step(POLICY, Load(rate=1, last_request=t0), None, t0)
+    assert state.replicas == 1
+    for t in range(1, 60):  # idle, but within the idle timeout: kept (window or not)
+        state = step(POLICY, Load(last_request=t0), state, t0 + t)
+        assert state.replicas == 1, t
+    state = step(POLICY, Load(last_request=t0), state, t0 + 60)
+    assert state.replicas == 0
+    state = step(POLICY, Load(queued=1, last_request=t0), state, t0 + 61)
+    assert state.replicas == 1  # the router's cold start brings it back at once
+
+
+def test_demand_from_routers_is_merged_and_a_new_leader_keeps_what_is_placed() -> None:
+    demand = [
+        cluster_pb2.RouterDemand(
+            router_id=r,
+            models=[
+                cluster_pb2.ModelDemand(
+                    model="x", request_rate=6, in_flight=2, last_request_unix_ms=1000 * (90 + i)
+                )
+            ],
+        )
+        for i, r in enumerate(("r0", "r1"))
+    ]
+    merged = loads(demand, {"y": 95.0})
+    assert merged["x"] == merge([Load(6, 2, 0, 90.0), Load(6, 2, 0, 91.0)])
+    assert merged["x"].rate == 12 and merged["x"].last_request == 91.0
+    assert merged["y"].last_request == 95.0  # EnsureModel counts as a request
+    spec = cluster_pb2.ModelSpec(
+        name="x", target_rps_per_replica=10, max_replicas=3, scale_down_delay_s=30
+    )
+    # A new leader (no state) with 3 replicas placed does not drop to 2 at once.
+    states = autoscale([spec], merged, {}, {"x": 3}, now=100.0)
+    assert states["x"].replicas == 3
