@@ -6,7 +6,8 @@ One round:
 1. keep what is placed while its node is alive, not draining, and the model still wants it
    (plans are incremental: nothing moves without a reason); drop surplus replicas; a device that
    shrank below what it holds sheds its least valuable models;
-2. place missing replicas, models by priority then memory need, largest first. For each replica,
+2. place missing replicas, models by priority, gangs first, then by memory need, largest first
+   (first-fit-decreasing's order: the hardest to fit first). For each replica,
    candidate devices come from an index of free memory (best fit first for `binpack`, most free
    first for `spread`), nodes are filtered (draining, labels/GPU type, anti-affinity, failed here,
    memory), up to `candidates` feasible nodes are scored (weighted scorers in [0, 1]) and the best
@@ -19,8 +20,10 @@ One round:
    this round is not placed again by evicting others in the same round (no ping-pong);
 4. evicted models that are still wanted are demoted, not discarded: CPU RAM while the node's host
    budget allows, else local disk;
-5. a full re-plan (nothing placed yet) then consolidates: it tries to empty the least-used devices
-   by moving their models into the others.
+5. a full re-plan (nothing placed yet) may move what it placed itself: a replica that fits
+   nowhere first tries to make room by relocating single-device models off one device into the
+   others (anti-affinity leaves replicated models few nodes), and at the end it consolidates:
+   it tries to empty the least-used devices by moving their models into the others.
 
 A model that fits nowhere is reported with the reason; `unresolvable` when no node could take it
 even after evictions (every node rejected it with an UNRESOLVABLE filter), as Kubernetes'
@@ -50,6 +53,7 @@ from meshserve.scheduler.profile import Profile
 from sortedcontainers import SortedList
 
 OVERHEAD_FRACTION = 0.15  # seed: runtime overhead on top of weights + KV headroom
+RELOCATE_TRIES = 16  # devices tried per replica that fits nowhere in a full re-plan
 DEFAULT_PROFILE = Profile()
 __all__ = ["DISK", "HOST", "ClusterSnapshot", "ModelView", "NodeView", "Plan", "place"]
 
@@ -246,8 +250,11 @@ class Placer:
     """One round of the pipeline over a snapshot; `run()` returns the Plan. After `run()`,
     `add_model` places one more model incrementally (what a new model or an EnsureModel costs)."""
 
-    def __init__(self, snap: ClusterSnapshot, profile: Profile = DEFAULT_PROFILE) -> None:
+    def __init__(
+        self, snap: ClusterSnapshot, profile: Profile = DEFAULT_PROFILE, order: str = "size"
+    ) -> None:
         self.snap = snap
+        self.order_name = order
         self.profile = profile
         self.st = PlanState(snap, profile)
         self.filters: list[Filter] = [FILTERS[f]() for f in profile.filters]
@@ -263,6 +270,7 @@ class Placer:
         self.decisions: dict[str, ModelDecision] = {}
         self._sweep: tuple[dict[str, Rejection], list[tuple[str, float]]] = ({}, [])
         self.moves = 0
+        self.full = False  # a full re-plan: nothing was placed before this round
 
     # --- the round ---------------------------------------------------------------------------
 
@@ -287,8 +295,8 @@ class Placer:
                 self.shed.append((victim, st.dev_node[d]))
                 self.evicted.add(victim)
         self.evicted.update(m for m, _ in self.evictions)
-        full = not any(snap.current.values())
-        for m in sorted(st.models.values(), key=lambda m: (-m.priority, -m.need_bytes, m.name)):
+        full = self.full = not any(snap.current.values())
+        for m in sorted(st.models.values(), key=self._order_key):
             self._place_model(m)
         if full and self.profile.consolidate:
             self._consolidate()
@@ -299,6 +307,16 @@ class Placer:
                 why = f"evicted from {node_id} for a model that needed the room; no room elsewhere"
                 self.decisions[victim] = ModelDecision(victim, dec.placed_on, dec.verdicts, why)
         return self.plan()
+
+    def _order_key(self, m: ModelView) -> tuple[object, ...]:
+        """size: first-fit-decreasing (gangs, then largest first); constrained: replicated models
+        before single ones (anti-affinity leaves them fewer nodes), then by size."""
+        if self.order_name == "constrained":
+            return (-m.priority, -m.gpus, -min(m.wanted, 2), -m.need_bytes, m.name)
+        return (-m.priority, -m.gpus, -m.need_bytes, -m.wanted, m.name)
+
+    def devices_used(self) -> int:
+        return sum(1 for ms in self.st.dev_models if ms)
 
     def plan(self) -> Plan:
         st = self.st
@@ -358,6 +376,8 @@ class Placer:
             if small:  # what Explain shows: every node as this replica saw it
                 verdicts = self._verdicts(m)
             chosen = self._choose(m)
+            if chosen is None and self.full:
+                chosen = self._relocate_for(m)
             if chosen is None:
                 chosen = self._evict_for(m) if m.name not in self.evicted else None
             if chosen is None:
@@ -649,21 +669,89 @@ class Placer:
             moved.append((m, target))
         return True
 
-    def _consolidation_target(self, m: ModelView, source: int) -> int | None:
-        """A used device (not ``source``) with room, on a node that passes the filters."""
+    def _relocate_for(self, m: ModelView) -> tuple[str, tuple[int, ...], float] | None:
+        """Full re-plans: room for ``m`` on one device by moving single-device models elsewhere
+        (never evicting); the device needing the fewest bytes moved is tried first."""
+        st = self.st
+        share = m.per_device_bytes
+        if m.gpus > 1:
+            return None
+        options = []
+        for node_id, node in st.nodes.items():
+            if node.draining or self._rejects(m, node_id, self.pre_filters) is not None:
+                continue
+            for d in st.node_devices[node_id]:
+                if st.allowed(m, d) and st.capacity[d] >= share:
+                    options.append((share - st.free[d], d))
+        options.sort()
+        for _missing, d in options[:RELOCATE_TRIES]:
+            node_id = st.dev_node[d]
+            moved: list[tuple[ModelView, tuple[int, ...], str, tuple[int, ...]]] = []
+            movers = sorted(
+                (st.models[x] for x in st.dev_models[d]), key=lambda x: (x.need_bytes, x.name)
+            )
+            for x in movers:
+                if st.free[d] >= share:
+                    break
+                old = st.placed[(x.name, node_id)]
+                st.unbind(x.name, node_id)
+                target = self._elsewhere(x, d)
+                if target is None:
+                    st.bind(x, node_id, old)
+                    continue
+                st.bind(x, target[0], target[1])
+                moved.append((x, old, target[0], target[1]))
+            if st.free[d] >= share:
+                return node_id, (d,), 0.0
+            for x, old, new_node, _new in reversed(moved):  # undo
+                st.unbind(x.name, new_node)
+                st.bind(x, node_id, old)
+        return None
+
+    def _elsewhere(self, x: ModelView, hidden: int) -> tuple[str, tuple[int, ...]] | None:
+        """Where ``x`` would go now if device ``hidden`` were not there."""
+        st = self.st
+        saved = st.free[hidden]
+        st._set_free(hidden, -1)
+        try:
+            chosen = self._choose(x)
+        finally:
+            st._set_free(hidden, saved)
+        return (chosen[0], chosen[1]) if chosen is not None else None
+
+    def _consolidation_target(
+        self, m: ModelView, source: int, used_only: bool = True
+    ) -> int | None:
+        """A device (used ones only, unless told) other than ``source`` with room, on a node that
+        passes the filters; the tightest fit."""
         st = self.st
         share = m.per_device_bytes
         for _free, d in st.index.irange((share, -1), None):
-            if d == source or not st.dev_models[d] or not st.allowed(m, d):
+            if d == source or (used_only and not st.dev_models[d]) or not st.allowed(m, d):
                 continue
             if self._rejects(m, st.dev_node[d], self.pre_filters) is None:
                 return int(d)
         return None
 
 
+MULTI_START_MODELS = 500  # full re-plans up to this many models try both orders
+
+
 def place(snap: ClusterSnapshot, profile: Profile = DEFAULT_PROFILE) -> Plan:
-    """One scheduling round over ``snap`` (deterministic)."""
-    return Placer(snap, profile).run()
+    """One scheduling round over ``snap`` (deterministic). A full re-plan of a modest fleet runs
+    the pipeline with both model orders and keeps the better plan (fewer models left out, then
+    fewer devices): first-fit-decreasing alone is a local optimum when anti-affinity binds."""
+    first = Placer(snap, profile)
+    plan = first.run()
+    if any(snap.current.values()) or len(snap.models) > MULTI_START_MODELS:
+        return plan
+    other = Placer(snap, profile, order="constrained")
+    alt = other.run()
+
+    def cost(p: Plan, placer: Placer) -> tuple[int, int]:
+        return (sum(1 for d in p.decisions.values() if d.unschedulable), placer.devices_used())
+
+    return alt if cost(alt, other) < cost(plan, first) else plan
 
 
 def _demote(
