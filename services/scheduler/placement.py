@@ -64,6 +64,7 @@ class Device:
     capacity_bytes: int
     gpu_type: str = ""  # e.g. "A100-40GB"; "" on CPU nodes
     mig: bool = False
+    throughput_tokens_per_s: float = 0.0  # what it generates at full load; 0 = unknown
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,16 @@ class ModelView:
     gpu_types: frozenset[str] = frozenset()  # allowed GPU types; empty = any
     node_selector: Mapping[str, str] = field(default_factory=dict)
     request_rate: float = 0.0  # requests/s now (eviction cost)
+    tokens_per_s: float = 0.0  # tokens/s its demand asks for, over all replicas; 0 = unknown
 
     @property
     def per_device_bytes(self) -> int:
         return -(-self.need_bytes // max(1, self.gpus))
+
+    @property
+    def per_device_load(self) -> float:
+        """Tokens/s each device of one replica is expected to generate (demand split evenly)."""
+        return self.tokens_per_s / max(1, self.wanted) / max(1, self.gpus)
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,8 @@ class PlanState:
         self.dev_id: list[str] = []
         self.dev_type: list[str] = []
         self.dev_models: list[set[str]] = []
+        self.throughput: list[float] = []
+        self.load: list[float] = []  # expected tokens/s on each device
         self.node_devices: dict[str, list[int]] = {}
         self.node_models: dict[str, set[str]] = {}
         self.node_capacity: dict[str, int] = {}
@@ -185,6 +194,8 @@ class PlanState:
                 self.dev_id.append(d.device_id)
                 self.dev_type.append(d.gpu_type)
                 self.dev_models.append(set())
+                self.throughput.append(d.throughput_tokens_per_s)
+                self.load.append(0.0)
                 devs.append(i)
                 if not node.draining:
                     self.index.add((d.capacity_bytes, i))
@@ -200,6 +211,15 @@ class PlanState:
     def allowed(self, m: ModelView, d: int) -> bool:
         return type_ok(m.gpu_types, self.dev_type[d])
 
+    def compute_ok(self, m: ModelView, d: int) -> bool:
+        """The device keeps up with what it already serves plus this replica's share, within
+        the profile's compute target (devices that report no throughput always pass)."""
+        cap = self.throughput[d]
+        return not cap or self.load[d] + m.per_device_load <= cap * self.profile.compute_target
+
+    def fits(self, m: ModelView, d: int) -> bool:
+        return self.free[d] >= m.per_device_bytes and self.compute_ok(m, d) and self.allowed(m, d)
+
     def _set_free(self, d: int, free: int) -> None:
         if not self.nodes[self.dev_node[d]].draining:
             self.index.remove((self.free[d], d))
@@ -210,6 +230,7 @@ class PlanState:
         for d in devices:
             self._set_free(d, self.free[d] - m.per_device_bytes)
             self.dev_models[d].add(m.name)
+            self.load[d] += m.per_device_load
         self.node_models[node_id].add(m.name)
         self.model_nodes.setdefault(m.name, set()).add(node_id)
         held = self.node_priority_bytes[node_id]
@@ -222,6 +243,7 @@ class PlanState:
         for d in self.placed.pop((model, node_id)):
             self._set_free(d, self.free[d] + m.per_device_bytes)
             self.dev_models[d].discard(model)
+            self.load[d] -= m.per_device_load
         self.node_models[node_id].discard(model)
         self.model_nodes[model].discard(node_id)
         self.node_priority_bytes[node_id][m.priority] -= m.need_bytes
@@ -235,10 +257,7 @@ class PlanState:
 
     def best_devices(self, m: ModelView, node_id: str) -> tuple[int, ...] | None:
         """The devices this node would give the replica (best fit, or most free for spread)."""
-        share = m.per_device_bytes
-        fit = [
-            d for d in self.node_devices[node_id] if self.allowed(m, d) and self.free[d] >= share
-        ]
+        fit = [d for d in self.node_devices[node_id] if self.fits(m, d)]
         if len(fit) < m.gpus:
             return None
         spread = self.strategy_of(m) == "spread"
@@ -435,7 +454,7 @@ class Placer:
             hits: dict[str, list[int]] = {}
             got = 0
             for _free, d in st.index.irange((share, -1), None, reverse=reverse):
-                if m.gpu_types and not st.allowed(m, d):
+                if (m.gpu_types and not st.allowed(m, d)) or not st.compute_ok(m, d):
                     continue
                 node_id = st.dev_node[d]
                 ok = passes.get(node_id)
@@ -497,6 +516,8 @@ class Placer:
                 if not st.allowed(m, d) or st.capacity[d] < share:
                     continue
                 room, chosen = st.free[d], []
+                load = st.load[d]
+                cap = st.throughput[d] * self.profile.compute_target
                 victims = sorted(
                     (
                         st.models[x]
@@ -509,11 +530,12 @@ class Placer:
                     ),
                 )
                 for v in victims:
-                    if room >= share:
+                    if room >= share and (not cap or load + m.per_device_load <= cap):
                         break
                     chosen.append(v.name)
                     room += v.per_device_bytes
-                if room >= share:
+                    load -= v.per_device_load
+                if room >= share and (not cap or load + m.per_device_load <= cap):
                     options.append((self._victims_cost(chosen, node), chosen, d))
             if len(options) < m.gpus:
                 continue
@@ -727,7 +749,7 @@ class Placer:
         st = self.st
         share = m.per_device_bytes
         for _free, d in st.index.irange((share, -1), None):
-            if d == source or (used_only and not st.dev_models[d]) or not st.allowed(m, d):
+            if d == source or (used_only and not st.dev_models[d]) or not st.fits(m, d):
                 continue
             if self._rejects(m, st.dev_node[d], self.pre_filters) is None:
                 return int(d)

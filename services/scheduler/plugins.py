@@ -111,6 +111,7 @@ class FitsMemory:
     def check(self, m: ModelView, node: NodeView, st: PlanState) -> Rejection | None:
         share = m.per_device_bytes
         usable = [d for d in st.node_devices[node.node_id] if st.allowed(m, d)]
+        busy = [d for d in usable if st.free[d] >= share and not st.compute_ok(m, d)]
         big = [d for d in usable if st.capacity[d] >= share]
         if len(big) < m.gpus:
             what = f"{m.gpus} devices of {mib(share)}" if m.gpus > 1 else mib(share)
@@ -120,10 +121,17 @@ class FitsMemory:
                 UNRESOLVABLE,
                 f"needs {what}, node offers {len(big)} such (largest {mib(largest)}) in all",
             )
-        free = sorted((st.free[d] for d in big), reverse=True)
-        if free[m.gpus - 1] < share:
+        free = sorted((st.free[d] for d in big if st.compute_ok(m, d)), reverse=True)
+        if busy and len(free) < m.gpus:
+            return Rejection(
+                self.name,
+                UNSCHEDULABLE,
+                f"memory fits but {len(busy)} device(s) are busy: their expected load would pass "
+                f"{st.profile.compute_target:.0%} of their throughput",
+            )
+        if len(free) < m.gpus or free[m.gpus - 1] < share:
             if m.gpus == 1:
-                why = f"needs {mib(share)}, {mib(free[0])} free"
+                why = f"needs {mib(share)}, {mib(max(free, default=0))} free"
             else:
                 have = sum(1 for f in free if f >= share)
                 why = f"needs {m.gpus} devices with {mib(share)} free, {have} have it"

@@ -37,6 +37,9 @@ class Profile:
     # Full re-plans (nothing placed yet) then try to empty the least-used devices by moving their
     # models elsewhere; incremental rounds never move a placed model for packing alone.
     consolidate: bool = True
+    # A device takes a replica only while its expected token load stays under this share of its
+    # throughput (devices and models that report no throughput/demand are not limited).
+    compute_target: float = 0.8
 
 
 def load_profile(doc: Mapping[str, Any] | None) -> Profile:
@@ -52,6 +55,7 @@ def load_profile(doc: Mapping[str, Any] | None) -> Profile:
         "explain_nodes",
         "consolidate",
         "reload",
+        "compute_target",
     }
     if unknown:
         raise ValueError(f"unknown profile keys {sorted(unknown)}")
@@ -86,4 +90,5 @@ def load_profile(doc: Mapping[str, Any] | None) -> Profile:
         explain_nodes=int(doc.get("explain_nodes", base.explain_nodes)),
         reload=reload,
         consolidate=bool(doc.get("consolidate", base.consolidate)),
+        compute_target=float(doc.get("compute_target", base.compute_target)),
     )
