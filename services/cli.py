@@ -467,5 +467,55 @@ async def _status(etcd: str, prefix: str) -> None:
     console.print(t)
 
 
+@app.command()
+def explain(model: str, etcd: Etcd = "", prefix: Prefix = "/meshserve/v1/") -> None:
+    """Why MODEL sits where it does: each node's rejecting filter, or its scores (last round)."""
+    asyncio.run(_explain(_default_etcd(etcd), prefix, model))
+
+
+async def _explain(etcd: str, prefix: str, model: str) -> None:
+    import grpc
+    from meshserve.cluster.keys import Keyspace
+    from meshserve.cluster.store import EtcdConfig, connect
+    from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+    keys = Keyspace(prefix)
+    client = connect(EtcdConfig(etcd))
+    try:
+        got = list(
+            await client.get_prefix(keys.election(), sort_order="ascend", sort_target="create")
+        )
+    except Exception as e:
+        raise _fail(f"cannot read etcd at {etcd}: {type(e).__name__}: {e}") from None
+    finally:
+        await client.close()
+    if not got:
+        raise _fail("no scheduler is running (nobody campaigns for leadership)")
+    address = cluster_pb2.SchedulerCandidate.FromString(got[0].value).address
+    async with grpc.aio.insecure_channel(address) as ch:
+        try:
+            out = await scheduler_pb2_grpc.SchedulerStub(ch).Explain(
+                scheduler_pb2.ExplainRequest(model=model), timeout=10
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _fail(f"{e.code().name}: {e.details()}") from None
+    console.print(
+        f"[bold]{out.model}[/bold]: {out.summary} (wanted replicas: {out.wanted_replicas})"
+    )
+    t = Table(title="nodes, as the last round saw them")
+    for c in ("node", "feasible", "filter / reason", "score", "scores", "evicts"):
+        t.add_column(c)
+    for v in out.verdicts:
+        t.add_row(
+            v.node_id,
+            "yes" if v.feasible else ("never" if v.unresolvable else "no"),
+            f"{v.filter}: {v.reason}" if v.filter else v.reason,
+            f"{v.score:.3f}" if v.feasible else "",
+            " ".join(f"{k}={x:.2f}" for k, x in sorted(v.scores.items())),
+            ", ".join(v.evicts),
+        )
+    console.print(t)
+
+
 def main() -> None:
     app()

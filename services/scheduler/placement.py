@@ -544,8 +544,8 @@ class Placer:
             victims_all = sorted({v for o in take for v in o[1]})
             if not victims_all:
                 continue  # it fits without eviction: _choose handles that
-            local = m.name in self.snap.offloaded.get(node_id, {})
-            key = (self._victims_cost(victims_all, node), not local, node_id)
+            tier = self.snap.offloaded.get(node_id, {}).get(m.name, 0)
+            key = (self._victims_cost(victims_all, node, m, tier), tier == 0, node_id)
             if best_key is None or key < best_key:
                 best_key, best = key, (node_id, tuple(sorted(o[2] for o in take)), victims_all)
         if best is None:
@@ -562,7 +562,17 @@ class Placer:
     def _wait_tier(self, v: ModelView, node: NodeView) -> int:
         return HOST if node.host_capacity_bytes >= v.need_bytes else DISK
 
-    def _victims_cost(self, victims: list[str], node: NodeView) -> tuple[float, ...]:
+    def _victims_cost(
+        self,
+        victims: list[str],
+        node: NodeView,
+        asker: ModelView | None = None,
+        asker_tier: int = 0,
+    ) -> tuple[float, ...]:
+        """lru: (victims, their priorities). cost_aware: (highest victim priority, expected
+        reload cost = reload seconds from where each victim will wait x its request rate, plus
+        the asker's own load time on this node (a restore from CPU RAM beats a load from the
+        source) as if one request/s waited for it, victims)."""
         ms = [self.st.models[v] for v in victims]
         if self.profile.eviction == "lru":
             return (float(len(ms)), float(sum(v.priority for v in ms)))
@@ -570,6 +580,8 @@ class Placer:
         cost = sum(
             reload.seconds(v.need_bytes, self._wait_tier(v, node)) * v.request_rate for v in ms
         )
+        if asker is not None:
+            cost += reload.seconds(asker.need_bytes, asker_tier) * max(asker.request_rate, 1.0)
         return (float(max((v.priority for v in ms), default=0)), cost, float(len(ms)))
 
     # --- explain -----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Tests run in file order; the last ones kill processes.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -231,6 +233,21 @@ async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Pa
             scheduler_pb2.ExplainRequest(model="lazy"), timeout=5
         )
     assert why.placed_on and why.summary.startswith("placed on")
+    assert why.wanted_replicas == 1  # the autoscaler's answer to the cold start
+    verdicts = {v.node_id: v for v in why.verdicts}
+    assert set(verdicts) == {"agent-0", "agent-1"}
+    chosen = verdicts[why.placed_on[0]]
+    assert chosen.feasible and set(chosen.scores) == {"fit", "locality", "priority"}
+    # The same through the CLI, as an operator reads it.
+    cli = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "meshserve", "explain", "lazy", "--etcd", mesh.etcd.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "placed on" in cli.stdout and why.placed_on[0] in cli.stdout
 
 
 async def test_health_and_reflection_on_every_server(mesh: Mesh) -> None:

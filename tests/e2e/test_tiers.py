@@ -1,6 +1,6 @@
-"""Demand shifts between two models on an agent that fits one: the scheduler evicts the least
-recently used one to CPU RAM and restores it on demand; greedy outputs are identical across the
-swap (real etcd, scheduler, agent and router processes)."""
+"""Demand shifts among three models on two agents that fit one model each (--memory-limit): the
+scheduler evicts to CPU RAM and restores on demand where the model waits; greedy outputs are
+identical across the swap (real etcd, scheduler, agents and router processes)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def small_mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> It
         m.start_scheduler()
         # Each model needs (1 MiB + 16 MiB KV headroom) x 1.15 ≈ 19.6 MiB: one fits in 24 MiB.
         m.start_agent("agent-0", memory_limit="24MiB", host_memory_limit="1GiB")
+        m.start_agent("agent-1", memory_limit="24MiB", host_memory_limit="1GiB")
         m.start_router()
-        for name in ("x", "y"):
+        for name in ("x", "y", "z"):
             asyncio.run(apply(m, model_spec(name, demo_model, min_replicas=0)))
         yield m
     finally:
@@ -65,22 +66,33 @@ def state_is(model: str, state: int, tier: int) -> object:
 
 async def test_demand_shift_swaps_models_through_cpu_ram(small_mesh: Mesh) -> None:
     router = small_mesh.services["router"].address
-    for name in ("x", "y"):
+    for name in ("x", "y", "z"):
         await eventually(lambda n=name: known(router, n), 5, f"router to see {name}")  # type: ignore[misc]
     x_before = await generate(router, greedy("x"), timeout=60)
+    await generate(router, greedy("y"), timeout=60)  # the other agent: nothing evicted
+    placed = await replicas(small_mesh)
+    node_x, node_y = placed["x"].node_id, placed["y"].node_id
+    assert node_x != node_y
 
-    # y is asked for: x (least recently used) is evicted to CPU RAM, y loads.
-    await generate(router, greedy("y"), timeout=60)
+    # z is asked for: no room anywhere; x (least recently used) goes to CPU RAM, z takes its GPU.
+    await generate(router, greedy("z"), timeout=60)
     offloaded = state_is("x", cluster_pb2.REPLICA_STATE_OFFLOADED, cluster_pb2.TIER_HOST)
     await eventually(lambda: offloaded(small_mesh), 15, "x offloaded to CPU RAM")  # type: ignore[operator]
+    assert (await replicas(small_mesh))["z"].node_id == node_x
+    assert (await replicas(small_mesh))["y"].state == cluster_pb2.REPLICA_STATE_READY
 
-    # x is asked for again: y goes to CPU RAM, x is restored (not reloaded) and warmed up.
+    # x is asked for again: it is restored where it waits (not loaded elsewhere from the
+    # source) and outputs are identical. Three models are in demand for two GPUs, so the two
+    # most recently used stay: y, the least recently used, ends in CPU RAM.
     x_after = await generate(router, greedy("x"), timeout=60)
     assert x_after.token_ids == x_before.token_ids
     assert x_after.text == x_before.text
     y_off = state_is("y", cluster_pb2.REPLICA_STATE_OFFLOADED, cluster_pb2.TIER_HOST)
-    await eventually(lambda: y_off(small_mesh), 15, "y offloaded to CPU RAM")  # type: ignore[operator]
+    await eventually(lambda: y_off(small_mesh), 20, "y offloaded to CPU RAM")  # type: ignore[operator]
+    z_ready = state_is("z", cluster_pb2.REPLICA_STATE_READY, cluster_pb2.TIER_DEVICE)
+    await eventually(lambda: z_ready(small_mesh), 20, "z serving again")  # type: ignore[operator]
     x = (await replicas(small_mesh))["x"]
+    assert x.node_id == node_x
     assert x.state == cluster_pb2.REPLICA_STATE_READY and x.tier == cluster_pb2.TIER_DEVICE
     assert x.transition_seconds > 0  # it came back through a restore
     assert x.predicted_bytes > 0 and x.memory_bytes > 0
