@@ -19,7 +19,7 @@ from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
 from meshserve.scheduler.autoscale import ScaleState
 from meshserve.scheduler.config import SchedulerConfig
-from meshserve.scheduler.placement import Plan, place
+from meshserve.scheduler.placement import ModelDecision, Plan, place
 from meshserve.scheduler.profile import Profile
 from meshserve.scheduler.snapshot import autoscale, build_snapshot, loads
 from meshserve.telemetry import metrics
@@ -57,6 +57,7 @@ class SchedulerLoop:
         self.profile: Profile = config.profile
         self.leadership: Leadership | None = None
         self.last_plan: Plan | None = None
+        self.explained: dict[str, tuple[ModelDecision, float]] = {}  # model → decision, when
         self.decided_at = 0.0
         self.address = ""
         self._dirty = asyncio.Event()
@@ -201,6 +202,11 @@ class SchedulerLoop:
                     {n: sorted(ms) for n, ms in plan.assignments.items()},
                 )
         self.last_plan, self.decided_at = plan, time.time()
+        for name, decision in plan.decisions.items():
+            # Explain shows the round that last searched for this model (kept models are not
+            # searched again), or this round when it says why a replica could not be placed.
+            if decision.verdicts or decision.unschedulable or not decision.placed_on:
+                self.explained[name] = (decision, self.decided_at)
         metrics.SCHEDULER_ROUNDS.labels("ok").inc()
         metrics.SCHEDULER_ROUND_SECONDS.observe(time.perf_counter() - started)
         done, self._round_done = self._round_done, asyncio.Event()

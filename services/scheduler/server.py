@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
@@ -74,16 +76,18 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if self.loop.leadership is None:
             stub = await self._leader_stub()
             return await stub.Explain(request, timeout=handlers.remaining_s(context) or 5.0)  # type: ignore[no-any-return]
-        plan = self.loop.last_plan
-        out = scheduler_pb2.ExplainResponse(
-            model=spec.name,
-            epoch=self.loop.leadership.token,
-            decided_unix_ms=int(self.loop.decided_at * 1000),
-        )
-        decision = plan.decisions.get(spec.name) if plan else None
-        if decision is None:
+        out = scheduler_pb2.ExplainResponse(model=spec.name, epoch=self.loop.leadership.token)
+        explained = self.loop.explained.get(spec.name)
+        if explained is None:
             out.summary = "no decision yet"
             return out
+        decision, decided_at = explained
+        out.decided_unix_ms = int(decided_at * 1000)
+        plan = self.loop.last_plan
+        latest = plan.decisions.get(spec.name) if plan is not None else None
+        if latest is not None and not latest.unschedulable:
+            # Where it is now; the verdicts are from the round that chose it.
+            decision = replace(decision, placed_on=latest.placed_on, unschedulable="")
         out.placed_on.extend(decision.placed_on)
         for v in decision.verdicts:
             out.verdicts.add(
