@@ -273,3 +273,33 @@ def test_plans_never_overcommit_a_gpu_respect_anti_affinity_and_priority(case) -
         held_before = s.current.get(node, frozenset())
         newcomers = plan.assignments.get(node, frozenset()) - held_before
         assert any(models[n].priority >= models[victim].priority for n in newcomers)
+
+
+def test_priority_scorer_prefers_nodes_without_higher_priority_neighbours() -> None:
+    nodes = [gpu_node("busy", 1, 80), gpu_node("calm", 1, 80)]
+    models = [m("vip", 40, priority=4), m("low", 40, priority=1), m("new", 10)]
+    current = {"busy": frozenset({"vip"}), "calm": frozenset({"low"})}
+    plan = place(snap(nodes, models, current=current), Profile(scorers={"priority": 1.0}))
+    verdicts = {v.node_id: v for v in plan.decisions["new"].verdicts}
+    assert verdicts["calm"].scores["priority"] == 1.0
+    assert verdicts["busy"].scores["priority"] == pytest.approx(1 - 40 / 80, abs=0.01)
+    assert plan.assignments["calm"] == {"low", "new"}
+
+
+def test_draining_nodes_are_rejected_as_unresolvable_with_the_filter_named() -> None:
+    plan = place(snap([gpu_node("a", 1, 40, draining=True)], [m("x", 5)]))
+    (v,) = plan.decisions["x"].verdicts
+    assert v.filter == "node_draining" and v.unresolvable
+    assert plan.decisions["x"].unresolvable
+
+
+def test_compute_aware_placement_keeps_two_hot_models_apart() -> None:
+    def hot(name: str) -> ModelView:
+        return m(name, 2, tokens_per_s=10_000.0)
+
+    devices = tuple(Device(f"a-g{i}", 40 * GiB, "A100", False, 15_000.0) for i in range(2))
+    node = NodeView("a", 80 * GiB, devices=devices)
+    plan = place(snap([node], [hot("bert"), hot("bge")]))
+    assert devices_of(plan, "bert") != devices_of(plan, "bge")  # memory alone would pack them
+    cold = place(snap([node], [m("p", 2), m("q", 2)]))
+    assert devices_of(cold, "p") == devices_of(cold, "q")
