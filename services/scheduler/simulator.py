@@ -34,7 +34,7 @@ from meshserve.scheduler.profile import Profile
 GB = 10**9
 BASE_TTFT_S = 0.15  # prefill + scheduling at no load
 BATCH_SLOTS = 16  # sequences a GPU decodes together
-WARMUP_S = 2.0
+WARMUP_S = 0.5  # warm-up requests before READY (a few short generations)
 UTILIZATION_TARGET = 0.6  # autoscaler: requests/s per replica = capacity x this
 
 
@@ -163,6 +163,8 @@ class Result:
     max_evictions_per_round: int = 0
     unplaced_rounds: int = 0
     served_tokens: float = 0.0
+    misses_by_model: dict[str, float] = field(default_factory=dict)
+    cold_start_misses: float = 0.0  # of slo_misses: requests that waited for a replica to load
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (hour, GPUs in use)
 
     @property
@@ -250,6 +252,7 @@ def _serve(
         if u >= 0.999:
             served = n / u
             res.slo_misses += n - served
+            res.misses_by_model[m.name] = res.misses_by_model.get(m.name, 0.0) + n - served
             delays.append((10.0, n))
             p99[m.name] = 10.0
             served_tokens += served * m.tokens_per_request
@@ -257,7 +260,9 @@ def _serve(
         waits = u ** math.sqrt(2 * (BATCH_SLOTS + 1))  # probability a request waits at all
         rate = BATCH_SLOTS * (1 - u) / BASE_TTFT_S  # of the exponential wait
         slack = max(0.0, sc.slo_ttft_s - BASE_TTFT_S)
-        res.slo_misses += n * waits * math.exp(-rate * slack)
+        missed = n * waits * math.exp(-rate * slack)
+        res.slo_misses += missed
+        res.misses_by_model[m.name] = res.misses_by_model.get(m.name, 0.0) + missed
         delays.append((waits / rate, n))
         p99[m.name] = BASE_TTFT_S + (math.log(100 * waits) / rate if 100 * waits > 1 else 0.0)
         served_tokens += n * m.tokens_per_request
@@ -344,6 +349,8 @@ def simulate(
             res.cold_start_requests += n
             if wait > sc.slo_ttft_s:
                 res.slo_misses += n
+                res.cold_start_misses += n
+                res.misses_by_model[name] = res.misses_by_model.get(name, 0.0) + n
             delays.append((min(wait, 600.0), n))
         p99 = _serve(sc, fleet, rates, ready, step_s, res, delays)
         used_devices: dict[str, int] = {}
@@ -499,6 +506,8 @@ def nine_models_summary(results: Mapping[str, Result]) -> list[dict[str, Any]]:
                 "requests": round(r.requests),
                 "slo_misses": round(r.slo_misses),
                 "slo_miss_rate": round(r.slo_miss_rate, 5),
+                "slo_misses_in_cold_starts": round(r.cold_start_misses),
+                "slo_misses_by_model": {k: round(v) for k, v in sorted(r.misses_by_model.items())},
                 "cold_starts": r.cold_starts,
                 "queue_delay_mean_s": round(r.queue_delay_mean_s, 4),
                 "queue_delay_p99_s": round(r.queue_delay_p99_s, 3),

@@ -259,10 +259,21 @@ def test_offloaded_model_is_restored_where_it_waits_and_the_other_is_demoted() -
     assert plan.offloads == {"b": {"y": HOST}}
 
 
-def test_scaled_to_zero_offloaded_model_is_dropped() -> None:
-    snap = ClusterSnapshot(
-        nodes=(NodeView("a", 10 * GiB, host_capacity_bytes=8 * GiB),),
-        models=(model("idle", 6, wanted=0),),
-        offloaded={"a": {"idle": HOST}},
-    )
-    assert place(snap).offloads == {}
+def test_scaled_to_zero_model_waits_in_cpu_ram_only_while_there_is_room() -> None:
+    def plan_for(
+        host_gib: float, current: dict[str, frozenset[str]], off: dict[str, dict[str, int]]
+    ) -> Plan:
+        return place(
+            ClusterSnapshot(
+                nodes=(NodeView("a", 10 * GiB, host_capacity_bytes=int(host_gib * GiB)),),
+                models=(model("idle", 6, wanted=0), model("busy", 6, wanted=1, last_used=9)),
+                current=current,
+                offloaded=off,
+            )
+        )
+
+    # Leaving the GPU after its idle timeout, it waits in CPU RAM (a restore beats a reload) ...
+    assert plan_for(8, {"a": frozenset({"idle"})}, {}).offloads == {"a": {"idle": HOST}}
+    # ... unless the host budget has no room: then it is dropped, never sent to disk.
+    assert plan_for(4, {"a": frozenset({"idle"})}, {}).offloads == {}
+    assert plan_for(8, {}, {"a": {"idle": DISK}}).offloads == {}
