@@ -43,6 +43,16 @@ def test_two_models_on_one_gpu_get_shares_that_add_up() -> None:
     assert shares == [0.375, 0.5] and sum(shares) <= 0.95
 
 
+def test_a_gang_placement_becomes_tensor_parallelism() -> None:
+    s = spec()
+    s.gpus_per_replica = 2
+    plan = plan_engine(
+        s, EngineConfig(memory_budget_bytes=20 * GIB, device_total_bytes=GPU), False, False, 0
+    )
+    assert plan.kwargs["tensor_parallel_size"] == 2
+    assert plan.kwargs["gpu_memory_utilization"] == 0.125  # 20 GiB over two 80 GiB GPUs
+
+
 def test_without_a_grant_the_spec_sizes_the_share() -> None:
     plan = plan_engine(spec(), EngineConfig(device_total_bytes=GPU), False, False, 0)
     assert plan.budget_bytes == int(18 * GIB * 1.15)

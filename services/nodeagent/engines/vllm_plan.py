@@ -75,6 +75,8 @@ def plan_engine(
     }
     if spec.max_model_len:
         kwargs["max_model_len"] = spec.max_model_len
+    if spec.gpus_per_replica > 1:  # the scheduler placed a gang: one shard per GPU
+        kwargs["tensor_parallel_size"] = spec.gpus_per_replica
     for key, value in args.items():
         kind = PASSTHROUGH.get(key)
         if kind is None:
@@ -94,7 +96,7 @@ def plan_engine(
         if utilization:
             fraction = float(utilization)  # an operator's explicit choice wins
         elif total:
-            fraction = budget / total
+            fraction = budget / max(1, spec.gpus_per_replica) / total  # per GPU of a gang
         else:
             raise ValueError("the device's memory size is unknown: cannot size vLLM's share")
         if not MIN_UTILIZATION <= fraction <= MAX_UTILIZATION:
