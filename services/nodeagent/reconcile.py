@@ -30,6 +30,8 @@ from meshserve.validation import GenerationParams
 from meshserve.weights import predict_weight_bytes
 
 log = logging.getLogger(__name__)
+STATS_INTERVAL_S = 1.0  # engine stats → ReplicaStatus (only when they moved)
+NODE_INTERVAL_S = 2.0  # node status refresh check
 _tracer = tracer(__name__)
 
 S = cluster_pb2
@@ -479,14 +481,18 @@ class Reconciler:
             log.info("publishing node status failed (%s); will retry", type(e).__name__)
 
     async def _node_loop(self) -> None:
+        tick = 0
         while True:
-            await asyncio.sleep(2.0)
-            await self.publish_node()
+            await asyncio.sleep(STATS_INTERVAL_S)
+            tick += 1
+            if tick % round(NODE_INTERVAL_S / STATS_INTERVAL_S) == 0:
+                await self.publish_node()
             await self._publish_stats()
 
     async def _publish_stats(self) -> None:
-        """Engine load into ReplicaStatus, at most every 2 s and only when it moved: at most
-        0.5 writes/s per replica, so etcd sees O(replicas) small writes, not one per request."""
+        """Engine load into ReplicaStatus, at most every STATS_INTERVAL_S and only when it moved:
+        at most one write/s per replica, so etcd sees O(replicas) small writes, not one per
+        request."""
         for r in list(self.replicas.values()):
             if r.engine is None or not r.ready:
                 continue

@@ -51,17 +51,20 @@ def vllm_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def vmesh(
-    tmp_path_factory: pytest.TempPathFactory, demo_model: Path, vllm_python: str
-) -> Iterator[Mesh]:
+def vmesh(tmp_path_factory: pytest.TempPathFactory, vllm_python: str) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("vllm")
+    from meshserve.demo_model import build_demo_model
+
+    # Wider than the demo (hidden 256, 4 layers, heads of 64) so a long stream lasts seconds,
+    # long enough to be seen running and cancelled mid-way; still random weights, built here.
+    model = build_demo_model(root / "model", hidden=256, layers=4, intermediate=512)
     m = Mesh(root, lease_ttl_s=3)
     try:
         m.start_etcd()
         m.start_scheduler()
         m.start_agent(AGENT, threads=1, python=vllm_python, timeout_s=180)
         m.start_router()
-        spec = model_spec(MODEL, demo_model, engine="vllm", min_replicas=1, max_model_len=2048)
+        spec = model_spec(MODEL, model, engine="vllm", min_replicas=1, max_model_len=2048)
         asyncio.run(apply(m, spec))
         asyncio.run(eventually(lambda: _state(m, S.REPLICA_STATE_READY), 240, "vLLM replica READY"))
         yield m

@@ -27,9 +27,10 @@ import grpc
 import torch
 from meshserve.nodeagent.engines import flat
 from meshserve.nodeagent.engines.base import Chunk, EngineConfig, EngineStats
+from meshserve.nodeagent.engines.prompts import not_serving, prompt_ids
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
-from meshserve.validation import GenerationParams, context_too_long
+from meshserve.validation import GenerationParams
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
@@ -225,18 +226,6 @@ class TorchEngine:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def _encode(self, prompt: str, messages: Sequence[inference_pb2.ChatMessage]) -> list[int]:
-        if messages:
-            turns = [{"role": m.role, "content": m.content} for m in messages]
-            if self._tok.chat_template:
-                prompt = self._tok.apply_chat_template(
-                    turns, tokenize=False, add_generation_prompt=True
-                )
-            else:
-                prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-        ids: list[int] = self._tok(prompt, add_special_tokens=True)["input_ids"]
-        return ids
-
     async def generate(
         self,
         prompt: str,
@@ -250,14 +239,7 @@ class TorchEngine:
                 f"model {self._name!r} serves embeddings only: call Embed",
                 "WRONG_TASK",
             )
-        if len(prompt) + sum(len(m.content) for m in messages) > 20_000:
-            ids = await asyncio.to_thread(self._encode, prompt, messages)
-        else:
-            ids = self._encode(prompt, messages)
-        if not ids:
-            ids = [self._tok.bos_token_id or self._tok.eos_token_id or 0]
-        if len(ids) + params.max_tokens > self._max_len:
-            raise context_too_long(len(ids), params.max_tokens, self._max_len)
+        ids = await prompt_ids(self._tok, prompt, messages, params.max_tokens, self._max_len)
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(self._device).manual_seed(params.seed)
@@ -291,13 +273,7 @@ class TorchEngine:
 
     def _check_serving(self) -> None:
         if self._model is None or self._stopping or self._tier != DEVICE:
-            where = "offloaded" if self._tier in (HOST, DISK) else "not loaded"
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"model {self._name!r} is {where} here",
-                "NOT_LOADED",
-                retry_after_s=1.0,
-            )
+            raise not_serving(self._name, self._tier)
 
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         self._check_serving()

@@ -29,16 +29,17 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from meshserve.nodeagent.engines.base import Chunk, EngineConfig, EngineStats
+from meshserve.nodeagent.engines.prompts import not_serving, prompt_ids
 from meshserve.nodeagent.engines.vllm_plan import GIB, VllmPlan, plan_engine
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
-from meshserve.validation import GenerationParams, context_too_long
+from meshserve.validation import GenerationParams
 from meshserve.weights import predict_weight_bytes
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -220,30 +221,11 @@ class VllmEngine:
 
     def _check_serving(self) -> None:
         if self._llm is None or self._tier != DEVICE:
-            where = "offloaded" if self._tier in (HOST, DISK) else "not loaded"
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"model {self._name!r} is {where} here",
-                "NOT_LOADED",
-                retry_after_s=1.0,
-            )
+            raise not_serving(self._name, self._tier)
 
     @property
     def _name(self) -> str:
         return self._spec.name if self._spec is not None else ""
-
-    def _encode(self, prompt: str, messages: Sequence[inference_pb2.ChatMessage]) -> list[int]:
-        if messages:
-            turns = [{"role": m.role, "content": m.content} for m in messages]
-            if getattr(self._tok, "chat_template", None):
-                ids = self._tok.apply_chat_template(
-                    turns, tokenize=True, add_generation_prompt=True
-                )
-                if isinstance(ids, Mapping):  # tokenizers that return a BatchEncoding
-                    ids = ids["input_ids"]
-                return list(ids)
-            prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-        return list(self._tok(prompt, add_special_tokens=True)["input_ids"])
 
     async def generate(
         self,
@@ -252,14 +234,7 @@ class VllmEngine:
         params: GenerationParams,
     ) -> AsyncIterator[Chunk]:
         self._check_serving()
-        if len(prompt) + sum(len(m.content) for m in messages) > 20_000:
-            ids = await asyncio.to_thread(self._encode, prompt, messages)
-        else:
-            ids = self._encode(prompt, messages)
-        if not ids:
-            ids = [self._tok.bos_token_id or self._tok.eos_token_id or 0]
-        if len(ids) + params.max_tokens > self._max_len:
-            raise context_too_long(len(ids), params.max_tokens, self._max_len)
+        ids = await prompt_ids(self._tok, prompt, messages, params.max_tokens, self._max_len)
         request_id = uuid.uuid4().hex
         stream = self._llm.generate({"prompt_token_ids": ids}, sampling_params(params), request_id)
         self._in_flight += 1
