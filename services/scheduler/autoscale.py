@@ -3,11 +3,11 @@ rounds, the simulator keeps it in virtual time).
 
 recommendation = max(⌈rate / target_rps⌉, ⌈in_flight / target_in_flight⌉, 1 while anything is
 queued, in flight or was requested within the idle timeout), +1 while the TTFT p99 is above the
-model's SLO; clamped to [min_replicas, max_replicas]. Up at once (after a short cooldown, so one
-burst adds one step at a time); down only after the recommendation stayed lower for
-`scale_down_delay_s` (Kubernetes HPA's stabilization window), to the highest recommendation seen in
-that window. Zero after `idle_timeout_s` without requests when min_replicas is 0; the router's
-cold-start path brings it back on the next request.
+model's SLO or while a GPU serving it is saturated; clamped to [min_replicas, max_replicas].
+Up at once (after a short cooldown, so one burst adds one step at a time); down only after the
+recommendation stayed lower for `scale_down_delay_s` (Kubernetes HPA's stabilization window),
+to the highest recommendation seen in that window. Zero after `idle_timeout_s` without requests
+when min_replicas is 0; the router's cold-start path brings it back on the next request.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Load:
     queued: int = 0  # waiting for a replica (cold start)
     last_request: float = 0.0  # s since the epoch; 0 = never
     ttft_p99_s: float = 0.0
+    gpu_utilization: float = 0.0  # the busiest GPU among the model's replicas, [0, 1]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ScalePolicy:
     target_rps: float = 0.0  # 0: not used
     target_in_flight: int = 0  # 0: not used
     slo_ttft_s: float = 0.0  # 0: no SLO
+    busy_gpu: float = 0.95  # a replica's GPU busier than this adds a replica (0: off)
     idle_timeout_s: float = DEFAULT_IDLE_S
     scale_down_delay_s: float = DEFAULT_DOWN_DELAY_S
 
@@ -59,6 +61,8 @@ def recommend(policy: ScalePolicy, load: Load, current: int, now: float) -> int:
         want = max(want, math.ceil(load.in_flight / policy.target_in_flight))
     if policy.slo_ttft_s > 0 and current > 0 and load.ttft_p99_s > policy.slo_ttft_s:
         want = max(want, current + 1)
+    if policy.busy_gpu > 0 and current > 0 and active and load.gpu_utilization > policy.busy_gpu:
+        want = max(want, current + 1)  # saturated GPUs queue requests before latency shows it
     return clamp(policy, want)
 
 
@@ -104,5 +108,6 @@ def merge(loads: Iterable[Load]) -> Load:
             out.queued + x.queued,
             max(out.last_request, x.last_request),
             max(out.ttft_p99_s, x.ttft_p99_s),
+            max(out.gpu_utilization, x.gpu_utilization),
         )
     return out

@@ -21,7 +21,7 @@ from meshserve.scheduler.autoscale import ScaleState
 from meshserve.scheduler.config import SchedulerConfig
 from meshserve.scheduler.placement import ModelDecision, Plan, place
 from meshserve.scheduler.profile import Profile
-from meshserve.scheduler.snapshot import autoscale, build_snapshot, loads
+from meshserve.scheduler.snapshot import autoscale, build_snapshot, gpu_busy, loads
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import cluster_pb2
@@ -150,7 +150,9 @@ class SchedulerLoop:
                 if p.tier in (cluster_pb2.TIER_UNSPECIFIED, cluster_pb2.TIER_DEVICE):
                     placed[p.model] = placed.get(p.model, 0) + 1
             demand = list(self.demand.snapshot.values())
-            self.scale = autoscale(specs, loads(demand, self.ensured), self.scale, placed, now)
+            busy = gpu_busy(self.nodes.snapshot.values(), self.placements.snapshot.values())
+            load = loads(demand, self.ensured, busy)
+            self.scale = autoscale(specs, load, self.scale, placed, now)
             snap = build_snapshot(
                 specs,
                 self.nodes.snapshot.values(),

@@ -31,10 +31,26 @@ def scale_policy(spec: cluster_pb2.ModelSpec) -> ScalePolicy:
     )
 
 
+def gpu_busy(
+    nodes: Iterable[cluster_pb2.NodeStatus], placements: Iterable[cluster_pb2.Placement]
+) -> dict[str, float]:
+    """Per model, the utilization of the busiest GPU its placements name (NVML's sample)."""
+    util = {g.uuid: g.utilization for n in nodes for g in n.gpus}
+    out: dict[str, float] = {}
+    for p in placements:
+        for d in p.devices:
+            if d in util:
+                out[p.model] = max(out.get(p.model, 0.0), util[d])
+    return out
+
+
 def loads(
-    demand: Iterable[cluster_pb2.RouterDemand], ensured: Mapping[str, float]
+    demand: Iterable[cluster_pb2.RouterDemand],
+    ensured: Mapping[str, float],
+    busy: Mapping[str, float] | None = None,
 ) -> dict[str, Load]:
-    """Per model, every router's demand merged; an EnsureModel counts as a request at its time."""
+    """Per model, every router's demand merged; an EnsureModel counts as a request at its time;
+    ``busy`` (from `gpu_busy`) adds GPU saturation."""
     per: dict[str, list[Load]] = defaultdict(list)
     for router in demand:
         for d in router.models:
@@ -49,6 +65,8 @@ def loads(
             )
     for model, at in ensured.items():
         per[model].append(Load(last_request=at))
+    for model, u in (busy or {}).items():
+        per[model].append(Load(gpu_utilization=u))
     return {m: merge(xs) for m, xs in per.items()}
 
 

@@ -31,6 +31,9 @@ def test_recommendation_from_rate_concurrency_and_slo() -> None:
     slo = ScalePolicy(slo_ttft_s=0.5, max_replicas=5)
     assert recommend(slo, Load(in_flight=1, ttft_p99_s=0.9), 2, now=0) == 3  # SLO missed: +1
     assert recommend(ScalePolicy(min_replicas=2), Load(), 0, now=0) == 2
+    hot = Load(in_flight=3, gpu_utilization=0.99)
+    assert recommend(ScalePolicy(max_replicas=5), hot, 2, now=0) == 3  # saturated GPU: +1
+    assert recommend(ScalePolicy(max_replicas=5, busy_gpu=0), hot, 2, now=0) == 1
 
 
 def run(loads_by_second: list[Load]) -> list[int]:
