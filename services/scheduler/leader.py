@@ -210,6 +210,13 @@ class SchedulerLoop:
             if decision.verdicts or decision.unschedulable or not decision.placed_on:
                 self.explained[name] = (decision, self.decided_at)
         metrics.SCHEDULER_ROUNDS.labels("ok").inc()
+        metrics.SCHEDULER_LOADS.inc(plan.moves)
+        for victim, _node in plan.evictions:
+            metrics.SCHEDULER_EVICTIONS.labels(victim).inc()
+        for name, state in self.scale.items():
+            metrics.WANTED_REPLICAS.labels(name).set(state.replicas)
+        for name, decision in plan.decisions.items():
+            metrics.UNSCHEDULABLE.labels(name).set(1 if decision.unschedulable else 0)
         metrics.SCHEDULER_ROUND_SECONDS.observe(time.perf_counter() - started)
         done, self._round_done = self._round_done, asyncio.Event()
         done.set()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -41,8 +43,20 @@ SCHEDULER_ROUND_SECONDS = Histogram(
     "meshserve_scheduler_round_seconds", "Scheduling round time", buckets=_LATENCY
 )
 
+SCHEDULER_EVICTIONS = Counter(
+    "meshserve_scheduler_evictions_total", "Replicas evicted to make room", ["model"]
+)
+SCHEDULER_LOADS = Counter("meshserve_scheduler_loads_total", "Replicas newly placed (loads)")
+WANTED_REPLICAS = Gauge(
+    "meshserve_scheduler_wanted_replicas", "Replicas the autoscaler asks for", ["model"]
+)
+UNSCHEDULABLE = Gauge(
+    "meshserve_scheduler_unschedulable", "1 while a model has a replica it cannot place", ["model"]
+)
+
 
 def serve_metrics(port: int) -> None:
-    """Serves /metrics on ``port`` (0: disabled)."""
+    """Serves /metrics on ``port`` (0: disabled), on loopback unless MESHSERVE_METRICS_HOST says
+    otherwise (0.0.0.0 in a pod, so Prometheus can scrape it)."""
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=os.environ.get("MESHSERVE_METRICS_HOST", "127.0.0.1"))

@@ -1,0 +1,96 @@
+"""Writes deploy/grafana/meshserve.json, the Grafana dashboard for meshserve's Prometheus metrics.
+
+    python scripts/gen_dashboard.py
+
+Panels are written here as (title, PromQL, unit) so the JSON stays consistent; a test checks
+that every metric a panel uses is one services/telemetry/metrics.py exports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "meshserve.json"
+
+ROWS: list[tuple[str, list[tuple[str, str, str]]]] = [
+    (
+        "Requests (router)",
+        [
+            ("Requests/s by model", 'sum by (model) (rate(meshserve_requests_total{service="router"}[1m]))', "reqps"),
+            ("Errors/s by status", 'sum by (code) (rate(meshserve_requests_total{service="router", code!="OK"}[1m]))', "reqps"),
+            ("TTFT p99", 'histogram_quantile(0.99, sum by (le, model) (rate(meshserve_time_to_first_token_seconds_bucket{service="router"}[5m])))', "s"),
+            ("Inter-token p99", 'histogram_quantile(0.99, sum by (le, model) (rate(meshserve_inter_token_seconds_bucket[5m])))', "s"),
+            ("Streams in flight", "sum by (model) (meshserve_in_flight)", "short"),
+            ("Cold-start queue", "sum by (model) (meshserve_router_queued)", "short"),
+            ("Retries/s", "sum by (model) (rate(meshserve_router_retries_total[1m]))", "reqps"),
+            ("Tokens/s", "sum by (model) (rate(meshserve_generated_tokens_total[1m]))", "short"),
+        ],
+    ),
+    (
+        "GPUs (node agents)",
+        [
+            ("GPU memory used", "sum by (gpu) (meshserve_gpu_memory_used_bytes)", "bytes"),
+            ("GPU utilization", "avg by (gpu) (meshserve_gpu_utilization_ratio)", "percentunit"),
+            ("Model load time p90", "histogram_quantile(0.9, sum by (le, model) (rate(meshserve_model_load_seconds_bucket[30m])))", "s"),
+            ("Tier change time p90", "histogram_quantile(0.9, sum by (le, model) (rate(meshserve_tier_change_seconds_bucket[30m])))", "s"),
+        ],
+    ),
+    (
+        "Scheduler",
+        [
+            ("Rounds/s by outcome", "sum by (outcome) (rate(meshserve_scheduler_rounds_total[5m]))", "short"),
+            ("Round time p99", "histogram_quantile(0.99, sum by (le) (rate(meshserve_scheduler_round_seconds_bucket[5m])))", "s"),
+            ("Wanted replicas", "max by (model) (meshserve_scheduler_wanted_replicas)", "short"),
+            ("Evictions/min", "sum by (model) (rate(meshserve_scheduler_evictions_total[5m])) * 60", "short"),
+            ("Loads/min", "sum(rate(meshserve_scheduler_loads_total[5m])) * 60", "short"),
+            ("Unschedulable models", "max by (model) (meshserve_scheduler_unschedulable)", "short"),
+        ],
+    ),
+]  # fmt: skip
+
+
+def dashboard() -> dict[str, object]:
+    panels: list[dict[str, object]] = []
+    y = 0
+    pid = 1
+    for row_title, row in ROWS:
+        panels.append({"type": "row", "title": row_title, "id": pid, "collapsed": False,
+                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}})  # fmt: skip
+        pid += 1
+        y += 1
+        for i, (title, expr, unit) in enumerate(row):
+            panels.append(
+                {
+                    "type": "timeseries",
+                    "title": title,
+                    "id": pid,
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "gridPos": {"h": 8, "w": 12, "x": (i % 2) * 12, "y": y + (i // 2) * 8},
+                    "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                    "targets": [{"refId": "A", "expr": expr, "legendFormat": "__auto"}],
+                }
+            )
+            pid += 1
+        y += ((len(row) + 1) // 2) * 8
+    return {
+        "title": "meshserve",
+        "uid": "meshserve",
+        "schemaVersion": 39,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "templating": {
+            "list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]
+        },
+        "panels": panels,
+    }
+
+
+def main() -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(dashboard(), indent=2) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""deploy/ stays true to the code: manifests parse, every flag a container passes exists on that
+`meshserve` command, every env var it sets is one the command reads, probes name our gRPC
+services, Service ports reach container ports, and every metric the dashboard and the alerts use
+is one services/telemetry/metrics.py exports. (No cluster here: this is what can be checked.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+SERVICES = {
+    "scheduler": "meshserve.v1.Scheduler",
+    "router": "meshserve.v1.Inference",
+    "agent": "meshserve.v1.NodeAgent",
+}
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def containers() -> list[dict[str, Any]]:
+    out = []
+    for d in manifests():
+        spec = d.get("spec", {}).get("template", {}).get("spec", {})
+        out += [c for c in spec.get("containers", []) if c.get("image", "").startswith("meshserve")]
+    return out
+
+
+@cache
+def help_text(command: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshserve", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_every_manifest_parses_and_kustomize_lists_them() -> None:
+    kinds = {d["kind"] for d in manifests()}
+    assert {"Deployment", "DaemonSet", "StatefulSet", "Service", "ConfigMap"} <= kinds
+    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+
+
+def test_container_flags_and_env_exist_on_the_command() -> None:
+    seen = set()
+    for c in containers():
+        command, *flags = c["args"]
+        seen.add(command)
+        text = help_text(command)
+        for flag in flags:
+            name = flag.split("=", 1)[0]
+            assert re.search(rf"{re.escape(name)}\b", text), f"{command} has no {name}"
+        for env in c.get("env", []):
+            if env["name"].startswith("MESHSERVE_") and env["name"] != "MESHSERVE_METRICS_HOST":
+                assert env["name"] in text, f"{command} reads no {env['name']}"
+    assert seen == set(SERVICES)
+
+
+def test_probes_name_our_grpc_services_on_the_listen_port() -> None:
+    for c in containers():
+        command, *flags = c["args"]
+        listen = next(f for f in flags if f.startswith("--listen="))
+        port = int(listen.rsplit(":", 1)[1])
+        assert c["readinessProbe"]["grpc"] == {"port": port, "service": SERVICES[command]}
+        assert {p["containerPort"] for p in c["ports"]} >= {port}
+        metrics = next(f for f in flags if f.startswith("--metrics-port="))
+        assert int(metrics.split("=")[1]) in {p["containerPort"] for p in c["ports"]}
+
+
+def test_services_reach_a_named_container_port() -> None:
+    docs = manifests()
+    ports = {p["name"] for c in containers() for p in c["ports"]}
+    for d in docs:
+        if d["kind"] == "Service" and d["metadata"]["name"] != "etcd":
+            for p in d["spec"]["ports"]:
+                assert p["targetPort"] in ports
+
+
+def metric_names() -> set[str]:
+    """Every series name the metrics module exports (counters as *_total, histograms as their
+    _bucket/_sum/_count), whether or not a sample was recorded yet."""
+    import meshserve.telemetry.metrics  # noqa: F401 - registers the metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    names = set()
+    for family in REGISTRY.collect():
+        names.add(family.name)
+        names.update(family.name + s for s in suffixes.get(family.type, ()))
+    return names
+
+
+@pytest.mark.parametrize(
+    "source",
+    [DEPLOY / "grafana" / "meshserve.json", DEPLOY / "prometheus" / "scrape.yaml"],
+    ids=["dashboard", "alerts"],
+)
+def test_dashboard_and_alerts_use_only_exported_metrics(source: Path) -> None:
+    exported = metric_names()
+    used = set(re.findall(r"meshserve_[a-z_]+", source.read_text()))
+    assert used, "no meshserve metric found"
+    assert used <= exported, f"not exported: {sorted(used - exported)}"
+
+
+def test_dashboard_is_what_the_generator_writes() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "gen_dashboard", ROOT / "scripts" / "gen_dashboard.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    on_disk = json.loads((DEPLOY / "grafana" / "meshserve.json").read_text())
+    assert on_disk == module.dashboard(), "run python scripts/gen_dashboard.py"
