@@ -439,7 +439,7 @@ async def _status(etcd: str, prefix: str) -> None:
         )
     console.print(t)
     t = Table(title="replicas")
-    for c in ("model", "node", "state", "memory MiB", "load s", "error"):
+    for c in ("model", "node", "state", "tier", "memory MiB", "load s", "running", "KV", "note"):
         t.add_column(c)
     for replica_entry in replicas:
         r = replica_entry.value
@@ -447,13 +447,16 @@ async def _status(etcd: str, prefix: str) -> None:
             r.model,
             r.node_id,
             cluster_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_"),
+            cluster_pb2.Tier.Name(r.tier).removeprefix("TIER_"),
             f"{r.memory_bytes / mib:.1f}",
             f"{r.load_seconds:.2f}",
-            r.error[:60],
+            f"{r.running}+{r.waiting}",
+            f"{r.kv_cache_usage:.0%}",
+            (r.error or r.tier_note)[:60],
         )
     console.print(t)
     t = Table(title="placements")
-    for c in ("node", "model", "tier", "epoch", "reason"):
+    for c in ("node", "model", "tier", "GPUs", "epoch", "reason"):
         t.add_column(c)
     for placement_entry in placements:
         p = placement_entry.value
@@ -461,6 +464,7 @@ async def _status(etcd: str, prefix: str) -> None:
             p.node_id,
             p.model,
             cluster_pb2.Tier.Name(p.tier).removeprefix("TIER_"),
+            ", ".join(d[-12:] for d in p.devices) or "-",
             str(p.epoch),
             p.reason,
         )

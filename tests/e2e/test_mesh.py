@@ -6,6 +6,7 @@ Tests run in file order; the last ones kill processes.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -248,6 +249,18 @@ async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Pa
     )
     assert cli.returncode == 0, cli.stderr
     assert "placed on" in cli.stdout and why.placed_on[0] in cli.stdout
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "meshserve", "status", "--etcd", mesh.etcd.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert status.returncode == 0, status.stderr
+    for table in ("nodes", "models", "replicas", "placements"):
+        assert table in status.stdout
+    assert "lazy" in status.stdout and "READY" in status.stdout and "DEVICE" in status.stdout
 
 
 async def test_health_and_reflection_on_every_server(mesh: Mesh) -> None:
