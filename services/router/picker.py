@@ -1,9 +1,11 @@
 """Ranks the READY replicas of a model for one request (pure).
 
-score = outstanding streams on the replica (fewer first); ejected replicas go last; with a session
-key, the replica that rendezvous hashing assigns to the key goes first unless it carries more than
-AFFINITY_SLACK streams above the least loaded one. The servicer tries them in order, moving on only
-when a replica fails before the first token.
+Order: healthy replicas before ejected ones; replicas whose KV cache is below KV_FULL before nearly
+full ones (a new stream there waits for blocks or preempts one); then by load = streams this router
+has open on the replica + streams its engine reports queued (what other routers sent). With a
+session key, the replica that rendezvous hashing assigns to the key goes first unless it carries
+more than AFFINITY_SLACK streams above the least loaded one. The servicer tries them in order,
+moving on only when a replica fails before the first token.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Set as AbstractSet
 from meshserve.router.table import Endpoint
 
 AFFINITY_SLACK = 4  # streams a session's replica may carry above the least loaded before we move
+KV_FULL = 0.9
 
 
 def rendezvous(key: str, endpoints: Sequence[Endpoint]) -> Endpoint:
@@ -40,7 +43,8 @@ def rank(
         range(n),
         key=lambda i: (
             endpoints[i].address in ejected,
-            outstanding.get(endpoints[i].address, 0),
+            endpoints[i].kv_cache_usage >= KV_FULL,
+            outstanding.get(endpoints[i].address, 0) + endpoints[i].waiting,
             (i - tiebreak) % n,
         ),
     )

@@ -24,6 +24,8 @@ from meshserve.v1 import cluster_pb2
 class Endpoint:
     node_id: str
     address: str  # host:port of the agent
+    waiting: int = 0  # streams queued in the engine (its last ReplicaStatus, all routers')
+    kv_cache_usage: float = 0.0  # [0, 1], engines with a paged KV cache
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def build_table(
     ready: dict[str, list[Endpoint]] = defaultdict(list)
     for r in replicas:
         if r.state == cluster_pb2.REPLICA_STATE_READY and r.address:
-            ready[r.model].append(Endpoint(r.node_id, r.address))
+            ready[r.model].append(Endpoint(r.node_id, r.address, r.waiting, r.kv_cache_usage))
     routes: dict[str, Route] = {}
     aliases: dict[str, str] = {}
     for spec in specs:

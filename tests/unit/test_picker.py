@@ -16,6 +16,16 @@ def test_least_outstanding_first() -> None:
     assert rank([A, B, C], {"h:1": 3, "h:2": 0, "h:3": 1}) == (B, C, A)
 
 
+def test_engine_queue_from_other_routers_counts_as_load() -> None:
+    busy_b = Endpoint("b", "h:2", waiting=6)  # other routers' streams queue in b's engine
+    assert rank([A, busy_b], {"h:1": 2}) == (A, busy_b)
+
+
+def test_nearly_full_kv_cache_goes_after_the_rest() -> None:
+    full_a = Endpoint("a", "h:1", kv_cache_usage=0.95)
+    assert rank([full_a, B], {"h:2": 5}) == (B, full_a)
+
+
 def test_ejected_go_last_even_when_idle() -> None:
     assert rank([A, B], {"h:2": 5}, ejected={"h:1"}) == (B, A)
 
