@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from meshserve.scheduler.placement import ModelView, NodeView, PlanState
+    from meshserve.scheduler.state import PlanState
+    from meshserve.scheduler.views import ModelView, NodeView
 
 UNSCHEDULABLE, UNRESOLVABLE = 1, 2
 HOST, DISK = 2, 3  # meshserve.v1.Tier values (policy stays free of protobuf)

@@ -1,0 +1,55 @@
+"""Where models leave the device for: CPU RAM or local disk on their node (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from meshserve.scheduler.plugins import DISK, HOST
+from meshserve.scheduler.views import ClusterSnapshot, ModelView, NodeView
+
+
+def demote(
+    snap: ClusterSnapshot,
+    models: Mapping[str, ModelView],
+    assign: Mapping[str, frozenset[str]],
+    evictions: list[tuple[str, str]],
+    count: Mapping[str, int],
+) -> dict[str, dict[str, int]]:
+    """Where models off the device wait. Evicted (or already offloaded) models that are still
+    wanted: CPU RAM while the node's host budget allows, else disk; victims of this round first,
+    then older ones. Models scaled to zero: CPU RAM only, with what budget is left (their next
+    request restores in well under a second instead of loading from the source), else nothing."""
+    alive = {n.node_id: n for n in snap.nodes}
+    waiting = sorted((m, n) for n, ms in snap.offloaded.items() for m in ms)
+    idle = sorted(
+        (m, n)
+        for n, ms in snap.current.items()
+        for m in ms
+        if m in models and models[m].wanted == 0
+    )
+    out: dict[str, dict[str, int]] = {}
+    host_used: dict[str, int] = {}
+
+    def room(node: NodeView, m: ModelView) -> bool:
+        return host_used.get(node.node_id, 0) + m.need_bytes <= node.host_capacity_bytes
+
+    for model, node_id in [*evictions, *waiting]:
+        m = models.get(model)
+        node = alive.get(node_id)
+        if m is None or node is None or m.wanted == 0 or model in out.get(node_id, {}):
+            continue  # gone, dead node, scaled to zero (below), or already decided
+        if model in assign.get(node_id, frozenset()) or count.get(model, 0) >= m.wanted:
+            continue  # on the device here, or enough replicas elsewhere
+        tier = HOST if room(node, m) else DISK
+        out.setdefault(node_id, {})[model] = tier
+        if tier == HOST:
+            host_used[node_id] = host_used.get(node_id, 0) + m.need_bytes
+    for model, node_id in [*idle, *waiting]:
+        m = models.get(model)
+        node = alive.get(node_id)
+        if m is None or node is None or m.wanted > 0 or model in out.get(node_id, {}):
+            continue
+        if snap.offloaded.get(node_id, {}).get(model, HOST) == HOST and room(node, m):
+            out.setdefault(node_id, {})[model] = HOST
+            host_used[node_id] = host_used.get(node_id, 0) + m.need_bytes
+    return out
