@@ -148,7 +148,7 @@ class Result:
     gpus_peak: int = 0
     gpu_hours: float = 0.0
     hours: float = 0.0
-    cost_per_month_fixed: float = 0.0  # the peak fleet, all month
+    cost_per_month_fixed: float = 0.0  # the costliest set of GPUs in use at once, all month
     cost_per_month_elastic: float = 0.0  # GPUs paid only while they hold a model
     memory_utilization: float = 0.0  # of the GPUs in use, time-averaged
     compute_utilization: float = 0.0  # tokens served / (GPUs in use x throughput)
@@ -361,6 +361,8 @@ def simulate(
                     used_devices[d] = used_devices.get(d, 0) + share // len(rep.devices)
         gpus = len(used_devices)
         res.gpus_peak = max(res.gpus_peak, gpus)
+        hourly = sum(fleet.devices[d][3] for d in used_devices)
+        res.cost_per_month_fixed = max(res.cost_per_month_fixed, hourly * 730)
         res.gpu_hours += gpus * step_s / 3600
         res.cost_per_month_elastic += sum(fleet.devices[d][3] for d in used_devices) * step_s / 3600
         if used_devices:
@@ -371,8 +373,6 @@ def simulate(
             res.timeline.append((round(t / 3600, 2), gpus))
     res.hours = hours
     days = hours / 24
-    peak_cost = max((v[3] for v in fleet.devices.values()), default=0.0)
-    res.cost_per_month_fixed = res.gpus_peak * peak_cost * 730
     res.cost_per_month_elastic = res.cost_per_month_elastic / days * 730 / 24
     res.memory_utilization = mem_util_sum / steps if steps else 0.0
     served = res.served_tokens
