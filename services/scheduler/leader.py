@@ -177,6 +177,27 @@ class SchedulerLoop:
             )
             unplaced = [d.model for d in plan.decisions.values() if d.unschedulable]
             span.set_attribute("meshserve.unschedulable", unplaced)
+            # What on-call asks of a round: who was evicted, placed, or left out, and why.
+            for victim, node_id in plan.evictions:
+                span.add_event("evict", {"gen_ai.request.model": victim, "meshserve.node": node_id})
+            for _key, p in puts:
+                span.add_event(
+                    "place",
+                    {
+                        "gen_ai.request.model": p.model,
+                        "meshserve.node": p.node_id,
+                        "meshserve.tier": cluster_pb2.Tier.Name(p.tier),
+                        "meshserve.reason": p.reason,
+                    },
+                )
+            for name in unplaced:
+                span.add_event(
+                    "unschedulable",
+                    {
+                        "gen_ai.request.model": name,
+                        "meshserve.reason": plan.decisions[name].unschedulable[:500],
+                    },
+                )
             ops = [*((k, v) for k, v in puts), *((k, None) for k in deletes)]
             for i in range(0, max(len(ops), 1), MAX_TXN_OPS):
                 batch = ops[i : i + MAX_TXN_OPS]

@@ -263,6 +263,27 @@ async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Pa
     assert "lazy" in status.stdout and "READY" in status.stdout and "DEVICE" in status.stdout
 
 
+async def test_scheduling_rounds_are_traced_with_their_decisions(mesh: Mesh) -> None:
+    trace_dir = mesh.trace_dir
+    assert trace_dir is not None
+
+    def placements_of_demo() -> list[dict[str, Any]]:
+        return [
+            e
+            for s in read_spans(trace_dir)
+            if s["name"] == "scheduler.round"
+            for e in s.get("events", [])
+            if e["name"] == "place" and e["attributes"].get("gen_ai.request.model") == "demo"
+        ]
+
+    events = await eventually(
+        placements_of_demo, 10, "a scheduler.round span with demo's placement"
+    )
+    attributes = events[0]["attributes"]
+    assert attributes["meshserve.node"].startswith("agent-")
+    assert attributes["meshserve.tier"] == "TIER_DEVICE" and attributes["meshserve.reason"]
+
+
 async def test_health_and_reflection_on_every_server(mesh: Mesh) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
