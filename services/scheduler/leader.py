@@ -21,7 +21,13 @@ from meshserve.scheduler.autoscale import ScaleState
 from meshserve.scheduler.config import SchedulerConfig
 from meshserve.scheduler.placement import ModelDecision, Plan, place
 from meshserve.scheduler.profile import Profile
-from meshserve.scheduler.snapshot import autoscale, build_snapshot, gpu_busy, loads
+from meshserve.scheduler.snapshot import (
+    autoscale,
+    build_snapshot,
+    gpu_busy,
+    loads,
+    placed_replicas,
+)
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import cluster_pb2
@@ -145,23 +151,14 @@ class SchedulerLoop:
         with _tracer.start_as_current_span("scheduler.round", links=links) as span:
             now = time.time()
             specs = list(self.models.snapshot.values())
-            placed: dict[str, int] = {}
-            for p in self.placements.snapshot.values():
-                if p.tier in (cluster_pb2.TIER_UNSPECIFIED, cluster_pb2.TIER_DEVICE):
-                    placed[p.model] = placed.get(p.model, 0) + 1
-            demand = list(self.demand.snapshot.values())
-            busy = gpu_busy(self.nodes.snapshot.values(), self.placements.snapshot.values())
-            load = loads(demand, self.ensured, busy)
+            nodes = list(self.nodes.snapshot.values())
+            placements = list(self.placements.snapshot.values())
+            busy = gpu_busy(nodes, placements)
+            load = loads(self.demand.snapshot.values(), self.ensured, busy)
+            placed = placed_replicas(placements)
             self.scale = autoscale(specs, load, self.scale, placed, now)
             snap = build_snapshot(
-                specs,
-                self.nodes.snapshot.values(),
-                self.replicas.snapshot.values(),
-                self.placements.snapshot.values(),
-                demand,
-                self.ensured,
-                now,
-                self.scale,
+                specs, nodes, self.replicas.snapshot.values(), placements, load, self.scale
             )
             plan = place(snap, self.profile)
             puts, deletes = self._diff(plan, lead.token)

@@ -88,28 +88,25 @@ def autoscale(
     return out
 
 
+def placed_replicas(placements: Iterable[cluster_pb2.Placement]) -> dict[str, int]:
+    """Per model, the replicas placed on a device (offloaded ones do not count)."""
+    placed: dict[str, int] = defaultdict(int)
+    for p in placements:
+        if p.tier in (cluster_pb2.TIER_UNSPECIFIED, cluster_pb2.TIER_DEVICE):
+            placed[p.model] += 1
+    return dict(placed)
+
+
 def build_snapshot(
     models: Iterable[cluster_pb2.ModelSpec],
     nodes: Iterable[cluster_pb2.NodeStatus],
     replicas: Iterable[cluster_pb2.ReplicaStatus],
     placements: Iterable[cluster_pb2.Placement],
-    demand: Iterable[cluster_pb2.RouterDemand],
-    ensured: Mapping[str, float],
-    now: float,
-    scale: Mapping[str, ScaleState] | None = None,
+    load: Mapping[str, Load],
+    scale: Mapping[str, ScaleState],
 ) -> ClusterSnapshot:
-    """``now`` and ``ensured`` (model → time of its last EnsureModel) are in s since the epoch.
-    ``scale`` is the autoscaler's output for this round; without it, one autoscaler step from
-    the placed replicas is taken."""
-    models = list(models)
-    placements = list(placements)
-    load = loads(demand, ensured)
-    placed: dict[str, int] = defaultdict(int)
-    for p in placements:
-        if p.tier in (cluster_pb2.TIER_UNSPECIFIED, cluster_pb2.TIER_DEVICE):
-            placed[p.model] += 1
-    if scale is None:
-        scale = autoscale(models, load, {}, placed, now)
+    """``load`` is this round's merged demand (`loads`), ``scale`` the autoscaler's output for
+    it (`autoscale`): the snapshot takes wanted replicas, recency and request rates from them."""
     measured: dict[str, int] = defaultdict(int)
     failed: set[tuple[str, str]] = set()
     for r in replicas:
