@@ -29,7 +29,11 @@ def evict_for(placer: Placer, m: ModelView) -> tuple[str, tuple[int, ...], float
             load = st.load[d]
             cap = st.throughput[d] * placer.profile.compute_target
             victims = sorted(
-                (st.models[x] for x in st.dev_models[d] if may_evict(st.models[x], m, st.count[x])),
+                (
+                    st.models[x]
+                    for x in st.dev_models[d]
+                    if may_evict(st.models[x], m, st.replicas(x))
+                ),
                 key=lambda v: (
                     *placer.order(v, wait_tier(placer, v, node), placer.profile.reload),
                     v.name,

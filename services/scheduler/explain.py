@@ -32,13 +32,13 @@ def verdicts_of(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
             )
             continue
         devices = st.best_devices(m, node_id) or ()
-        scores = placer._score(m, node_id, devices)
+        scores = placer.scores(m, node_id, devices)
         out.append(
             Verdict(
                 node_id,
                 True,
                 f"fits: {mib(free)} free",
-                round(placer._total(scores), 4),
+                round(placer.total(scores), 4),
                 free,
                 scores={k: round(v, 4) for k, v in scores.items()},
             )
@@ -48,7 +48,7 @@ def verdicts_of(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
 
 def sweep_verdicts(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
     """Large fleets: the nodes the last search met (rejected on the way, then scored)."""
-    rejected, scored = placer._sweep
+    rejected, scored = placer.sweep
     out = [
         Verdict(n, False, r.reason, filter=r.filter, unresolvable=r.code == UNRESOLVABLE)
         for n, r in rejected.items()
@@ -58,7 +58,7 @@ def sweep_verdicts(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
 
 
 def mark_evictions(
-    placer: Placer, verdicts: tuple[Verdict, ...], node_id: str, m: ModelView
+    placer: Placer, verdicts: tuple[Verdict, ...], node_id: str
 ) -> tuple[Verdict, ...]:
     """The node chosen by eviction: its verdict says whom it evicts."""
     evicted = tuple(v for v, n in placer.evictions if n == node_id)

@@ -102,7 +102,7 @@ class Placer:
         self.shed: list[tuple[str, str]] = []
         self.evicted: set[str] = set()
         self.decisions: dict[str, ModelDecision] = {}
-        self._sweep: tuple[dict[str, Rejection], list[tuple[str, float]]] = ({}, [])
+        self.sweep: tuple[dict[str, Rejection], list[tuple[str, float]]] = ({}, [])
         self.moves = 0
         self.full = False  # a full re-plan: nothing was placed before this round
 
@@ -113,7 +113,7 @@ class Placer:
         self._keep_current()
         # Surplus replicas go first from the fullest node.
         for m in st.models.values():
-            while st.count[m.name] > m.wanted:
+            while st.replicas(m.name) > m.wanted:
                 holders = [n for n in st.nodes if m.name in st.node_models[n]]
                 victim = max(holders, key=lambda n: (st.used(n), n))
                 st.unbind(m.name, victim)
@@ -128,7 +128,6 @@ class Placer:
                 self.evictions.append((victim, st.dev_node[d]))
                 self.shed.append((victim, st.dev_node[d]))
                 self.evicted.add(victim)
-        self.evicted.update(m for m, _ in self.evictions)
         full = self.full = not any(snap.current.values())
         for m in sorted(st.models.values(), key=self._order_key):
             self._place_model(m)
@@ -137,7 +136,7 @@ class Placer:
         # Victims placed nowhere else get a decision saying so.
         for victim, node_id in self.evictions:
             dec = self.decisions.get(victim)
-            if dec is not None and st.count[victim] < st.models[victim].wanted:
+            if dec is not None and st.replicas(victim) < st.models[victim].wanted:
                 why = f"evicted from {node_id} for a model that needed the room; no room elsewhere"
                 self.decisions[victim] = ModelDecision(victim, dec.placed_on, dec.verdicts, why)
         return self.plan()
@@ -156,7 +155,8 @@ class Placer:
         st = self.st
         assignments = {n: frozenset(ms) for n, ms in st.node_models.items() if ms}
         devices = {k: tuple(st.dev_id[d] for d in v) for k, v in st.placed.items()}
-        offloads = demote(self.snap, st.models, assignments, self.evictions, st.count)
+        counts = {m: len(ns) for m, ns in st.model_nodes.items()}
+        offloads = demote(self.snap, st.models, assignments, self.evictions, counts)
         return Plan(
             assignments,
             dict(self.decisions),
@@ -170,7 +170,6 @@ class Placer:
     def add_model(self, m: ModelView) -> ModelDecision:
         """Places a model that was not in the snapshot (incremental placement)."""
         self.st.models[m.name] = m
-        self.st.count.setdefault(m.name, 0)
         self._place_model(m)
         return self.decisions[m.name]
 
@@ -206,7 +205,7 @@ class Placer:
         reason, unresolvable = "", False
         small = len(st.nodes) <= self.profile.explain_nodes
         searched = False
-        while st.count[m.name] < m.wanted:
+        while st.replicas(m.name) < m.wanted:
             if small:  # what Explain shows: every node as this replica saw it
                 verdicts = explain.verdicts_of(self, m)
             chosen = self.choose(m)
@@ -220,7 +219,7 @@ class Placer:
                 break
             searched = True
             if verdicts and chosen[0] not in {v.node_id for v in verdicts if v.feasible}:
-                verdicts = explain.mark_evictions(self, verdicts, chosen[0], m)
+                verdicts = explain.mark_evictions(self, verdicts, chosen[0])
             node_id, devices, _score = chosen
             st.bind(m, node_id, devices)
             self.moves += 1
@@ -239,19 +238,14 @@ class Placer:
                 return r
         return None
 
-    def _score(self, m: ModelView, node_id: str, devices: tuple[int, ...]) -> dict[str, float]:
+    def scores(self, m: ModelView, node_id: str, devices: tuple[int, ...]) -> dict[str, float]:
+        """Each scorer's value in [0, 1] for placing ``m`` on ``devices`` of the node."""
         node = self.st.nodes[node_id]
         return {s.name: s.score(m, node, devices, self.st) for s, _w in self.scorers}
 
-    def _total(self, scores: Mapping[str, float]) -> float:
+    def total(self, scores: Mapping[str, float]) -> float:
+        """The weighted mean of ``scores`` (the profile's weights)."""
         return sum(scores[s.name] * w for s, w in self.scorers) / self.weight_sum
-
-    def _weighted(self, m: ModelView, node_id: str, devices: tuple[int, ...]) -> float:
-        node, st = self.st.nodes[node_id], self.st
-        total = 0.0
-        for s, w in self.scorers:
-            total += s.score(m, node, devices, st) * w
-        return total / self.weight_sum
 
     def choose(self, m: ModelView) -> tuple[str, tuple[int, ...], float] | None:
         """Up to `candidates` feasible nodes from the free-memory index, scored; the best."""
@@ -307,12 +301,12 @@ class Placer:
             return None
         best: tuple[str, tuple[int, ...], float] | None = None
         scored: list[tuple[str, float]] = []
-        self._sweep = (rejected, scored)
-        for rank, (node_id, devs_t) in enumerate(found):
-            total = self._weighted(m, node_id, devs_t)
+        self.sweep = (rejected, scored)
+        for node_id, devs_t in found:
+            total = self.total(self.scores(m, node_id, devs_t))
             scored.append((node_id, total))
             # Ties keep index order (best fit first) for determinism.
-            if best is None or total > best[2] + 1e-12 * (rank + 1):
+            if best is None or total > best[2] + 1e-12:
                 best = (node_id, devs_t, total)
         return best
 

@@ -52,8 +52,9 @@ def try_empty(placer: Placer, d: int) -> bool:
 
 
 def relocate_for(placer: Placer, m: ModelView) -> tuple[str, tuple[int, ...], float] | None:
-    """Full re-plans: room for ``m`` on one device by moving single-device models elsewhere
-    (never evicting); the device needing the fewest bytes moved is tried first."""
+    """Full re-plans: room for a single-device ``m`` on one device by moving the models there
+    (gangs included) to wherever `Placer.choose` would put them without that device; never
+    evicting. The devices missing the fewest bytes are tried first, RELOCATE_TRIES of them."""
     st = placer.st
     share = m.per_device_bytes
     if m.gpus > 1:
@@ -95,23 +96,21 @@ def elsewhere(placer: Placer, x: ModelView, hidden: int) -> tuple[str, tuple[int
     """Where ``x`` would go now if device ``hidden`` were not there."""
     st = placer.st
     saved = st.free[hidden]
-    st._set_free(hidden, -1)
+    st.set_free(hidden, -1)
     try:
         chosen = placer.choose(x)
     finally:
-        st._set_free(hidden, saved)
+        st.set_free(hidden, saved)
     return (chosen[0], chosen[1]) if chosen is not None else None
 
 
-def consolidation_target(
-    placer: Placer, m: ModelView, source: int, used_only: bool = True
-) -> int | None:
-    """A device (used ones only, unless told) other than ``source`` with room, on a node that
-    passes the filters; the tightest fit."""
+def consolidation_target(placer: Placer, m: ModelView, source: int) -> int | None:
+    """A used device other than ``source`` with room, on a node that passes the filters; the
+    tightest fit."""
     st = placer.st
     share = m.per_device_bytes
     for _free, d in st.index.irange((share, -1), None):
-        if d == source or (used_only and not st.dev_models[d]) or not st.fits(m, d):
+        if d == source or not st.dev_models[d] or not st.fits(m, d):
             continue
         if placer.rejects(m, st.dev_node[d], placer.pre_filters) is None:
             return int(d)

@@ -32,9 +32,7 @@ class PlanState:
         self.model_nodes: dict[str, set[str]] = {}
         self.node_priority_bytes: dict[str, dict[int, int]] = {}  # node → priority → bytes held
         self.placed: dict[tuple[str, str], tuple[int, ...]] = {}
-        self.count: dict[str, int] = dict.fromkeys(self.models, 0)
         self.index: SortedList = SortedList()  # (free, device) on nodes that take new replicas
-        self.largest_device = 1
         for node in self.nodes.values():
             devs = []
             for d in node.all_devices():
@@ -56,6 +54,10 @@ class PlanState:
             self.node_priority_bytes[node.node_id] = {}
         self.largest_device = max(self.capacity, default=1) or 1
 
+    def replicas(self, model: str) -> int:
+        """Replicas of ``model`` placed in this round's state."""
+        return len(self.model_nodes.get(model, ()))
+
     def strategy_of(self, m: ModelView) -> str:
         return m.strategy or self.profile.strategy
 
@@ -71,7 +73,7 @@ class PlanState:
     def fits(self, m: ModelView, d: int) -> bool:
         return self.free[d] >= m.per_device_bytes and self.compute_ok(m, d) and self.allowed(m, d)
 
-    def _set_free(self, d: int, free: int) -> None:
+    def set_free(self, d: int, free: int) -> None:
         if not self.nodes[self.dev_node[d]].draining:
             self.index.remove((self.free[d], d))
             self.index.add((free, d))
@@ -79,7 +81,7 @@ class PlanState:
 
     def bind(self, m: ModelView, node_id: str, devices: tuple[int, ...]) -> None:
         for d in devices:
-            self._set_free(d, self.free[d] - m.per_device_bytes)
+            self.set_free(d, self.free[d] - m.per_device_bytes)
             self.dev_models[d].add(m.name)
             self.load[d] += m.per_device_load
         self.node_models[node_id].add(m.name)
@@ -87,18 +89,16 @@ class PlanState:
         held = self.node_priority_bytes[node_id]
         held[m.priority] = held.get(m.priority, 0) + m.need_bytes
         self.placed[(m.name, node_id)] = devices
-        self.count[m.name] = self.count.get(m.name, 0) + 1
 
     def unbind(self, model: str, node_id: str) -> None:
         m = self.models[model]
         for d in self.placed.pop((model, node_id)):
-            self._set_free(d, self.free[d] + m.per_device_bytes)
+            self.set_free(d, self.free[d] + m.per_device_bytes)
             self.dev_models[d].discard(model)
             self.load[d] -= m.per_device_load
         self.node_models[node_id].discard(model)
         self.model_nodes[model].discard(node_id)
         self.node_priority_bytes[node_id][m.priority] -= m.need_bytes
-        self.count[model] -= 1
 
     def used(self, node_id: str) -> int:
         return sum(self.capacity[d] - self.free[d] for d in self.node_devices[node_id])
