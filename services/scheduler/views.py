@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-OVERHEAD_FRACTION = 0.15  # seed: runtime overhead on top of weights + KV headroom
+# Re-exported: memory accounting has one home (weights.py); the policy reads it from here.
+from meshserve.weights import OVERHEAD_FRACTION as OVERHEAD_FRACTION
+from meshserve.weights import need_bytes as need_bytes
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,6 @@ class Plan:
     devices: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     moves: int = 0  # replicas placed this round that were not placed before (loads)
     shed: tuple[tuple[str, str], ...] = ()  # evictions because a device could not hold them
-
-
-def need_bytes(memory: int, kv_headroom: int, overhead: float = OVERHEAD_FRACTION) -> int:
-    return round((memory + kv_headroom) * (1.0 + overhead))
 
 
 def wanted_replicas(min_replicas: int, max_replicas: int, in_demand: bool) -> int:

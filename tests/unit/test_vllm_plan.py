@@ -55,8 +55,8 @@ def test_a_gang_placement_becomes_tensor_parallelism() -> None:
 
 def test_without_a_grant_the_spec_sizes_the_share() -> None:
     plan = plan_engine(spec(), EngineConfig(device_total_bytes=GPU), False, False, 0)
-    assert plan.budget_bytes == int(18 * GIB * 1.15)
-    assert plan.kwargs["gpu_memory_utilization"] == round(18 * 1.15 / 80, 4)
+    assert plan.budget_bytes == round(18 * GIB * 1.15)
+    assert plan.kwargs["gpu_memory_utilization"] == round(round(18 * GIB * 1.15) / (80 * GIB), 4)
 
 
 def test_grants_outside_the_sane_range_are_refused() -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 from meshserve.nodeagent.engines.base import EngineConfig
 from meshserve.v1 import cluster_pb2
+from meshserve.weights import OVERHEAD_FRACTION, need_bytes
 
 GIB = 1 << 30
-OVERHEAD_FRACTION = 0.15  # runtime overhead when no placement granted bytes (manual LoadModel)
 MIN_UTILIZATION, MAX_UTILIZATION = 0.02, 0.95
 # engine_args keys passed to vLLM as they are (strings converted); others are refused at load.
 PASSTHROUGH: Mapping[str, type] = {
@@ -60,8 +60,9 @@ def plan_engine(
         raise ValueError(
             "the vllm engine serves generation here; serve embeddings with engine torch"
         )
-    budget = config.memory_budget_bytes or int(
-        (max(spec.memory_bytes, weight_bytes) + spec.kv_headroom_bytes) * (1 + OVERHEAD_FRACTION)
+    # No grant (an operator's LoadModel): size it as the scheduler would.
+    budget = config.memory_budget_bytes or need_bytes(
+        max(spec.memory_bytes, weight_bytes), spec.kv_headroom_bytes
     )
     eager = _bool(args.pop("enforce_eager", "true" if on_cpu else "false"))
     utilization = args.pop("gpu_memory_utilization", "")
