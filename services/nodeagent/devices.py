@@ -96,16 +96,20 @@ class NvmlProbe:
                 gpu.mig = bool(current)
             except nv.NVMLError:
                 pass  # GPUs without MIG
-            try:
-                for proc in nv.nvmlDeviceGetComputeRunningProcesses(h):
-                    used = proc.usedGpuMemory if proc.usedGpuMemory is not None else 0
-                    gpu.processes.add(pid=int(proc.pid), used_memory_bytes=int(used))
-            except nv.NVMLError:
-                pass
+            self._add_processes(h, gpu)
             return gpu
         except nv.NVMLError as e:
             log.warning("NVML error on GPU %d: %s", index, e)
             return cluster_pb2.GpuDevice(index=index, name=f"error: {e}")
+
+    def _add_processes(self, handle: object, device: cluster_pb2.GpuDevice) -> None:
+        """The compute processes on a GPU or MIG instance and the memory each uses (none where
+        NVML cannot say, e.g. without the permission)."""
+        nv = self._nvml
+        with contextlib.suppress(nv.NVMLError):
+            for proc in nv.nvmlDeviceGetComputeRunningProcesses(handle):
+                used = proc.usedGpuMemory if proc.usedGpuMemory is not None else 0
+                device.processes.add(pid=int(proc.pid), used_memory_bytes=int(used))
 
     def _mig_instances(
         self, index: int, parent: cluster_pb2.GpuDevice
@@ -134,10 +138,7 @@ class NvmlProbe:
                     memory_used_bytes=int(mem.used),
                     mig=True,
                 )
-                with contextlib.suppress(nv.NVMLError):
-                    for proc in nv.nvmlDeviceGetComputeRunningProcesses(mh):
-                        used = proc.usedGpuMemory if proc.usedGpuMemory is not None else 0
-                        mig.processes.add(pid=int(proc.pid), used_memory_bytes=int(used))
+                self._add_processes(mh, mig)
                 out.append(mig)
             except nv.NVMLError as e:
                 log.warning("NVML error on MIG instance %d of GPU %d: %s", slot, index, e)

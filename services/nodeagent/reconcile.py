@@ -267,15 +267,15 @@ class Reconciler:
                     },
                 ) as span:
                     report = await asyncio.to_thread(self.probe.read)
-                    gpu = next((g for g in report.gpus if g.uuid in r.devices[:1]), None)
+                    # The GPU the placement names, else the first one; host RAM without GPUs.
+                    named = next((g for g in report.gpus if g.uuid in r.devices[:1]), None)
+                    gpu = named or (report.gpus[0] if report.gpus else None)
                     config = replace(
                         self._engine_config,
-                        device=f"cuda:{gpu.index}"
-                        if gpu is not None
-                        else self._engine_config.device,
+                        device=f"cuda:{named.index}" if named else self._engine_config.device,
                         memory_budget_bytes=r.budget_bytes,
-                        device_total_bytes=report.gpus[0].memory_total_bytes
-                        if report.gpus
+                        device_total_bytes=gpu.memory_total_bytes
+                        if gpu
                         else report.host_total_bytes,
                     )
                     engine = await asyncio.to_thread(make_engine, r.spec, config)
