@@ -141,8 +141,9 @@ class VllmEngine:
             return 0
         if self._on_cpu:
             return self._weights + self._plan.cpu_kv_gib * GIB
-        fraction = float(self._plan.kwargs["gpu_memory_utilization"])
-        return int(fraction * self.config.device_total_bytes)
+        fraction = float(self._plan.kwargs["gpu_memory_utilization"])  # of each GPU of a gang
+        gpus = int(self._plan.kwargs.get("tensor_parallel_size", 1))
+        return int(fraction * self.config.device_total_bytes) * gpus
 
     def host_bytes(self) -> int:
         return self._weights if self._tier == HOST else 0
@@ -151,6 +152,11 @@ class VllmEngine:
         return 0  # the disk tier reads the model's own files: no copy is made
 
     def stats(self) -> EngineStats:
+        # vLLM reports scheduler stats only on engine steps: after the last stream ends (or is
+        # aborted) the engine idles and its last report still counts that stream. Every request
+        # goes through generate(), so none in flight means none running or waiting.
+        if self._in_flight == 0:
+            return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
         return self._stats
 
     # --- lifecycle ---------------------------------------------------------------------------
