@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -216,18 +217,34 @@ def up(
 ) -> None:
     """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
     completion, and run until Ctrl-C."""
-    from meshserve.local import Mesh
-
+    _stop_on_signals()  # first: a SIGTERM during start-up must still stop what was started
     if agents < 1:
         raise _fail("--agents must be >= 1")
+    try:
+        _up(agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo)
+    except _Stop as stop:
+        raise typer.Exit(128 + stop.signum) from None
+
+
+def _up(
+    agents: int,
+    port: int,
+    data_dir: Path,
+    memory_limit: str,
+    prompt: str,
+    max_tokens: int,
+    exit_after_demo: bool,
+) -> None:
+    from meshserve.local import Mesh
+
     started = time.monotonic()
     data_dir = data_dir.expanduser().resolve()
-    with console.status("building the tiny demo model (random weights, local tokenizer)…"):
-        from meshserve.demo_model import build_demo_model
-
-        model_dir = build_demo_model(data_dir / "models" / "demo")
     mesh = Mesh(data_dir, trace_dir=data_dir / "traces")
     try:
+        with console.status("building the tiny demo model (random weights, local tokenizer)…"):
+            from meshserve.demo_model import build_demo_model
+
+            model_dir = build_demo_model(data_dir / "models" / "demo")
         with console.status("starting etcd, scheduler, agents, router…"):
             mesh.start_etcd()
             mesh.start_scheduler()
@@ -257,15 +274,48 @@ def up(
             "  meshserve status\n"
             "Ctrl-C stops the mesh."
         )
-        from meshserve.runtime import run, wait_for_signal
-
-        run(wait_for_signal())
+        _watch(mesh)
     except (RuntimeError, TimeoutError) as e:
         raise _fail(str(e)) from None
     finally:
-        with console.status("stopping…"):
+        with console.status("stopping… (again to force)"):
             mesh.stop()
         (data_dir / STATE).unlink(missing_ok=True)
+
+
+class _Stop(BaseException):
+    """SIGTERM or SIGINT reached `meshserve up`: unwind into its clean-up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT stop the mesh in order, whatever dispositions we inherited (a
+    background job of a non-interactive shell starts with SIGINT ignored). A second signal exits
+    at once; the services die with us anyway (meshserve.lifeline)."""
+
+    def first(signum: int, _frame: object) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: os._exit(128 + signum))
+        raise _Stop(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, first)
+
+
+def _watch(mesh: Any) -> None:
+    """Until a signal: say so when a service exits on its own (its log has why)."""
+    reported: set[str] = set()
+    while True:
+        time.sleep(1.0)
+        for name, service in mesh.services.items():
+            if name not in reported and not service.alive():
+                reported.add(name)
+                err.print(
+                    f"[red]{name} exited with {service.proc.returncode}[/red]; see {service.log}"
+                )
 
 
 async def _apply(etcd: str, prefix: str, spec: Any) -> None:

