@@ -29,16 +29,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import highspy
-from meshserve.scheduler.placement import (
-    ClusterSnapshot,
-    Device,
-    ModelView,
-    NodeView,
-    Placer,
-    Plan,
-    place,
-)
+from meshserve.scheduler.placement import Placer, place
 from meshserve.scheduler.profile import Profile
+from meshserve.scheduler.views import ClusterSnapshot, Device, ModelView, NodeView, Plan
 from rich.console import Console
 from rich.table import Table
 

@@ -15,10 +15,16 @@ TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 OVERHEAD_FRACTION = 0.15  # seed: runtime overhead on top of weights + KV headroom
 
 
+def grant_bytes(memory: int, kv_headroom: int) -> int:
+    """Memory a placement grants one replica on the device: weights (+ runtime) and KV headroom.
+    The engine sizes itself by it (vLLM: its gpu_memory_utilization share)."""
+    return memory + kv_headroom
+
+
 def need_bytes(memory: int, kv_headroom: int, overhead: float = OVERHEAD_FRACTION) -> int:
-    """Memory one replica takes in all: weights (+ runtime) and KV headroom, plus overhead. The
-    scheduler places by it; an engine sizes itself by it when no placement granted bytes."""
-    return round((memory + kv_headroom) * (1.0 + overhead))
+    """Memory one replica takes in all: its grant plus overhead. The scheduler places by it; an
+    engine sizes itself by it when no placement granted bytes."""
+    return round(grant_bytes(memory, kv_headroom) * (1.0 + overhead))
 
 
 def read_header(path: Path) -> dict[str, dict[str, object]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import meshserve.v1.cluster_pb2 as cluster_pb2
-from meshserve.scheduler.placement import ClusterSnapshot, ModelView, NodeView
+from meshserve.scheduler.views import ClusterSnapshot, ModelView, NodeView
 
 GiB = 2**30
 MiB = 2**20

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from meshserve.scheduler.plugins import DISK, HOST
-from meshserve.scheduler.views import ClusterSnapshot, ModelView, NodeView
+from meshserve.scheduler.views import DISK, HOST, ClusterSnapshot, ModelView, NodeView
 
 
 def demote(

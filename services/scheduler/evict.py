@@ -1,25 +1,25 @@
 """Eviction, Kubernetes' post-filter/preemption step: when no node fits a replica, the node
-where the cheapest victims make room (profile.eviction: `cost_aware` or `lru`). Functions over a
-`Placer`."""
+where the cheapest victims make room (profile.eviction: `cost_aware` or `lru`). Functions over
+the round's `Pipeline`; victims are unbound in its state and recorded there."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from meshserve.scheduler.plugins import DISK, HOST, may_evict
-from meshserve.scheduler.views import ModelView, NodeView
-
-if TYPE_CHECKING:
-    from meshserve.scheduler.placement import Placer
+from meshserve.scheduler.pipeline import Choice, Pipeline
+from meshserve.scheduler.plugins import VICTIM_ORDERS, may_evict
+from meshserve.scheduler.views import DISK, HOST, ModelView, NodeView
 
 
-def evict_for(placer: Placer, m: ModelView) -> tuple[str, tuple[int, ...], float] | None:
-    st = placer.st
+def evict_for(pipe: Pipeline, m: ModelView) -> Choice | None:
+    """The node where evicting the cheapest victims makes room for one replica of ``m``; the
+    victims are evicted. None when no node can be cleared (higher priorities are never evicted
+    for lower ones)."""
+    st = pipe.st
+    order = VICTIM_ORDERS[pipe.profile.eviction]
     share = m.per_device_bytes
     best_key: tuple[object, ...] | None = None
     best: tuple[str, tuple[int, ...], list[str]] | None = None
     for node_id, node in st.nodes.items():
-        if node.draining or placer.rejects(m, node_id, placer.pre_filters) is not None:
+        if node.draining or pipe.rejects(m, node_id, pipe.pre_filters) is not None:
             continue
         options: list[tuple[tuple[float, ...], list[str], int]] = []
         for d in st.node_devices[node_id]:
@@ -27,7 +27,7 @@ def evict_for(placer: Placer, m: ModelView) -> tuple[str, tuple[int, ...], float
                 continue
             room, chosen = st.free[d], []
             load = st.load[d]
-            cap = st.throughput[d] * placer.profile.compute_target
+            cap = st.throughput[d] * pipe.profile.compute_target
             victims = sorted(
                 (
                     st.models[x]
@@ -35,7 +35,7 @@ def evict_for(placer: Placer, m: ModelView) -> tuple[str, tuple[int, ...], float
                     if may_evict(st.models[x], m, st.replicas(x))
                 ),
                 key=lambda v: (
-                    *placer.order(v, wait_tier(placer, v, node), placer.profile.reload),
+                    *order(v, wait_tier(v, node), pipe.profile.reload),
                     v.name,
                 ),
             )
@@ -46,7 +46,7 @@ def evict_for(placer: Placer, m: ModelView) -> tuple[str, tuple[int, ...], float
                 room += v.per_device_bytes
                 load -= v.per_device_load
             if room >= share and (not cap or load + m.per_device_load <= cap):
-                options.append((victims_cost(placer, chosen, node), chosen, d))
+                options.append((victims_cost(pipe, chosen, node), chosen, d))
         if len(options) < m.gpus:
             continue
         options.sort(key=lambda o: (o[0], o[2]))
@@ -54,28 +54,27 @@ def evict_for(placer: Placer, m: ModelView) -> tuple[str, tuple[int, ...], float
         victims_all = sorted({v for o in take for v in o[1]})
         if not victims_all:
             continue  # it fits without eviction: _choose handles that
-        tier = placer.snap.offloaded.get(node_id, {}).get(m.name, 0)
-        key = (victims_cost(placer, victims_all, node, m, tier), tier == 0, node_id)
+        tier = st.offloaded.get(node_id, {}).get(m.name, 0)
+        key = (victims_cost(pipe, victims_all, node, m, tier), tier == 0, node_id)
         if best_key is None or key < best_key:
             best_key, best = key, (node_id, tuple(sorted(o[2] for o in take)), victims_all)
     if best is None:
         return None
     node_id, devices, victims_all = best
     for name in victims_all:
-        st.unbind(name, node_id)
-        placer.evictions.append((name, node_id))
-        placer.evicted.add(name)
+        st.evict(name, node_id)
     # A victim's other devices freed room too; re-pick the best devices on the node.
     devices = st.best_devices(m, node_id) or devices
     return node_id, devices, 0.0
 
 
-def wait_tier(placer: Placer, v: ModelView, node: NodeView) -> int:
+def wait_tier(v: ModelView, node: NodeView) -> int:
+    """Where an evicted replica waits on ``node``: CPU RAM when the host budget could hold it."""
     return HOST if node.host_capacity_bytes >= v.need_bytes else DISK
 
 
 def victims_cost(
-    placer: Placer,
+    pipe: Pipeline,
     victims: list[str],
     node: NodeView,
     asker: ModelView | None = None,
@@ -85,13 +84,11 @@ def victims_cost(
     reload cost = reload seconds from where each victim will wait x its request rate, plus
     the asker's own load time on this node (a restore from CPU RAM beats a load from the
     source) as if one request/s waited for it, victims)."""
-    ms = [placer.st.models[v] for v in victims]
-    if placer.profile.eviction == "lru":
+    ms = [pipe.st.models[v] for v in victims]
+    if pipe.profile.eviction == "lru":
         return (float(len(ms)), float(sum(v.priority for v in ms)))
-    reload = placer.profile.reload
-    cost = sum(
-        reload.seconds(v.need_bytes, wait_tier(placer, v, node)) * v.request_rate for v in ms
-    )
+    reload = pipe.profile.reload
+    cost = sum(reload.seconds(v.need_bytes, wait_tier(v, node)) * v.request_rate for v in ms)
     if asker is not None:
         cost += reload.seconds(asker.need_bytes, asker_tier) * max(asker.request_rate, 1.0)
     return (float(max((v.priority for v in ms), default=0)), cost, float(len(ms)))

@@ -1,24 +1,21 @@
 """What Explain shows: each node's verdict (the filter that rejected it, or its scores) for the
-replica a round placed or failed to place, and why a model stays unplaced. Functions over a
-`Placer`."""
+replica a round placed or failed to place, and why a model stays unplaced. Functions over the
+round's `Pipeline`; they change nothing."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from meshserve.scheduler.plugins import UNRESOLVABLE, mib
-from meshserve.scheduler.views import ModelView, Verdict
-
-if TYPE_CHECKING:
-    from meshserve.scheduler.placement import Placer
+from meshserve.scheduler.pipeline import Pipeline
+from meshserve.scheduler.plugins import UNRESOLVABLE
+from meshserve.scheduler.views import ModelView, Verdict, mib
 
 
-def verdicts_of(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
-    st = placer.st
+def verdicts_of(pipe: Pipeline, m: ModelView) -> tuple[Verdict, ...]:
+    """Every node as ``m``'s next replica sees it: the rejecting filter, or the scores."""
+    st = pipe.st
     out = []
     for node_id in st.nodes:
         free = st.free_on(node_id)
-        r = placer.rejects(m, node_id, placer.filters)
+        r = pipe.rejects(m, node_id, pipe.filters)
         if r is not None:
             out.append(
                 Verdict(
@@ -32,13 +29,13 @@ def verdicts_of(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
             )
             continue
         devices = st.best_devices(m, node_id) or ()
-        scores = placer.scores(m, node_id, devices)
+        scores = pipe.scores(m, node_id, devices)
         out.append(
             Verdict(
                 node_id,
                 True,
                 f"fits: {mib(free)} free",
-                round(placer.total(scores), 4),
+                round(pipe.total(scores), 4),
                 free,
                 scores={k: round(v, 4) for k, v in scores.items()},
             )
@@ -46,9 +43,9 @@ def verdicts_of(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
     return tuple(out)
 
 
-def sweep_verdicts(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
+def sweep_verdicts(pipe: Pipeline) -> tuple[Verdict, ...]:
     """Large fleets: the nodes the last search met (rejected on the way, then scored)."""
-    rejected, scored = placer.sweep
+    rejected, scored = pipe.sweep
     out = [
         Verdict(n, False, r.reason, filter=r.filter, unresolvable=r.code == UNRESOLVABLE)
         for n, r in rejected.items()
@@ -58,15 +55,15 @@ def sweep_verdicts(placer: Placer, m: ModelView) -> tuple[Verdict, ...]:
 
 
 def mark_evictions(
-    placer: Placer, verdicts: tuple[Verdict, ...], node_id: str
+    pipe: Pipeline, verdicts: tuple[Verdict, ...], node_id: str
 ) -> tuple[Verdict, ...]:
     """The node chosen by eviction: its verdict says whom it evicts."""
-    evicted = tuple(v for v, n in placer.evictions if n == node_id)
+    evicted = tuple(v for v, n in pipe.st.evictions if n == node_id)
     return tuple(
         Verdict(
             v.node_id,
             True,
-            f"fits after evicting {', '.join(evicted)} ({placer.profile.eviction})",
+            f"fits after evicting {', '.join(evicted)} ({pipe.profile.eviction})",
             v.score,
             v.free_bytes,
             evicted,
@@ -78,7 +75,8 @@ def mark_evictions(
     )
 
 
-def why_not(placer: Placer, m: ModelView, verdicts: tuple[Verdict, ...]) -> tuple[str, bool]:
+def why_not(m: ModelView, verdicts: tuple[Verdict, ...]) -> tuple[str, bool]:
+    """Why ``m`` stays unplaced, and whether it is unresolvable (evicting would not help)."""
     if not verdicts:
         return "no live node", True
     if all(v.unresolvable for v in verdicts if not v.feasible):

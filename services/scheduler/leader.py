@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 
 from meshserve.cluster.election import Election, Leadership
 from meshserve.cluster.mirror import Mirror
@@ -19,8 +18,9 @@ from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
 from meshserve.scheduler.autoscale import ScaleState
 from meshserve.scheduler.config import SchedulerConfig
-from meshserve.scheduler.placement import ModelDecision, Plan, place
+from meshserve.scheduler.placement import place
 from meshserve.scheduler.profile import Profile
+from meshserve.scheduler.record import RoundOutcome, record_round
 from meshserve.scheduler.snapshot import (
     autoscale,
     build_snapshot,
@@ -28,6 +28,8 @@ from meshserve.scheduler.snapshot import (
     loads,
     placed_replicas,
 )
+from meshserve.scheduler.views import ClusterSnapshot, ModelDecision, Plan
+from meshserve.scheduler.writes import Put, changes, wanted_placements
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import cluster_pb2
@@ -145,148 +147,69 @@ class SchedulerLoop:
                 await asyncio.sleep(0.5)
 
     async def round(self, lead: Leadership) -> bool:
-        """One decision and its fenced write. False when the fence failed (deposed)."""
+        """One decision and its fenced write: read → snapshot → place → diff → write → record.
+        False when the fence failed (deposed)."""
         started = time.perf_counter()
         links, self._links = self._links, []
         with _tracer.start_as_current_span("scheduler.round", links=links) as span:
-            now = time.time()
-            specs = list(self.models.snapshot.values())
-            nodes = list(self.nodes.snapshot.values())
-            placements = list(self.placements.snapshot.values())
-            busy = gpu_busy(nodes, placements)
-            load = loads(self.demand.snapshot.values(), self.ensured, busy)
-            placed = placed_replicas(placements)
-            self.scale = autoscale(specs, load, self.scale, placed, now)
-            snap = build_snapshot(
-                specs, nodes, self.replicas.snapshot.values(), placements, load, self.scale
-            )
+            snap = self._snapshot(time.time())
             plan = place(snap, self.profile)
-            puts, deletes = self._diff(plan, lead.token)
-            span.set_attribute("meshserve.epoch", lead.token)
-            span.set_attribute("meshserve.models", len(snap.models))
-            span.set_attribute("meshserve.nodes", len(snap.nodes))
-            span.set_attribute("meshserve.placements_written", len(puts))
-            span.set_attribute("meshserve.placements_deleted", len(deletes))
-            span.set_attribute("meshserve.evictions", len(plan.evictions))
-            span.set_attribute("meshserve.loads", plan.moves)
-            span.set_attribute(
-                "meshserve.wanted_replicas", sum(s.replicas for s in self.scale.values())
+            specs = {s.name: s for s in self.models.snapshot.values()}
+            want = wanted_placements(plan, specs, lead.token, self.keys)
+            puts, deletes = changes(want, self.placements.snapshot)
+            written = await self._write(lead, puts, deletes)
+            outcome = RoundOutcome(
+                lead.token,
+                snap,
+                plan,
+                puts,
+                deletes,
+                self.scale,
+                time.perf_counter() - started,
+                fenced=not written,
             )
-            unplaced = [d.model for d in plan.decisions.values() if d.unschedulable]
-            span.set_attribute("meshserve.unschedulable", unplaced)
-            # What on-call asks of a round: who was evicted, placed, or left out, and why.
-            for victim, node_id in plan.evictions:
-                span.add_event("evict", {"gen_ai.request.model": victim, "meshserve.node": node_id})
-            for _key, p in puts:
-                span.add_event(
-                    "place",
-                    {
-                        "gen_ai.request.model": p.model,
-                        "meshserve.node": p.node_id,
-                        "meshserve.tier": cluster_pb2.Tier.Name(p.tier),
-                        "meshserve.reason": p.reason,
-                    },
-                )
-            for name in unplaced:
-                span.add_event(
-                    "unschedulable",
-                    {
-                        "gen_ai.request.model": name,
-                        "meshserve.reason": plan.decisions[name].unschedulable[:500],
-                    },
-                )
-            ops = [*((k, v) for k, v in puts), *((k, None) for k in deletes)]
-            for i in range(0, max(len(ops), 1), MAX_TXN_OPS):
-                batch = ops[i : i + MAX_TXN_OPS]
-                if not batch:
-                    break
-                ok = await self.store.txn_if_created_at(
-                    lead.key,
-                    lead.token,
-                    [(k, v) for k, v in batch if v is not None],
-                    [k for k, v in batch if v is None],
-                )
-                if not ok:
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, "fenced out: deposed"))
-                    metrics.SCHEDULER_ROUNDS.labels("fenced").inc()
-                    return False
-            if puts or deletes:
-                log.info(
-                    "round: %d placements written, %d removed, evictions %s, unschedulable %s; "
-                    "held %s, plan %s",
-                    len(puts),
-                    len(deletes),
-                    list(plan.evictions),
-                    unplaced,
-                    {n: sorted(ms) for n, ms in snap.current.items()},
-                    {n: sorted(ms) for n, ms in plan.assignments.items()},
-                )
-        self.last_plan, self.decided_at = plan, time.time()
-        for name, decision in plan.decisions.items():
-            # Explain shows the round that last searched for this model (kept models are not
-            # searched again), or this round when it says why a replica could not be placed.
-            if decision.verdicts or decision.unschedulable or not decision.placed_on:
-                self.explained[name] = (decision, self.decided_at)
-        metrics.SCHEDULER_ROUNDS.labels("ok").inc()
-        metrics.SCHEDULER_LOADS.inc(plan.moves)
-        for victim, _node in plan.evictions:
-            metrics.SCHEDULER_EVICTIONS.labels(victim).inc()
-        for name, state in self.scale.items():
-            metrics.WANTED_REPLICAS.labels(name).set(state.replicas)
-        for name, decision in plan.decisions.items():
-            metrics.UNSCHEDULABLE.labels(name).set(1 if decision.unschedulable else 0)
-        metrics.SCHEDULER_ROUND_SECONDS.observe(time.perf_counter() - started)
+            record_round(span, outcome)
+        if not written:
+            return False
+        self._remember(plan)
         done, self._round_done = self._round_done, asyncio.Event()
         done.set()
         return True
 
-    def _diff(
-        self, plan: Plan, epoch: int
-    ) -> tuple[list[tuple[bytes, cluster_pb2.Placement]], list[bytes]]:
-        current: Mapping[bytes, cluster_pb2.Placement] = self.placements.snapshot
-        specs = {s.name: s for s in self.models.snapshot.values()}
-        want: dict[bytes, cluster_pb2.Placement] = {}
-        for node_id, models in plan.assignments.items():
-            for model in models:
-                decision = plan.decisions.get(model)
-                reason = (
-                    next(
-                        (v.reason for v in decision.verdicts if v.node_id == node_id),
-                        "kept in place",
-                    )
-                    if decision
-                    else ""
-                )
-                spec = specs[model]
-                want[self.keys.placement(node_id, model)] = cluster_pb2.Placement(
-                    model=model,
-                    node_id=node_id,
-                    tier=cluster_pb2.TIER_DEVICE,
-                    epoch=epoch,
-                    memory_bytes=int(spec.memory_bytes + spec.kv_headroom_bytes),
-                    reason=reason,
-                    devices=[d for d in plan.devices.get((model, node_id), ()) if d],
-                )
-        for node_id, offloads in plan.offloads.items():
-            for model, tier in offloads.items():
-                spec = specs[model]
-                want[self.keys.placement(node_id, model)] = cluster_pb2.Placement(
-                    model=model,
-                    node_id=node_id,
-                    tier=tier,  # type: ignore[arg-type]
-                    epoch=epoch,
-                    memory_bytes=int(spec.memory_bytes),
-                    reason="evicted; kept offloaded for a quick restore",
-                )
-        puts = []
-        for key, p in want.items():
-            old = current.get(key)
-            if old is None or (old.tier, old.epoch, old.memory_bytes, list(old.devices)) != (
-                p.tier,
-                p.epoch,
-                p.memory_bytes,
-                list(p.devices),
-            ):
-                puts.append((key, p))
-        deletes = [key for key in current if key not in want]
-        return puts, deletes
+    def _snapshot(self, now: float) -> ClusterSnapshot:
+        """The cluster as etcd says it is, with the autoscaler's wanted replicas (advances
+        the autoscaler's state)."""
+        specs = list(self.models.snapshot.values())
+        nodes = list(self.nodes.snapshot.values())
+        placements = list(self.placements.snapshot.values())
+        busy = gpu_busy(nodes, placements)
+        load = loads(self.demand.snapshot.values(), self.ensured, busy)
+        self.scale = autoscale(specs, load, self.scale, placed_replicas(placements), now)
+        return build_snapshot(
+            specs, nodes, self.replicas.snapshot.values(), placements, load, self.scale
+        )
+
+    async def _write(self, lead: Leadership, puts: list[Put], deletes: list[bytes]) -> bool:
+        """In transactions of at most MAX_TXN_OPS, each fenced by the leader key's revision.
+        False when a fence failed (deposed)."""
+        ops: list[tuple[bytes, cluster_pb2.Placement | None]] = [*puts]
+        ops += [(k, None) for k in deletes]
+        for i in range(0, len(ops), MAX_TXN_OPS):
+            batch = ops[i : i + MAX_TXN_OPS]
+            ok = await self.store.txn_if_created_at(
+                lead.key,
+                lead.token,
+                [(k, v) for k, v in batch if v is not None],
+                [k for k, v in batch if v is None],
+            )
+            if not ok:
+                return False
+        return True
+
+    def _remember(self, plan: Plan) -> None:
+        """Explain shows the round that last searched for a model (kept models are not searched
+        again), or this round when it says why a replica could not be placed."""
+        self.last_plan, self.decided_at = plan, time.time()
+        for name, decision in plan.decisions.items():
+            if decision.verdicts or decision.unschedulable or not decision.placed_on:
+                self.explained[name] = (decision, self.decided_at)

@@ -32,57 +32,21 @@ UnschedulableAndUnresolvable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 from meshserve.scheduler import evict, explain, repair
 from meshserve.scheduler.demote import demote
-from meshserve.scheduler.plugins import (
-    DISK,
-    FILTERS,
-    HOST,
-    SCORERS,
-    VICTIM_ORDERS,
-    Filter,
-    Rejection,
-    Scorer,
-)
+from meshserve.scheduler.pipeline import Pipeline
 from meshserve.scheduler.profile import Profile
 from meshserve.scheduler.state import PlanState
-from meshserve.scheduler.views import (
-    OVERHEAD_FRACTION,
-    ClusterSnapshot,
-    Device,
-    ModelDecision,
-    ModelView,
-    NodeView,
-    Plan,
-    Verdict,
-    need_bytes,
-    wanted_replicas,
-)
+from meshserve.scheduler.views import ClusterSnapshot, ModelDecision, ModelView, Plan, Verdict
 
 DEFAULT_PROFILE = Profile()
-__all__ = [
-    "DISK",
-    "HOST",
-    "OVERHEAD_FRACTION",
-    "ClusterSnapshot",
-    "Device",
-    "ModelDecision",
-    "ModelView",
-    "NodeView",
-    "Placer",
-    "Plan",
-    "Verdict",
-    "need_bytes",
-    "place",
-    "wanted_replicas",
-]
 
 
 class Placer:
-    """One round of the pipeline over a snapshot; `run()` returns the Plan. After `run()`,
-    `add_model` places one more model incrementally (what a new model or an EnsureModel costs)."""
+    """One round over a snapshot; `run()` returns the Plan. After `run()`, `add_model` places one
+    more model incrementally (what a new model or an EnsureModel costs). The runner owns the
+    order of the steps; choosing, evicting, explaining and repairing are the pipeline's and its
+    helpers', over the round's state."""
 
     def __init__(
         self, snap: ClusterSnapshot, profile: Profile = DEFAULT_PROFILE, order: str = "size"
@@ -90,19 +54,10 @@ class Placer:
         self.snap = snap
         self.order_name = order
         self.profile = profile
-        self.st = PlanState(snap, profile)
-        self.filters: list[Filter] = [FILTERS[f]() for f in profile.filters]
-        self.pre_filters = [f for f in self.filters if f.name != "fits_memory"]
-        self.scorers: list[tuple[Scorer, float]] = [
-            (SCORERS[s](), w) for s, w in profile.scorers.items() if w > 0
-        ]
-        self.order = VICTIM_ORDERS[profile.eviction]
-        self.weight_sum = sum(w for _s, w in self.scorers) or 1.0
-        self.evictions: list[tuple[str, str]] = []
+        self.st = PlanState(snap, profile.strategy, profile.compute_target)
+        self.pipeline = Pipeline(self.st, profile)
         self.shed: list[tuple[str, str]] = []
-        self.evicted: set[str] = set()
         self.decisions: dict[str, ModelDecision] = {}
-        self.sweep: tuple[dict[str, Rejection], list[tuple[str, float]]] = ({}, [])
         self.moves = 0
         self.full = False  # a full re-plan: nothing was placed before this round
 
@@ -124,17 +79,15 @@ class Placer:
                     st.dev_models[d],
                     key=lambda x: (st.models[x].priority, st.models[x].last_used, x),
                 )
-                st.unbind(victim, st.dev_node[d])
-                self.evictions.append((victim, st.dev_node[d]))
+                st.evict(victim, st.dev_node[d])
                 self.shed.append((victim, st.dev_node[d]))
-                self.evicted.add(victim)
         full = self.full = not any(snap.current.values())
         for m in sorted(st.models.values(), key=self._order_key):
             self._place_model(m)
         if full and self.profile.consolidate:
-            repair.consolidate(self)
+            repair.consolidate(self.pipeline)
         # Victims placed nowhere else get a decision saying so.
-        for victim, node_id in self.evictions:
+        for victim, node_id in st.evictions:
             dec = self.decisions.get(victim)
             if dec is not None and st.replicas(victim) < st.models[victim].wanted:
                 why = f"evicted from {node_id} for a model that needed the room; no room elsewhere"
@@ -156,11 +109,11 @@ class Placer:
         assignments = {n: frozenset(ms) for n, ms in st.node_models.items() if ms}
         devices = {k: tuple(st.dev_id[d] for d in v) for k, v in st.placed.items()}
         counts = {m: len(ns) for m, ns in st.model_nodes.items()}
-        offloads = demote(self.snap, st.models, assignments, self.evictions, counts)
+        offloads = demote(self.snap, st.models, assignments, st.evictions, counts)
         return Plan(
             assignments,
             dict(self.decisions),
-            tuple(self.evictions),
+            tuple(st.evictions),
             offloads,
             devices,
             self.moves,
@@ -200,115 +153,33 @@ class Placer:
         return tuple(sorted(devs[: m.gpus]))  # may over-commit: shed right after
 
     def _place_model(self, m: ModelView) -> None:
-        st = self.st
+        st, pipe = self.st, self.pipeline
         verdicts: tuple[Verdict, ...] = ()
         reason, unresolvable = "", False
         small = len(st.nodes) <= self.profile.explain_nodes
         searched = False
         while st.replicas(m.name) < m.wanted:
             if small:  # what Explain shows: every node as this replica saw it
-                verdicts = explain.verdicts_of(self, m)
-            chosen = self.choose(m)
+                verdicts = explain.verdicts_of(pipe, m)
+            chosen = pipe.choose(m)
             if chosen is None and self.full:
-                chosen = repair.relocate_for(self, m)
+                chosen = repair.relocate_for(pipe, m)
             if chosen is None:
-                chosen = evict.evict_for(self, m) if m.name not in self.evicted else None
+                chosen = evict.evict_for(pipe, m) if m.name not in st.evicted else None
             if chosen is None:
-                verdicts = explain.verdicts_of(self, m)
-                reason, unresolvable = explain.why_not(self, m, verdicts)
+                verdicts = explain.verdicts_of(pipe, m)
+                reason, unresolvable = explain.why_not(m, verdicts)
                 break
             searched = True
             if verdicts and chosen[0] not in {v.node_id for v in verdicts if v.feasible}:
-                verdicts = explain.mark_evictions(self, verdicts, chosen[0])
+                verdicts = explain.mark_evictions(pipe, verdicts, chosen[0])
             node_id, devices, _score = chosen
             st.bind(m, node_id, devices)
             self.moves += 1
         if searched and not small and not reason:
-            verdicts = explain.sweep_verdicts(self, m)
+            verdicts = explain.sweep_verdicts(pipe)
         placed = tuple(sorted(st.model_nodes.get(m.name, ())))
         self.decisions[m.name] = ModelDecision(m.name, placed, verdicts, reason, unresolvable)
-
-    # --- filter and score --------------------------------------------------------------------
-
-    def rejects(self, m: ModelView, node_id: str, filters: Iterable[Filter]) -> Rejection | None:
-        node = self.st.nodes[node_id]
-        for f in filters:
-            r = f.check(m, node, self.st)
-            if r is not None:
-                return r
-        return None
-
-    def scores(self, m: ModelView, node_id: str, devices: tuple[int, ...]) -> dict[str, float]:
-        """Each scorer's value in [0, 1] for placing ``m`` on ``devices`` of the node."""
-        node = self.st.nodes[node_id]
-        return {s.name: s.score(m, node, devices, self.st) for s, _w in self.scorers}
-
-    def total(self, scores: Mapping[str, float]) -> float:
-        """The weighted mean of ``scores`` (the profile's weights)."""
-        return sum(scores[s.name] * w for s, w in self.scorers) / self.weight_sum
-
-    def choose(self, m: ModelView) -> tuple[str, tuple[int, ...], float] | None:
-        """Up to `candidates` feasible nodes from the free-memory index, scored; the best."""
-        st = self.st
-        share = m.per_device_bytes
-        spread = st.strategy_of(m) == "spread"
-        passes: dict[str, bool] = {}
-        rejected: dict[str, Rejection] = {}
-        found: list[tuple[str, tuple[int, ...]]] = []
-        k = self.profile.candidates
-        # binpack: the tightest fits (used devices), then the largest free devices (a new device
-        # is best opened large); spread: the most free first.
-        sweeps = [(True, k)] if spread else [(False, k), (True, max(1, k // 2))]
-        for reverse, limit in sweeps:
-            hits: dict[str, list[int]] = {}
-            got = 0
-            for _free, d in st.index.irange((share, -1), None, reverse=reverse):
-                if (m.gpu_types and not st.allowed(m, d)) or not st.compute_ok(m, d):
-                    continue
-                node_id = st.dev_node[d]
-                ok = passes.get(node_id)
-                if ok is None:
-                    why = self.rejects(m, node_id, self.pre_filters)
-                    ok = passes[node_id] = why is None
-                    if why is not None and len(rejected) < 4:
-                        rejected[node_id] = why
-                if not ok:
-                    continue
-                devs = hits.setdefault(node_id, [])
-                if len(devs) == m.gpus:
-                    continue
-                devs.append(d)
-                if len(devs) == m.gpus:
-                    cand = (node_id, tuple(sorted(devs)))
-                    if cand not in found:
-                        found.append(cand)
-                    got += 1
-                    if got >= limit:
-                        break
-        # Locality: nodes that hold this model offloaded are always candidates.
-        have = {n for n, _ in found}
-        for node_id, held in self.snap.offloaded.items():
-            if (
-                m.name in held
-                and node_id in st.nodes
-                and node_id not in have
-                and self.rejects(m, node_id, self.pre_filters) is None
-            ):
-                devs_t = st.best_devices(m, node_id)
-                if devs_t is not None and not st.nodes[node_id].draining:
-                    found.append((node_id, devs_t))
-        if not found:
-            return None
-        best: tuple[str, tuple[int, ...], float] | None = None
-        scored: list[tuple[str, float]] = []
-        self.sweep = (rejected, scored)
-        for node_id, devs_t in found:
-            total = self.total(self.scores(m, node_id, devs_t))
-            scored.append((node_id, total))
-            # Ties keep index order (best fit first) for determinism.
-            if best is None or total > best[2] + 1e-12:
-                best = (node_id, devs_t, total)
-        return best
 
 
 MULTI_START_MODELS = 500  # full re-plans up to this many models try both orders

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from meshserve.scheduler.state import PlanState
-    from meshserve.scheduler.views import ModelView, NodeView
+from meshserve.scheduler.state import PlanState
+from meshserve.scheduler.views import DISK, HOST, ModelView, NodeView, mib, type_ok
 
 UNSCHEDULABLE, UNRESOLVABLE = 1, 2
-HOST, DISK = 2, 3  # meshserve.v1.Tier values (policy stays free of protobuf)
 
 
 @dataclass(frozen=True)
@@ -38,16 +36,6 @@ class Scorer(Protocol):
 
     def score(self, m: ModelView, node: NodeView, devices: tuple[int, ...], st: PlanState) -> float:
         """In [0, 1]; higher is better."""
-
-
-def type_ok(types: frozenset[str], gpu_type: str) -> bool:
-    """A device's type (NVML's name, e.g. "NVIDIA A100-SXM4-40GB") matches an allowed type
-    given as any part of it ("A100", "A100-SXM4-40GB"); no allowed types means any."""
-    return not types or any(t in gpu_type for t in types)
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
 # --- filters --------------------------------------------------------------------------------
@@ -128,7 +116,7 @@ class FitsMemory:
                 self.name,
                 UNSCHEDULABLE,
                 f"memory fits but {len(busy)} device(s) are busy: their expected load would pass "
-                f"{st.profile.compute_target:.0%} of their throughput",
+                f"{st.compute_target:.0%} of their throughput",
             )
         if len(free) < m.gpus or free[m.gpus - 1] < share:
             if m.gpus == 1:

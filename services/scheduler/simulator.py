@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshserve.scheduler.autoscale import Load, ScalePolicy, ScaleState, step
-from meshserve.scheduler.placement import ClusterSnapshot, Device, ModelView, NodeView, place
-from meshserve.scheduler.plugins import DISK, HOST, ReloadCosts
+from meshserve.scheduler.placement import place
+from meshserve.scheduler.plugins import ReloadCosts
 from meshserve.scheduler.profile import Profile
+from meshserve.scheduler.views import DISK, HOST, ClusterSnapshot, Device, ModelView, NodeView
 
 GB = 10**9
 BASE_TTFT_S = 0.15  # prefill + scheduling at no load

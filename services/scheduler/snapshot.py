@@ -15,8 +15,9 @@ from meshserve.scheduler.autoscale import (
     merge,
     step,
 )
-from meshserve.scheduler.placement import ClusterSnapshot, Device, ModelView, NodeView, need_bytes
+from meshserve.scheduler.views import ClusterSnapshot, Device, ModelView, NodeView
 from meshserve.v1 import cluster_pb2, common_pb2
+from meshserve.weights import need_bytes
 
 
 def scale_policy(spec: cluster_pb2.ModelSpec) -> ScalePolicy:

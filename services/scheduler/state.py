@@ -1,19 +1,24 @@
 """The mutable working state of one scheduling round: free memory and expected load per device
-(free memory indexed for O(log n) best-fit search), and who is placed where."""
+(free memory indexed for O(log n) best-fit search), who is placed where, and whom the round
+evicted."""
 
 from __future__ import annotations
 
-from meshserve.scheduler.plugins import type_ok
-from meshserve.scheduler.profile import Profile
-from meshserve.scheduler.views import ClusterSnapshot, ModelView
+from meshserve.scheduler.views import ClusterSnapshot, ModelView, type_ok
 from sortedcontainers import SortedList
 
 
 class PlanState:
-    """The mutable working state of one round: free memory per device (indexed), who is where."""
+    """The mutable working state of one round: free memory per device (indexed), who is where.
 
-    def __init__(self, snap: ClusterSnapshot, profile: Profile) -> None:
-        self.profile = profile
+    ``strategy`` is the default for models that name none ("binpack" | "spread");
+    ``compute_target`` the share of a device's throughput its expected load may reach."""
+
+    def __init__(self, snap: ClusterSnapshot, strategy: str, compute_target: float) -> None:
+        self.strategy = strategy
+        self.compute_target = compute_target
+        self.evictions: list[tuple[str, str]] = []  # (model, node) removed this round, in order
+        self.evicted: set[str] = set()  # models evicted this round (never evict others for them)
         self.models = {m.name: m for m in snap.models}
         self.nodes = {n.node_id: n for n in sorted(snap.nodes, key=lambda n: n.node_id)}
         self.failed = snap.failed
@@ -59,7 +64,7 @@ class PlanState:
         return len(self.model_nodes.get(model, ()))
 
     def strategy_of(self, m: ModelView) -> str:
-        return m.strategy or self.profile.strategy
+        return m.strategy or self.strategy
 
     def allowed(self, m: ModelView, d: int) -> bool:
         return type_ok(m.gpu_types, self.dev_type[d])
@@ -68,7 +73,7 @@ class PlanState:
         """The device keeps up with what it already serves plus this replica's share, within
         the profile's compute target (devices that report no throughput always pass)."""
         cap = self.throughput[d]
-        return not cap or self.load[d] + m.per_device_load <= cap * self.profile.compute_target
+        return not cap or self.load[d] + m.per_device_load <= cap * self.compute_target
 
     def fits(self, m: ModelView, d: int) -> bool:
         return self.free[d] >= m.per_device_bytes and self.compute_ok(m, d) and self.allowed(m, d)
@@ -99,6 +104,12 @@ class PlanState:
         self.node_models[node_id].discard(model)
         self.model_nodes[model].discard(node_id)
         self.node_priority_bytes[node_id][m.priority] -= m.need_bytes
+
+    def evict(self, model: str, node_id: str) -> None:
+        """Removes a replica to make room for another; the round remembers it."""
+        self.unbind(model, node_id)
+        self.evictions.append((model, node_id))
+        self.evicted.add(model)
 
     def used(self, node_id: str) -> int:
         return sum(self.capacity[d] - self.free[d] for d in self.node_devices[node_id])

@@ -7,9 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-# Re-exported: memory accounting has one home (weights.py); the policy reads it from here.
-from meshserve.weights import OVERHEAD_FRACTION as OVERHEAD_FRACTION
-from meshserve.weights import need_bytes as need_bytes
+HOST, DISK = 2, 3  # meshserve.v1.Tier values (policy stays free of protobuf)
 
 
 @dataclass(frozen=True)
@@ -106,3 +104,14 @@ class Plan:
 def wanted_replicas(min_replicas: int, max_replicas: int, in_demand: bool) -> int:
     wanted = max(min_replicas, 1 if in_demand else 0)
     return min(wanted, max_replicas) if max_replicas else wanted
+
+
+def type_ok(types: frozenset[str], gpu_type: str) -> bool:
+    """A device's type (NVML's name, e.g. "NVIDIA A100-SXM4-40GB") matches an allowed type
+    given as any part of it ("A100", "A100-SXM4-40GB"); no allowed types means any."""
+    return not types or any(t in gpu_type for t in types)
+
+
+def mib(n: int) -> str:
+    """Bytes as MiB or GiB for messages."""
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"

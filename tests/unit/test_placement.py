@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshserve.scheduler.placement import (
-    DISK,
-    HOST,
-    ClusterSnapshot,
-    NodeView,
-    Plan,
-    need_bytes,
-    place,
-    wanted_replicas,
-)
+from meshserve.scheduler.placement import place
+from meshserve.scheduler.views import DISK, HOST, ClusterSnapshot, NodeView, Plan, wanted_replicas
+from meshserve.weights import need_bytes
 
 from tests.factories import GiB, model, node, snapshot
 

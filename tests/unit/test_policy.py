@@ -6,16 +6,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshserve.scheduler.placement import (
-    ClusterSnapshot,
-    Device,
-    ModelView,
-    NodeView,
-    Placer,
-    place,
-)
+from meshserve.scheduler.placement import Placer, place
 from meshserve.scheduler.plugins import UNRESOLVABLE, UNSCHEDULABLE, ReloadCosts
 from meshserve.scheduler.profile import Profile, load_profile
+from meshserve.scheduler.views import ClusterSnapshot, Device, ModelView, NodeView
 
 from tests.factories import GiB
 
@@ -107,7 +101,7 @@ def test_mig_slices_are_devices_of_their_own() -> None:
 def test_filter_outcomes_distinguish_unschedulable_from_unresolvable() -> None:
     placer = Placer(snap([gpu_node("a", 1, 40)], [m("held", 30, min_replicas=1), m("x", 20)]))
     placer.run()
-    fits = next(f for f in placer.filters if f.name == "fits_memory")
+    fits = next(f for f in placer.pipeline.filters if f.name == "fits_memory")
     node = placer.st.nodes["a"]
     full = fits.check(m("x", 20), node, placer.st)
     assert full is not None and full.code == UNSCHEDULABLE  # evicting could help
