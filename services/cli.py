@@ -82,9 +82,10 @@ def agent(
     ready_file: ReadyFile = "",
 ) -> None:
     """Run a node agent: report devices, load what the scheduler places here, serve inference."""
-    from meshserve.nodeagent.config import AgentConfig, parse_bytes
+    from meshserve.nodeagent.config import AgentConfig
     from meshserve.nodeagent.main import serve
     from meshserve.runtime import run
+    from meshserve.sizes import parse_bytes
 
     try:
         pairs = [x.split("=", 1) for x in label or []]

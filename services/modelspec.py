@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from meshserve.cluster.keys import check_name
-from meshserve.nodeagent.config import parse_bytes
+from meshserve.sizes import parse_bytes
 from meshserve.v1 import cluster_pb2, common_pb2
 
 FIELDS = {
@@ -119,3 +120,20 @@ def demo_spec(source: Path, min_replicas: int = 1) -> cluster_pb2.ModelSpec:
             "warmup_prompts": ["Hello"],
         }
     )
+
+
+def find_model(specs: Iterable[cluster_pb2.ModelSpec], name: str) -> cluster_pb2.ModelSpec | None:
+    """The spec a request for ``name`` means: the model of that name, else the first whose
+    aliases include it (the one lookup the router, scheduler and agents share)."""
+    specs = list(specs)
+    exact = next((s for s in specs if s.name == name), None)
+    return exact or next((s for s in specs if name in s.aliases), None)
+
+
+def alias_map(specs: Iterable[cluster_pb2.ModelSpec]) -> dict[str, str]:
+    """Alias → model name, the first spec naming an alias winning (as in `find_model`)."""
+    aliases: dict[str, str] = {}
+    for spec in specs:
+        for alias in spec.aliases:
+            aliases.setdefault(alias, spec.name)
+    return aliases

@@ -33,7 +33,7 @@ async def serve(config: AgentConfig) -> None:
     session = Session(client, config.lease_ttl_s)
     await session.start()
     probe = open_probe(config.device)
-    rec = Reconciler(config, store, session, probe, address="")
+    rec = Reconciler(config, store, session, probe)
     inference, control = AgentInference(rec), AgentControl(rec)
     server = await start_server(
         config.listen,
@@ -43,10 +43,10 @@ async def serve(config: AgentConfig) -> None:
         ],
         ["meshserve.v1.Inference", "meshserve.v1.NodeAgent"],
     )
-    rec.address = config.advertise(server.port)
-    await rec.start()
-    log.info("node agent %s serving on %s (%s)", config.node_id, rec.address, probe.kind)
-    write_ready_file(config.ready_file, address=rec.address, node_id=config.node_id)
+    address = config.advertise(server.port)
+    await rec.start(address)
+    log.info("node agent %s serving on %s (%s)", config.node_id, address, probe.kind)
+    write_ready_file(config.ready_file, address=address, node_id=config.node_id)
     try:
         await wait_for_signal()
     finally:

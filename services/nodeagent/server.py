@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
-import grpc
-from meshserve.nodeagent.reconcile import Reconciler, Replica
+from meshserve.nodeagent.replica import Replica
 from meshserve.rpc import handlers
-from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.errors import invalid_argument, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
@@ -25,42 +25,35 @@ from opentelemetry import trace
 _tracer = tracer(__name__)
 
 
-class AgentInference(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, reconciler: Reconciler) -> None:
-        self.rec = reconciler
-        self.node_id = reconciler.config.node_id
+class Replicas(Protocol):
+    """What the servicers may ask of this node (the reconciler implements it)."""
 
-    def _replica(self, name: str) -> Replica:
-        spec = self.rec.spec(name)
-        if spec is None:
-            raise not_found_model(name, [s.name for s in self.rec.models.snapshot.values()])
-        r = self.rec.replicas.get(spec.name)
-        if r is None or not r.ready or r.unloading:
-            state = "not placed" if r is None else cluster_pb2.ReplicaState.Name(r.status.state)
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"model {spec.name!r} is {state} on node {self.node_id}; call the router, which "
-                "sends requests to a READY replica",
-                "REPLICA_NOT_READY",
-                retry_after_s=1.0,
-            )
-        if self.rec.draining:
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"node {self.node_id} is draining",
-                "NODE_DRAINING",
-                retry_after_s=1.0,
-            )
-        assert r.engine is not None
-        if r.engine.in_flight >= self.rec.config.max_in_flight:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"model {spec.name!r} on node {self.node_id} is serving its limit of "
-                f"{self.rec.config.max_in_flight} streams",
-                "REPLICA_BUSY",
-                retry_after_s=0.2,
-            )
-        return r
+    @property
+    def node_id(self) -> str: ...
+
+    def serving(self, name: str) -> Replica:
+        """The READY replica for a model name or alias that may take one more stream; raises
+        ServiceError (NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED) saying why not."""
+
+    def all(self) -> list[Replica]:
+        """Every replica here, by model name."""
+
+    def node_status(self) -> cluster_pb2.NodeStatus: ...
+
+    async def drain(self, on: bool) -> cluster_pb2.NodeStatus:
+        """Stop (or resume) taking streams and placements; the node's status after."""
+
+    async def load(self, spec: cluster_pb2.ModelSpec) -> Replica:
+        """Load now, pinned until `unload`; returns once it settled (READY or FAILED)."""
+
+    async def unload(self, model: str) -> bool:
+        """False when the model is not here."""
+
+
+class AgentInference(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, replicas: Replicas) -> None:
+        self.replicas = replicas
+        self.node_id = replicas.node_id
 
     @handlers.stream
     async def Generate(
@@ -70,7 +63,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         server_span.set_attribute("gen_ai.request.model", request.model)
         if request.request_id:
             server_span.set_attribute("meshserve.request_id", request.request_id)
-        r = self._replica(request.model)
+        r = self.replicas.serving(request.model)
         check_generate(request, r.spec)
         params = resolve_params(request.sampling, r.spec)
         assert r.engine is not None
@@ -135,7 +128,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.EmbedRequest, context: Ctx
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
-        r = self._replica(request.model)
+        r = self.replicas.serving(request.model)
         assert r.engine is not None
         with _tracer.start_as_current_span(
             "engine.embed", attributes={"gen_ai.request.model": r.spec.name}
@@ -150,7 +143,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ListModelsRequest, context: Ctx
     ) -> inference_pb2.ListModelsResponse:
         out = inference_pb2.ListModelsResponse()
-        for r in sorted(self.rec.replicas.values(), key=lambda r: r.spec.name):
+        for r in self.replicas.all():
             out.models.add(
                 name=r.spec.name,
                 aliases=r.spec.aliases,
@@ -161,15 +154,15 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
 
 
 class AgentControl(nodeagent_pb2_grpc.NodeAgentServicer):
-    def __init__(self, reconciler: Reconciler) -> None:
-        self.rec = reconciler
+    def __init__(self, replicas: Replicas) -> None:
+        self.replicas = replicas
 
     @handlers.unary
     async def GetNodeStatus(
         self, request: nodeagent_pb2.GetNodeStatusRequest, context: Ctx
     ) -> nodeagent_pb2.GetNodeStatusResponse:
-        out = nodeagent_pb2.GetNodeStatusResponse(node=self.rec.node_status())
-        for r in sorted(self.rec.replicas.values(), key=lambda r: r.spec.name):
+        out = nodeagent_pb2.GetNodeStatusResponse(node=self.replicas.node_status())
+        for r in self.replicas.all():
             out.replicas.append(r.status)
             out.load.add(
                 model=r.spec.name,
@@ -182,9 +175,7 @@ class AgentControl(nodeagent_pb2_grpc.NodeAgentServicer):
     async def Drain(
         self, request: nodeagent_pb2.DrainRequest, context: Ctx
     ) -> nodeagent_pb2.DrainResponse:
-        self.rec.draining = not request.undrain
-        await self.rec.publish_node(force=True)
-        return nodeagent_pb2.DrainResponse(node=self.rec.node_status())
+        return nodeagent_pb2.DrainResponse(node=await self.replicas.drain(not request.undrain))
 
     @handlers.unary
     async def LoadModel(
@@ -192,16 +183,14 @@ class AgentControl(nodeagent_pb2_grpc.NodeAgentServicer):
     ) -> nodeagent_pb2.LoadModelResponse:
         spec = request.spec
         if not spec.name or not spec.source:
-            from meshserve.rpc.errors import invalid_argument
-
             raise invalid_argument([("spec", "name and source are required")])
-        r = await self.rec.load_direct(spec)
+        r = await self.replicas.load(spec)
         return nodeagent_pb2.LoadModelResponse(replica=r.status)
 
     @handlers.unary
     async def UnloadModel(
         self, request: nodeagent_pb2.UnloadModelRequest, context: Ctx
     ) -> nodeagent_pb2.UnloadModelResponse:
-        if not await self.rec.unload_direct(request.model):
-            raise not_found_model(request.model, list(self.rec.replicas))
+        if not await self.replicas.unload(request.model):
+            raise not_found_model(request.model, [r.spec.name for r in self.replicas.all()])
         return nodeagent_pb2.UnloadModelResponse()

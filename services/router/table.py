@@ -17,6 +17,7 @@ from types import MappingProxyType
 import aetcd
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Mirror
+from meshserve.modelspec import alias_map
 from meshserve.v1 import cluster_pb2
 
 
@@ -40,6 +41,7 @@ class RouteTable:
     aliases: Mapping[str, str] = field(default_factory=dict)  # alias → model
 
     def resolve(self, name: str) -> Route | None:
+        """The route for a model name, else for an alias (`modelspec.find_model`'s rule)."""
         return self.routes.get(name) or self.routes.get(self.aliases.get(name, ""))
 
 
@@ -50,15 +52,12 @@ def build_table(
     for r in replicas:
         if r.state == cluster_pb2.REPLICA_STATE_READY and r.address:
             ready[r.model].append(Endpoint(r.node_id, r.address, r.waiting, r.kv_cache_usage))
-    routes: dict[str, Route] = {}
-    aliases: dict[str, str] = {}
-    for spec in specs:
-        routes[spec.name] = Route(
-            spec, tuple(sorted(ready.get(spec.name, []), key=lambda e: e.node_id))
-        )
-        for alias in spec.aliases:
-            aliases.setdefault(alias, spec.name)
-    return RouteTable(MappingProxyType(routes), MappingProxyType(aliases))
+    specs = list(specs)
+    routes = {
+        spec.name: Route(spec, tuple(sorted(ready.get(spec.name, []), key=lambda e: e.node_id)))
+        for spec in specs
+    }
+    return RouteTable(MappingProxyType(routes), MappingProxyType(alias_map(specs)))
 
 
 class EndpointTable:

@@ -16,6 +16,7 @@ from meshserve.cluster.election import Election, Leadership
 from meshserve.cluster.mirror import Mirror
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
+from meshserve.modelspec import find_model
 from meshserve.scheduler.autoscale import ScaleState
 from meshserve.scheduler.config import SchedulerConfig
 from meshserve.scheduler.placement import place
@@ -89,10 +90,7 @@ class SchedulerLoop:
             await m.stop()
 
     def spec(self, name: str) -> cluster_pb2.ModelSpec | None:
-        for s in self.models.snapshot.values():
-            if s.name == name or name in s.aliases:
-                return s
-        return None
+        return find_model(self.models.snapshot.values(), name)
 
     async def ensure(self, model: str) -> None:
         """Marks ``model`` as demanded now and waits (up to 2 s) for the round that places it."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from meshserve.modelspec import spec_from_dict
-from meshserve.nodeagent.config import parse_bytes
+from meshserve.sizes import parse_bytes
 from meshserve.v1 import cluster_pb2, common_pb2
 
 

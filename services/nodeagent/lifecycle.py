@@ -1,0 +1,240 @@
+"""A replica's life through its Engine: load → warm-up → READY; tier changes (drain, then offload;
+or restore, then warm-up → READY); drain → unload. Each step publishes the replica's new state.
+
+Loads and restores are serialized per node, so a device's memory is measured by one load at a
+time. Every step runs as the replica's one `busy` task; when it ends, the reconciler is woken to
+plan again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, MutableMapping
+from dataclasses import replace
+from pathlib import Path
+
+from meshserve.nodeagent.config import AgentConfig
+from meshserve.nodeagent.devices import DeviceProbe
+from meshserve.nodeagent.engines import make_engine
+from meshserve.nodeagent.engines.base import EngineConfig
+from meshserve.nodeagent.plan import Load
+from meshserve.nodeagent.publisher import StatusPublisher
+from meshserve.nodeagent.replica import Replica
+from meshserve.telemetry import metrics
+from meshserve.telemetry.tracing import tracer
+from meshserve.v1 import cluster_pb2
+from meshserve.validation import GenerationParams
+from meshserve.weights import predict_weight_bytes
+
+log = logging.getLogger("meshserve.nodeagent.reconcile")
+_tracer = tracer("meshserve.nodeagent.reconcile")
+S = cluster_pb2
+WARMUP = GenerationParams(4, 0.0, 1.0, 0, None, (), True)
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        config: AgentConfig,
+        probe: DeviceProbe,
+        publisher: StatusPublisher,
+        replicas: MutableMapping[str, Replica],
+        on_settled: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.probe = probe
+        self.publisher = publisher
+        self.replicas = replicas  # the reconciler's; a load adds, an unload removes
+        self.on_settled = on_settled  # called when a step ends: plan again
+        self._load_lock = asyncio.Lock()
+        self._engine_config = EngineConfig(
+            device="cuda:0" if probe.kind == "cuda" else "cpu",
+            threads=config.threads,
+            cache_dir=config.tier_cache_dir,
+        )
+
+    # --- starting steps (never wait for them) ------------------------------------------------
+
+    def start_load(self, load: Load, manual: bool = False) -> Replica:
+        spec = load.spec
+        status = S.ReplicaStatus(
+            model=spec.name,
+            node_id=self.config.node_id,
+            address=self.publisher.address,
+            state=S.REPLICA_STATE_LOADING,
+            tier=S.TIER_DEVICE,
+            epoch=load.epoch,
+        )
+        tier = load.tier or S.TIER_DEVICE
+        r = Replica(
+            spec=spec,
+            status=status,
+            manual=manual,
+            budget_bytes=load.budget_bytes,
+            devices=load.devices,
+            asked_tier=tier,
+        )
+        self.replicas[spec.name] = r
+        r.busy = asyncio.create_task(self._load(r, tier), name=f"load {spec.name}")
+        return r
+
+    def start_tier_change(self, r: Replica, tier: int) -> None:
+        r.asked_tier = tier
+        r.busy = asyncio.create_task(self._change_tier(r, tier), name=f"tier {r.spec.name}")
+
+    def start_unload(self, r: Replica) -> None:
+        r.unloading = True
+        r.busy = asyncio.create_task(self._unload(r), name=f"unload {r.spec.name}")
+
+    async def stop(self) -> None:
+        """Cancels steps under way and unloads every engine (the agent is shutting down)."""
+        for r in list(self.replicas.values()):
+            if r.busy is not None:
+                r.busy.cancel()
+            if r.engine is not None:
+                with contextlib.suppress(Exception):
+                    await r.engine.unload()
+
+    # --- the steps ---------------------------------------------------------------------------
+
+    async def _load(self, r: Replica, tier: int) -> None:
+        model = r.spec.name
+        started = time.monotonic()
+        try:
+            async with self._load_lock:
+                r.status.predicted_bytes = await asyncio.to_thread(
+                    predict_weight_bytes, Path(r.spec.source), r.spec.engine_args.get("dtype")
+                )
+                await self.publisher.set_state(r, S.REPLICA_STATE_LOADING)
+                with _tracer.start_as_current_span(
+                    "model.load",
+                    attributes={
+                        "gen_ai.request.model": model,
+                        "meshserve.node": self.config.node_id,
+                    },
+                ) as span:
+                    config = await self._engine_config_for(r)
+                    engine = await asyncio.to_thread(make_engine, r.spec, config)
+                    r.engine = engine
+                    await engine.load(r.spec)
+                    r.status.memory_bytes = engine.memory_bytes()
+                    r.status.tier_note = engine.tier_note
+                    await self.publisher.set_state(r, S.REPLICA_STATE_WARMING)
+                    await self._warm_up(r)
+                    r.status.load_seconds = time.monotonic() - started
+                    span.set_attribute("meshserve.load_seconds", r.status.load_seconds)
+                    span.set_attribute("meshserve.memory_bytes", r.status.memory_bytes)
+            metrics.LOAD_SECONDS.labels(model).observe(r.status.load_seconds)
+            log.info(
+                "%s READY in %.2f s (%d bytes)", model, r.status.load_seconds, r.status.memory_bytes
+            )
+            await self.publisher.set_state(r, S.REPLICA_STATE_READY)
+            if tier != S.TIER_DEVICE:  # placed straight into a lower tier (prefetch)
+                await self._change_tier(r, tier, own_task=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("loading %s failed", model)
+            r.failed_at = time.monotonic()
+            if r.engine is not None:
+                with contextlib.suppress(Exception):
+                    await r.engine.unload()
+                r.engine = None
+            r.status.error = f"{type(e).__name__}: {e}"[:2000]
+            await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
+        finally:
+            r.busy = None
+            self.on_settled()
+
+    async def _engine_config_for(self, r: Replica) -> EngineConfig:
+        """The GPU the placement names, else the first one; host RAM without GPUs."""
+        report = await asyncio.to_thread(self.probe.read)
+        named = next((g for g in report.gpus if g.uuid in r.devices[:1]), None)
+        gpu = named or (report.gpus[0] if report.gpus else None)
+        return replace(
+            self._engine_config,
+            device=f"cuda:{named.index}" if named else self._engine_config.device,
+            memory_budget_bytes=r.budget_bytes,
+            device_total_bytes=gpu.memory_total_bytes if gpu else report.host_total_bytes,
+        )
+
+    async def _warm_up(self, r: Replica) -> None:
+        """Warm-up requests must pass before a replica is READY (after a load or a restore)."""
+        assert r.engine is not None
+        if r.spec.engine_args.get("task") == "embed":
+            await r.engine.embed(r.spec.warmup_prompts or ["Hello"])
+            return
+        for prompt in r.spec.warmup_prompts or ["Hello"]:
+            async for _chunk in r.engine.generate(prompt, [], WARMUP):
+                pass
+
+    async def _drain(self, r: Replica) -> None:
+        """DRAINING: routers stop sending; wait (up to the grace period) for streams to end."""
+        await self.publisher.set_state(r, S.REPLICA_STATE_DRAINING)
+        deadline = time.monotonic() + self.config.drain_grace_s
+        # Engines expose a count, not an event: poll it until the grace period ends.
+        while r.engine is not None and r.engine.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    async def _change_tier(self, r: Replica, tier: int, own_task: bool = True) -> None:
+        """Offload to CPU RAM / disk, or restore to the device (then warm up before READY)."""
+        model = r.spec.name
+        started = time.monotonic()
+        name = "model.restore" if tier == S.TIER_DEVICE else "model.offload"
+        tier_name = S.Tier.Name(tier)  # type: ignore[arg-type]
+        attributes = {
+            "gen_ai.request.model": model,
+            "meshserve.node": self.config.node_id,
+            "meshserve.tier.from": S.Tier.Name(r.status.tier),
+            "meshserve.tier.to": tier_name,
+        }
+        try:
+            assert r.engine is not None
+            with _tracer.start_as_current_span(name, attributes=attributes) as span:
+                if tier == S.TIER_DEVICE:
+                    await self.publisher.set_state(r, S.REPLICA_STATE_LOADING)
+                    async with self._load_lock:  # one load or restore at a time per device
+                        await r.engine.restore()
+                    r.status.tier = S.TIER_DEVICE
+                    r.status.memory_bytes = r.engine.memory_bytes()
+                    await self.publisher.set_state(r, S.REPLICA_STATE_WARMING)
+                    await self._warm_up(r)
+                    state = S.REPLICA_STATE_READY
+                else:
+                    await self._drain(r)
+                    await r.engine.offload(tier)
+                    r.status.tier = r.engine.tier  # type: ignore[assignment]  # where it settled
+                    r.status.tier_note = r.engine.tier_note
+                    state = S.REPLICA_STATE_OFFLOADED
+                r.status.transition_seconds = time.monotonic() - started
+                span.set_attribute("meshserve.transition_seconds", r.status.transition_seconds)
+            metrics.SWAP_SECONDS.labels(model, tier_name).observe(r.status.transition_seconds)
+            log.info("%s → %s in %.3f s", model, tier_name, r.status.transition_seconds)
+            await self.publisher.set_state(r, state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("moving %s to %s failed", model, tier)
+            r.failed_at = time.monotonic()
+            r.status.error = f"tier change failed: {type(e).__name__}: {e}"[:2000]
+            await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
+        finally:
+            if own_task:
+                r.busy = None
+                self.on_settled()
+
+    async def _unload(self, r: Replica) -> None:
+        model = r.spec.name
+        try:
+            await self._drain(r)
+            if r.engine is not None:
+                await r.engine.unload()
+            log.info("%s unloaded", model)
+        finally:
+            if self.replicas.get(model) is r:
+                del self.replicas[model]
+            r.busy = None
+            await self.publisher.withdraw(model)

@@ -1,0 +1,189 @@
+"""What this node says about itself in etcd, under the agent's lease: ``nodes/<node>`` (with
+hysteresis: memory and utilization jitter alone does not rewrite it) and
+``replicas/<model>/<node>`` (on every state change, and engine load at most once a second when it
+moves). A failed write is retried on the next pass; a new lease gets every key written again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+from meshserve.cluster.session import Session
+from meshserve.cluster.store import Store
+from meshserve.nodeagent.config import AgentConfig
+from meshserve.nodeagent.devices import DeviceProbe, capacity_bytes
+from meshserve.nodeagent.replica import Replica
+from meshserve.telemetry import metrics
+from meshserve.v1 import cluster_pb2
+
+log = logging.getLogger("meshserve.nodeagent.reconcile")
+S = cluster_pb2
+STATS_INTERVAL_S = 1.0  # engine stats → ReplicaStatus (only when they moved)
+NODE_INTERVAL_S = 2.0  # node status refresh check
+NODE_REFRESH_S = 10.0  # publish nodes/<node> at least this often
+STABLE_FIELDS = (
+    "address",
+    "capacity_bytes",
+    "used_bytes",
+    "draining",
+    "device_kind",
+    "host_capacity_bytes",
+    "host_used_bytes",
+    "disk_used_bytes",
+)
+
+
+def node_changed(old: cluster_pb2.NodeStatus | None, new: cluster_pb2.NodeStatus) -> bool:
+    """Hysteresis: a write is due when anything but GPU memory/utilization changed, or those
+    moved by more than 5 % of the GPU's memory / 10 points of utilization."""
+    if old is None:
+        return True
+    if any(getattr(old, f) != getattr(new, f) for f in STABLE_FIELDS):
+        return True
+    if dict(old.labels) != dict(new.labels) or len(old.gpus) != len(new.gpus):
+        return True
+    for a, b in zip(old.gpus, new.gpus, strict=True):
+        if abs(int(a.memory_used_bytes) - int(b.memory_used_bytes)) > 0.05 * max(
+            1, b.memory_total_bytes
+        ):
+            return True
+        if abs(a.utilization - b.utilization) > 0.10 or a.name != b.name:
+            return True
+    return False
+
+
+class StatusPublisher:
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: Store,
+        session: Session,
+        probe: DeviceProbe,
+        replicas: Mapping[str, Replica],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.keys = store.keys
+        self.session = session
+        self.probe = probe
+        self.replicas = replicas  # the reconciler's; read only here
+        self.address = ""  # host:port others dial; set once the server is bound
+        self.draining = False
+        self._dirty: set[str] = set()  # replicas whose last publish failed
+        self._last_node: cluster_pb2.NodeStatus | None = None
+        self._last_node_at = 0.0
+
+    # --- replicas ----------------------------------------------------------------------------
+
+    async def set_state(self, r: Replica, state: int) -> None:
+        r.status.state = state  # type: ignore[assignment]
+        if state != S.REPLICA_STATE_FAILED:
+            r.status.error = ""
+        await self.publish(r)
+        await self.publish_node(force=True)
+
+    async def publish(self, r: Replica) -> None:
+        if self.replicas.get(r.spec.name) is not r:
+            return  # replaced or unloaded meanwhile
+        try:
+            await self.store.put(
+                self.keys.replica(r.spec.name, self.config.node_id),
+                r.status,
+                lease=self.session.lease_id,
+            )
+            self._dirty.discard(r.spec.name)
+        except Exception as e:
+            log.info("publishing %s failed (%s); will retry", r.spec.name, type(e).__name__)
+            self._dirty.add(r.spec.name)
+
+    def mark_dirty(self, model: str) -> None:
+        """The replica's status changed outside a state change: write it on the next pass."""
+        self._dirty.add(model)
+
+    async def retry_dirty(self) -> None:
+        for model in list(self._dirty):
+            if (r := self.replicas.get(model)) is not None:
+                await self.publish(r)
+            else:
+                self._dirty.discard(model)
+
+    async def withdraw(self, model: str) -> None:
+        """The replica is gone: delete its key (best effort; the lease ends it otherwise)."""
+        self._dirty.discard(model)
+        try:
+            await self.store.delete(self.keys.replica(model, self.config.node_id))
+        except Exception as e:
+            log.info("deleting %s's key failed (%s)", model, type(e).__name__)
+        await self.publish_node(force=True)
+
+    # --- the node ----------------------------------------------------------------------------
+
+    def node_status(self) -> cluster_pb2.NodeStatus:
+        report = self.probe.read()
+        engines = [r.engine for r in self.replicas.values() if r.engine is not None]
+        return S.NodeStatus(
+            node_id=self.config.node_id,
+            address=self.address,
+            gpus=report.gpus,
+            host_memory_total_bytes=report.host_total_bytes,
+            host_memory_available_bytes=report.host_available_bytes,
+            labels=dict(self.config.labels),
+            capacity_bytes=capacity_bytes(report, self.config.memory_limit_bytes),
+            used_bytes=sum(e.memory_bytes() for e in engines),
+            host_capacity_bytes=self.config.host_memory_limit_bytes or report.host_total_bytes // 2,
+            host_used_bytes=sum(e.host_bytes() for e in engines),
+            disk_used_bytes=sum(e.disk_bytes() for e in engines),
+            draining=self.draining,
+            device_kind=report.kind,
+        )
+
+    async def publish_node(self, force: bool = False) -> None:
+        status = self.node_status()
+        for g in status.gpus:
+            metrics.GPU_MEMORY_USED.labels(g.uuid or str(g.index)).set(g.memory_used_bytes)
+            metrics.GPU_UTILIZATION.labels(g.uuid or str(g.index)).set(g.utilization)
+        due = time.monotonic() - self._last_node_at > NODE_REFRESH_S
+        if not (force or due or node_changed(self._last_node, status)):
+            return
+        try:
+            await self.store.put(
+                self.keys.node(self.config.node_id), status, lease=self.session.lease_id
+            )
+            self._last_node, self._last_node_at = status, time.monotonic()
+        except Exception as e:
+            log.info("publishing node status failed (%s); will retry", type(e).__name__)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Engine stats every STATS_INTERVAL_S, the node every NODE_INTERVAL_S (if changed)."""
+        tick = 0
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            tick += 1
+            if tick % round(NODE_INTERVAL_S / STATS_INTERVAL_S) == 0:
+                await self.publish_node()
+            await self.publish_stats()
+
+    async def publish_stats(self) -> None:
+        """Engine load into ReplicaStatus, at most every STATS_INTERVAL_S and only when it moved:
+        at most one write/s per replica, so etcd sees O(replicas) small writes, not one per
+        request."""
+        for r in list(self.replicas.values()):
+            if r.engine is None or not r.ready:
+                continue
+            st = r.engine.stats()
+            s = r.status
+            moved = (st.running, st.waiting) != (s.running, s.waiting)
+            if moved or abs(st.kv_cache_usage - s.kv_cache_usage) > 0.1:
+                s.running, s.waiting, s.kv_cache_usage = st.running, st.waiting, st.kv_cache_usage
+                await self.publish(r)
+
+    async def republish(self, _lease: int) -> None:
+        """After a lost lease: our keys are gone; write them again under the new lease."""
+        log.warning("lease replaced; re-registering node and replicas")
+        await self.publish_node(force=True)
+        for r in list(self.replicas.values()):
+            await self.publish(r)

@@ -1,0 +1,46 @@
+"""A model held on this node: its spec, the status it publishes, its engine, and what is being
+done to it. Mutated only by the lifecycle (lifecycle.py) and the reconciler."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from meshserve.nodeagent.engines.base import Engine
+from meshserve.nodeagent.plan import Held
+from meshserve.v1 import cluster_pb2
+
+S = cluster_pb2
+
+
+@dataclass
+class Replica:
+    spec: cluster_pb2.ModelSpec
+    status: cluster_pb2.ReplicaStatus  # what replicas/<model>/<node> says
+    engine: Engine | None = None
+    manual: bool = False  # loaded by an operator's LoadModel: placements do not unload it
+    failed_at: float = 0.0  # monotonic s of the last failure
+    busy: asyncio.Task[None] | None = None  # load, tier change or unload in progress
+    generated_tokens: int = 0
+    unloading: bool = False
+    budget_bytes: int = 0  # memory the placement granted (0: an operator's LoadModel)
+    devices: tuple[str, ...] = ()  # GPU uuids the placement names (the first is used)
+    # The tier last asked of the engine. An engine may settle elsewhere (vLLM's CPU build cannot
+    # keep weights in CPU RAM): status.tier says where it is, this keeps us from asking again.
+    asked_tier: int = S.TIER_DEVICE
+
+    @property
+    def ready(self) -> bool:
+        return self.status.state == S.REPLICA_STATE_READY and self.engine is not None
+
+    def held(self) -> Held:
+        """What the planner needs to know of it."""
+        return Held(
+            state=self.status.state,
+            epoch=self.status.epoch,
+            asked_tier=self.asked_tier,
+            busy=self.busy is not None,
+            unloading=self.unloading,
+            manual=self.manual,
+            failed_at=self.failed_at,
+        )
