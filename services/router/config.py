@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 
-from meshserve.cluster.keys import DEFAULT_PREFIX, check_name
+from meshserve.cluster.keys import check_name
+from meshserve.config import ServiceConfig, process_id
 
-
-def _default_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    router_id: str = field(default_factory=_default_id)
-    listen: str = "127.0.0.1:50051"
-    etcd: str = "127.0.0.1:2379"
-    prefix: str = DEFAULT_PREFIX
-    lease_ttl_s: int = 5
+    service: ServiceConfig = field(default_factory=lambda: ServiceConfig(listen=DEFAULT_LISTEN))
+    router_id: str = field(default_factory=process_id)
     max_attempts: int = 3  # replicas tried before the first token
     queue_per_model: int = 256  # requests held per model while it cold-starts
     queue_timeout_s: float = (
@@ -31,14 +25,9 @@ class RouterConfig:
     eject_after_failures: int = 3  # consecutive failures that eject a replica (outlier detection)
     eject_for_s: float = 10.0
     demand_interval_s: float = 1.0
-    metrics_port: int = 0
-    ready_file: str = ""
 
     def __post_init__(self) -> None:
         check_name("router", self.router_id)
-        host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"listen must be host:port, got {self.listen!r}")
         for name in ("max_attempts", "queue_per_model", "eject_after_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

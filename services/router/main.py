@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 
 import grpc
-from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Mirror
-from meshserve.cluster.session import Session
-from meshserve.cluster.store import EtcdConfig, Store, connect
+from meshserve.process import Cluster, Component, serve
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker, publish_demand
 from meshserve.router.server import RouterInference, Upstreams, handlers_for, trace_metadata
 from meshserve.router.table import EndpointTable
-from meshserve.rpc.server import start_server
-from meshserve.runtime import wait_for_signal, write_ready_file
-from meshserve.telemetry.metrics import serve_metrics
-from meshserve.telemetry.tracing import setup_tracing, shutdown_tracing
+from meshserve.rpc.channels import ChannelPool
 from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
 from opentelemetry import trace
 
@@ -56,46 +52,49 @@ class SchedulerClient:
         return "no scheduler reachable" if not candidates else "every scheduler failed"
 
 
-async def serve(config: RouterConfig) -> None:
-    setup_tracing("router")
-    serve_metrics(config.metrics_port)
-    client = connect(EtcdConfig(config.etcd))
-    keys = Keyspace(config.prefix)
-    store = Store(client, keys)
-    session = Session(client, config.lease_ttl_s)
-    await session.start()
-    table = EndpointTable(client, keys)
-    table.start()
-    schedulers = Mirror(client, keys.election(), cluster_pb2.SchedulerCandidate)
-    schedulers.start()
-    await asyncio.wait_for(table.synced(), 30)
-    demand = DemandTracker(config.router_id)
-    upstreams = Upstreams()
-    ensure = SchedulerClient(schedulers, config.router_id, upstreams).ensure
-    servicer = RouterInference(config, table, ensure, demand)
-    server = await start_server(
-        config.listen,
-        [lambda s: s.add_generic_rpc_handlers((handlers_for(servicer),))],
-        ["meshserve.v1.Inference"],
-    )
-    publisher = asyncio.create_task(
-        publish_demand(demand, store, session, config.demand_interval_s)
-    )
-    address = f"{config.listen.rpartition(':')[0]}:{server.port}"
-    log.info("router %s serving on %s", config.router_id, address)
-    write_ready_file(config.ready_file, address=address, router_id=config.router_id)
-    try:
-        await wait_for_signal()
-    finally:
-        await server.stop(grace_s=5.0)
-        publisher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await publisher
-        await table.stop()
-        await schedulers.stop()
-        await servicer.upstreams.close()
-        await upstreams.close()
-        await session.close()
-        with contextlib.suppress(Exception):
-            await client.close()
-        shutdown_tracing()
+class Router(Component):
+    services = ("meshserve.v1.Inference",)
+
+    def __init__(self, config: RouterConfig, cluster: Cluster) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.table = EndpointTable(cluster.client, cluster.keys)
+        self.schedulers = Mirror(
+            cluster.client, cluster.keys.election(), cluster_pb2.SchedulerCandidate
+        )
+        self.demand = DemandTracker(config.router_id)
+        self.channels = ChannelPool()  # agents and schedulers: one channel per address
+        upstreams = Upstreams(self.channels)
+        ensure = SchedulerClient(self.schedulers, config.router_id, upstreams).ensure
+        self.servicer = RouterInference(config, self.table, ensure, self.demand, upstreams)
+        self._publisher: asyncio.Task[None] | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((handlers_for(self.servicer),))
+
+    async def start(self, address: str) -> Mapping[str, str]:
+        self.table.start()
+        self.schedulers.start()
+        await asyncio.wait_for(self.table.synced(), 30)
+        self._publisher = asyncio.create_task(
+            publish_demand(
+                self.demand, self.cluster.store, self.cluster.session, self.config.demand_interval_s
+            )
+        )
+        return {"router_id": self.config.router_id}
+
+    async def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+        await self.table.stop()
+        await self.schedulers.stop()
+        await self.channels.close()
+
+
+async def run(config: RouterConfig) -> None:
+    async def make(cluster: Cluster) -> Component:
+        return Router(config, cluster)
+
+    await serve("router", config.service, make, grace_s=5.0)

@@ -25,9 +25,9 @@ from meshserve.router.outliers import Outliers
 from meshserve.router.picker import rank
 from meshserve.router.table import Endpoint, EndpointTable, Route
 from meshserve.rpc import handlers
+from meshserve.rpc.channels import ChannelPool
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
-from meshserve.rpc.server import CHANNEL_OPTIONS
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
@@ -72,27 +72,18 @@ class _Retry(Exception):
 
 
 class Upstreams:
-    """One channel per agent address, with keepalive and trace-context propagation."""
+    """Calls to agents over the process's channel pool. No client interceptors: they wrap every
+    streamed message; the trace context is injected once per call instead (`trace_metadata`)."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, pool: ChannelPool) -> None:
+        self.pool = pool
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            # No client interceptors here: they wrap every streamed message. The trace context is
-            # injected once per call instead (`trace_metadata`).
-            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = ch
-        return ch
+        return self.pool.get(address)
 
     def generate(self, address: str) -> Any:
         # Raw bytes both ways: the request is serialized once, responses are forwarded as they came.
-        return self.channel(address).unary_stream(GENERATE)
-
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
+        return self.pool.get(address).unary_stream(GENERATE)
 
 
 class RouterInference:
@@ -104,6 +95,7 @@ class RouterInference:
         table: EndpointTable,
         ensure: Callable[[str], Coroutine[Any, Any, str]],
         demand: DemandTracker,
+        upstreams: Upstreams,
     ) -> None:
         self.config = config
         self.table = table
@@ -112,7 +104,7 @@ class RouterInference:
         self.coldstart = ColdStartQueue(
             table, ensure, config.queue_per_model, config.queue_timeout_s, config.ensure_interval_s
         )
-        self.upstreams = Upstreams()
+        self.upstreams = upstreams
         self.outstanding: dict[str, int] = defaultdict(int)  # address → streams in flight
         self.outliers = Outliers(config.eject_after_failures, config.eject_for_s)
         self._tiebreak = itertools.count()

@@ -6,18 +6,17 @@ from dataclasses import replace
 
 import grpc
 from meshserve.rpc import handlers
+from meshserve.rpc.channels import ChannelPool
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
-from meshserve.rpc.server import CHANNEL_OPTIONS
 from meshserve.scheduler.leader import SchedulerLoop
-from meshserve.telemetry.tracing import client_interceptors
 from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, loop: SchedulerLoop) -> None:
+    def __init__(self, loop: SchedulerLoop, channels: ChannelPool) -> None:
         self.loop = loop
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.channels = channels  # to the leader, when this one stands by
 
     async def _leader_stub(self) -> scheduler_pb2_grpc.SchedulerStub:
         leader = await self.loop.election.leader()
@@ -29,15 +28,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 retry_after_s=1.0,
             )
         address = cluster_pb2.SchedulerCandidate.FromString(leader.value).address
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
-            )
-        return scheduler_pb2_grpc.SchedulerStub(self._channels[address])
-
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
+        return scheduler_pb2_grpc.SchedulerStub(self.channels.get(address))
 
     def _spec(self, name: str) -> cluster_pb2.ModelSpec:
         spec = self.loop.spec(name)

@@ -1,0 +1,255 @@
+"""Talking to a mesh: `meshserve generate`, `model apply`, `status` and `explain`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from meshserve.cli.common import SERVICE, Etcd, Prefix, console, default_etcd, err, fail, state
+from meshserve.router.config import DEFAULT_LISTEN
+from rich.table import Table
+
+app = typer.Typer()
+model_app = typer.Typer(help="Register and inspect models.", no_args_is_help=True)
+
+
+async def apply_spec(etcd: str, prefix: str, spec: Any) -> None:
+    """Writes ``spec`` (a ModelSpec) to ``models/<name>``."""
+    from meshserve.cluster.keys import Keyspace
+    from meshserve.cluster.store import EtcdConfig, Store, connect
+
+    client = connect(EtcdConfig(etcd))
+    try:
+        await Store(client, Keyspace(prefix)).put(Keyspace(prefix).model(spec.name), spec)
+    finally:
+        await client.close()
+
+
+async def stream_completion(
+    address: str,
+    model: str,
+    prompt: str,
+    max_tokens: int | None,
+    temperature: float | None,
+    seed: int | None,
+    timeout: float,
+    session: str,
+) -> None:
+    import grpc
+    from meshserve.rpc.errors import decode_details, error_reason
+    from meshserve.v1 import inference_pb2, inference_pb2_grpc
+
+    req = inference_pb2.GenerateRequest(model=model, prompt=prompt, session_key=session)
+    if max_tokens is not None:
+        req.sampling.max_tokens = max_tokens
+    if temperature is not None:
+        req.sampling.temperature = temperature
+    if seed is not None:
+        req.sampling.seed = seed
+    start = time.perf_counter()
+    first = None
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=timeout)
+        try:
+            async for msg in call:
+                if first is None:
+                    first = time.perf_counter() - start
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                if msg.finish_reason:
+                    headers = dict(await call.initial_metadata())
+                    elapsed = time.perf_counter() - start
+                    n = msg.usage.output_tokens
+                    node = headers.get("meshserve-node", "?")
+                    reason = inference_pb2.FinishReason.Name(msg.finish_reason)
+                    err.print(
+                        f"\n[dim]{n} tokens from {node}, first token {first * 1000:.0f} ms, "
+                        f"{n / elapsed:.0f} tokens/s, {reason}[/dim]"
+                    )
+        except grpc.aio.AioRpcError as e:
+            why = error_reason(decode_details(e.trailing_metadata()))
+            raise fail(f"{e.code().name}: {e.details()}" + (f" [{why}]" if why else "")) from None
+
+
+@app.command()
+def generate(
+    model: str,
+    prompt: str,
+    max_tokens: Annotated[int | None, typer.Option(help="tokens to generate")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    seed: int | None = None,
+    session: Annotated[str, typer.Option(help="session key (replica affinity)")] = "",
+    address: Annotated[str, typer.Option(envvar="MESHSERVE_ROUTER", help="router host:port")] = "",
+    timeout: Annotated[float, typer.Option(help="deadline, s")] = 60.0,
+) -> None:
+    """Stream a completion from MODEL (through the router `meshserve up` started, by default)."""
+    address = address or state().get("router") or DEFAULT_LISTEN
+    asyncio.run(
+        stream_completion(address, model, prompt, max_tokens, temperature, seed, timeout, session)
+    )
+
+
+@model_app.command("apply")
+def model_apply(file: Path, etcd: Etcd = "", prefix: Prefix = SERVICE.prefix) -> None:
+    """Register or update the model(s) in a YAML file (one mapping, or a list)."""
+    import yaml
+    from meshserve.modelspec import spec_from_dict
+
+    try:
+        docs = yaml.safe_load(file.read_text())
+        items = docs if isinstance(docs, list) else [docs]
+        specs = [spec_from_dict(d, base=file.parent) for d in items]
+    except (OSError, ValueError, yaml.YAMLError, TypeError) as e:
+        raise fail(f"{file}: {e}") from None
+    for spec in specs:
+        asyncio.run(apply_spec(default_etcd(etcd), prefix, spec))
+        console.print(
+            f"applied model [bold]{spec.name}[/bold] ({spec.memory_bytes / 2**20:.1f} MiB)"
+        )
+
+
+@app.command()
+def status(etcd: Etcd = "", prefix: Prefix = SERVICE.prefix) -> None:
+    """Nodes, devices, memory, replicas and placements, as tables."""
+    asyncio.run(_status(default_etcd(etcd), prefix))
+
+
+async def _status(etcd: str, prefix: str) -> None:
+    from meshserve.cluster.keys import Keyspace
+    from meshserve.cluster.store import EtcdConfig, Store, connect
+    from meshserve.v1 import cluster_pb2, common_pb2
+
+    keys = Keyspace(prefix)
+    client = connect(EtcdConfig(etcd))
+    store = Store(client, keys)
+    try:
+        nodes, _ = await store.list(keys.nodes(), cluster_pb2.NodeStatus)
+        replicas, _ = await store.list(keys.replicas(), cluster_pb2.ReplicaStatus)
+        placements, _ = await store.list(keys.placements(), cluster_pb2.Placement)
+        models, _ = await store.list(keys.models(), cluster_pb2.ModelSpec)
+    except Exception as e:
+        raise fail(f"cannot read etcd at {etcd}: {type(e).__name__}: {e}") from None
+    finally:
+        await client.close()
+    mib = 2**20
+    t = Table(title="nodes")
+    for c in ("node", "address", "device", "GPUs", "capacity MiB", "used MiB", "draining"):
+        t.add_column(c)
+    for entry in nodes:
+        n = entry.value
+        gpus = (
+            ", ".join(
+                f"{g.name} {g.memory_used_bytes / mib:.0f}/{g.memory_total_bytes / mib:.0f} MiB "
+                f"{g.utilization:.0%}"
+                for g in n.gpus
+            )
+            or "-"
+        )
+        t.add_row(
+            n.node_id,
+            n.address,
+            n.device_kind,
+            gpus,
+            f"{n.capacity_bytes / mib:.0f}",
+            f"{n.used_bytes / mib:.1f}",
+            "yes" if n.draining else "",
+        )
+    console.print(t)
+    t = Table(title="models")
+    for c in ("model", "aliases", "memory MiB", "min", "priority"):
+        t.add_column(c)
+    for model_entry in models:
+        m = model_entry.value
+        t.add_row(
+            m.name,
+            ", ".join(m.aliases),
+            f"{m.memory_bytes / mib:.1f}",
+            str(m.min_replicas),
+            common_pb2.Priority.Name(m.priority).removeprefix("PRIORITY_"),
+        )
+    console.print(t)
+    t = Table(title="replicas")
+    for c in ("model", "node", "state", "tier", "memory MiB", "load s", "running", "KV", "note"):
+        t.add_column(c)
+    for replica_entry in replicas:
+        r = replica_entry.value
+        t.add_row(
+            r.model,
+            r.node_id,
+            cluster_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_"),
+            cluster_pb2.Tier.Name(r.tier).removeprefix("TIER_"),
+            f"{r.memory_bytes / mib:.1f}",
+            f"{r.load_seconds:.2f}",
+            f"{r.running}+{r.waiting}",
+            f"{r.kv_cache_usage:.0%}",
+            (r.error or r.tier_note)[:60],
+        )
+    console.print(t)
+    t = Table(title="placements")
+    for c in ("node", "model", "tier", "GPUs", "epoch", "reason"):
+        t.add_column(c)
+    for placement_entry in placements:
+        p = placement_entry.value
+        t.add_row(
+            p.node_id,
+            p.model,
+            cluster_pb2.Tier.Name(p.tier).removeprefix("TIER_"),
+            ", ".join(d[-12:] for d in p.devices) or "-",
+            str(p.epoch),
+            p.reason,
+        )
+    console.print(t)
+
+
+@app.command()
+def explain(model: str, etcd: Etcd = "", prefix: Prefix = SERVICE.prefix) -> None:
+    """Why MODEL sits where it does: each node's rejecting filter, or its scores (last round)."""
+    asyncio.run(_explain(default_etcd(etcd), prefix, model))
+
+
+async def _explain(etcd: str, prefix: str, model: str) -> None:
+    import grpc
+    from meshserve.cluster.keys import Keyspace
+    from meshserve.cluster.store import EtcdConfig, connect
+    from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+    keys = Keyspace(prefix)
+    client = connect(EtcdConfig(etcd))
+    try:
+        got = list(
+            await client.get_prefix(keys.election(), sort_order="ascend", sort_target="create")
+        )
+    except Exception as e:
+        raise fail(f"cannot read etcd at {etcd}: {type(e).__name__}: {e}") from None
+    finally:
+        await client.close()
+    if not got:
+        raise fail("no scheduler is running (nobody campaigns for leadership)")
+    address = cluster_pb2.SchedulerCandidate.FromString(got[0].value).address
+    async with grpc.aio.insecure_channel(address) as ch:
+        try:
+            out = await scheduler_pb2_grpc.SchedulerStub(ch).Explain(
+                scheduler_pb2.ExplainRequest(model=model), timeout=10
+            )
+        except grpc.aio.AioRpcError as e:
+            raise fail(f"{e.code().name}: {e.details()}") from None
+    console.print(
+        f"[bold]{out.model}[/bold]: {out.summary} (wanted replicas: {out.wanted_replicas})"
+    )
+    t = Table(title="nodes, as the last round saw them")
+    for c in ("node", "feasible", "filter / reason", "score", "scores", "evicts"):
+        t.add_column(c)
+    for v in out.verdicts:
+        t.add_row(
+            v.node_id,
+            "yes" if v.feasible else ("never" if v.unresolvable else "no"),
+            f"{v.filter}: {v.reason}" if v.filter else v.reason,
+            f"{v.score:.3f}" if v.feasible else "",
+            " ".join(f"{k}={x:.2f}" for k, x in sorted(v.scores.items())),
+            ", ".join(v.evicts),
+        )
+    console.print(t)

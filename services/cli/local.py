@@ -1,0 +1,154 @@
+"""`meshserve up`: the whole mesh on this machine (etcd, a scheduler, agents, a router) serving
+the tiny demo model, supervised so that nothing outlives it (see meshserve.lifeline)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from meshserve.cli.common import HOME, SERVICE, STATE, console, err, fail
+from meshserve.cli.inspect import apply_spec, stream_completion
+from meshserve.router.config import DEFAULT_LISTEN
+
+app = typer.Typer()
+DEFAULT_PORT = int(DEFAULT_LISTEN.rpartition(":")[2])
+
+
+@app.command()
+def up(
+    agents: Annotated[int, typer.Option(help="node agents to start")] = 2,
+    port: Annotated[int, typer.Option(help="router port")] = DEFAULT_PORT,
+    data_dir: Annotated[Path, typer.Option(help="etcd data, logs, traces, the demo model")] = HOME,
+    memory_limit: Annotated[str, typer.Option(help="per-agent model memory cap, e.g. 1GiB")] = "",
+    prompt: Annotated[
+        str, typer.Option(help="demo completion streamed once the model is READY")
+    ] = "Once upon a time",
+    max_tokens: int = 32,
+    exit_after_demo: Annotated[
+        bool, typer.Option(help="stop the mesh after the demo completion")
+    ] = False,
+) -> None:
+    """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
+    completion, and run until Ctrl-C."""
+    _stop_on_signals()  # first: a SIGTERM during start-up must still stop what was started
+    if agents < 1:
+        raise fail("--agents must be >= 1")
+    try:
+        _up(agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo)
+    except _Stop as stop:
+        raise typer.Exit(128 + stop.signum) from None
+
+
+def _up(
+    agents: int,
+    port: int,
+    data_dir: Path,
+    memory_limit: str,
+    prompt: str,
+    max_tokens: int,
+    exit_after_demo: bool,
+) -> None:
+    from meshserve.local import Mesh
+
+    started = time.monotonic()
+    data_dir = data_dir.expanduser().resolve()
+    mesh = Mesh(data_dir, trace_dir=data_dir / "traces")
+    try:
+        with console.status("building the tiny demo model (random weights, local tokenizer)…"):
+            from meshserve.demo_model import build_demo_model
+
+            model_dir = build_demo_model(data_dir / "models" / "demo")
+        with console.status("starting etcd, scheduler, agents, router…"):
+            mesh.start_etcd()
+            mesh.start_scheduler()
+            for i in range(agents):
+                mesh.start_agent(f"agent-{i}", memory_limit=memory_limit)
+            router_address = mesh.start_router(listen=f"127.0.0.1:{port}").address
+        (data_dir / STATE).write_text(
+            json.dumps({"router": router_address, "etcd": mesh.etcd.endpoint})
+        )
+        from meshserve.modelspec import demo_spec
+
+        asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, demo_spec(model_dir)))
+        with console.status("waiting for model 'demo' to be READY…"):
+            asyncio.run(_wait_ready(router_address, "demo", 120.0))
+        console.print(
+            f"[green]mesh up[/green] in {time.monotonic() - started:.1f} s — "
+            f"router {router_address}, "
+            f"etcd {mesh.etcd.endpoint}, logs {data_dir / 'logs'}, traces {data_dir / 'traces'}"
+        )
+        console.print(f"[bold]demo>[/bold] {prompt}", end="")
+        asyncio.run(
+            stream_completion(router_address, "demo", prompt, max_tokens, None, None, 30.0, "")
+        )
+        if exit_after_demo:
+            return
+        console.print(
+            "\nTry, in another terminal:\n"
+            '  meshserve generate demo "Once upon a time" --max-tokens 64\n'
+            "  meshserve status\n"
+            "Ctrl-C stops the mesh."
+        )
+        _watch(mesh)
+    except (RuntimeError, TimeoutError) as e:
+        raise fail(str(e)) from None
+    finally:
+        with console.status("stopping… (again to force)"):
+            mesh.stop()
+        (data_dir / STATE).unlink(missing_ok=True)
+
+
+class _Stop(BaseException):
+    """SIGTERM or SIGINT reached `meshserve up`: unwind into its clean-up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT stop the mesh in order, whatever dispositions we inherited (a
+    background job of a non-interactive shell starts with SIGINT ignored). A second signal exits
+    at once; the services die with us anyway (meshserve.lifeline)."""
+
+    def first(signum: int, _frame: object) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: os._exit(128 + signum))
+        raise _Stop(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, first)
+
+
+def _watch(mesh: Any) -> None:
+    """Until a signal: say so when a service exits on its own (its log has why)."""
+    reported: set[str] = set()
+    while True:
+        time.sleep(1.0)
+        for name, service in mesh.services.items():
+            if name not in reported and not service.alive():
+                reported.add(name)
+                err.print(
+                    f"[red]{name} exited with {service.proc.returncode}[/red]; see {service.log}"
+                )
+
+
+async def _wait_ready(address: str, model: str, timeout_s: float) -> None:
+    import grpc
+    from meshserve.v1 import inference_pb2, inference_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        while time.monotonic() < deadline:
+            with_models = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+            if any(m.name == model and m.ready_replicas for m in with_models.models):
+                return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"model {model!r} not READY in {timeout_s} s")

@@ -1,0 +1,176 @@
+"""`meshserve agent | scheduler | router`: run one service. Every option's default is its
+config's; flags also read ``MESHSERVE_*`` variables."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from meshserve.cli.common import (
+    SERVICE,
+    AdvertiseHost,
+    Etcd,
+    LeaseTtl,
+    Listen,
+    MetricsPort,
+    Prefix,
+    ReadyFile,
+    fail,
+)
+from meshserve.config import ServiceConfig
+from meshserve.nodeagent.config import AgentConfig
+from meshserve.router.config import DEFAULT_LISTEN, RouterConfig
+from meshserve.scheduler.config import SchedulerConfig
+
+app = typer.Typer()
+
+
+def service(
+    listen: str,
+    advertise_host: str,
+    etcd: str,
+    prefix: str,
+    lease_ttl: int,
+    metrics_port: int,
+    ready_file: str,
+) -> ServiceConfig:
+    """The shared block from the shared options (validated there)."""
+    return ServiceConfig(listen, advertise_host, etcd, prefix, lease_ttl, metrics_port, ready_file)
+
+
+@app.command()
+def agent(
+    node_id: Annotated[str, typer.Option("--node-id", envvar="MESHSERVE_NODE_ID")] = "",
+    listen: Listen = SERVICE.listen,
+    advertise_host: AdvertiseHost = SERVICE.advertise_host,
+    etcd: Etcd = SERVICE.etcd,
+    prefix: Prefix = SERVICE.prefix,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = AgentConfig.device,
+    memory_limit: Annotated[
+        str, typer.Option(envvar="MESHSERVE_MEMORY_LIMIT", help="cap on model memory, e.g. 2GiB")
+    ] = "",
+    host_memory_limit: Annotated[
+        str, typer.Option(help="CPU RAM for offloaded models, e.g. 64GiB; default half the host's")
+    ] = "",
+    cache_dir: Annotated[
+        str, typer.Option(envvar="MESHSERVE_CACHE_DIR", help="disk tier; ~/.cache/meshserve/<node>")
+    ] = AgentConfig.cache_dir,
+    lease_ttl: LeaseTtl = SERVICE.lease_ttl_s,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = AgentConfig.threads,
+    max_in_flight: Annotated[
+        int, typer.Option(help="streams per model before RESOURCE_EXHAUSTED")
+    ] = AgentConfig.max_in_flight,
+    label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
+    metrics_port: MetricsPort = SERVICE.metrics_port,
+    ready_file: ReadyFile = SERVICE.ready_file,
+) -> None:
+    """Run a node agent: report devices, load what the scheduler places here, serve inference."""
+    from meshserve.nodeagent.main import run
+    from meshserve.runtime import run_loop
+    from meshserve.sizes import parse_bytes
+
+    try:
+        pairs = [x.split("=", 1) for x in label or []]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError("--label takes key=value")
+        kwargs: dict[str, Any] = {"node_id": node_id} if node_id else {}
+        config = AgentConfig(
+            service=service(
+                listen, advertise_host, etcd, prefix, lease_ttl, metrics_port, ready_file
+            ),
+            device=device,
+            memory_limit_bytes=parse_bytes(memory_limit) if memory_limit else 0,
+            host_memory_limit_bytes=parse_bytes(host_memory_limit) if host_memory_limit else 0,
+            cache_dir=cache_dir,
+            threads=threads,
+            max_in_flight=max_in_flight,
+            labels=tuple((k, v) for k, v in pairs),
+            **kwargs,
+        )
+    except ValueError as e:
+        raise fail(str(e)) from None
+    run_loop(run(config))
+
+
+@app.command()
+def scheduler(
+    scheduler_id: Annotated[str, typer.Option("--id", envvar="MESHSERVE_SCHEDULER_ID")] = "",
+    listen: Listen = SERVICE.listen,
+    advertise_host: AdvertiseHost = SERVICE.advertise_host,
+    etcd: Etcd = SERVICE.etcd,
+    prefix: Prefix = SERVICE.prefix,
+    lease_ttl: LeaseTtl = SERVICE.lease_ttl_s,
+    resync: Annotated[
+        float, typer.Option(help="full round at least every N s")
+    ] = SchedulerConfig.resync_s,
+    profile: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHSERVE_SCHEDULER_PROFILE",
+            help="YAML: filters, scorers (weights), strategy, eviction (see README)",
+        ),
+    ] = "",
+    metrics_port: MetricsPort = SERVICE.metrics_port,
+    ready_file: ReadyFile = SERVICE.ready_file,
+) -> None:
+    """Run a scheduler (leader-elected; standbys take over when the leader's lease ends)."""
+    import yaml
+    from meshserve.runtime import run_loop
+    from meshserve.scheduler.main import run
+    from meshserve.scheduler.profile import load_profile
+
+    try:
+        kwargs: dict[str, Any] = {"scheduler_id": scheduler_id} if scheduler_id else {}
+        if profile:
+            with open(profile) as f:
+                kwargs["profile"] = load_profile(yaml.safe_load(f))
+        config = SchedulerConfig(
+            service=service(
+                listen, advertise_host, etcd, prefix, lease_ttl, metrics_port, ready_file
+            ),
+            resync_s=resync,
+            **kwargs,
+        )
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        raise fail(str(e)) from None
+    run_loop(run(config))
+
+
+@app.command()
+def router(
+    router_id: Annotated[str, typer.Option("--id", envvar="MESHSERVE_ROUTER_ID")] = "",
+    listen: Listen = DEFAULT_LISTEN,
+    advertise_host: AdvertiseHost = SERVICE.advertise_host,
+    etcd: Etcd = SERVICE.etcd,
+    prefix: Prefix = SERVICE.prefix,
+    lease_ttl: LeaseTtl = SERVICE.lease_ttl_s,
+    max_attempts: Annotated[
+        int, typer.Option(help="replicas tried before the first token")
+    ] = RouterConfig.max_attempts,
+    queue_per_model: Annotated[
+        int, typer.Option(help="requests held per model while it cold-starts")
+    ] = RouterConfig.queue_per_model,
+    queue_timeout: Annotated[
+        float, typer.Option(help="longest cold-start wait, s")
+    ] = RouterConfig.queue_timeout_s,
+    metrics_port: MetricsPort = SERVICE.metrics_port,
+    ready_file: ReadyFile = SERVICE.ready_file,
+) -> None:
+    """Run a router: the one Inference endpoint clients call."""
+    from meshserve.router.main import run
+    from meshserve.runtime import run_loop
+
+    try:
+        kwargs: dict[str, Any] = {"router_id": router_id} if router_id else {}
+        config = RouterConfig(
+            service=service(
+                listen, advertise_host, etcd, prefix, lease_ttl, metrics_port, ready_file
+            ),
+            max_attempts=max_attempts,
+            queue_per_model=queue_per_model,
+            queue_timeout_s=queue_timeout,
+            **kwargs,
+        )
+    except ValueError as e:
+        raise fail(str(e)) from None
+    run_loop(run(config))

@@ -1,0 +1,101 @@
+"""One lifecycle for the three services (STYLE: every server started and stopped one way).
+
+`serve` owns what the router, scheduler and node agent share: signals from the first instant,
+tracing, metrics, the etcd client and its `Session`, the gRPC server (health, reflection,
+interceptors), the ready file launchers wait for, and the stop order — health NOT_SERVING →
+``server.stop(grace)`` (in-flight calls finish) → the component's own stop → the lease is
+revoked (its keys vanish at once, not at TTL) → etcd and tracing closed.
+
+A service is a `Component`: the gRPC services it registers, then ``start(address)`` once the
+server is bound, and ``stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import aetcd
+import grpc
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.session import Session
+from meshserve.cluster.store import EtcdConfig, Store, connect
+from meshserve.config import ServiceConfig
+from meshserve.rpc.server import start_server
+from meshserve.runtime import write_ready_file
+from meshserve.telemetry.metrics import serve_metrics
+from meshserve.telemetry.tracing import setup_tracing, shutdown_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's view of etcd: the client, typed store, keyspace and lease."""
+
+    client: aetcd.Client
+    store: Store
+    keys: Keyspace
+    session: Session
+
+
+class Component:
+    """What a service plugs into `serve`. Subclasses set ``services`` (full gRPC names) and
+    implement the three methods."""
+
+    services: Sequence[str] = ()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds servicers or generic handlers to ``server`` (before it starts)."""
+        raise NotImplementedError
+
+    async def start(self, address: str) -> Mapping[str, str]:
+        """The server is bound at ``address``; start work. Returns extra ready-file fields."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Stop work (the server no longer takes calls; the lease is still held)."""
+        raise NotImplementedError
+
+
+async def serve(
+    name: str,
+    config: ServiceConfig,
+    make: Callable[[Cluster], Awaitable[Component]],
+    grace_s: float = 5.0,
+) -> None:
+    """Runs one service until SIGTERM or SIGINT (see the module docstring for the order)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)  # a signal during start-up stops right after it
+    setup_tracing(name)
+    serve_metrics(config.metrics_port)
+    client = connect(EtcdConfig(config.etcd))
+    keys = Keyspace(config.prefix)
+    session = Session(client, config.lease_ttl_s)
+    component: Component | None = None
+    server = None
+    try:
+        await session.start()
+        component = await make(Cluster(client, Store(client, keys), keys, session))
+        server = await start_server(config.listen, [component.register], component.services)
+        address = config.advertise(server.port)
+        info = await component.start(address)
+        log.info("%s serving on %s", name, address)
+        write_ready_file(config.ready_file, address=address, **info)
+        await stop.wait()
+    finally:
+        log.info("%s shutting down", name)
+        if server is not None:
+            await server.stop(grace_s=grace_s)
+        if component is not None:
+            await component.stop()
+        await session.close()
+        with contextlib.suppress(Exception):
+            await client.close()
+        shutdown_tracing()
