@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from meshserve.scheduler.simulator import load_scenario, nine_models_summary, simulate
+from meshserve.scheduler.scenario import load_scenario
+from meshserve.scheduler.sim_report import nine_models_summary
+from meshserve.scheduler.simulator import simulate
 from rich.console import Console
 from rich.table import Table
 

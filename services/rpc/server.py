@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from meshserve.telemetry.tracing import server_interceptors
+from meshserve.telemetry.server_interceptor import server_interceptors
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 

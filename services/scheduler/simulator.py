@@ -22,159 +22,21 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from meshserve.scheduler.autoscale import Load, ScalePolicy, ScaleState, step
 from meshserve.scheduler.placement import place
 from meshserve.scheduler.plugins import ReloadCosts
 from meshserve.scheduler.profile import Profile
+from meshserve.scheduler.scenario import GB, SHAPES, Scenario, SimModel
+from meshserve.scheduler.sim_report import Result
 from meshserve.scheduler.views import DISK, HOST, ClusterSnapshot, Device, ModelView, NodeView
 
-GB = 10**9
 BASE_TTFT_S = 0.15  # prefill + scheduling at no load
 BATCH_SLOTS = 16  # sequences a GPU decodes together
 WARMUP_S = 0.5  # warm-up requests before READY (a few short generations)
 UTILIZATION_TARGET = 0.6  # autoscaler: requests/s per replica = capacity x this
-
-
-def _window(h: float, start: float, end: float, ramp: float = 0.5) -> float:
-    """1 inside [start, end) with linear ramps of ``ramp`` hours, else 0."""
-    if h < start - ramp or h >= end + ramp:
-        return 0.0
-    if h < start:
-        return (h - (start - ramp)) / ramp
-    if h >= end:
-        return 1.0 - (h - end) / ramp
-    return 1.0
-
-
-SHAPES: Mapping[str, Callable[[float], float]] = {
-    "business": lambda h: max(0.03, _window(h, 9, 19)),
-    "daytime": lambda h: max(
-        0.08, math.exp(-(((h - 13) / 3.5) ** 2)), 0.45 * math.exp(-(((h - 20.5) / 1.5) ** 2))
-    ),
-    "support": lambda h: max(0.04, _window(h, 8, 18)),
-    "bursts": lambda h: max(0.05, *(1.0 if t <= h < t + 1 / 3 else 0.0 for t in (10, 14, 17))),
-    "constant": lambda h: 0.8 + 0.2 * math.sin(2 * math.pi * (h - 8) / 24),
-    "office": lambda h: _window(h, 9, 17, ramp=0.25),
-}
-
-
-@dataclass(frozen=True)
-class SimModel:
-    name: str
-    memory_bytes: int  # GPU memory one replica takes (weights + runtime)
-    min_replicas: int
-    peak_rps: float
-    tokens_per_request: int
-    shape: str
-    priority: int = 2
-
-
-@dataclass(frozen=True)
-class NodeGroup:
-    nodes: int
-    gpus_per_node: int
-    gpu_type: str
-    memory_bytes: int
-    cost_per_hour: float
-    throughput_tokens_per_s: float
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    groups: tuple[NodeGroup, ...]
-    models: tuple[SimModel, ...]
-    overhead_fraction: float = 0.15
-    slo_ttft_s: float = 1.0
-    failures: tuple[tuple[str, float], ...] = ()  # (node id, hour)
-    recover_h: float = 1.0
-    baseline_gpus: int = 0  # what the team runs today (the seed's figure), for the table
-    idle_timeout_s: float = 900.0
-    scale_down_delay_s: float = 600.0
-
-
-def load_scenario(doc: Mapping[str, Any], name: str = "scenario") -> Scenario:
-    """From the YAML mapping (bench/scenarios/*.yaml); ValueError names what is wrong."""
-    gpu = doc.get("gpu", {})
-    fleet = doc.get("fleet", {"nodes": 3, "gpus_per_node": 3})
-    groups_doc = fleet if isinstance(fleet, list) else [fleet]
-    groups = []
-    for g in groups_doc:
-        groups.append(
-            NodeGroup(
-                int(g["nodes"]),
-                int(g["gpus_per_node"]),
-                str(g.get("type", gpu.get("type", "GPU"))),
-                int(float(g.get("memory_gb", gpu.get("memory_gb", 40))) * GB),
-                float(g.get("cost_per_hour", gpu.get("cost_per_hour", 0.0))),
-                float(g.get("throughput_tokens_per_s", gpu.get("throughput_tokens_per_s", 10000))),
-            )
-        )
-    models = []
-    for m in doc["models"]:
-        shape = str(m.get("shape", "constant"))
-        if shape not in SHAPES:
-            raise ValueError(f"model {m['name']}: shape must be one of {sorted(SHAPES)}")
-        models.append(
-            SimModel(
-                str(m["name"]),
-                int(float(m["memory_gb"]) * GB),
-                int(m.get("min_replicas", 0)),
-                float(m["peak_rps"]),
-                int(m["tokens_per_request"]),
-                shape,
-                int(m.get("priority", 2)),
-            )
-        )
-    failures = tuple((str(f["node"]), float(f["at_h"])) for f in doc.get("failures", []))
-    return Scenario(
-        name,
-        tuple(groups),
-        tuple(models),
-        float(doc.get("overhead_fraction", 0.15)),
-        float(doc.get("slo_ttft_s", 1.0)),
-        failures,
-        float(doc.get("recover_h", 1.0)),
-        int(doc.get("baseline_gpus", 0)),
-    )
-
-
-@dataclass
-class Result:
-    policy: str
-    gpus_peak: int = 0
-    gpu_hours: float = 0.0
-    hours: float = 0.0
-    cost_per_month_fixed: float = 0.0  # the costliest set of GPUs in use at once, all month
-    cost_per_month_elastic: float = 0.0  # GPUs paid only while they hold a model
-    memory_utilization: float = 0.0  # of the GPUs in use, time-averaged
-    compute_utilization: float = 0.0  # tokens served / (GPUs in use x throughput)
-    requests: float = 0.0
-    slo_misses: float = 0.0
-    cold_starts: int = 0
-    cold_start_requests: float = 0.0
-    queue_delay_mean_s: float = 0.0
-    queue_delay_p99_s: float = 0.0
-    loads: int = 0
-    evictions: int = 0
-    max_evictions_per_round: int = 0
-    unplaced_rounds: int = 0
-    served_tokens: float = 0.0
-    misses_by_model: dict[str, float] = field(default_factory=dict)
-    cold_start_misses: float = 0.0  # of slo_misses: requests that waited for a replica to load
-    timeline: list[tuple[float, int]] = field(default_factory=list)  # (hour, GPUs in use)
-
-    @property
-    def slo_miss_rate(self) -> float:
-        return self.slo_misses / self.requests if self.requests else 0.0
-
-    @property
-    def gpus_mean(self) -> float:
-        return self.gpu_hours / self.hours if self.hours else 0.0
 
 
 @dataclass
@@ -489,33 +351,3 @@ def _round(
                 offloaded[node].pop(name)
     replicas.clear()
     replicas.update(new)
-
-
-def nine_models_summary(results: Mapping[str, Result]) -> list[dict[str, Any]]:
-    """Rows for a table / JSON, one per policy."""
-    rows = []
-    for name, r in results.items():
-        rows.append(
-            {
-                "policy": name,
-                "gpus_peak": r.gpus_peak,
-                "gpus_mean": round(r.gpus_mean, 2),
-                "cost_per_month_fixed": round(r.cost_per_month_fixed),
-                "cost_per_month_elastic": round(r.cost_per_month_elastic),
-                "memory_utilization": round(r.memory_utilization, 3),
-                "compute_utilization": round(r.compute_utilization, 3),
-                "requests": round(r.requests),
-                "slo_misses": round(r.slo_misses),
-                "slo_miss_rate": round(r.slo_miss_rate, 5),
-                "slo_misses_in_cold_starts": round(r.cold_start_misses),
-                "slo_misses_by_model": {k: round(v) for k, v in sorted(r.misses_by_model.items())},
-                "cold_starts": r.cold_starts,
-                "queue_delay_mean_s": round(r.queue_delay_mean_s, 4),
-                "queue_delay_p99_s": round(r.queue_delay_p99_s, 3),
-                "loads": r.loads,
-                "evictions": r.evictions,
-                "max_evictions_per_round": r.max_evictions_per_round,
-                "unplaced_rounds": r.unplaced_rounds,
-            }
-        )
-    return rows

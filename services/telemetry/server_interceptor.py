@@ -119,3 +119,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 response_serializer=handler.response_serializer,
             )
         return handler  # client-streaming RPCs: none of ours
+
+
+def server_interceptors() -> list[Any]:
+    """One server span per RPC, continuing the caller's W3C trace context from metadata."""
+    return [TracingInterceptor()]

@@ -12,7 +12,6 @@ import atexit
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -57,13 +56,6 @@ def shutdown_tracing() -> None:
 
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
-
-
-def server_interceptors() -> list[Any]:
-    """One server span per RPC, continuing the caller's W3C trace context from metadata."""
-    from meshserve.telemetry.server_interceptor import TracingInterceptor
-
-    return [TracingInterceptor()]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:

@@ -31,3 +31,24 @@ def test_ruff(args: list[str]) -> None:
 def test_mypy_strict() -> None:
     result = subprocess.run([tool("mypy")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_contracts() -> None:
+    """The architecture in pyproject's [tool.importlinter]: services independent, layers
+    downward, no cycles."""
+    result = subprocess.run([tool("lint-imports")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+MAX_MODULE_LINES = 400  # STYLE: a module past this is usually two concepts
+
+
+def test_no_hand_written_module_is_a_hub() -> None:
+    services = ROOT / "services"
+    too_long = {
+        str(p.relative_to(ROOT)): n
+        for p in services.rglob("*.py")
+        if "v1" not in p.relative_to(services).parts[:1]
+        and (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not too_long, f"split these along their concepts: {too_long}"

@@ -28,6 +28,7 @@ import torch
 from meshserve.nodeagent.engines import flat
 from meshserve.nodeagent.engines.base import Chunk, EngineConfig, EngineStats
 from meshserve.nodeagent.engines.prompts import not_serving, prompt_ids
+from meshserve.nodeagent.engines.torch_decode import Stream, next_chunk, sample
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams
@@ -35,8 +36,6 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
-STOP = inference_pb2.FINISH_REASON_STOP
-LENGTH = inference_pb2.FINISH_REASON_LENGTH
 DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
 EMBED_BATCH = 64  # inputs per forward pass when batching Embed requests
 
@@ -52,32 +51,6 @@ def _set_threads(n: int) -> None:
         _threads_set = True
 
 
-class _Stream:
-    """One generation in the worker. Fields are touched by the worker only, except ``cancelled``."""
-
-    def __init__(
-        self,
-        input_ids: list[int],
-        params: GenerationParams,
-        loop: asyncio.AbstractEventLoop,
-        generator: torch.Generator | None,
-    ) -> None:
-        self.input_ids = input_ids
-        self.params = params
-        self.loop = loop
-        self.generator = generator
-        self.queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-        self.generated: list[int] = []
-        self.emitted = ""  # text already sent
-        self.cache: Any = None  # transformers Cache after the first step
-        self.cancelled = False  # set by the asyncio side; read by the worker
-        self.done = False
-        self.max_stop = max((len(s) for s in params.stop), default=0)
-
-    def post(self, item: Chunk | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
 class TorchEngine:
     """`Engine` over a transformers AutoModelForCausalLM."""
 
@@ -90,9 +63,9 @@ class TorchEngine:
         self._eos: frozenset[int] = frozenset()
         self._memory = 0
         self._cond = threading.Condition()
-        self._inbox: list[_Stream] = []
+        self._inbox: list[Stream] = []
         self._embeds: list[tuple[list[str], Future[list[list[float]]]]] = []
-        self._active: list[_Stream] = []
+        self._active: list[Stream] = []
         self._turn = threading.Lock()  # held by the worker per turn and by tier changes
         self._name = ""
         self._task = "generate"
@@ -243,7 +216,7 @@ class TorchEngine:
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(self._device).manual_seed(params.seed)
-        stream = _Stream(ids, params, asyncio.get_running_loop(), generator)
+        stream = Stream(ids, params, asyncio.get_running_loop(), generator)
         with self._cond:
             self._inbox.append(stream)
             self._cond.notify()
@@ -362,53 +335,15 @@ class TorchEngine:
             future.set_exception(err)
         self._embeds.clear()
 
-    def _step(self, s: _Stream) -> None:
+    def _step(self, s: Stream) -> None:
         last = s.input_ids if s.cache is None else [s.generated[-1]]
         out = self._model(
             input_ids=torch.tensor([last], device=self._device), cache=s.cache, use_cache=True
         )
         s.cache = out.cache
-        token = self._sample(out.logits[0, -1].float(), s)
+        token = sample(out.logits[0, -1].float(), s.params, s.generator)
         s.generated.append(token)
-        p = s.params
-        finish = 0
-        if token in self._eos and not p.ignore_eos:
-            finish = STOP
         text = self._tok.decode(s.generated, skip_special_tokens=True)
-        if p.stop:
-            start = max(0, len(s.emitted) - s.max_stop)
-            cuts = [i for i in (text.find(x, start) for x in p.stop) if i >= 0]
-            if cuts:
-                text, finish = text[: min(cuts)], STOP
-        if not finish and (
-            len(s.generated) >= p.max_tokens or len(s.input_ids) + len(s.generated) >= self._max_len
-        ):
-            finish = LENGTH
-        end = len(text)
-        if not finish:
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                end = len(s.emitted)
-            elif s.max_stop:  # hold back what could be the start of a stop string
-                end = max(len(s.emitted), len(text) - (s.max_stop - 1))
-        delta = text[len(s.emitted) : end]
-        s.emitted += delta
-        s.post(Chunk(delta, (token,), finish, len(s.input_ids), len(s.generated)))
-        s.done = bool(finish)
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, s: _Stream) -> int:
-        p = s.params
-        if p.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, index = torch.sort(probs, descending=True)
-            outside = torch.cumsum(sorted_probs, 0) - sorted_probs > p.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, index, sorted_probs)
-            probs = probs / probs.sum()
-        return int(torch.multinomial(probs, 1, generator=s.generator))
+        chunk = next_chunk(s, token, text, token in self._eos, self._max_len)
+        s.post(chunk)
+        s.done = bool(chunk.finish_reason)

@@ -1,0 +1,89 @@
+"""Decoding for the torch engine: one stream's state, sampling a token from logits, and turning
+the decoded text into the next streamed chunk (stop strings, max tokens, the context limit,
+incomplete UTF-8 held back). Pure given the tensors; the engine's worker thread runs it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+from meshserve.nodeagent.engines.base import Chunk
+from meshserve.v1 import inference_pb2
+from meshserve.validation import GenerationParams
+
+STOP = inference_pb2.FINISH_REASON_STOP
+LENGTH = inference_pb2.FINISH_REASON_LENGTH
+
+
+class Stream:
+    """One generation in the worker. Fields are touched by the worker only, except ``cancelled``."""
+
+    def __init__(
+        self,
+        input_ids: list[int],
+        params: GenerationParams,
+        loop: asyncio.AbstractEventLoop,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.input_ids = input_ids
+        self.params = params
+        self.loop = loop
+        self.generator = generator
+        self.queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        self.generated: list[int] = []
+        self.emitted = ""  # text already sent
+        self.cache: Any = None  # transformers Cache after the first step
+        self.cancelled = False  # set by the asyncio side; read by the worker
+        self.done = False
+        self.max_stop = max((len(s) for s in params.stop), default=0)
+
+    def post(self, item: Chunk | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def sample(logits: torch.Tensor, p: GenerationParams, generator: torch.Generator | None) -> int:
+    """A token id from last-position ``logits``: greedy at temperature 0, else temperature,
+    top-k and top-p (nucleus) sampling, reproducible with a seeded ``generator``."""
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, index = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > p.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, index, sorted_probs)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def next_chunk(s: Stream, token: int, text: str, eos: bool, max_len: int) -> Chunk:
+    """The chunk for ``token`` just generated, given ``text``, the decoding of all generated
+    tokens. Advances ``s.emitted``. Text that may yet become a stop string or a complete UTF-8
+    character is held back until the next token decides."""
+    p = s.params
+    finish = 0
+    if eos and not p.ignore_eos:
+        finish = STOP
+    if p.stop:
+        start = max(0, len(s.emitted) - s.max_stop)
+        cuts = [i for i in (text.find(x, start) for x in p.stop) if i >= 0]
+        if cuts:
+            text, finish = text[: min(cuts)], STOP
+    if not finish and (
+        len(s.generated) >= p.max_tokens or len(s.input_ids) + len(s.generated) >= max_len
+    ):
+        finish = LENGTH
+    end = len(text)
+    if not finish:
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            end = len(s.emitted)
+        elif s.max_stop:  # hold back what could be the start of a stop string
+            end = max(len(s.emitted), len(text) - (s.max_stop - 1))
+    delta = text[len(s.emitted) : end]
+    s.emitted += delta
+    return Chunk(delta, (token,), finish, len(s.input_ids), len(s.generated))
