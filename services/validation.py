@@ -104,6 +104,23 @@ def resolve_params(
     )
 
 
+def check_continuation(req: inference_pb2.GenerateRequest, params: GenerationParams) -> None:
+    """A router's continuation must leave at least one token to generate."""
+    done = len(req.continuation.token_ids)
+    if done >= params.max_tokens:
+        raise invalid_argument(
+            [
+                (
+                    "continuation.token_ids",
+                    f"{done} tokens already delivered of max_tokens {params.max_tokens}: "
+                    "nothing left to generate",
+                )
+            ]
+        )
+    if done and len(req.continuation.text) > MAX_PROMPT_CHARS:
+        raise invalid_argument([("continuation.text", f"over {MAX_PROMPT_CHARS} characters")])
+
+
 def context_too_long(prompt_tokens: int, max_tokens: int, limit: int) -> ServiceError:
     return invalid_argument(
         [

@@ -67,6 +67,7 @@ class Lifecycle:
             state=S.REPLICA_STATE_LOADING,
             tier=S.TIER_DEVICE,
             epoch=load.epoch,
+            max_streams=self.config.max_in_flight,
         )
         tier = load.tier or S.TIER_DEVICE
         r = Replica(

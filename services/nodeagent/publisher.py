@@ -87,6 +87,7 @@ class StatusPublisher:
     async def publish(self, r: Replica) -> None:
         if self.replicas.get(r.spec.name) is not r:
             return  # replaced or unloaded meanwhile
+        r.status.incarnation = self.session.lease_id  # a restarted agent is a new incarnation
         try:
             await self.store.put(
                 self.keys.replica(r.spec.name, self.config.node_id),

@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from meshserve.nodeagent.engines.base import Resume
 from meshserve.nodeagent.replica import Replica
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import invalid_argument, not_found_model
@@ -19,7 +20,7 @@ from meshserve.v1 import (
     nodeagent_pb2,
     nodeagent_pb2_grpc,
 )
-from meshserve.validation import check_embed, check_generate, resolve_params
+from meshserve.validation import check_continuation, check_embed, check_generate, resolve_params
 from opentelemetry import trace
 
 _tracer = tracer(__name__)
@@ -63,9 +64,15 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         server_span.set_attribute("gen_ai.request.model", request.model)
         if request.request_id:
             server_span.set_attribute("meshserve.request_id", request.request_id)
+        if request.continuation.token_ids:
+            server_span.set_attribute(
+                "meshserve.resumed_tokens", len(request.continuation.token_ids)
+            )
         r = self.replicas.serving(request.model)
         check_generate(request, r.spec)
         params = resolve_params(request.sampling, r.spec)
+        check_continuation(request, params)
+        resume = Resume(tuple(request.continuation.token_ids), request.continuation.text)
         assert r.engine is not None
         model = r.spec.name
         await context.send_initial_metadata(
@@ -88,7 +95,9 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         ) as span:
             try:
                 first = True
-                async for chunk in r.engine.generate(request.prompt, request.messages, params):
+                async for chunk in r.engine.generate(
+                    request.prompt, request.messages, params, resume
+                ):
                     now = time.perf_counter()
                     if first:
                         span.set_attribute("meshserve.ttft_s", now - start)

@@ -419,6 +419,8 @@ class ReplicaStatus(_message.Message):
     KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     WAITING_FIELD_NUMBER: _builtins.int
+    MAX_STREAMS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -444,6 +446,10 @@ class ReplicaStatus(_message.Message):
     """streams being generated"""
     waiting: _builtins.int
     """streams queued in the engine"""
+    max_streams: _builtins.int
+    """streams it admits at once (routers queue the rest); 0 = unknown"""
+    incarnation: _builtins.int
+    """the agent's lease id when written: changes when the agent restarts"""
     def __init__(
         self,
         *,
@@ -462,10 +468,12 @@ class ReplicaStatus(_message.Message):
         kv_cache_usage: _builtins.float = ...,
         running: _builtins.int = ...,
         waiting: _builtins.int = ...,
+        max_streams: _builtins.int = ...,
+        incarnation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "error", b"error", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "predicted_bytes", b"predicted_bytes", "running", b"running", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "predicted_bytes", b"predicted_bytes", "running", b"running", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

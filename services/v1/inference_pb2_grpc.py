@@ -28,7 +28,9 @@ if _version_not_supported:
 class InferenceStub:
     """Served by both the router and every node agent: a client can talk to either.
     Response headers (initial metadata): `meshserve-node` (serving node) and `meshserve-model`
-    (canonical model name after alias resolution); the router adds `meshserve-attempts`.
+    (canonical model name after alias resolution); the router adds `meshserve-attempts` and, for a
+    request that waited for a replica, `meshserve-queued-ms`. Router trailers: `meshserve-failovers`
+    (how often the stream moved to another replica mid-way).
     """
 
     def __init__(self, channel):
@@ -57,7 +59,9 @@ class InferenceStub:
 class InferenceServicer:
     """Served by both the router and every node agent: a client can talk to either.
     Response headers (initial metadata): `meshserve-node` (serving node) and `meshserve-model`
-    (canonical model name after alias resolution); the router adds `meshserve-attempts`.
+    (canonical model name after alias resolution); the router adds `meshserve-attempts` and, for a
+    request that waited for a replica, `meshserve-queued-ms`. Router trailers: `meshserve-failovers`
+    (how often the stream moved to another replica mid-way).
     """
 
     def Generate(self, request, context):
@@ -113,7 +117,9 @@ def add_InferenceServicer_to_server(servicer, server):
 class Inference:
     """Served by both the router and every node agent: a client can talk to either.
     Response headers (initial metadata): `meshserve-node` (serving node) and `meshserve-model`
-    (canonical model name after alias resolution); the router adds `meshserve-attempts`.
+    (canonical model name after alias resolution); the router adds `meshserve-attempts` and, for a
+    request that waited for a replica, `meshserve-queued-ms`. Router trailers: `meshserve-failovers`
+    (how often the stream moved to another replica mid-way).
     """
 
     @staticmethod

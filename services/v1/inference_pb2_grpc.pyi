@@ -29,7 +29,9 @@ GRPC_VERSION: str
 class InferenceStub:
     """Served by both the router and every node agent: a client can talk to either.
     Response headers (initial metadata): `meshserve-node` (serving node) and `meshserve-model`
-    (canonical model name after alias resolution); the router adds `meshserve-attempts`.
+    (canonical model name after alias resolution); the router adds `meshserve-attempts` and, for a
+    request that waited for a replica, `meshserve-queued-ms`. Router trailers: `meshserve-failovers`
+    (how often the stream moved to another replica mid-way).
     """
 
     @_typing.overload
@@ -51,7 +53,9 @@ class InferenceStub:
 class InferenceAsyncStub(InferenceStub):
     """Served by both the router and every node agent: a client can talk to either.
     Response headers (initial metadata): `meshserve-node` (serving node) and `meshserve-model`
-    (canonical model name after alias resolution); the router adds `meshserve-attempts`.
+    (canonical model name after alias resolution); the router adds `meshserve-attempts` and, for a
+    request that waited for a replica, `meshserve-queued-ms`. Router trailers: `meshserve-failovers`
+    (how often the stream moved to another replica mid-way).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -69,7 +73,9 @@ class InferenceAsyncStub(InferenceStub):
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
     """Served by both the router and every node agent: a client can talk to either.
     Response headers (initial metadata): `meshserve-node` (serving node) and `meshserve-model`
-    (canonical model name after alias resolution); the router adds `meshserve-attempts`.
+    (canonical model name after alias resolution); the router adds `meshserve-attempts` and, for a
+    request that waited for a replica, `meshserve-queued-ms`. Router trailers: `meshserve-failovers`
+    (how often the stream moved to another replica mid-way).
     """
 
     @_abc_1.abstractmethod

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from meshserve.nodeagent.engines.base import EngineConfig
+from meshserve.nodeagent.engines.base import NO_RESUME, EngineConfig, Resume
 from meshserve.nodeagent.engines.torch_engine import TorchEngine
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2
@@ -87,4 +87,50 @@ async def test_real_embeddings_put_paraphrases_closer_than_unrelated_sentences()
     assert cosine(guitar, paraphrase) > cosine(guitar, unrelated) + 0.4
     with pytest.raises(ServiceError, match="embeddings only"):
         await tokens(engine)
+    await engine.unload()
+
+
+async def streamed(
+    engine: TorchEngine, params: GenerationParams, resume: Resume = NO_RESUME
+) -> tuple[list[int], str, int]:
+    ids: list[int] = []
+    text, total = "", 0
+    async for chunk in engine.generate("Once upon a time", [], params, resume):
+        ids += chunk.token_ids
+        text += chunk.text
+        total = chunk.output_tokens
+    return ids, text, total
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param(GREEDY, id="greedy"),
+        pytest.param(GenerationParams(32, 0.9, 0.95, 40, 11, (), True), id="seeded"),
+        # A stop string that never occurs still makes the engine hold text back at the cut.
+        pytest.param(GenerationParams(32, 0.0, 1.0, 0, None, ("@@never@@",), True), id="stop"),
+    ],
+)
+async def test_resume_continues_exactly_where_the_client_left(
+    demo_model: Path, params: GenerationParams
+) -> None:
+    """A stream resumed after k delivered tokens (a router's failover) yields exactly the rest of
+    the uninterrupted stream: same tokens, same text, usage counting the whole generation."""
+    engine = TorchEngine(EngineConfig(threads=1))
+    await engine.load(cluster_pb2.ModelSpec(name="demo", source=str(demo_model)))
+    whole, whole_text, whole_total = await streamed(engine, params)
+    assert len(whole) == whole_total == 32
+    for k in (1, 9, 31):
+        # What the client holds after k tokens: their ids and the text streamed with them.
+        got_ids: list[int] = []
+        got_text = ""
+        async for chunk in engine.generate("Once upon a time", [], params):
+            got_ids += chunk.token_ids
+            got_text += chunk.text
+            if len(got_ids) >= k:
+                break
+        rest, rest_text, total = await streamed(engine, params, Resume(tuple(got_ids), got_text))
+        assert got_ids + rest == whole, f"resumed after {len(got_ids)} tokens"
+        assert got_text + rest_text == whole_text
+        assert total == 32
     await engine.unload()

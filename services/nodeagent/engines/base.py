@@ -38,6 +38,18 @@ class Chunk:
     output_tokens: int  # generated so far
 
 
+@dataclass(frozen=True)
+class Resume:
+    """What the client already received when its stream moved here mid-way (a router's
+    failover): generation continues after these tokens as if it had never stopped."""
+
+    token_ids: tuple[int, ...] = ()  # delivered tokens; they count against max_tokens
+    text: str = ""  # the text delivered with them (deltas concatenated)
+
+
+NO_RESUME = Resume()
+
+
 class Engine(Protocol):
     async def load(self, spec: cluster_pb2.ModelSpec) -> None:
         """Loads weights onto the configured device. Raises on failure; the agent reports FAILED."""
@@ -47,9 +59,13 @@ class Engine(Protocol):
         prompt: str,
         messages: Sequence[inference_pb2.ChatMessage],
         params: GenerationParams,
+        resume: Resume = NO_RESUME,
     ) -> AsyncIterator[Chunk]:
         """Streams chunks; the last has ``finish_reason`` set. Raises ServiceError (before the first
-        chunk) for input the model cannot take. Closing the iterator cancels generation."""
+        chunk) for input the model cannot take. Closing the iterator cancels generation.
+
+        With ``resume``, the prompt is followed by its tokens, only what comes after them is
+        streamed, and usage counts them as output (``output_tokens`` is the whole generation)."""
 
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         """One L2-normalised vector per input."""

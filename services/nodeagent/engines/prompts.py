@@ -58,3 +58,14 @@ def not_serving(name: str, tier: int) -> ServiceError:
         "NOT_LOADED",
         retry_after_s=1.0,
     )
+
+
+def held_back(tok: Any, token_ids: Sequence[int], delivered: str) -> str:
+    """Text of resumed ``token_ids`` that the client has not received: their decoding beyond the
+    ``delivered`` text (what the old replica held back: the start of a possible stop string).
+    Engines that detokenize only new tokens send it first. An incomplete UTF-8 character at the
+    end is left to the next token; a decoding that does not extend ``delivered`` yields ""."""
+    if not token_ids:
+        return ""
+    full = tok.decode(list(token_ids), skip_special_tokens=True).rstrip("\ufffd")
+    return full[len(delivered) :] if full.startswith(delivered) else ""

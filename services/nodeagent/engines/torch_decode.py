@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 import torch
-from meshserve.nodeagent.engines.base import Chunk
+from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, Resume
 from meshserve.v1 import inference_pb2
 from meshserve.validation import GenerationParams
 
@@ -25,14 +25,18 @@ class Stream:
         params: GenerationParams,
         loop: asyncio.AbstractEventLoop,
         generator: torch.Generator | None,
+        resume: Resume = NO_RESUME,
     ) -> None:
-        self.input_ids = input_ids
+        self.input_ids = input_ids  # the prompt's
         self.params = params
         self.loop = loop
         self.generator = generator
         self.queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-        self.generated: list[int] = []
-        self.emitted = ""  # text already sent
+        # A resumed stream starts where the client's copy ends: those tokens and that text.
+        self.generated: list[int] = list(resume.token_ids)
+        self.emitted = resume.text  # text already sent
+        # A seeded generator replays the draws the delivered tokens took (see `skip_draws`).
+        self.pending_draws = len(resume.token_ids) if generator is not None else 0
         self.cache: Any = None  # transformers Cache after the first step
         self.cancelled = False  # set by the asyncio side; read by the worker
         self.done = False
@@ -87,3 +91,12 @@ def next_chunk(s: Stream, token: int, text: str, eos: bool, max_len: int) -> Chu
     delta = text[len(s.emitted) : end]
     s.emitted += delta
     return Chunk(delta, (token,), finish, len(s.input_ids), len(s.generated))
+
+
+def skip_draws(generator: torch.Generator, draws: int, vocab: int) -> None:
+    """Advances ``generator`` as ``draws`` calls of `sample` over ``vocab`` logits would have:
+    on CPU torch a multinomial draw consumes generator state by the distribution's size, not its
+    values, so a resumed seeded stream continues exactly as the uninterrupted one would."""
+    uniform = torch.full((vocab,), 1.0 / vocab)
+    for _ in range(draws):
+        torch.multinomial(uniform, 1, generator=generator)

@@ -26,9 +26,9 @@ from typing import Any
 import grpc
 import torch
 from meshserve.nodeagent.engines import flat
-from meshserve.nodeagent.engines.base import Chunk, EngineConfig, EngineStats
+from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
 from meshserve.nodeagent.engines.prompts import not_serving, prompt_ids
-from meshserve.nodeagent.engines.torch_decode import Stream, next_chunk, sample
+from meshserve.nodeagent.engines.torch_decode import Stream, next_chunk, sample, skip_draws
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams
@@ -204,6 +204,7 @@ class TorchEngine:
         prompt: str,
         messages: Sequence[inference_pb2.ChatMessage],
         params: GenerationParams,
+        resume: Resume = NO_RESUME,
     ) -> AsyncIterator[Chunk]:
         self._check_serving()
         if self._task != "generate":
@@ -216,7 +217,7 @@ class TorchEngine:
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(self._device).manual_seed(params.seed)
-        stream = Stream(ids, params, asyncio.get_running_loop(), generator)
+        stream = Stream(ids, params, asyncio.get_running_loop(), generator, resume)
         with self._cond:
             self._inbox.append(stream)
             self._cond.notify()
@@ -336,12 +337,17 @@ class TorchEngine:
         self._embeds.clear()
 
     def _step(self, s: Stream) -> None:
-        last = s.input_ids if s.cache is None else [s.generated[-1]]
+        # The first step reads the prompt and any resumed tokens; later ones the last token.
+        last = s.input_ids + s.generated if s.cache is None else [s.generated[-1]]
         out = self._model(
             input_ids=torch.tensor([last], device=self._device), cache=s.cache, use_cache=True
         )
         s.cache = out.cache
-        token = sample(out.logits[0, -1].float(), s.params, s.generator)
+        logits = out.logits[0, -1].float()
+        if s.pending_draws and s.generator is not None:
+            skip_draws(s.generator, s.pending_draws, logits.numel())
+            s.pending_draws = 0
+        token = sample(logits, s.params, s.generator)
         s.generated.append(token)
         text = self._tok.decode(s.generated, skip_special_tokens=True)
         chunk = next_chunk(s, token, text, token in self._eos, self._max_len)

@@ -30,12 +30,13 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
-from meshserve.nodeagent.engines.base import Chunk, EngineConfig, EngineStats
-from meshserve.nodeagent.engines.prompts import not_serving, prompt_ids
+from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
+from meshserve.nodeagent.engines.prompts import held_back, not_serving, prompt_ids
 from meshserve.nodeagent.engines.vllm_plan import GIB, VllmPlan, plan_engine
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
@@ -238,13 +239,21 @@ class VllmEngine:
         prompt: str,
         messages: Sequence[inference_pb2.ChatMessage],
         params: GenerationParams,
+        resume: Resume = NO_RESUME,
     ) -> AsyncIterator[Chunk]:
         self._check_serving()
         ids = await prompt_ids(self._tok, prompt, messages, params.max_tokens, self._max_len)
         request_id = uuid.uuid4().hex
-        stream = self._llm.generate({"prompt_token_ids": ids}, sampling_params(params), request_id)
+        done = list(resume.token_ids)
+        # Resumed: the delivered tokens extend the prompt, and count against max_tokens. Text the
+        # old replica held back (a possible stop string, half a UTF-8 character) is sent first.
+        rest = replace(params, max_tokens=params.max_tokens - len(done))
+        stream = self._llm.generate(
+            {"prompt_token_ids": ids + done}, sampling_params(rest), request_id
+        )
         self._in_flight += 1
-        produced = 0
+        produced = len(done)
+        held = held_back(self._tok, done, resume.text)
         try:
             async for out in stream:
                 c = out.outputs[0]
@@ -260,7 +269,8 @@ class VllmEngine:
                             retry_after_s=0.5,
                         )
                 if c.text or c.token_ids or finish:
-                    yield Chunk(c.text, tuple(c.token_ids), finish, len(ids), produced)
+                    text, held = held + c.text, ""
+                    yield Chunk(text, tuple(c.token_ids), finish, len(ids), produced)
                 if finish:
                     return
         finally:
