@@ -14,29 +14,35 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 class RouterConfig:
     service: ServiceConfig = field(default_factory=lambda: ServiceConfig(listen=DEFAULT_LISTEN))
     router_id: str = field(default_factory=process_id)
-    max_attempts: int = 3  # replicas tried before the first token
-    queue_per_model: int = 256  # requests held per model while it cold-starts
-    queue_timeout_s: float = (
-        120.0  # longest a request waits for a replica (its deadline may cut it)
-    )
+    max_attempts: int = 3  # attempts before the first token (retries: max_attempts - 1)
+    max_failovers: int = 3  # times a broken stream moves to another replica mid-way
+    queue_per_model: int = 256  # requests held per model waiting for a free slot or a replica
+    queue_timeout_s: float = 120.0  # longest wait for a slot (the caller's deadline may cut it)
     ensure_interval_s: float = 2.0  # how often a waiting model's EnsureModel is repeated
     first_token_timeout_s: float = 60.0
     inter_token_timeout_s: float = 30.0  # a replica silent this long mid-stream has stalled
-    eject_after_failures: int = 3  # consecutive failures that eject a replica (outlier detection)
-    eject_for_s: float = 10.0
+    retry_budget_ratio: float = 0.2  # retries may add at most this share of requests
+    breaker_failures: int = 3  # consecutive failures that open a (replica, model) breaker
+    breaker_failure_rate: float = 0.5  # ... or this failure share over the last 30 s (≥ 10 calls)
+    breaker_cooldown_s: float = 5.0  # open this long before a probe; doubles to 60 s
     demand_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         check_name("router", self.router_id)
-        for name in ("max_attempts", "queue_per_model", "eject_after_failures"):
+        for name in ("max_attempts", "queue_per_model", "breaker_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_failovers < 0:
+            raise ValueError("max_failovers must be >= 0")
+        for name in ("retry_budget_ratio", "breaker_failure_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1]")
         for name in (
             "queue_timeout_s",
             "first_token_timeout_s",
             "inter_token_timeout_s",
             "ensure_interval_s",
-            "eject_for_s",
+            "breaker_cooldown_s",
             "demand_interval_s",
         ):
             if getattr(self, name) <= 0:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
+from meshserve.router.breakers import CLOSED, Breakers
+from meshserve.telemetry import metrics
 from meshserve.v1 import cluster_pb2
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,10 @@ class _Model:
 
 
 class DemandTracker:
-    def __init__(self, router_id: str) -> None:
+    def __init__(self, router_id: str, breakers: Breakers | None = None) -> None:
         self.router_id = router_id
         self.models: dict[str, _Model] = {}
+        self.breakers = breakers  # published with the demand, for `meshserve status`
 
     def _m(self, model: str) -> _Model:
         return self.models.setdefault(model, _Model())
@@ -65,6 +68,18 @@ class DemandTracker:
                 ttft_p50_s=ttfts[len(ttfts) // 2] if ttfts else 0.0,
                 ttft_p99_s=ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] if ttfts else 0.0,
             )
+        if self.breakers is not None:
+            for v in self.breakers.views(now):
+                address, model = v.key
+                out.breakers.add(
+                    address=address,
+                    model=model,
+                    state=v.state,
+                    consecutive_failures=v.consecutive_failures,
+                    opened=v.opened,
+                    retry_in_s=round(v.retry_in_s, 1),
+                )
+                metrics.BREAKER_OPEN.labels(address, model).set(1 if v.state != CLOSED else 0)
         return out
 
 

@@ -10,10 +10,15 @@ from collections.abc import Mapping
 import grpc
 from meshserve.cluster.mirror import Mirror
 from meshserve.process import Cluster, Component, serve
+from meshserve.router.admission import Admission
+from meshserve.router.breakers import Breakers
+from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker, publish_demand
-from meshserve.router.server import RouterInference, Upstreams, handlers_for, trace_metadata
+from meshserve.router.relay import Relay
+from meshserve.router.server import RouterInference, handlers_for
 from meshserve.router.table import EndpointTable
+from meshserve.router.upstreams import Upstreams, trace_metadata
 from meshserve.rpc.channels import ChannelPool
 from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
 from opentelemetry import trace
@@ -62,11 +67,32 @@ class Router(Component):
         self.schedulers = Mirror(
             cluster.client, cluster.keys.election(), cluster_pb2.SchedulerCandidate
         )
-        self.demand = DemandTracker(config.router_id)
         self.channels = ChannelPool()  # agents and schedulers: one channel per address
         upstreams = Upstreams(self.channels)
+        self.table.subscribe(upstreams.follow)
         ensure = SchedulerClient(self.schedulers, config.router_id, upstreams).ensure
-        self.servicer = RouterInference(config, self.table, ensure, self.demand, upstreams)
+        self.breakers = Breakers(
+            consecutive=config.breaker_failures,
+            failure_rate=config.breaker_failure_rate,
+            cooldown_s=config.breaker_cooldown_s,
+        )
+        self.demand = DemandTracker(config.router_id, self.breakers)
+        budget = RetryBudget(config.retry_budget_ratio)
+        self.admission = Admission(
+            self.table,
+            ensure,
+            self.breakers,
+            self.demand,
+            config.queue_per_model,
+            config.queue_timeout_s,
+            config.ensure_interval_s,
+        )
+        relay = Relay(
+            config, self.table, self.admission, upstreams, self.breakers, budget, self.demand
+        )
+        self.servicer = RouterInference(
+            config, self.table, self.admission, relay, upstreams, budget, self.demand
+        )
         self._publisher: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -88,6 +114,7 @@ class Router(Component):
             self._publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._publisher
+        await self.admission.close()
         await self.table.stop()
         await self.schedulers.stop()
         await self.channels.close()

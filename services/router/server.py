@@ -1,89 +1,31 @@
 """The router's Inference service: a transparent, smart proxy in front of the agents.
 
-Generate forwards the agents' response messages as raw bytes (no re-encoding per token; DESIGN §3).
-Retries happen only before the first message, on another replica; after it, an upstream error ends
-the stream with the upstream's status. Deadlines and cancellation propagate: the upstream call gets
-the caller's remaining time, and a cancelled caller cancels the upstream call.
+Generate goes through the relay (relay.py: admission, retries before the first token, failover
+after it); Embed takes a slot the same way and retries on another replica. Deadlines and
+cancellation propagate: upstream calls get the caller's remaining time, and a cancelled caller
+cancels the upstream call.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import time
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine
-from collections.abc import Set as AbstractSet
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
-from meshserve.router.coldstart import ColdStartQueue
+from meshserve.router.admission import Admission, Identity
+from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker
-from meshserve.router.outliers import Outliers
-from meshserve.router.picker import rank
-from meshserve.router.table import Endpoint, EndpointTable, Route
+from meshserve.router.relay import RETRYABLE, Relay
+from meshserve.router.table import EndpointTable, Route
+from meshserve.router.upstreams import Upstreams, trace_metadata
 from meshserve.rpc import handlers
-from meshserve.rpc.channels import ChannelPool
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
-from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.validation import check_embed, check_generate
-from opentelemetry import propagate, trace
-
-_tracer = tracer(__name__)
-GENERATE = "/meshserve.v1.Inference/Generate"
-
-# Codes on which another replica may succeed (only before the first message).
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.NOT_FOUND,  # the replica unloaded between the table and the call
-        grpc.StatusCode.CANCELLED,  # the agent shut down mid-call
-    }
-)
-# Failures that say something about the replica's health (outlier detection).
-UNHEALTHY = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-)
-FORWARDED_HEADERS = frozenset({"meshserve-node", "meshserve-model"})
-
-
-def trace_metadata(span: trace.Span, request_id: str) -> tuple[tuple[str, str], ...]:
-    """W3C trace context of ``span`` plus the request id, as gRPC metadata."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=trace.set_span_in_context(span))
-    return (*carrier.items(), ("meshserve-request-id", request_id))
-
-
-class _Retry(Exception):
-    """A replica failed before its first message; another may succeed."""
-
-    def __init__(self, error: grpc.aio.AioRpcError | None) -> None:
-        super().__init__(error.details() if error else "timeout")
-        self.error = error
-
-
-class Upstreams:
-    """Calls to agents over the process's channel pool. No client interceptors: they wrap every
-    streamed message; the trace context is injected once per call instead (`trace_metadata`)."""
-
-    def __init__(self, pool: ChannelPool) -> None:
-        self.pool = pool
-
-    def channel(self, address: str) -> grpc.aio.Channel:
-        return self.pool.get(address)
-
-    def generate(self, address: str) -> Any:
-        # Raw bytes both ways: the request is serialized once, responses are forwarded as they came.
-        return self.pool.get(address).unary_stream(GENERATE)
+from opentelemetry import trace
 
 
 class RouterInference:
@@ -93,70 +35,25 @@ class RouterInference:
         self,
         config: RouterConfig,
         table: EndpointTable,
-        ensure: Callable[[str], Coroutine[Any, Any, str]],
-        demand: DemandTracker,
+        admission: Admission,
+        relay: Relay,
         upstreams: Upstreams,
+        budget: RetryBudget,
+        demand: DemandTracker,
     ) -> None:
         self.config = config
         self.table = table
-        self.ensure = ensure
-        self.demand = demand
-        self.coldstart = ColdStartQueue(
-            table, ensure, config.queue_per_model, config.queue_timeout_s, config.ensure_interval_s
-        )
+        self.admission = admission
+        self.relay = relay
         self.upstreams = upstreams
-        self.outstanding: dict[str, int] = defaultdict(int)  # address → streams in flight
-        self.outliers = Outliers(config.eject_after_failures, config.eject_for_s)
-        self._tiebreak = itertools.count()
-
-    # --- shared steps ------------------------------------------------------------------------
+        self.budget = budget
+        self.demand = demand
 
     def _route(self, name: str) -> Route:
         route = self.table.current.resolve(name)
         if route is None:
             raise not_found_model(name, list(self.table.current.routes))
         return route
-
-    async def _ready_route(
-        self, route: Route, context: Ctx, failed: AbstractSet[str] = frozenset()
-    ) -> Route:
-        """The route to serve from: the model's own, a READY fallback, or the cold-start wait.
-        ``failed`` are addresses that just failed this request: they do not count as ready."""
-        if any(e.address not in failed for e in route.ready):
-            return route
-        for name in route.spec.fallbacks:
-            fallback = self.table.current.resolve(name)
-            if fallback is not None and any(e.address not in failed for e in fallback.ready):
-                asyncio.get_running_loop().create_task(self.ensure(route.spec.name))
-                trace.get_current_span().set_attribute("meshserve.fallback", fallback.spec.name)
-                return fallback
-        model = route.spec.name
-        self.demand.queued(model, +1)
-        metrics.QUEUED.labels(model).inc()
-        try:
-            with _tracer.start_as_current_span(
-                "router.queue", attributes={"gen_ai.request.model": model}
-            ):
-                return await self.coldstart.wait_ready(
-                    model, handlers.remaining_s(context), exclude=failed
-                )
-        finally:
-            self.demand.queued(model, -1)
-            metrics.QUEUED.labels(model).dec()
-
-    def _ranked(
-        self, route: Route, session_key: str, failed: AbstractSet[str] = frozenset()
-    ) -> tuple[Any, ...]:
-        with _tracer.start_as_current_span("router.pick") as span:
-            ranked = rank(
-                [e for e in route.ready if e.address not in failed],
-                self.outstanding,
-                self.outliers.ejected(time.monotonic()),
-                session_key,
-                next(self._tiebreak),
-            )
-            span.set_attribute("meshserve.candidates", [e.node_id for e in ranked])
-        return ranked[: self.config.max_attempts]
 
     # --- Generate ----------------------------------------------------------------------------
 
@@ -167,6 +64,12 @@ class RouterInference:
         span.set_attribute("gen_ai.request.model", request.model)
         route = self._route(request.model)
         check_generate(request, route.spec)
+        if request.continuation.token_ids or request.continuation.text:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "continuation is set by routers when a stream fails over; clients leave it empty",
+                "INVALID_REQUEST",
+            )
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         span.set_attribute("meshserve.request_id", request.request_id)
@@ -176,7 +79,7 @@ class RouterInference:
         metrics.IN_FLIGHT.labels("router", model).inc()
         code = "OK"
         try:
-            async for message in self._generate(request, route, context):
+            async for message in self.relay.generate(request, route, context):
                 yield message
         except BaseException as e:
             code = handlers.code_of(e)
@@ -186,123 +89,21 @@ class RouterInference:
             metrics.IN_FLIGHT.labels("router", model).dec()
             metrics.REQUESTS.labels("router", model, code).inc()
 
-    async def _generate(
-        self, request: inference_pb2.GenerateRequest, route: Route, context: Ctx
-    ) -> AsyncIterator[bytes]:
-        start = time.perf_counter()
-        failed: set[str] = set()
-        attempt = 0
-        last_error: grpc.aio.AioRpcError | None = None
-        # Each pass tries the ranked replicas; when all of them fail before the first token (an
-        # agent just died and its lease has not expired yet), wait for a fresh replica within the
-        # caller's deadline and try again. Never after the first token (DESIGN §4).
-        for _ in range(2):
-            route = await self._ready_route(route, context, failed)
-            request.model = route.spec.name
-            payload = request.SerializeToString()
-            for endpoint in self._ranked(route, request.session_key, failed):
-                attempt += 1
-                if attempt > 1:
-                    metrics.RETRIES.labels(route.spec.name).inc()
-                outcome = self._attempt(endpoint, payload, request, route, attempt, start, context)
-                try:
-                    async for message in outcome:
-                        yield message
-                    return
-                except _Retry as r:
-                    failed.add(endpoint.address)
-                    last_error = r.error or last_error
-        tried = f"{last_error.code().name}: {last_error.details()}" if last_error else "timeout"
-        raise ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"every replica of {route.spec.name!r} failed before the first token ({tried})",
-            "ALL_REPLICAS_FAILED",
-            retry_after_s=1.0,
-        )
-
-    async def _attempt(
-        self,
-        endpoint: Endpoint,
-        payload: bytes,
-        request: inference_pb2.GenerateRequest,
-        route: Route,
-        attempt: int,
-        start: float,
-        context: Ctx,
-    ) -> AsyncIterator[bytes]:
-        """Streams from one replica; raises _Retry when it fails before the first message."""
-        span = _tracer.start_span(
-            "router.attempt",
-            attributes={"meshserve.node": endpoint.node_id, "meshserve.attempt": attempt},
-            kind=trace.SpanKind.CLIENT,
-        )
-        call = self.upstreams.generate(endpoint.address)(
-            payload,
-            timeout=handlers.remaining_s(context),
-            metadata=trace_metadata(span, request.request_id),
-        )
-        self.outstanding[endpoint.address] += 1
-        try:
-            try:
-                first = await asyncio.wait_for(call.read(), self.config.first_token_timeout_s)
-            except TimeoutError:
-                self.outliers.failure(endpoint.address, time.monotonic())
-                span.set_status(trace.Status(trace.StatusCode.ERROR, "no first token in time"))
-                raise _Retry(None) from None
-            except grpc.aio.AioRpcError as e:
-                span.set_status(
-                    trace.Status(trace.StatusCode.ERROR, f"{e.code().name}: {e.details()}")
-                )
-                if e.code() in UNHEALTHY:
-                    self.outliers.failure(endpoint.address, time.monotonic())
-                if e.code() not in RETRYABLE:
-                    raise
-                raise _Retry(e) from None
-            self.outliers.success(endpoint.address)
-            ttft = time.perf_counter() - start
-            metrics.TTFT.labels("router", route.spec.name).observe(ttft)
-            self.demand.first_token(route.spec.name, ttft)
-            trace.get_current_span().set_attribute("meshserve.ttft_s", ttft)
-            upstream_headers = await call.initial_metadata() or ()
-            headers = [(k, v) for k, v in upstream_headers if k in FORWARDED_HEADERS]
-            await context.send_initial_metadata((*headers, ("meshserve-attempts", str(attempt))))
-            if first is grpc.aio.EOF:
-                return
-            yield first
-            # One timeout for the whole stream, pushed forward after each message: cheaper than a
-            # wait_for (a new task) per message.
-            gap = self.config.inter_token_timeout_s
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(loop.time() + gap) as watchdog:
-                    while (message := await call.read()) is not grpc.aio.EOF:
-                        yield message
-                        watchdog.reschedule(loop.time() + gap)
-            except TimeoutError:
-                raise ServiceError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"replica on {endpoint.node_id} stalled: no token for {gap:.0f} s",
-                    "REPLICA_STALLED",
-                ) from None
-        finally:
-            self.outstanding[endpoint.address] -= 1
-            if not call.done():
-                call.cancel()  # our caller went away (or we gave up): stop the agent's work
-            span.end()
-
     # --- Embed, ListModels -------------------------------------------------------------------
 
     async def embed(
         self, request: inference_pb2.EmbedRequest, context: Ctx
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
-        route = await self._ready_route(self._route(request.model), context)
-        request.model = route.spec.name
+        route = self._route(request.model)
         self.demand.arrived(route.spec.name)
-        last_error: grpc.aio.AioRpcError | None = None
-        for endpoint in self._ranked(route, ""):
-            stub = inference_pb2_grpc.InferenceStub(self.upstreams.channel(endpoint.address))
-            self.outstanding[endpoint.address] += 1
+        self.budget.request()
+        failed: set[Identity] = set()
+        errors: list[str] = []
+        while True:
+            slot = await self.admission.acquire(route, "", handlers.remaining_s(context), failed)
+            request.model = slot.model
+            stub = inference_pb2_grpc.InferenceStub(self.upstreams.channel(slot.endpoint.address))
             try:
                 reply: inference_pb2.EmbedResponse = await stub.Embed(
                     request,
@@ -311,18 +112,21 @@ class RouterInference:
                 )
                 return reply
             except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE:
+                if e.code() not in RETRYABLE and e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
-                last_error = e
+                errors.append(f"{slot.endpoint.node_id}: {e.code().name}: {e.details()}")
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    failed.add(slot.endpoint.identity)
+                if len(errors) >= self.config.max_attempts or not self.budget.try_retry():
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"model {slot.model!r}: embedding failed on every attempt: "
+                        + "; ".join(errors),
+                        "ALL_REPLICAS_FAILED",
+                        retry_after_s=1.0,
+                    ) from None
             finally:
-                self.outstanding[endpoint.address] -= 1
-        raise ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"every replica of {route.spec.name!r} failed"
-            + (f" ({last_error.code().name}: {last_error.details()})" if last_error else ""),
-            "ALL_REPLICAS_FAILED",
-            retry_after_s=1.0,
-        )
+                self.admission.release(slot)
 
     async def list_models(
         self, request: inference_pb2.ListModelsRequest, context: Ctx

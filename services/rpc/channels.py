@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import grpc
 from meshserve.rpc.server import CHANNEL_OPTIONS
 from meshserve.telemetry.tracing import client_interceptors
@@ -16,6 +19,7 @@ class ChannelPool:
     def __init__(self, traced: bool = False) -> None:
         self.traced = traced
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -27,7 +31,17 @@ class ChannelPool:
             self._channels[address] = ch
         return ch
 
+    def reset(self, address: str) -> None:
+        """The next `get` makes a new channel (its reconnect backoff starts afresh); the old one
+        closes with a grace period for calls still on it."""
+        old = self._channels.pop(address, None)
+        if old is not None:
+            self._closing.add(asyncio.get_running_loop().create_task(old.close(grace=5.0)))
+
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
+        for task in self._closing:
+            with contextlib.suppress(Exception):
+                await task

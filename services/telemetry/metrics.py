@@ -24,8 +24,28 @@ INTER_TOKEN = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
 IN_FLIGHT = Gauge("meshserve_in_flight", "Streams in flight", ["service", "model"])
-QUEUED = Gauge("meshserve_router_queued", "Requests waiting for a replica (cold start)", ["model"])
-RETRIES = Counter("meshserve_router_retries_total", "Attempts on another replica", ["model"])
+QUEUED = Gauge(
+    "meshserve_router_queued", "Requests waiting for a free slot or a replica", ["model"]
+)
+RETRIES = Counter(
+    "meshserve_router_retries_total",
+    "Attempts again after one failed before the first token",
+    ["model"],
+)
+RETRIES_DENIED = Counter(
+    "meshserve_router_retries_denied_total", "Retries refused by the router's retry budget"
+)
+FAILOVERS = Counter(
+    "meshserve_router_failovers_total", "Streams moved to another replica mid-way", ["model"]
+)
+BREAKER_OPEN = Gauge(
+    "meshserve_router_breaker_open",
+    "1 while the circuit breaker of (replica, model) is open or half-open",
+    ["node", "model"],
+)
+BAD_REQUESTS = Counter(
+    "meshserve_undecodable_requests_total", "Requests whose bytes could not be parsed", ["method"]
+)
 TOKENS = Counter("meshserve_generated_tokens_total", "Tokens generated", ["model"])
 LOAD_SECONDS = Histogram(
     "meshserve_model_load_seconds", "Model load + warm-up time", ["model"], buckets=_LATENCY

@@ -572,24 +572,70 @@ class RouterDemand(_message.Message):
     ROUTER_ID_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     UPDATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    BREAKERS_FIELD_NUMBER: _builtins.int
     router_id: _builtins.str
     updated_unix_ms: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelDemand]: ...
+    @_builtins.property
+    def breakers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Breaker]:
+        """this router's circuit breakers that opened or are failing"""
+
     def __init__(
         self,
         *,
         router_id: _builtins.str = ...,
         models: _abc.Iterable[Global___ModelDemand] | None = ...,
         updated_unix_ms: _builtins.int = ...,
+        breakers: _abc.Iterable[Global___Breaker] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "router_id", b"router_id", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "models", b"models", "router_id", b"router_id", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouterDemand: _TypeAlias = RouterDemand  # noqa: Y015
+
+@_typing.final
+class Breaker(_message.Message):
+    """A router's circuit breaker for one replica of one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    OPENED_FIELD_NUMBER: _builtins.int
+    RETRY_IN_S_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """the agent's host:port"""
+    model: _builtins.str
+    state: _builtins.str
+    """"closed", "open" or "half_open" """
+    consecutive_failures: _builtins.int
+    opened: _builtins.int
+    """times it opened since the router started"""
+    retry_in_s: _builtins.float
+    """open: seconds until a probe may go"""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        model: _builtins.str = ...,
+        state: _builtins.str = ...,
+        consecutive_failures: _builtins.int = ...,
+        opened: _builtins.int = ...,
+        retry_in_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "consecutive_failures", b"consecutive_failures", "model", b"model", "opened", b"opened", "retry_in_s", b"retry_in_s", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Breaker: _TypeAlias = Breaker  # noqa: Y015
 
 @_typing.final
 class SchedulerCandidate(_message.Message):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from meshserve.router.outliers import Outliers
 from meshserve.router.picker import AFFINITY_SLACK, rank, rendezvous
 from meshserve.router.table import Endpoint, build_table
 from meshserve.v1 import cluster_pb2
@@ -59,20 +58,6 @@ def test_empty() -> None:
     assert rank([], {}) == ()
 
 
-def test_outliers_eject_after_threshold_and_recover() -> None:
-    o = Outliers(threshold=3, eject_for_s=10)
-    for t in (0.0, 1.0):
-        o.failure("h:1", t)
-    assert o.ejected(2.0) == frozenset()
-    o.failure("h:1", 2.0)
-    assert o.ejected(2.0) == {"h:1"}
-    assert o.ejected(12.5) == frozenset()  # ejection ended; on probation
-    o.failure("h:1", 13.0)
-    assert o.ejected(13.0) == {"h:1"}  # one more failure ejects again
-    o.success("h:1")
-    assert o.ejected(13.0) == frozenset()
-
-
 def test_table_resolves_aliases_and_keeps_only_ready() -> None:
     R = cluster_pb2
     table = build_table(
@@ -88,4 +73,5 @@ def test_table_resolves_aliases_and_keeps_only_ready() -> None:
     route = table.resolve("tiny")
     assert route is not None and route.spec.name == "demo"
     assert [e.node_id for e in route.ready] == ["n1", "n2"]
+    assert route.loading == 1  # a wait for this model will end
     assert table.resolve("nope") is None

@@ -1,0 +1,267 @@
+"""Admission: a request gets a READY replica with a free stream slot, or waits for one.
+
+Each replica publishes how many streams it admits (``max_streams``); this router sends a replica
+at most that many of its own streams and holds the rest in a bounded, deadline-aware FIFO queue
+per model, handing the oldest waiter a slot as soon as one frees on any replica (a stream ends,
+a replica turns READY). Saturation is never failure: an agent's RESOURCE_EXHAUSTED (other
+routers filled it) sends the request back here. A model with no READY replica is a cold start:
+one EnsureModel at a time per model (singleflight), repeated while anyone waits; a READY fallback
+model serves meanwhile.
+
+Picking among replicas with a free slot: not excluded for this request (the relay excludes a
+replica it gave up on), breaker closed, then `picker.rank`; replicas with an open breaker are
+used when nothing else is left. A request whose every replica is excluded waits for the table to
+change (a new replica, or a restarted agent: a new incarnation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from meshserve.router.breakers import Breakers
+from meshserve.router.demand import DemandTracker
+from meshserve.router.picker import rank
+from meshserve.router.table import Endpoint, EndpointTable, Route
+from meshserve.rpc.errors import ServiceError
+from meshserve.telemetry import metrics
+
+DEADLINE_MARGIN_S = 0.1  # answer a little before the caller's deadline so it gets our message
+RECHECK_S = 0.5  # a waiter looks again this often (breaker cool-downs end without an event)
+Identity = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Slot:
+    route: Route  # what serves the request: the model's route, or a READY fallback's
+    endpoint: Endpoint
+    waited_s: float = 0.0  # time spent queued
+
+    @property
+    def model(self) -> str:
+        return self.route.spec.name
+
+
+@dataclass(eq=False)
+class _Waiter:
+    route: Route
+    session_key: str
+    exclude: AbstractSet[Identity]
+    future: asyncio.Future[Slot] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    since: float = field(default_factory=time.monotonic)
+
+
+class Admission:
+    def __init__(
+        self,
+        table: EndpointTable,
+        ensure: Callable[[str], Coroutine[Any, Any, str]],
+        breakers: Breakers,
+        demand: DemandTracker,
+        per_model: int,
+        timeout_s: float,
+        ensure_interval_s: float,
+    ) -> None:
+        self.table = table
+        self.ensure = ensure  # asks the scheduler to place a model; returns why it cannot, or ""
+        self.breakers = breakers
+        self.demand = demand
+        self.per_model = per_model
+        self.timeout_s = timeout_s
+        self.ensure_interval_s = ensure_interval_s
+        self.outstanding: dict[str, int] = {}  # address → this router's streams (ranking)
+        self.streams: dict[tuple[str, str], int] = {}  # (address, model) → streams (capacity)
+        self.queues: dict[str, deque[_Waiter]] = {}
+        self.unplaceable: dict[str, str] = {}  # model → the scheduler's last reason
+        self._ensuring: dict[str, asyncio.Task[None]] = {}
+        self._tiebreak = itertools.count()
+        table.subscribe(lambda _t: self._dispatch_all())
+
+    # --- taking and giving back slots --------------------------------------------------------
+
+    async def acquire(
+        self,
+        route: Route,
+        session_key: str = "",
+        deadline_s: float | None = None,
+        exclude: AbstractSet[Identity] = frozenset(),
+    ) -> Slot:
+        """A slot on a replica of ``route``'s model (or a READY fallback); waits in the model's
+        queue while none is free. ``deadline_s``: the caller's remaining time (None: none).
+        Raises ServiceError: RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED, UNAVAILABLE."""
+        model = route.spec.name
+        queue = self.queues.setdefault(model, deque())
+        if not queue:  # nobody ahead: no queueing cost on the hot path
+            slot = self._choose(self._current(route), session_key, exclude)
+            if slot is not None:
+                return self._take(slot)
+        if len(queue) >= self.per_model:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(queue)} requests already wait for model {model!r}; retry later",
+                "QUEUE_FULL",
+                retry_after_s=1.0,
+            )
+        waiter = _Waiter(route, session_key, exclude)
+        queue.append(waiter)
+        self.demand.queued(model, +1)
+        metrics.QUEUED.labels(model).inc()
+        end = waiter.since + self.timeout_s
+        if deadline_s is not None:
+            end = min(end, waiter.since + deadline_s - DEADLINE_MARGIN_S)
+        try:
+            while True:
+                self._dispatch(model)
+                if waiter.future.done():
+                    return waiter.future.result()
+                if not self._current(route).ready:
+                    self._start_ensure(model)
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise self._gave_up(waiter, deadline_s)
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(
+                        asyncio.shield(waiter.future), min(left, RECHECK_S)
+                    )
+        except BaseException:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(waiter.future.result())  # handed a slot as we gave up
+            waiter.future.cancel()
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            self.demand.queued(model, -1)
+            metrics.QUEUED.labels(model).dec()
+
+    def release(self, slot: Slot) -> None:
+        """The stream on ``slot`` ended: its place goes to the oldest waiter that can use it."""
+        address = slot.endpoint.address
+        self.outstanding[address] = self.outstanding.get(address, 1) - 1
+        key = (address, slot.model)
+        self.streams[key] = self.streams.get(key, 1) - 1
+        self._dispatch_all()
+
+    # --- choosing ----------------------------------------------------------------------------
+
+    def _current(self, route: Route) -> Route:
+        return self.table.current.resolve(route.spec.name) or route
+
+    def _free(self, e: Endpoint, model: str) -> bool:
+        return not e.max_streams or self.streams.get((e.address, model), 0) < e.max_streams
+
+    def _choose(
+        self, route: Route, session_key: str, exclude: AbstractSet[Identity]
+    ) -> Slot | None:
+        routes = [route]
+        if not route.ready:  # cold: a READY fallback serves meanwhile
+            for name in route.spec.fallbacks:
+                fallback = self.table.current.resolve(name)
+                if fallback is not None and fallback.ready:
+                    routes.append(fallback)
+        now = time.monotonic()
+        for r in routes:
+            model = r.spec.name
+            fresh = [e for e in r.ready if self._free(e, model) and e.identity not in exclude]
+            closed = [e for e in fresh if self.breakers.allows((e.address, model), now)]
+            candidates = closed or fresh  # broken ones only when nothing else is left
+            if candidates:
+                ranked = rank(
+                    candidates, self.outstanding, frozenset(), session_key, next(self._tiebreak)
+                )
+                return Slot(r, ranked[0])
+        return None
+
+    def _take(self, slot: Slot) -> Slot:
+        address = slot.endpoint.address
+        self.outstanding[address] = self.outstanding.get(address, 0) + 1
+        key = (address, slot.model)
+        self.streams[key] = self.streams.get(key, 0) + 1
+        self.breakers.sent((address, slot.model), time.monotonic())
+        return slot
+
+    def _dispatch(self, model: str) -> None:
+        """Hands free slots to waiters of ``model``, oldest first (one that cannot use any free
+        slot, for its exclusions, does not hold up those behind it)."""
+        queue = self.queues.get(model)
+        if not queue:
+            return
+        for waiter in list(queue):
+            if waiter.future.done():
+                continue
+            slot = self._choose(self._current(waiter.route), waiter.session_key, waiter.exclude)
+            if slot is None:
+                continue
+            waiter.future.set_result(
+                self._take(Slot(slot.route, slot.endpoint, time.monotonic() - waiter.since))
+            )
+
+    def _dispatch_all(self) -> None:
+        for model, queue in self.queues.items():
+            if queue:
+                self._dispatch(model)
+
+    # --- cold starts -------------------------------------------------------------------------
+
+    def _start_ensure(self, model: str) -> None:
+        """One EnsureModel loop per model while anyone waits for it (singleflight)."""
+        task = self._ensuring.get(model)
+        if task is None or task.done():
+            self._ensuring[model] = asyncio.create_task(self._ensure_loop(model))
+
+    async def _ensure_loop(self, model: str) -> None:
+        while self.queues.get(model):
+            route = self.table.current.resolve(model)
+            if route is not None and route.ready:
+                return
+            try:
+                self.unplaceable[model] = await self.ensure(model)
+            except Exception as e:  # the scheduler unreachable: the wait goes on
+                self.unplaceable[model] = f"scheduler unreachable ({type(e).__name__})"
+            await asyncio.sleep(self.ensure_interval_s)
+
+    def _gave_up(self, waiter: _Waiter, deadline_s: float | None) -> ServiceError:
+        route = self._current(waiter.route)
+        model = route.spec.name
+        waited = time.monotonic() - waiter.since
+        if route.ready:
+            busy = sum(self.streams.get((e.address, model), 0) for e in route.ready)
+            why = (
+                f"all {len(route.ready)} READY replicas are busy ({busy} streams from this router)"
+            )
+        elif route.loading:
+            why = f"{route.loading} replica(s) still loading"
+        elif self.unplaceable.get(model):
+            why = f"the scheduler cannot place it: {self.unplaceable[model]}"
+        else:
+            why = "no replica is READY or loading"
+        if deadline_s is not None and waited >= deadline_s - DEADLINE_MARGIN_S - 0.01:
+            return ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"waited {waited:.1f} s for a replica of {model!r} within the request's deadline: "
+                f"{why}",
+                "QUEUE_DEADLINE",
+            )
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no replica of {model!r} took the request in {waited:.1f} s: {why}",
+            "NO_READY_REPLICA",
+            retry_after_s=2.0,
+        )
+
+    async def close(self) -> None:
+        for task in self._ensuring.values():
+            task.cancel()
+        for task in self._ensuring.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,344 @@
+"""One Generate through the mesh: admission, attempts, retries before the first token, and
+failover after it. No request lost, no token repeated.
+
+- Before the first token, a failed attempt is retried (jittered exponential backoff, within the
+  deadline, within the router's retry budget) on another replica, or on the same one when it is
+  the only one. Saturation (RESOURCE_EXHAUSTED) goes back to the admission queue: not a failure.
+- After the first token, a broken stream (agent killed or frozen, connection lost, the replica
+  gone from the table, no token within the inter-token timeout) continues on another READY
+  replica: the request goes again with a `Continuation` of what the client already has, and the
+  agent streams only what follows, so the client sees one stream. At most ``max_failovers``.
+- Responses are forwarded as the raw bytes the agent sent (no re-encoding per token); they are
+  parsed only when a failover needs the delivered token ids.
+- Trailers: ``meshserve-failovers``. Headers: ``meshserve-node``, ``meshserve-model``,
+  ``meshserve-attempts`` and, when the request waited for a slot, ``meshserve-queued-ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from meshserve.router.admission import Admission, Identity, Slot
+from meshserve.router.breakers import Breakers
+from meshserve.router.budget import RetryBudget
+from meshserve.router.config import RouterConfig
+from meshserve.router.demand import DemandTracker
+from meshserve.router.table import EndpointTable, Route
+from meshserve.router.upstreams import Upstreams, trace_metadata
+from meshserve.rpc import handlers
+from meshserve.rpc.errors import ServiceError
+from meshserve.rpc.handlers import Ctx
+from meshserve.telemetry import metrics
+from meshserve.telemetry.tracing import tracer
+from meshserve.v1 import inference_pb2
+from opentelemetry import trace
+
+_tracer = tracer("meshserve.router.server")
+
+# Codes on which another attempt may succeed.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.NOT_FOUND,  # the replica unloaded between the table and the call
+        grpc.StatusCode.CANCELLED,  # the agent shut down mid-call
+    }
+)
+# Failures that say something about the replica's health (breakers).
+UNHEALTHY = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
+FORWARDED_HEADERS = frozenset({"meshserve-node", "meshserve-model"})
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 1.0
+
+
+class Broken(Exception):
+    """An attempt ended without finishing the stream; another may go on."""
+
+    def __init__(self, what: str, unhealthy: bool = True, saturated: bool = False) -> None:
+        super().__init__(what)
+        self.what = what
+        self.unhealthy = unhealthy  # counts against the replica's breaker
+        self.saturated = saturated  # the replica was full: back to the queue
+
+
+def backoff_s(attempt: int, rng: random.Random) -> float:
+    """Full jitter (AWS): uniform in [0, min(cap, base x 2^attempt)]."""
+    return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+def continuation_of(delivered: list[bytes]) -> tuple[list[int], str, bool]:
+    """Token ids and text the client has from the raw messages it got, and whether the last
+    one finished the stream."""
+    ids: list[int] = []
+    text: list[str] = []
+    finished = False
+    for raw in delivered:
+        msg = inference_pb2.GenerateResponse.FromString(raw)
+        ids += msg.token_ids
+        text.append(msg.text)
+        finished = finished or bool(msg.finish_reason)
+    return ids, "".join(text), finished
+
+
+class Relay:
+    def __init__(
+        self,
+        config: RouterConfig,
+        table: EndpointTable,
+        admission: Admission,
+        upstreams: Upstreams,
+        breakers: Breakers,
+        budget: RetryBudget,
+        demand: DemandTracker,
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.admission = admission
+        self.upstreams = upstreams
+        self.breakers = breakers
+        self.budget = budget
+        self.demand = demand
+        self.rng = random.Random()
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, route: Route, context: Ctx
+    ) -> AsyncIterator[bytes]:
+        start = time.perf_counter()
+        model = route.spec.name
+        delivered: list[bytes] = []
+        failed: set[Identity] = set()  # replicas this request gave up on
+        strikes: dict[Identity, int] = {}
+        attempts: list[str] = []
+        retries = failovers = saturated = 0
+        state = _Headers()
+        self.budget.request()
+        try:
+            while True:
+                with _tracer.start_as_current_span("router.pick") as pick:
+                    slot = await self.admission.acquire(
+                        route, request.session_key, handlers.remaining_s(context), failed
+                    )
+                    pick.set_attribute("meshserve.node", slot.endpoint.node_id)
+                    if slot.waited_s:
+                        pick.set_attribute("meshserve.queued_s", slot.waited_s)
+                payload = self._payload(request, slot, delivered)
+                try:
+                    async for message in self._attempt(
+                        slot, payload, request, context, state, start, len(attempts) + 1
+                    ):
+                        delivered.append(message)
+                        yield message
+                    return
+                except Broken as b:
+                    attempts.append(f"{slot.endpoint.node_id}: {b.what}")
+                    if delivered and continuation_of(delivered[-1:])[2]:
+                        return  # it broke after the final message: the client has it all
+                    now = time.monotonic()
+                    if b.saturated:
+                        saturated += 1
+                        await self._pause(backoff_s(min(saturated, 5), self.rng), context)
+                        continue  # full: queue again, not a failure
+                    if b.unhealthy:
+                        self.breakers.failure((slot.endpoint.address, slot.model), now)
+                    # A transient failure of the only replica is not a verdict: it gets a second
+                    # try (after a backoff); with others to go to, or after that, it is left.
+                    identity = slot.endpoint.identity
+                    strikes[identity] = strikes.get(identity, 0) + 1
+                    if strikes[identity] >= 2 or self._others(slot, identity):
+                        failed.add(identity)
+                    if delivered:
+                        failovers += 1
+                        metrics.FAILOVERS.labels(model).inc()
+                        if failovers > self.config.max_failovers:
+                            raise self._exhausted(model, attempts, "failovers") from None
+                        trace.get_current_span().add_event(
+                            "failover",
+                            {"meshserve.node": slot.endpoint.node_id, "meshserve.reason": b.what},
+                        )
+                        if failovers > 1:
+                            await self._pause(backoff_s(failovers - 1, self.rng), context)
+                        continue
+                    retries += 1
+                    if retries >= self.config.max_attempts:
+                        raise self._exhausted(model, attempts, "attempts") from None
+                    if not self.budget.try_retry():
+                        metrics.RETRIES_DENIED.inc()
+                        raise self._exhausted(model, attempts, "budget") from None
+                    metrics.RETRIES.labels(model).inc()
+                    await self._pause(backoff_s(retries, self.rng), context)
+                finally:
+                    self.admission.release(slot)
+        finally:
+            with contextlib.suppress(Exception):
+                context.set_trailing_metadata((("meshserve-failovers", str(failovers)),))
+
+    def _others(self, slot: Slot, identity: Identity) -> bool:
+        """Whether the model has another READY replica to go to."""
+        route = self.table.current.resolve(slot.model)
+        return route is not None and any(e.identity != identity for e in route.ready)
+
+    def _payload(
+        self, request: inference_pb2.GenerateRequest, slot: Slot, delivered: list[bytes]
+    ) -> bytes:
+        request.model = slot.model
+        if not delivered:
+            return request.SerializeToString()
+        ids, text, _ = continuation_of(delivered)
+        resumed = inference_pb2.GenerateRequest()
+        resumed.CopyFrom(request)
+        resumed.continuation.token_ids[:] = ids
+        resumed.continuation.text = text
+        return resumed.SerializeToString()
+
+    async def _pause(self, seconds: float, context: Ctx) -> None:
+        left = handlers.remaining_s(context)
+        if left is not None:
+            seconds = min(seconds, max(0.0, left - 0.2))
+        await asyncio.sleep(seconds)
+
+    def _exhausted(self, model: str, attempts: list[str], why: str) -> ServiceError:
+        what = {
+            "attempts": f"every attempt failed before the first token ({len(attempts)})",
+            "budget": "an attempt failed and the router's retry budget is spent (retry storm "
+            "protection)",
+            "failovers": f"the stream broke {len(attempts)} times (max_failovers "
+            f"{self.config.max_failovers})",
+        }[why]
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"model {model!r}: {what}: " + "; ".join(attempts),
+            "ALL_REPLICAS_FAILED" if why != "failovers" else "FAILOVERS_EXHAUSTED",
+            retry_after_s=1.0,
+        )
+
+    async def _attempt(
+        self,
+        slot: Slot,
+        payload: bytes,
+        request: inference_pb2.GenerateRequest,
+        context: Ctx,
+        state: _Headers,
+        start: float,
+        attempt: int,
+    ) -> AsyncIterator[bytes]:
+        """Streams from one replica; raises Broken when it ends without the final message."""
+        endpoint = slot.endpoint
+        span = _tracer.start_span(
+            "router.attempt",
+            attributes={"meshserve.node": endpoint.node_id, "meshserve.attempt": attempt},
+            kind=trace.SpanKind.CLIENT,
+        )
+        call = self.upstreams.generate(endpoint.address)(
+            payload,
+            timeout=handlers.remaining_s(context),
+            metadata=trace_metadata(span, request.request_id),
+        )
+        gone = self.table.departure(slot.model, endpoint.identity)
+        watcher = asyncio.get_running_loop().create_task(_cancel_when(gone, call))
+        key = (endpoint.address, slot.model)
+        try:
+            try:
+                first = await asyncio.wait_for(call.read(), self.config.first_token_timeout_s)
+            except TimeoutError:
+                raise Broken("no first token in time") from None
+            except grpc.aio.AioRpcError as e:
+                raise _broken(e, gone) from None
+            except asyncio.CancelledError:
+                if not gone.is_set():
+                    raise
+                raise Broken("replica left the table") from None
+            self.breakers.success(key, time.monotonic())
+            if not state.sent:
+                await state.send(context, call, slot, attempt, start, self.demand)
+            if first is grpc.aio.EOF:
+                return
+            yield first
+            gap = self.config.inter_token_timeout_s
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(loop.time() + gap) as watchdog:
+                    while (message := await call.read()) is not grpc.aio.EOF:
+                        yield message
+                        watchdog.reschedule(loop.time() + gap)
+            except TimeoutError:
+                raise Broken(f"stalled: no token for {gap:.0f} s") from None
+            except grpc.aio.AioRpcError as e:
+                raise _broken(e, gone) from None
+            except asyncio.CancelledError:
+                if not gone.is_set():
+                    raise
+                raise Broken("replica left the table mid-stream") from None
+        except Broken as b:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, b.what))
+            raise
+        finally:
+            watcher.cancel()
+            self.table.forget_departure(slot.model, endpoint.identity)
+            if not call.done():
+                call.cancel()  # our caller went away (or we gave up): stop the agent's work
+            span.end()
+
+
+class _Headers:
+    """Response headers go once, with the first message of the first attempt that has one."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    async def send(
+        self,
+        context: Ctx,
+        call: Any,
+        slot: Slot,
+        attempt: int,
+        start: float,
+        demand: DemandTracker,
+    ) -> None:
+        self.sent = True
+        ttft = time.perf_counter() - start
+        metrics.TTFT.labels("router", slot.model).observe(ttft)
+        demand.first_token(slot.model, ttft)
+        span = trace.get_current_span()
+        span.set_attribute("meshserve.ttft_s", ttft)
+        upstream = await call.initial_metadata() or ()
+        headers = [(k, v) for k, v in upstream if k in FORWARDED_HEADERS]
+        headers.append(("meshserve-attempts", str(attempt)))
+        if slot.waited_s > 0.001:
+            headers.append(("meshserve-queued-ms", str(round(slot.waited_s * 1000))))
+            span.set_attribute("meshserve.queued_s", slot.waited_s)
+        await context.send_initial_metadata(tuple(headers))
+
+
+async def _cancel_when(gone: asyncio.Event, call: Any) -> None:
+    """Cancels ``call`` once its replica is gone, so the read waiting on it fails over now."""
+    await gone.wait()
+    call.cancel()
+
+
+def _broken(e: grpc.aio.AioRpcError, gone: asyncio.Event) -> Exception:
+    """An upstream status as `Broken` (another replica may go on) or as itself (it may not)."""
+    code = e.code()
+    what = f"{code.name}: {e.details()}"
+    if gone.is_set():
+        return Broken(f"replica left the table ({what})")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not _limit_of_ours(e):
+        return Broken(what, unhealthy=False, saturated=True)
+    if code in RETRYABLE:
+        return Broken(what, unhealthy=code in UNHEALTHY)
+    passed: Exception = e  # the caller's own error (INVALID_ARGUMENT, DEADLINE_EXCEEDED …)
+    return passed
+
+
+def _limit_of_ours(e: grpc.aio.AioRpcError) -> bool:
+    """RESOURCE_EXHAUSTED for a message over gRPC's size limit is the request's fault."""
+    return "larger than max" in (e.details() or "")

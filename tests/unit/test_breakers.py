@@ -1,0 +1,66 @@
+"""Circuit breakers per (replica, model) and the retry budget (pure, clock passed in)."""
+
+from __future__ import annotations
+
+from meshserve.router.breakers import CLOSED, HALF_OPEN, OPEN, Breakers
+from meshserve.router.budget import RetryBudget
+
+A = ("10.0.0.1:5000", "m")
+B = ("10.0.0.1:5000", "other")  # same agent, another model: its own breaker
+
+
+def test_consecutive_failures_open_then_half_open_probe_closes() -> None:
+    br = Breakers(consecutive=3, cooldown_s=5.0)
+    for t in (0.0, 0.1):
+        br.failure(A, t)
+        assert br.state(A, t) == CLOSED
+    br.failure(A, 0.2)
+    assert br.state(A, 0.2) == OPEN and not br.allows(A, 0.2)
+    assert br.allows(B, 0.2)  # per (agent, model)
+    assert br.state(A, 5.1) == OPEN  # cool-down not over
+    assert br.state(A, 5.3) == HALF_OPEN and br.allows(A, 5.3)
+    br.sent(A, 5.3)
+    assert not br.allows(A, 5.3)  # one probe at a time
+    br.success(A, 5.4)
+    assert br.state(A, 5.4) == CLOSED and br.allows(A, 5.4)
+
+
+def test_failed_probe_reopens_with_a_longer_cooldown() -> None:
+    br = Breakers(consecutive=1, cooldown_s=2.0, max_cooldown_s=5.0)
+    br.failure(A, 0.0)
+    assert br.state(A, 1.9) == OPEN and br.state(A, 2.0) == HALF_OPEN
+    br.sent(A, 2.0)
+    br.failure(A, 2.1)  # the probe failed
+    assert br.state(A, 2.1) == OPEN
+    assert br.state(A, 5.9) == OPEN and br.state(A, 6.1) == HALF_OPEN  # 4 s now
+    br.failure(A, 6.2)
+    assert br.state(A, 11.1) == OPEN and br.state(A, 11.3) == HALF_OPEN  # capped at 5 s
+    view = next(br.views(11.3))
+    assert view.opened == 3
+
+
+def test_failure_rate_opens_without_a_streak() -> None:
+    br = Breakers(consecutive=100, failure_rate=0.5, min_requests=10, window_s=30.0)
+    for i in range(10):  # alternating: never 2 failures in a row, 50 % failed
+        (br.failure if i % 2 else br.success)(A, float(i))
+    assert br.state(A, 10.0) == OPEN
+    # Old outcomes leave the window: a fresh breaker on B with failures long ago stays closed.
+    for i in range(5):
+        br.failure(B, float(i))
+        br.success(B, float(i))
+    for i in range(6):
+        br.success(B, 100.0 + i)
+    assert br.state(B, 106.0) == CLOSED
+
+
+def test_retry_budget_allows_a_share_of_requests() -> None:
+    budget = RetryBudget(ratio=0.2, reserve=2.0, cap=5.0)
+    assert budget.try_retry() and budget.try_retry()
+    assert not budget.try_retry()  # reserve spent, no traffic yet
+    for _ in range(10):
+        budget.request()  # 10 requests earn 2 retries
+    assert budget.try_retry() and budget.try_retry() and not budget.try_retry()
+    for _ in range(1000):
+        budget.request()
+    assert budget.tokens == 5.0  # capped: a quiet spell does not bank a storm
+    assert budget.denied == 2
