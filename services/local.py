@@ -111,7 +111,9 @@ class Mesh:
         host_memory_limit: str = "",
         python: str = "",
         timeout_s: float = 90.0,
+        extra: tuple[str, ...] = (),
     ) -> Service:
+        """Starts (or restarts, under the same name) a node agent."""
         args = [
             "agent",
             "--node-id",
@@ -130,7 +132,7 @@ class Mesh:
             args += ["--memory-limit", memory_limit]
         if host_memory_limit:
             args += ["--host-memory-limit", host_memory_limit]
-        return self._spawn(name, args, timeout_s=timeout_s, python=python)
+        return self._spawn(name, [*args, *extra], timeout_s=timeout_s, python=python)
 
     def start_router(self, name: str = "router", listen: str = "127.0.0.1:0") -> Service:
         return self._spawn(
@@ -147,6 +149,12 @@ class Mesh:
                 str(self.lease_ttl_s),
             ],
         )
+
+    def send(self, name: str, sig: int) -> None:
+        """Sends ``sig`` (SIGSTOP, SIGCONT, SIGTERM …) without waiting for anything."""
+        s = self.services[name]
+        if s.alive():
+            os.kill(s.proc.pid, sig)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         s = self.services[name]
@@ -173,6 +181,7 @@ class Mesh:
         for s in order:
             if s.alive():
                 s.proc.send_signal(signal.SIGTERM)
+                s.proc.send_signal(signal.SIGCONT)  # a stopped one (a test's SIGSTOP) must see it
         deadline = time.monotonic() + timeout_s
         for s in order:
             try:

@@ -2,8 +2,9 @@
 
 `serve` owns what the router, scheduler and node agent share: signals from the first instant,
 tracing, metrics, the etcd client and its `Session`, the gRPC server (health, reflection,
-interceptors), the ready file launchers wait for, and the stop order — health NOT_SERVING →
-``server.stop(grace)`` (in-flight calls finish) → the component's own stop → the lease is
+interceptors), the ready file launchers wait for, and the stop order — the component drains
+(peers stop sending it work) → health NOT_SERVING → ``server.stop(grace)`` (in-flight calls
+finish within the grace period, then are cancelled) → the component's own stop → the lease is
 revoked (its keys vanish at once, not at TTL) → etcd and tracing closed.
 
 A service is a `Component`: the gRPC services it registers, then ``start(address)`` once the
@@ -57,6 +58,9 @@ class Component:
         """The server is bound at ``address``; start work. Returns extra ready-file fields."""
         raise NotImplementedError
 
+    async def drain(self) -> None:
+        """Shutdown begins: tell peers to send nothing new (calls in flight go on)."""
+
     async def stop(self) -> None:
         """Stop work (the server no longer takes calls; the lease is still held)."""
         raise NotImplementedError
@@ -91,6 +95,9 @@ async def serve(
         await stop.wait()
     finally:
         log.info("%s shutting down", name)
+        if component is not None and server is not None:
+            with contextlib.suppress(Exception):
+                await component.drain()
         if server is not None:
             await server.stop(grace_s=grace_s)
         if component is not None:

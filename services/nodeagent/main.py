@@ -35,6 +35,11 @@ class Agent(Component):
         log.info("node agent %s on %s", self.config.node_id, self.probe.kind)
         return {"node_id": self.config.node_id}
 
+    async def drain(self) -> None:
+        """Every replica DRAINING: routers send no new streams; those running finish within the
+        grace period, and routers move the rest to another replica (failover)."""
+        await self.reconciler.drain_all()
+
     async def stop(self) -> None:
         await self.reconciler.stop()
         self.probe.close()
@@ -47,4 +52,4 @@ async def run(config: AgentConfig) -> None:
     async def make(cluster: Cluster) -> Component:
         return Agent(config, cluster, open_probe(config.device))
 
-    await serve("nodeagent", config.service, make, grace_s=5.0)
+    await serve("nodeagent", config.service, make, grace_s=config.drain_grace_s)

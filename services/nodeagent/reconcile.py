@@ -152,6 +152,14 @@ class Reconciler:
         await self.publisher.publish_node(force=True)
         return self.publisher.node_status()
 
+    async def drain_all(self) -> None:
+        """The agent is shutting down: the node and every READY replica DRAINING, published."""
+        self.publisher.draining = True
+        for r in list(self.replicas.values()):
+            if r.ready:
+                await self.publisher.set_state(r, S.REPLICA_STATE_DRAINING)
+        await self.publisher.publish_node(force=True)
+
     async def load(self, spec: cluster_pb2.ModelSpec) -> Replica:
         """Operator's LoadModel: load now, pinned until UnloadModel."""
         r = self.replicas.get(spec.name)
