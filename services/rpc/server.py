@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from meshserve.rpc.decode import DecodeGuard
 from meshserve.telemetry.server_interceptor import server_interceptors
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -60,7 +61,9 @@ async def start_server(
     ``register`` adds servicers or generic handlers; ``services`` are their full names, used for
     health and reflection.
     """
-    server = grpc.aio.server(interceptors=server_interceptors(), options=SERVER_OPTIONS)
+    # The decode guard is innermost: the tracing interceptor records what it answers.
+    interceptors = [*server_interceptors(), DecodeGuard()]
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer()
