@@ -137,6 +137,33 @@ async def test_streams_through_the_router_equal_to_the_agent(vmesh: Mesh) -> Non
     assert "sleep mode" in r.tier_note
 
 
+async def test_resumed_stream_continues_the_greedy_output_exactly(vmesh: Mesh) -> None:
+    """What a router sends after a failover: the tokens and text the client has; vLLM streams
+    exactly the rest of the uninterrupted greedy output, usage counting the whole generation."""
+    agent = vmesh.services[AGENT].address
+    whole = await generate(agent, _request(40))
+    assert len(whole.token_ids) == 40
+    # The client's copy after k tokens: the ids and the text streamed with them.
+    for k in (1, 17):
+        got = inference_pb2.GenerateRequest()
+        got.CopyFrom(_request(40))
+        streamed, text = [], ""
+        async with grpc.aio.insecure_channel(agent) as ch:
+            call = inference_pb2_grpc.InferenceStub(ch).Generate(_request(40), timeout=30)
+            async for msg in call:
+                streamed += msg.token_ids
+                text += msg.text
+                if len(streamed) >= k:
+                    call.cancel()
+                    break
+        got.continuation.token_ids[:] = streamed
+        got.continuation.text = text
+        rest = await generate(agent, got)
+        assert streamed + rest.token_ids == whole.token_ids, f"resumed after {len(streamed)}"
+        assert text + rest.text == whole.text
+        assert rest.final is not None and rest.final.usage.output_tokens == 40
+
+
 async def test_chat_messages_and_stop_strings(vmesh: Mesh) -> None:
     router = vmesh.services["router"].address
     chat = inference_pb2.GenerateRequest(

@@ -60,12 +60,48 @@ def not_serving(name: str, tier: int) -> ServiceError:
     )
 
 
-def held_back(tok: Any, token_ids: Sequence[int], delivered: str) -> str:
-    """Text of resumed ``token_ids`` that the client has not received: their decoding beyond the
-    ``delivered`` text (what the old replica held back: the start of a possible stop string).
-    Engines that detokenize only new tokens send it first. An incomplete UTF-8 character at the
-    end is left to the next token; a decoding that does not extend ``delivered`` yields ""."""
-    if not token_ids:
-        return ""
-    full = tok.decode(list(token_ids), skip_special_tokens=True).rstrip("\ufffd")
-    return full[len(delivered) :] if full.startswith(delivered) else ""
+def stop_cut(text: str, emitted: int, stops: Sequence[str]) -> int | None:
+    """Where ``text`` ends at the first stop string that is not entirely within the first
+    ``emitted`` characters already sent (None: no stop string yet)."""
+    if not stops:
+        return None
+    start = max(0, emitted - max(len(s) for s in stops))
+    cuts = [i for i in (text.find(x, start) for x in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+def visible_end(text: str, emitted: int, stops: Sequence[str], finished: bool) -> int:
+    """How much of ``text`` may be sent now: all of it once finished; else it holds back an
+    incomplete UTF-8 character, and what could be the start of a stop string."""
+    if finished:
+        return len(text)
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        return emitted
+    longest = max((len(s) for s in stops), default=0)
+    if longest:
+        return max(emitted, len(text) - (longest - 1))
+    return len(text)
+
+
+class ResumedText:
+    """Text for a resumed stream whose engine detokenizes only new tokens from an unknown offset
+    (vLLM with token-id prompts): the whole generation decoded here, deltas past what the client
+    has, with the same hold-back and stop rules as an uninterrupted stream."""
+
+    def __init__(self, tok: Any, done: Sequence[int], delivered: str, stops: Sequence[str]) -> None:
+        self.tok = tok
+        self.ids = list(done)
+        self.emitted = delivered
+        self.stops = tuple(stops)
+
+    def add(self, token_ids: Sequence[int], finished: bool) -> str:
+        """The delta for ``token_ids`` just generated (``finished``: the last of the stream)."""
+        self.ids += token_ids
+        text: str = self.tok.decode(self.ids, skip_special_tokens=True)
+        cut = stop_cut(text, len(self.emitted), self.stops)
+        if cut is not None:
+            text, finished = text[:cut], True
+        end = visible_end(text, len(self.emitted), self.stops, finished)
+        delta = text[len(self.emitted) : end]
+        self.emitted += delta
+        return delta

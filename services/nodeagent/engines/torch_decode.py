@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, Resume
+from meshserve.nodeagent.engines.prompts import stop_cut, visible_end
 from meshserve.v1 import inference_pb2
 from meshserve.validation import GenerationParams
 
@@ -40,7 +41,6 @@ class Stream:
         self.cache: Any = None  # transformers Cache after the first step
         self.cancelled = False  # set by the asyncio side; read by the worker
         self.done = False
-        self.max_stop = max((len(s) for s in params.stop), default=0)
 
     def post(self, item: Chunk | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -73,21 +73,14 @@ def next_chunk(s: Stream, token: int, text: str, eos: bool, max_len: int) -> Chu
     finish = 0
     if eos and not p.ignore_eos:
         finish = STOP
-    if p.stop:
-        start = max(0, len(s.emitted) - s.max_stop)
-        cuts = [i for i in (text.find(x, start) for x in p.stop) if i >= 0]
-        if cuts:
-            text, finish = text[: min(cuts)], STOP
+    cut = stop_cut(text, len(s.emitted), p.stop)
+    if cut is not None:
+        text, finish = text[:cut], STOP
     if not finish and (
         len(s.generated) >= p.max_tokens or len(s.input_ids) + len(s.generated) >= max_len
     ):
         finish = LENGTH
-    end = len(text)
-    if not finish:
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            end = len(s.emitted)
-        elif s.max_stop:  # hold back what could be the start of a stop string
-            end = max(len(s.emitted), len(text) - (s.max_stop - 1))
+    end = visible_end(text, len(s.emitted), p.stop, bool(finish))
     delta = text[len(s.emitted) : end]
     s.emitted += delta
     return Chunk(delta, (token,), finish, len(s.input_ids), len(s.generated))

@@ -36,7 +36,7 @@ from typing import Any
 
 import grpc
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
-from meshserve.nodeagent.engines.prompts import held_back, not_serving, prompt_ids
+from meshserve.nodeagent.engines.prompts import ResumedText, not_serving, prompt_ids
 from meshserve.nodeagent.engines.vllm_plan import GIB, VllmPlan, plan_engine
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
@@ -245,15 +245,16 @@ class VllmEngine:
         ids = await prompt_ids(self._tok, prompt, messages, params.max_tokens, self._max_len)
         request_id = uuid.uuid4().hex
         done = list(resume.token_ids)
-        # Resumed: the delivered tokens extend the prompt, and count against max_tokens. Text the
-        # old replica held back (a possible stop string, half a UTF-8 character) is sent first.
+        # Resumed: the delivered tokens extend the prompt, and count against max_tokens.
         rest = replace(params, max_tokens=params.max_tokens - len(done))
         stream = self._llm.generate(
             {"prompt_token_ids": ids + done}, sampling_params(rest), request_id
         )
         self._in_flight += 1
         produced = len(done)
-        held = held_back(self._tok, done, resume.text)
+        # vLLM detokenizes a token-id prompt's continuation from an offset of its own: a resumed
+        # stream's text is decoded here so it joins the client's copy exactly.
+        resumed = ResumedText(self._tok, done, resume.text, params.stop) if done else None
         try:
             async for out in stream:
                 c = out.outputs[0]
@@ -269,7 +270,7 @@ class VllmEngine:
                             retry_after_s=0.5,
                         )
                 if c.text or c.token_ids or finish:
-                    text, held = held + c.text, ""
+                    text = resumed.add(c.token_ids, bool(finish)) if resumed else c.text
                     yield Chunk(text, tuple(c.token_ids), finish, len(ids), produced)
                 if finish:
                     return
