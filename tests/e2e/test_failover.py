@@ -19,7 +19,7 @@ import pytest
 from meshserve.local import Mesh
 from meshserve.v1 import inference_pb2
 
-from tests.e2e.conftest import apply, generate, model_spec, ready_replicas
+from tests.e2e.conftest import apply, generate, model_spec, read_spans, ready_replicas
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -177,3 +177,36 @@ async def test_saturation_queues_instead_of_failing(mesh: Mesh, demo_model: Path
         int(r.headers["meshserve-queued-ms"]) for r in done if "meshserve-queued-ms" in r.headers
     ]
     assert len(queued) >= 200 - 64, "the ones past the replica's 64 slots waited in the queue"
+
+
+async def test_burst_on_a_scaled_to_zero_model_loads_it_once(mesh: Mesh, demo_model: Path) -> None:
+    """100 concurrent requests for a cold model: one EnsureModel flight, one load, none lost;
+    each says how long it waited."""
+    router = mesh.services["router"].address
+    await apply(mesh, model_spec("cold", demo_model, min_replicas=0, max_replicas=1))
+    request = greedy(max_tokens=4, prompt="Hello")
+    request.model = "cold"
+    await eventually(lambda: _known(router, "cold"), 10, "the router to see 'cold'")
+    results = await asyncio.gather(
+        *(generate(router, request, timeout=120) for _ in range(100)), return_exceptions=True
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+    done = [r for r in results if not isinstance(r, BaseException)]
+    assert all(
+        "meshserve-queued-ms" in r.headers for r in done
+    )  # every one of them waited for the load
+    trace_dir = mesh.data_dir / "traces"
+    loads = [
+        s for s in read_spans(trace_dir)
+        if s["name"] == "model.load" and s["attributes"].get("gen_ai.request.model") == "cold"
+    ]  # fmt: skip
+    assert len(loads) == 1, [s["attributes"].get("meshserve.node") for s in loads]
+
+
+async def _known(router: str, model: str) -> bool:
+    async with grpc.aio.insecure_channel(router) as ch:
+        listing = await inference_pb2_grpc.InferenceStub(ch).ListModels(
+            inference_pb2.ListModelsRequest(), timeout=5
+        )
+    return any(m.name == model for m in listing.models)
