@@ -131,6 +131,7 @@ async def _status(etcd: str, prefix: str) -> None:
         replicas, _ = await store.list(keys.replicas(), cluster_pb2.ReplicaStatus)
         placements, _ = await store.list(keys.placements(), cluster_pb2.Placement)
         models, _ = await store.list(keys.models(), cluster_pb2.ModelSpec)
+        demands, _ = await store.list(keys.demands(), cluster_pb2.RouterDemand)
     except Exception as e:
         raise fail(f"cannot read etcd at {etcd}: {type(e).__name__}: {e}") from None
     finally:
@@ -203,6 +204,22 @@ async def _status(etcd: str, prefix: str) -> None:
             p.reason,
         )
     console.print(t)
+    breakers = [(d.value.router_id, b) for d in demands for b in d.value.breakers]
+    if breakers:
+        t = Table(title="circuit breakers (per router, replica and model)")
+        for c in ("router", "replica", "model", "state", "failures in a row", "opened", "probe in"):
+            t.add_column(c)
+        for router_id, b in breakers:
+            t.add_row(
+                router_id,
+                b.address,
+                b.model,
+                b.state.upper(),
+                str(b.consecutive_failures),
+                str(b.opened),
+                f"{b.retry_in_s:.0f} s" if b.state == "open" else "",
+            )
+        console.print(t)
 
 
 @app.command()

@@ -30,7 +30,7 @@ import grpc
 from meshserve.router.breakers import Breakers
 from meshserve.router.demand import DemandTracker
 from meshserve.router.picker import rank
-from meshserve.router.table import Endpoint, EndpointTable, Route
+from meshserve.router.table import Endpoint, EndpointTable, Route, RouteTable
 from meshserve.rpc.errors import ServiceError
 from meshserve.telemetry import metrics
 
@@ -85,7 +85,7 @@ class Admission:
         self.unplaceable: dict[str, str] = {}  # model → the scheduler's last reason
         self._ensuring: dict[str, asyncio.Task[None]] = {}
         self._tiebreak = itertools.count()
-        table.subscribe(lambda _t: self._dispatch_all())
+        table.subscribe(self._on_table)
 
     # --- taking and giving back slots --------------------------------------------------------
 
@@ -205,6 +205,11 @@ class Admission:
             waiter.future.set_result(
                 self._take(Slot(slot.route, slot.endpoint, time.monotonic() - waiter.since))
             )
+
+    def _on_table(self, table: RouteTable) -> None:
+        alive = {(address, m) for m, r in table.routes.items() for address, _inc in r.alive}
+        self.breakers.prune(alive, time.monotonic())
+        self._dispatch_all()
 
     def _dispatch_all(self) -> None:
         for model, queue in self.queues.items():

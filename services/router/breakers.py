@@ -121,6 +121,12 @@ class Breakers:
                 key, state, b.consecutive, b.opened, max(0.0, b.open_until - now) * (state == OPEN)
             )
 
-    def forget(self, key: Key) -> None:
-        """The replica is gone for good (a new incarnation starts with a closed breaker)."""
-        self._b.pop(key, None)
+    def prune(self, alive: set[Key], now: float) -> None:
+        """Drops breakers of replicas no longer in the table once they have nothing left to say
+        (closed, or open long past their cool-down): agents come and go, breakers must not pile
+        up."""
+        for key, b in list(self._b.items()):
+            if key in alive:
+                continue
+            if b.state == CLOSED or now > b.open_until + self.max_cooldown_s:
+                del self._b[key]

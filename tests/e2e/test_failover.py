@@ -8,7 +8,10 @@ uninterrupted stream equal, token for token, to an uninterrupted greedy run.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +213,41 @@ async def _known(router: str, model: str) -> bool:
             inference_pb2.ListModelsRequest(), timeout=5
         )
     return any(m.name == model for m in listing.models)
+
+
+def status_text(mesh: Mesh) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshserve", "status", "--etcd", mesh.etcd.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def breaker_row(text: str, address: str) -> str:
+    return next((line for line in text.splitlines() if address in line and "demo" in line), "")
+
+
+async def test_breaker_opens_for_a_dead_replica_then_half_opens(mesh: Mesh) -> None:
+    """Requests that meet a kill -9'd agent before its lease ends open its breaker (each still
+    succeeds elsewhere); `meshserve status` shows it open, then half-open after the cool-down."""
+    router = mesh.services["router"].address
+    victim = "agent-0"
+    address = mesh.services[victim].address
+    mesh.kill(victim)
+    request = greedy(max_tokens=4, prompt="Hello")
+    results = await asyncio.gather(*(generate(router, request, timeout=30) for _ in range(12)))
+    assert all(len(r.token_ids) == 4 for r in results)  # none lost
+    assert any(int(r.headers["meshserve-attempts"]) > 1 for r in results)
+    await eventually(
+        lambda: "OPEN" in breaker_row(status_text(mesh), address), 15, "the breaker to show open"
+    )
+    await eventually(
+        lambda: "HALF_OPEN" in breaker_row(status_text(mesh), address),
+        20,
+        "the breaker to half-open after its cool-down",
+    )
+    await restore(mesh, victim)

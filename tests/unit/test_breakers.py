@@ -64,3 +64,16 @@ def test_retry_budget_allows_a_share_of_requests() -> None:
         budget.request()
     assert budget.tokens == 5.0  # capped: a quiet spell does not bank a storm
     assert budget.denied == 2
+
+
+def test_breakers_of_departed_replicas_are_pruned_once_quiet() -> None:
+    br = Breakers(consecutive=1, cooldown_s=1.0, max_cooldown_s=2.0)
+    br.failure(A, 0.0)  # open until 1.0
+    br.success(B, 0.0)
+    br.prune(alive=set(), now=0.5)
+    assert [v.key for v in br.views(0.5)] == [A]  # still open: kept for status
+    br.prune(alive=set(), now=3.5)  # cool-down long over, replica gone
+    assert list(br.views(3.5)) == []
+    br.failure(A, 4.0)
+    br.prune(alive={A}, now=100.0)  # in the table: kept whatever its state
+    assert [v.key for v in br.views(100.0)] == [A]
