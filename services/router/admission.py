@@ -40,6 +40,14 @@ Identity = tuple[str, int]
 
 
 @dataclass(frozen=True)
+class Ensured:
+    """The scheduler's answer to EnsureModel."""
+
+    unplaceable: str = ""  # why it cannot place the model; "" when it is (being) placed
+    ready_in_s: float = 0.0  # its estimate of when a replica can serve (0: unknown or now)
+
+
+@dataclass(frozen=True)
 class Slot:
     route: Route  # what serves the request: the model's route, or a READY fallback's
     endpoint: Endpoint
@@ -59,13 +67,14 @@ class _Waiter:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     since: float = field(default_factory=time.monotonic)
+    deadline_end: float | None = None  # when the caller's deadline ends (monotonic, margin off)
 
 
 class Admission:
     def __init__(
         self,
         table: EndpointTable,
-        ensure: Callable[[str], Coroutine[Any, Any, str]],
+        ensure: Callable[[str], Coroutine[Any, Any, Ensured]],
         breakers: Breakers,
         demand: DemandTracker,
         per_model: int,
@@ -73,7 +82,7 @@ class Admission:
         ensure_interval_s: float,
     ) -> None:
         self.table = table
-        self.ensure = ensure  # asks the scheduler to place a model; returns why it cannot, or ""
+        self.ensure = ensure  # asks the scheduler to place a model
         self.breakers = breakers
         self.demand = demand
         self.per_model = per_model
@@ -83,6 +92,7 @@ class Admission:
         self.streams: dict[tuple[str, str], int] = {}  # (address, model) → streams (capacity)
         self.queues: dict[str, deque[_Waiter]] = {}
         self.unplaceable: dict[str, str] = {}  # model → the scheduler's last reason
+        self.ready_at: dict[str, float] = {}  # model → when the scheduler expects it (monotonic)
         self._ensuring: dict[str, asyncio.Task[None]] = {}
         self._tiebreak = itertools.count()
         table.subscribe(self._on_table)
@@ -118,7 +128,8 @@ class Admission:
         metrics.QUEUED.labels(model).inc()
         end = waiter.since + self.timeout_s
         if deadline_s is not None:
-            end = min(end, waiter.since + deadline_s - DEADLINE_MARGIN_S)
+            waiter.deadline_end = waiter.since + deadline_s - DEADLINE_MARGIN_S
+            end = min(end, waiter.deadline_end)
         try:
             while True:
                 self._dispatch(model)
@@ -134,8 +145,9 @@ class Admission:
                         asyncio.shield(waiter.future), min(left, RECHECK_S)
                     )
         except BaseException:
-            if waiter.future.done() and not waiter.future.cancelled():
-                self.release(waiter.future.result())  # handed a slot as we gave up
+            f = waiter.future
+            if f.done() and not f.cancelled() and f.exception() is None:
+                self.release(f.result())  # handed a slot as we gave up
             waiter.future.cancel()
             raise
         finally:
@@ -230,10 +242,32 @@ class Admission:
             if route is not None and route.ready:
                 return
             try:
-                self.unplaceable[model] = await self.ensure(model)
+                answer = await self.ensure(model)
+                self.unplaceable[model] = answer.unplaceable
+                if answer.ready_in_s > 0:
+                    self.ready_at[model] = time.monotonic() + answer.ready_in_s
+                    self._fail_too_slow(model)
             except Exception as e:  # the scheduler unreachable: the wait goes on
                 self.unplaceable[model] = f"scheduler unreachable ({type(e).__name__})"
             await asyncio.sleep(self.ensure_interval_s)
+
+    def _fail_too_slow(self, model: str) -> None:
+        """Waiters whose deadline ends before the scheduler expects the model: fail now, with
+        what they would otherwise learn only at their deadline."""
+        ready_at = self.ready_at[model]
+        for w in self.queues.get(model, ()):
+            if w.deadline_end is not None and w.deadline_end < ready_at and not w.future.done():
+                w.future.set_exception(self._too_slow(model, w.deadline_end))
+
+    def _too_slow(self, model: str, end: float) -> ServiceError:
+        now = time.monotonic()
+        return ServiceError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"model {model!r} is loading and needs about {self.ready_at[model] - now:.1f} s more "
+            f"(the scheduler's estimate); the request's deadline leaves {end - now:.1f} s: retry "
+            "with a longer deadline, or once it is READY (the load goes on)",
+            "LOAD_EXCEEDS_DEADLINE",
+        )
 
     def _gave_up(self, waiter: _Waiter, deadline_s: float | None) -> ServiceError:
         route = self._current(waiter.route)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import grpc
 from meshserve.cluster.mirror import Mirror
 from meshserve.process import Cluster, Component, serve
-from meshserve.router.admission import Admission
+from meshserve.router.admission import Admission, Ensured
 from meshserve.router.breakers import Breakers
 from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
@@ -37,8 +37,9 @@ class SchedulerClient:
         self.router_id = router_id
         self.upstreams = upstreams
 
-    async def ensure(self, model: str) -> str:
-        """Returns "" when the model is (being) placed, else the scheduler's reason."""
+    async def ensure(self, model: str) -> Ensured:
+        """What the scheduler says of placing ``model``: why it cannot ("" when it is (being)
+        placed), and its estimate of when a replica can serve."""
         candidates = sorted(self.mirror.snapshot.values(), key=lambda c: c.address)
         for c in candidates:
             stub = scheduler_pb2_grpc.SchedulerStub(self.upstreams.channel(c.address))
@@ -52,9 +53,9 @@ class SchedulerClient:
                 log.info("EnsureModel(%s) at %s failed: %s", model, c.address, e.code().name)
                 continue
             if reply.outcome == scheduler_pb2.ENSURE_OUTCOME_UNSCHEDULABLE:
-                return str(reply.message)
-            return ""
-        return "no scheduler reachable" if not candidates else "every scheduler failed"
+                return Ensured(str(reply.message))
+            return Ensured("", float(reply.ready_in_s))
+        return Ensured("no scheduler reachable" if not candidates else "every scheduler failed")
 
 
 class Router(Component):

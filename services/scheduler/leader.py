@@ -19,6 +19,7 @@ from meshserve.cluster.store import Store
 from meshserve.modelspec import find_model
 from meshserve.scheduler.autoscale import ScaleState
 from meshserve.scheduler.config import SchedulerConfig
+from meshserve.scheduler.eta import ready_in_s
 from meshserve.scheduler.placement import place
 from meshserve.scheduler.profile import Profile
 from meshserve.scheduler.record import RoundOutcome, record_round
@@ -62,6 +63,7 @@ class SchedulerLoop:
         )
         self.election = Election(c, session, self.keys.election())
         self.ensured: dict[str, float] = {}
+        self.measured_load_s: dict[str, float] = {}  # model → its last load + warm-up, s
         self.scale: dict[str, ScaleState] = {}  # the autoscaler's memory between rounds
         self.profile: Profile = config.profile
         self.leadership: Leadership | None = None
@@ -91,6 +93,12 @@ class SchedulerLoop:
 
     def spec(self, name: str) -> cluster_pb2.ModelSpec | None:
         return find_model(self.models.snapshot.values(), name)
+
+    def ready_in_s(self, spec: cluster_pb2.ModelSpec) -> float:
+        """Seconds until ``spec`` can serve, as far as this scheduler knows (eta.py)."""
+        return ready_in_s(
+            spec, self.replicas.snapshot.values(), self.measured_load_s, self.profile.reload
+        )
 
     async def ensure(self, model: str) -> None:
         """Marks ``model`` as demanded now and waits (up to 2 s) for the round that places it."""
@@ -178,6 +186,9 @@ class SchedulerLoop:
         """The cluster as etcd says it is, with the autoscaler's wanted replicas (advances
         the autoscaler's state)."""
         specs = list(self.models.snapshot.values())
+        for r in self.replicas.snapshot.values():
+            if r.load_seconds > 0:
+                self.measured_load_s[r.model] = r.load_seconds
         nodes = list(self.nodes.snapshot.values())
         placements = list(self.placements.snapshot.values())
         busy = gpu_busy(nodes, placements)

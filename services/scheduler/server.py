@@ -57,6 +57,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             outcome=scheduler_pb2.ENSURE_OUTCOME_PLACED,
             nodes=decision.placed_on if decision else (),
             message="placed" if decision and decision.placed_on else "placement pending",
+            ready_in_s=self.loop.ready_in_s(spec),
         )
 
     @handlers.unary

@@ -72,8 +72,13 @@ class EnsureModelResponse(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    READY_IN_S_FIELD_NUMBER: _builtins.int
     outcome: Global___EnsureOutcome.ValueType
     message: _builtins.str
+    ready_in_s: _builtins.float
+    """Estimated seconds until a replica can serve: 0 when one is READY; otherwise the model's
+    last measured load (+ warm-up), or its size over the bandwidth of the tier it loads from.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -82,10 +87,11 @@ class EnsureModelResponse(_message.Message):
         outcome: Global___EnsureOutcome.ValueType = ...,
         nodes: _abc.Iterable[_builtins.str] | None = ...,
         message: _builtins.str = ...,
+        ready_in_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "nodes", b"nodes", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "nodes", b"nodes", "outcome", b"outcome", "ready_in_s", b"ready_in_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -251,3 +251,21 @@ async def test_breaker_opens_for_a_dead_replica_then_half_opens(mesh: Mesh) -> N
         "the breaker to half-open after its cool-down",
     )
     await restore(mesh, victim)
+
+
+async def test_a_load_longer_than_the_deadline_fails_fast(mesh: Mesh, demo_model: Path) -> None:
+    """The scheduler estimates the load (never loaded: its declared 3 GiB over the source's
+    bandwidth, ≈ 18 s); a request with 6 s left fails at once, and the load goes on."""
+    router = mesh.services["router"].address
+    await apply(mesh, model_spec("heavy", demo_model, min_replicas=0, memory="3GiB"))
+    await eventually(lambda: _known(router, "heavy"), 10, "the router to see 'heavy'")
+    request = greedy(max_tokens=4, prompt="Hello")
+    request.model = "heavy"
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await generate(router, request, timeout=6)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "needs about" in (e.value.details() or ""), e.value.details()
+    assert time.monotonic() - started < 3.0
+    out = await generate(router, request, timeout=60)  # the load went on
+    assert len(out.token_ids) == 4
