@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aetcd
 import grpc
@@ -32,6 +34,7 @@ from meshserve.telemetry.metrics import serve_metrics
 from meshserve.telemetry.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
+STOP_BUDGET_S = 5.0  # what shutdown may take beyond the server's grace period
 
 
 @dataclass(frozen=True)
@@ -95,14 +98,47 @@ async def serve(
         await stop.wait()
     finally:
         log.info("%s shutting down", name)
+        steps = _Shutdown(name)
+        try:
+            await asyncio.wait_for(
+                steps.run(component, server, session, client, grace_s), grace_s + STOP_BUDGET_S
+            )
+        except TimeoutError:
+            # Whatever hangs must not keep the process (and its port) alive: our keys go with
+            # the lease's TTL instead of at once.
+            log.error("%s: shutdown stuck in %s; exiting now", name, steps.step)
+            shutdown_tracing()
+            os._exit(1)
+        shutdown_tracing()
+
+
+class _Shutdown:
+    """The stop order, step by step, so a step that hangs can be named."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.step = ""
+
+    async def run(
+        self,
+        component: Component | None,
+        server: Any,
+        session: Session,
+        client: aetcd.Client,
+        grace_s: float,
+    ) -> None:
         if component is not None and server is not None:
+            self.step = "drain"
             with contextlib.suppress(Exception):
                 await component.drain()
         if server is not None:
+            self.step = "server.stop"
             await server.stop(grace_s=grace_s)
         if component is not None:
+            self.step = "component.stop"
             await component.stop()
+        self.step = "session.close"
         await session.close()
+        self.step = "client.close"
         with contextlib.suppress(Exception):
             await client.close()
-        shutdown_tracing()

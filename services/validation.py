@@ -13,6 +13,7 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
 MAX_EMBED_INPUTS = 256
 DEFAULT_MAX_TOKENS = 64
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM does): logits / 1e-38 overflow
 ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -95,7 +96,9 @@ def resolve_params(
         max_tokens=s.max_tokens
         if s.HasField("max_tokens")
         else spec.default_max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        temperature=(s.temperature if s.temperature >= GREEDY_BELOW else 0.0)
+        if s.HasField("temperature")
+        else 1.0,
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None,

@@ -71,3 +71,11 @@ def test_retry_info_on_unavailable() -> None:
     info = error_details_pb2.RetryInfo()
     assert any(d.Unpack(info) for d in e.status().details)
     assert info.retry_delay.ToNanoseconds() == 1_500_000_000
+
+
+def test_tiny_temperatures_are_greedy() -> None:
+    """A denormal temperature would overflow logits / temperature into NaN probabilities."""
+    tiny = inference_pb2.SamplingParams(temperature=2.3e-38)
+    assert resolve_params(tiny, spec("m")).temperature == 0.0
+    low = inference_pb2.SamplingParams(temperature=0.01)
+    assert resolve_params(low, spec("m")).temperature == pytest.approx(0.01)

@@ -93,6 +93,7 @@ class ResumedText:
         self.ids = list(done)
         self.emitted = delivered
         self.stops = tuple(stops)
+        self.stopped = False  # a stop string ended the text (one the engine may not have seen)
 
     def add(self, token_ids: Sequence[int], finished: bool) -> str:
         """The delta for ``token_ids`` just generated (``finished``: the last of the stream)."""
@@ -100,7 +101,7 @@ class ResumedText:
         text: str = self.tok.decode(self.ids, skip_special_tokens=True)
         cut = stop_cut(text, len(self.emitted), self.stops)
         if cut is not None:
-            text, finished = text[:cut], True
+            text, finished, self.stopped = text[:cut], True, True
         end = visible_end(text, len(self.emitted), self.stops, finished)
         delta = text[len(self.emitted) : end]
         self.emitted += delta

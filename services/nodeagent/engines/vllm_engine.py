@@ -271,6 +271,8 @@ class VllmEngine:
                         )
                 if c.text or c.token_ids or finish:
                     text = resumed.add(c.token_ids, bool(finish)) if resumed else c.text
+                    if resumed is not None and resumed.stopped:  # straddled the failover point
+                        finish = inference_pb2.FINISH_REASON_STOP
                     yield Chunk(text, tuple(c.token_ids), finish, len(ids), produced)
                 if finish:
                     return
