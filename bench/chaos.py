@@ -249,7 +249,7 @@ def main() -> None:
             str(r["failovers"]), str(r["recover_p50_ms"] or "-"), str(r["recover_p99_ms"] or "-"),
             ", ".join(map(str, r["tokens_after_cancel"])) or "-",  # type: ignore[call-overload]
         )  # fmt: skip
-    Console().print(t)
+    Console(width=max(120, Console().width)).print(t)
     if args.json:
         meta = vars(args) | {"json": str(args.json)}
         args.json.write_text(json.dumps({"faults": rows, "args": meta}, indent=2))
