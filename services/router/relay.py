@@ -120,6 +120,7 @@ class Relay:
         strikes: dict[Identity, int] = {}
         attempts: list[str] = []
         retries = failovers = saturated = 0
+        full_since = 0.0  # when agents started answering RESOURCE_EXHAUSTED
         state = _Headers()
         self.budget.request()
         try:
@@ -146,6 +147,15 @@ class Relay:
                     now = time.monotonic()
                     if b.saturated:
                         saturated += 1
+                        full_since = full_since or now
+                        if now - full_since > self.config.queue_timeout_s:
+                            raise ServiceError(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"model {model!r}: replicas stayed full (other routers' streams) "
+                                f"for {now - full_since:.0f} s: " + "; ".join(attempts[-3:]),
+                                "REPLICAS_FULL",
+                                retry_after_s=1.0,
+                            ) from None
                         await self._pause(backoff_s(min(saturated, 5), self.rng), context)
                         continue  # full: queue again, not a failure
                     if b.unhealthy:

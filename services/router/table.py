@@ -122,7 +122,11 @@ class EndpointTable:
         self._listeners.append(listener)
 
     def _rebuild(self) -> None:
-        self.current = build_table(self.models.snapshot.values(), self.replicas.snapshot.values())
+        self.publish(build_table(self.models.snapshot.values(), self.replicas.snapshot.values()))
+
+    def publish(self, table: RouteTable) -> None:
+        """Swaps in ``table`` and tells everyone who waits on a change or a departure."""
+        self.current = table
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         for (model, identity), (event, _n) in self._departures.items():

@@ -1,0 +1,97 @@
+"""The router's admission queue: replica capacity, FIFO hand-over, exclusions, bounds and honest
+errors. A real EndpointTable whose routes are published by hand (no etcd needed to decide)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.store import EtcdConfig, connect
+from meshserve.router.admission import Admission, Ensured
+from meshserve.router.breakers import Breakers
+from meshserve.router.demand import DemandTracker
+from meshserve.router.table import EndpointTable, Route, build_table
+from meshserve.rpc.errors import ServiceError
+from meshserve.v1 import cluster_pb2 as S
+
+from tests.factories import spec
+
+
+def replica(node: str, incarnation: int = 1, max_streams: int = 2) -> S.ReplicaStatus:
+    return S.ReplicaStatus(
+        model="m",
+        node_id=node,
+        address=f"{node}:1",
+        state=S.REPLICA_STATE_READY,
+        max_streams=max_streams,
+        incarnation=incarnation,
+    )
+
+
+def admission(*replicas: S.ReplicaStatus, per_model: int = 8, ready_in_s: float = 0.0) -> Admission:
+    table = EndpointTable(connect(EtcdConfig("127.0.0.1:1")), Keyspace())  # never started
+    table.publish(build_table([spec("m")], replicas))
+
+    async def ensure(_model: str) -> Ensured:
+        return Ensured("", ready_in_s)
+
+    return Admission(table, ensure, Breakers(), DemandTracker("r"), per_model, 30.0, 0.05)
+
+
+def route(a: Admission) -> Route:
+    r = a.table.current.resolve("m")
+    assert r is not None
+    return r
+
+
+async def test_capacity_then_oldest_waiter_first() -> None:
+    a = admission(replica("n1"))
+    s1, s2 = await a.acquire(route(a)), await a.acquire(route(a))
+    third = asyncio.create_task(a.acquire(route(a), deadline_s=5))
+    fourth = asyncio.create_task(a.acquire(route(a), deadline_s=5))
+    await asyncio.sleep(0.01)
+    assert not third.done() and not fourth.done()  # both slots taken: they queue
+    a.release(s1)
+    got = await asyncio.wait_for(third, 1)
+    assert got.waited_s > 0 and not fourth.done()  # the oldest got the slot
+    a.release(s2)
+    await asyncio.wait_for(fourth, 1)
+
+
+async def test_excluded_replica_waits_for_a_new_incarnation() -> None:
+    a = admission(replica("n1", incarnation=1))
+    first = await a.acquire(route(a))
+    a.release(first)
+    waiting = asyncio.create_task(a.acquire(route(a), deadline_s=5, exclude={("n1:1", 1)}))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the only replica failed this request: not again
+    a.table.publish(build_table([spec("m")], [replica("n1", incarnation=2)]))  # restarted
+    slot = await asyncio.wait_for(waiting, 1)
+    assert slot.endpoint.incarnation == 2
+
+
+async def test_full_queue_and_deadline_say_why() -> None:
+    a = admission(replica("n1", max_streams=1), per_model=1)
+    await a.acquire(route(a))
+    queued = asyncio.create_task(a.acquire(route(a), deadline_s=0.4))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ServiceError) as full:
+        await a.acquire(route(a), deadline_s=1)
+    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(ServiceError) as late:
+        await queued
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "busy" in str(late.value)
+
+
+async def test_a_load_past_the_deadline_fails_at_once() -> None:
+    a = admission(ready_in_s=30.0)  # no replica; the scheduler expects one in 30 s
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ServiceError) as e:
+        await a.acquire(route(a), deadline_s=10)
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "needs about" in str(e.value)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    await a.close()
