@@ -41,6 +41,7 @@ async def test_request_waits_out_the_only_agents_restart(mesh: Mesh) -> None:
     router = mesh.services["router"].address
     request = inference_pb2.GenerateRequest(model="demo", prompt="Hello")
     request.sampling.max_tokens = 8
+    request.sampling.ignore_eos = True  # exactly 8 tokens, whatever the random weights say
     mesh.kill("agent-0")  # its replica stays in the table until the lease expires
     waiting = asyncio.create_task(generate(router, request, timeout=90))
     # The request failed on the dead agent and now waits in the router's queue (the router
