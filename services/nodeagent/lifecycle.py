@@ -90,6 +90,26 @@ class Lifecycle:
         r.unloading = True
         r.busy = asyncio.create_task(self._unload(r), name=f"unload {r.spec.name}")
 
+    def start_failure(self, r: Replica, why: str) -> None:
+        """Gives the replica up here (FAILED, engine unloaded): the scheduler places the model
+        elsewhere (its `failed_here` filter)."""
+        r.busy = asyncio.create_task(self._fail(r, why), name=f"fail {r.spec.name}")
+
+    async def _fail(self, r: Replica, why: str) -> None:
+        try:
+            log.warning("%s: %s; giving the replica up here", r.spec.name, why)
+            await self._drain(r)
+            if r.engine is not None:
+                with contextlib.suppress(Exception):
+                    await r.engine.unload()
+                r.engine = None
+            r.failed_at = time.monotonic()
+            r.status.error = why
+            await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
+        finally:
+            r.busy = None
+            self.on_settled()
+
     async def stop(self) -> None:
         """Cancels steps under way and unloads every engine (the agent is shutting down)."""
         for r in list(self.replicas.values()):

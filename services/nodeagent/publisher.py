@@ -178,9 +178,13 @@ class StatusPublisher:
             st = r.engine.stats()
             s = r.status
             moved = (st.running, st.waiting) != (s.running, s.waiting)
-            if moved or abs(st.kv_cache_usage - s.kv_cache_usage) > 0.1:
+            grew = r.engine.memory_bytes() > s.memory_bytes  # e.g. after a device OOM
+            if moved or grew or abs(st.kv_cache_usage - s.kv_cache_usage) > 0.1:
                 s.running, s.waiting, s.kv_cache_usage = st.running, st.waiting, st.kv_cache_usage
+                s.memory_bytes = max(s.memory_bytes, r.engine.memory_bytes())
                 await self.publish(r)
+                if grew:
+                    await self.publish_node(force=True)
 
     async def republish(self, _lease: int) -> None:
         """After a lost lease: our keys are gone; write them again under the new lease."""

@@ -32,6 +32,7 @@ from meshserve.v1 import cluster_pb2
 log = logging.getLogger(__name__)
 S = cluster_pb2
 PASS_S = 2.0  # reconcile at least this often
+OOM_LIMIT = 3  # requests failed by device OOM before the replica is given up here
 
 
 class Reconciler:
@@ -95,6 +96,10 @@ class Reconciler:
 
     def reconcile(self) -> None:
         """One pass: start loads, tier changes and unloads; never waits for them."""
+        for r in self.replicas.values():  # a replica that keeps running out of memory moves
+            ooms = r.engine.stats().out_of_memory if r.engine is not None and r.ready else 0
+            if ooms >= OOM_LIMIT and r.busy is None:
+                self.lifecycle.start_failure(r, f"out of device memory {ooms} times")
         actions = plan(
             self.placements.snapshot.values(),
             {s.name: s for s in self.models.snapshot.values()},

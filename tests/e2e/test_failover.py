@@ -8,6 +8,7 @@ uninterrupted stream equal, token for token, to an uninterrupted greedy run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,8 +20,10 @@ from pathlib import Path
 import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import pytest
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.local import Mesh
-from meshserve.v1 import inference_pb2
+from meshserve.v1 import cluster_pb2, inference_pb2
 
 from tests.e2e.conftest import apply, generate, model_spec, read_spans, ready_replicas
 from tests.waiting import eventually
@@ -267,3 +270,59 @@ async def test_a_load_longer_than_the_deadline_fails_fast(mesh: Mesh, demo_model
     assert time.monotonic() - started < 3.0
     out = await generate(router, request, timeout=60)  # the load went on
     assert len(out.token_ids) == 4
+
+
+async def _replica_status(mesh: Mesh, model: str, node: str) -> cluster_pb2.ReplicaStatus | None:
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        return await Store(client, Keyspace()).get(
+            Keyspace().replica(model, node), cluster_pb2.ReplicaStatus
+        )
+    finally:
+        await client.close()
+
+
+async def test_device_oom_fails_one_request_and_repeated_oom_moves_the_model(
+    mesh: Mesh, demo_model: Path
+) -> None:
+    """Injected device OOM (no GPU here; the CUDA error type) at every 6th decode step:
+    RESOURCE_EXHAUSTED for that request, the agent serves the next one, its measured memory
+    rises in etcd; at the third OOM the replica gives up and the scheduler moves the model."""
+    router = mesh.services["router"].address
+    spec = model_spec("oomy", demo_model, min_replicas=1, max_replicas=1)
+    spec.engine_args["inject_oom_every"] = "6"
+    await apply(mesh, spec)
+    await eventually(lambda: ready_replicas(router, "oomy"), 60, "oomy READY")
+    request = greedy(max_tokens=4, prompt="Hello")
+    request.model = "oomy"
+    # Warm-up took steps 1-4; this one OOMs at 6 and the router retries it on the same replica
+    # with what was delivered (RESOURCE_EXHAUSTED is not a failure): the client sees no error.
+    first = await generate(router, request)
+    assert len(first.token_ids) == 4
+    node = first.headers["meshserve-node"]
+    agent = mesh.services[node].address
+    before = await _replica_status(mesh, "oomy", node)
+    assert before is not None
+    codes = []
+    for _ in range(2):
+        try:
+            await generate(agent, request)
+            codes.append("OK")
+        except grpc.aio.AioRpcError as e:
+            codes.append(e.code().name)
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes  # one OOM, then served
+    assert mesh.services[node].alive()
+
+    async def grew() -> bool:
+        now = await _replica_status(mesh, "oomy", node)
+        return now is not None and now.memory_bytes > before.memory_bytes
+
+    await eventually(grew, 10, "the measured memory to rise in etcd")
+    for _ in range(6):  # more OOMs: at the third the replica is given up here
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await generate(agent, request)
+    other = next(n for n in ("agent-0", "agent-1") if n != node)
+    moved = await eventually(
+        lambda: _replica_status(mesh, "oomy", other), 60, "oomy to move to the other agent"
+    )
+    assert moved is not None

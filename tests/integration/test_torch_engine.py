@@ -134,3 +134,22 @@ async def test_resume_continues_exactly_where_the_client_left(
         assert got_text + rest_text == whole_text
         assert total == 32
     await engine.unload()
+
+
+async def test_device_oom_fails_the_request_not_the_engine(demo_model: Path) -> None:
+    """An OOM during a request (injected: no GPU here; the CUDA OOM error type) is
+    RESOURCE_EXHAUSTED for that request; the engine serves the next one and reports more memory."""
+    engine = TorchEngine(EngineConfig(threads=1))
+    spec = cluster_pb2.ModelSpec(
+        name="demo", source=str(demo_model), engine_args={"inject_oom_every": "20"}
+    )
+    await engine.load(spec)
+    before = engine.memory_bytes()
+    with pytest.raises(ServiceError) as e:
+        await tokens(engine)
+    assert e.value.code.name == "RESOURCE_EXHAUSTED" and "out of device memory" in str(e.value)
+    assert engine.stats().out_of_memory == 1
+    assert engine.memory_bytes() == before + 64 * 2**20  # what the OOM said it tried to allocate
+    short = GenerationParams(16, 0.0, 1.0, 0, None, (), True)
+    assert len(await tokens(engine, short)) == 16  # the next request is served (steps 21-36)
+    await engine.unload()

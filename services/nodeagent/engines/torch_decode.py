@@ -5,6 +5,8 @@ incomplete UTF-8 held back). Pure given the tensors; the engine's worker thread 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from meshserve.nodeagent.engines.prompts import stop_cut, visible_end
 from meshserve.v1 import inference_pb2
 from meshserve.validation import GenerationParams
 
+INJECTED_OOM = "CUDA out of memory. Tried to allocate 64.00 MiB (injected)"
 STOP = inference_pb2.FINISH_REASON_STOP
 LENGTH = inference_pb2.FINISH_REASON_LENGTH
 
@@ -93,3 +96,24 @@ def skip_draws(generator: torch.Generator, draws: int, vocab: int) -> None:
     uniform = torch.full((vocab,), 1.0 / vocab)
     for _ in range(draws):
         torch.multinomial(uniform, 1, generator=generator)
+
+
+def requested_bytes(oom_message: str) -> int:
+    """What a CUDA OOM says it tried to allocate ("Tried to allocate 64.00 MiB"); 0 if unsaid."""
+    m = re.search(r"Tried to allocate ([0-9.]+) ([KMGT]i?B)", oom_message)
+    if m is None:
+        return 0
+    scale = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 10**3, "MB": 10**6}
+    return int(float(m.group(1)) * scale.get(m.group(2), 2**20))
+
+
+_threads_set = False
+
+
+def set_threads(n: int) -> None:
+    global _threads_set  # process-wide torch setting: set once per process
+    if not _threads_set:
+        torch.set_num_threads(max(1, n))
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(1)
+        _threads_set = True

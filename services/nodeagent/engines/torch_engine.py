@@ -14,7 +14,6 @@ Tiers: GPU → pinned CPU RAM → local disk, through one flat buffer per model 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import threading
@@ -28,7 +27,14 @@ import torch
 from meshserve.nodeagent.engines import flat
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
 from meshserve.nodeagent.engines.prompts import not_serving, prompt_ids
-from meshserve.nodeagent.engines.torch_decode import Stream, next_chunk, sample, skip_draws
+from meshserve.nodeagent.engines.torch_decode import (
+    Stream,
+    next_chunk,
+    requested_bytes,
+    sample,
+    set_threads,
+    skip_draws,
+)
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams
@@ -38,17 +44,6 @@ log = logging.getLogger(__name__)
 
 DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
 EMBED_BATCH = 64  # inputs per forward pass when batching Embed requests
-
-_threads_set = False
-
-
-def _set_threads(n: int) -> None:
-    global _threads_set  # process-wide torch setting: set once per process
-    if not _threads_set:
-        torch.set_num_threads(max(1, n))
-        with contextlib.suppress(RuntimeError):
-            torch.set_num_interop_threads(1)
-        _threads_set = True
 
 
 class TorchEngine:
@@ -76,6 +71,9 @@ class TorchEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._in_flight = 0
+        self._steps = 0  # decode steps over the engine's life
+        self._inject_oom_every = 0
+        self.ooms = 0  # requests failed by device OOM
 
     @property
     def in_flight(self) -> int:
@@ -105,7 +103,7 @@ class TorchEngine:
         return ""
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self._active), waiting=len(self._inbox), kv_cache_usage=0.0)
+        return EngineStats(len(self._active), len(self._inbox), 0.0, self.ooms)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -116,7 +114,7 @@ class TorchEngine:
         self._thread.start()
 
     def _load_sync(self, spec: cluster_pb2.ModelSpec) -> None:
-        _set_threads(self.config.threads)
+        set_threads(self.config.threads)
         args = dict(spec.engine_args)
         default_dtype = "float32" if self._device.type == "cpu" else "bfloat16"
         dtype = getattr(torch, args.get("dtype", default_dtype))
@@ -124,6 +122,9 @@ class TorchEngine:
         tok = AutoTokenizer.from_pretrained(spec.source)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        # Fault injection for tests and drills: a device OOM at every Nth decode step (counted
+        # over the engine's life); 0 = never.
+        self._inject_oom_every = int(args.get("inject_oom_every", 0))
         self._task = args.get("task", "generate")
         if self._task not in ("generate", "embed"):
             raise ValueError(f"engine_args.task must be generate or embed, got {self._task!r}")
@@ -313,6 +314,8 @@ class TorchEngine:
             if not stream.cancelled:
                 try:
                     self._step(stream)
+                except torch.OutOfMemoryError as e:
+                    self._out_of_memory(stream, e)
                 except Exception as e:
                     log.exception("generation step failed")
                     stream.post(e)
@@ -320,6 +323,33 @@ class TorchEngine:
             if stream.cancelled or stream.done:
                 stream.cache = None
                 self._active.remove(stream)
+
+    def _out_of_memory(self, stream: Stream, error: Exception) -> None:
+        """A device OOM fails that request (RESOURCE_EXHAUSTED: the router retries it elsewhere,
+        with what was already delivered), not the engine: its KV cache is freed, the allocator's
+        cache emptied, and the measured memory raised by what was asked for, so the scheduler's
+        next round accounts for it."""
+        self.ooms += 1
+        stream.cache = None
+        stream.done = True
+        asked = requested_bytes(str(error))
+        if self._device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self._device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self._device)
+            self._memory = max(self._memory, peak + asked)
+        else:
+            self._memory += asked or self._memory // 10
+        log.warning("%s: out of device memory (%d so far): %s", self._name, self.ooms, error)
+        stream.post(
+            ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"model {self._name!r} ran out of device memory on this replica: retry (a router "
+                "sends it to another replica)",
+                "DEVICE_OUT_OF_MEMORY",
+                retry_after_s=1.0,
+            )
+        )
 
     def _fail_all(self) -> None:
         err = ServiceError(
@@ -337,6 +367,11 @@ class TorchEngine:
         self._embeds.clear()
 
     def _step(self, s: Stream) -> None:
+        self._steps += 1
+        if self._inject_oom_every and self._steps % self._inject_oom_every == 0:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 64.00 MiB (injected)"
+            )
         # The first step reads the prompt and any resumed tokens; later ones the last token.
         last = s.input_ids + s.generated if s.cache is None else [s.generated[-1]]
         out = self._model(
