@@ -16,6 +16,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import replace
 from pathlib import Path
 
+from meshserve.nodeagent.binding import bind
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe
 from meshserve.nodeagent.engines import make_engine
@@ -171,15 +172,17 @@ class Lifecycle:
             self.on_settled()
 
     async def _engine_config_for(self, r: Replica) -> EngineConfig:
-        """The GPU the placement names, else the first one; host RAM without GPUs."""
+        """The devices the placement names, by uuid (binding.py); raises UnknownDevice for one
+        this node does not have. Without GPUs (or with --device cpu): the CPU."""
         report = await asyncio.to_thread(self.probe.read)
-        named = next((g for g in report.gpus if g.uuid in r.devices[:1]), None)
-        gpu = named or (report.gpus[0] if report.gpus else None)
+        gpus = report.gpus if self.probe.kind == "cuda" else ()
+        b = bind(gpus, report.host_total_bytes, r.devices if gpus else ())
         return replace(
             self._engine_config,
-            device=f"cuda:{named.index}" if named else self._engine_config.device,
+            device=b.torch_device,
+            visible_devices=b.visible_devices,
             memory_budget_bytes=r.budget_bytes,
-            device_total_bytes=gpu.memory_total_bytes if gpu else report.host_total_bytes,
+            device_total_bytes=b.memory_total_bytes,
         )
 
     async def _warm_up(self, r: Replica) -> None:

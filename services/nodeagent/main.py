@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 
 import grpc
@@ -46,6 +47,9 @@ class Agent(Component):
 
 
 async def run(config: AgentConfig) -> None:
+    # CUDA numbers GPUs fastest first unless told otherwise; NVML (and so placements' indices)
+    # by PCI bus. Engines bind by uuid (binding.py), and this keeps `cuda:<i>` the same GPU.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     engines = await asyncio.to_thread(preload_engines)
     log.info("engines available: %s", ", ".join(engines) or "none")
 

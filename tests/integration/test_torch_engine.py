@@ -153,3 +153,10 @@ async def test_device_oom_fails_the_request_not_the_engine(demo_model: Path) -> 
     short = GenerationParams(16, 0.0, 1.0, 0, None, (), True)
     assert len(await tokens(engine, short)) == 16  # the next request is served (steps 21-36)
     await engine.unload()
+
+
+def test_the_torch_engine_refuses_a_mig_instance_it_cannot_bind() -> None:
+    """In the agent's process the torch engine sees whole GPUs: a MIG placement must not fall
+    back to its parent GPU (it would take memory the scheduler gave others)."""
+    with pytest.raises(ValueError, match="cannot be bound to the MIG instance MIG-7-1"):
+        TorchEngine(EngineConfig(device="", visible_devices=("MIG-7-1",)))

@@ -103,3 +103,21 @@ def test_engine_args_are_converted_and_unknown_ones_refused() -> None:
         plan_engine(spec(task="embed"), config, False, False, 0)
     explicit = plan_engine(spec(gpu_memory_utilization="0.3"), config, False, False, 0)
     assert explicit.kwargs["gpu_memory_utilization"] == 0.3
+
+
+def test_engine_cores_see_exactly_the_placed_gpus_by_uuid() -> None:
+    s = spec()
+    s.gpus_per_replica = 2
+    gang = EngineConfig(
+        memory_budget_bytes=20 * GIB, device_total_bytes=GPU, visible_devices=("GPU-5", "GPU-6")
+    )
+    assert plan_engine(s, gang, False, False, 0).env == {"CUDA_VISIBLE_DEVICES": "GPU-5,GPU-6"}
+    one = EngineConfig(
+        memory_budget_bytes=10 * GIB, device_total_bytes=GPU, visible_devices=("MIG-7-1",)
+    )
+    assert plan_engine(spec(), one, False, False, 0).env["CUDA_VISIBLE_DEVICES"] == "MIG-7-1"
+    wrong = EngineConfig(
+        memory_budget_bytes=20 * GIB, device_total_bytes=GPU, visible_devices=("GPU-5",)
+    )
+    with pytest.raises(ValueError, match="gang of 2 GPUs was placed on 1 devices"):
+        plan_engine(s, wrong, False, False, 0)

@@ -12,12 +12,15 @@ from meshserve.validation import GenerationParams
 
 @dataclass(frozen=True)
 class EngineConfig:
-    device: str = "cpu"  # "cpu" or "cuda:<index>"
+    device: str = "cpu"  # "cpu", "cuda:<index>", or "" (a MIG instance: only in its own process)
     threads: int = 2  # intra-op threads for CPU inference
     max_batch: int = 32  # sequences generated concurrently; more wait in the engine's queue
     cache_dir: str = ""  # where TIER_DISK copies live; required for the disk tier
     memory_budget_bytes: int = 0  # what the placement granted (weights + KV headroom); 0 = unset
     device_total_bytes: int = 0  # memory of the device the engine runs on (GPU, or host RAM)
+    # GPU / MIG uuids the placement names, tensor-parallel rank order: CUDA_VISIBLE_DEVICES of
+    # engines that run in processes of their own (binding.py)
+    visible_devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

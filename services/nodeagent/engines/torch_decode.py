@@ -5,7 +5,6 @@ incomplete UTF-8 held back). Pure given the tensors; the engine's worker thread 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from typing import Any
 
@@ -105,15 +104,3 @@ def requested_bytes(oom_message: str) -> int:
         return 0
     scale = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 10**3, "MB": 10**6}
     return int(float(m.group(1)) * scale.get(m.group(2), 2**20))
-
-
-_threads_set = False
-
-
-def set_threads(n: int) -> None:
-    global _threads_set  # process-wide torch setting: set once per process
-    if not _threads_set:
-        torch.set_num_threads(max(1, n))
-        with contextlib.suppress(RuntimeError):
-            torch.set_num_interop_threads(1)
-        _threads_set = True

@@ -32,9 +32,9 @@ from meshserve.nodeagent.engines.torch_decode import (
     next_chunk,
     requested_bytes,
     sample,
-    set_threads,
     skip_draws,
 )
+from meshserve.nodeagent.engines.torch_device import set_threads, torch_device
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams
@@ -53,7 +53,7 @@ class TorchEngine:
         self.config = config
         self._model: Any = None
         self._tok: Any = None
-        self._device = torch.device(config.device)
+        self._device = torch_device(config)
         self._max_len = 0
         self._eos: frozenset[int] = frozenset()
         self._memory = 0

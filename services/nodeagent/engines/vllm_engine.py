@@ -29,7 +29,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,21 @@ class _StatsSink(StatLoggerBase):
 
     def log_engine_initialized(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def process_env(env: Mapping[str, str]) -> Iterator[None]:
+    """``env`` set in this process's environment for the duration, then restored."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class VllmEngine:
@@ -172,9 +187,6 @@ class VllmEngine:
 
     async def _start(self) -> None:
         assert self._plan is not None
-        if self._on_cpu:
-            # Read by the engine-core process vLLM spawns now; loads are serialized by the agent.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._plan.cpu_kv_gib)
         started = time.monotonic()
         args = AsyncEngineArgs(**self._plan.kwargs)
 
@@ -183,7 +195,12 @@ class VllmEngine:
 
         # Building the engine blocks for seconds (it spawns and profiles the engine core): off the
         # event loop, so leases keep beating. AsyncLLM starts its output handler on first use.
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=[factory])
+        # The engine-core processes vLLM spawns now read the plan's environment (their devices,
+        # by uuid); the agent's own is restored once they run. Loads are serialized per agent.
+        with process_env(self._plan.env):
+            self._llm = await asyncio.to_thread(
+                AsyncLLM.from_engine_args, args, stat_loggers=[factory]
+            )
         self._tok = self._llm.get_tokenizer()
         self._max_len = int(self._llm.model_config.max_model_len)
         self._tier = DEVICE

@@ -37,6 +37,7 @@ class VllmPlan:
     kwargs: dict[str, Any]
     cpu_kv_gib: int  # VLLM_CPU_KVCACHE_SPACE on the CPU build; 0 on GPUs
     budget_bytes: int  # what the engine may take in all
+    env: dict[str, str]  # the environment of the engine-core processes vLLM spawns
 
 
 def _bool(text: str) -> bool:
@@ -107,4 +108,14 @@ def plan_engine(
             )
         kwargs["gpu_memory_utilization"] = round(fraction, 4)
         kwargs["enable_sleep_mode"] = sleep_mode
-    return VllmPlan(kwargs, cpu_kv_gib, budget)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_gib)} if on_cpu else {}
+    if config.visible_devices:
+        # The engine cores see exactly the placement's GPUs (or MIG instance), by uuid, in rank
+        # order: never GPU 0.. because that is where CUDA starts counting.
+        if len(config.visible_devices) != spec.gpus_per_replica and spec.gpus_per_replica > 1:
+            raise ValueError(
+                f"a gang of {spec.gpus_per_replica} GPUs was placed on "
+                f"{len(config.visible_devices)} devices: {', '.join(config.visible_devices)}"
+            )
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(config.visible_devices)
+    return VllmPlan(kwargs, cpu_kv_gib, budget, env)
