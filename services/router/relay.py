@@ -133,6 +133,7 @@ class Relay:
                     if slot.waited_s:
                         pick.set_attribute("meshserve.queued_s", slot.waited_s)
                 payload = self._payload(request, slot, delivered)
+                delay = 0.0  # backoff before the next attempt, taken without holding a slot
                 try:
                     async for message in self._attempt(
                         slot, payload, request, context, state, start, len(attempts) + 1
@@ -145,7 +146,7 @@ class Relay:
                     if delivered and continuation_of(delivered[-1:])[2]:
                         return  # it broke after the final message: the client has it all
                     now = time.monotonic()
-                    if b.saturated:
+                    if b.saturated:  # full: queue again, not a failure
                         saturated += 1
                         full_since = full_since or now
                         if now - full_since > self.config.queue_timeout_s:
@@ -156,41 +157,56 @@ class Relay:
                                 "REPLICAS_FULL",
                                 retry_after_s=1.0,
                             ) from None
-                        await self._pause(backoff_s(min(saturated, 5), self.rng), context)
-                        continue  # full: queue again, not a failure
-                    if b.unhealthy:
-                        self.breakers.failure((slot.endpoint.address, slot.model), now)
-                    # A transient failure of the only replica is not a verdict: it gets a second
-                    # try (after a backoff); with others to go to, or after that, it is left.
-                    identity = slot.endpoint.identity
-                    strikes[identity] = strikes.get(identity, 0) + 1
-                    if strikes[identity] >= 2 or self._others(slot, identity):
-                        failed.add(identity)
-                    if delivered:
-                        failovers += 1
-                        metrics.FAILOVERS.labels(model).inc()
-                        if failovers > self.config.max_failovers:
-                            raise self._exhausted(model, attempts, "failovers") from None
-                        trace.get_current_span().add_event(
-                            "failover",
-                            {"meshserve.node": slot.endpoint.node_id, "meshserve.reason": b.what},
-                        )
-                        if failovers > 1:
-                            await self._pause(backoff_s(failovers - 1, self.rng), context)
-                        continue
-                    retries += 1
-                    if retries >= self.config.max_attempts:
-                        raise self._exhausted(model, attempts, "attempts") from None
-                    if not self.budget.try_retry():
-                        metrics.RETRIES_DENIED.inc()
-                        raise self._exhausted(model, attempts, "budget") from None
-                    metrics.RETRIES.labels(model).inc()
-                    await self._pause(backoff_s(retries, self.rng), context)
+                        delay = backoff_s(min(saturated, 5), self.rng)
+                    else:
+                        self._give_up_on(slot, b, strikes, failed, now)
+                        if delivered:
+                            failovers += 1
+                            metrics.FAILOVERS.labels(model).inc()
+                            if failovers > self.config.max_failovers:
+                                raise self._exhausted(model, attempts, "failovers") from None
+                            trace.get_current_span().add_event(
+                                "failover",
+                                {
+                                    "meshserve.node": slot.endpoint.node_id,
+                                    "meshserve.reason": b.what,
+                                },
+                            )
+                            delay = backoff_s(failovers - 1, self.rng) if failovers > 1 else 0.0
+                        else:
+                            retries += 1
+                            if retries >= self.config.max_attempts:
+                                raise self._exhausted(model, attempts, "attempts") from None
+                            if not self.budget.try_retry():
+                                metrics.RETRIES_DENIED.inc()
+                                raise self._exhausted(model, attempts, "budget") from None
+                            metrics.RETRIES.labels(model).inc()
+                            delay = backoff_s(retries, self.rng)
                 finally:
                     self.admission.release(slot)
+                if delay:
+                    await self._pause(delay, context)
         finally:
             with contextlib.suppress(Exception):
                 context.set_trailing_metadata((("meshserve-failovers", str(failovers)),))
+
+    def _give_up_on(
+        self,
+        slot: Slot,
+        b: Broken,
+        strikes: dict[Identity, int],
+        failed: set[Identity],
+        now: float,
+    ) -> None:
+        """Counts the failure against the replica's breaker, and leaves the replica for this
+        request when it has others to go to, or at its second failure: a transient failure of
+        the only replica is not a verdict."""
+        if b.unhealthy:
+            self.breakers.failure((slot.endpoint.address, slot.model), now)
+        identity = slot.endpoint.identity
+        strikes[identity] = strikes.get(identity, 0) + 1
+        if strikes[identity] >= 2 or self._others(slot, identity):
+            failed.add(identity)
 
     def _others(self, slot: Slot, identity: Identity) -> bool:
         """Whether the model has another READY replica to go to."""
