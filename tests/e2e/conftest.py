@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -92,6 +93,36 @@ def read_spans(trace_dir: Path) -> list[dict[str, Any]]:
             if line.strip():
                 spans.append(json.loads(line))
     return spans
+
+
+@contextlib.contextmanager
+def demo_mesh(
+    root: Path,
+    demo_model: Path,
+    agents: int = 1,
+    min_replicas: int = 1,
+    lease_ttl_s: int = 2,
+    trace_dir: Path | None = None,
+) -> Iterator[Mesh]:
+    """etcd, a scheduler, ``agents`` agents and a router, serving the demo model with
+    ``min_replicas`` READY replicas before it yields."""
+    m = Mesh(root, lease_ttl_s=lease_ttl_s, trace_dir=trace_dir)
+    try:
+        m.start_etcd()
+        m.start_scheduler()
+        for i in range(agents):
+            m.start_agent(f"agent-{i}")
+        m.start_router()
+        asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=min_replicas)))
+        router = m.services["router"].address
+
+        async def enough() -> bool:
+            return await ready_replicas(router, "demo") >= min_replicas
+
+        asyncio.run(eventually(enough, 120, f"{min_replicas} READY replica(s) of demo"))
+        yield m
+    finally:
+        m.stop()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,14 @@ from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.local import Mesh
 from meshserve.v1 import cluster_pb2, inference_pb2
 
-from tests.e2e.conftest import apply, generate, model_spec, read_spans, ready_replicas
+from tests.e2e.conftest import (
+    apply,
+    demo_mesh,
+    generate,
+    model_spec,
+    read_spans,
+    ready_replicas,
+)
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -45,19 +52,10 @@ def greedy(
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
+    """Two agents, each holding a replica of the demo model (anti-affinity)."""
     root = tmp_path_factory.mktemp("failover")
-    m = Mesh(root, lease_ttl_s=LEASE_S, trace_dir=root / "traces")
-    try:
-        m.start_etcd()
-        m.start_scheduler()
-        for name in ("agent-0", "agent-1"):
-            m.start_agent(name)
-        m.start_router()
-        asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=2)))
-        asyncio.run(eventually(lambda: _replicas(m, 2), 120, "two READY replicas"))
+    with demo_mesh(root, demo_model, 2, 2, LEASE_S, trace_dir=root / "traces") as m:
         yield m
-    finally:
-        m.stop()
 
 
 async def _replicas(m: Mesh, n: int) -> bool:

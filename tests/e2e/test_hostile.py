@@ -3,7 +3,6 @@ traceback is logged, and every server stays healthy."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +14,7 @@ from hypothesis import strategies as st
 from meshserve.local import Mesh
 from meshserve.v1 import inference_pb2
 
-from tests.e2e.conftest import apply, model_spec, ready_replicas
-from tests.waiting import eventually
+from tests.e2e.conftest import demo_mesh
 
 pytestmark = pytest.mark.e2e
 DOCUMENTED = {
@@ -58,19 +56,8 @@ def mutated(draw: st.DrawFn) -> bytes:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
-    root = tmp_path_factory.mktemp("hostile")
-    m = Mesh(root, lease_ttl_s=2)
-    try:
-        m.start_etcd()
-        m.start_scheduler()
-        m.start_agent("agent-0")
-        m.start_router()
-        asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=1)))
-        router = m.services["router"].address
-        asyncio.run(eventually(lambda: ready_replicas(router, "demo"), 90, "demo READY"))
+    with demo_mesh(tmp_path_factory.mktemp("hostile"), demo_model) as m:
         yield m
-    finally:
-        m.stop()
 
 
 def send(address: str, method: str, body: bytes, stream: bool = True) -> grpc.StatusCode:

@@ -14,7 +14,7 @@ from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.local import Mesh
 from meshserve.v1 import cluster_pb2, inference_pb2
 
-from tests.e2e.conftest import apply, generate, model_spec, ready_replicas
+from tests.e2e.conftest import demo_mesh, generate, ready_replicas
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -22,19 +22,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
-    root = tmp_path_factory.mktemp("restart")
-    m = Mesh(root, lease_ttl_s=2)
-    try:
-        m.start_etcd()
-        m.start_scheduler()
-        m.start_agent("agent-0")
-        m.start_router()
-        asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=1)))
-        router = m.services["router"].address
-        asyncio.run(eventually(lambda: ready_replicas(router, "demo"), 90, "demo READY"))
+    with demo_mesh(tmp_path_factory.mktemp("restart"), demo_model) as m:
         yield m
-    finally:
-        m.stop()
 
 
 async def test_request_waits_out_the_only_agents_restart(mesh: Mesh) -> None:
