@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import pytest
 from meshserve.nodeagent.engines.base import EngineConfig
-from meshserve.nodeagent.engines.vllm_plan import GIB, plan_engine
+from meshserve.nodeagent.engines.vllm_plan import (
+    GIB,
+    offload_step,
+    plan_engine,
+    restore_step,
+)
+from meshserve.nodeagent.engines.vllm_plan import (
+    TIER_DEVICE as DEVICE,
+)
+from meshserve.nodeagent.engines.vllm_plan import (
+    TIER_DISK as DISK,
+)
+from meshserve.nodeagent.engines.vllm_plan import (
+    TIER_HOST as HOST,
+)
 from meshserve.v1 import cluster_pb2
 
 GPU = 80 * GIB
@@ -121,3 +135,30 @@ def test_engine_cores_see_exactly_the_placed_gpus_by_uuid() -> None:
     )
     with pytest.raises(ValueError, match="gang of 2 GPUs was placed on 1 devices"):
         plan_engine(s, wrong, False, False, 0)
+
+
+@pytest.mark.parametrize(
+    ("current", "target", "sleep_mode", "step"),
+    [
+        (DEVICE, HOST, True, "sleep"),  # CUDA with sleep mode: weights to CPU RAM
+        (DEVICE, HOST, False, "shutdown"),  # CPU build: no sleep mode, stop the engine
+        (DEVICE, DISK, True, "shutdown"),  # disk: the model's own files are the copy
+        (HOST, DISK, True, "shutdown"),  # asleep, then further down
+        (HOST, HOST, True, "none"),
+        (DISK, HOST, False, "none"),  # already below what this build can hold
+        (DISK, DISK, True, "none"),
+    ],
+)
+def test_offload_uses_sleep_mode_where_vllm_has_it(
+    current: int, target: int, sleep_mode: bool, step: str
+) -> None:
+    assert offload_step(current, target, sleep_mode) == step
+
+
+def test_restore_wakes_a_sleeping_engine_and_starts_a_stopped_one() -> None:
+    assert restore_step(HOST, running=True) == "wake_up"
+    assert restore_step(DISK, running=False) == "start"
+    assert restore_step(HOST, running=False) == "start"  # stopped since
+    assert restore_step(DEVICE, running=True) == "none"
+    with pytest.raises(ValueError, match="cannot offload"):
+        offload_step(DEVICE, DEVICE, True)

@@ -37,7 +37,13 @@ from typing import Any
 import grpc
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
 from meshserve.nodeagent.engines.prompts import ResumedText, not_serving, prompt_ids
-from meshserve.nodeagent.engines.vllm_plan import GIB, VllmPlan, plan_engine
+from meshserve.nodeagent.engines.vllm_plan import (
+    GIB,
+    VllmPlan,
+    offload_step,
+    plan_engine,
+    restore_step,
+)
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams
@@ -221,25 +227,21 @@ class VllmEngine:
         self._tier = 0
 
     async def offload(self, tier: int) -> None:
-        if tier not in (HOST, DISK):
-            raise ValueError(f"cannot offload to tier {tier}")
-        if self._tier == tier or (self._tier == DISK and tier == HOST and not self._sleep):
-            return
-        if tier == HOST and self._sleep and self._tier == DEVICE:
+        step = offload_step(self._tier, tier, self._sleep)
+        if step == "sleep":
             await self._llm.sleep(level=1)
             self._tier = HOST
-            return
-        await self._stop()  # the weights stay in the model's files
-        self._tier = DISK
+        elif step == "shutdown":
+            await self._stop()  # the weights stay in the model's files
+            self._tier = DISK
 
     async def restore(self) -> None:
-        if self._tier == DEVICE:
-            return
-        if self._tier == HOST and self._llm is not None:
+        step = restore_step(self._tier, self._llm is not None)
+        if step == "wake_up":
             await self._llm.wake_up()
             self._tier = DEVICE
-            return
-        await self._start()
+        elif step == "start":
+            await self._start()
 
     # --- requests ----------------------------------------------------------------------------
 

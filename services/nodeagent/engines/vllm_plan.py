@@ -119,3 +119,34 @@ def plan_engine(
             )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(config.visible_devices)
     return VllmPlan(kwargs, cpu_kv_gib, budget, env)
+
+
+TIER_DEVICE, TIER_HOST, TIER_DISK = (
+    cluster_pb2.TIER_DEVICE,
+    cluster_pb2.TIER_HOST,
+    cluster_pb2.TIER_DISK,
+)
+
+
+def offload_step(current: int, target: int, sleep_mode: bool) -> str:
+    """What moving a vLLM engine from tier ``current`` to ``target`` (TIER_HOST or TIER_DISK)
+    does: "sleep" — ``sleep(level=1)``, weights to CPU RAM and the KV cache dropped (CUDA builds
+    with sleep mode); "shutdown" — the engine stops and the weights stay in the model's files
+    (TIER_DISK, and every tier where sleep mode is missing, as on the CPU build); "none" —
+    already there, or as low as it goes."""
+    if target not in (TIER_HOST, TIER_DISK):
+        raise ValueError(f"cannot offload to tier {target}")
+    if current == target or (current == TIER_DISK and not sleep_mode):
+        return "none"
+    if target == TIER_HOST and sleep_mode and current == TIER_DEVICE:
+        return "sleep"
+    return "shutdown"
+
+
+def restore_step(current: int, running: bool) -> str:
+    """Back to the device: "none" (on it), "wake_up" (asleep in CPU RAM), "start" (stopped)."""
+    if current == TIER_DEVICE:
+        return "none"
+    if current == TIER_HOST and running:
+        return "wake_up"
+    return "start"
