@@ -35,6 +35,7 @@ from meshserve.telemetry.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 STOP_BUDGET_S = 5.0  # what shutdown may take beyond the server's grace period
+ORPHAN_GRACE_S = 1.0  # grace when our launcher died (meshserve.lifeline's SIGTERM): be quick
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ async def serve(
 ) -> None:
     """Runs one service until SIGTERM or SIGINT (see the module docstring for the order)."""
     stop = asyncio.Event()
+    parent = os.getppid()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # a signal during start-up stops right after it
@@ -97,7 +99,9 @@ async def serve(
         write_ready_file(config.ready_file, address=address, **info)
         await stop.wait()
     finally:
-        log.info("%s shutting down", name)
+        if os.getppid() != parent:  # the launcher is gone: it will not wait for us, nor etcd
+            grace_s = min(grace_s, ORPHAN_GRACE_S)
+        log.info("%s shutting down (grace %.0f s)", name, grace_s)
         steps = _Shutdown(name)
         try:
             await asyncio.wait_for(
