@@ -111,7 +111,6 @@ class Mesh:
         host_memory_limit: str = "",
         python: str = "",
         timeout_s: float = 90.0,
-        extra: tuple[str, ...] = (),
     ) -> Service:
         """Starts (or restarts, under the same name) a node agent."""
         args = [
@@ -132,7 +131,7 @@ class Mesh:
             args += ["--memory-limit", memory_limit]
         if host_memory_limit:
             args += ["--host-memory-limit", host_memory_limit]
-        return self._spawn(name, [*args, *extra], timeout_s=timeout_s, python=python)
+        return self._spawn(name, args, timeout_s=timeout_s, python=python)
 
     def start_router(self, name: str = "router", listen: str = "127.0.0.1:0") -> Service:
         return self._spawn(

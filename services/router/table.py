@@ -8,7 +8,6 @@ etcd (STYLE).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -99,7 +98,6 @@ class EndpointTable:
         self.models = Mirror(client, keys.models(), cluster_pb2.ModelSpec)
         self.replicas = Mirror(client, keys.replicas(), cluster_pb2.ReplicaStatus)
         self.current = RouteTable()
-        self._changed = asyncio.Event()
         self._listeners: list[Callable[[RouteTable], None]] = []
         # (model, replica identity) → [event set when it is gone, streams watching it]
         self._departures: dict[tuple[str, tuple[str, int]], list[Any]] = {}
@@ -125,10 +123,8 @@ class EndpointTable:
         self.publish(build_table(self.models.snapshot.values(), self.replicas.snapshot.values()))
 
     def publish(self, table: RouteTable) -> None:
-        """Swaps in ``table`` and tells everyone who waits on a change or a departure."""
+        """Swaps in ``table`` and tells the listeners and the streams whose replica left."""
         self.current = table
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
         for (model, identity), (event, _n) in self._departures.items():
             route = self.current.routes.get(model)
             if route is None or identity not in route.alive:
@@ -157,9 +153,3 @@ class EndpointTable:
             watch[1] -= 1
             if watch[1] <= 0:
                 del self._departures[key]
-
-    async def wait_changed(self, timeout: float) -> None:
-        """Returns after the next change or after ``timeout`` s, whichever is first."""
-        event = self._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
