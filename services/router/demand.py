@@ -34,6 +34,7 @@ class DemandTracker:
         self.router_id = router_id
         self.models: dict[str, _Model] = {}
         self.breakers = breakers  # published with the demand, for `meshserve status`
+        self._exported: set[tuple[str, str]] = set()  # breakers with a gauge series
 
     def _m(self, model: str) -> _Model:
         return self.models.setdefault(model, _Model())
@@ -69,7 +70,13 @@ class DemandTracker:
                 ttft_p99_s=ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] if ttfts else 0.0,
             )
         if self.breakers is not None:
-            for v in self.breakers.views(now):
+            views = list(self.breakers.views(now))
+            # A pruned breaker (its replica gone) must not leave its last value behind: an
+            # open one would keep MeshserveBreakerOpen firing for a replica that no longer exists.
+            for key in self._exported - {v.key for v in views}:
+                metrics.BREAKER_OPEN.remove(*key)
+            self._exported = {v.key for v in views}
+            for v in views:
                 address, model = v.key
                 out.breakers.add(
                     address=address,

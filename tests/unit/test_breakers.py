@@ -77,3 +77,21 @@ def test_breakers_of_departed_replicas_are_pruned_once_quiet() -> None:
     br.failure(A, 4.0)
     br.prune(alive={A}, now=100.0)  # in the table: kept whatever its state
     assert [v.key for v in br.views(100.0)] == [A]
+
+
+def test_a_pruned_breaker_leaves_no_open_gauge_behind() -> None:
+    from meshserve.router.demand import DemandTracker
+    from meshserve.telemetry import metrics
+
+    key = ("10.9.9.9:1", "gone-model")
+    br = Breakers(consecutive=1, cooldown_s=1000.0, max_cooldown_s=1000.0)
+    tracker = DemandTracker("r", br)
+    br.failure(key, 0.0)  # open (the tracker reads the monotonic clock: far past 0)
+    tracker.snapshot()
+    assert metrics.BREAKER_OPEN.labels(*key)._value.get() == 1
+    br.prune(alive=set(), now=1e12)  # its replica left long ago
+    tracker.snapshot()
+    series = {
+        s.labels.get("node"): s.value for m in metrics.BREAKER_OPEN.collect() for s in m.samples
+    }
+    assert key[0] not in series
