@@ -277,12 +277,8 @@ class Relay:
                 first = await asyncio.wait_for(call.read(), self.config.first_token_timeout_s)
             except TimeoutError:
                 raise Broken("no first token in time") from None
-            except grpc.aio.AioRpcError as e:
-                raise _broken(e, gone) from None
-            except asyncio.CancelledError:
-                if not gone.is_set():
-                    raise
-                raise Broken("replica left the table") from None
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                raise _upstream_error(e, gone, "") from None
             self.breakers.success(key, time.monotonic())
             if not state.sent:
                 await state.send(context, call, slot, attempt, start, self.demand)
@@ -298,12 +294,8 @@ class Relay:
                         watchdog.reschedule(loop.time() + gap)
             except TimeoutError:
                 raise Broken(f"stalled: no token for {gap:.0f} s") from None
-            except grpc.aio.AioRpcError as e:
-                raise _broken(e, gone) from None
-            except asyncio.CancelledError:
-                if not gone.is_set():
-                    raise
-                raise Broken("replica left the table mid-stream") from None
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                raise _upstream_error(e, gone, " mid-stream") from None
         except Broken as b:
             span.set_status(trace.Status(trace.StatusCode.ERROR, b.what))
             raise
@@ -343,6 +335,15 @@ class _Headers:
             headers.append(("meshserve-queued-ms", str(round(slot.waited_s * 1000))))
             span.set_attribute("meshserve.queued_s", slot.waited_s)
         await context.send_initial_metadata(tuple(headers))
+
+
+def _upstream_error(e: BaseException, gone: asyncio.Event, when: str) -> BaseException:
+    """What reading the upstream call raised, as the relay sees it: a status as `Broken` (or
+    passed through, see `_broken`); a cancel that the departure watcher made (the replica left
+    the table) as `Broken`; any other cancel (our caller went away) as itself."""
+    if isinstance(e, asyncio.CancelledError):
+        return Broken(f"replica left the table{when}") if gone.is_set() else e
+    return _broken(e, gone)
 
 
 async def _cancel_when(gone: asyncio.Event, call: Any) -> None:
