@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +87,19 @@ async def known(address: str, model: str) -> bool:
             inference_pb2.ListModelsRequest(), timeout=5
         )
     return any(m.name == model for m in listing.models)
+
+
+def status_text(mesh: Mesh) -> str:
+    """`meshserve status` against the mesh's etcd, as an operator runs it (wide terminal)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "meshserve", "status", "--etcd", mesh.etcd.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def read_spans(trace_dir: Path) -> list[dict[str, Any]]:

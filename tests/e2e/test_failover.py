@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +29,7 @@ from tests.e2e.conftest import (
     model_spec,
     read_spans,
     ready_replicas,
+    status_text,
 )
 from tests.waiting import eventually
 
@@ -212,18 +210,6 @@ async def _known(router: str, model: str) -> bool:
             inference_pb2.ListModelsRequest(), timeout=5
         )
     return any(m.name == model for m in listing.models)
-
-
-def status_text(mesh: Mesh) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "meshserve", "status", "--etcd", mesh.etcd.endpoint],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "250"},
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def breaker_row(text: str, address: str) -> str:

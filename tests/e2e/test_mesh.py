@@ -6,7 +6,6 @@ Tests run in file order; the last ones kill processes.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -27,7 +26,15 @@ from meshserve.v1 import (
     scheduler_pb2_grpc,
 )
 
-from tests.e2e.conftest import apply, generate, known, model_spec, read_spans, ready_replicas
+from tests.e2e.conftest import (
+    apply,
+    generate,
+    known,
+    model_spec,
+    read_spans,
+    ready_replicas,
+    status_text,
+)
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -249,18 +256,10 @@ async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Pa
     )
     assert cli.returncode == 0, cli.stderr
     assert "placed on" in cli.stdout and why.placed_on[0] in cli.stdout
-    status = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "meshserve", "status", "--etcd", mesh.etcd.endpoint],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "250"},
-    )
-    assert status.returncode == 0, status.stderr
+    status = await asyncio.to_thread(status_text, mesh)
     for table in ("nodes", "models", "replicas", "placements"):
-        assert table in status.stdout
-    assert "lazy" in status.stdout and "READY" in status.stdout and "DEVICE" in status.stdout
+        assert table in status
+    assert "lazy" in status and "READY" in status and "DEVICE" in status
 
 
 async def test_scheduling_rounds_are_traced_with_their_decisions(mesh: Mesh) -> None:
