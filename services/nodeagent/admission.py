@@ -1,29 +1,24 @@
-"""Whether this node takes a stream for a model now, and if not, the status that tells the
-caller (or the router) what to do: NOT_FOUND, UNAVAILABLE (not ready here, node draining; the
-router tries another replica) or RESOURCE_EXHAUSTED (at its stream limit; retry shortly)."""
+"""Whether this node takes a stream for a known model now, and if not, the status that tells
+the caller (or the router) what to do: UNAVAILABLE (not ready here, node draining; the router
+tries another replica) or RESOURCE_EXHAUSTED (at its stream limit; retry shortly). An unknown
+model is NOT_FOUND before this."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import grpc
 from meshserve.nodeagent.replica import Replica
-from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2
 
 
 def admit(
-    name: str,
-    spec: cluster_pb2.ModelSpec | None,
+    spec: cluster_pb2.ModelSpec,
     r: Replica | None,
-    known: Sequence[str],
     node_id: str,
     draining: bool,
     max_in_flight: int,
 ) -> Replica:
     """``r`` when it may take one more stream; else raises ServiceError."""
-    if spec is None:
-        raise not_found_model(name, list(known))
     if r is None or not r.ready or r.unloading:
         state = "not placed" if r is None else cluster_pb2.ReplicaState.Name(r.status.state)
         raise ServiceError(

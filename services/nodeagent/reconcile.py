@@ -27,6 +27,7 @@ from meshserve.nodeagent.lifecycle import Lifecycle
 from meshserve.nodeagent.plan import ChangeTier, Load, SetEpoch, Unload, plan
 from meshserve.nodeagent.publisher import StatusPublisher
 from meshserve.nodeagent.replica import Replica
+from meshserve.rpc.errors import not_found_model
 from meshserve.v1 import cluster_pb2
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,11 @@ class Reconciler:
         ServiceError (NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED) saying why not."""
         specs = [*self.models.snapshot.values(), *(r.spec for r in self.replicas.values())]
         spec = find_model(specs, name)
-        known = [s.name for s in self.models.snapshot.values()]
-        r = self.replicas.get(spec.name) if spec is not None else None
+        if spec is None:  # the list of known models is built only for the error
+            raise not_found_model(name, [s.name for s in self.models.snapshot.values()])
         return admit(
-            name,
             spec,
-            r,
-            known,
+            self.replicas.get(spec.name),
             self.node_id,
             self.publisher.draining,
             self.config.max_in_flight,
