@@ -36,13 +36,19 @@ def up(
 ) -> None:
     """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
     completion, and run until Ctrl-C."""
-    _stop_on_signals()  # first: a SIGTERM during start-up must still stop what was started
+    received = _stop_on_signals()  # first: a SIGTERM during start-up must still stop the mesh
     if agents < 1:
         raise fail("--agents must be >= 1")
     try:
         _up(agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo)
     except _Stop as stop:
         raise typer.Exit(128 + stop.signum) from None
+    except Exception:
+        # The signal's exception can surface as another: raised inside a C extension's import
+        # it becomes "ImportError: initialization failed". The mesh was stopped all the same.
+        if received:
+            raise typer.Exit(128 + received[0]) from None
+        raise
 
 
 def _up(
@@ -112,18 +118,22 @@ class _Stop(BaseException):
         self.signum = signum
 
 
-def _stop_on_signals() -> None:
+def _stop_on_signals() -> list[int]:
     """SIGTERM and SIGINT stop the mesh in order, whatever dispositions we inherited (a
     background job of a non-interactive shell starts with SIGINT ignored). A second signal exits
-    at once; the services die with us anyway (meshserve.lifeline)."""
+    at once; the services die with us anyway (meshserve.lifeline). Returns the signals received
+    (filled in by the handler)."""
+    received: list[int] = []
 
     def first(signum: int, _frame: object) -> None:
+        received.append(signum)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, lambda *_: os._exit(128 + signum))
         raise _Stop(signum)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, first)
+    return received
 
 
 def _watch(mesh: Any) -> None:
