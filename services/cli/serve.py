@@ -61,6 +61,12 @@ def agent(
         int, typer.Option(help="streams per model before RESOURCE_EXHAUSTED")
     ] = AgentConfig.max_in_flight,
     label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
+    decode_tokens_per_s: Annotated[
+        float,
+        typer.Option(
+            help="each device's decode tokens/s at full load, until measured here; 0 = unknown"
+        ),
+    ] = AgentConfig.decode_tokens_per_s,
     metrics_port: MetricsPort = SERVICE.metrics_port,
     ready_file: ReadyFile = SERVICE.ready_file,
 ) -> None:
@@ -85,6 +91,7 @@ def agent(
             threads=threads,
             max_in_flight=max_in_flight,
             labels=tuple((k, v) for k, v in pairs),
+            decode_tokens_per_s=decode_tokens_per_s,
             **kwargs,
         )
     except ValueError as e:

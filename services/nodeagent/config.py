@@ -25,6 +25,9 @@ class AgentConfig:
     drain_grace_s: float = 10.0  # how long an unload waits for in-flight streams
     load_retry_s: float = 30.0  # wait before reloading a model that FAILED
     labels: tuple[tuple[str, str], ...] = ()
+    # Decode tokens/s one device generates at full load, as configured; published until the
+    # agent measures it (throughput.py); 0 = unknown (the scheduler does not limit by compute).
+    decode_tokens_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_name("node", self.node_id)
@@ -34,6 +37,8 @@ class AgentConfig:
             raise ValueError("memory_limit_bytes and host_memory_limit_bytes must be >= 0")
         if self.threads < 1 or self.max_in_flight < 1:
             raise ValueError("threads and max_in_flight must be >= 1")
+        if not self.decode_tokens_per_s >= 0:  # NaN fails too
+            raise ValueError("decode_tokens_per_s must be >= 0")
 
     @property
     def tier_cache_dir(self) -> str:

@@ -15,6 +15,7 @@ from meshserve.cluster.store import Store
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe, capacity_bytes
 from meshserve.nodeagent.replica import Replica
+from meshserve.nodeagent.throughput import Sample, Throughput, moved
 from meshserve.telemetry import metrics
 from meshserve.v1 import cluster_pb2
 
@@ -51,7 +52,14 @@ def node_changed(old: cluster_pb2.NodeStatus | None, new: cluster_pb2.NodeStatus
             return True
         if abs(a.utilization - b.utilization) > 0.10 or a.name != b.name:
             return True
-    return False
+    if [t.device_id for t in old.throughput] != [t.device_id for t in new.throughput]:
+        return True
+    return any(
+        moved(a.decode_tokens_per_s, b.decode_tokens_per_s)
+        or moved(a.capacity_tokens_per_s, b.capacity_tokens_per_s)
+        or a.measured != b.measured
+        for a, b in zip(old.throughput, new.throughput, strict=True)
+    )
 
 
 class StatusPublisher:
@@ -74,6 +82,7 @@ class StatusPublisher:
         self._dirty: set[str] = set()  # replicas whose last publish failed
         self._last_node: cluster_pb2.NodeStatus | None = None
         self._last_node_at = 0.0
+        self.throughput = Throughput(config.decode_tokens_per_s)
 
     # --- replicas ----------------------------------------------------------------------------
 
@@ -138,6 +147,15 @@ class StatusPublisher:
             disk_used_bytes=sum(e.disk_bytes() for e in engines),
             draining=self.draining,
             device_kind=report.kind,
+            throughput=[
+                S.DeviceThroughput(
+                    device_id=t.device_id,
+                    decode_tokens_per_s=round(t.tokens_per_s, 1),
+                    capacity_tokens_per_s=round(t.capacity_tokens_per_s, 1),
+                    measured=t.measured,
+                )
+                for t in self.throughput.devices()
+            ],
         )
 
     async def publish_node(self, force: bool = False) -> None:
@@ -145,6 +163,9 @@ class StatusPublisher:
         for g in status.gpus:
             metrics.GPU_MEMORY_USED.labels(g.uuid or str(g.index)).set(g.memory_used_bytes)
             metrics.GPU_UTILIZATION.labels(g.uuid or str(g.index)).set(g.utilization)
+        for t in status.throughput:
+            metrics.DECODE_RATE.labels(t.device_id).set(t.decode_tokens_per_s)
+            metrics.DECODE_CAPACITY.labels(t.device_id).set(t.capacity_tokens_per_s)
         due = time.monotonic() - self._last_node_at > NODE_REFRESH_S
         if not (force or due or node_changed(self._last_node, status)):
             return
@@ -171,16 +192,26 @@ class StatusPublisher:
     async def publish_stats(self) -> None:
         """Engine load into ReplicaStatus, at most every STATS_INTERVAL_S and only when it moved:
         at most one write/s per replica, so etcd sees O(replicas) small writes, not one per
-        request."""
-        for r in list(self.replicas.values()):
-            if r.engine is None or not r.ready:
-                continue
-            st = r.engine.stats()
+        request. The decode rate is measured on the way (throughput.py)."""
+        serving = [
+            (r, r.engine.stats())
+            for r in list(self.replicas.values())
+            if r.engine is not None and r.ready
+        ]
+        samples = [
+            Sample(r.spec.name, r.devices, st.generated_tokens, st.waiting > 0) for r, st in serving
+        ]
+        self.throughput.observe(time.monotonic(), samples)
+        for r, st in serving:
+            assert r.engine is not None
             s = r.status
-            moved = (st.running, st.waiting) != (s.running, s.waiting)
+            rate = round(self.throughput.replica_rate(r.spec.name), 1)
+            busy = (st.running, st.waiting) != (s.running, s.waiting)
             grew = r.engine.memory_bytes() > s.memory_bytes  # e.g. after a device OOM
-            if moved or grew or abs(st.kv_cache_usage - s.kv_cache_usage) > 0.1:
+            faster = moved(s.decode_tokens_per_s, rate)
+            if busy or grew or faster or abs(st.kv_cache_usage - s.kv_cache_usage) > 0.1:
                 s.running, s.waiting, s.kv_cache_usage = st.running, st.waiting, st.kv_cache_usage
+                s.decode_tokens_per_s = rate
                 s.memory_bytes = max(s.memory_bytes, r.engine.memory_bytes())
                 await self.publish(r)
                 if grew:

@@ -28,7 +28,9 @@ class Load:
     queued: int = 0  # waiting for a replica (cold start)
     last_request: float = 0.0  # s since the epoch; 0 = never
     ttft_p99_s: float = 0.0
-    gpu_utilization: float = 0.0  # the busiest GPU among the model's replicas, [0, 1]
+    # the busiest device among its replicas, [0, 1]: NVML utilization, or measured decode rate
+    # over the device's decode capacity (snapshot.device_busy)
+    gpu_utilization: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from meshserve.scheduler.record import RoundOutcome, record_round
 from meshserve.scheduler.snapshot import (
     autoscale,
     build_snapshot,
-    gpu_busy,
+    device_busy,
     loads,
     placed_replicas,
 )
@@ -191,7 +191,7 @@ class SchedulerLoop:
                 self.measured_load_s[r.model] = r.load_seconds
         nodes = list(self.nodes.snapshot.values())
         placements = list(self.placements.snapshot.values())
-        busy = gpu_busy(nodes, placements)
+        busy = device_busy(nodes, placements)
         load = loads(self.demand.snapshot.values(), self.ensured, busy)
         self.scale = autoscale(specs, load, self.scale, placed_replicas(placements), now)
         return build_snapshot(

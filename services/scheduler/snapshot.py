@@ -32,16 +32,26 @@ def scale_policy(spec: cluster_pb2.ModelSpec) -> ScalePolicy:
     )
 
 
-def gpu_busy(
+def device_busy(
     nodes: Iterable[cluster_pb2.NodeStatus], placements: Iterable[cluster_pb2.Placement]
 ) -> dict[str, float]:
-    """Per model, the utilization of the busiest GPU its placements name (NVML's sample)."""
-    util = {g.uuid: g.utilization for n in nodes for g in n.gpus}
+    """Per model, how busy the busiest device its placements name is, in [0, 1]: NVML's
+    utilization sample, or the measured decode rate over the device's capacity where the agent
+    reports one (a CPU node's one device has no NVML sample: only the latter)."""
+    busy: dict[tuple[str, str], float] = {}
+    for n in nodes:
+        for g in n.gpus:
+            busy[(n.node_id, g.uuid)] = float(g.utilization)
+        for t in n.throughput:
+            if t.capacity_tokens_per_s > 0:
+                ratio = min(1.0, t.decode_tokens_per_s / t.capacity_tokens_per_s)
+                key = (n.node_id, t.device_id)
+                busy[key] = max(busy.get(key, 0.0), ratio)
     out: dict[str, float] = {}
     for p in placements:
-        for d in p.devices:
-            if d in util:
-                out[p.model] = max(out.get(p.model, 0.0), util[d])
+        for d in p.devices or [""]:
+            if (p.node_id, d) in busy:
+                out[p.model] = max(out.get(p.model, 0.0), busy[(p.node_id, d)])
     return out
 
 
@@ -51,7 +61,7 @@ def loads(
     busy: Mapping[str, float] | None = None,
 ) -> dict[str, Load]:
     """Per model, every router's demand merged; an EnsureModel counts as a request at its time;
-    ``busy`` (from `gpu_busy`) adds GPU saturation."""
+    ``busy`` (from `device_busy`) adds device saturation."""
     per: dict[str, list[Load]] = defaultdict(list)
     for router in demand:
         for d in router.models:
@@ -109,9 +119,11 @@ def build_snapshot(
     """``load`` is this round's merged demand (`loads`), ``scale`` the autoscaler's output for
     it (`autoscale`): the snapshot takes wanted replicas, recency and request rates from them."""
     measured: dict[str, int] = defaultdict(int)
+    decode: dict[str, float] = defaultdict(float)  # tokens/s its replicas generate now
     failed: set[tuple[str, str]] = set()
     for r in replicas:
         measured[r.model] = max(measured[r.model], int(r.memory_bytes))
+        decode[r.model] += float(r.decode_tokens_per_s)
         if r.state == cluster_pb2.REPLICA_STATE_FAILED:
             failed.add((r.model, r.node_id))
     views = []
@@ -131,6 +143,7 @@ def build_snapshot(
                 gpu_types=frozenset(spec.gpu_types),
                 node_selector=dict(spec.node_selector),
                 request_rate=load[spec.name].rate if spec.name in load else 0.0,
+                tokens_per_s=decode.get(spec.name, 0.0),
             )
         )
     current: dict[str, set[str]] = defaultdict(set)
@@ -155,15 +168,22 @@ def build_snapshot(
 
 def node_view(n: cluster_pb2.NodeStatus) -> NodeView:
     """GPUs become devices, each offering its share of the node's capacity (an agent's
-    --memory-limit caps the total); a node without GPUs is one device of its capacity."""
+    --memory-limit caps the total) and the decode capacity the agent measured or was configured
+    with; a node without GPUs is one device ("") of its capacity."""
+    compute = {t.device_id: float(t.capacity_tokens_per_s) for t in n.throughput}
     gpus = [g for g in n.gpus if g.memory_total_bytes > 0]
     devices: tuple[Device, ...] = ()
     if gpus:
         total = sum(g.memory_total_bytes for g in gpus)
         scale = min(1.0, n.capacity_bytes / total) if n.capacity_bytes else 1.0
         devices = tuple(
-            Device(g.uuid, int(g.memory_total_bytes * scale), g.name, g.mig) for g in gpus
+            Device(
+                g.uuid, int(g.memory_total_bytes * scale), g.name, g.mig, compute.get(g.uuid, 0.0)
+            )
+            for g in gpus
         )
+    elif compute.get(""):
+        devices = (Device("", int(n.capacity_bytes), throughput_tokens_per_s=compute[""]),)
     return NodeView(
         n.node_id,
         int(n.capacity_bytes),

@@ -58,6 +58,16 @@ SWAP_SECONDS = Histogram(
 )
 GPU_MEMORY_USED = Gauge("meshserve_gpu_memory_used_bytes", "GPU memory in use", ["gpu"])
 GPU_UTILIZATION = Gauge("meshserve_gpu_utilization_ratio", "GPU utilization", ["gpu"])
+DECODE_RATE = Gauge(
+    "meshserve_device_decode_tokens_per_s",
+    'Decode tokens/s measured on a device (engines\' counters, ~10 s average); gpu "" = CPU',
+    ["gpu"],
+)
+DECODE_CAPACITY = Gauge(
+    "meshserve_device_decode_capacity_tokens_per_s",
+    "Decode tokens/s a device generates at full load (measured while saturated, else configured)",
+    ["gpu"],
+)
 SCHEDULER_ROUNDS = Counter("meshserve_scheduler_rounds_total", "Scheduling rounds", ["outcome"])
 SCHEDULER_ROUND_SECONDS = Histogram(
     "meshserve_scheduler_round_seconds", "Scheduling round time", buckets=_LATENCY

@@ -349,6 +349,7 @@ class NodeStatus(_message.Message):
     HOST_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     HOST_USED_BYTES_FIELD_NUMBER: _builtins.int
     DISK_USED_BYTES_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     """host:port of the agent's gRPC server"""
@@ -373,6 +374,12 @@ class NodeStatus(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def throughput(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceThroughput]:
+        """Decode throughput per device, measured from the engines' own token counters: one entry per
+        GPU uuid that holds a replica (device_id "" is the memory of a node without GPUs).
+        """
+
     def __init__(
         self,
         *,
@@ -389,14 +396,49 @@ class NodeStatus(_message.Message):
         host_capacity_bytes: _builtins.int = ...,
         host_used_bytes: _builtins.int = ...,
         disk_used_bytes: _builtins.int = ...,
+        throughput: _abc.Iterable[Global___DeviceThroughput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity_bytes", b"capacity_bytes", "device_kind", b"device_kind", "disk_used_bytes", b"disk_used_bytes", "draining", b"draining", "gpus", b"gpus", "host_capacity_bytes", b"host_capacity_bytes", "host_memory_available_bytes", b"host_memory_available_bytes", "host_memory_total_bytes", b"host_memory_total_bytes", "host_used_bytes", b"host_used_bytes", "labels", b"labels", "node_id", b"node_id", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity_bytes", b"capacity_bytes", "device_kind", b"device_kind", "disk_used_bytes", b"disk_used_bytes", "draining", b"draining", "gpus", b"gpus", "host_capacity_bytes", b"host_capacity_bytes", "host_memory_available_bytes", b"host_memory_available_bytes", "host_memory_total_bytes", b"host_memory_total_bytes", "host_used_bytes", b"host_used_bytes", "labels", b"labels", "node_id", b"node_id", "throughput", b"throughput", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
+
+@_typing.final
+class DeviceThroughput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    CAPACITY_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    MEASURED_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """GPU or MIG uuid; "" for a CPU node's memory"""
+    decode_tokens_per_s: _builtins.float
+    """generated now by the replicas on it (smoothed, ~10 s)"""
+    capacity_tokens_per_s: _builtins.float
+    """What it generates at full load: measured while its engines had streams queued (smoothed);
+    the agent's configured --decode-tokens-per-s until such a moment was seen; 0 = unknown.
+    """
+    measured: _builtins.bool
+    """capacity_tokens_per_s was measured here (not configured)"""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        decode_tokens_per_s: _builtins.float = ...,
+        capacity_tokens_per_s: _builtins.float = ...,
+        measured: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_tokens_per_s", b"capacity_tokens_per_s", "decode_tokens_per_s", b"decode_tokens_per_s", "device_id", b"device_id", "measured", b"measured"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceThroughput: _TypeAlias = DeviceThroughput  # noqa: Y015
 
 @_typing.final
 class ReplicaStatus(_message.Message):
@@ -421,6 +463,7 @@ class ReplicaStatus(_message.Message):
     WAITING_FIELD_NUMBER: _builtins.int
     MAX_STREAMS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -450,6 +493,8 @@ class ReplicaStatus(_message.Message):
     """streams it admits at once (routers queue the rest); 0 = unknown"""
     incarnation: _builtins.int
     """the agent's lease id when written: changes when the agent restarts"""
+    decode_tokens_per_s: _builtins.float
+    """output tokens/s it generates now (engine counter, ~10 s EWMA)"""
     def __init__(
         self,
         *,
@@ -470,10 +515,11 @@ class ReplicaStatus(_message.Message):
         waiting: _builtins.int = ...,
         max_streams: _builtins.int = ...,
         incarnation: _builtins.int = ...,
+        decode_tokens_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "predicted_bytes", b"predicted_bytes", "running", b"running", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "predicted_bytes", b"predicted_bytes", "running", b"running", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

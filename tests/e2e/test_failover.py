@@ -310,3 +310,49 @@ async def test_device_oom_fails_one_request_and_repeated_oom_moves_the_model(
         lambda: _replica_status(mesh, "oomy", other), 60, "oomy to move to the other agent"
     )
     assert moved is not None
+
+
+async def _node_status(mesh: Mesh, node: str) -> cluster_pb2.NodeStatus | None:
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        return await Store(client, Keyspace()).get(Keyspace().node(node), cluster_pb2.NodeStatus)
+    finally:
+        await client.close()
+
+
+async def test_agents_publish_measured_decode_throughput(mesh: Mesh, demo_model: Path) -> None:
+    """A model whose engine takes one stream at a time, sent four long streams at once: the
+    replica publishes its decode tokens/s and the node its device's measured capacity (streams
+    were queued in the engine), both near what the clients counted."""
+    router = mesh.services["router"].address
+    spec = model_spec("narrow", demo_model, min_replicas=1, max_replicas=1)
+    spec.engine_args["max_batch"] = "1"
+    await apply(mesh, spec)
+    await eventually(lambda: ready_replicas(router, "narrow"), 60, "narrow READY")
+    request = greedy(max_tokens=900, prompt="Throughput")
+    request.model = "narrow"
+    first = await generate(router, request)  # one alone: which node, and its rate
+    node = first.headers["meshserve-node"]
+    agent = mesh.services[node].address
+    started = time.monotonic()
+    runs = [asyncio.create_task(generate(agent, request, timeout=120)) for _ in range(4)]
+
+    async def measured() -> cluster_pb2.NodeStatus | None:
+        n = await _node_status(mesh, node)
+        ok = n is not None and any(t.measured for t in n.throughput)
+        return n if ok else None
+
+    status = await eventually(measured, 60, "a measured capacity in the node's status")
+    replica = await _replica_status(mesh, "narrow", node)
+    outs = await asyncio.gather(*runs)
+    client_rate = sum(len(o.token_ids) for o in outs) / (time.monotonic() - started)
+    assert replica is not None and replica.decode_tokens_per_s > 0
+    (device,) = [t for t in status.throughput if t.measured]
+    assert device.device_id == ""  # a CPU node's one device
+    # The engine's counter over ~1 s samples against what the clients counted end to end:
+    # the same work, so within a factor of 3 either way (noisy shared CI machines).
+    assert client_rate / 3 < device.capacity_tokens_per_s < client_rate * 3, (
+        device,
+        client_rate,
+    )
+    assert device.capacity_tokens_per_s >= device.decode_tokens_per_s * 0.99

@@ -29,6 +29,7 @@ class EngineStats:
     waiting: int  # streams queued in the engine
     kv_cache_usage: float  # [0, 1]; 0 where the engine has no paged KV cache
     out_of_memory: int = 0  # requests failed by device OOM since load (the agent moves it at 3)
+    generated_tokens: int = 0  # output tokens generated since load (the engine's own counter)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,9 @@ class TorchEngine:
         self._stopping = False
         self._in_flight = 0
         self._steps = 0  # decode steps over the engine's life
+        self._generated = 0  # tokens sampled over the engine's life
         self._inject_oom_every = 0
+        self._max_batch = config.max_batch
         self.ooms = 0  # requests failed by device OOM
 
     @property
@@ -103,7 +105,7 @@ class TorchEngine:
         return ""
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self._active), len(self._inbox), 0.0, self.ooms)
+        return EngineStats(len(self._active), len(self._inbox), 0.0, self.ooms, self._generated)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -125,6 +127,9 @@ class TorchEngine:
         # Fault injection for tests and drills: a device OOM at every Nth decode step (counted
         # over the engine's life); 0 = never.
         self._inject_oom_every = int(args.get("inject_oom_every", 0))
+        self._max_batch = int(args.get("max_batch", self.config.max_batch))
+        if self._max_batch < 1:
+            raise ValueError(f"engine_args.max_batch must be >= 1, got {self._max_batch}")
         self._task = args.get("task", "generate")
         if self._task not in ("generate", "embed"):
             raise ValueError(f"engine_args.task must be generate or embed, got {self._task!r}")
@@ -299,7 +304,7 @@ class TorchEngine:
                     if self._stopping:
                         self._fail_all()
                         return
-                    room = self.config.max_batch - len(self._active)
+                    room = self._max_batch - len(self._active)
                     self._active.extend(self._inbox[:room])
                     del self._inbox[:room]
                     embeds, self._embeds = self._embeds, []
@@ -384,6 +389,7 @@ class TorchEngine:
             s.pending_draws = 0
         token = sample(logits, s.params, s.generator)
         s.generated.append(token)
+        self._generated += 1
         text = self._tok.decode(s.generated, skip_special_tokens=True)
         chunk = next_chunk(s, token, text, token in self._eos, self._max_len)
         s.post(chunk)

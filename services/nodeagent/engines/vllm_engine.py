@@ -88,7 +88,11 @@ class _StatsSink(StatLoggerBase):
         mm_cache_stats: Any = None,
         engine_idx: int = 0,
     ) -> None:
-        if scheduler_stats is not None and self.owner is not None:
+        if self.owner is None:
+            return
+        if iteration_stats is not None:
+            self.owner._generated += int(iteration_stats.num_generation_tokens)
+        if scheduler_stats is not None:
             self.owner._stats = EngineStats(
                 running=int(scheduler_stats.num_running_reqs),
                 waiting=int(scheduler_stats.num_waiting_reqs),
@@ -128,6 +132,7 @@ class VllmEngine:
         self._weights = 0
         self._in_flight = 0
         self._stats = EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
+        self._generated = 0  # vLLM's generation tokens, summed over its iteration stats
         self._on_cpu = bool(current_platform.is_cpu())
         self._sleep = not self._on_cpu and bool(current_platform.is_sleep_mode_available())
 
@@ -178,8 +183,8 @@ class VllmEngine:
         # aborted) the engine idles and its last report still counts that stream. Every request
         # goes through generate(), so none in flight means none running or waiting.
         if self._in_flight == 0:
-            return EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
-        return self._stats
+            return EngineStats(0, 0, 0.0, generated_tokens=self._generated)
+        return replace(self._stats, generated_tokens=self._generated)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
