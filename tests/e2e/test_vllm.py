@@ -207,6 +207,12 @@ async def test_running_request_shows_in_etcd_and_cancel_aborts_it(vmesh: Mesh) -
         await eventually(lambda: running(1), 8, "ReplicaStatus.running == 1 during the stream")
         r = await _replica(vmesh)
         assert r is not None and r.kv_cache_usage > 0
+
+        async def decoding() -> bool:  # vLLM's iteration stats count the generated tokens
+            r = await _replica(vmesh)
+            return r is not None and r.decode_tokens_per_s > 0
+
+        await eventually(decoding, 8, "a measured decode rate in ReplicaStatus")
         call.cancel()
     # The abort reaches vLLM's engine core: its running count drops to 0 long before 1900 tokens.
     await eventually(lambda: running(0), 8, "vLLM's running count back to 0 after the cancel")
