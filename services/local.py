@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,10 @@ class Mesh:
             args += ["--host-memory-limit", host_memory_limit]
         return self._spawn(name, args, timeout_s=timeout_s, python=python)
 
-    def start_router(self, name: str = "router", listen: str = "127.0.0.1:0") -> Service:
+    def start_router(
+        self, name: str = "router", listen: str = "127.0.0.1:0", extra: Sequence[str] = ()
+    ) -> Service:
+        """``extra``: more router flags (``--tenants FILE`` …)."""
         return self._spawn(
             name,
             [
@@ -146,6 +150,7 @@ class Mesh:
                 self.etcd.endpoint,
                 "--lease-ttl",
                 str(self.lease_ttl_s),
+                *extra,
             ],
         )
 

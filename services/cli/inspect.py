@@ -38,12 +38,19 @@ async def stream_completion(
     seed: int | None,
     timeout: float,
     session: str,
+    api_key: str = "",
+    priority: int = 0,
 ) -> None:
     import grpc
     from meshserve.rpc.errors import decode_details, error_reason
     from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
-    req = inference_pb2.GenerateRequest(model=model, prompt=prompt, session_key=session)
+    req = inference_pb2.GenerateRequest(
+        model=model,
+        prompt=prompt,
+        session_key=session,
+        priority=priority,  # type: ignore[arg-type]
+    )
     if max_tokens is not None:
         req.sampling.max_tokens = max_tokens
     if temperature is not None:
@@ -53,7 +60,9 @@ async def stream_completion(
     start = time.perf_counter()
     first = None
     async with grpc.aio.insecure_channel(address) as ch:
-        call = inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=timeout)
+        call = inference_pb2_grpc.InferenceStub(ch).Generate(
+            req, timeout=timeout, metadata=bearer(api_key)
+        )
         try:
             async for msg in call:
                 if first is None:
@@ -75,6 +84,17 @@ async def stream_completion(
             raise fail(f"{e.code().name}: {e.details()}" + (f" [{why}]" if why else "")) from None
 
 
+def bearer(api_key: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries an API key (none without one)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+ApiKey = Annotated[
+    str,
+    typer.Option(envvar="MESHSERVE_API_KEY", help="API key (when the router has tenants)"),
+]
+
+
 @app.command()
 def generate(
     model: str,
@@ -85,11 +105,23 @@ def generate(
     session: Annotated[str, typer.Option(help="session key (replica affinity)")] = "",
     address: Annotated[str, typer.Option(envvar="MESHSERVE_ROUTER", help="router host:port")] = "",
     timeout: Annotated[float, typer.Option(help="deadline, s")] = 60.0,
+    api_key: ApiKey = "",
+    priority: Annotated[
+        str, typer.Option(help="low (sheddable batch), normal, high, critical")
+    ] = "",
 ) -> None:
     """Stream a completion from MODEL (through the router `meshserve up` started, by default)."""
+    from meshserve.router.tenants import parse_priority
+
+    try:
+        level = parse_priority(priority, "--priority") if priority else 0
+    except ValueError as e:
+        raise fail(str(e)) from None
     address = address or state().get("router") or DEFAULT_LISTEN
     asyncio.run(
-        stream_completion(address, model, prompt, max_tokens, temperature, seed, timeout, session)
+        stream_completion(
+            address, model, prompt, max_tokens, temperature, seed, timeout, session, api_key, level
+        )
     )
 
 

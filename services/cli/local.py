@@ -33,6 +33,9 @@ def up(
     exit_after_demo: Annotated[
         bool, typer.Option(help="stop the mesh after the demo completion")
     ] = False,
+    auth: Annotated[
+        bool, typer.Option(help="tenancy on: one admin tenant whose new API key is printed once")
+    ] = False,
 ) -> None:
     """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
     completion, and run until Ctrl-C."""
@@ -40,7 +43,7 @@ def up(
     if agents < 1:
         raise fail("--agents must be >= 1")
     try:
-        _up(agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo)
+        _up(agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo, auth)
     except _Stop as stop:
         raise typer.Exit(128 + stop.signum) from None
     except Exception:
@@ -59,6 +62,7 @@ def _up(
     prompt: str,
     max_tokens: int,
     exit_after_demo: bool,
+    auth: bool = False,
 ) -> None:
     from meshserve.local import Mesh
 
@@ -75,7 +79,8 @@ def _up(
             mesh.start_scheduler()
             for i in range(agents):
                 mesh.start_agent(f"agent-{i}", memory_limit=memory_limit)
-            router_address = mesh.start_router(listen=f"127.0.0.1:{port}").address
+            key, extra = _local_tenant(data_dir) if auth else ("", [])
+            router_address = mesh.start_router(listen=f"127.0.0.1:{port}", extra=extra).address
         (data_dir / STATE).write_text(
             json.dumps({"router": router_address, "etcd": mesh.etcd.endpoint})
         )
@@ -83,15 +88,20 @@ def _up(
 
         asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, demo_spec(model_dir)))
         with console.status("waiting for model 'demo' to be READY…"):
-            asyncio.run(_wait_ready(router_address, "demo", 120.0))
+            asyncio.run(_wait_ready(router_address, "demo", 120.0, key))
         console.print(
             f"[green]mesh up[/green] in {time.monotonic() - started:.1f} s — "
             f"router {router_address}, "
             f"etcd {mesh.etcd.endpoint}, logs {data_dir / 'logs'}, traces {data_dir / 'traces'}"
         )
+        if key:
+            console.print(
+                f"auth on: API key (shown once) [bold]{key}[/bold]\n"
+                f"  export MESHSERVE_API_KEY={key}"
+            )
         console.print(f"[bold]demo>[/bold] {prompt}", end="")
         asyncio.run(
-            stream_completion(router_address, "demo", prompt, max_tokens, None, None, 30.0, "")
+            stream_completion(router_address, "demo", prompt, max_tokens, None, None, 30.0, "", key)
         )
         if exit_after_demo:
             return
@@ -149,15 +159,36 @@ def _watch(mesh: Any) -> None:
                 )
 
 
-async def _wait_ready(address: str, model: str, timeout_s: float) -> None:
+def _local_tenant(data_dir: Path) -> tuple[str, list[str]]:
+    """A new key for one admin tenant ("local"), its hash in ``data_dir``/tenants.yaml (edit it
+    while the mesh runs: the router re-reads it), and the router flags that use it."""
+    from meshserve.router.tenants import hash_key, new_key
+
+    key = new_key()
+    path = data_dir / "tenants.yaml"
+    path.write_text(
+        "# meshserve up --auth: tenants (the router re-reads this file when it changes)\n"
+        "tenants:\n"
+        "  - name: local\n"
+        f"    keys: [{hash_key(key)}]\n"
+        "    max_priority: critical\n"
+        "    admin: true\n"
+    )
+    return key, ["--tenants", str(path)]
+
+
+async def _wait_ready(address: str, model: str, timeout_s: float, api_key: str = "") -> None:
     import grpc
+    from meshserve.cli.inspect import bearer
     from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
     async with grpc.aio.insecure_channel(address) as ch:
         stub = inference_pb2_grpc.InferenceStub(ch)
         while time.monotonic() < deadline:
-            with_models = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+            with_models = await stub.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=5, metadata=bearer(api_key)
+            )
             if any(m.name == model and m.ready_replicas for m in with_models.models):
                 return
             await asyncio.sleep(0.2)

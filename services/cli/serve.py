@@ -160,14 +160,29 @@ def router(
     queue_timeout: Annotated[
         float, typer.Option(help="longest cold-start wait, s")
     ] = RouterConfig.queue_timeout_s,
+    tenants: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHSERVE_TENANTS",
+            help="tenants YAML (watched): turns auth on; see `meshserve tenant --help`",
+        ),
+    ] = "",
+    tenants_from_etcd: Annotated[
+        bool, typer.Option(help="tenants from etcd's config/tenants (auth on)")
+    ] = False,
     metrics_port: MetricsPort = SERVICE.metrics_port,
     ready_file: ReadyFile = SERVICE.ready_file,
 ) -> None:
     """Run a router: the one Inference endpoint clients call."""
+    from pathlib import Path
+
     from meshserve.router.main import run
+    from meshserve.router.tenants import parse_book
     from meshserve.runtime import run_loop
 
     try:
+        if tenants:
+            parse_book(Path(tenants).read_bytes())  # a bad file stops here, with its problem
         kwargs: dict[str, Any] = {"router_id": router_id} if router_id else {}
         config = RouterConfig(
             service=service(
@@ -176,8 +191,10 @@ def router(
             max_attempts=max_attempts,
             queue_per_model=queue_per_model,
             queue_timeout_s=queue_timeout,
+            tenants_file=tenants,
+            tenants_from_etcd=tenants_from_etcd,
             **kwargs,
         )
-    except ValueError as e:
-        raise fail(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise fail(f"{tenants}: {e}" if tenants else str(e)) from None
     run_loop(run(config))

@@ -89,6 +89,10 @@ class Keyspace:
     def demands(self) -> bytes:
         return self._key("demand", "")
 
+    # config/tenants: the tenants document (TenantsDocument) every router reads
+    def tenants(self) -> bytes:
+        return self._key("config", "tenants")
+
     def parse(self, key: bytes) -> tuple[str, ...]:
         """Splits a key into its kind and names: ``("replicas", model, node)``.
 
@@ -105,6 +109,7 @@ class Keyspace:
             "placements": 3,
             "demand": 2,
             "election": 3,
+            "config": 2,
         }
         if not parts or shapes.get(parts[0]) != len(parts) or not all(parts):
             raise ValueError(f"key {text!r} has no known shape")

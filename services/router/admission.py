@@ -1,10 +1,14 @@
 """Admission: a request gets a READY replica with a free stream slot, or waits for one.
 
 Each replica publishes how many streams it admits (``max_streams``); this router sends a replica
-at most that many of its own streams and holds the rest in a bounded, deadline-aware FIFO queue
-per model, handing the oldest waiter a slot as soon as one frees on any replica (a stream ends,
-a replica turns READY). Saturation is never failure: an agent's RESOURCE_EXHAUSTED (other
-routers filled it) sends the request back here. A model with no READY replica is a cold start:
+at most that many of its own streams and holds the rest in a bounded, deadline-aware queue per
+model, handing the first waiter a slot as soon as one frees on any replica (a stream ends, a
+replica turns READY). Queue order (fairqueue.py): priority, then fair shares across tenants,
+then age. A full queue sheds its lowest-priority waiter for a higher-priority arrival
+(RESOURCE_EXHAUSTED with RetryInfo). Sheddable (PRIORITY_LOW) streams never take the last
+quarter of a replica's slots, so interactive requests find one free at once. Saturation is
+never failure: an agent's RESOURCE_EXHAUSTED (other routers filled it) sends the request back
+here. A model with no READY replica is a cold start:
 one EnsureModel at a time per model (singleflight), repeated while anyone waits; a READY fallback
 model serves meanwhile.
 
@@ -20,7 +24,6 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -29,14 +32,18 @@ from typing import Any
 import grpc
 from meshserve.router.breakers import Breakers
 from meshserve.router.demand import DemandTracker
+from meshserve.router.fairqueue import FairQueue
 from meshserve.router.picker import rank
 from meshserve.router.table import Endpoint, EndpointTable, Route, RouteTable
 from meshserve.rpc.errors import ServiceError
 from meshserve.telemetry import metrics
+from meshserve.v1 import common_pb2
 
 DEADLINE_MARGIN_S = 0.1  # answer a little before the caller's deadline so it gets our message
 RECHECK_S = 0.5  # a waiter looks again this often (breaker cool-downs end without an event)
 Identity = tuple[str, int]
+SHEDDABLE = common_pb2.PRIORITY_LOW
+RESERVED_SHARE = 0.25  # of a replica's slots that sheddable streams leave to the others
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,18 @@ class Ensured:
 
     unplaceable: str = ""  # why it cannot place the model; "" when it is (being) placed
     ready_in_s: float = 0.0  # its estimate of when a replica can serve (0: unknown or now)
+
+
+@dataclass(frozen=True)
+class Who:
+    """Whose request it is, for queue order (fairqueue.py)."""
+
+    tenant: str = ""
+    priority: int = common_pb2.PRIORITY_NORMAL
+    weight: float = 1.0
+
+
+ANYONE = Who()
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,7 @@ class _Waiter:
     route: Route
     session_key: str
     exclude: AbstractSet[Identity]
+    priority: int = common_pb2.PRIORITY_NORMAL
     future: asyncio.Future[Slot] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -90,7 +110,7 @@ class Admission:
         self.ensure_interval_s = ensure_interval_s
         self.outstanding: dict[str, int] = {}  # address → this router's streams (ranking)
         self.streams: dict[tuple[str, str], int] = {}  # (address, model) → streams (capacity)
-        self.queues: dict[str, deque[_Waiter]] = {}
+        self.queues: dict[str, FairQueue[_Waiter]] = {}
         self.unplaceable: dict[str, str] = {}  # model → the scheduler's last reason
         self.ready_at: dict[str, float] = {}  # model → when the scheduler expects it (monotonic)
         self._ensuring: dict[str, asyncio.Task[None]] = {}
@@ -105,25 +125,22 @@ class Admission:
         session_key: str = "",
         deadline_s: float | None = None,
         exclude: AbstractSet[Identity] = frozenset(),
+        who: Who = ANYONE,
     ) -> Slot:
         """A slot on a replica of ``route``'s model (or a READY fallback); waits in the model's
         queue while none is free. ``deadline_s``: the caller's remaining time (None: none).
-        Raises ServiceError: RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED, UNAVAILABLE."""
+        Raises ServiceError: RESOURCE_EXHAUSTED (queue full, or shed for a higher priority),
+        DEADLINE_EXCEEDED, UNAVAILABLE."""
         model = route.spec.name
-        queue = self.queues.setdefault(model, deque())
+        queue = self.queues.setdefault(model, FairQueue())
         if not queue:  # nobody ahead: no queueing cost on the hot path
-            slot = self._choose(self._current(route), session_key, exclude)
+            slot = self._choose(self._current(route), session_key, exclude, who.priority)
             if slot is not None:
                 return self._take(slot)
         if len(queue) >= self.per_model:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(queue)} requests already wait for model {model!r}; retry later",
-                "QUEUE_FULL",
-                retry_after_s=1.0,
-            )
-        waiter = _Waiter(route, session_key, exclude)
-        queue.append(waiter)
+            self._shed_for(model, queue, who.priority)
+        waiter = _Waiter(route, session_key, exclude, who.priority)
+        queue.push(waiter, who.priority, who.tenant, who.weight)
         self.demand.queued(model, +1)
         metrics.QUEUED.labels(model).inc()
         end = waiter.since + self.timeout_s
@@ -151,13 +168,39 @@ class Admission:
             waiter.future.cancel()
             raise
         finally:
-            with contextlib.suppress(ValueError):
-                queue.remove(waiter)
+            queue.remove(waiter)
+            queue.reset_if_idle()
             self.demand.queued(model, -1)
             metrics.QUEUED.labels(model).dec()
 
+    def _shed_for(self, model: str, queue: FairQueue[_Waiter], priority: int) -> None:
+        """The queue is full: its lowest-priority waiter makes room for a higher-priority
+        arrival, or the arrival is refused."""
+        lowest = queue.lowest()
+        if lowest is None or lowest[1] >= priority:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(queue)} requests of this priority or higher already wait for model "
+                f"{model!r}; retry later",
+                "QUEUE_FULL",
+                retry_after_s=1.0,
+            )
+        victim, victim_priority = lowest
+        queue.remove(victim)
+        metrics.SHED.labels(model, common_pb2.Priority.Name(victim_priority)).inc()  # type: ignore[arg-type]
+        if not victim.future.done():
+            victim.future.set_exception(
+                ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"shed: model {model!r} is saturated and higher-priority requests filled its "
+                    "queue; retry later",
+                    "SHED_FOR_PRIORITY",
+                    retry_after_s=2.0,
+                )
+            )
+
     def release(self, slot: Slot) -> None:
-        """The stream on ``slot`` ended: its place goes to the oldest waiter that can use it."""
+        """The stream on ``slot`` ended: its place goes to the first waiter that can use it."""
         address = slot.endpoint.address
         self.outstanding[address] = self.outstanding.get(address, 1) - 1
         key = (address, slot.model)
@@ -169,11 +212,20 @@ class Admission:
     def _current(self, route: Route) -> Route:
         return self.table.current.resolve(route.spec.name) or route
 
-    def _free(self, e: Endpoint, model: str) -> bool:
-        return not e.max_streams or self.streams.get((e.address, model), 0) < e.max_streams
+    def _free(self, e: Endpoint, model: str, priority: int) -> bool:
+        if not e.max_streams:
+            return True
+        limit = e.max_streams
+        if priority <= SHEDDABLE and limit > 1:
+            limit -= max(1, int(limit * RESERVED_SHARE))
+        return self.streams.get((e.address, model), 0) < limit
 
     def _choose(
-        self, route: Route, session_key: str, exclude: AbstractSet[Identity]
+        self,
+        route: Route,
+        session_key: str,
+        exclude: AbstractSet[Identity],
+        priority: int = common_pb2.PRIORITY_NORMAL,
     ) -> Slot | None:
         routes = [route]
         if not route.ready:  # cold: a READY fallback serves meanwhile
@@ -184,7 +236,9 @@ class Admission:
         now = time.monotonic()
         for r in routes:
             model = r.spec.name
-            fresh = [e for e in r.ready if self._free(e, model) and e.identity not in exclude]
+            fresh = [
+                e for e in r.ready if self._free(e, model, priority) and e.identity not in exclude
+            ]
             closed = [e for e in fresh if self.breakers.allows((e.address, model), now)]
             candidates = closed or fresh  # broken ones only when nothing else is left
             if candidates:
@@ -203,17 +257,20 @@ class Admission:
         return slot
 
     def _dispatch(self, model: str) -> None:
-        """Hands free slots to waiters of ``model``, oldest first (one that cannot use any free
-        slot, for its exclusions, does not hold up those behind it)."""
+        """Hands free slots to waiters of ``model`` in queue order (one that cannot use any free
+        slot, for its exclusions or its priority's share, does not hold up those behind it)."""
         queue = self.queues.get(model)
         if not queue:
             return
-        for waiter in list(queue):
+        for waiter in queue:
             if waiter.future.done():
                 continue
-            slot = self._choose(self._current(waiter.route), waiter.session_key, waiter.exclude)
+            slot = self._choose(
+                self._current(waiter.route), waiter.session_key, waiter.exclude, waiter.priority
+            )
             if slot is None:
                 continue
+            queue.served(waiter)
             waiter.future.set_result(
                 self._take(Slot(slot.route, slot.endpoint, time.monotonic() - waiter.since))
             )

@@ -26,9 +26,15 @@ class RouterConfig:
     breaker_failure_rate: float = 0.5  # ... or this failure share over the last 30 s (≥ 10 calls)
     breaker_cooldown_s: float = 5.0  # open this long before a probe; doubles to 60 s
     demand_interval_s: float = 1.0
+    # Tenancy (gate.py): a tenants YAML file (watched), or the etcd document config/tenants.
+    # Neither: auth off, every caller is one implicit tenant.
+    tenants_file: str = ""
+    tenants_from_etcd: bool = False
 
     def __post_init__(self) -> None:
         check_name("router", self.router_id)
+        if self.tenants_file and self.tenants_from_etcd:
+            raise ValueError("tenants come from a file or from etcd, not both")
         for name in ("max_attempts", "queue_per_model", "breaker_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

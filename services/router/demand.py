@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshserve.cluster.session import Session
@@ -30,8 +31,15 @@ class _Model:
 
 
 class DemandTracker:
-    def __init__(self, router_id: str, breakers: Breakers | None = None) -> None:
+    def __init__(
+        self,
+        router_id: str,
+        breakers: Breakers | None = None,
+        tenant_rates: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.router_id = router_id
+        self.address = ""  # where this router listens; set once bound
+        self.tenant_rates = tenant_rates  # requests/s per tenant (gate.TenantRates.rates)
         self.models: dict[str, _Model] = {}
         self.breakers = breakers  # published with the demand, for `meshserve status`
         self._exported: set[tuple[str, str]] = set()  # breakers with a gauge series
@@ -55,7 +63,9 @@ class DemandTracker:
 
     def snapshot(self) -> cluster_pb2.RouterDemand:
         now = time.monotonic()
-        out = cluster_pb2.RouterDemand(router_id=self.router_id)
+        out = cluster_pb2.RouterDemand(router_id=self.router_id, address=self.address)
+        if self.tenant_rates is not None:
+            out.tenant_rates.update(self.tenant_rates())
         for name, m in sorted(self.models.items()):
             while m.arrivals and m.arrivals[0] < now - WINDOW_S:
                 m.arrivals.popleft()

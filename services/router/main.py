@@ -15,10 +15,13 @@ from meshserve.router.breakers import Breakers
 from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker, publish_demand
+from meshserve.router.gate import BookSource, TenantRates
+from meshserve.router.quota import Quotas
 from meshserve.router.relay import Relay
-from meshserve.router.server import RouterInference, handlers_for
+from meshserve.router.server import RouterInference, Tenancy, admin_handlers_for, handlers_for
 from meshserve.router.table import EndpointTable
 from meshserve.router.upstreams import Upstreams, trace_metadata
+from meshserve.router.usage import UsageLedger
 from meshserve.rpc.channels import ChannelPool
 from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
 from opentelemetry import trace
@@ -59,7 +62,7 @@ class SchedulerClient:
 
 
 class Router(Component):
-    services = ("meshserve.v1.Inference",)
+    services = ("meshserve.v1.Inference", "meshserve.v1.Router")
 
     def __init__(self, config: RouterConfig, cluster: Cluster) -> None:
         self.config = config
@@ -77,7 +80,15 @@ class Router(Component):
             failure_rate=config.breaker_failure_rate,
             cooldown_s=config.breaker_cooldown_s,
         )
-        self.demand = DemandTracker(config.router_id, self.breakers)
+        rates = TenantRates(config.router_id)
+        source = BookSource(
+            config.tenants_file, cluster.client, cluster.keys, config.tenants_from_etcd
+        )
+        self.tenancy = Tenancy(source, rates, Quotas(rates.share), UsageLedger())
+        # Other routers' per-tenant rates: this router's share of cluster-wide limits.
+        self.demands = Mirror(cluster.client, cluster.keys.demands(), cluster_pb2.RouterDemand)
+        self.demands.subscribe(lambda snap: setattr(rates, "others", snap))
+        self.demand = DemandTracker(config.router_id, self.breakers, rates.rates)
         budget = RetryBudget(config.retry_budget_ratio)
         self.admission = Admission(
             self.table,
@@ -92,14 +103,20 @@ class Router(Component):
             config, self.table, self.admission, upstreams, self.breakers, budget, self.demand
         )
         self.servicer = RouterInference(
-            config, self.table, self.admission, relay, upstreams, budget, self.demand
+            config, self.table, self.admission, relay, upstreams, budget, self.demand, self.tenancy
         )
         self._publisher: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((handlers_for(self.servicer),))
+        server.add_generic_rpc_handlers(
+            (handlers_for(self.servicer), admin_handlers_for(self.servicer))
+        )
 
     async def start(self, address: str) -> Mapping[str, str]:
+        self.demand.address = address
+        await self.tenancy.source.start()
+        if self.tenancy.source.auth:
+            self.demands.start()
         self.table.start()
         self.schedulers.start()
         await asyncio.wait_for(self.table.synced(), 30)
@@ -116,6 +133,8 @@ class Router(Component):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._publisher
         await self.admission.close()
+        await self.tenancy.source.stop()
+        await self.demands.stop()
         await self.table.stop()
         await self.schedulers.stop()
         await self.channels.close()

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from meshserve.router.admission import Admission, Identity, Slot
+from meshserve.router.admission import ANYONE, Admission, Identity, Slot, Who
 from meshserve.router.breakers import Breakers
 from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
@@ -111,7 +111,11 @@ class Relay:
         self.rng = random.Random()
 
     async def generate(
-        self, request: inference_pb2.GenerateRequest, route: Route, context: Ctx
+        self,
+        request: inference_pb2.GenerateRequest,
+        route: Route,
+        context: Ctx,
+        who: Who = ANYONE,
     ) -> AsyncIterator[bytes]:
         start = time.perf_counter()
         model = route.spec.name
@@ -127,7 +131,7 @@ class Relay:
             while True:
                 with _tracer.start_as_current_span("router.pick") as pick:
                     slot = await self.admission.acquire(
-                        route, request.session_key, handlers.remaining_s(context), failed
+                        route, request.session_key, handlers.remaining_s(context), failed, who
                     )
                     pick.set_attribute("meshserve.node", slot.endpoint.node_id)
                     if slot.waited_s:

@@ -1,31 +1,85 @@
 """The router's Inference service: a transparent, smart proxy in front of the agents.
 
-Generate goes through the relay (relay.py: admission, retries before the first token, failover
-after it); Embed takes a slot the same way and retries on another replica. Deadlines and
-cancellation propagate: upstream calls get the caller's remaining time, and a cancelled caller
-cancels the upstream call.
+Every call first passes the gate (gate.py: who the tenant is, what it may use, its priority
+and its limits); Generate then goes through the relay (relay.py: admission, retries before the
+first token, failover after it); Embed takes a slot the same way and retries on another replica.
+Deadlines and cancellation propagate: upstream calls get the caller's remaining time, and a
+cancelled caller cancels the upstream call. What a served request used is counted for its
+tenant when it ends (usage.py).
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
-from meshserve.router.admission import Admission, Identity
+from meshserve.router.admission import Admission, Identity, Who
 from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker
+from meshserve.router.gate import BookSource, TenantRates, caller, permission_denied
+from meshserve.router.quota import Quotas, Ticket
 from meshserve.router.relay import RETRYABLE, Relay
 from meshserve.router.table import EndpointTable, Route
+from meshserve.router.tenants import Tenant
 from meshserve.router.upstreams import Upstreams, trace_metadata
+from meshserve.router.usage import UsageLedger, to_proto
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.v1 import inference_pb2, inference_pb2_grpc, router_pb2
 from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
+
+
+@dataclass
+class Tenancy:
+    """The gate's parts: the tenant book, this router's per-tenant rates (its share of
+    cluster-wide limits), the limits, and the usage ledger."""
+
+    source: BookSource
+    rates: TenantRates
+    quotas: Quotas
+    ledger: UsageLedger
+
+    def admit(self, tenant: Tenant, model: str) -> Ticket | None:
+        self.rates.arrived(tenant.name)
+        if not (tenant.limits.any or tenant.model_limits):
+            return None
+        try:
+            return self.quotas.admit(tenant, model, time.monotonic())
+        except ServiceError as e:
+            metrics.REFUSED.labels(tenant.name, e.reason).inc()
+            raise
+
+    def done(
+        self,
+        tenant: Tenant,
+        ticket: Ticket | None,
+        model: str,
+        cold: bool,
+        usage: tuple[int, int],
+        gpu_seconds: float,
+    ) -> None:
+        if ticket is not None:
+            self.quotas.finish(tenant, ticket, sum(usage), time.monotonic())
+        price = self.source.book.prices.get(model)
+        self.ledger.record(tenant.name, model, cold, usage[0], usage[1], gpu_seconds, price)
+
+
+def usage_of(messages: list[bytes]) -> tuple[int, int]:
+    """(input, output) tokens of a relayed stream: the final message's usage, or (a stream that
+    ended early) the tokens delivered, input unknown."""
+    if not messages:
+        return 0, 0
+    last = inference_pb2.GenerateResponse.FromString(messages[-1])
+    if last.finish_reason and (last.usage.input_tokens or last.usage.output_tokens):
+        return int(last.usage.input_tokens), int(last.usage.output_tokens)
+    return 0, sum(len(inference_pb2.GenerateResponse.FromString(m).token_ids) for m in messages)
 
 
 class RouterInference:
@@ -40,7 +94,9 @@ class RouterInference:
         upstreams: Upstreams,
         budget: RetryBudget,
         demand: DemandTracker,
+        tenancy: Tenancy,
     ) -> None:
+        self.tenancy = tenancy
         self.config = config
         self.table = table
         self.admission = admission
@@ -49,11 +105,19 @@ class RouterInference:
         self.budget = budget
         self.demand = demand
 
-    def _route(self, name: str) -> Route:
+    def _enter(self, context: Ctx, name: str) -> tuple[Tenant, Route]:
+        """The caller's tenant and the model's route: UNAUTHENTICATED, PERMISSION_DENIED (the
+        same whether or not the model exists), NOT_FOUND (listing what the tenant may use)."""
+        book = self.tenancy.source.book
+        tenant = caller(book, context)
         route = self.table.current.resolve(name)
+        if book.auth and not tenant.may_use(name, route.spec.name if route else ""):
+            raise permission_denied(tenant, name)
         if route is None:
-            raise not_found_model(name, list(self.table.current.routes))
-        return route
+            known = [n for n, r in self.table.current.routes.items() if tenant.may_use(n)]
+            raise not_found_model(name, known)
+        trace.get_current_span().set_attribute("meshserve.tenant", tenant.name)
+        return tenant, route
 
     # --- Generate ----------------------------------------------------------------------------
 
@@ -62,7 +126,7 @@ class RouterInference:
     ) -> AsyncIterator[bytes]:
         span = trace.get_current_span()
         span.set_attribute("gen_ai.request.model", request.model)
-        route = self._route(request.model)
+        tenant, route = self._enter(context, request.model)
         check_generate(request, route.spec)
         if request.continuation.token_ids or request.continuation.text:
             raise ServiceError(
@@ -74,12 +138,22 @@ class RouterInference:
             request.request_id = uuid.uuid4().hex
         span.set_attribute("meshserve.request_id", request.request_id)
         model = route.spec.name
+        request.priority = tenant.priority(request.priority)  # type: ignore[assignment]
+        span.set_attribute("meshserve.priority", int(request.priority))
+        ticket = self.tenancy.admit(tenant, model)
+        who = Who(tenant.name, request.priority, tenant.weight)
+        cold = not route.ready
         self.demand.arrived(model)
         self.demand.in_flight(model, +1)
         metrics.IN_FLIGHT.labels("router", model).inc()
         code = "OK"
+        messages: list[bytes] = []
+        started = 0.0
         try:
-            async for message in self.relay.generate(request, route, context):
+            async for message in self.relay.generate(request, route, context, who):
+                if not messages:
+                    started = time.monotonic()
+                messages.append(message)
                 yield message
         except BaseException as e:
             code = handlers.code_of(e)
@@ -88,6 +162,11 @@ class RouterInference:
             self.demand.in_flight(model, -1)
             metrics.IN_FLIGHT.labels("router", model).dec()
             metrics.REQUESTS.labels("router", model, code).inc()
+            held = (time.monotonic() - started) * max(1, route.spec.gpus_per_replica)
+            if messages:
+                self.tenancy.done(tenant, ticket, model, cold, usage_of(messages), held)
+            elif ticket is not None:
+                self.tenancy.quotas.finish(tenant, ticket, 0, time.monotonic())
 
     # --- Embed, ListModels -------------------------------------------------------------------
 
@@ -95,13 +174,29 @@ class RouterInference:
         self, request: inference_pb2.EmbedRequest, context: Ctx
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
-        route = self._route(request.model)
+        tenant, route = self._enter(context, request.model)
+        ticket = self.tenancy.admit(tenant, route.spec.name)
+        try:
+            reply = await self._embed(request, route, context, tenant)
+        except BaseException:
+            if ticket is not None:
+                self.tenancy.quotas.finish(tenant, ticket, 0, time.monotonic())
+            raise
+        self.tenancy.done(tenant, ticket, route.spec.name, False, (0, 0), 0.0)
+        return reply
+
+    async def _embed(
+        self, request: inference_pb2.EmbedRequest, route: Route, context: Ctx, tenant: Tenant
+    ) -> inference_pb2.EmbedResponse:
         self.demand.arrived(route.spec.name)
+        who = Who(tenant.name, tenant.priority(0), tenant.weight)
         self.budget.request()
         failed: set[Identity] = set()
         errors: list[str] = []
         while True:
-            slot = await self.admission.acquire(route, "", handlers.remaining_s(context), failed)
+            slot = await self.admission.acquire(
+                route, "", handlers.remaining_s(context), failed, who
+            )
             request.model = slot.model
             stub = inference_pb2_grpc.InferenceStub(self.upstreams.channel(slot.endpoint.address))
             try:
@@ -131,8 +226,12 @@ class RouterInference:
     async def list_models(
         self, request: inference_pb2.ListModelsRequest, context: Ctx
     ) -> inference_pb2.ListModelsResponse:
+        book = self.tenancy.source.book
+        tenant = caller(book, context)
         out = inference_pb2.ListModelsResponse()
         for name, route in sorted(self.table.current.routes.items()):
+            if book.auth and not tenant.may_use(name, *route.spec.aliases):
+                continue
             out.models.add(
                 name=name,
                 aliases=route.spec.aliases,
@@ -140,6 +239,24 @@ class RouterInference:
                 max_model_len=route.spec.max_model_len,
             )
         return out
+
+    async def usage(
+        self, request: router_pb2.UsageRequest, context: Ctx
+    ) -> router_pb2.UsageResponse:
+        """What tenants used through this router: a tenant its own, an admin everyone's."""
+        tenant = caller(self.tenancy.source.book, context)
+        if tenant.admin:
+            tenants = [request.tenant] if request.tenant else None
+        elif request.tenant and request.tenant != tenant.name:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"tenant {tenant.name!r} may read only its own usage",
+                "USAGE_NOT_ALLOWED",
+            )
+        else:
+            tenants = [tenant.name]
+        rows, covered = self.tenancy.ledger.report(tenants, int(request.since_unix_ms))
+        return to_proto(self.config.router_id, rows, covered)
 
 
 def handlers_for(servicer: RouterInference) -> grpc.GenericRpcHandler:
@@ -161,6 +278,19 @@ def handlers_for(servicer: RouterInference) -> grpc.GenericRpcHandler:
                 handlers.unary(servicer.list_models),
                 request_deserializer=inference_pb2.ListModelsRequest.FromString,
                 response_serializer=inference_pb2.ListModelsResponse.SerializeToString,
+            ),
+        },
+    )
+
+
+def admin_handlers_for(servicer: RouterInference) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        "meshserve.v1.Router",
+        {
+            "Usage": grpc.unary_unary_rpc_method_handler(
+                handlers.unary(servicer.usage),
+                request_deserializer=router_pb2.UsageRequest.FromString,
+                response_serializer=router_pb2.UsageResponse.SerializeToString,
             ),
         },
     )

@@ -27,6 +27,27 @@ IN_FLIGHT = Gauge("meshserve_in_flight", "Streams in flight", ["service", "model
 QUEUED = Gauge(
     "meshserve_router_queued", "Requests waiting for a free slot or a replica", ["model"]
 )
+SHED = Counter(
+    "meshserve_router_shed_total",
+    "Queued requests dropped for higher-priority arrivals",
+    ["model", "priority"],
+)
+REFUSED = Counter(
+    "meshserve_router_refused_total",
+    "Requests refused by tenancy: unauthenticated, permission, or a limit",
+    ["tenant", "reason"],
+)
+TENANT_REQUESTS = Counter(
+    "meshserve_tenant_requests_total",
+    "Requests served per tenant and model; start=cold when it waited for a load",
+    ["tenant", "model", "start"],
+)
+TENANT_TOKENS = Counter(
+    "meshserve_tenant_tokens_total", "Tokens per tenant and model", ["tenant", "model", "kind"]
+)
+TENANT_COST = Counter(
+    "meshserve_tenant_cost_total", "Cost from the price table", ["tenant", "model"]
+)
 RETRIES = Counter(
     "meshserve_router_retries_total",
     "Attempts again after one failed before the first token",

@@ -615,17 +615,47 @@ class RouterDemand(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TenantRatesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ROUTER_ID_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     UPDATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     BREAKERS_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TENANT_RATES_FIELD_NUMBER: _builtins.int
     router_id: _builtins.str
     updated_unix_ms: _builtins.int
+    address: _builtins.str
+    """where its services listen (Usage, for `meshserve usage`)"""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelDemand]: ...
     @_builtins.property
     def breakers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Breaker]:
         """this router's circuit breakers that opened or are failing"""
+
+    @_builtins.property
+    def tenant_rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """requests/s per tenant over the last window: each router's share of a tenant's cluster-wide
+        limits is its part of this demand (router/share.py)
+        """
 
     def __init__(
         self,
@@ -634,10 +664,12 @@ class RouterDemand(_message.Message):
         models: _abc.Iterable[Global___ModelDemand] | None = ...,
         updated_unix_ms: _builtins.int = ...,
         breakers: _abc.Iterable[Global___Breaker] | None = ...,
+        address: _builtins.str = ...,
+        tenant_rates: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "models", b"models", "router_id", b"router_id", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "breakers", b"breakers", "models", b"models", "router_id", b"router_id", "tenant_rates", b"tenant_rates", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -707,3 +739,27 @@ class SchedulerCandidate(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SchedulerCandidate: _TypeAlias = SchedulerCandidate  # noqa: Y015
+
+@_typing.final
+class TenantsDocument(_message.Message):
+    """config/tenants: the tenants YAML (router/tenants.py), written by `meshserve tenants apply`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    YAML_FIELD_NUMBER: _builtins.int
+    UPDATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    yaml: _builtins.str
+    updated_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        yaml: _builtins.str = ...,
+        updated_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updated_unix_ms", b"updated_unix_ms", "yaml", b"yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantsDocument: _TypeAlias = TenantsDocument  # noqa: Y015
