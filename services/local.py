@@ -112,8 +112,9 @@ class Mesh:
         host_memory_limit: str = "",
         python: str = "",
         timeout_s: float = 90.0,
+        extra: Sequence[str] = (),
     ) -> Service:
-        """Starts (or restarts, under the same name) a node agent."""
+        """Starts (or restarts, under the same name) a node agent; ``extra``: more flags."""
         args = [
             "agent",
             "--node-id",
@@ -132,6 +133,7 @@ class Mesh:
             args += ["--memory-limit", memory_limit]
         if host_memory_limit:
             args += ["--host-memory-limit", host_memory_limit]
+        args += extra
         return self._spawn(name, args, timeout_s=timeout_s, python=python)
 
     def start_router(

@@ -28,6 +28,7 @@ class GenerationParams:
     seed: int | None
     stop: tuple[str, ...]
     ignore_eos: bool
+    priority: int = 0  # meshserve.v1.Priority as the router capped it; engines may order by it
 
 
 def check_generate(req: inference_pb2.GenerateRequest, spec: cluster_pb2.ModelSpec | None) -> None:

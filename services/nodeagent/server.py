@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Protocol
 
 from meshserve.nodeagent.engines.base import Resume
@@ -70,7 +71,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
             )
         r = self.replicas.serving(request.model)
         check_generate(request, r.spec)
-        params = resolve_params(request.sampling, r.spec)
+        params = replace(resolve_params(request.sampling, r.spec), priority=int(request.priority))
         check_continuation(request, params)
         resume = Resume(tuple(request.continuation.token_ids), request.continuation.text)
         assert r.engine is not None

@@ -37,6 +37,7 @@ class Stream:
         self.queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         # A resumed stream starts where the client's copy ends: those tokens and that text.
         self.generated: list[int] = list(resume.token_ids)
+        self.resumed = len(resume.token_ids)  # generated == resumed: no token of ours yet
         self.emitted = resume.text  # text already sent
         # A seeded generator replays the draws the delivered tokens took (see `skip_draws`).
         self.pending_draws = len(resume.token_ids) if generator is not None else 0
@@ -46,6 +47,23 @@ class Stream:
 
     def post(self, item: Chunk | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def this_turn(active: list[Stream]) -> list[Stream]:
+    """The streams a worker turn steps, in order: higher priorities first (``active`` is sorted
+    in place, stably: arrival order within a priority). While a stream waits for its first
+    token, streams of lower priority sit the turn out, so an interactive request's time to first
+    token does not grow with the batch work beside it."""
+    active.sort(key=lambda s: -s.params.priority)
+    waiting = [s.params.priority for s in active if len(s.generated) == s.resumed]
+    floor = max(waiting, default=0)
+    return [s for s in active if s.params.priority >= floor]
+
+
+def outranked(inbox: list[Stream], priority: int) -> bool:
+    """A stream of higher priority than ``priority`` waits in ``inbox`` (a copy taken without
+    the lock: a stale answer only delays the break by one step)."""
+    return any(s.params.priority > priority for s in inbox)
 
 
 def sample(logits: torch.Tensor, p: GenerationParams, generator: torch.Generator | None) -> int:

@@ -30,9 +30,11 @@ from meshserve.nodeagent.engines.prompts import not_serving, prompt_ids
 from meshserve.nodeagent.engines.torch_decode import (
     Stream,
     next_chunk,
+    outranked,
     requested_bytes,
     sample,
     skip_draws,
+    this_turn,
 )
 from meshserve.nodeagent.engines.torch_device import set_threads, torch_device
 from meshserve.rpc.errors import ServiceError
@@ -312,10 +314,13 @@ class TorchEngine:
                     self._turn_once(embeds)
 
     def _turn_once(self, embeds: list[tuple[list[str], Future[list[list[float]]]]]) -> None:
-        """One worker turn: the pending Embed batch, then one token for every active stream."""
+        """One worker turn: the pending Embed batch, then one token for each stream the turn
+        takes (`this_turn`: by priority), ended early when a higher priority arrives."""
         if embeds:
             self._embed_batch(embeds)
-        for stream in list(self._active):
+        for i, stream in enumerate(this_turn(self._active)):
+            if i and outranked(list(self._inbox), stream.params.priority):
+                break  # a request of higher priority arrived: the turn restarts with it
             if not stream.cancelled:
                 try:
                     self._step(stream)
@@ -325,9 +330,9 @@ class TorchEngine:
                     log.exception("generation step failed")
                     stream.post(e)
                     stream.done = True
-            if stream.cancelled or stream.done:
-                stream.cache = None
-                self._active.remove(stream)
+        for stream in [s for s in self._active if s.cancelled or s.done]:
+            stream.cache = None
+            self._active.remove(stream)
 
     def _out_of_memory(self, stream: Stream, error: Exception) -> None:
         """A device OOM fails that request (RESOURCE_EXHAUSTED: the router retries it elsewhere,
@@ -357,12 +362,8 @@ class TorchEngine:
         )
 
     def _fail_all(self) -> None:
-        err = ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            "model was unloaded",
-            "MODEL_UNLOADED",
-            retry_after_s=0.5,
-        )
+        unloaded = grpc.StatusCode.UNAVAILABLE, "model was unloaded", "MODEL_UNLOADED"
+        err = ServiceError(*unloaded, retry_after_s=0.5)
         for stream in [*self._active, *self._inbox]:
             stream.post(err)
         self._active.clear()
