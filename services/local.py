@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshserve.cluster.etcd_process import EtcdProcess
+from meshserve.cluster.etcd_process import EtcdProcess, EtcdSecurity
 from meshserve.lifeline import tied_to_parent
 
 
@@ -41,15 +41,33 @@ class Mesh:
         lease_ttl_s: int = 3,
         trace_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        tls: bool = False,
     ) -> None:
+        """``tls``: a local CA in ``data_dir``/tls; every hop (etcd included, with etcd auth)
+        is mutual TLS; `tls_env` is what a client process needs to reach it."""
         self.data_dir = data_dir.resolve()
         self.lease_ttl_s = lease_ttl_s
         self.trace_dir = trace_dir
         self.env = dict(env or {})
-        self.etcd = EtcdProcess(self.data_dir / "etcd")
+        self.tls_env: dict[str, str] = {}
+        security = self._make_pki() if tls else None
+        self.env.update(self.tls_env)
+        self.etcd = EtcdProcess(self.data_dir / "etcd", security=security)
         self.services: dict[str, Service] = {}
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
+
+    def _make_pki(self) -> EtcdSecurity:
+        from meshserve.certs import make_ca
+        from meshserve.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
+
+        pki = make_ca(self.data_dir / "tls")
+        ca = str(pki.ca)
+        issued = {n: pki.issue(n) for n in ("meshserve", "etcd", "root")}
+        files = {n: TlsFiles(str(i.cert), str(i.key), ca) for n, i in issued.items()}
+        ours = files["meshserve"]
+        self.tls_env = {ENV_CERT: ours.cert, ENV_KEY: ours.key, ENV_CA: ours.ca}
+        return EtcdSecurity(server=files["etcd"], admin=files["root"], user="meshserve")
 
     def start_etcd(self) -> None:
         self.etcd.start()

@@ -4,16 +4,23 @@ talk to a mesh (inspect.py)."""
 from __future__ import annotations
 
 import typer
-from meshserve.cli import inspect, local, serve, tenancy
+from meshserve.cli import inspect, local, probe, serve, tenancy
 
 app = typer.Typer(
     help="meshserve: serve many models on a fleet of GPU hosts.", no_args_is_help=True
 )
-for part in (serve.app, local.app, inspect.app, tenancy.app):
+for part in (serve.app, local.app, inspect.app, tenancy.app, probe.app):
     app.registered_commands += part.registered_commands
 app.add_typer(inspect.model_app, name="model")
 app.add_typer(tenancy.tenant_app, name="tenant")
 
 
 def main() -> None:
+    import os
+
+    from meshserve.cli.common import state
+
+    # After `meshserve up --tls`, commands reach that mesh with its certificates by default.
+    for name, value in (state().get("tls") or {}).items():
+        os.environ.setdefault(name, value)
     app()

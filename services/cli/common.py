@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from meshserve.config import ServiceConfig
@@ -37,7 +37,17 @@ AdvertiseHost = Annotated[
 ]
 
 
-def state() -> dict[str, str]:
+TlsCert = Annotated[
+    str,
+    typer.Option(envvar="MESHSERVE_TLS_CERT", help="PEM certificate: mutual TLS on (with key, CA)"),
+]
+TlsKey = Annotated[str, typer.Option(envvar="MESHSERVE_TLS_KEY", help="PEM private key")]
+TlsCa = Annotated[
+    str, typer.Option(envvar="MESHSERVE_TLS_CA", help="PEM CA bundle peers must chain to")
+]
+
+
+def state() -> dict[str, Any]:
     path = HOME / STATE
     return json.loads(path.read_text()) if path.exists() else {}
 

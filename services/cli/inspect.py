@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from meshserve.cli.common import SERVICE, Etcd, Prefix, console, default_etcd, err, fail, state
 from meshserve.router.config import DEFAULT_LISTEN
+from meshserve.tls import open_channel
 from rich.table import Table
 
 app = typer.Typer()
@@ -59,7 +60,7 @@ async def stream_completion(
         req.sampling.seed = seed
     start = time.perf_counter()
     first = None
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with open_channel(address) as ch:
         call = inference_pb2_grpc.InferenceStub(ch).Generate(
             req, timeout=timeout, metadata=bearer(api_key)
         )
@@ -279,7 +280,7 @@ async def _explain(etcd: str, prefix: str, model: str) -> None:
     if not got:
         raise fail("no scheduler is running (nobody campaigns for leadership)")
     address = cluster_pb2.SchedulerCandidate.FromString(got[0].value).address
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with open_channel(address) as ch:
         try:
             out = await scheduler_pb2_grpc.SchedulerStub(ch).Explain(
                 scheduler_pb2.ExplainRequest(model=model), timeout=10

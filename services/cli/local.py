@@ -15,6 +15,7 @@ import typer
 from meshserve.cli.common import HOME, SERVICE, STATE, console, err, fail
 from meshserve.cli.inspect import apply_spec, stream_completion
 from meshserve.router.config import DEFAULT_LISTEN
+from meshserve.tls import open_channel
 
 app = typer.Typer()
 DEFAULT_PORT = int(DEFAULT_LISTEN.rpartition(":")[2])
@@ -36,6 +37,9 @@ def up(
     auth: Annotated[
         bool, typer.Option(help="tenancy on: one admin tenant whose new API key is printed once")
     ] = False,
+    tls: Annotated[
+        bool, typer.Option(help="mutual TLS on every hop, etcd too (a local CA in DATA_DIR/tls)")
+    ] = False,
 ) -> None:
     """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
     completion, and run until Ctrl-C."""
@@ -43,7 +47,7 @@ def up(
     if agents < 1:
         raise fail("--agents must be >= 1")
     try:
-        _up(agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo, auth)
+        _up(agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo, auth, tls)
     except _Stop as stop:
         raise typer.Exit(128 + stop.signum) from None
     except Exception:
@@ -63,12 +67,14 @@ def _up(
     max_tokens: int,
     exit_after_demo: bool,
     auth: bool = False,
+    tls: bool = False,
 ) -> None:
     from meshserve.local import Mesh
 
     started = time.monotonic()
     data_dir = data_dir.expanduser().resolve()
-    mesh = Mesh(data_dir, trace_dir=data_dir / "traces")
+    mesh = Mesh(data_dir, trace_dir=data_dir / "traces", tls=tls)
+    os.environ.update(mesh.tls_env)  # this process is a client of the mesh too
     try:
         with console.status("building the tiny demo model (random weights, local tokenizer)…"):
             from meshserve.demo_model import build_demo_model
@@ -82,7 +88,7 @@ def _up(
             key, extra = _local_tenant(data_dir) if auth else ("", [])
             router_address = mesh.start_router(listen=f"127.0.0.1:{port}", extra=extra).address
         (data_dir / STATE).write_text(
-            json.dumps({"router": router_address, "etcd": mesh.etcd.endpoint})
+            json.dumps({"router": router_address, "etcd": mesh.etcd.endpoint, "tls": mesh.tls_env})
         )
         from meshserve.modelspec import demo_spec
 
@@ -94,6 +100,10 @@ def _up(
             f"router {router_address}, "
             f"etcd {mesh.etcd.endpoint}, logs {data_dir / 'logs'}, traces {data_dir / 'traces'}"
         )
+        if tls:
+            exports = " ".join(f"{k}={v}" for k, v in mesh.tls_env.items())
+            console.print(f"mutual TLS on every hop (CA {data_dir / 'tls' / 'ca.pem'})")
+            console.print(f"  clients elsewhere: export {exports}", highlight=False)
         if key:
             console.print(
                 f"auth on: API key (shown once) [bold]{key}[/bold]\n"
@@ -178,12 +188,11 @@ def _local_tenant(data_dir: Path) -> tuple[str, list[str]]:
 
 
 async def _wait_ready(address: str, model: str, timeout_s: float, api_key: str = "") -> None:
-    import grpc
     from meshserve.cli.inspect import bearer
     from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with open_channel(address) as ch:
         stub = inference_pb2_grpc.InferenceStub(ch)
         while time.monotonic() < deadline:
             with_models = await stub.ListModels(

@@ -15,6 +15,9 @@ from meshserve.cli.common import (
     MetricsPort,
     Prefix,
     ReadyFile,
+    TlsCa,
+    TlsCert,
+    TlsKey,
     fail,
 )
 from meshserve.config import ServiceConfig
@@ -23,6 +26,14 @@ from meshserve.router.config import DEFAULT_LISTEN, RouterConfig
 from meshserve.scheduler.config import SchedulerConfig
 
 app = typer.Typer()
+
+
+def configure_tls(cert: str, key: str, ca: str, client_auth: str = "") -> None:
+    """Mutual TLS for the process and its children (meshserve.tls); ValueError/OSError on bad
+    files, at start-up."""
+    from meshserve import tls
+
+    tls.configure(cert, key, ca, client_auth)
 
 
 def service(
@@ -69,6 +80,9 @@ def agent(
     ] = AgentConfig.decode_tokens_per_s,
     metrics_port: MetricsPort = SERVICE.metrics_port,
     ready_file: ReadyFile = SERVICE.ready_file,
+    tls_cert: TlsCert = "",
+    tls_key: TlsKey = "",
+    tls_ca: TlsCa = "",
 ) -> None:
     """Run a node agent: report devices, load what the scheduler places here, serve inference."""
     from meshserve.nodeagent.main import run
@@ -76,6 +90,7 @@ def agent(
     from meshserve.sizes import parse_bytes
 
     try:
+        configure_tls(tls_cert, tls_key, tls_ca)
         pairs = [x.split("=", 1) for x in label or []]
         if any(len(pair) != 2 for pair in pairs):
             raise ValueError("--label takes key=value")
@@ -94,7 +109,7 @@ def agent(
             decode_tokens_per_s=decode_tokens_per_s,
             **kwargs,
         )
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise fail(str(e)) from None
     run_loop(run(config))
 
@@ -119,6 +134,9 @@ def scheduler(
     ] = "",
     metrics_port: MetricsPort = SERVICE.metrics_port,
     ready_file: ReadyFile = SERVICE.ready_file,
+    tls_cert: TlsCert = "",
+    tls_key: TlsKey = "",
+    tls_ca: TlsCa = "",
 ) -> None:
     """Run a scheduler (leader-elected; standbys take over when the leader's lease ends)."""
     import yaml
@@ -127,6 +145,7 @@ def scheduler(
     from meshserve.scheduler.profile import load_profile
 
     try:
+        configure_tls(tls_cert, tls_key, tls_ca)
         kwargs: dict[str, Any] = {"scheduler_id": scheduler_id} if scheduler_id else {}
         if profile:
             with open(profile) as f:
@@ -172,6 +191,16 @@ def router(
     ] = False,
     metrics_port: MetricsPort = SERVICE.metrics_port,
     ready_file: ReadyFile = SERVICE.ready_file,
+    tls_cert: TlsCert = "",
+    tls_key: TlsKey = "",
+    tls_ca: TlsCa = "",
+    tls_client_auth: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHSERVE_TLS_CLIENT_AUTH",
+            help="require: clients need a certificate; optional: TLS, API keys authenticate",
+        ),
+    ] = "",
 ) -> None:
     """Run a router: the one Inference endpoint clients call."""
     from pathlib import Path
@@ -181,6 +210,7 @@ def router(
     from meshserve.runtime import run_loop
 
     try:
+        configure_tls(tls_cert, tls_key, tls_ca, tls_client_auth)
         if tenants:
             parse_book(Path(tenants).read_bytes())  # a bad file stops here, with its problem
         kwargs: dict[str, Any] = {"router_id": router_id} if router_id else {}

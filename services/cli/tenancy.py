@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from meshserve.cli.common import SERVICE, Etcd, Prefix, console, default_etcd, fail
 from meshserve.cli.inspect import ApiKey, bearer
+from meshserve.tls import open_channel
 from rich.table import Table
 
 app = typer.Typer()
@@ -127,7 +128,7 @@ async def _usage(
         if not d.address:
             continue
         asked += 1
-        async with grpc.aio.insecure_channel(d.address) as ch:
+        async with open_channel(d.address) as ch:
             try:
                 reply = await router_pb2_grpc.RouterStub(ch).Usage(
                     router_pb2.UsageRequest(tenant=tenant, since_unix_ms=since_ms),

@@ -9,9 +9,11 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.lifeline import tied_to_parent
+from meshserve.tls import TlsFiles
 
 
 def etcd_binary() -> str:
@@ -36,13 +38,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def etcdctl_binary() -> str:
+    return str(Path(etcd_binary()).with_name("etcdctl"))
+
+
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """etcd over TLS with client certificates, and etcd auth: the certificate's common name is
+    the user. ``server``: etcd's own certificate; ``admin``: a certificate whose CN is ``root``
+    (sets the roles up); ``user``: the user (the CN of the services' certificates) given
+    read-write on ``prefix`` and nothing else."""
+
+    server: TlsFiles
+    admin: TlsFiles
+    user: str = "meshserve"
+    prefix: str = "/meshserve/"
+
+
 class EtcdProcess:
     """One single-member etcd on loopback. ``endpoint`` is ``127.0.0.1:<client port>``."""
 
-    def __init__(self, data_dir: Path, client_port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        client_port: int | None = None,
+        security: EtcdSecurity | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port or free_port()
         self.peer_port = free_port()
+        self.security = security
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,8 +76,18 @@ class EtcdProcess:
 
     def start(self, timeout_s: float = 20.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        scheme = "https" if self.security else "http"
+        client = f"{scheme}://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"  # one member: no peer traffic leaves it
+        tls_flags = []
+        if self.security is not None:
+            server = self.security.server
+            tls_flags = [
+                f"--cert-file={server.cert}",
+                f"--key-file={server.key}",
+                f"--trusted-ca-file={server.ca}",
+                "--client-cert-auth",
+            ]
         log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             tied_to_parent(  # dies with the process that started it
@@ -66,6 +101,7 @@ class EtcdProcess:
                     f"--initial-advertise-peer-urls={peer}",
                     f"--initial-cluster=meshserve={peer}",
                     "--log-level=warn",
+                    *tls_flags,
                 ]
             ),
             stdout=log,
@@ -80,9 +116,54 @@ class EtcdProcess:
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2),
             ):
+                if self.security is not None:
+                    self._enable_auth(deadline)
                 return
             time.sleep(0.05)
         raise TimeoutError(f"etcd did not listen on {self.endpoint} in {timeout_s} s")
+
+    def etcdctl(self, *args: str, who: TlsFiles | None = None) -> subprocess.CompletedProcess[str]:
+        """Runs etcdctl against this etcd (as ``who``, by default the admin)."""
+        assert self.security is not None
+        who = who or self.security.admin
+        return self.etcdctl_raw(
+            f"--cacert={who.ca}", f"--cert={who.cert}", f"--key={who.key}", *args
+        )
+
+    def etcdctl_raw(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """etcdctl with only the endpoint given (the caller brings any credentials)."""
+        scheme = "https" if self.security else "http"
+        return subprocess.run(
+            [etcdctl_binary(), f"--endpoints={scheme}://127.0.0.1:{self.client_port}", *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+
+    def _enable_auth(self, deadline: float) -> None:
+        """Users root and ``user``, a role with read-write on the prefix, then auth on (once:
+        a restarted etcd keeps them)."""
+        assert self.security is not None
+        sec = self.security
+        steps = [
+            ("user", "add", "root", "--no-password"),
+            ("user", "grant-role", "root", "root"),
+            ("role", "add", sec.user),
+            ("role", "grant-permission", sec.user, "--prefix=true", "readwrite", sec.prefix),
+            ("user", "add", sec.user, "--no-password"),
+            ("user", "grant-role", sec.user, sec.user),
+            ("auth", "enable"),
+        ]
+        if "true" in self.etcdctl("auth", "status").stdout.lower():
+            return  # set up on an earlier start
+        for step in steps:
+            while True:
+                out = self.etcdctl(*step)
+                if out.returncode == 0 or "already exists" in out.stderr:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcdctl {' '.join(step)}: {out.stderr.strip()}")
+                time.sleep(0.1)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -6,12 +6,16 @@ Only services/cluster talks to aetcd; everything else goes through `Store`, `Ses
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import aetcd
+import grpc
+from aetcd import rpc, watcher
 from google.protobuf.message import Message
+from meshserve import tls
 from meshserve.cluster.keys import Keyspace
 
 M = TypeVar("M", bound=Message)
@@ -40,17 +44,59 @@ class EtcdConfig:
 
 
 def connect(config: EtcdConfig) -> aetcd.Client:
-    """A client; it connects lazily and reconnects unary calls by itself after an etcd restart."""
+    """A client; it connects lazily and reconnects unary calls by itself after an etcd restart.
+    Over mutual TLS when the process has TLS files (rpc/tls.py): etcd started with
+    ``--client-cert-auth`` then takes the certificate's common name as the user (RBAC)."""
+    options = {
+        "grpc.keepalive_time_ms": 10_000,
+        "grpc.keepalive_timeout_ms": 5_000,
+        "grpc.keepalive_permit_without_calls": 1,
+    }
+    files = tls.configured()
+    if files is not None:
+        return TlsClient(
+            tls.channel_credentials(files),
+            host=config.host,
+            port=config.port,
+            timeout=config.timeout_s,
+            options=options,
+        )
     return aetcd.Client(
-        host=config.host,
-        port=config.port,
-        timeout=config.timeout_s,
-        options={
-            "grpc.keepalive_time_ms": 10_000,
-            "grpc.keepalive_timeout_ms": 5_000,
-            "grpc.keepalive_permit_without_calls": 1,
-        },
+        host=config.host, port=config.port, timeout=config.timeout_s, options=options
     )
+
+
+class TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client over a TLS channel (aetcd itself only dials plaintext). Its `connect`
+    mirrors aetcd 1.0.0's, with ``grpc.aio.secure_channel`` in place of ``insecure_channel``;
+    user/password auth is not used: the client certificate is the identity."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if bool(getattr(self, "_is_connecting", False)):  # another task connects: wait
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = grpc.aio.secure_channel(
+                target, self._credentials, options=list(self._options.items())
+            )
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
 
 
 @dataclass(frozen=True)

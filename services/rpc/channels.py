@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import grpc
+from meshserve import tls
 from meshserve.rpc.server import CHANNEL_OPTIONS
 from meshserve.telemetry.tracing import client_interceptors
 
@@ -20,14 +21,19 @@ class ChannelPool:
         self.traced = traced
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._tls = tls.Generation()
+        self._generation = self._tls.current()
 
     def get(self, address: str) -> grpc.aio.Channel:
+        generation = self._tls.current()
+        if generation != self._generation:  # certificates rotated: new channels present them
+            self._generation = generation
+            for old in list(self._channels):
+                self.reset(old)
         ch = self._channels.get(address)
         if ch is None:
             interceptors = client_interceptors() if self.traced else None
-            ch = grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS, interceptors=interceptors
-            )
+            ch = tls.open_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
             self._channels[address] = ch
         return ch
 

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from meshserve import tls
 from meshserve.rpc.decode import DecodeGuard
 from meshserve.telemetry.server_interceptor import server_interceptors
 
@@ -71,7 +72,11 @@ async def start_server(
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
+    files = tls.configured()
+    if files is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, tls.server_credentials(files))
     if port == 0:
         raise OSError(f"could not bind {listen}")
     await server.start()

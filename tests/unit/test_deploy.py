@@ -133,3 +133,26 @@ def test_dashboard_is_what_the_generator_writes() -> None:
     spec.loader.exec_module(module)
     on_disk = json.loads((DEPLOY / "grafana" / "meshserve.json").read_text())
     assert on_disk == module.dashboard(), "run python scripts/gen_dashboard.py"
+
+
+def test_the_tls_overlay_patches_real_workloads_with_variables_they_read() -> None:
+    base = {(d["kind"], d["metadata"]["name"]): d for d in manifests() if "metadata" in d}
+    overlay = DEPLOY / "kubernetes" / "tls"
+    listed = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert {p["path"] for p in listed["patches"]} | set(listed["resources"]) - {"../"} == {
+        p.name for p in overlay.glob("*.yaml")
+    } - {"kustomization.yaml"}
+    for patch in yaml.safe_load_all((overlay / "services.yaml").read_text()):
+        target = base[(patch["kind"], patch["metadata"]["name"])]
+        (container,) = patch["spec"]["template"]["spec"]["containers"]
+        original = next(
+            c for c in target["spec"]["template"]["spec"]["containers"]
+            if c["name"] == container["name"]
+        )  # fmt: skip
+        text = help_text(original["args"][0])
+        for env in container["env"]:
+            assert env["name"] in text, f"{original['args'][0]} reads no {env['name']}"
+        probe = container["readinessProbe"]["exec"]["command"]
+        port = int(probe[2].rsplit(":", 1)[1])
+        assert probe[:2] == ["meshserve", "health"]
+        assert port in {p["containerPort"] for p in original["ports"]}
