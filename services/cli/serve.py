@@ -189,6 +189,9 @@ def router(
     tenants_from_etcd: Annotated[
         bool, typer.Option(help="tenants from etcd's config/tenants (auth on)")
     ] = False,
+    fair_queueing: Annotated[
+        bool, typer.Option(help="queue by priority, then fair shares across tenants; off: FIFO")
+    ] = RouterConfig.fair_queueing,
     metrics_port: MetricsPort = SERVICE.metrics_port,
     ready_file: ReadyFile = SERVICE.ready_file,
     tls_cert: TlsCert = "",
@@ -223,6 +226,7 @@ def router(
             queue_timeout_s=queue_timeout,
             tenants_file=tenants,
             tenants_from_etcd=tenants_from_etcd,
+            fair_queueing=fair_queueing,
             **kwargs,
         )
     except (ValueError, OSError) as e:

@@ -100,7 +100,9 @@ class Admission:
         per_model: int,
         timeout_s: float,
         ensure_interval_s: float,
+        fair: bool = True,
     ) -> None:
+        self.fair = fair  # False: FIFO, every request equal (priority and tenant ignored)
         self.table = table
         self.ensure = ensure  # asks the scheduler to place a model
         self.breakers = breakers
@@ -132,6 +134,8 @@ class Admission:
         Raises ServiceError: RESOURCE_EXHAUSTED (queue full, or shed for a higher priority),
         DEADLINE_EXCEEDED, UNAVAILABLE."""
         model = route.spec.name
+        if not self.fair:
+            who = ANYONE
         queue = self.queues.setdefault(model, FairQueue())
         if not queue:  # nobody ahead: no queueing cost on the hot path
             slot = self._choose(self._current(route), session_key, exclude, who.priority)

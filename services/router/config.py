@@ -30,6 +30,9 @@ class RouterConfig:
     # Neither: auth off, every caller is one implicit tenant.
     tenants_file: str = ""
     tenants_from_etcd: bool = False
+    # Queue order by priority and fair shares across tenants (fairqueue.py); off: one FIFO per
+    # model, every request equal (the ablation bench/tenants.py compares against).
+    fair_queueing: bool = True
 
     def __post_init__(self) -> None:
         check_name("router", self.router_id)

@@ -98,6 +98,7 @@ class Router(Component):
             config.queue_per_model,
             config.queue_timeout_s,
             config.ensure_interval_s,
+            config.fair_queueing,
         )
         relay = Relay(
             config, self.table, self.admission, upstreams, self.breakers, budget, self.demand

@@ -138,7 +138,9 @@ class RouterInference:
             request.request_id = uuid.uuid4().hex
         span.set_attribute("meshserve.request_id", request.request_id)
         model = route.spec.name
-        request.priority = tenant.priority(request.priority)  # type: ignore[assignment]
+        # Fair queueing off (an ablation): every request equal, at the agent too.
+        asked = tenant.priority(request.priority) if self.config.fair_queueing else 0
+        request.priority = asked  # type: ignore[assignment]
         span.set_attribute("meshserve.priority", int(request.priority))
         ticket = self.tenancy.admit(tenant, model)
         who = Who(tenant.name, request.priority, tenant.weight)

@@ -144,3 +144,29 @@ async def test_the_health_command_probes_over_tls(smesh: Mesh) -> None:
         env={**plain, "MESHSERVE_HOME": str(smesh.data_dir / "nohome")},
     )
     assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr, refused.stderr
+
+
+async def test_a_client_certificate_subject_names_a_tenant(smesh: Mesh) -> None:
+    """A router with tenants: the certificate's subject (CN=meshserve, the one this client
+    presents) is a tenant without a key; it may use only what that tenant may."""
+    tenants = smesh.data_dir / "tenants.yaml"
+    tenants.write_text(
+        "tenants:\n"
+        "  - name: by-cert\n"
+        "    cert_subjects: [CN=meshserve]\n"
+        "    models: [demo]\n"
+        "  - name: narrow\n"
+        "    cert_subjects: [CN=nobody]\n"
+        "    models: [other]\n"
+    )
+    router = await asyncio.to_thread(
+        smesh.start_router, "router-tenants", "127.0.0.1:0", ["--tenants", str(tenants)]
+    )
+    async with open_channel(router.address) as ch:
+        assert await tokens(ch) == 8  # no API key: the certificate said who we are
+    nobody = smesh_issue(smesh, "nobody")
+    async with grpc.aio.secure_channel(router.address, channel_credentials(nobody)) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await tokens(ch)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "narrow" in (e.value.details() or "")
