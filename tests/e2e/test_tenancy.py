@@ -303,3 +303,44 @@ async def router_usage(mesh: Mesh, tenant: str) -> router_pb2.UsageRow | None:
         router_pb2.UsageRequest(tenant=tenant), timeout=5, metadata=auth("ops")
     )
     return next((r for r in got.rows if r.model == "demo"), None)
+
+
+async def test_tenants_from_etcd_reach_a_router_when_applied(tmesh: Mesh, tmp_path: Path) -> None:
+    """A router with --tenants-from-etcd lets nobody in until `meshserve tenant apply` stores a
+    document; then that document's keys work (every router reading etcd agrees)."""
+    router = await asyncio.to_thread(
+        tmesh.start_router, "router-etcd", "127.0.0.1:0", ["--tenants-from-etcd"]
+    )
+    stub = inference_pb2_grpc.InferenceStub(grpc.aio.insecure_channel(router.address))
+    e = await refused(stub, request(), auth("app"))
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+    doc = tmp_path / "tenants.yaml"
+    doc.write_text(tenants_yaml())
+    applied = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "meshserve", "tenant", "apply", str(doc)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_pythonpath(), "PATH": "/usr/bin:/bin", "MESHSERVE_ETCD": tmesh.etcd.endpoint},
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "applied tenants: ops, app" in applied.stdout
+
+    async def admitted() -> bool:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            return (await stream(stub, request(), auth("app")))[0] == 8
+        return False
+
+    await eventually(admitted, 10, "the etcd document's keys to be taken")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tenants_yaml().replace(hash_key(KEYS["app"]), KEYS["app"]))
+    refused_apply = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "meshserve", "tenant", "apply", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_pythonpath(), "PATH": "/usr/bin:/bin", "MESHSERVE_ETCD": tmesh.etcd.endpoint},
+    )
+    assert refused_apply.returncode == 1 and "never the key itself" in refused_apply.stderr

@@ -267,3 +267,22 @@ async def test_tenants_of_one_priority_share_a_saturated_replica_by_weight() -> 
     a.release(held)
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert Counter(served[:40]) == {"heavy": 30, "light": 10}
+
+
+def test_a_routers_share_follows_where_the_tenants_requests_arrive() -> None:
+    from meshserve.router.gate import SHARE_EPSILON, TenantRates
+    from meshserve.v1 import cluster_pb2 as S
+
+    rates = TenantRates("r1")
+    assert rates.share("t") == 1.0  # alone: the whole limit
+    for _ in range(30):  # 3 req/s here over the 10 s window
+        rates.arrived("t")
+    rates.others = {
+        b"r1": S.RouterDemand(router_id="r1", tenant_rates={"t": 3.0}),  # our own record
+        b"r2": S.RouterDemand(router_id="r2", tenant_rates={"t": 1.0}),
+        b"r3": S.RouterDemand(router_id="r3"),
+    }
+    e = SHARE_EPSILON
+    assert rates.share("t") == pytest.approx((3 + e) / (3 + e + 1 + e + e))
+    assert rates.share("quiet") == pytest.approx(1 / 3)  # nobody sees it: equal parts
+    assert rates.rates() == {"t": 3.0}
