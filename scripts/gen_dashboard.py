@@ -38,6 +38,19 @@ ROWS: list[tuple[str, list[tuple[str, str, str]]]] = [
             ("GPU utilization", "avg by (gpu) (meshserve_gpu_utilization_ratio)", "percentunit"),
             ("Model load time p90", "histogram_quantile(0.9, sum by (le, model) (rate(meshserve_model_load_seconds_bucket[30m])))", "s"),
             ("Tier change time p90", "histogram_quantile(0.9, sum by (le, model) (rate(meshserve_tier_change_seconds_bucket[30m])))", "s"),
+            ("Decode tokens/s per device (measured)", "sum by (gpu) (meshserve_device_decode_tokens_per_s)", "short"),
+            ("Decode load vs capacity", "sum by (gpu) (meshserve_device_decode_tokens_per_s) / sum by (gpu) (meshserve_device_decode_capacity_tokens_per_s)", "percentunit"),
+        ],
+    ),
+    (
+        "Tenants (router)",
+        [
+            ("Requests/s by tenant", "sum by (tenant) (rate(meshserve_tenant_requests_total[1m]))", "reqps"),
+            ("Tokens/s by tenant", "sum by (tenant, kind) (rate(meshserve_tenant_tokens_total[1m]))", "short"),
+            ("Cost/hour by tenant", "sum by (tenant) (rate(meshserve_tenant_cost_total[5m])) * 3600", "short"),
+            ("Cold starts/min by tenant", 'sum by (tenant) (rate(meshserve_tenant_requests_total{start="cold"}[5m])) * 60', "short"),
+            ("Refused/min by tenant and reason", "sum by (tenant, reason) (rate(meshserve_router_refused_total[5m])) * 60", "short"),
+            ("Shed for priority/min", "sum by (model, priority) (rate(meshserve_router_shed_total[5m])) * 60", "short"),
         ],
     ),
     (

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
@@ -34,6 +35,7 @@ from tests.e2e.conftest import (
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
+M = TypeVar("M", cluster_pb2.ReplicaStatus, cluster_pb2.NodeStatus)
 LEASE_S = 2
 TOKENS = 320  # long enough that a fault lands mid-stream (≈ 0.5-1 s of generation)
 
@@ -257,11 +259,13 @@ async def test_a_load_longer_than_the_deadline_fails_fast(mesh: Mesh, demo_model
 
 
 async def _replica_status(mesh: Mesh, model: str, node: str) -> cluster_pb2.ReplicaStatus | None:
+    return await _etcd_get(mesh, Keyspace().replica(model, node), cluster_pb2.ReplicaStatus)
+
+
+async def _etcd_get(mesh: Mesh, key: bytes, kind: type[M]) -> M | None:
     client = connect(EtcdConfig(mesh.etcd.endpoint))
     try:
-        return await Store(client, Keyspace()).get(
-            Keyspace().replica(model, node), cluster_pb2.ReplicaStatus
-        )
+        return await Store(client, Keyspace()).get(key, kind)
     finally:
         await client.close()
 
@@ -313,11 +317,7 @@ async def test_device_oom_fails_one_request_and_repeated_oom_moves_the_model(
 
 
 async def _node_status(mesh: Mesh, node: str) -> cluster_pb2.NodeStatus | None:
-    client = connect(EtcdConfig(mesh.etcd.endpoint))
-    try:
-        return await Store(client, Keyspace()).get(Keyspace().node(node), cluster_pb2.NodeStatus)
-    finally:
-        await client.close()
+    return await _etcd_get(mesh, Keyspace().node(node), cluster_pb2.NodeStatus)
 
 
 async def test_agents_publish_measured_decode_throughput(mesh: Mesh, demo_model: Path) -> None:

@@ -316,14 +316,7 @@ async def test_tenants_from_etcd_reach_a_router_when_applied(tmesh: Mesh, tmp_pa
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED
     doc = tmp_path / "tenants.yaml"
     doc.write_text(tenants_yaml())
-    applied = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "meshserve", "tenant", "apply", str(doc)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**_pythonpath(), "PATH": "/usr/bin:/bin", "MESHSERVE_ETCD": tmesh.etcd.endpoint},
-    )
+    applied = await tenant_apply(tmesh, doc)
     assert applied.returncode == 0, applied.stderr
     assert "applied tenants: ops, app" in applied.stdout
 
@@ -335,12 +328,16 @@ async def test_tenants_from_etcd_reach_a_router_when_applied(tmesh: Mesh, tmp_pa
     await eventually(admitted, 10, "the etcd document's keys to be taken")
     bad = tmp_path / "bad.yaml"
     bad.write_text(tenants_yaml().replace(hash_key(KEYS["app"]), KEYS["app"]))
-    refused_apply = await asyncio.to_thread(
+    refused_apply = await tenant_apply(tmesh, bad)
+    assert refused_apply.returncode == 1 and "never the key itself" in refused_apply.stderr
+
+
+async def tenant_apply(mesh: Mesh, doc: Path) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "meshserve", "tenant", "apply", str(bad)],
+        [sys.executable, "-m", "meshserve", "tenant", "apply", str(doc)],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**_pythonpath(), "PATH": "/usr/bin:/bin", "MESHSERVE_ETCD": tmesh.etcd.endpoint},
+        env={**_pythonpath(), "PATH": "/usr/bin:/bin", "MESHSERVE_ETCD": mesh.etcd.endpoint},
     )
-    assert refused_apply.returncode == 1 and "never the key itself" in refused_apply.stderr
