@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshserve.cluster.etcd_process import EtcdProcess, EtcdSecurity
@@ -29,6 +29,7 @@ class Service:
     log: Path
     ready_file: Path
     address: str = ""
+    info: dict[str, str] = field(default_factory=dict)  # the ready file (address, http …)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -104,7 +105,8 @@ class Mesh:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} not ready in {timeout_s} s:\n{self.tail(name)}")
             time.sleep(0.05)
-        service.address = json.loads(ready.read_text())["address"]
+        service.info = json.loads(ready.read_text())
+        service.address = service.info["address"]
         return service
 
     def start_scheduler(self, name: str = "scheduler-0") -> Service:

@@ -40,6 +40,9 @@ def up(
     tls: Annotated[
         bool, typer.Option(help="mutual TLS on every hop, etcd too (a local CA in DATA_DIR/tls)")
     ] = False,
+    http_port: Annotated[
+        int, typer.Option(help="OpenAI-compatible HTTP on 127.0.0.1:PORT; 0 = off")
+    ] = 8000,
 ) -> None:
     """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
     completion, and run until Ctrl-C."""
@@ -47,7 +50,10 @@ def up(
     if agents < 1:
         raise fail("--agents must be >= 1")
     try:
-        _up(agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo, auth, tls)
+        _up(
+            agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo, auth, tls,
+            http_port,
+        )  # fmt: skip
     except _Stop as stop:
         raise typer.Exit(128 + stop.signum) from None
     except Exception:
@@ -68,6 +74,7 @@ def _up(
     exit_after_demo: bool,
     auth: bool = False,
     tls: bool = False,
+    http_port: int = 0,
 ) -> None:
     from meshserve.local import Mesh
 
@@ -86,7 +93,10 @@ def _up(
             for i in range(agents):
                 mesh.start_agent(f"agent-{i}", memory_limit=memory_limit)
             key, extra = _local_tenant(data_dir) if auth else ("", [])
-            router_address = mesh.start_router(listen=f"127.0.0.1:{port}", extra=extra).address
+            if http_port:
+                extra += ["--http-listen", f"127.0.0.1:{http_port}"]
+            router = mesh.start_router(listen=f"127.0.0.1:{port}", extra=extra)
+            router_address = router.address
         (data_dir / STATE).write_text(
             json.dumps({"router": router_address, "etcd": mesh.etcd.endpoint, "tls": mesh.tls_env})
         )
@@ -95,9 +105,10 @@ def _up(
         asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, demo_spec(model_dir)))
         with console.status("waiting for model 'demo' to be READY…"):
             asyncio.run(_wait_ready(router_address, "demo", 120.0, key))
+        http = f", OpenAI API http://{router.info['http']}/v1" if "http" in router.info else ""
         console.print(
             f"[green]mesh up[/green] in {time.monotonic() - started:.1f} s — "
-            f"router {router_address}, "
+            f"router {router_address}{http}, "
             f"etcd {mesh.etcd.endpoint}, logs {data_dir / 'logs'}, traces {data_dir / 'traces'}"
         )
         if tls:

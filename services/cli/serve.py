@@ -189,6 +189,12 @@ def router(
     tenants_from_etcd: Annotated[
         bool, typer.Option(help="tenants from etcd's config/tenants (auth on)")
     ] = False,
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHSERVE_HTTP_LISTEN", help="OpenAI-compatible HTTP on host:port; '' = off"
+        ),
+    ] = RouterConfig.http_listen,
     fair_queueing: Annotated[
         bool, typer.Option(help="queue by priority, then fair shares across tenants; off: FIFO")
     ] = RouterConfig.fair_queueing,
@@ -227,6 +233,7 @@ def router(
             tenants_file=tenants,
             tenants_from_etcd=tenants_from_etcd,
             fair_queueing=fair_queueing,
+            http_listen=http_listen,
             **kwargs,
         )
     except (ValueError, OSError) as e:

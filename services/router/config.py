@@ -33,9 +33,15 @@ class RouterConfig:
     # Queue order by priority and fair shares across tenants (fairqueue.py); off: one FIFO per
     # model, every request equal (the ablation bench/tenants.py compares against).
     fair_queueing: bool = True
+    # The OpenAI-compatible HTTP front (openai_http.py) in this process: host:port; "" = off.
+    http_listen: str = ""
 
     def __post_init__(self) -> None:
         check_name("router", self.router_id)
+        if self.http_listen:
+            host, _, port = self.http_listen.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"http_listen must be host:port, got {self.http_listen!r}")
         if self.tenants_file and self.tenants_from_etcd:
             raise ValueError("tenants come from a file or from etcd, not both")
         for name in ("max_attempts", "queue_per_model", "breaker_failures"):

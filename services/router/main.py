@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from meshserve.cluster.mirror import Mirror
@@ -107,6 +109,8 @@ class Router(Component):
             config, self.table, self.admission, relay, upstreams, budget, self.demand, self.tenancy
         )
         self._publisher: asyncio.Task[None] | None = None
+        self._http: Any = None  # uvicorn.Server of the OpenAI front, when configured
+        self._http_task: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(
@@ -126,9 +130,52 @@ class Router(Component):
                 self.demand, self.cluster.store, self.cluster.session, self.config.demand_interval_s
             )
         )
-        return {"router_id": self.config.router_id}
+        info = {"router_id": self.config.router_id}
+        if self.config.http_listen:
+            info["http"] = await self._start_http()
+        return info
+
+    async def _start_http(self) -> str:
+        """The OpenAI-compatible front on ``http_listen``, on this event loop. uvicorn's
+        ``_serve`` is its ``serve`` without taking over SIGINT/SIGTERM (the process's own
+        handlers drain both fronts in order); pinned uvicorn version (pyproject)."""
+        import uvicorn
+        from meshserve.router.openai_http import openai_app
+
+        host, _, port = self.config.http_listen.rpartition(":")
+        # Bound here, not by uvicorn: a taken port is an OSError naming it (uvicorn would log and
+        # sys.exit inside the router).
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), int(port)))
+        except OSError as e:
+            sock.close()
+            where = self.config.http_listen
+            raise OSError(f"the OpenAI HTTP front cannot listen on {where}: {e}") from None
+        sock.listen(1024)
+        config = uvicorn.Config(
+            openai_app(self.servicer),
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+        )
+        self._http = uvicorn.Server(config)
+        self._http_task = asyncio.create_task(self._http._serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                await self._http_task  # raises what stopped it
+                raise OSError(f"the HTTP front did not start on {self.config.http_listen}")
+            await asyncio.sleep(0.02)
+        bound = sock.getsockname()
+        return f"{host}:{bound[1]}"
 
     async def stop(self) -> None:
+        if self._http_task is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, 10)
         if self._publisher is not None:
             self._publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

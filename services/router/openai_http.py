@@ -1,0 +1,367 @@
+"""The OpenAI-compatible HTTP front (FastAPI + uvicorn), served by the router process beside its
+gRPC API and calling the same router core (server.py: gate, tenancy, admission, relay), so a
+request over HTTP is admitted, queued, retried, failed over and counted exactly as one over gRPC.
+In the router process rather than a gateway beside it: one hop less, one process to run, and the
+admission queue and limits see both kinds of traffic.
+
+- ``POST /v1/chat/completions``, ``POST /v1/completions``: ``stream: true`` sends SSE chunks and
+  ``data: [DONE]``; ``stream_options.include_usage`` adds a last chunk with usage.
+- ``POST /v1/embeddings``, ``GET /v1/models``.
+- ``Authorization: Bearer <key>`` goes to the tenancy gate; ``priority`` (low | normal | high |
+  critical) in the body is the request's priority (capped by the tenant).
+- Errors in OpenAI's JSON shape: 400 invalid, 401, 403, 404, 429 with ``Retry-After``, 503, 504.
+- A client that disconnects cancels the generation (the relay cancels the agent's stream).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from meshserve.router.server import RouterInference
+from meshserve.router.tenants import PRIORITIES
+from meshserve.rpc.errors import ServiceError, decode_details
+from meshserve.v1 import inference_pb2
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+}
+ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
+FINISH = {inference_pb2.FINISH_REASON_LENGTH: "length", inference_pb2.FINISH_REASON_STOP: "stop"}
+Priority = Literal["low", "normal", "high", "critical"]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use are accepted
+    model: str
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    priority: Priority | None = None  # meshserve: the request's priority (capped by the tenant)
+    timeout: float | None = Field(default=None, gt=0)  # meshserve: a deadline in seconds
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[str]
+
+
+class HttpContext:
+    """What the router core asks of a gRPC servicer context, from an HTTP request."""
+
+    def __init__(self, request: Request, timeout_s: float | None) -> None:
+        auth = request.headers.get("authorization", "")
+        self._metadata = (("authorization", auth),) if auth else ()
+        self._deadline = time.monotonic() + timeout_s if timeout_s else None
+        self.headers: dict[str, str] = {}
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str]]:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.headers.update({f"x-{k}": v for k, v in metadata})
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.headers.update({f"x-{k}": v for k, v in metadata})
+
+
+def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPE.get(status, "server_error"),
+            "param": None,
+            "code": code,
+        }
+    }
+
+
+def from_exception(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, OpenAI error body, headers) for what the router core raised."""
+    retry: float | None = None
+    if isinstance(e, ServiceError):
+        code, message, reason, retry = e.code, e.message, e.reason, e.retry_after_s
+    elif isinstance(e, grpc.aio.AioRpcError):
+        code, message = e.code(), e.details() or e.code().name
+        status = decode_details(e.trailing_metadata())
+        reason = None
+        from google.rpc import error_details_pb2
+
+        for d in status.details if status else ():
+            info, delay = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+            if d.Unpack(info):
+                reason = info.reason
+            elif d.Unpack(delay):
+                retry = delay.retry_delay.ToTimedelta().total_seconds()
+    else:
+        return 500, error_body(500, f"internal error: {type(e).__name__}"), {}
+    http = HTTP_STATUS.get(code, 500)
+    headers = {"retry-after": str(max(1, round(retry)))} if retry is not None else {}
+    return http, error_body(http, message, reason), headers
+
+
+def sampling(req: Sampling) -> inference_pb2.SamplingParams:
+    if req.n != 1:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT, "n: only 1 is supported", "INVALID_REQUEST"
+        )
+    s = inference_pb2.SamplingParams()
+    limit = req.max_completion_tokens or req.max_tokens
+    if limit is not None:
+        s.max_tokens = limit
+    if req.temperature is not None:
+        s.temperature = req.temperature
+    if req.top_p is not None:
+        s.top_p = req.top_p
+    if req.seed is not None:
+        if req.seed < 0:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, "seed: must be >= 0", "INVALID_REQUEST"
+            )
+        s.seed = req.seed
+    if req.stop:
+        s.stop.extend([req.stop] if isinstance(req.stop, str) else req.stop)
+    return s
+
+
+def text_of(content: str | list[dict[str, Any]] | None) -> str:
+    if isinstance(content, list):  # OpenAI content parts: the text ones
+        return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+    return content or ""
+
+
+def openai_app(core: RouterInference) -> FastAPI:
+    app = FastAPI(title="meshserve OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}" for err in exc.errors()
+        )
+        return JSONResponse(error_body(400, problems, "INVALID_REQUEST"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+
+    def failure(e: BaseException) -> JSONResponse:
+        status, body, headers = from_exception(e)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Any:
+        try:
+            got = await core.list_models(inference_pb2.ListModelsRequest(), HttpContext(request, 5))
+        except (ServiceError, grpc.aio.AioRpcError) as e:
+            return failure(e)
+        data = [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "meshserve"}
+            for m in got.models
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+        inputs = [body.input] if isinstance(body.input, str) else body.input
+        try:
+            got = await core.embed(
+                inference_pb2.EmbedRequest(model=body.model, inputs=inputs),
+                HttpContext(request, None),
+            )
+        except (ServiceError, grpc.aio.AioRpcError) as e:
+            return failure(e)
+        data = [
+            {"object": "embedding", "index": i, "embedding": list(e.values)}
+            for i, e in enumerate(got.embeddings)
+        ]
+        usage = {"prompt_tokens": 0, "total_tokens": 0}
+        return {"object": "list", "data": data, "model": body.model, "usage": usage}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            return failure(
+                ServiceError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "prompt: one prompt per request",
+                    "INVALID_REQUEST",
+                )
+            )
+        return await run(body, request, inference_pb2.GenerateRequest(prompt=prompts[0]), False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        g = inference_pb2.GenerateRequest()
+        for m in body.messages:
+            g.messages.add(role=m.role, content=text_of(m.content))
+        return await run(body, request, g, True)
+
+    async def run(
+        body: Sampling, request: Request, g: inference_pb2.GenerateRequest, chat: bool
+    ) -> Any:
+        try:
+            g.model = body.model
+            g.sampling.CopyFrom(sampling(body))
+            if body.priority:
+                g.priority = PRIORITIES[body.priority]  # type: ignore[assignment]
+        except ServiceError as e:
+            return failure(e)
+        ctx = HttpContext(request, body.timeout)
+        shape = Shape(
+            body.model, chat, bool(body.stream_options and body.stream_options.include_usage)
+        )
+        stream = core.generate(g, ctx)
+        try:  # the first message (or the error) before any byte is sent: errors get a status
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = b""
+        except (ServiceError, grpc.aio.AioRpcError) as e:
+            return failure(e)
+        if body.stream:
+            return StreamingResponse(
+                shape.sse(first, stream),
+                media_type="text/event-stream",
+                headers={**ctx.headers, "cache-control": "no-cache"},
+            )
+        try:
+            return JSONResponse(await shape.whole(first, stream), headers=ctx.headers)
+        except (ServiceError, grpc.aio.AioRpcError) as e:
+            return failure(e)
+
+    return app
+
+
+class Shape:
+    """Turns the router's GenerateResponse messages into OpenAI's completion shapes."""
+
+    def __init__(self, model: str, chat: bool, include_usage: bool) -> None:
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.model = model
+        self.chat = chat
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _chunk(self, text: str, finish: str | None, first: bool) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
+            if not first and text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice]}  # fmt: skip
+
+    @staticmethod
+    def usage(m: inference_pb2.GenerateResponse) -> dict[str, int]:
+        i, o = int(m.usage.input_tokens), int(m.usage.output_tokens)
+        return {"prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o}
+
+    async def sse(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        usage: dict[str, int] | None = None
+        is_first = True
+        try:
+            async for raw in _messages(first, rest):
+                m = inference_pb2.GenerateResponse.FromString(raw)
+                finish = FINISH.get(m.finish_reason) if m.finish_reason else None
+                if finish:
+                    usage = self.usage(m)
+                yield _event(self._chunk(m.text, finish, is_first))
+                is_first = False
+        except (ServiceError, grpc.aio.AioRpcError) as e:  # mid-stream: OpenAI sends the error
+            _status, body, _headers = from_exception(e)
+            yield _event(body)
+        if self.include_usage and usage is not None:
+            yield _event({"id": self.id, "object": "chat.completion.chunk" if self.chat
+                          else "text_completion", "created": self.created, "model": self.model,
+                          "choices": [], "usage": usage})  # fmt: skip
+        yield b"data: [DONE]\n\n"
+
+    async def whole(self, first: bytes, rest: AsyncIterator[bytes]) -> dict[str, Any]:
+        text: list[str] = []
+        finish, usage = None, {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        async for raw in _messages(first, rest):
+            m = inference_pb2.GenerateResponse.FromString(raw)
+            text.append(m.text)
+            if m.finish_reason:
+                finish, usage = FINISH.get(m.finish_reason, "stop"), self.usage(m)
+        content = "".join(text)
+        if self.chat:
+            message = {"role": "assistant", "content": content}
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "message": message}
+        else:
+            choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.model, "choices": [choice], "usage": usage}  # fmt: skip
+
+
+async def _messages(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for raw in rest:
+        yield raw
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"

@@ -1,0 +1,172 @@
+"""The OpenAI-compatible HTTP front of a real router (tenants on), driven by the official `openai`
+SDK: streaming chat with usage, completions, embeddings, model listing, typed errors (400, 401,
+403, 404, 429 with Retry-After), and a client that disconnects cancelling the generation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import meshserve.v1.nodeagent_pb2_grpc as nodeagent_pb2_grpc
+import openai
+import pytest
+from meshserve.local import Mesh
+from meshserve.router.tenants import hash_key, new_key
+from meshserve.v1 import nodeagent_pb2
+
+from tests.e2e.conftest import apply, model_spec
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+KEYS = {name: new_key() for name in ("app", "other", "limited")}
+
+
+@pytest.fixture(scope="module")
+def hmesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
+    root = tmp_path_factory.mktemp("openai")
+    tenants = root / "tenants.yaml"
+    tenants.write_text(
+        "tenants:\n"
+        f"  - name: app\n    keys: [{hash_key(KEYS['app'])}]\n"
+        f"  - name: other\n    keys: [{hash_key(KEYS['other'])}]\n    models: [their-*]\n"
+        f"  - name: limited\n    keys: [{hash_key(KEYS['limited'])}]\n"
+        "    limits: {requests_per_s: 1}\n"
+    )
+    m = Mesh(root, lease_ttl_s=2)
+    try:
+        m.start_etcd()
+        m.start_scheduler()
+        m.start_agent("agent-0")
+        m.start_router(extra=["--tenants", str(tenants), "--http-listen", "127.0.0.1:0"])
+        asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=1)))
+
+        def ready() -> bool:
+            got = client(m, "app").models.list()
+            return any(x.id == "demo" for x in got.data)
+
+        deadline = time.monotonic() + 90
+        while not ready():
+            assert time.monotonic() < deadline, "demo not listed"
+            time.sleep(0.2)
+
+        async def serving() -> bool:
+            try:
+                client(m, "app").completions.create(model="demo", prompt="x", max_tokens=1)
+                return True
+            except openai.APIStatusError:
+                return False
+
+        asyncio.run(eventually(serving, 90, "demo to serve over HTTP"))
+        yield m
+    finally:
+        m.stop()
+
+
+def base_url(mesh: Mesh) -> str:
+    return f"http://{mesh.services['router'].info['http']}/v1"
+
+
+def client(mesh: Mesh, tenant: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url(mesh), api_key=KEYS.get(tenant, tenant), max_retries=0)
+
+
+def test_the_sdk_streams_a_chat_completion_with_usage(hmesh: Mesh) -> None:
+    stream = client(hmesh, "app").chat.completions.create(
+        model="demo",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert finish == "length" and usage is not None
+    assert usage.completion_tokens == 12 and usage.prompt_tokens > 0
+    whole = client(hmesh, "app").chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=12, temperature=0
+    )
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.usage is not None and whole.usage.completion_tokens == 12
+
+
+def test_completions_embeddings_and_models(hmesh: Mesh) -> None:
+    c = client(hmesh, "app")
+    done = c.completions.create(model="demo", prompt="Once upon a time", max_tokens=5)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5  # type: ignore[union-attr]
+    emb = c.embeddings.create(model="demo", input=["one", "two"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) > 0
+    assert [m.id for m in c.models.list().data] == ["demo"]
+    assert [m.id for m in client(hmesh, "other").models.list().data] == []
+
+
+def test_errors_arrive_as_the_sdks_typed_exceptions(hmesh: Mesh) -> None:
+    c = client(hmesh, "app")
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.completions.create(model="demo", prompt="x", max_tokens=0)
+    assert "max_tokens" in bad.value.message
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="demo", messages=[], max_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        client(hmesh, "msk-wrong").completions.create(model="demo", prompt="x", max_tokens=1)
+    with pytest.raises(openai.PermissionDeniedError):
+        client(hmesh, "other").completions.create(model="demo", prompt="x", max_tokens=1)
+    limited = client(hmesh, "limited")
+    limited.completions.create(model="demo", prompt="x", max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as slow:
+        limited.completions.create(model="demo", prompt="x", max_tokens=1)
+    assert slow.value.response.headers["retry-after"] == "1"
+    assert slow.value.code == "REQUESTS_PER_S_LIMIT"
+
+
+async def test_a_client_that_disconnects_cancels_the_generation(hmesh: Mesh) -> None:
+    agent = nodeagent_pb2_grpc.NodeAgentStub(
+        grpc.aio.insecure_channel(hmesh.services["agent-0"].address)
+    )
+
+    async def in_flight() -> int:
+        got = await agent.GetNodeStatus(nodeagent_pb2.GetNodeStatusRequest(), timeout=5)
+        return sum(x.in_flight for x in got.load)
+
+    async def generated() -> int:
+        got = await agent.GetNodeStatus(nodeagent_pb2.GetNodeStatusRequest(), timeout=5)
+        return sum(x.generated_tokens for x in got.load)
+
+    before = await generated()
+
+    body = json.dumps(
+        {"model": "demo", "prompt": "Once upon a time", "max_tokens": 1900, "stream": True}
+    ).encode()
+    host, port = hmesh.services["router"].info["http"].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"authorization: Bearer {KEYS['app']}\r\n".encode()
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    status = await reader.readline()
+    assert b" 200 " in status, status
+    while not (await asyncio.wait_for(reader.readline(), 30)).startswith(b"data: "):
+        pass  # headers, then the first chunk: the agent is generating
+    assert await in_flight() == 1
+    writer.close()  # the client goes away mid-stream
+    # Disconnected long before 1900 tokens: the agent's stream is cancelled.
+    await eventually(lambda: _none(in_flight), 10, "the agent's stream to end")
+    assert await generated() - before < 1900  # it ended early: cancelled, not finished
+
+
+async def _none(in_flight: object) -> bool:
+    return await in_flight() == 0  # type: ignore[operator, no-any-return]
