@@ -1,0 +1,194 @@
+"""The same streaming workload through the router's native gRPC API and its OpenAI-compatible
+HTTP front (SSE), side by side in one run, against a real local mesh (etcd, scheduler, one
+agent, one router serving both).
+
+    python bench/frontends.py [--requests 64] [--max-tokens 64] [--json PATH]
+
+For concurrency 1 and 8: tokens/s, TTFT p50/p99 and router CPU per token, rounds alternating
+between the two fronts so machine noise hits both. Goal: HTTP adds <= 2 ms to p50 TTFT at c = 1.
+The HTTP client is a lean asyncio one (a new connection per request, SSE lines parsed as they
+come), so what it measures is the server side, not an SDK's overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.store import EtcdConfig, Store, connect
+from meshserve.demo_model import build_demo_model
+from meshserve.local import Mesh
+from meshserve.modelspec import demo_spec
+from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+from bench.router_vs_direct import cpu_seconds
+
+PROMPT = "Once upon a time"
+
+
+async def native_one(stub: inference_pb2_grpc.InferenceStub, tokens: int) -> tuple[float, int]:
+    req = inference_pb2.GenerateRequest(model="demo", prompt=PROMPT)
+    req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = tokens, 0.0, True
+    start = time.perf_counter()
+    ttft, n = 0.0, 0
+    async for m in stub.Generate(req, timeout=120):
+        if not ttft:
+            ttft = time.perf_counter() - start
+        n += len(m.token_ids)
+    return ttft, n
+
+
+async def http_one(address: str, tokens: int) -> tuple[float, int]:
+    body = json.dumps(
+        {"model": "demo", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+         "stream": True, "stream_options": {"include_usage": True}}
+    ).encode()  # fmt: skip
+    host, port = address.rsplit(":", 1)
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+        + body
+    )
+    ttft, n = 0.0, 0
+    try:
+        while line := await reader.readline():
+            if not line.startswith(b"data: {"):
+                continue
+            if not ttft:
+                ttft = time.perf_counter() - start
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = int(chunk["usage"]["completion_tokens"])
+    finally:
+        writer.close()
+    return ttft, n
+
+
+async def round_(
+    front: str, router: Any, concurrency: int, requests: int, tokens: int
+) -> dict[str, Any]:
+    ttfts: list[float] = []
+    total = 0
+    async with grpc.aio.insecure_channel(router.address) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+
+        async def worker(n: int) -> None:
+            nonlocal total
+            for _ in range(n):
+                if front == "native gRPC":
+                    t, k = await native_one(stub, tokens)
+                else:
+                    t, k = await http_one(router.info["http"], tokens)
+                ttfts.append(t)
+                total += k
+
+        cpu0, wall0 = cpu_seconds(router.proc.pid), time.perf_counter()
+        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+        cpu, wall = cpu_seconds(router.proc.pid) - cpu0, time.perf_counter() - wall0
+    return {"ttfts": ttfts, "tokens": total, "wall_s": wall, "cpu_s": cpu}
+
+
+def summary(front: str, concurrency: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    ttfts = sorted(t for r in rounds for t in r["ttfts"])
+    tokens = sum(r["tokens"] for r in rounds)
+    return {
+        "front": front,
+        "concurrency": concurrency,
+        "requests": len(ttfts),
+        "tokens_per_s": round(tokens / sum(r["wall_s"] for r in rounds), 1),
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 2),
+        "ttft_p99_ms": round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] * 1000, 2),
+        "router_cpu_us_per_token": round(sum(r["cpu_s"] for r in rounds) / max(1, tokens) * 1e6, 1),
+    }
+
+
+async def put_model(mesh: Mesh, model_dir: Path) -> None:
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        await Store(client, Keyspace()).put(Keyspace().model("demo"), demo_spec(model_dir))
+    finally:
+        await client.close()
+
+
+async def warm(router: Any) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            await http_one(router.info["http"], 2)
+            async with grpc.aio.insecure_channel(router.address) as ch:
+                await native_one(inference_pb2_grpc.InferenceStub(ch), 2)
+            return
+        except (grpc.aio.AioRpcError, OSError, ValueError):
+            await asyncio.sleep(0.3)
+    raise TimeoutError("demo did not serve")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=64, help="per front and concurrency")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        mesh = Mesh(Path(tmp) / "mesh", lease_ttl_s=3)
+        try:
+            mesh.start_etcd()
+            mesh.start_scheduler()
+            mesh.start_agent("agent-0")
+            router = mesh.start_router(extra=["--http-listen", "127.0.0.1:0"])
+            asyncio.run(put_model(mesh, build_demo_model(Path(tmp) / "model")))
+            asyncio.run(warm(router))
+            for concurrency in (1, 8):
+                per = {"native gRPC": [], "OpenAI HTTP (SSE)": []}  # type: ignore[var-annotated]
+                for _ in range(args.rounds):
+                    for front, got in per.items():
+                        got.append(
+                            asyncio.run(
+                                round_(
+                                    front,
+                                    router,
+                                    concurrency,
+                                    args.requests // args.rounds,
+                                    args.max_tokens,
+                                )
+                            )
+                        )
+                rows += [summary(front, concurrency, got) for front, got in per.items()]
+        finally:
+            mesh.stop()
+    table = Table(title=f"native gRPC vs OpenAI HTTP, {args.max_tokens} tokens per request")
+    for col in ("front", "c", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "CPU µs/token"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["front"], str(r["concurrency"]), str(r["requests"]), str(r["tokens_per_s"]),
+            str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]), str(r["router_cpu_us_per_token"]),
+        )  # fmt: skip
+    Console(width=140).print(table)
+    added = rows[1]["ttft_p50_ms"] - rows[0]["ttft_p50_ms"]
+    Console().print(f"HTTP adds {added:+.2f} ms to p50 TTFT at c = 1 (goal <= 2 ms)")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "http_added_p50_ms_c1": added}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
