@@ -25,34 +25,14 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from meshserve.router.http_errors import BodyLimit, error_body, from_exception
 from meshserve.router.server import RouterInference
 from meshserve.router.tenants import PRIORITIES
-from meshserve.rpc.errors import ServiceError, decode_details
+from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import inference_pb2
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.CANCELLED: 499,
-}
-ERROR_TYPE = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-    504: "timeout",
-}
 FINISH = {inference_pb2.FINISH_REASON_LENGTH: "length", inference_pb2.FINISH_REASON_STOP: "stop"}
 Priority = Literal["low", "normal", "high", "critical"]
 
@@ -123,41 +103,6 @@ class HttpContext:
         self.headers.update({f"x-{k}": v for k, v in metadata})
 
 
-def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": message,
-            "type": ERROR_TYPE.get(status, "server_error"),
-            "param": None,
-            "code": code,
-        }
-    }
-
-
-def from_exception(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(HTTP status, OpenAI error body, headers) for what the router core raised."""
-    retry: float | None = None
-    if isinstance(e, ServiceError):
-        code, message, reason, retry = e.code, e.message, e.reason, e.retry_after_s
-    elif isinstance(e, grpc.aio.AioRpcError):
-        code, message = e.code(), e.details() or e.code().name
-        status = decode_details(e.trailing_metadata())
-        reason = None
-        from google.rpc import error_details_pb2
-
-        for d in status.details if status else ():
-            info, delay = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
-            if d.Unpack(info):
-                reason = info.reason
-            elif d.Unpack(delay):
-                retry = delay.retry_delay.ToTimedelta().total_seconds()
-    else:
-        return 500, error_body(500, f"internal error: {type(e).__name__}"), {}
-    http = HTTP_STATUS.get(code, 500)
-    headers = {"retry-after": str(max(1, round(retry)))} if retry is not None else {}
-    return http, error_body(http, message, reason), headers
-
-
 def sampling(req: Sampling) -> inference_pb2.SamplingParams:
     if req.n != 1:
         raise ServiceError(
@@ -191,10 +136,15 @@ def text_of(content: str | list[dict[str, Any]] | None) -> str:
 def openai_app(core: RouterInference) -> FastAPI:
     app = FastAPI(title="meshserve OpenAI-compatible API", docs_url=None, redoc_url=None)
 
+    app.add_middleware(BodyLimit)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}" for err in exc.errors()
+            "the body is not valid JSON"
+            if err.get("type") == "json_invalid"
+            else f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}"
+            for err in exc.errors()
         )
         return JSONResponse(error_body(400, problems, "INVALID_REQUEST"), status_code=400)
 

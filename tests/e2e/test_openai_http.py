@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +171,34 @@ async def test_a_client_that_disconnects_cancels_the_generation(hmesh: Mesh) -> 
 
 async def _none(in_flight: object) -> bool:
     return await in_flight() == 0  # type: ignore[operator, no-any-return]
+
+
+def test_hostile_bodies_get_clear_statuses(hmesh: Mesh) -> None:
+    import urllib.error
+    import urllib.request
+
+    def post(body: bytes) -> tuple[int, dict[str, object]]:
+        req = urllib.request.Request(
+            f"{base_url(hmesh)}/completions",
+            data=body,
+            headers={"content-type": "application/json", "authorization": f"Bearer {KEYS['app']}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = post(b"garbage{")
+    assert status == 400 and "not valid JSON" in str(body["error"])
+    status, body = post(b'{"model": 5, "prompt": "x"}')
+    assert status == 400 and "model" in str(body["error"])
+    # 17 MiB announced: answered 413 at once, before the body is sent (it is never read).
+    host, port = hmesh.services["router"].info["http"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {17 << 20}\r\n\r\n".encode()
+        )
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413") and b"BODY_TOO_LARGE" in answer, answer
