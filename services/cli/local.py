@@ -93,7 +93,7 @@ def _up(
             for i in range(agents):
                 mesh.start_agent(f"agent-{i}", memory_limit=memory_limit)
             key, extra = _local_tenant(data_dir) if auth else ("", [])
-            if http_port:
+            if http_port and _http_installed():
                 extra += ["--http-listen", f"127.0.0.1:{http_port}"]
             router = mesh.start_router(listen=f"127.0.0.1:{port}", extra=extra)
             router_address = router.address
@@ -178,6 +178,15 @@ def _watch(mesh: Any) -> None:
                 err.print(
                     f"[red]{name} exited with {service.proc.returncode}[/red]; see {service.log}"
                 )
+
+
+def _http_installed() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn"):
+        return True
+    err.print("[yellow]no OpenAI HTTP front: pip install 'meshserve[http]' for it[/yellow]")
+    return False
 
 
 def _local_tenant(data_dir: Path) -> tuple[str, list[str]]:

@@ -139,8 +139,14 @@ class Router(Component):
         """The OpenAI-compatible front on ``http_listen``, on this event loop. uvicorn's
         ``_serve`` is its ``serve`` without taking over SIGINT/SIGTERM (the process's own
         handlers drain both fronts in order); pinned uvicorn version (pyproject)."""
-        import uvicorn
-        from meshserve.router.openai_http import openai_app
+        try:
+            import uvicorn
+            from meshserve.router.openai_http import openai_app
+        except ImportError as e:
+            raise RuntimeError(
+                f"--http-listen needs the HTTP front's packages ({e.name}): "
+                "pip install 'meshserve[http]'"
+            ) from None
 
         host, _, port = self.config.http_listen.rpartition(":")
         # Bound here, not by uvicorn: a taken port is an OSError naming it (uvicorn would log and

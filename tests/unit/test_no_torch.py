@@ -1,4 +1,5 @@
-"""Router and scheduler never import torch or transformers (they install without the extra)."""
+"""Router and scheduler never import torch or transformers (they install without the extra), and
+nothing imports the HTTP front's packages unless it is switched on (the `http` extra)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 PROGRAM = """
 import sys
-for name in ("torch", "transformers", "vllm"):
+for name in ("torch", "transformers", "vllm", "fastapi", "uvicorn", "starlette"):
     sys.modules[name] = None  # any import of these now raises ImportError
 import meshserve.router.main, meshserve.scheduler.main, meshserve.cli
 import meshserve.nodeagent.main
