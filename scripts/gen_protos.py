@@ -1,6 +1,7 @@
-"""Regenerate services/v1 (package meshserve.v1) from protos/meshserve/v1.
+"""Regenerate services/v1 (package meshserve.v1) from protos/meshserve/v1, and services/kserve
+(meshserve.kserve: the KServe v2 protocol, proto package `inference`) from protos/meshserve/kserve.
 
-Usage: python scripts/gen_protos.py [--out DIR]   (DIR defaults to services/v1)
+Usage: python scripts/gen_protos.py [--out DIR]   (DIR defaults to services/v1; kserve beside it)
 tests/unit/test_codegen.py runs this into a temporary folder and fails when the committed stubs
 differ.
 """
@@ -19,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 
 
-def generate(out: Path) -> None:
+def generate(out: Path, package: str = "v1") -> None:
     sources = sorted(
-        str(p.relative_to(PROTOS)) for p in (PROTOS / "meshserve" / "v1").glob("*.proto")
+        str(p.relative_to(PROTOS)) for p in (PROTOS / "meshserve" / package).glob("*.proto")
     )
     plugin = Path(sys.executable).parent / "protoc-gen-mypy"
     grpc_plugin = Path(sys.executable).parent / "protoc-gen-mypy_grpc"
@@ -42,14 +43,16 @@ def generate(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for old in out.glob("*_pb2*"):
             old.unlink()
-        for f in sorted((Path(tmp) / "meshserve" / "v1").iterdir()):
+        for f in sorted((Path(tmp) / "meshserve" / package).iterdir()):
             shutil.copy(f, out / f.name)
     (out / "__init__.py").write_text(
-        '"""Generated from protos/meshserve/v1 by scripts/gen_protos.py."""\n'
+        f'"""Generated from protos/meshserve/{package} by scripts/gen_protos.py."""\n'
     )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "services" / "v1")
-    generate(parser.parse_args().out)
+    out = parser.parse_args().out
+    generate(out)
+    generate(out.parent / "kserve", "kserve")

@@ -18,6 +18,7 @@ from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker, publish_demand
 from meshserve.router.gate import BookSource, TenantRates
+from meshserve.router.kserve import KServe, kserve_handlers
 from meshserve.router.quota import Quotas
 from meshserve.router.relay import Relay
 from meshserve.router.server import RouterInference, Tenancy, admin_handlers_for, handlers_for
@@ -64,7 +65,7 @@ class SchedulerClient:
 
 
 class Router(Component):
-    services = ("meshserve.v1.Inference", "meshserve.v1.Router")
+    services = ("meshserve.v1.Inference", "meshserve.v1.Router", "inference.GRPCInferenceService")
 
     def __init__(self, config: RouterConfig, cluster: Cluster) -> None:
         self.config = config
@@ -108,13 +109,18 @@ class Router(Component):
         self.servicer = RouterInference(
             config, self.table, self.admission, relay, upstreams, budget, self.demand, self.tenancy
         )
+        self.kserve = KServe(self.servicer, ensure, cluster.store)
         self._publisher: asyncio.Task[None] | None = None
         self._http: Any = None  # uvicorn.Server of the OpenAI front, when configured
         self._http_task: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(
-            (handlers_for(self.servicer), admin_handlers_for(self.servicer))
+            (
+                handlers_for(self.servicer),
+                admin_handlers_for(self.servicer),
+                kserve_handlers(self.kserve),
+            )
         )
 
     async def start(self, address: str) -> Mapping[str, str]:

@@ -95,7 +95,11 @@ def autoscale(
         prev = states.get(spec.name)
         if prev is None and placed.get(spec.name):
             prev = ScaleState(placed[spec.name], now)
-        out[spec.name] = step(scale_policy(spec), load.get(spec.name, Load()), prev, now)
+        demand = load.get(spec.name, Load())
+        if spec.unloaded_unix_ms and demand.last_request * 1000 <= spec.unloaded_unix_ms:
+            out[spec.name] = ScaleState(0, now)  # unloaded, and nothing asked for it since
+            continue
+        out[spec.name] = step(scale_policy(spec), demand, prev, now)
     return out
 
 

@@ -160,6 +160,7 @@ class ModelSpec(_message.Message):
     TARGET_RPS_PER_REPLICA_FIELD_NUMBER: _builtins.int
     TARGET_IN_FLIGHT_PER_REPLICA_FIELD_NUMBER: _builtins.int
     SCALE_DOWN_DELAY_S_FIELD_NUMBER: _builtins.int
+    UNLOADED_UNIX_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """local directory with config.json + safetensors"""
@@ -191,6 +192,10 @@ class ModelSpec(_message.Message):
     """autoscaling: concurrent streams per replica"""
     scale_down_delay_s: _builtins.int
     """load must stay low this long before replicas are removed"""
+    unloaded_unix_ms: _builtins.int
+    """Scaled to zero at this time (KServe v2 RepositoryModelUnload): no replica is wanted until a
+    request arrives after it. 0 = not unloaded. Needs min_replicas 0.
+    """
     @_builtins.property
     def engine_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -237,10 +242,11 @@ class ModelSpec(_message.Message):
         target_rps_per_replica: _builtins.float = ...,
         target_in_flight_per_replica: _builtins.int = ...,
         scale_down_delay_s: _builtins.int = ...,
+        unloaded_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -109,3 +109,13 @@ def test_demand_from_routers_is_merged_and_a_new_leader_keeps_what_is_placed() -
     # A new leader (no state) with 3 replicas placed does not drop to 2 at once.
     states = autoscale([spec], merged, {}, {"x": 3}, now=100.0)
     assert states["x"].replicas == 3
+
+
+def test_an_unloaded_model_wants_nothing_until_a_later_request() -> None:
+    spec = cluster_pb2.ModelSpec(name="x", unloaded_unix_ms=100_000)  # unloaded at t = 100 s
+    busy_before = {"x": Load(rate=5, in_flight=2, last_request=99.0)}
+    states = autoscale([spec], busy_before, {}, {"x": 2}, now=101.0)
+    assert states["x"].replicas == 0  # at once: not after the idle timeout or the window
+    asked_after = {"x": Load(rate=1, in_flight=1, last_request=102.0)}
+    states = autoscale([spec], asked_after, states, {}, now=102.0)
+    assert states["x"].replicas == 1  # a request after the unload brings it back (cold start)

@@ -12,15 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_stubs_match_protos(tmp_path: Path) -> None:
+@pytest.mark.parametrize("package", ["v1", "kserve"])
+def test_stubs_match_protos(tmp_path: Path, package: str) -> None:
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path / "v1")],
         check=True,
     )
-    committed = ROOT / "services" / "v1"
-    names = sorted(p.name for p in tmp_path.iterdir())
+    fresh, committed = tmp_path / package, ROOT / "services" / package
+    names = sorted(p.name for p in fresh.iterdir())
     assert names == sorted(p.name for p in committed.iterdir() if p.is_file())
-    stale = [n for n in names if (tmp_path / n).read_bytes() != (committed / n).read_bytes()]
+    stale = [n for n in names if (fresh / n).read_bytes() != (committed / n).read_bytes()]
     assert not stale, f"stale generated files {stale}: run python scripts/gen_protos.py"
 
 

@@ -1,0 +1,1 @@
+"""Generated from protos/meshserve/kserve by scripts/gen_protos.py."""

@@ -1,0 +1,362 @@
+"""KServe v2 / Open Inference Protocol (`inference.GRPCInferenceService`) on the router, for the
+whole mesh, through the same router core as the native API (gate, tenancy, admission, relay).
+
+Models as tensors:
+- an LLM: input ``text_input`` (BYTES, one element), optional ``sampling_parameters`` (BYTES, a
+  JSON object: max_tokens, temperature, top_p, seed, stop) and request parameters of the same
+  names; output ``text_output`` (BYTES). ModelStreamInfer is decoupled, as Triton's vLLM backend:
+  one response per text delta, the last with the parameter ``triton_final_response``.
+- an embedding model (``engine_args.task: embed``): ``text_input`` (BYTES, N elements) →
+  ``embedding`` (FP32, [N, dim]).
+
+RepositoryModelLoad asks the scheduler to place the model and returns once a replica serves (or
+the deadline passes); RepositoryModelUnload scales it to zero (ModelSpec.unloaded_unix_ms: no
+replica is wanted until a request arrives after it). ModelStatistics counts what this router
+served through this API, per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from meshserve.cluster.store import Store
+from meshserve.kserve import grpc_service_pb2 as K
+from meshserve.router.admission import Ensured
+from meshserve.router.kserve_tensors import generate_request, input_strings, text_response
+from meshserve.router.server import RouterInference
+from meshserve.router.table import Route
+from meshserve.rpc import handlers
+from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.handlers import Ctx
+from meshserve.v1 import cluster_pb2, inference_pb2
+
+SERVER_NAME, SERVER_VERSION = "meshserve", "0.1.0"
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+LOAD_TIMEOUT_S = 300.0
+
+
+class QuietContext:
+    """The caller's context for the router core, minus response metadata (a stream of many
+    requests cannot send headers per request)."""
+
+    def __init__(self, context: Ctx) -> None:
+        self.context = context
+
+    def invocation_metadata(self) -> Any:
+        return self.context.invocation_metadata()
+
+    def auth_context(self) -> Any:
+        return self.context.auth_context()
+
+    def time_remaining(self) -> Any:
+        return self.context.time_remaining()
+
+    async def send_initial_metadata(self, _metadata: Any) -> None:
+        return None
+
+    def set_trailing_metadata(self, _metadata: Any) -> None:
+        return None
+
+
+@dataclass
+class Stats:
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    last_ms: int = 0
+    by_model: dict[str, Stats] = field(default_factory=dict)
+
+
+class KServe:
+    """Handlers for inference.GRPCInferenceService; registered by `kserve_handlers`."""
+
+    def __init__(
+        self,
+        core: RouterInference,
+        ensure: Callable[[str], Coroutine[Any, Any, Ensured]],
+        store: Store,
+    ) -> None:
+        self.core = core
+        self.ensure = ensure
+        self.store = store
+        self.stats: dict[str, Stats] = {}
+
+    def _route(self, name: str) -> Route:
+        route = self.core.table.current.resolve(name)
+        if route is None:
+            raise not_found_model(name, list(self.core.table.current.routes))
+        return route
+
+    def _count(self, model: str, started: float, ok: bool) -> None:
+        s = self.stats.setdefault(model, Stats())
+        ns = int((time.perf_counter() - started) * 1e9)
+        if ok:
+            s.success, s.success_ns = s.success + 1, s.success_ns + ns
+        else:
+            s.fail, s.fail_ns = s.fail + 1, s.fail_ns + ns
+        s.last_ms = int(time.time() * 1000)
+
+    # --- health and metadata -----------------------------------------------------------------
+
+    async def server_live(self, _r: K.ServerLiveRequest, _c: Ctx) -> K.ServerLiveResponse:
+        return K.ServerLiveResponse(live=True)
+
+    async def server_ready(self, _r: K.ServerReadyRequest, _c: Ctx) -> K.ServerReadyResponse:
+        return K.ServerReadyResponse(ready=True)
+
+    async def server_metadata(
+        self, _r: K.ServerMetadataRequest, _c: Ctx
+    ) -> K.ServerMetadataResponse:
+        return K.ServerMetadataResponse(
+            name=SERVER_NAME,
+            version=SERVER_VERSION,
+            extensions=["model_repository", "statistics", "parameters"],
+        )
+
+    async def model_ready(self, r: K.ModelReadyRequest, _c: Ctx) -> K.ModelReadyResponse:
+        return K.ModelReadyResponse(ready=bool(self._route(r.name).ready))
+
+    async def model_metadata(self, r: K.ModelMetadataRequest, _c: Ctx) -> K.ModelMetadataResponse:
+        route = self._route(r.name)
+        out = K.ModelMetadataResponse(
+            name=route.spec.name, versions=["1"], platform=_platform(route)
+        )
+        out.inputs.add(name="text_input", datatype="BYTES", shape=[-1] if _embeds(route) else [1])
+        if _embeds(route):
+            out.outputs.add(name="embedding", datatype="FP32", shape=[-1, -1])
+        else:
+            out.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
+            out.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+        return out
+
+    async def model_config(self, r: K.ModelConfigRequest, _c: Ctx) -> K.ModelConfigResponse:
+        route = self._route(r.name)
+        config = K.ModelConfig(
+            name=route.spec.name,
+            platform=_platform(route),
+            backend=cluster_pb2.EngineKind.Name(route.spec.engine)
+            .removeprefix("ENGINE_KIND_")
+            .lower(),  # type: ignore[arg-type]
+        )
+        config.input.add(name="text_input", data_type=K.TYPE_STRING, dims=[-1])
+        if _embeds(route):
+            config.output.add(name="embedding", data_type=K.TYPE_FP32, dims=[-1, -1])
+        else:
+            config.output.add(name="text_output", data_type=K.TYPE_STRING, dims=[1])
+        return K.ModelConfigResponse(config=config)
+
+    async def model_statistics(
+        self, r: K.ModelStatisticsRequest, _c: Ctx
+    ) -> K.ModelStatisticsResponse:
+        names = [self._route(r.name).spec.name] if r.name else sorted(self.stats)
+        out = K.ModelStatisticsResponse()
+        for name in names:
+            s = self.stats.get(name, Stats())
+            m = out.model_stats.add(
+                name=name,
+                version="1",
+                last_inference=s.last_ms,
+                inference_count=s.success,
+                execution_count=s.success,
+            )
+            m.inference_stats.success.count, m.inference_stats.success.ns = s.success, s.success_ns
+            m.inference_stats.fail.count, m.inference_stats.fail.ns = s.fail, s.fail_ns
+        return out
+
+    # --- repository ----------------------------------------------------------------------------
+
+    async def repository_index(
+        self, r: K.RepositoryIndexRequest, _c: Ctx
+    ) -> K.RepositoryIndexResponse:
+        out = K.RepositoryIndexResponse()
+        for name, route in sorted(self.core.table.current.routes.items()):
+            state = "READY" if route.ready else "LOADING" if route.loading else "UNAVAILABLE"
+            if r.ready and state != "READY":
+                continue
+            out.models.add(name=name, version="1", state=state)
+        return out
+
+    async def repository_model_load(
+        self, r: K.RepositoryModelLoadRequest, context: Ctx
+    ) -> K.RepositoryModelLoadResponse:
+        route = self._route(r.model_name)
+        name = route.spec.name
+        spec = await self.store.get(self.store.keys.model(name), cluster_pb2.ModelSpec)
+        if spec is not None and spec.unloaded_unix_ms:
+            spec.unloaded_unix_ms = 0
+            await self.store.put(self.store.keys.model(name), spec)
+        deadline = time.monotonic() + (handlers.remaining_s(context) or LOAD_TIMEOUT_S)
+        while not self._route(name).ready:
+            answer = await self.ensure(name)
+            if answer.unplaceable:
+                raise ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"model {name!r} cannot be placed: {answer.unplaceable}",
+                    "UNSCHEDULABLE",
+                    retry_after_s=10.0,
+                )
+            if time.monotonic() > deadline - 1.0:
+                raise ServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"model {name!r} is still loading; the load goes on",
+                    "LOAD_EXCEEDS_DEADLINE",
+                )
+            await asyncio.sleep(0.5)
+        return K.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(
+        self, r: K.RepositoryModelUnloadRequest, _c: Ctx
+    ) -> K.RepositoryModelUnloadResponse:
+        name = self._route(r.model_name).spec.name
+        spec = await self.store.get(self.store.keys.model(name), cluster_pb2.ModelSpec)
+        if spec is None:
+            raise not_found_model(name, list(self.core.table.current.routes))
+        if spec.min_replicas:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {name!r} keeps min_replicas {spec.min_replicas}: set it to 0 to unload",
+                "MIN_REPLICAS",
+            )
+        spec.unloaded_unix_ms = int(time.time() * 1000)
+        await self.store.put(self.store.keys.model(name), spec)
+        return K.RepositoryModelUnloadResponse()
+
+    # --- inference ------------------------------------------------------------------------------
+
+    async def model_infer(self, r: K.ModelInferRequest, context: Ctx) -> K.ModelInferResponse:
+        route = self._route(r.model_name)
+        started = time.perf_counter()
+        try:
+            if _embeds(route):
+                reply = await self._embed(route, r, context)
+            else:
+                text: list[str] = []
+                async for delta, _final in self._deltas(route, r, QuietContext(context)):
+                    text.append(delta)
+                reply = text_response(route.spec.name, r.id, "".join(text), True)
+        except BaseException:
+            self._count(route.spec.name, started, False)
+            raise
+        self._count(route.spec.name, started, True)
+        return reply
+
+    async def _embed(
+        self, route: Route, r: K.ModelInferRequest, context: Ctx
+    ) -> K.ModelInferResponse:
+        texts = input_strings(r, "text_input", True)
+        got = await self.core.embed(
+            inference_pb2.EmbedRequest(model=route.spec.name, inputs=texts), QuietContext(context)
+        )
+        dim = len(got.embeddings[0].values) if got.embeddings else 0
+        out = K.ModelInferResponse(model_name=route.spec.name, model_version="1", id=r.id)
+        out.outputs.add(name="embedding", datatype="FP32", shape=[len(got.embeddings), dim])
+        flat = [v for e in got.embeddings for v in e.values]
+        out.raw_output_contents.append(struct.pack(f"<{len(flat)}f", *flat))
+        return out
+
+    async def _deltas(
+        self, route: Route, r: K.ModelInferRequest, context: Any
+    ) -> AsyncIterator[tuple[str, bool]]:
+        g = generate_request(route, r)
+        async for raw in self.core.generate(g, context):
+            m = inference_pb2.GenerateResponse.FromString(raw)
+            yield m.text, bool(m.finish_reason)
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[K.ModelInferRequest], context: Ctx
+    ) -> AsyncIterator[K.ModelStreamInferResponse]:
+        """Decoupled: the stream's requests run concurrently; each answers with one response per
+        text delta (errors as ``error_message``, the stream goes on)."""
+        out: asyncio.Queue[K.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        quiet = QuietContext(context)
+
+        async def one(r: K.ModelInferRequest) -> None:
+            started = time.perf_counter()
+            name = r.model_name
+            try:
+                route = self._route(r.model_name)
+                name = route.spec.name
+                async for delta, final in self._deltas(route, r, quiet):
+                    out.put_nowait(
+                        K.ModelStreamInferResponse(
+                            infer_response=text_response(name, r.id, delta, final)
+                        )
+                    )
+                self._count(name, started, True)
+            except (ServiceError, grpc.aio.AioRpcError) as e:
+                self._count(name, started, False)
+                message = e.message if isinstance(e, ServiceError) else e.details()
+                code = e.code.name if isinstance(e, ServiceError) else e.code().name
+                err = K.ModelStreamInferResponse(error_message=f"{code}: {message}")
+                err.infer_response.id = r.id
+                err.infer_response.model_name = name
+                out.put_nowait(err)
+
+        async def read() -> None:
+            async for r in requests:
+                task = asyncio.create_task(one(r))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            while running:
+                await asyncio.gather(*list(running))
+            out.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+
+def _embeds(route: Route) -> bool:
+    return route.spec.engine_args.get("task") == "embed"
+
+
+def _platform(route: Route) -> str:
+    return "meshserve_embedding" if _embeds(route) else "meshserve_llm"
+
+
+def kserve_handlers(s: KServe) -> grpc.GenericRpcHandler:
+    unary: list[tuple[str, Any, Any, Any]] = [
+        ("ServerLive", s.server_live, K.ServerLiveRequest, K.ServerLiveResponse),
+        ("ServerReady", s.server_ready, K.ServerReadyRequest, K.ServerReadyResponse),
+        ("ServerMetadata", s.server_metadata, K.ServerMetadataRequest, K.ServerMetadataResponse),
+        ("ModelReady", s.model_ready, K.ModelReadyRequest, K.ModelReadyResponse),
+        ("ModelMetadata", s.model_metadata, K.ModelMetadataRequest, K.ModelMetadataResponse),
+        ("ModelConfig", s.model_config, K.ModelConfigRequest, K.ModelConfigResponse),
+        ("ModelStatistics", s.model_statistics, K.ModelStatisticsRequest,
+         K.ModelStatisticsResponse),
+        ("ModelInfer", s.model_infer, K.ModelInferRequest, K.ModelInferResponse),
+        ("RepositoryIndex", s.repository_index, K.RepositoryIndexRequest,
+         K.RepositoryIndexResponse),
+        ("RepositoryModelLoad", s.repository_model_load, K.RepositoryModelLoadRequest,
+         K.RepositoryModelLoadResponse),
+        ("RepositoryModelUnload", s.repository_model_unload, K.RepositoryModelUnloadRequest,
+         K.RepositoryModelUnloadResponse),
+    ]  # fmt: skip
+    methods: dict[str, grpc.RpcMethodHandler] = {
+        name: grpc.unary_unary_rpc_method_handler(
+            handlers.unary(fn),
+            request_deserializer=req.FromString,
+            response_serializer=resp.SerializeToString,
+        )
+        for name, fn, req, resp in unary
+    }
+    methods["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        handlers.stream(s.model_stream_infer),
+        request_deserializer=K.ModelInferRequest.FromString,
+        response_serializer=K.ModelStreamInferResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", methods)

@@ -1,0 +1,79 @@
+"""KServe v2 / Open Inference Protocol on the router, checked with Triton's own Python client
+(`tritonclient[grpc]`, in its own environment: it needs protobuf < 7) against a real mesh:
+liveness, repository index, load (= replicas placed), metadata and config, ModelInfer on the LLM,
+decoupled ModelStreamInfer (one response per delta, errors in-stream), a missing input refused,
+statistics, and unload (= scale to zero: the replica goes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from meshserve.local import Mesh
+from meshserve.v1 import inference_pb2
+
+from tests.e2e.conftest import apply, demo_mesh, generate, model_spec, ready_replicas
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def triton_python() -> Path:
+    """.venv-triton, built on first use (pip reaches an index wherever the suite installs)."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "triton-env.sh")], check=True, timeout=600)
+    return ROOT / ".venv-triton" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def kmesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
+    with demo_mesh(tmp_path_factory.mktemp("kserve"), demo_model) as m:
+        yield m
+
+
+def test_tritonclient_speaks_to_the_whole_mesh(
+    kmesh: Mesh, demo_model: Path, triton_python: Path
+) -> None:
+    # A second model with no replicas yet: the client's load_model places it.
+    asyncio.run(apply(kmesh, model_spec("story", demo_model, min_replicas=0)))
+    router = kmesh.services["router"].address
+    run = subprocess.run(
+        [str(triton_python), str(ROOT / "tests" / "e2e" / "triton_client.py"), router, "story"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["live"] and seen["ready"] and seen["server"] == "meshserve"
+    assert seen["model_ready"] and ["story", "READY"] in seen["index"]
+    assert ["demo", "READY"] in seen["index"]
+    assert seen["inputs"] == [["text_input", "BYTES"], ["sampling_parameters", "BYTES"]]
+    assert seen["outputs"] == [["text_output", "BYTES"]] and seen["config_name"] == "story"
+    # Greedy: the whole text, the streamed deltas and the native API agree.
+    native = asyncio.run(generate(router, greedy_story()))
+    assert seen["infer_text"] == seen["stream_text"] == native.text
+    assert seen["stream_deltas"] >= 2
+    assert "NOT_FOUND" in seen["stream_error"] and "no-such-model" in seen["stream_error"]
+    assert seen["missing_input"].startswith("StatusCode.INVALID_ARGUMENT")
+    assert "text_input" in seen["missing_input"]
+    assert seen["stats_success"] >= 2 and seen["stats_fail"] >= 1
+
+    async def zero() -> bool:  # unload = scale to zero: no replica serves (offloaded or gone)
+        return await ready_replicas(router, "story") == 0
+
+    asyncio.run(eventually(zero, 30, "story scaled to zero after unload"))
+    assert asyncio.run(ready_replicas(router, "demo")) == 1  # the other model is untouched
+    # The next request brings it back (the router's cold start), as after an idle scale-down.
+    assert asyncio.run(generate(router, greedy_story(), timeout=90)).text == native.text
+
+
+def greedy_story() -> inference_pb2.GenerateRequest:
+    r = inference_pb2.GenerateRequest(model="story", prompt="Once upon a time")
+    r.sampling.max_tokens, r.sampling.temperature = 12, 0.0
+    return r
