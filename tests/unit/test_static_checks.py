@@ -48,7 +48,7 @@ def test_no_hand_written_module_is_a_hub() -> None:
     too_long = {
         str(p.relative_to(ROOT)): n
         for p in services.rglob("*.py")
-        if "v1" not in p.relative_to(services).parts[:1]
+        if p.relative_to(services).parts[0] not in ("v1", "kserve")  # generated
         and (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not too_long, f"split these along their concepts: {too_long}"
