@@ -70,8 +70,8 @@ class BodyLimit:
         body = json.dumps(
             error_body(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", "BODY_TOO_LARGE")
         ).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
