@@ -28,6 +28,7 @@ import grpc
 from meshserve.cluster.store import Store
 from meshserve.kserve import grpc_service_pb2 as K
 from meshserve.router.admission import Ensured
+from meshserve.router.gate import caller
 from meshserve.router.kserve_tensors import generate_request, input_strings, text_response
 from meshserve.router.server import RouterInference
 from meshserve.router.table import Route
@@ -88,11 +89,25 @@ class KServe:
         self.store = store
         self.stats: dict[str, Stats] = {}
 
-    def _route(self, name: str) -> Route:
-        route = self.core.table.current.resolve(name)
-        if route is None:
-            raise not_found_model(name, list(self.core.table.current.routes))
-        return route
+    def _route(self, context: Ctx, name: str) -> Route:
+        """The model's route for this caller: UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND as
+        on the native API (the same gate)."""
+        return self.core.enter(context, name)[1]
+
+    def _admin(self, context: Ctx) -> None:
+        book = self.core.tenancy.source.book
+        tenant = caller(book, context)
+        if book.auth and not tenant.admin:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"tenant {tenant.name!r} may not load or unload models (admin tenants may)",
+                "REPOSITORY_NOT_ALLOWED",
+            )
+
+    def _visible(self, context: Ctx) -> Callable[[str], bool]:
+        book = self.core.tenancy.source.book
+        tenant = caller(book, context)
+        return lambda name: not book.auth or tenant.may_use(name)
 
     def _count(self, model: str, started: float, ok: bool) -> None:
         s = self.stats.setdefault(model, Stats())
@@ -120,11 +135,11 @@ class KServe:
             extensions=["model_repository", "statistics", "parameters"],
         )
 
-    async def model_ready(self, r: K.ModelReadyRequest, _c: Ctx) -> K.ModelReadyResponse:
-        return K.ModelReadyResponse(ready=bool(self._route(r.name).ready))
+    async def model_ready(self, r: K.ModelReadyRequest, c: Ctx) -> K.ModelReadyResponse:
+        return K.ModelReadyResponse(ready=bool(self._route(c, r.name).ready))
 
-    async def model_metadata(self, r: K.ModelMetadataRequest, _c: Ctx) -> K.ModelMetadataResponse:
-        route = self._route(r.name)
+    async def model_metadata(self, r: K.ModelMetadataRequest, c: Ctx) -> K.ModelMetadataResponse:
+        route = self._route(c, r.name)
         out = K.ModelMetadataResponse(
             name=route.spec.name, versions=["1"], platform=_platform(route)
         )
@@ -136,8 +151,8 @@ class KServe:
             out.outputs.add(name="text_output", datatype="BYTES", shape=[1])
         return out
 
-    async def model_config(self, r: K.ModelConfigRequest, _c: Ctx) -> K.ModelConfigResponse:
-        route = self._route(r.name)
+    async def model_config(self, r: K.ModelConfigRequest, c: Ctx) -> K.ModelConfigResponse:
+        route = self._route(c, r.name)
         config = K.ModelConfig(
             name=route.spec.name,
             platform=_platform(route),
@@ -153,9 +168,11 @@ class KServe:
         return K.ModelConfigResponse(config=config)
 
     async def model_statistics(
-        self, r: K.ModelStatisticsRequest, _c: Ctx
+        self, r: K.ModelStatisticsRequest, c: Ctx
     ) -> K.ModelStatisticsResponse:
-        names = [self._route(r.name).spec.name] if r.name else sorted(self.stats)
+        visible = self._visible(c)
+        names = [self._route(c, r.name).spec.name] if r.name else sorted(self.stats)
+        names = [n for n in names if visible(n)]
         out = K.ModelStatisticsResponse()
         for name in names:
             s = self.stats.get(name, Stats())
@@ -173,10 +190,13 @@ class KServe:
     # --- repository ----------------------------------------------------------------------------
 
     async def repository_index(
-        self, r: K.RepositoryIndexRequest, _c: Ctx
+        self, r: K.RepositoryIndexRequest, c: Ctx
     ) -> K.RepositoryIndexResponse:
         out = K.RepositoryIndexResponse()
+        visible = self._visible(c)
         for name, route in sorted(self.core.table.current.routes.items()):
+            if not visible(name):
+                continue
             state = "READY" if route.ready else "LOADING" if route.loading else "UNAVAILABLE"
             if r.ready and state != "READY":
                 continue
@@ -186,14 +206,15 @@ class KServe:
     async def repository_model_load(
         self, r: K.RepositoryModelLoadRequest, context: Ctx
     ) -> K.RepositoryModelLoadResponse:
-        route = self._route(r.model_name)
+        self._admin(context)
+        route = self._route(context, r.model_name)
         name = route.spec.name
         spec = await self.store.get(self.store.keys.model(name), cluster_pb2.ModelSpec)
         if spec is not None and spec.unloaded_unix_ms:
             spec.unloaded_unix_ms = 0
             await self.store.put(self.store.keys.model(name), spec)
         deadline = time.monotonic() + (handlers.remaining_s(context) or LOAD_TIMEOUT_S)
-        while not self._route(name).ready:
+        while not (self.core.table.current.resolve(name) or route).ready:
             answer = await self.ensure(name)
             if answer.unplaceable:
                 raise ServiceError(
@@ -212,9 +233,10 @@ class KServe:
         return K.RepositoryModelLoadResponse()
 
     async def repository_model_unload(
-        self, r: K.RepositoryModelUnloadRequest, _c: Ctx
+        self, r: K.RepositoryModelUnloadRequest, c: Ctx
     ) -> K.RepositoryModelUnloadResponse:
-        name = self._route(r.model_name).spec.name
+        self._admin(c)
+        name = self._route(c, r.model_name).spec.name
         spec = await self.store.get(self.store.keys.model(name), cluster_pb2.ModelSpec)
         if spec is None:
             raise not_found_model(name, list(self.core.table.current.routes))
@@ -231,7 +253,7 @@ class KServe:
     # --- inference ------------------------------------------------------------------------------
 
     async def model_infer(self, r: K.ModelInferRequest, context: Ctx) -> K.ModelInferResponse:
-        route = self._route(r.model_name)
+        route = self._route(context, r.model_name)
         started = time.perf_counter()
         try:
             if _embeds(route):
@@ -282,7 +304,7 @@ class KServe:
             started = time.perf_counter()
             name = r.model_name
             try:
-                route = self._route(r.model_name)
+                route = self._route(context, r.model_name)
                 name = route.spec.name
                 async for delta, final in self._deltas(route, r, quiet):
                     out.put_nowait(

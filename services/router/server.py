@@ -105,7 +105,7 @@ class RouterInference:
         self.budget = budget
         self.demand = demand
 
-    def _enter(self, context: Ctx, name: str) -> tuple[Tenant, Route]:
+    def enter(self, context: Ctx, name: str) -> tuple[Tenant, Route]:
         """The caller's tenant and the model's route: UNAUTHENTICATED, PERMISSION_DENIED (the
         same whether or not the model exists), NOT_FOUND (listing what the tenant may use)."""
         book = self.tenancy.source.book
@@ -126,7 +126,7 @@ class RouterInference:
     ) -> AsyncIterator[bytes]:
         span = trace.get_current_span()
         span.set_attribute("gen_ai.request.model", request.model)
-        tenant, route = self._enter(context, request.model)
+        tenant, route = self.enter(context, request.model)
         check_generate(request, route.spec)
         if request.continuation.token_ids or request.continuation.text:
             raise ServiceError(
@@ -176,7 +176,7 @@ class RouterInference:
         self, request: inference_pb2.EmbedRequest, context: Ctx
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
-        tenant, route = self._enter(context, request.model)
+        tenant, route = self.enter(context, request.model)
         ticket = self.tenancy.admit(tenant, route.spec.name)
         try:
             reply = await self._embed(request, route, context, tenant)

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
@@ -341,3 +342,42 @@ async def tenant_apply(mesh: Mesh, doc: Path) -> subprocess.CompletedProcess[str
         timeout=60,
         env={**_pythonpath(), "PATH": "/usr/bin:/bin", "MESHSERVE_ETCD": mesh.etcd.endpoint},
     )
+
+
+async def test_the_kserve_api_passes_the_same_gate(tmesh: Mesh) -> None:
+    """KServe v2 on a router with tenants: no key → UNAUTHENTICATED, a foreign model →
+    PERMISSION_DENIED, the index shows only what the tenant may use, and only an admin tenant
+    may load or unload models."""
+    from meshserve.kserve import grpc_service_pb2 as K
+    from meshserve.kserve import grpc_service_pb2_grpc as KG
+    from meshserve.router.kserve_tensors import pack_bytes
+
+    stub = KG.GRPCInferenceServiceStub(grpc.aio.insecure_channel(_address(tmesh)))
+    infer = K.ModelInferRequest(model_name="demo", id="k1")
+    infer.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    infer.raw_input_contents.append(pack_bytes([b"Once upon a time"]))
+    infer.parameters["max_tokens"].int64_param = 6
+
+    async def code(call: Any) -> grpc.StatusCode:
+        try:
+            await call
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+    assert await code(stub.ModelInfer(infer, timeout=30)) == grpc.StatusCode.UNAUTHENTICATED
+    meta = K.ModelMetadataRequest(name="demo")
+    assert await code(stub.ModelMetadata(meta, timeout=5, metadata=auth("other"))) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    everything = K.RepositoryIndexRequest()
+    index = await stub.RepositoryIndex(everything, timeout=5, metadata=auth("other"))
+    assert list(index.models) == []
+    unload = K.RepositoryModelUnloadRequest(model_name="demo")
+    assert await code(stub.RepositoryModelUnload(unload, timeout=5, metadata=auth("app"))) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    got = await stub.ModelInfer(infer, timeout=30, metadata=auth("app"))
+    assert got.id == "k1" and got.outputs[0].name == "text_output" and got.raw_output_contents
+    admin = await stub.RepositoryIndex(everything, timeout=5, metadata=auth("ops"))
+    assert [(m.name, m.state) for m in admin.models] == [("demo", "READY")]
