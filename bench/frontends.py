@@ -1,11 +1,11 @@
-"""The same streaming workload through the router's native gRPC API and its OpenAI-compatible
-HTTP front (SSE), side by side in one run, against a real local mesh (etcd, scheduler, one
-agent, one router serving both).
+"""The same streaming workload through the router's native gRPC API, its OpenAI-compatible HTTP
+front (SSE) and its KServe v2 gRPC API (ModelStreamInfer, decoupled), side by side in one run,
+against a real local mesh (etcd, scheduler, one agent, one router serving all three).
 
     python bench/frontends.py [--requests 64] [--max-tokens 64] [--json PATH]
 
 For concurrency 1 and 8: tokens/s, TTFT p50/p99 and router CPU per token, rounds alternating
-between the two fronts so machine noise hits both. Goal: HTTP adds <= 2 ms to p50 TTFT at c = 1.
+between the fronts so machine noise hits each. Goal: HTTP adds <= 2 ms to p50 TTFT at c = 1.
 The HTTP client is a lean asyncio one (a new connection per request, SSE lines parsed as they
 come), so what it measures is the server side, not an SDK's overhead.
 """
@@ -50,6 +50,32 @@ async def native_one(stub: inference_pb2_grpc.InferenceStub, tokens: int) -> tup
     return ttft, n
 
 
+async def kserve_one(stub: Any, tokens: int) -> tuple[float, int]:
+    """One decoupled ModelStreamInfer: responses until ``triton_final_response``."""
+    from meshserve.kserve import grpc_service_pb2 as K
+    from meshserve.router.kserve_tensors import pack_bytes
+
+    req = K.ModelInferRequest(model_name="demo")
+    req.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    req.raw_input_contents.append(pack_bytes([PROMPT.encode()]))
+    params = json.dumps({"max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+    req.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
+    req.raw_input_contents.append(pack_bytes([params.encode()]))
+    start = time.perf_counter()
+    ttft, n = 0.0, 0
+    call = stub.ModelStreamInfer(iter([req]), timeout=120)
+    async for r in call:
+        if r.error_message:
+            raise RuntimeError(r.error_message)
+        if not ttft:
+            ttft = time.perf_counter() - start
+        if r.infer_response.parameters["triton_final_response"].bool_param:
+            n = tokens  # ignore_eos: exactly max_tokens (responses carry no token counts)
+            call.cancel()
+            break
+    return ttft, n
+
+
 async def http_one(address: str, tokens: int) -> tuple[float, int]:
     body = json.dumps(
         {"model": "demo", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
@@ -85,12 +111,17 @@ async def round_(
     total = 0
     async with grpc.aio.insecure_channel(router.address) as ch:
         stub = inference_pb2_grpc.InferenceStub(ch)
+        from meshserve.kserve import grpc_service_pb2_grpc as KG
+
+        kstub = KG.GRPCInferenceServiceStub(ch)
 
         async def worker(n: int) -> None:
             nonlocal total
             for _ in range(n):
                 if front == "native gRPC":
                     t, k = await native_one(stub, tokens)
+                elif front == "KServe v2 gRPC":
+                    t, k = await kserve_one(kstub, tokens)
                 else:
                     t, k = await http_one(router.info["http"], tokens)
                 ttfts.append(t)
@@ -157,7 +188,11 @@ def main() -> int:
             asyncio.run(put_model(mesh, build_demo_model(Path(tmp) / "model")))
             asyncio.run(warm(router))
             for concurrency in (1, 8):
-                per = {"native gRPC": [], "OpenAI HTTP (SSE)": []}  # type: ignore[var-annotated]
+                per: dict[str, list[dict[str, Any]]] = {
+                    "native gRPC": [],
+                    "OpenAI HTTP (SSE)": [],
+                    "KServe v2 gRPC": [],
+                }
                 for _ in range(args.rounds):
                     for front, got in per.items():
                         got.append(
@@ -174,7 +209,7 @@ def main() -> int:
                 rows += [summary(front, concurrency, got) for front, got in per.items()]
         finally:
             mesh.stop()
-    table = Table(title=f"native gRPC vs OpenAI HTTP, {args.max_tokens} tokens per request")
+    table = Table(title=f"native gRPC vs OpenAI HTTP vs KServe v2, {args.max_tokens} tokens each")
     for col in ("front", "c", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "CPU µs/token"):
         table.add_column(col)
     for r in rows:

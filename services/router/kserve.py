@@ -2,10 +2,10 @@
 whole mesh, through the same router core as the native API (gate, tenancy, admission, relay).
 
 Models as tensors:
-- an LLM: input ``text_input`` (BYTES, one element), optional ``sampling_parameters`` (BYTES, a
-  JSON object: max_tokens, temperature, top_p, seed, stop) and request parameters of the same
-  names; output ``text_output`` (BYTES). ModelStreamInfer is decoupled, as Triton's vLLM backend:
-  one response per text delta, the last with the parameter ``triton_final_response``.
+- an LLM: input ``text_input`` (BYTES, one element), optional ``sampling_parameters`` (BYTES,
+  a JSON object: max_tokens, temperature, top_p, seed, stop, ignore_eos) and request parameters
+  of the same names; output ``text_output`` (BYTES). ModelStreamInfer is decoupled, as
+  Triton's vLLM backend: one response per text delta, the last with ``triton_final_response``.
 - an embedding model (``engine_args.task: embed``): ``text_input`` (BYTES, N elements) →
   ``embedding`` (FP32, [N, dim]).
 
@@ -38,7 +38,6 @@ from meshserve.rpc.handlers import Ctx
 from meshserve.v1 import cluster_pb2, inference_pb2
 
 SERVER_NAME, SERVER_VERSION = "meshserve", "0.1.0"
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
 LOAD_TIMEOUT_S = 300.0
 
 

@@ -87,6 +87,8 @@ def generate_request(route: Route, request: K.ModelInferRequest) -> inference_pb
             s.top_p = float(options["top_p"])
         if options.get("seed") is not None:
             s.seed = int(options["seed"])
+        if options.get("ignore_eos") is not None:
+            s.ignore_eos = bool(options["ignore_eos"])
         stop = options.get("stop")
         if stop:
             s.stop.extend([stop] if isinstance(stop, str) else [str(x) for x in stop])
