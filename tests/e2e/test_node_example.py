@@ -1,9 +1,10 @@
-"""The Node.js example (examples/node/generate.js, @grpc/grpc-js) streams from a live mesh, and
-reports a meshserve error as its gRPC status. Skipped where node or npm is absent, or where npm
-cannot reach a registry to install @grpc/grpc-js (say which)."""
+"""The Node.js examples (examples/node, @grpc/grpc-js) against a live mesh: generate.js streams
+Generate and reports a meshserve error as its gRPC status; kserve.js speaks KServe v2. Skipped
+where node or npm is absent, or where npm cannot reach a registry to install @grpc/grpc-js."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,11 +47,20 @@ def test_the_node_example_streams_and_reports_errors(
         missing = run_node(node_example, router, "no-such-model")
         assert missing.returncode == 1
         assert "NOT_FOUND" in missing.stderr and "not registered" in missing.stderr
+        # The KServe v2 example: liveness, the repository, a decoupled stream.
+        kserve = run_node(node_example, router, "demo", "kserve.js")
+        assert kserve.returncode == 0, kserve.stderr
+        seen = json.loads(kserve.stdout.strip().splitlines()[-1])
+        assert seen["live"] and ["demo", "READY"] in seen["index"] and seen["responses"] >= 2
+        gone = run_node(node_example, router, "no-such-model", "kserve.js")
+        assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr
 
 
-def run_node(example: Path, router: str, model: str) -> subprocess.CompletedProcess[str]:
+def run_node(
+    example: Path, router: str, model: str, script: str = "generate.js"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["node", "generate.js", router, model, "Once upon a time"],
+        ["node", script, router, model, "Once upon a time"],
         cwd=example,
         capture_output=True,
         text=True,
