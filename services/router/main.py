@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import ssl as py_ssl
 from collections.abc import Mapping
 from typing import Any
 
 import grpc
+from meshserve import tls
 from meshserve.cluster.mirror import Mirror
 from meshserve.process import Cluster, Component, serve
 from meshserve.router.admission import Admission, Ensured
@@ -167,11 +170,22 @@ class Router(Component):
             where = self.config.http_listen
             raise OSError(f"the OpenAI HTTP front cannot listen on {where}: {e}") from None
         sock.listen(1024)
+        files = tls.configured()
+        ssl: dict[str, Any] = {}
+        if files is not None:  # HTTPS with the process's certificate; client certs as on gRPC
+            optional = os.environ.get(tls.ENV_CLIENT_AUTH, "require") == "optional"
+            ssl = {
+                "ssl_certfile": files.cert,
+                "ssl_keyfile": files.key,
+                "ssl_ca_certs": files.ca,
+                "ssl_cert_reqs": py_ssl.CERT_OPTIONAL if optional else py_ssl.CERT_REQUIRED,
+            }
         config = uvicorn.Config(
             openai_app(self.servicer),
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=5,
+            **ssl,
         )
         self._http = uvicorn.Server(config)
         self._http_task = asyncio.create_task(self._http._serve(sockets=[sock]))

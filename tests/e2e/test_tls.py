@@ -36,7 +36,7 @@ def smesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
         m.start_etcd()
         m.start_scheduler()
         m.start_agent("agent-0")
-        m.start_router()
+        m.start_router(extra=["--http-listen", "127.0.0.1:0"])
         asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=1)))
 
         async def ready() -> bool:
@@ -170,3 +170,20 @@ async def test_a_client_certificate_subject_names_a_tenant(smesh: Mesh) -> None:
             await tokens(ch)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "narrow" in (e.value.details() or "")
+
+
+def test_the_openai_front_is_https_with_client_certificates(smesh: Mesh) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    url = f"https://{smesh.services['router'].info['http']}/v1/models"
+    ctx = ssl.create_default_context(cafile=os.environ["MESHSERVE_TLS_CA"])
+    ctx.load_cert_chain(os.environ["MESHSERVE_TLS_CERT"], os.environ["MESHSERVE_TLS_KEY"])
+    with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
+        assert r.status == 200 and b'"demo"' in r.read()
+    bare = ssl.create_default_context(cafile=os.environ["MESHSERVE_TLS_CA"])  # no client cert
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        urllib.request.urlopen(url, context=bare, timeout=10).read()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext HTTP
+        urllib.request.urlopen(url.replace("https://", "http://"), timeout=10).read()
