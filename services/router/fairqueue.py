@@ -86,14 +86,6 @@ class FairQueue(Generic[T]):
         e: Entry[T] = self._entries[-1]
         return e.item, e.priority
 
-    def priority_of(self, item: T) -> int | None:
-        entry = self._by_item.get(id(item))
-        return entry.priority if entry is not None else None
-
-    def ahead_of(self, priority: int) -> int:
-        """Waiters of a priority at least ``priority``."""
-        return sum(1 for e in self._entries if e.priority >= priority)
-
     def reset_if_idle(self) -> None:
         """Nothing waits: fairness history no longer matters (SFQ restarts its clocks), and
         memory stays bounded by the tenants that wait, not those ever seen."""

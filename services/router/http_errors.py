@@ -7,8 +7,7 @@ import json
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
-from meshserve.rpc.errors import ServiceError, decode_details
+from meshserve.rpc.errors import ServiceError, decode_details, error_reason, retry_delay_s
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -93,18 +92,13 @@ def error_body(status: int, message: str, code: str | None = None) -> dict[str, 
 def from_exception(e: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(HTTP status, OpenAI error body, headers) for what the router core raised."""
     retry: float | None = None
+    reason: str | None
     if isinstance(e, ServiceError):
         code, message, reason, retry = e.code, e.message, e.reason, e.retry_after_s
     elif isinstance(e, grpc.aio.AioRpcError):
         code, message = e.code(), e.details() or e.code().name
         status = decode_details(e.trailing_metadata())
-        reason = None
-        for d in status.details if status else ():
-            info, delay = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
-            if d.Unpack(info):
-                reason = info.reason
-            elif d.Unpack(delay):
-                retry = delay.retry_delay.ToTimedelta().total_seconds()
+        reason, retry = error_reason(status), retry_delay_s(status)
     else:
         return 500, error_body(500, f"internal error: {type(e).__name__}"), {}
     http = HTTP_STATUS.get(code, 500)

@@ -21,7 +21,7 @@ import asyncio
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -71,7 +71,6 @@ class Stats:
     fail: int = 0
     fail_ns: int = 0
     last_ms: int = 0
-    by_model: dict[str, Stats] = field(default_factory=dict)
 
 
 class KServe:

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from meshserve.router.http_errors import BodyLimit, error_body, from_exception
 from meshserve.router.server import RouterInference
 from meshserve.router.tenants import PRIORITIES
-from meshserve.rpc.errors import ServiceError
+from meshserve.rpc.errors import ServiceError, invalid_argument
 from meshserve.v1 import inference_pb2
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -105,9 +105,7 @@ class HttpContext:
 
 def sampling(req: Sampling) -> inference_pb2.SamplingParams:
     if req.n != 1:
-        raise ServiceError(
-            grpc.StatusCode.INVALID_ARGUMENT, "n: only 1 is supported", "INVALID_REQUEST"
-        )
+        raise invalid_argument([("n", "only 1 is supported")])
     s = inference_pb2.SamplingParams()
     limit = req.max_completion_tokens or req.max_tokens
     if limit is not None:
@@ -118,9 +116,7 @@ def sampling(req: Sampling) -> inference_pb2.SamplingParams:
         s.top_p = req.top_p
     if req.seed is not None:
         if req.seed < 0:
-            raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT, "seed: must be >= 0", "INVALID_REQUEST"
-            )
+            raise invalid_argument([("seed", "must be >= 0")])
         s.seed = req.seed
     if req.stop:
         s.stop.extend([req.stop] if isinstance(req.stop, str) else req.stop)
@@ -189,13 +185,7 @@ def openai_app(core: RouterInference) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
-            return failure(
-                ServiceError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "prompt: one prompt per request",
-                    "INVALID_REQUEST",
-                )
-            )
+            return failure(invalid_argument([("prompt", "one prompt per request")]))
         return await run(body, request, inference_pb2.GenerateRequest(prompt=prompts[0]), False)
 
     @app.post("/v1/chat/completions")

@@ -39,11 +39,9 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Ticket:
-    """What a request holds while it runs: the counters it must give back and charge."""
+    """What a request holds while it runs: the model whose limits it took from."""
 
-    tenant: str
     model: str
-    started: float
 
 
 class Quotas:
@@ -56,10 +54,8 @@ class Quotas:
     def admit(self, tenant: Tenant, model: str, now: float) -> Ticket:
         """Takes a request token and a stream from every limit that applies, or raises
         ServiceError(RESOURCE_EXHAUSTED) naming the one that refused (nothing taken then)."""
-        scopes = [("tenant", tenant.limits)]
-        if model in tenant.model_limits:
-            scopes.append((model, tenant.model_limits[model]))
-        share = min(1.0, max(0.0, self.share(tenant.name)))
+        scopes = _scopes(tenant, model)
+        share = self._share(tenant)
         for scope, limits in scopes:
             self._check(tenant.name, scope, limits, share, now)
         for scope, limits in scopes:
@@ -68,7 +64,20 @@ class Quotas:
                 self._requests[key].level -= 1.0
             if limits.concurrent:
                 self._streams[key] = self._streams.get(key, 0) + 1
-        return Ticket(tenant.name, model, now)
+        return Ticket(model)
+
+    def _share(self, tenant: Tenant) -> float:
+        return min(1.0, max(0.0, self.share(tenant.name)))
+
+    def _token_bucket(
+        self, key: tuple[str, str], limits: Limits, share: float, now: float
+    ) -> tuple[Bucket, float]:
+        """The tokens/min bucket of ``key``, refilled to ``now``, and its rate (tokens/s)."""
+        rate = limits.tokens_per_min * share / 60.0
+        capacity = max(1.0, rate * 60.0)
+        b = self._tokens.setdefault(key, Bucket(capacity, now))
+        b.refill(rate, capacity, now)
+        return b, rate
 
     def _check(self, tenant: str, scope: str, limits: Limits, share: float, now: float) -> None:
         key = (tenant, scope)
@@ -81,10 +90,7 @@ class Quotas:
                 wait = (1.0 - b.level) / rate if rate > 0 else 1.0
                 raise refused(tenant, scope, "REQUESTS_PER_S", limits.requests_per_s, wait)
         if limits.tokens_per_min:
-            rate = limits.tokens_per_min * share / 60.0
-            capacity = max(1.0, rate * 60.0)
-            b = self._tokens.setdefault(key, Bucket(capacity, now))
-            b.refill(rate, capacity, now)
+            b, rate = self._token_bucket(key, limits, share, now)
             if b.level <= 0.0:
                 wait = (1.0 - b.level) / rate if rate > 0 else 1.0
                 raise refused(tenant, scope, "TOKENS_PER_MIN", limits.tokens_per_min, wait)
@@ -96,25 +102,22 @@ class Quotas:
     def finish(self, tenant: Tenant, ticket: Ticket, tokens: int, now: float) -> None:
         """The request ended having used ``tokens`` (input + output): its streams are given back
         and the tokens charged (into debt if need be)."""
-        scopes = [("tenant", tenant.limits)]
-        if ticket.model in tenant.model_limits:
-            scopes.append((ticket.model, tenant.model_limits[ticket.model]))
-        share = min(1.0, max(0.0, self.share(tenant.name)))
-        for scope, limits in scopes:
+        share = self._share(tenant)
+        for scope, limits in _scopes(tenant, ticket.model):
             key = (tenant.name, scope)
             if limits.concurrent and key in self._streams:
                 self._streams[key] = max(0, self._streams[key] - 1)
             if limits.tokens_per_min and tokens:
-                rate = limits.tokens_per_min * share / 60.0
-                b = self._tokens.setdefault(key, Bucket(max(1.0, rate * 60.0), now))
-                b.refill(rate, max(1.0, rate * 60.0), now)
-                b.level -= tokens
+                self._token_bucket(key, limits, share, now)[0].level -= tokens
 
-    def forget(self, keep: set[str]) -> None:
-        """Drops the state of tenants no longer in the book."""
-        for d in (self._requests, self._tokens, self._streams):
-            for key in [k for k in d if k[0] not in keep]:
-                del d[key]  # type: ignore[attr-defined]
+
+def _scopes(tenant: Tenant, model: str) -> list[tuple[str, Limits]]:
+    """The limits a request of ``tenant`` for ``model`` takes from: the tenant's, and the
+    tenant x model ones where set."""
+    scopes = [("tenant", tenant.limits)]
+    if model in tenant.model_limits:
+        scopes.append((model, tenant.model_limits[model]))
+    return scopes
 
 
 def refused(tenant: str, scope: str, limit: str, value: float, wait_s: float) -> ServiceError:

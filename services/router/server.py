@@ -64,9 +64,14 @@ class Tenancy:
         cold: bool,
         usage: tuple[int, int],
         gpu_seconds: float,
+        served: bool = True,
     ) -> None:
+        """The request ended: its limits get their stream back and its tokens; a request that
+        was served (its stream began) is counted for its tenant."""
         if ticket is not None:
             self.quotas.finish(tenant, ticket, sum(usage), time.monotonic())
+        if not served:
+            return
         price = self.source.book.prices.get(model)
         self.ledger.record(tenant.name, model, cold, usage[0], usage[1], gpu_seconds, price)
 
@@ -165,10 +170,8 @@ class RouterInference:
             metrics.IN_FLIGHT.labels("router", model).dec()
             metrics.REQUESTS.labels("router", model, code).inc()
             held = (time.monotonic() - started) * max(1, route.spec.gpus_per_replica)
-            if messages:
-                self.tenancy.done(tenant, ticket, model, cold, usage_of(messages), held)
-            elif ticket is not None:
-                self.tenancy.quotas.finish(tenant, ticket, 0, time.monotonic())
+            usage = usage_of(messages)
+            self.tenancy.done(tenant, ticket, model, cold, usage, held, served=bool(messages))
 
     # --- Embed, ListModels -------------------------------------------------------------------
 
@@ -181,8 +184,7 @@ class RouterInference:
         try:
             reply = await self._embed(request, route, context, tenant)
         except BaseException:
-            if ticket is not None:
-                self.tenancy.quotas.finish(tenant, ticket, 0, time.monotonic())
+            self.tenancy.done(tenant, ticket, route.spec.name, False, (0, 0), 0.0, served=False)
             raise
         self.tenancy.done(tenant, ticket, route.spec.name, False, (0, 0), 0.0)
         return reply

@@ -106,9 +106,6 @@ class TenantBook:
     by_hash: Mapping[str, Tenant] = field(default_factory=dict)
     by_subject: Mapping[str, Tenant] = field(default_factory=dict)
 
-    def named(self, name: str) -> Tenant | None:
-        return next((t for t in self.tenants if t.name == name), None)
-
 
 OPEN_BOOK = TenantBook()
 

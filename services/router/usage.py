@@ -57,9 +57,11 @@ class UsageLedger:
         key = (tenant, model)
         self.totals.setdefault(key, Counts()).add(c)
         minute = int((now if now is not None else time.time()) // 60)
-        self.minutes.setdefault(minute, {}).setdefault(key, Counts()).add(c)
-        for old in [m for m in self.minutes if m <= minute - KEEP_MINUTES]:
-            del self.minutes[old]
+        if minute not in self.minutes:  # a new minute: the ones past the 24 h go (once a minute)
+            for old in [m for m in self.minutes if m <= minute - KEEP_MINUTES]:
+                del self.minutes[old]
+            self.minutes[minute] = {}
+        self.minutes[minute].setdefault(key, Counts()).add(c)
         metrics.TENANT_REQUESTS.labels(tenant, model, "cold" if cold else "warm").inc()
         metrics.TENANT_TOKENS.labels(tenant, model, "input").inc(input_tokens)
         metrics.TENANT_TOKENS.labels(tenant, model, "output").inc(output_tokens)

@@ -104,3 +104,12 @@ def error_reason(status: status_pb2.Status | None) -> str | None:
         if detail.Unpack(info):
             return str(info.reason)
     return None
+
+
+def retry_delay_s(status: status_pb2.Status | None) -> float | None:
+    """The RetryInfo delay a failed call carried, in seconds, if any."""
+    for detail in status.details if status else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None

@@ -17,10 +17,9 @@ import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import meshserve.v1.router_pb2_grpc as router_pb2_grpc
 import pytest
-from google.rpc import error_details_pb2
 from meshserve.local import Mesh
 from meshserve.router.tenants import hash_key, new_key
-from meshserve.rpc.errors import decode_details, error_reason
+from meshserve.rpc.errors import decode_details, error_reason, retry_delay_s
 from meshserve.v1 import inference_pb2, router_pb2
 
 from tests.e2e.conftest import apply, model_spec
@@ -180,11 +179,7 @@ async def test_over_the_rate_limit_the_retry_delay_when_honoured_succeeds(tmesh:
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     status = decode_details(e.trailing_metadata())
     assert error_reason(status) == "REQUESTS_PER_S_LIMIT"
-    delay = None
-    for d in status.details if status else ():
-        info = error_details_pb2.RetryInfo()
-        if d.Unpack(info):
-            delay = info.retry_delay.ToTimedelta().total_seconds()
+    delay = retry_delay_s(status)
     assert delay is not None and 0 < delay <= 1.0
     await asyncio.sleep(delay)  # what the server asked for: then it passes
     assert (await stream(stub, request(), auth("limited")))[0] == 8
