@@ -185,9 +185,9 @@ class StatusPublisher:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             tick += 1
+            await self.publish_stats()  # replicas first: a node's capacity never precedes them
             if tick % round(NODE_INTERVAL_S / STATS_INTERVAL_S) == 0:
                 await self.publish_node()
-            await self.publish_stats()
 
     async def publish_stats(self) -> None:
         """Engine load into ReplicaStatus, at most every STATS_INTERVAL_S and only when it moved:

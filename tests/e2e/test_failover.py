@@ -342,11 +342,17 @@ async def test_agents_publish_measured_decode_throughput(mesh: Mesh, demo_model:
         ok = n is not None and any(t.measured for t in n.throughput)
         return n if ok else None
 
+    async def rate() -> cluster_pb2.ReplicaStatus | None:
+        r = await _replica_status(mesh, "narrow", node)
+        return r if r is not None and r.decode_tokens_per_s > 0 else None
+
+    # The node's and the replica's records are separate writes: wait on each, not one after
+    # reading the other (CI once read the replica a moment before its rate was written).
     status = await eventually(measured, 60, "a measured capacity in the node's status")
-    replica = await _replica_status(mesh, "narrow", node)
+    replica = await eventually(rate, 30, "the replica's decode tokens/s in etcd")
     outs = await asyncio.gather(*runs)
     client_rate = sum(len(o.token_ids) for o in outs) / (time.monotonic() - started)
-    assert replica is not None and replica.decode_tokens_per_s > 0
+    assert replica.decode_tokens_per_s > 0
     (device,) = [t for t in status.throughput if t.measured]
     assert device.device_id == ""  # a CPU node's one device
     # The engine's counter over ~1 s samples against what the clients counted end to end:
