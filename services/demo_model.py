@@ -86,3 +86,35 @@ def build_demo_model(
     model.save_pretrained(path, safe_serialization=True)
     (path / "meshserve-demo.json").write_text(json.dumps({"seed": seed, "kind": "random-init"}))
     return path
+
+
+def build_classifier(
+    path: Path,
+    seed: int = 0,
+    image_size: int = 32,
+    labels: int = 10,
+    widths: tuple[int, ...] = (16, 32, 64),
+) -> Path:
+    """Writes a tiny random-initialised image classifier (a transformers ResNet, the torchvision
+    architecture) to ``path`` unless one is there: the tensor model of the tests, the demo and
+    bench/frontends.py (``engine_args: {task: classify}``). The defaults take 32x32 RGB images
+    (≈ 45 kB); benchmarks pass larger sizes."""
+    if (path / "model.safetensors").exists():
+        return path
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(  # type: ignore[call-arg]  # PretrainedConfig takes the extra keys
+        num_channels=3,
+        embedding_size=widths[0],
+        hidden_sizes=list(widths),
+        depths=[1] * len(widths),
+        num_labels=labels,
+        image_size=image_size,  # kept in config.json: the engine's input shape
+    )
+    torch.manual_seed(seed)
+    model = ResNetForImageClassification(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "meshserve-demo.json").write_text(json.dumps({"seed": seed, "kind": "random-init"}))
+    return path

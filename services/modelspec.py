@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from meshserve.batchconfig import BatchConfig
 from meshserve.cluster.keys import check_name
 from meshserve.sizes import parse_bytes
 from meshserve.v1 import cluster_pb2, common_pb2
@@ -93,6 +94,13 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         target_in_flight_per_replica=int(d.get("target_in_flight_per_replica", 0)),
         scale_down_delay_s=int(d.get("scale_down_delay_s", 0)),
     )
+    task = spec.engine_args.get("task", "generate")
+    if task not in ("generate", "embed", "classify"):
+        raise ValueError(f"engine_args.task: must be generate, embed or classify, got {task!r}")
+    if task == "classify" and spec.engine == cluster_pb2.ENGINE_KIND_VLLM:
+        raise ValueError("engine_args.task classify (tensor models) runs on engine torch")
+    if task == "classify":
+        BatchConfig.from_args(spec.engine_args, spec.slo_ttft_ms)  # raises naming the argument
     if spec.placement_strategy not in ("", "binpack", "spread"):
         raise ValueError(
             f"placement_strategy: must be binpack or spread, got {spec.placement_strategy!r}"

@@ -20,7 +20,7 @@ from meshserve.nodeagent.binding import bind
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe
 from meshserve.nodeagent.engines import make_engine
-from meshserve.nodeagent.engines.base import EngineConfig
+from meshserve.nodeagent.engines.base import EngineConfig, TensorModel
 from meshserve.nodeagent.plan import Load
 from meshserve.nodeagent.publisher import StatusPublisher
 from meshserve.nodeagent.replica import Replica
@@ -144,6 +144,8 @@ class Lifecycle:
                     await engine.load(r.spec)
                     r.status.memory_bytes = engine.memory_bytes()
                     r.status.tier_note = engine.tier_note
+                    if isinstance(engine, TensorModel):  # what KServe's ModelMetadata shows
+                        r.status.signature.CopyFrom(engine.signature())
                     await self.publisher.set_state(r, S.REPLICA_STATE_WARMING)
                     await self._warm_up(r)
                     r.status.load_seconds = time.monotonic() - started
@@ -188,6 +190,9 @@ class Lifecycle:
     async def _warm_up(self, r: Replica) -> None:
         """Warm-up requests must pass before a replica is READY (after a load or a restore)."""
         assert r.engine is not None
+        if isinstance(r.engine, TensorModel):
+            await r.engine.warm_up()
+            return
         if r.spec.engine_args.get("task") == "embed":
             await r.engine.embed(r.spec.warmup_prompts or ["Hello"])
             return

@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Protocol
 
-from meshserve.nodeagent.engines.base import Resume
+from meshserve.nodeagent.engines.base import Resume, TensorModel
 from meshserve.nodeagent.replica import Replica
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import invalid_argument, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
+from meshserve.tensors import check_inputs, not_a_tensor_model
 from meshserve.v1 import (
     cluster_pb2,
     inference_pb2,
@@ -149,6 +150,53 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         )
 
     @handlers.unary
+    async def Infer(
+        self, request: inference_pb2.InferRequest, context: Ctx
+    ) -> inference_pb2.InferResponse:
+        r = self.replicas.serving(request.model)
+        engine = r.engine
+        if not isinstance(engine, TensorModel):
+            raise not_a_tensor_model(r.spec.name)
+        model = r.spec.name
+        rows = check_inputs(model, request.inputs, request.outputs, engine.signature())
+        code = "OK"
+        metrics.IN_FLIGHT.labels("agent", model).inc()
+        with _tracer.start_as_current_span(
+            "engine.infer",
+            attributes={
+                "gen_ai.request.model": model,
+                "meshserve.node": self.node_id,
+                "meshserve.rows": rows,
+            },
+        ) as span:
+            if request.request_id:
+                span.set_attribute("meshserve.request_id", request.request_id)
+            try:
+                done = await engine.infer(
+                    request.inputs,
+                    request.outputs,
+                    rows,
+                    int(request.priority),
+                    handlers.remaining_s(context),
+                )
+            except BaseException as e:
+                code = handlers.code_of(e)
+                raise
+            finally:
+                metrics.IN_FLIGHT.labels("agent", model).dec()
+                metrics.REQUESTS.labels("agent", model, code).inc()
+            span.set_attribute("meshserve.batch.rows", done.batch_rows)
+            span.set_attribute("meshserve.batch.requests", done.batch_requests)
+            span.set_attribute("meshserve.batch.queue_ms", done.queue_s * 1000)
+            span.set_attribute("meshserve.batch.window_ms", done.window_s * 1000)
+        await context.send_initial_metadata(
+            (("meshserve-node", self.node_id), ("meshserve-model", model))
+        )
+        return inference_pb2.InferResponse(
+            outputs=done.result, batch_size=done.batch_rows, queue_ms=done.queue_s * 1000
+        )
+
+    @handlers.unary
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Ctx
     ) -> inference_pb2.ListModelsResponse:
@@ -159,6 +207,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
                 aliases=r.spec.aliases,
                 ready_replicas=1 if r.ready else 0,
                 max_model_len=r.spec.max_model_len,
+                signature=r.status.signature,
             )
         return out
 

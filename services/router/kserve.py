@@ -8,6 +8,9 @@ Models as tensors:
   Triton's vLLM backend: one response per text delta, the last with ``triton_final_response``.
 - an embedding model (``engine_args.task: embed``): ``text_input`` (BYTES, N elements) →
   ``embedding`` (FP32, [N, dim]).
+- a tensor model (``engine_args.task: classify``): its own named, typed, shaped inputs and
+  outputs (ModelMetadata and ModelConfig from the signature its replicas publish), through the
+  native Infer RPC, batched dynamically by the agent.
 
 RepositoryModelLoad asks the scheduler to place the model and returns once a replica serves (or
 the deadline passes); RepositoryModelUnload scales it to zero (ModelSpec.unloaded_unix_ms: no
@@ -29,7 +32,16 @@ from meshserve.cluster.store import Store
 from meshserve.kserve import grpc_service_pb2 as K
 from meshserve.router.admission import Ensured
 from meshserve.router.gate import caller
-from meshserve.router.kserve_tensors import generate_request, input_strings, text_response
+from meshserve.router.kserve_tensors import (
+    config,
+    generate_request,
+    infer_response,
+    input_strings,
+    kind,
+    metadata,
+    tensors_in,
+    text_response,
+)
 from meshserve.router.server import RouterInference
 from meshserve.router.table import Route
 from meshserve.rpc import handlers
@@ -137,33 +149,10 @@ class KServe:
         return K.ModelReadyResponse(ready=bool(self._route(c, r.name).ready))
 
     async def model_metadata(self, r: K.ModelMetadataRequest, c: Ctx) -> K.ModelMetadataResponse:
-        route = self._route(c, r.name)
-        out = K.ModelMetadataResponse(
-            name=route.spec.name, versions=["1"], platform=_platform(route)
-        )
-        out.inputs.add(name="text_input", datatype="BYTES", shape=[-1] if _embeds(route) else [1])
-        if _embeds(route):
-            out.outputs.add(name="embedding", datatype="FP32", shape=[-1, -1])
-        else:
-            out.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
-            out.outputs.add(name="text_output", datatype="BYTES", shape=[1])
-        return out
+        return metadata(self._route(c, r.name))
 
     async def model_config(self, r: K.ModelConfigRequest, c: Ctx) -> K.ModelConfigResponse:
-        route = self._route(c, r.name)
-        config = K.ModelConfig(
-            name=route.spec.name,
-            platform=_platform(route),
-            backend=cluster_pb2.EngineKind.Name(route.spec.engine)
-            .removeprefix("ENGINE_KIND_")
-            .lower(),  # type: ignore[arg-type]
-        )
-        config.input.add(name="text_input", data_type=K.TYPE_STRING, dims=[-1])
-        if _embeds(route):
-            config.output.add(name="embedding", data_type=K.TYPE_FP32, dims=[-1, -1])
-        else:
-            config.output.add(name="text_output", data_type=K.TYPE_STRING, dims=[1])
-        return K.ModelConfigResponse(config=config)
+        return K.ModelConfigResponse(config=config(self._route(c, r.name)))
 
     async def model_statistics(
         self, r: K.ModelStatisticsRequest, c: Ctx
@@ -254,7 +243,9 @@ class KServe:
         route = self._route(context, r.model_name)
         started = time.perf_counter()
         try:
-            if _embeds(route):
+            if kind(route) == "tensor":
+                reply = await self._infer(route, r, context)
+            elif kind(route) == "embed":
                 reply = await self._embed(route, r, context)
             else:
                 text: list[str] = []
@@ -266,6 +257,18 @@ class KServe:
             raise
         self._count(route.spec.name, started, True)
         return reply
+
+    async def _infer(
+        self, route: Route, r: K.ModelInferRequest, context: Ctx
+    ) -> K.ModelInferResponse:
+        request = inference_pb2.InferRequest(
+            model=route.spec.name,
+            inputs=tensors_in(r),
+            outputs=[o.name for o in r.outputs],
+            request_id=r.id,
+        )
+        got = await self.core.infer(request, QuietContext(context))
+        return infer_response(route.spec.name, r.id, got)
 
     async def _embed(
         self, route: Route, r: K.ModelInferRequest, context: Ctx
@@ -304,6 +307,15 @@ class KServe:
             try:
                 route = self._route(context, r.model_name)
                 name = route.spec.name
+                if kind(route) != "llm":  # not decoupled: one response for the request
+                    one_reply = (
+                        await self._infer(route, r, context)
+                        if kind(route) == "tensor"
+                        else await self._embed(route, r, context)
+                    )
+                    out.put_nowait(K.ModelStreamInferResponse(infer_response=one_reply))
+                    self._count(name, started, True)
+                    return
                 async for delta, final in self._deltas(route, r, quiet):
                     out.put_nowait(
                         K.ModelStreamInferResponse(
@@ -338,14 +350,6 @@ class KServe:
             reader.cancel()
             for task in list(running):
                 task.cancel()
-
-
-def _embeds(route: Route) -> bool:
-    return route.spec.engine_args.get("task") == "embed"
-
-
-def _platform(route: Route) -> str:
-    return "meshserve_embedding" if _embeds(route) else "meshserve_llm"
 
 
 def kserve_handlers(s: KServe) -> grpc.GenericRpcHandler:

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from meshserve.router.admission import Admission, Identity, Who
@@ -31,6 +32,7 @@ from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
+from meshserve.tensors import check_inputs, not_a_tensor_model
 from meshserve.v1 import inference_pb2, inference_pb2_grpc, router_pb2
 from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
@@ -173,27 +175,66 @@ class RouterInference:
             usage = usage_of(messages)
             self.tenancy.done(tenant, ticket, model, cold, usage, held, served=bool(messages))
 
-    # --- Embed, ListModels -------------------------------------------------------------------
+    # --- Embed, Infer, ListModels ---------------------------------------------------------
 
     async def embed(
         self, request: inference_pb2.EmbedRequest, context: Ctx
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
         tenant, route = self.enter(context, request.model)
-        ticket = self.tenancy.admit(tenant, route.spec.name)
-        try:
-            reply = await self._embed(request, route, context, tenant)
-        except BaseException:
-            self.tenancy.done(tenant, ticket, route.spec.name, False, (0, 0), 0.0, served=False)
-            raise
-        self.tenancy.done(tenant, ticket, route.spec.name, False, (0, 0), 0.0)
+        who = Who(tenant.name, tenant.priority(0), tenant.weight)
+        reply: inference_pb2.EmbedResponse = await self._unary(
+            "Embed", request, route, context, tenant, who
+        )
         return reply
 
-    async def _embed(
-        self, request: inference_pb2.EmbedRequest, route: Route, context: Ctx, tenant: Tenant
-    ) -> inference_pb2.EmbedResponse:
+    async def infer(
+        self, request: inference_pb2.InferRequest, context: Ctx
+    ) -> inference_pb2.InferResponse:
+        """A tensor model's request: checked here when the model's signature is known (the
+        agent checks it again), then sent to a replica like Embed (any failure before a reply
+        is retried elsewhere: inference on tensors has no side effects)."""
+        tenant, route = self.enter(context, request.model)
+        if route.spec.engine_args.get("task") != "classify":
+            raise not_a_tensor_model(route.spec.name)
+        if route.signature is not None:
+            check_inputs(route.spec.name, request.inputs, request.outputs, route.signature)
+        asked = tenant.priority(request.priority) if self.config.fair_queueing else 0
+        request.priority = asked  # type: ignore[assignment]
+        who = Who(tenant.name, request.priority, tenant.weight)
+        reply: inference_pb2.InferResponse = await self._unary(
+            "Infer", request, route, context, tenant, who
+        )
+        return reply
+
+    async def _unary(
+        self, method: str, request: Any, route: Route, context: Ctx, tenant: Tenant, who: Who
+    ) -> Any:
+        """One unary call (Embed, Infer) through the tenant's limits, admission and retries;
+        counted for the tenant when it was served."""
+        ticket = self.tenancy.admit(tenant, route.spec.name)
+        cold = not route.ready
+        served = False
+        code = "OK"
         self.demand.arrived(route.spec.name)
-        who = Who(tenant.name, tenant.priority(0), tenant.weight)
+        metrics.IN_FLIGHT.labels("router", route.spec.name).inc()
+        try:
+            reply = await self._attempts(method, request, route, context, who)
+            served = True
+            return reply
+        except BaseException as e:
+            code = handlers.code_of(e)
+            raise
+        finally:
+            metrics.IN_FLIGHT.labels("router", route.spec.name).dec()
+            metrics.REQUESTS.labels("router", route.spec.name, code).inc()
+            self.tenancy.done(tenant, ticket, route.spec.name, cold, (0, 0), 0.0, served=served)
+
+    async def _attempts(
+        self, method: str, request: Any, route: Route, context: Ctx, who: Who
+    ) -> Any:
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
         self.budget.request()
         failed: set[Identity] = set()
         errors: list[str] = []
@@ -204,12 +245,11 @@ class RouterInference:
             request.model = slot.model
             stub = inference_pb2_grpc.InferenceStub(self.upstreams.channel(slot.endpoint.address))
             try:
-                reply: inference_pb2.EmbedResponse = await stub.Embed(
+                return await getattr(stub, method)(
                     request,
                     timeout=handlers.remaining_s(context),
                     metadata=trace_metadata(trace.get_current_span(), request.request_id),
                 )
-                return reply
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE and e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
@@ -219,7 +259,7 @@ class RouterInference:
                 if len(errors) >= self.config.max_attempts or not self.budget.try_retry():
                     raise ServiceError(
                         grpc.StatusCode.UNAVAILABLE,
-                        f"model {slot.model!r}: embedding failed on every attempt: "
+                        f"model {slot.model!r}: {method} failed on every attempt: "
                         + "; ".join(errors),
                         "ALL_REPLICAS_FAILED",
                         retry_after_s=1.0,
@@ -241,6 +281,7 @@ class RouterInference:
                 aliases=route.spec.aliases,
                 ready_replicas=len(route.ready),
                 max_model_len=route.spec.max_model_len,
+                signature=route.signature,
             )
         return out
 
@@ -277,6 +318,11 @@ def handlers_for(servicer: RouterInference) -> grpc.GenericRpcHandler:
                 handlers.unary(servicer.embed),
                 request_deserializer=inference_pb2.EmbedRequest.FromString,
                 response_serializer=inference_pb2.EmbedResponse.SerializeToString,
+            ),
+            "Infer": grpc.unary_unary_rpc_method_handler(
+                handlers.unary(servicer.infer),
+                request_deserializer=inference_pb2.InferRequest.FromString,
+                response_serializer=inference_pb2.InferResponse.SerializeToString,
             ),
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 handlers.unary(servicer.list_models),

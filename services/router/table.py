@@ -18,7 +18,7 @@ import aetcd
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Mirror
 from meshserve.modelspec import alias_map
-from meshserve.v1 import cluster_pb2
+from meshserve.v1 import cluster_pb2, common_pb2
 
 S = cluster_pb2
 
@@ -46,6 +46,8 @@ class Route:
     # READY or DRAINING replicas: a stream on one of these may go on; one that leaves this set
     # (lease expired, unloaded, FAILED) is gone, and its streams fail over at once.
     alive: frozenset[tuple[str, int]] = frozenset()
+    # A tensor model's inputs and outputs, as its replicas published them (None: none has yet)
+    signature: common_pb2.TensorSignature | None = None
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,12 @@ def build_table(
     ready: dict[str, list[Endpoint]] = defaultdict(list)
     loading: dict[str, int] = defaultdict(int)
     alive: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    signatures: dict[str, common_pb2.TensorSignature] = {}
     for r in replicas:
         if not r.address:
             continue
+        if r.signature.inputs and (r.state == S.REPLICA_STATE_READY or r.model not in signatures):
+            signatures[r.model] = r.signature
         if r.state in (S.REPLICA_STATE_READY, S.REPLICA_STATE_DRAINING):
             alive[r.model].add((r.address, r.incarnation))
         if r.state == S.REPLICA_STATE_READY:
@@ -84,6 +89,7 @@ def build_table(
             tuple(sorted(ready.get(spec.name, []), key=lambda e: e.node_id)),
             loading.get(spec.name, 0),
             frozenset(alive.get(spec.name, ())),
+            signatures.get(spec.name),
         )
         for spec in specs
     }

@@ -23,6 +23,29 @@ INTER_TOKEN = Histogram(
     ["service", "model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+BATCH_ROWS = Histogram(
+    "meshserve_batch_size",
+    "Rows in each batch a tensor model ran (the agent's dynamic batcher)",
+    ["model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+BATCH_QUEUE = Histogram(
+    "meshserve_batch_queue_seconds",
+    "Time a tensor request waited in the batcher before its batch ran",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 1),
+)
+BATCH_LATENCY = Histogram(
+    "meshserve_batch_request_seconds",
+    "Time from a tensor request's arrival in the batcher to its result",
+    ["model"],
+    buckets=_LATENCY,
+)
+BATCH_WINDOW = Gauge(
+    "meshserve_batch_window_seconds",
+    "The batcher's window now (adaptive mode moves it against the P95 target)",
+    ["model"],
+)
 IN_FLIGHT = Gauge("meshserve_in_flight", "Streams in flight", ["service", "model"])
 QUEUED = Gauge(
     "meshserve_router_queued", "Requests waiting for a free slot or a replica", ["model"]

@@ -470,6 +470,7 @@ class ReplicaStatus(_message.Message):
     MAX_STREAMS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
     DECODE_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -501,6 +502,10 @@ class ReplicaStatus(_message.Message):
     """the agent's lease id when written: changes when the agent restarts"""
     decode_tokens_per_s: _builtins.float
     """output tokens/s it generates now (engine counter, ~10 s EWMA)"""
+    @_builtins.property
+    def signature(self) -> _common_pb2.TensorSignature:
+        """tensor models: what Infer takes and gives (after load)"""
+
     def __init__(
         self,
         *,
@@ -522,10 +527,11 @@ class ReplicaStatus(_message.Message):
         max_streams: _builtins.int = ...,
         incarnation: _builtins.int = ...,
         decode_tokens_per_s: _builtins.float = ...,
+        signature: _common_pb2.TensorSignature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "predicted_bytes", b"predicted_bytes", "running", b"running", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -340,12 +340,17 @@ class ModelInfo(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     READY_REPLICAS_FIELD_NUMBER: _builtins.int
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ready_replicas: _builtins.int
     max_model_len: _builtins.int
     """context length in tokens"""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def signature(self) -> _common_pb2.TensorSignature:
+        """tensor models: inputs and outputs"""
+
     def __init__(
         self,
         *,
@@ -353,10 +358,11 @@ class ModelInfo(_message.Message):
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         ready_replicas: _builtins.int = ...,
         max_model_len: _builtins.int = ...,
+        signature: _common_pb2.TensorSignature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "max_model_len", b"max_model_len", "name", b"name", "ready_replicas", b"ready_replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "max_model_len", b"max_model_len", "name", b"name", "ready_replicas", b"ready_replicas", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -381,3 +387,68 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class InferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    priority: _common_pb2.Priority.ValueType
+    request_id: _builtins.str
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]:
+        """every input of the model's signature, the same batch size"""
+
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """outputs wanted, in this order; empty: all, in signature order"""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        inputs: _abc.Iterable[_common_pb2.Tensor] | None = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
+        priority: _common_pb2.Priority.ValueType = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "outputs", b"outputs", "priority", b"priority", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferRequest: _TypeAlias = InferRequest  # noqa: Y015
+
+@_typing.final
+class InferResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    QUEUE_MS_FIELD_NUMBER: _builtins.int
+    batch_size: _builtins.int
+    """rows in the engine batch this request ran in (dynamic batching)"""
+    queue_ms: _builtins.float
+    """time it waited in the agent's batcher before its batch ran"""
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]: ...
+    def __init__(
+        self,
+        *,
+        outputs: _abc.Iterable[_common_pb2.Tensor] | None = ...,
+        batch_size: _builtins.int = ...,
+        queue_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "outputs", b"outputs", "queue_ms", b"queue_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferResponse: _TypeAlias = InferResponse  # noqa: Y015

@@ -49,6 +49,11 @@ class InferenceStub:
                 request_serializer=meshserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=meshserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Infer = channel.unary_unary(
+                '/meshserve.v1.Inference/Infer',
+                request_serializer=meshserve_dot_v1_dot_inference__pb2.InferRequest.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_inference__pb2.InferResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/meshserve.v1.Inference/ListModels',
                 request_serializer=meshserve_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
@@ -81,6 +86,16 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Infer(self, request, context):
+        """Runs a tensor model (`engine_args.task: classify`) on named, typed, shaped inputs. The agent
+        batches concurrent requests dynamically (a window and a maximum batch per model). Errors:
+        INVALID_ARGUMENT naming the tensor (unknown name, wrong datatype or shape, data of the wrong
+        size), FAILED_PRECONDITION for a model that is not a tensor model, and as Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Lists the models this server can serve and how many replicas are ready.
         """
@@ -100,6 +115,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=meshserve_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
                     response_serializer=meshserve_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Infer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Infer,
+                    request_deserializer=meshserve_dot_v1_dot_inference__pb2.InferRequest.FromString,
+                    response_serializer=meshserve_dot_v1_dot_inference__pb2.InferResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -166,6 +186,33 @@ class Inference:
             '/meshserve.v1.Inference/Embed',
             meshserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
             meshserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Infer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Inference/Infer',
+            meshserve_dot_v1_dot_inference__pb2.InferRequest.SerializeToString,
+            meshserve_dot_v1_dot_inference__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,

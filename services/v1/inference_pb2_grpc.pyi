@@ -46,6 +46,12 @@ class InferenceStub:
     """
     Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
     """Embeds each input; one vector per input, in order."""
+    Infer: _grpc.UnaryUnaryMultiCallable[_inference_pb2.InferRequest, _inference_pb2.InferResponse]
+    """Runs a tensor model (`engine_args.task: classify`) on named, typed, shaped inputs. The agent
+    batches concurrent requests dynamically (a window and a maximum batch per model). Errors:
+    INVALID_ARGUMENT naming the tensor (unknown name, wrong datatype or shape, data of the wrong
+    size), FAILED_PRECONDITION for a model that is not a tensor model, and as Generate.
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """Lists the models this server can serve and how many replicas are ready."""
 
@@ -67,6 +73,12 @@ class InferenceAsyncStub(InferenceStub):
     """
     Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embeds each input; one vector per input, in order."""
+    Infer: _aio.UnaryUnaryMultiCallable[_inference_pb2.InferRequest, _inference_pb2.InferResponse]  # type: ignore[assignment]
+    """Runs a tensor model (`engine_args.task: classify`) on named, typed, shaped inputs. The agent
+    batches concurrent requests dynamically (a window and a maximum batch per model). Errors:
+    INVALID_ARGUMENT naming the tensor (unknown name, wrong datatype or shape, data of the wrong
+    size), FAILED_PRECONDITION for a model that is not a tensor model, and as Generate.
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models this server can serve and how many replicas are ready."""
 
@@ -97,6 +109,18 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
         """Embeds each input; one vector per input, in order."""
+
+    @_abc_1.abstractmethod
+    def Infer(
+        self,
+        request: _inference_pb2.InferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.InferResponse, _abc.Awaitable[_inference_pb2.InferResponse]]:
+        """Runs a tensor model (`engine_args.task: classify`) on named, typed, shaped inputs. The agent
+        batches concurrent requests dynamically (a window and a maximum batch per model). Errors:
+        INVALID_ARGUMENT naming the tensor (unknown name, wrong datatype or shape, data of the wrong
+        size), FAILED_PRECONDITION for a model that is not a tensor model, and as Generate.
+        """
 
     @_abc_1.abstractmethod
     def ListModels(

@@ -13,7 +13,7 @@ def preload_engines() -> list[str]:
     import importlib
 
     loaded = []
-    for name in ("torch_engine", "vllm_engine"):
+    for name in ("torch_engine", "torch_tensor", "vllm_engine"):
         try:
             importlib.import_module(f"meshserve.nodeagent.engines.{name}")
             loaded.append(name)
@@ -25,6 +25,10 @@ def preload_engines() -> list[str]:
 def make_engine(spec: cluster_pb2.ModelSpec, config: EngineConfig) -> Engine:
     """The engine for ``spec.engine``; raises ValueError for one this build does not have."""
     if spec.engine in (cluster_pb2.ENGINE_KIND_UNSPECIFIED, cluster_pb2.ENGINE_KIND_TORCH):
+        if spec.engine_args.get("task") == "classify":
+            from meshserve.nodeagent.engines.torch_tensor import TensorEngine
+
+            return TensorEngine(config)
         from meshserve.nodeagent.engines.torch_engine import TorchEngine
 
         return TorchEngine(config)

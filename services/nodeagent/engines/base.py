@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from meshserve.v1 import cluster_pb2, inference_pb2
+from meshserve.v1 import cluster_pb2, common_pb2, inference_pb2
 from meshserve.validation import GenerationParams
 
 
@@ -107,6 +107,28 @@ class Engine(Protocol):
     @property
     def in_flight(self) -> int:
         """Streams being generated now."""
+
+
+@runtime_checkable
+class TensorModel(Protocol):
+    """What an engine of a tensor model (``task: classify``) adds to `Engine`."""
+
+    def signature(self) -> common_pb2.TensorSignature:
+        """Its inputs and outputs (after load)."""
+
+    async def infer(
+        self,
+        inputs: Sequence[common_pb2.Tensor],
+        outputs: Sequence[str],
+        rows: int,
+        priority: int,
+        timeout: float | None,
+    ) -> Any:
+        """Checked inputs through the agent's batcher: a `batching.Done` whose result is the
+        output tensors (those asked, in order; all when ``outputs`` is empty)."""
+
+    async def warm_up(self) -> None:
+        """Runs one small batch (the agent's warm-up before READY)."""
 
 
 def finish_name(reason: int) -> str:

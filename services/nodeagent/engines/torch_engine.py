@@ -19,14 +19,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
-from meshserve.nodeagent.engines import flat
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
-from meshserve.nodeagent.engines.prompts import not_serving, prompt_ids
+from meshserve.nodeagent.engines.prompts import prompt_ids
 from meshserve.nodeagent.engines.torch_decode import (
     Stream,
     next_chunk,
@@ -36,7 +34,8 @@ from meshserve.nodeagent.engines.torch_decode import (
     skip_draws,
     this_turn,
 )
-from meshserve.nodeagent.engines.torch_device import set_threads, torch_device
+from meshserve.nodeagent.engines.torch_device import set_threads
+from meshserve.nodeagent.engines.torch_tiers import TorchWeights
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams
@@ -44,34 +43,23 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)
 
-DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
 EMBED_BATCH = 64  # inputs per forward pass when batching Embed requests
 
 
-class TorchEngine:
+class TorchEngine(TorchWeights):
     """`Engine` over a transformers AutoModelForCausalLM."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self._model: Any = None
+        super().__init__(config)
         self._tok: Any = None
-        self._device = torch_device(config)
         self._max_len = 0
         self._eos: frozenset[int] = frozenset()
-        self._memory = 0
         self._cond = threading.Condition()
         self._inbox: list[Stream] = []
         self._embeds: list[tuple[list[str], Future[list[list[float]]]]] = []
         self._active: list[Stream] = []
-        self._turn = threading.Lock()  # held by the worker per turn and by tier changes
-        self._name = ""
         self._task = "generate"
-        self._tier: int = 0
-        self._host: torch.Tensor | None = None  # the flat weights while offloaded to CPU RAM
-        self._slots: list[flat.Slot] = []
-        self._disk_bytes = 0
         self._thread: threading.Thread | None = None
-        self._stopping = False
         self._in_flight = 0
         self._steps = 0  # decode steps over the engine's life
         self._generated = 0  # tokens sampled over the engine's life
@@ -87,25 +75,6 @@ class TorchEngine:
     def max_model_len(self) -> int:
         return self._max_len
 
-    def memory_bytes(self) -> int:
-        return self._memory if self._tier == DEVICE else 0
-
-    def host_bytes(self) -> int:
-        return int(self._host.numel()) if self._host is not None and self._tier == HOST else 0
-
-    def disk_bytes(self) -> int:
-        return self._disk_bytes if self._tier == DISK else 0
-
-    @property
-    def tier(self) -> int:
-        return self._tier
-
-    @property
-    def tier_note(self) -> str:
-        if self._device.type == "cpu":
-            return "device is the CPU: TIER_HOST keeps the weights in RAM (frees no device memory)"
-        return ""
-
     def stats(self) -> EngineStats:
         return EngineStats(len(self._active), len(self._inbox), 0.0, self.ooms, self._generated)
 
@@ -120,9 +89,8 @@ class TorchEngine:
     def _load_sync(self, spec: cluster_pb2.ModelSpec) -> None:
         set_threads(self.config.threads)
         args = dict(spec.engine_args)
-        default_dtype = "float32" if self._device.type == "cpu" else "bfloat16"
-        dtype = getattr(torch, args.get("dtype", default_dtype))
-        before = torch.cuda.memory_allocated(self._device) if self._device.type == "cuda" else 0
+        dtype = self._dtype(args)
+        before = self._allocated()
         tok = AutoTokenizer.from_pretrained(spec.source)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -138,18 +106,13 @@ class TorchEngine:
         auto = AutoModelForCausalLM if self._task == "generate" else AutoModel
         model = auto.from_pretrained(spec.source, dtype=dtype)
         model.to(self._device).eval()  # type: ignore[arg-type]
-        self._tok, self._model, self._name = tok, model, spec.name
+        self._tok = tok
         self._max_len = spec.max_model_len or int(model.config.max_position_embeddings)
         eos = model.generation_config.eos_token_id if self._task == "generate" else None
         if eos is None:
             eos = tok.eos_token_id
         self._eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self._tier = DEVICE
-        if self._device.type == "cuda":
-            self._memory = torch.cuda.memory_allocated(self._device) - before
-        else:
-            tensors = [*model.parameters(), *model.buffers()]
-            self._memory = sum(t.numel() * t.element_size() for t in tensors)
+        self._settle(model, spec.name, before)
 
     async def unload(self) -> None:
         with self._cond:
@@ -158,52 +121,11 @@ class TorchEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        self._model = self._tok = None
-        self._host, self._slots, self._memory, self._tier = None, [], 0, 0
-        self._disk_path().unlink(missing_ok=True)
+        self._tok = None
+        self._forget()
         await asyncio.to_thread(gc.collect)
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
-
-    # --- tiers -------------------------------------------------------------------------------
-
-    def _disk_path(self) -> Path:
-        return Path(self.config.cache_dir or ".") / f"{self._name or 'model'}.flat.safetensors"
-
-    async def offload(self, tier: int) -> None:
-        if tier not in (HOST, DISK):
-            raise ValueError(f"cannot offload to tier {tier}")
-        if tier == DISK and not self.config.cache_dir:
-            raise ValueError("the disk tier needs a cache directory (--cache-dir)")
-        await asyncio.to_thread(self._offload_sync, tier)
-
-    def _offload_sync(self, tier: int) -> None:
-        with self._turn:
-            pin = self._device.type == "cuda"
-            if self._tier == DEVICE:
-                self._host, self._slots = flat.pack(self._model, pin)
-                if self._device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if tier == DISK and self._host is not None:
-                flat.save(self._host, self._slots, self._disk_path())
-                self._disk_bytes = self._disk_path().stat().st_size
-                flat.release(self._model, self._slots)
-                self._host = None
-            self._tier = tier
-
-    async def restore(self) -> None:
-        await asyncio.to_thread(self._restore_sync)
-
-    def _restore_sync(self) -> None:
-        with self._turn:
-            if self._tier == DEVICE:
-                return
-            if self._tier == DISK:
-                self._host = flat.load(self._disk_path(), pin=self._device.type == "cuda")
-            assert self._host is not None
-            flat.point(self._model, self._slots, flat.to_device(self._host, self._device))
-            self._host = None
-            self._tier = DEVICE
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -252,10 +174,6 @@ class TorchEngine:
         finally:
             stream.cancelled = True
             self._in_flight -= 1
-
-    def _check_serving(self) -> None:
-        if self._model is None or self._stopping or self._tier != DEVICE:
-            raise not_serving(self._name, self._tier)
 
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         self._check_serving()
