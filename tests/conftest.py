@@ -45,3 +45,12 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from meshserve.demo_model import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="session")
+def classifier_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-initialised image classifier (ResNet, 32x32 RGB, 10 classes)."""
+    pytest.importorskip("torch")
+    from meshserve.demo_model import build_classifier
+
+    return build_classifier(tmp_path_factory.mktemp("models") / "classifier")

@@ -2,7 +2,9 @@
 (`tritonclient[grpc]`, in its own environment: it needs protobuf < 7) against a real mesh:
 liveness, repository index, load (= replicas placed), metadata and config, ModelInfer on the LLM,
 decoupled ModelStreamInfer (one response per delta, errors in-stream), a missing input refused,
-statistics, and unload (= scale to zero: the replica goes)."""
+statistics, and unload (= scale to zero: the replica goes); ModelInfer on a tensor model (an image
+classifier: metadata, config with its batch size and window, results equal to the native API's,
+a wrong shape refused naming the tensor)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
+import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
+import numpy as np
 import pytest
 from meshserve.local import Mesh
 from meshserve.v1 import inference_pb2
@@ -37,13 +43,18 @@ def kmesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
 
 
 def test_tritonclient_speaks_to_the_whole_mesh(
-    kmesh: Mesh, demo_model: Path, triton_python: Path
+    kmesh: Mesh, demo_model: Path, classifier_model: Path, triton_python: Path
 ) -> None:
     # A second model with no replicas yet: the client's load_model places it.
     asyncio.run(apply(kmesh, model_spec("story", demo_model, min_replicas=0)))
+    cls = model_spec("cls", classifier_model, min_replicas=1, kv_headroom="1MiB")
+    cls.engine_args.update(task="classify", batch_window_ms="5")
+    asyncio.run(apply(kmesh, cls))
     router = kmesh.services["router"].address
+    asyncio.run(eventually(lambda: ready_replicas(router, "cls"), 60, "cls READY"))
+    script = str(ROOT / "tests" / "e2e" / "triton_client.py")
     run = subprocess.run(
-        [str(triton_python), str(ROOT / "tests" / "e2e" / "triton_client.py"), router, "story"],
+        [str(triton_python), script, router, "story", "cls"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -61,6 +72,7 @@ def test_tritonclient_speaks_to_the_whole_mesh(
     assert seen["missing_input"].startswith("StatusCode.INVALID_ARGUMENT")
     assert "text_input" in seen["missing_input"]
     assert seen["stats_success"] >= 2 and seen["stats_fail"] >= 1
+    check_tensor_model(router, seen)
 
     async def zero() -> bool:  # unload = scale to zero: no replica serves (offloaded or gone)
         return await ready_replicas(router, "story") == 0
@@ -78,3 +90,28 @@ def greedy_story() -> inference_pb2.GenerateRequest:
     r = inference_pb2.GenerateRequest(model="story", prompt="Once upon a time")
     r.sampling.max_tokens, r.sampling.temperature = 12, 0.0
     return r
+
+
+def check_tensor_model(router: str, seen: dict[str, Any]) -> None:
+    assert seen["t_inputs"] == [["pixel_values", "FP32", [-1, 3, 32, 32]]]
+    assert seen["t_outputs"] == [["logits", "FP32", [-1, 10]], ["class_id", "INT64", [-1]]]
+    assert seen["t_max_batch"] == 8 and seen["t_dims"] == [3, 32, 32]
+    assert seen["t_window_us"] == 5000
+    assert seen["t_bad_shape"].startswith("StatusCode.INVALID_ARGUMENT")
+    assert "unexpected shape for input 'pixel_values'" in seen["t_bad_shape"]
+    # The same images through the native Infer RPC give the same logits and classes.
+    x = np.asarray(seen["t_image"], np.float32)
+    native = inference_pb2.InferRequest(model="cls")
+    native.inputs.add(name="pixel_values", datatype="FP32", shape=list(x.shape), data=x.tobytes())
+
+    async def call() -> inference_pb2.InferResponse:
+        async with grpc.aio.insecure_channel(router) as ch:
+            reply: inference_pb2.InferResponse = await inference_pb2_grpc.InferenceStub(ch).Infer(
+                native, timeout=30
+            )
+            return reply
+
+    out = {t.name: t for t in asyncio.run(call()).outputs}
+    logits = np.frombuffer(out["logits"].data, np.float32).reshape(2, 10)
+    np.testing.assert_allclose(np.asarray(seen["t_logits"]), logits, rtol=0, atol=1e-5)
+    assert seen["t_class_id"] == np.frombuffer(out["class_id"].data, np.int64).tolist()

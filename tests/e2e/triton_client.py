@@ -1,5 +1,6 @@
 """Runs under .venv-triton (tritonclient[grpc], protobuf < 7), as a KServe v2 client would:
-``python triton_client.py ROUTER_ADDRESS MODEL`` prints one JSON object of what it saw."""
+``python triton_client.py ROUTER_ADDRESS MODEL TENSOR_MODEL`` prints one JSON object of what it
+saw (MODEL: an LLM; TENSOR_MODEL: an image classifier, 3x32x32 in, logits and class_id out)."""
 
 from __future__ import annotations
 
@@ -70,5 +71,37 @@ def main(address: str, model: str) -> dict[str, object]:
     return out
 
 
+def tensors(address: str, model: str) -> dict[str, object]:
+    """The image classifier through ModelInfer, as Triton clients run any tensor model."""
+    c = grpcclient.InferenceServerClient(address)
+    meta = c.get_model_metadata(model)
+    config = c.get_model_config(model).config
+    out: dict[str, object] = {
+        "t_inputs": [(t.name, t.datatype, list(t.shape)) for t in meta.inputs],
+        "t_outputs": [(t.name, t.datatype, list(t.shape)) for t in meta.outputs],
+        "t_max_batch": config.max_batch_size,
+        "t_dims": list(config.input[0].dims),
+        "t_window_us": config.dynamic_batching.max_queue_delay_microseconds,
+    }
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    image = grpcclient.InferInput("pixel_values", list(x.shape), "FP32")
+    image.set_data_from_numpy(x)
+    wanted = [grpcclient.InferRequestedOutput(n) for n in ("class_id", "logits")]
+    result = c.infer(model, [image], outputs=wanted)
+    out["t_logits"] = result.as_numpy("logits").tolist()
+    out["t_class_id"] = result.as_numpy("class_id").tolist()
+    out["t_image"] = x.tolist()
+    bad = grpcclient.InferInput("pixel_values", [1, 3, 16, 16], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+    try:
+        c.infer(model, [bad])
+        out["t_bad_shape"] = "accepted"
+    except InferenceServerException as e:
+        out["t_bad_shape"] = f"{e.status()}: {e.message()}"
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2])))
+    seen = main(sys.argv[1], sys.argv[2])
+    seen.update(tensors(sys.argv[1], sys.argv[3]))
+    print(json.dumps(seen))
