@@ -6,6 +6,8 @@ against a real local mesh (etcd, scheduler, one agent, one router serving all th
 
 For concurrency 1 and 8: tokens/s, TTFT p50/p99 and router CPU per token, rounds alternating
 between the fronts so machine noise hits each. Goal: HTTP adds <= 2 ms to p50 TTFT at c = 1.
+Then, on the same mesh, the tensor model's table (bench/batching.py): batching off / fixed /
+adaptive at three load levels; goal: adaptive keeps P95 under its SLO where fixed does not.
 The HTTP client is a lean asyncio one (a new connection per request, SSE lines parsed as they
 come), so what it measures is the server side, not an SDK's overhead.
 """
@@ -33,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+from bench.batching import classifier, print_table, run_batching
 from bench.router_vs_direct import cpu_seconds
 
 PROMPT = "Once upon a time"
@@ -175,9 +178,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64, help="per front and concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--batching-seconds", type=float, default=8.0, help="0: skip that table")
+    parser.add_argument("--slo-ms", type=float, default=25.0, help="the tensor model's P95 SLO")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
+    batching: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         mesh = Mesh(Path(tmp) / "mesh", lease_ttl_s=3)
         try:
@@ -207,6 +213,9 @@ def main() -> int:
                             )
                         )
                 rows += [summary(front, concurrency, got) for front, got in per.items()]
+            if args.batching_seconds:
+                model = classifier(Path(tmp) / "classifier")
+                batching = run_batching(mesh, model, args.batching_seconds, args.slo_ms)
         finally:
             mesh.stop()
     table = Table(title=f"native gRPC vs OpenAI HTTP vs KServe v2, {args.max_tokens} tokens each")
@@ -220,8 +229,11 @@ def main() -> int:
     Console(width=140).print(table)
     added = rows[1]["ttft_p50_ms"] - rows[0]["ttft_p50_ms"]
     Console().print(f"HTTP adds {added:+.2f} ms to p50 TTFT at c = 1 (goal <= 2 ms)")
+    if batching:
+        print_table(batching)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "http_added_p50_ms_c1": added}, indent=2))
+        doc = {"rows": rows, "http_added_p50_ms_c1": added, "batching": batching}
+        args.json.write_text(json.dumps(doc, indent=2))
     return 0
 
 

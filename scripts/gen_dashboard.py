@@ -54,6 +54,15 @@ ROWS: list[tuple[str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "Tensor models (dynamic batching, node agents)",
+        [
+            ("Rows per batch (mean)", "sum by (model) (rate(meshserve_batch_size_sum[5m])) / sum by (model) (rate(meshserve_batch_size_count[5m]))", "short"),
+            ("Request latency p95 in the agent", "histogram_quantile(0.95, sum by (le, model) (rate(meshserve_batch_request_seconds_bucket[5m])))", "s"),
+            ("Wait for a batch p95", "histogram_quantile(0.95, sum by (le, model) (rate(meshserve_batch_queue_seconds_bucket[5m])))", "s"),
+            ("Batching window", "max by (model) (meshserve_batch_window_seconds)", "s"),
+        ],
+    ),
+    (
         "Scheduler",
         [
             ("Rounds/s by outcome", "sum by (outcome) (rate(meshserve_scheduler_rounds_total[5m]))", "short"),

@@ -94,6 +94,7 @@ def build_classifier(
     image_size: int = 32,
     labels: int = 10,
     widths: tuple[int, ...] = (16, 32, 64),
+    depth: int = 1,
 ) -> Path:
     """Writes a tiny random-initialised image classifier (a transformers ResNet, the torchvision
     architecture) to ``path`` unless one is there: the tensor model of the tests, the demo and
@@ -108,7 +109,7 @@ def build_classifier(
         num_channels=3,
         embedding_size=widths[0],
         hidden_sizes=list(widths),
-        depths=[1] * len(widths),
+        depths=[depth] * len(widths),
         num_labels=labels,
         image_size=image_size,  # kept in config.json: the engine's input shape
     )

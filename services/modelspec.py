@@ -130,6 +130,20 @@ def demo_spec(source: Path, min_replicas: int = 1) -> cluster_pb2.ModelSpec:
     )
 
 
+def classifier_spec(source: Path) -> cluster_pb2.ModelSpec:
+    """The built-in tiny image classifier, registered as ``classifier`` (a tensor model: KServe
+    ModelInfer or the Infer RPC; no replica until the first request or a repository load)."""
+    return spec_from_dict(
+        {
+            "name": "classifier",
+            "source": str(source),
+            "engine_args": {"task": "classify"},
+            "min_replicas": 0,
+            "kv_headroom": "1MiB",
+        }
+    )
+
+
 def find_model(specs: Iterable[cluster_pb2.ModelSpec], name: str) -> cluster_pb2.ModelSpec | None:
     """The spec a request for ``name`` means: the model of that name, else the first whose
     aliases include it (the one lookup the router, scheduler and agents share)."""

@@ -87,6 +87,9 @@ def _up(
             from meshserve.demo_model import build_demo_model
 
             model_dir = build_demo_model(data_dir / "models" / "demo")
+            from meshserve.demo_model import build_classifier
+
+            classifier_dir = build_classifier(data_dir / "models" / "classifier")
         with console.status("starting etcd, scheduler, agents, router…"):
             mesh.start_etcd()
             mesh.start_scheduler()
@@ -100,9 +103,10 @@ def _up(
         (data_dir / STATE).write_text(
             json.dumps({"router": router_address, "etcd": mesh.etcd.endpoint, "tls": mesh.tls_env})
         )
-        from meshserve.modelspec import demo_spec
+        from meshserve.modelspec import classifier_spec, demo_spec
 
         asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, demo_spec(model_dir)))
+        asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, classifier_spec(classifier_dir)))
         with console.status("waiting for model 'demo' to be READY…"):
             asyncio.run(_wait_ready(router_address, "demo", 120.0, key))
         http = f", OpenAI API http://{router.info['http']}/v1" if "http" in router.info else ""
@@ -130,6 +134,8 @@ def _up(
             "\nTry, in another terminal:\n"
             '  meshserve generate demo "Once upon a time" --max-tokens 64\n'
             "  meshserve status\n"
+            "  (model 'classifier', a tiny image classifier, loads on its first KServe "
+            "ModelInfer)\n"
             "Ctrl-C stops the mesh."
         )
         _watch(mesh)

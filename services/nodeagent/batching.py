@@ -39,12 +39,14 @@ def quantile(values: list[float], q: float) -> float:
 class AdaptiveWindow:
     """The batching window under a P95 target: halved when the P95 of recent requests is above
     the target, grown by a quarter (at least 0.5 ms) when it is under 60 % of it, within
-    [0, limit]. Each decision reads only requests served under the window then in force (the
-    samples restart after every move), at least ``MIN_SAMPLES`` of them, or all of the last
-    second when fewer arrived."""
+    [0, limit]. A halving that made the P95 worse (by 10 %) is undone and no halving is tried
+    for the next ``HOLD`` decisions: the excess then comes from load, and smaller batches cost
+    more per request (overload is for admission and autoscaling to answer). Each decision reads
+    only requests served under the window then in force (the samples restart after every
+    decision), at least ``MIN_SAMPLES`` of them, or all of the last second when fewer arrived."""
 
     MIN_SAMPLES = 20
-    SHRINK, GROW, HEADROOM = 0.5, 1.25, 0.6
+    SHRINK, GROW, HEADROOM, WORSE, HOLD = 0.5, 1.25, 0.6, 1.1, 5
     FLOOR_S = 0.0002  # below this the window is 0: take what is queued and go
 
     def __init__(self, target_s: float, limit_s: float) -> None:
@@ -53,6 +55,8 @@ class AdaptiveWindow:
         self.window_s = limit_s
         self._samples: list[float] = []
         self._since = 0.0
+        self._undo: tuple[float, float] | None = None  # (window, P95) before the last halving
+        self._hold = 0
 
     def observe(self, latency_s: float, now: float) -> bool:
         """Counts one served request; True when the window moved."""
@@ -65,12 +69,20 @@ class AdaptiveWindow:
         p95 = quantile(self._samples, 0.95)
         self._samples = []
         before = self.window_s
-        if p95 > self.target_s:
+        undo, self._undo = self._undo, None
+        if p95 <= self.target_s:
+            self._hold = 0
+            if p95 < self.HEADROOM * self.target_s:
+                self.window_s = min(self.limit_s, max(self.window_s * self.GROW, 0.0005))
+        elif undo is not None and p95 > undo[1] * self.WORSE:
+            self.window_s, self._hold = undo[0], self.HOLD
+        elif self._hold:
+            self._hold -= 1
+        elif self.window_s:
+            self._undo = (self.window_s, p95)
             self.window_s = self.window_s * self.SHRINK
             if self.window_s < self.FLOOR_S:
                 self.window_s = 0.0
-        elif p95 < self.HEADROOM * self.target_s:
-            self.window_s = min(self.limit_s, max(self.window_s * self.GROW, 0.0005))
         return self.window_s != before
 
 

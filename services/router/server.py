@@ -217,6 +217,7 @@ class RouterInference:
         served = False
         code = "OK"
         self.demand.arrived(route.spec.name)
+        self.demand.in_flight(route.spec.name, +1)
         metrics.IN_FLIGHT.labels("router", route.spec.name).inc()
         try:
             reply = await self._attempts(method, request, route, context, who)
@@ -226,6 +227,7 @@ class RouterInference:
             code = handlers.code_of(e)
             raise
         finally:
+            self.demand.in_flight(route.spec.name, -1)
             metrics.IN_FLIGHT.labels("router", route.spec.name).dec()
             metrics.REQUESTS.labels("router", route.spec.name, code).inc()
             self.tenancy.done(tenant, ticket, route.spec.name, cold, (0, 0), 0.0, served=served)

@@ -196,6 +196,31 @@ def test_adaptive_window_rule() -> None:
     assert slow.window_s == pytest.approx(0.01)
 
 
+def test_adaptive_window_undoes_a_halving_that_made_things_worse() -> None:
+    """Overload: the P95 is above the target whatever the window, and smaller batches make it
+    worse; the window goes back and stays for HOLD decisions before it is tried again."""
+    w = AdaptiveWindow(target_s=0.05, limit_s=0.02)
+    t = 0.0
+
+    def decide(p95: float) -> None:
+        nonlocal t
+        for _ in range(AdaptiveWindow.MIN_SAMPLES):
+            t += 0.01
+            w.observe(p95, t)
+
+    decide(0.08)
+    assert w.window_s == pytest.approx(0.01)
+    decide(0.10)  # worse after halving: undone
+    assert w.window_s == pytest.approx(0.02)
+    for _ in range(AdaptiveWindow.HOLD):  # held, though still above the target
+        decide(0.08)
+        assert w.window_s == pytest.approx(0.02)
+    decide(0.08)  # tried again
+    assert w.window_s == pytest.approx(0.01)
+    decide(0.081)  # no worse (within 10 %): keeps halving
+    assert w.window_s == pytest.approx(0.005)
+
+
 def test_quantile() -> None:
     assert quantile([float(i) for i in range(1, 101)], 0.95) == 95.0
     assert quantile([3.0], 0.95) == 3.0
