@@ -53,12 +53,12 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
     if "name" not in d or "source" not in d:
         raise ValueError("fields 'name' and 'source' are required")
     name = check_name("model", str(d["name"]))
-    source = Path(str(d["source"])).expanduser()
-    if not source.is_absolute():
-        source = (base / source).resolve()
     engine = str(d.get("engine", "torch")).upper()
+    source = Path(str(d["source"])).expanduser()
+    if not source.is_absolute() and engine != "SIM":  # a sim model's source is only a label
+        source = (base / source).resolve()
     if f"ENGINE_KIND_{engine}" not in cluster_pb2.EngineKind.keys():  # noqa: SIM118 - protobuf enum wrapper is not iterable
-        raise ValueError(f"engine: must be torch or vllm, got {d.get('engine')!r}")
+        raise ValueError(f"engine: must be torch, vllm or sim, got {d.get('engine')!r}")
     priority = str(d.get("priority", "normal")).upper()
     if f"PRIORITY_{priority}" not in common_pb2.Priority.keys():  # noqa: SIM118
         raise ValueError(
@@ -69,7 +69,7 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         raise ValueError(f"memory: not given and no weights found under {source}")
     spec = cluster_pb2.ModelSpec(
         name=name,
-        source=str(source),
+        source=str(source) if engine != "SIM" else str(d["source"]),
         engine=cluster_pb2.EngineKind.Value(f"ENGINE_KIND_{engine}"),
         engine_args={str(k): str(v) for k, v in (d.get("engine_args") or {}).items()},
         memory_bytes=memory,
@@ -94,6 +94,10 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         target_in_flight_per_replica=int(d.get("target_in_flight_per_replica", 0)),
         scale_down_delay_s=int(d.get("scale_down_delay_s", 0)),
     )
+    for key in ("stream_interval_ms", "stream_interval_tokens"):
+        value = spec.engine_args.get(key, "0")
+        if not value.isdigit():
+            raise ValueError(f"engine_args.{key}: a whole number >= 0 (0 = off), got {value!r}")
     task = spec.engine_args.get("task", "generate")
     if task not in ("generate", "embed", "classify"):
         raise ValueError(f"engine_args.task: must be generate, embed or classify, got {task!r}")

@@ -12,6 +12,8 @@ MAX_PROMPT_CHARS = 1_000_000  # requests above this are refused, not truncated
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
 MAX_EMBED_INPUTS = 256
+MAX_STREAM_INTERVAL_MS = 5_000  # token coalescing: the longest a packed token may wait
+MAX_INTERVAL_TOKENS = 4_096
 DEFAULT_MAX_TOKENS = 64
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM does): logits / 1e-38 overflow
 ROLES = frozenset({"system", "user", "assistant"})
@@ -66,6 +68,10 @@ def check_generate(req: inference_pb2.GenerateRequest, spec: cluster_pb2.ModelSp
         v.append(("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
     if any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
         v.append(("sampling.stop", f"stop strings must have 1-{MAX_STOP_CHARS} characters"))
+    if req.HasField("stream_interval_ms") and req.stream_interval_ms > MAX_STREAM_INTERVAL_MS:
+        v.append(("stream_interval_ms", f"at most {MAX_STREAM_INTERVAL_MS} ms"))
+    if req.HasField("stream_interval_tokens") and req.stream_interval_tokens > MAX_INTERVAL_TOKENS:
+        v.append(("stream_interval_tokens", f"at most {MAX_INTERVAL_TOKENS} tokens"))
     if len(req.request_id) > 128:
         v.append(("request_id", "at most 128 characters"))
     if len(req.session_key) > 256:

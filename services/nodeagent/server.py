@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Protocol
 
+from meshserve.nodeagent.coalesce import coalesced, interval_of
 from meshserve.nodeagent.engines.base import Resume, TensorModel
 from meshserve.nodeagent.replica import Replica
 from meshserve.rpc import handlers
@@ -97,9 +98,8 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         ) as span:
             try:
                 first = True
-                async for chunk in r.engine.generate(
-                    request.prompt, request.messages, params, resume
-                ):
+                stream = r.engine.generate(request.prompt, request.messages, params, resume)
+                async for chunk in coalesced(stream, *interval_of(request, r.spec.engine_args)):
                     now = time.perf_counter()
                     if first:
                         span.set_attribute("meshserve.ttft_s", now - start)

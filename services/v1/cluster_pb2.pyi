@@ -30,6 +30,8 @@ class _EngineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EngineKind
     """treated as ENGINE_KIND_TORCH"""
     ENGINE_KIND_TORCH: _EngineKind.ValueType  # 1
     ENGINE_KIND_VLLM: _EngineKind.ValueType  # 2
+    ENGINE_KIND_SIM: _EngineKind.ValueType  # 3
+    """simulated: no weights, timed like a device (load tests, fleet benches)"""
 
 class EngineKind(_EngineKind, metaclass=_EngineKindEnumTypeWrapper):
     """Values stored in etcd under the keyspace of services/cluster/keys.py (DESIGN §4)."""
@@ -38,6 +40,8 @@ ENGINE_KIND_UNSPECIFIED: EngineKind.ValueType  # 0
 """treated as ENGINE_KIND_TORCH"""
 ENGINE_KIND_TORCH: EngineKind.ValueType  # 1
 ENGINE_KIND_VLLM: EngineKind.ValueType  # 2
+ENGINE_KIND_SIM: EngineKind.ValueType  # 3
+"""simulated: no weights, timed like a device (load tests, fleet benches)"""
 Global___EngineKind: _TypeAlias = EngineKind  # noqa: Y015
 
 class _Tier:

