@@ -78,6 +78,13 @@ def agent(
             help="each device's decode tokens/s at full load, until measured here; 0 = unknown"
         ),
     ] = AgentConfig.decode_tokens_per_s,
+    simulate: Annotated[
+        int,
+        typer.Option(
+            help="run N simulated agents in this process (for engine: sim models): node ids "
+            "<node-id>-0..N-1, each with its own lease and port; --memory-limit is each one's"
+        ),
+    ] = 0,
     metrics_port: MetricsPort = SERVICE.metrics_port,
     ready_file: ReadyFile = SERVICE.ready_file,
     tls_cert: TlsCert = "",
@@ -109,9 +116,11 @@ def agent(
             decode_tokens_per_s=decode_tokens_per_s,
             **kwargs,
         )
+        if simulate < 0 or (simulate and not memory_limit):
+            raise ValueError("--simulate N needs N >= 0 and --memory-limit (each agent's memory)")
     except (ValueError, OSError) as e:
         raise fail(str(e)) from None
-    run_loop(run(config))
+    run_loop(run(config, simulate))
 
 
 @app.command()

@@ -68,6 +68,14 @@ class Session:
             except Exception as e:  # etcd down: unary calls reconnect once it is back
                 log.info("lease keepalive failed (%s); retrying", type(e).__name__)
 
+    async def abandon(self) -> None:
+        """Stops the keepalive and leaves the lease to expire at its TTL (a simulated crash)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
     async def close(self) -> None:
         """Stops the keepalive and revokes the lease, so this process's keys vanish at once."""
         if self._task is not None:

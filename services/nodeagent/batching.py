@@ -220,8 +220,9 @@ class Batcher:
             if queued >= self.config.max_batch or left <= 0:
                 return
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
+            try:  # asyncio.timeout: a cancel (stop) is never lost, as wait_for's can be on 3.11
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
             except TimeoutError:
                 return
 

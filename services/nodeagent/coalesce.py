@@ -83,8 +83,9 @@ async def coalesced(
         due = 0.0
         while True:
             wait = max(0.0, due - loop.time()) if pending and interval_s > 0 else None
-            try:
-                item = await asyncio.wait_for(queue.get(), wait)
+            try:  # asyncio.timeout: a cancel is never lost, as wait_for's can be on 3.11
+                async with asyncio.timeout(wait):
+                    item = await queue.get()
             except TimeoutError:
                 yield merge(pending)
                 pending = []

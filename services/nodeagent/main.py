@@ -11,6 +11,7 @@ import grpc
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe, open_probe
 from meshserve.nodeagent.engines import preload_engines
+from meshserve.nodeagent.fleet import Fleet
 from meshserve.nodeagent.reconcile import Reconciler
 from meshserve.nodeagent.server import AgentControl, AgentInference
 from meshserve.process import Cluster, Component, serve
@@ -46,7 +47,28 @@ class Agent(Component):
         self.probe.close()
 
 
-async def run(config: AgentConfig) -> None:
+class SimulatedFleet(Component):
+    """``--simulate N``: N agents in this process (nodeagent/fleet.py), each on its own port;
+    this process's own server answers health only."""
+
+    services = ()
+
+    def __init__(self, config: AgentConfig, cluster: Cluster, n: int) -> None:
+        self.fleet = Fleet(cluster.store, config, n)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pass
+
+    async def start(self, address: str) -> Mapping[str, str]:
+        await self.fleet.start()
+        addresses = ",".join(a.address for a in self.fleet.agents.values())
+        return {"agents": str(len(self.fleet.agents)), "addresses": addresses}
+
+    async def stop(self) -> None:
+        await self.fleet.stop()
+
+
+async def run(config: AgentConfig, simulate: int = 0) -> None:
     # CUDA numbers GPUs fastest first unless told otherwise; NVML (and so placements' indices)
     # by PCI bus. Engines bind by uuid (binding.py), and this keeps `cuda:<i>` the same GPU.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -54,6 +76,8 @@ async def run(config: AgentConfig) -> None:
     log.info("engines available: %s", ", ".join(engines) or "none")
 
     async def make(cluster: Cluster) -> Component:
+        if simulate:
+            return SimulatedFleet(config, cluster, simulate)
         return Agent(config, cluster, open_probe(config.device))
 
     await serve("nodeagent", config.service, make, grace_s=config.drain_grace_s)

@@ -38,13 +38,21 @@ OOM_LIMIT = 3  # requests failed by device OOM before the replica is given up he
 
 class Reconciler:
     def __init__(
-        self, config: AgentConfig, store: Store, session: Session, probe: DeviceProbe
+        self,
+        config: AgentConfig,
+        store: Store,
+        session: Session,
+        probe: DeviceProbe,
+        models: Mirror[cluster_pb2.ModelSpec] | None = None,
     ) -> None:
+        """``models``: a mirror of the model specs shared by the agents of one process (a
+        simulated fleet, nodeagent/fleet.py), started and stopped by its owner."""
         self.config = config
         self.session = session
         self.replicas: dict[str, Replica] = {}
         keys = store.keys
-        self.models = Mirror(store.client, keys.models(), S.ModelSpec)
+        self._own_models = models is None
+        self.models = models or Mirror(store.client, keys.models(), S.ModelSpec)
         self.placements = Mirror(store.client, keys.placements(config.node_id), S.Placement)
         self.publisher = StatusPublisher(config, store, session, probe, self.replicas)
         self.lifecycle = Lifecycle(config, probe, self.publisher, self.replicas, self._wake_up)
@@ -60,7 +68,9 @@ class Reconciler:
         self.session.on_new_lease(self.publisher.republish)
         for mirror in (self.models, self.placements):
             mirror.subscribe(lambda _snap: self._wake.set())
-            mirror.start()
+        self.placements.start()
+        if self._own_models:
+            self.models.start()
         await asyncio.wait_for(self.placements.synced.wait(), 30)
         await asyncio.wait_for(self.models.synced.wait(), 30)
         await self.publisher.publish_node(force=True)
@@ -75,8 +85,9 @@ class Reconciler:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for mirror in (self.models, self.placements):
-            await mirror.stop()
+        await self.placements.stop()
+        if self._own_models:
+            await self.models.stop()
         await self.lifecycle.stop()
 
     def _wake_up(self) -> None:
@@ -86,8 +97,11 @@ class Reconciler:
 
     async def _loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands as
+            # the event is set (many agents woken at once), and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), PASS_S)
+                async with asyncio.timeout(PASS_S):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 self.reconcile()

@@ -279,9 +279,16 @@ class Admission:
                 self._take(Slot(slot.route, slot.endpoint, time.monotonic() - waiter.since))
             )
 
-    def _on_table(self, table: RouteTable) -> None:
-        alive = {(address, m) for m, r in table.routes.items() for address, _inc in r.alive}
-        self.breakers.prune(alive, time.monotonic())
+    def _on_table(self, table: RouteTable, models: set[str]) -> None:
+        """Routes of ``models`` changed: their breakers forget replicas that are gone, and
+        queues dispatch (any queue: a changed model may be another's fallback)."""
+        alive = {
+            (address, m)
+            for m in models
+            if (r := table.routes.get(m)) is not None
+            for address, _inc in r.alive
+        }
+        self.breakers.prune(alive, time.monotonic(), models)
         self._dispatch_all()
 
     def _dispatch_all(self) -> None:

@@ -121,12 +121,12 @@ class Breakers:
                 key, state, b.consecutive, b.opened, max(0.0, b.open_until - now) * (state == OPEN)
             )
 
-    def prune(self, alive: set[Key], now: float) -> None:
+    def prune(self, alive: set[Key], now: float, models: set[str] | None = None) -> None:
         """Drops breakers of replicas no longer in the table once they have nothing left to say
         (closed, or open long past their cool-down): agents come and go, breakers must not pile
-        up."""
+        up. ``models``: only breakers of these (``alive`` lists their replicas); None: all."""
         for key, b in list(self._b.items()):
-            if key in alive:
+            if key in alive or (models is not None and key[1] not in models):
                 continue
             if b.state == CLOSED or now > b.open_until + self.max_cooldown_s:
                 del self._b[key]

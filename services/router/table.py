@@ -1,13 +1,18 @@
 """The router's endpoint table: READY replicas per model, aliases resolved.
 
-Built from watches on ``models/`` and ``replicas/``; each change builds a new immutable
-`RouteTable` and swaps it in one assignment, so the request path reads it without locks, awaits or
-etcd (STYLE).
+Kept from watches on ``models/`` and ``replicas/`` one change at a time (`TableBuilder`): a
+replica that appears, leaves or changes state rebuilds its model's `Route` (O(that model's
+replicas)); one whose load figures alone moved (the engine stats every replica writes about once
+a second) updates its `Endpoint` in place, O(1), rebuilding nothing; a model spec change also
+recomputes aliases. Each `Route` is immutable and swapped in with one assignment, so the request
+path reads the table without locks, awaits or etcd (STYLE). `build_table` (a fresh table from
+whole lists) goes through the same builder; a property test holds the two equal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,15 +21,18 @@ from typing import Any
 
 import aetcd
 from meshserve.cluster.keys import Keyspace
-from meshserve.cluster.mirror import Mirror
+from meshserve.cluster.mirror import Change, Mirror
 from meshserve.modelspec import alias_map
 from meshserve.v1 import cluster_pb2, common_pb2
 
 S = cluster_pb2
 
 
-@dataclass(frozen=True)
+@dataclass
 class Endpoint:
+    """One READY replica. ``waiting`` and ``kv_cache_usage`` are its last published load
+    figures, updated in place (the picker reads them); the rest says which replica it is."""
+
     node_id: str
     address: str  # host:port of the agent
     waiting: int = 0  # streams queued in the engine (its last ReplicaStatus, all routers')
@@ -60,58 +68,157 @@ class RouteTable:
         return self.routes.get(name) or self.routes.get(self.aliases.get(name, ""))
 
 
+def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
+    """What of a replica's status the route depends on (all but its load figures)."""
+    return (
+        r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation,
+        r.signature.SerializeToString(deterministic=True),
+    )  # fmt: skip
+
+
+def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
+    return Endpoint(r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation)
+
+
+class TableBuilder:
+    """The route table, kept one change at a time (module docstring). ``table`` is one object
+    for the builder's life; its mappings are live read-only views."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, cluster_pb2.ModelSpec] = {}
+        self.statuses: dict[str, dict[bytes, cluster_pb2.ReplicaStatus]] = defaultdict(dict)
+        self.endpoints: dict[bytes, Endpoint] = {}  # READY replicas by key
+        self._routes: dict[str, Route] = {}
+        self._aliases: dict[str, str] = {}
+        self.table = RouteTable(MappingProxyType(self._routes), MappingProxyType(self._aliases))
+
+    def spec(self, name: str, spec: cluster_pb2.ModelSpec | None) -> set[str]:
+        """A model spec put (or deleted: None); returns the models whose route changed."""
+        if spec is None:
+            self.specs.pop(name, None)
+        else:
+            self.specs[name] = spec
+        self._aliases.clear()
+        self._aliases.update(alias_map(self.specs.values()))
+        self._rebuild(name)
+        return {name}
+
+    def replica(
+        self,
+        key: bytes,
+        status: cluster_pb2.ReplicaStatus | None,
+        old: cluster_pb2.ReplicaStatus | None,
+    ) -> set[str]:
+        """A replica's status put (or deleted: None); ``old`` is what it was. Returns the
+        models whose route changed (none when only load figures moved)."""
+        if status is not None and old is not None and _routing(status) == _routing(old):
+            self.statuses[status.model][key] = status
+            e = self.endpoints.get(key)
+            if e is not None:
+                e.waiting, e.kv_cache_usage = status.waiting, status.kv_cache_usage
+            return set()
+        changed = set()
+        if old is not None:
+            self.statuses[old.model].pop(key, None)
+            self.endpoints.pop(key, None)
+            changed.add(old.model)
+        if status is not None:
+            self.statuses[status.model][key] = status
+            changed.add(status.model)
+        for model in changed:
+            self._rebuild(model)
+        return changed
+
+    def _rebuild(self, model: str) -> None:
+        spec = self.specs.get(model)
+        statuses = self.statuses.get(model, {})
+        if spec is None:
+            self._routes.pop(model, None)
+            if not statuses:
+                self.statuses.pop(model, None)
+            return
+        ready: list[Endpoint] = []
+        loading = 0
+        alive: set[tuple[str, int]] = set()
+        signature: common_pb2.TensorSignature | None = None
+        for key, r in statuses.items():
+            if not r.address:
+                continue
+            if r.signature.inputs and (r.state == S.REPLICA_STATE_READY or signature is None):
+                signature = r.signature
+            if r.state in (S.REPLICA_STATE_READY, S.REPLICA_STATE_DRAINING):
+                alive.add((r.address, r.incarnation))
+            if r.state == S.REPLICA_STATE_READY:
+                e = self.endpoints.get(key)
+                if e is None or (e.node_id, e.address, e.max_streams, e.incarnation) != (
+                    r.node_id,
+                    r.address,
+                    r.max_streams,
+                    r.incarnation,
+                ):
+                    e = self.endpoints[key] = _endpoint(r)
+                ready.append(e)
+            else:
+                self.endpoints.pop(key, None)
+                if r.state in (S.REPLICA_STATE_LOADING, S.REPLICA_STATE_WARMING):
+                    loading += 1
+        ready.sort(key=lambda e: e.node_id)
+        self._routes[model] = Route(spec, tuple(ready), loading, frozenset(alive), signature)
+
+
 def build_table(
     specs: Iterable[cluster_pb2.ModelSpec], replicas: Iterable[cluster_pb2.ReplicaStatus]
 ) -> RouteTable:
-    ready: dict[str, list[Endpoint]] = defaultdict(list)
-    loading: dict[str, int] = defaultdict(int)
-    alive: dict[str, set[tuple[str, int]]] = defaultdict(set)
-    signatures: dict[str, common_pb2.TensorSignature] = {}
+    """A table from whole lists (what the builder holds after the same puts)."""
+    b = TableBuilder()
+    for spec in specs:
+        b.spec(spec.name, spec)
     for r in replicas:
-        if not r.address:
-            continue
-        if r.signature.inputs and (r.state == S.REPLICA_STATE_READY or r.model not in signatures):
-            signatures[r.model] = r.signature
-        if r.state in (S.REPLICA_STATE_READY, S.REPLICA_STATE_DRAINING):
-            alive[r.model].add((r.address, r.incarnation))
-        if r.state == S.REPLICA_STATE_READY:
-            ready[r.model].append(
-                Endpoint(
-                    r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation
-                )
-            )
-        elif r.state in (S.REPLICA_STATE_LOADING, S.REPLICA_STATE_WARMING):
-            loading[r.model] += 1
-    specs = list(specs)
-    routes = {
-        spec.name: Route(
-            spec,
-            tuple(sorted(ready.get(spec.name, []), key=lambda e: e.node_id)),
-            loading.get(spec.name, 0),
-            frozenset(alive.get(spec.name, ())),
-            signatures.get(spec.name),
-        )
-        for spec in specs
-    }
-    return RouteTable(MappingProxyType(routes), MappingProxyType(alias_map(specs)))
+        b.replica(f"{r.model}/{r.node_id}".encode(), r, None)
+    return b.table
 
 
 class EndpointTable:
-    """Owns the two mirrors and publishes a new `RouteTable` after every change; tells streams
-    when their replica is gone (`departure`)."""
+    """Owns the two mirrors and keeps `current` from their changes; tells listeners which
+    models' routes changed, and streams when their replica is gone (`departure`)."""
 
     def __init__(self, client: aetcd.Client, keys: Keyspace) -> None:
         self.models = Mirror(client, keys.models(), cluster_pb2.ModelSpec)
         self.replicas = Mirror(client, keys.replicas(), cluster_pb2.ReplicaStatus)
-        self.current = RouteTable()
-        self._listeners: list[Callable[[RouteTable], None]] = []
+        self.builder = TableBuilder()
+        self.current = self.builder.table
+        self._listeners: list[Callable[[RouteTable, set[str]], None]] = []
         # (model, replica identity) → [event set when it is gone, streams watching it]
         self._departures: dict[tuple[str, tuple[str, int]], list[Any]] = {}
+        self.update_seconds: list[float] = []  # the last table updates' durations (bench)
 
     def start(self) -> None:
-        for m in (self.models, self.replicas):
-            m.subscribe(lambda _s: self._rebuild())
-            m.start()
+        self.models.subscribe_changes(self._on_models)
+        self.replicas.subscribe_changes(self._on_replicas)
+        self.models.start()
+        self.replicas.start()
+
+    def _on_models(self, changes: list[Change[cluster_pb2.ModelSpec]]) -> None:
+        started = time.perf_counter()
+        changed: set[str] = set()
+        for _key, old, new in changes:
+            spec = new if new is not None else old
+            assert spec is not None
+            changed |= self.builder.spec(spec.name, new)
+        self._changed(changed, started)
+
+    def _on_replicas(self, changes: list[Change[cluster_pb2.ReplicaStatus]]) -> None:
+        started = time.perf_counter()
+        changed: set[str] = set()
+        for key, old, new in changes:
+            changed |= self.builder.replica(key, new, old)
+        self._changed(changed, started)
+
+    def _changed(self, models: set[str], started: float) -> None:
+        if models:
+            self.publish(models)
+        self.update_seconds.append(time.perf_counter() - started)
+        del self.update_seconds[:-1000]
 
     async def synced(self) -> None:
         await self.models.synced.wait()
@@ -121,22 +228,21 @@ class EndpointTable:
         await self.models.stop()
         await self.replicas.stop()
 
-    def subscribe(self, listener: Callable[[RouteTable], None]) -> None:
-        """Calls ``listener(table)`` after every rebuild (keep it quick: it runs on the loop)."""
+    def subscribe(self, listener: Callable[[RouteTable, set[str]], None]) -> None:
+        """Calls ``listener(table, models)`` after routes of ``models`` changed (keep it quick:
+        it runs on the loop)."""
         self._listeners.append(listener)
 
-    def _rebuild(self) -> None:
-        self.publish(build_table(self.models.snapshot.values(), self.replicas.snapshot.values()))
-
-    def publish(self, table: RouteTable) -> None:
-        """Swaps in ``table`` and tells the listeners and the streams whose replica left."""
-        self.current = table
+    def publish(self, models: set[str]) -> None:
+        """Tells the listeners, and the streams whose replica left one of ``models``."""
         for (model, identity), (event, _n) in self._departures.items():
+            if model not in models:
+                continue
             route = self.current.routes.get(model)
             if route is None or identity not in route.alive:
                 event.set()
         for listener in self._listeners:
-            listener(self.current)
+            listener(self.current, models)
 
     def departure(self, model: str, identity: tuple[str, int]) -> asyncio.Event:
         """An event set once the replica ``identity`` of ``model`` is no longer alive (already

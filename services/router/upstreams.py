@@ -34,11 +34,14 @@ class Upstreams:
         # Raw bytes both ways: the request is serialized once, responses are forwarded as they came.
         return self.pool.get(address).unary_stream(GENERATE)
 
-    def follow(self, table: RouteTable) -> None:
+    def follow(self, table: RouteTable, models: set[str]) -> None:
         """An agent restarted on the same address (a new incarnation in the table): a fresh
         channel, or calls would fail fast through the old channel's reconnect backoff (DESIGN
-        §7: refused for seconds after the agent is back)."""
-        for route in table.routes.values():
+        §7: refused for seconds after the agent is back). Looks at the routes that changed."""
+        for model in models:
+            route = table.routes.get(model)
+            if route is None:
+                continue
             for e in route.ready:
                 seen = self._incarnations.get(e.address)
                 if seen is not None and seen != e.incarnation and e.incarnation:

@@ -138,8 +138,9 @@ class SchedulerLoop:
     async def _lead(self, lead: Leadership) -> None:
         self._dirty.set()
         while not self.session.lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self.config.resync_s)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see Reconciler._loop
+                async with asyncio.timeout(self.config.resync_s):
+                    await self._dirty.wait()
             await asyncio.sleep(self.config.debounce_s)
             self._dirty.clear()
             try:

@@ -166,3 +166,32 @@ async def _put_ok(store: Store, key: bytes) -> bool:
 def test_session_refuses_ttl_below_etcd_minimum(ttl: int) -> None:
     with pytest.raises(ValueError, match="ttl_s must be >= 2"):
         Session(None, ttl_s=ttl)  # type: ignore[arg-type]
+
+
+async def test_mirror_publishes_a_burst_once_with_each_change(
+    etcd_client: aetcd.Client, keys: Keyspace, store: Store
+) -> None:
+    """Forty keys written in one transaction reach a change listener as one batch (each key
+    once, with what it was and is), and the snapshot is copied only when read."""
+    mirror = Mirror(etcd_client, keys.models(), S.ModelSpec)
+    batches: list[list[tuple[bytes, S.ModelSpec | None, S.ModelSpec | None]]] = []
+    mirror.subscribe_changes(batches.append)
+    mirror.start()
+    await mirror.synced.wait()
+    first = mirror.snapshot
+    tx = etcd_client.transactions
+    names = [f"m{i}" for i in range(40)]
+    ops = [tx.put(keys.model(n), spec(n).SerializeToString()) for n in names]
+    await etcd_client.transaction(compare=[], success=ops, failure=[])
+    await eventually(lambda: any(batches), 5, "the burst published")
+    burst = [b for b in batches if b]
+    assert len(burst) == 1 and len(burst[0]) == 40, [len(b) for b in batches]
+    assert all(old is None and new is not None for _k, old, new in burst[0])
+    assert len(first) == 0  # a snapshot taken before stays as it was
+    assert mirror.snapshot is mirror.snapshot  # one copy per change, not per read
+    await store.delete(keys.model("m3"))
+    await eventually(lambda: len(batches) == 3, 5, "the delete published")  # list, burst, delete
+    assert len(mirror.snapshot) == 39
+    key, old, new = batches[-1][0]
+    assert key == keys.model("m3") and old is not None and old.name == "m3" and new is None
+    await mirror.stop()

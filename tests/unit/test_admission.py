@@ -4,6 +4,7 @@ errors. A real EndpointTable whose routes are published by hand (no etcd needed 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 import grpc
 import pytest
@@ -12,7 +13,7 @@ from meshserve.cluster.store import EtcdConfig, connect
 from meshserve.router.admission import Admission, Ensured
 from meshserve.router.breakers import Breakers
 from meshserve.router.demand import DemandTracker
-from meshserve.router.table import EndpointTable, Route, build_table
+from meshserve.router.table import EndpointTable, Route
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2 as S
 
@@ -30,9 +31,22 @@ def replica(node: str, incarnation: int = 1, max_streams: int = 2) -> S.ReplicaS
     )
 
 
+def install(
+    table: EndpointTable, specs: list[S.ModelSpec], replicas: Iterable[S.ReplicaStatus]
+) -> None:
+    """As the mirrors' changes would: each spec and replica put, then the listeners told."""
+    b, changed = table.builder, set()
+    for s in specs:
+        changed |= b.spec(s.name, s)
+    for r in replicas:
+        key = f"{r.model}/{r.node_id}".encode()
+        changed |= b.replica(key, r, b.statuses[r.model].get(key))
+    table.publish(changed)
+
+
 def admission(*replicas: S.ReplicaStatus, per_model: int = 8, ready_in_s: float = 0.0) -> Admission:
     table = EndpointTable(connect(EtcdConfig("127.0.0.1:1")), Keyspace())  # never started
-    table.publish(build_table([spec("m")], replicas))
+    install(table, [spec("m")], replicas)
 
     async def ensure(_model: str) -> Ensured:
         return Ensured("", ready_in_s)
@@ -67,7 +81,7 @@ async def test_excluded_replica_waits_for_a_new_incarnation() -> None:
     waiting = asyncio.create_task(a.acquire(route(a), deadline_s=5, exclude={("n1:1", 1)}))
     await asyncio.sleep(0.05)
     assert not waiting.done()  # the only replica failed this request: not again
-    a.table.publish(build_table([spec("m")], [replica("n1", incarnation=2)]))  # restarted
+    install(a.table, [spec("m")], [replica("n1", incarnation=2)])  # restarted
     slot = await asyncio.wait_for(waiting, 1)
     assert slot.endpoint.incarnation == 2
 

@@ -153,10 +153,14 @@ class TorchEngine(TorchWeights):
             self._cond.notify()
         self._in_flight += 1
         try:
+            first = True
             while True:
                 items = [await stream.queue.get()]
-                while not stream.queue.empty():  # coalesce what the worker produced meanwhile
+                # Coalesce what the worker produced meanwhile, except the first token: it goes
+                # alone and at once (TTFT, and what token coalescing promises).
+                while not first and not stream.queue.empty():
                     items.append(stream.queue.get_nowait())
+                first = False
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item

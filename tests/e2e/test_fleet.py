@@ -1,0 +1,112 @@
+"""A fleet: 100 simulated agents (nodeagent/fleet.py, in this process: each with its own lease,
+NodeStatus, reconcile loop and gRPC port) against a real etcd and a real scheduler process, with
+500 `engine: sim` models. Everything is placed and READY; 10 agents are killed (as crashes:
+leases left to expire) and the fleet converges: every model READY again, none on a dead node.
+A router process then serves one of the models from the fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.store import EtcdConfig, Store, connect
+from meshserve.config import ServiceConfig
+from meshserve.local import Mesh
+from meshserve.modelspec import spec_from_dict
+from meshserve.nodeagent.config import AgentConfig
+from meshserve.nodeagent.fleet import Fleet
+from meshserve.v1 import cluster_pb2 as S
+from meshserve.v1 import inference_pb2
+
+from tests.e2e.conftest import generate
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+AGENTS, MODELS, KILLED = 100, 500, 10
+LEASE_S = 3
+
+
+def sim_spec(i: int) -> S.ModelSpec:
+    return spec_from_dict(
+        {
+            "name": f"sim-{i:03d}",
+            "source": "sim://fleet",
+            "engine": "sim",
+            "memory": "512MiB",
+            "kv_headroom": "128MiB",
+            "min_replicas": 1,
+            "max_model_len": 4096,
+            "engine_args": {"ttft_ms": "5", "itl_ms": "2"},
+        }
+    )
+
+
+async def ready_models(store: Store) -> dict[str, str]:
+    """model → the node of its READY replica."""
+    entries, _rev = await store.list(store.keys.replicas(), S.ReplicaStatus)
+    return {
+        e.value.model: e.value.node_id for e in entries if e.value.state == S.REPLICA_STATE_READY
+    }
+
+
+async def test_a_hundred_agents_place_five_hundred_models_and_survive_losing_ten(
+    tmp_path: Path,
+) -> None:
+    mesh = Mesh(tmp_path / "mesh", lease_ttl_s=LEASE_S)
+    mesh.start_etcd()
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    store = Store(client, Keyspace())
+    base = AgentConfig(
+        service=ServiceConfig(etcd=mesh.etcd.endpoint, lease_ttl_s=LEASE_S),
+        node_id="sim",
+        device="cpu",
+        memory_limit_bytes=8 * 2**30,
+        host_memory_limit_bytes=2**30,
+    )
+    fleet = Fleet(store, base, AGENTS)
+    try:
+        await fleet.start()
+        mesh.start_scheduler()
+        started = time.monotonic()
+        for i in range(MODELS):
+            spec = sim_spec(i)
+            await store.put(store.keys.model(spec.name), spec)
+
+        async def all_ready() -> dict[str, str] | None:
+            ready = await ready_models(store)
+            return ready if len(ready) == MODELS else None
+
+        placed = await eventually(all_ready, 240, f"{MODELS} models READY", interval=0.5)
+        took = time.monotonic() - started
+        nodes = set(placed.values())
+        assert len(nodes) > AGENTS // 2, len(nodes)  # spread over the fleet, not piled up
+
+        victims = sorted(nodes)[:KILLED]
+        lost = {m for m, n in placed.items() if n in victims}
+        for node in victims:
+            await fleet.kill(node)
+
+        async def converged() -> dict[str, str] | None:
+            ready = await ready_models(store)
+            if len(ready) == MODELS and not set(ready.values()) & set(victims):
+                return ready
+            return None
+
+        after = await eventually(converged, 240, "every model READY off the dead nodes", 0.5)
+        assert all(after[m] not in victims for m in lost)
+
+        # A router finds the fleet's replicas like any others and streams from one.
+        router = mesh.start_router()
+        request = inference_pb2.GenerateRequest(model="sim-042", prompt="fleet")
+        request.sampling.max_tokens, request.sampling.temperature = 16, 0.0
+        out = await generate(router.address, request, timeout=60)
+        assert len(out.token_ids) == 16 and out.headers["meshserve-node"] == after["sim-042"]
+        print(f"{MODELS} models READY on {AGENTS} agents in {took:.1f} s")
+    finally:
+        await fleet.stop()
+        await client.close()
+        mesh.stop()
+        await asyncio.sleep(0)
