@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 
-from meshserve.nodeagent.engines.base import Chunk
+from meshserve.nodeagent.engines.base import Chunk, merge_chunks
 from meshserve.v1 import inference_pb2
 
 _END = object()
@@ -37,17 +37,6 @@ def interval_of(
         else int(args.get("stream_interval_tokens", 0))
     )
     return min(ms, MAX_MS) / 1000, min(tokens, MAX_TOKENS)
-
-
-def merge(chunks: list[Chunk]) -> Chunk:
-    last = chunks[-1]
-    return Chunk(
-        "".join(c.text for c in chunks),
-        tuple(t for c in chunks for t in c.token_ids),
-        last.finish_reason,
-        last.input_tokens,
-        last.output_tokens,
-    )
 
 
 async def coalesced(
@@ -87,16 +76,16 @@ async def coalesced(
                 async with asyncio.timeout(wait):
                     item = await queue.get()
             except TimeoutError:
-                yield merge(pending)
+                yield merge_chunks(pending)
                 pending = []
                 continue
             if item is _END:
                 if pending:
-                    yield merge(pending)
+                    yield merge_chunks(pending)
                 return
             if isinstance(item, BaseException):
                 if pending:  # what the engine made before it failed still goes out
-                    yield merge(pending)
+                    yield merge_chunks(pending)
                 raise item
             assert isinstance(item, Chunk)
             if not pending:
@@ -104,7 +93,7 @@ async def coalesced(
             pending.append(item)
             full = tokens > 0 and sum(len(c.token_ids) for c in pending) >= tokens
             if item.finish_reason or full:
-                yield merge(pending)
+                yield merge_chunks(pending)
                 pending = []
                 if item.finish_reason:
                     return

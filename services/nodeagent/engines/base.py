@@ -43,6 +43,18 @@ class Chunk:
     output_tokens: int  # generated so far
 
 
+def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
+    """Consecutive chunks of one stream as one: their text and tokens, the last one's ending."""
+    last = chunks[-1]
+    return Chunk(
+        "".join(c.text for c in chunks),
+        tuple(t for c in chunks for t in c.token_ids),
+        last.finish_reason,
+        last.input_tokens,
+        last.output_tokens,
+    )
+
+
 @dataclass(frozen=True)
 class Resume:
     """What the client already received when its stream moved here mid-way (a router's

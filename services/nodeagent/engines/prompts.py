@@ -1,6 +1,7 @@
 """What every engine does with a request before generating: the prompt (or chat messages through
-the tokenizer's chat template) to token ids, checked against the model's context, and the status
-for a model that is not on the device. Tokenizers are Hugging Face ones (untyped here)."""
+the tokenizer's chat template) to token ids, checked against the model's context; and the
+statuses engines answer with (not on the device, unloaded, out of device memory). Tokenizers
+are Hugging Face ones (untyped here)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,25 @@ def not_serving(name: str, tier: int) -> ServiceError:
         grpc.StatusCode.UNAVAILABLE,
         f"model {name!r} is {'offloaded' if offloaded else 'not loaded'} here",
         "NOT_LOADED",
+        retry_after_s=1.0,
+    )
+
+
+def unloaded() -> ServiceError:
+    """For requests an unload cut short: UNAVAILABLE, so a router retries them elsewhere."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE, "model was unloaded", "MODEL_UNLOADED", retry_after_s=0.5
+    )
+
+
+def out_of_memory(
+    name: str, what: str = "retry (a router sends it to another replica)"
+) -> ServiceError:
+    """A device OOM during a request: RESOURCE_EXHAUSTED for it, not a crashed engine."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"model {name!r} ran out of device memory on this replica: {what}",
+        "DEVICE_OUT_OF_MEMORY",
         retry_after_s=1.0,
     )
 

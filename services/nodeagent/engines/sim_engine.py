@@ -30,10 +30,8 @@ import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
-from meshserve.nodeagent.engines.prompts import not_serving
-from meshserve.rpc.errors import ServiceError
+from meshserve.nodeagent.engines.prompts import not_serving, out_of_memory, unloaded
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams, context_too_long
 
@@ -169,9 +167,7 @@ class SimEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        err = ServiceError(
-            grpc.StatusCode.UNAVAILABLE, "model was unloaded", "MODEL_UNLOADED", retry_after_s=0.5
-        )
+        err = unloaded()
         for s in [*self._running, *self._waiting]:
             s.queue.put_nowait(err)
         self._running.clear()
@@ -319,14 +315,7 @@ class SimEngine:
         if self.settings.inject_oom_every and self._steps % self.settings.inject_oom_every == 0:
             self.ooms += 1
             self._running.remove(s)
-            s.queue.put_nowait(
-                ServiceError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"model {self._name!r} ran out of (simulated) device memory: retry",
-                    "DEVICE_OUT_OF_MEMORY",
-                    retry_after_s=1.0,
-                )
-            )
+            s.queue.put_nowait(out_of_memory(self._name, "retry (simulated by inject_oom_every)"))
             return
         position = s.delivered + s.produced
         token = token_at(s.prompt_key, position, s.salt)

@@ -23,8 +23,15 @@ from typing import Any
 
 import grpc
 import torch
-from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
-from meshserve.nodeagent.engines.prompts import prompt_ids
+from meshserve.nodeagent.engines.base import (
+    NO_RESUME,
+    Chunk,
+    EngineConfig,
+    EngineStats,
+    Resume,
+    merge_chunks,
+)
+from meshserve.nodeagent.engines.prompts import out_of_memory, prompt_ids, unloaded
 from meshserve.nodeagent.engines.torch_decode import (
     Stream,
     next_chunk,
@@ -164,16 +171,9 @@ class TorchEngine(TorchWeights):
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
-                chunks = [c for c in items if isinstance(c, Chunk)]
-                last = chunks[-1]
-                yield Chunk(
-                    "".join(c.text for c in chunks),
-                    tuple(t for c in chunks for t in c.token_ids),
-                    last.finish_reason,
-                    last.input_tokens,
-                    last.output_tokens,
-                )
-                if last.finish_reason:
+                merged = merge_chunks([c for c in items if isinstance(c, Chunk)])
+                yield merged
+                if merged.finish_reason:
                     return
         finally:
             stream.cancelled = True
@@ -273,19 +273,10 @@ class TorchEngine(TorchWeights):
         else:
             self._memory += asked or self._memory // 10
         log.warning("%s: out of device memory (%d so far): %s", self._name, self.ooms, error)
-        stream.post(
-            ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"model {self._name!r} ran out of device memory on this replica: retry (a router "
-                "sends it to another replica)",
-                "DEVICE_OUT_OF_MEMORY",
-                retry_after_s=1.0,
-            )
-        )
+        stream.post(out_of_memory(self._name))
 
     def _fail_all(self) -> None:
-        unloaded = grpc.StatusCode.UNAVAILABLE, "model was unloaded", "MODEL_UNLOADED"
-        err = ServiceError(*unloaded, retry_after_s=0.5)
+        err = unloaded()
         for stream in [*self._active, *self._inbox]:
             stream.post(err)
         self._active.clear()

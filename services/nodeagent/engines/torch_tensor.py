@@ -23,6 +23,7 @@ import torch
 from meshserve.batchconfig import BatchConfig
 from meshserve.nodeagent.batching import Batcher, Done, Job
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
+from meshserve.nodeagent.engines.prompts import out_of_memory, unloaded
 from meshserve.nodeagent.engines.torch_decode import requested_bytes
 from meshserve.nodeagent.engines.torch_device import set_threads
 from meshserve.nodeagent.engines.torch_tiers import TorchWeights
@@ -109,14 +110,7 @@ class TensorEngine(TorchWeights):
     async def unload(self) -> None:
         self._stopping = True
         if self._batcher is not None:
-            await self._batcher.stop(
-                ServiceError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "model was unloaded",
-                    "MODEL_UNLOADED",
-                    retry_after_s=0.5,
-                )
-            )
+            await self._batcher.stop(unloaded())
             self._batcher = None
         with self._turn:
             self._forget()
@@ -195,13 +189,7 @@ class TensorEngine(TorchWeights):
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
         log.warning("%s: out of device memory (%d so far): %s", self._name, self.ooms, error)
-        return ServiceError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"model {self._name!r} ran out of device memory on this replica: retry, or send "
-            "smaller batches",
-            "DEVICE_OUT_OF_MEMORY",
-            retry_after_s=1.0,
-        )
+        return out_of_memory(self._name, "retry, or send smaller batches")
 
     # --- not an LLM --------------------------------------------------------------------------
 
