@@ -109,7 +109,8 @@ class Mesh:
         service.address = service.info["address"]
         return service
 
-    def start_scheduler(self, name: str = "scheduler-0") -> Service:
+    def start_scheduler(self, name: str = "scheduler-0", extra: Sequence[str] = ()) -> Service:
+        """``extra``: more scheduler flags (``--metrics-port`` …)."""
         return self._spawn(
             name,
             [
@@ -120,6 +121,7 @@ class Mesh:
                 self.etcd.endpoint,
                 "--lease-ttl",
                 str(self.lease_ttl_s),
+                *extra,
             ],
         )
 

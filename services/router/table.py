@@ -23,6 +23,7 @@ import aetcd
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Change, Mirror
 from meshserve.modelspec import alias_map
+from meshserve.telemetry import metrics
 from meshserve.v1 import cluster_pb2, common_pb2
 
 S = cluster_pb2
@@ -190,7 +191,6 @@ class EndpointTable:
         self._listeners: list[Callable[[RouteTable, set[str]], None]] = []
         # (model, replica identity) → [event set when it is gone, streams watching it]
         self._departures: dict[tuple[str, tuple[str, int]], list[Any]] = {}
-        self.update_seconds: list[float] = []  # the last table updates' durations (bench)
 
     def start(self) -> None:
         self.models.subscribe_changes(self._on_models)
@@ -217,8 +217,7 @@ class EndpointTable:
     def _changed(self, models: set[str], started: float) -> None:
         if models:
             self.publish(models)
-        self.update_seconds.append(time.perf_counter() - started)
-        del self.update_seconds[:-1000]
+        metrics.ROUTER_TABLE_UPDATE.observe(time.perf_counter() - started)
 
     async def synced(self) -> None:
         await self.models.synced.wait()

@@ -67,6 +67,7 @@ def record_round(span: trace.Span, r: RoundOutcome) -> None:
         metrics.SCHEDULER_ROUNDS.labels("fenced").inc()
         return
     if r.puts or r.deletes:
+        metrics.SCHEDULER_WRITING_ROUNDS.inc()
         log.info(
             "round: %d placements written, %d removed, evictions %s, unschedulable %s; "
             "held %s, plan %s",

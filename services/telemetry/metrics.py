@@ -112,7 +112,15 @@ DECODE_CAPACITY = Gauge(
     "Decode tokens/s a device generates at full load (measured while saturated, else configured)",
     ["gpu"],
 )
+ROUTER_TABLE_UPDATE = Histogram(
+    "meshserve_router_table_update_seconds",
+    "Time the router spends applying one burst of model/replica changes to its route table",
+    buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.1),
+)
 SCHEDULER_ROUNDS = Counter("meshserve_scheduler_rounds_total", "Scheduling rounds", ["outcome"])
+SCHEDULER_WRITING_ROUNDS = Counter(
+    "meshserve_scheduler_writing_rounds_total", "Rounds that wrote or removed placements"
+)
 SCHEDULER_ROUND_SECONDS = Histogram(
     "meshserve_scheduler_round_seconds", "Scheduling round time", buckets=_LATENCY
 )
