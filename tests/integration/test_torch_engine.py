@@ -129,6 +129,12 @@ async def test_resume_continues_exactly_where_the_client_left(
             got_text += chunk.text
             if len(got_ids) >= k:
                 break
+        if len(got_ids) == len(whole):
+            # A reader that lags gets tokens packed (the engine merges what waited), and this
+            # one got the end already: nothing to resume (a router never resumes a finished
+            # stream). k = 1 always resumes: the first token comes alone.
+            assert k > 1
+            continue
         rest, rest_text, total = await streamed(engine, params, Resume(tuple(got_ids), got_text))
         assert got_ids + rest == whole, f"resumed after {len(got_ids)} tokens"
         assert got_text + rest_text == whole_text
