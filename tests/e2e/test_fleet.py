@@ -110,3 +110,44 @@ async def test_a_hundred_agents_place_five_hundred_models_and_survive_losing_ten
         await client.close()
         mesh.stop()
         await asyncio.sleep(0)
+
+
+def test_meshserve_agent_simulate_serves_a_small_fleet(tmp_path: Path) -> None:
+    """`meshserve agent --simulate 3`: one process, three agents with their own node records,
+    each serving what the scheduler places on it; a router streams from them."""
+    mesh = Mesh(tmp_path / "mesh", lease_ttl_s=LEASE_S)
+    try:
+        mesh.start_etcd()
+        mesh.start_scheduler()
+        agents = mesh.start_agent(
+            "fleet", device="cpu", extra=["--simulate", "3", "--memory-limit", "4GiB"]
+        )
+        assert agents.info["agents"] == "3" and len(agents.info["addresses"].split(",")) == 3
+        router = mesh.start_router()
+
+        async def check() -> None:
+            client = connect(EtcdConfig(mesh.etcd.endpoint))
+            store = Store(client, Keyspace())
+            try:
+                nodes, _rev = await store.list(store.keys.nodes(), S.NodeStatus)
+                assert sorted(n.value.node_id for n in nodes) == ["fleet-0", "fleet-1", "fleet-2"]
+                for i in range(6):
+                    spec = sim_spec(i)
+                    await store.put(store.keys.model(spec.name), spec)
+
+                async def six() -> dict[str, str] | None:
+                    ready = await ready_models(store)
+                    return ready if len(ready) == 6 else None
+
+                placed = await eventually(six, 60, "six sim models READY", 0.3)
+                assert set(placed.values()) <= {"fleet-0", "fleet-1", "fleet-2"}
+                request = inference_pb2.GenerateRequest(model="sim-003", prompt="hi")
+                request.sampling.max_tokens = 8
+                out = await generate(router.address, request, timeout=30)
+                assert len(out.token_ids) == 8
+            finally:
+                await client.close()
+
+        asyncio.run(check())
+    finally:
+        mesh.stop()
