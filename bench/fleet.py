@@ -32,9 +32,8 @@ from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.config import ServiceConfig
 from meshserve.local import Mesh
-from meshserve.modelspec import spec_from_dict
 from meshserve.nodeagent.config import AgentConfig
-from meshserve.nodeagent.fleet import Fleet
+from meshserve.nodeagent.fleet import Fleet, ready_nodes, sim_spec
 from meshserve.v1 import cluster_pb2 as S
 from rich.console import Console
 from rich.table import Table
@@ -82,26 +81,8 @@ def rss_mib(pid: int) -> float:
     return int(found.group(1)) / 1024 if found else 0.0
 
 
-def sim_spec(i: int) -> S.ModelSpec:
-    return spec_from_dict(
-        {
-            "name": f"sim-{i:05d}",
-            "source": "sim://fleet",
-            "engine": "sim",
-            "memory": "1GiB",
-            "kv_headroom": "256MiB",
-            "min_replicas": 1,
-            "max_model_len": 4096,
-            "engine_args": {"ttft_ms": "5", "itl_ms": "2"},
-        }
-    )
-
-
-async def ready_nodes(store: Store) -> dict[str, str]:
-    entries, _rev = await store.list(store.keys.replicas(), S.ReplicaStatus)
-    return {
-        e.value.model: e.value.node_id for e in entries if e.value.state == S.REPLICA_STATE_READY
-    }
+def sim_model(i: int) -> S.ModelSpec:
+    return sim_spec(f"sim-{i:05d}", "1GiB", "256MiB")
 
 
 async def revision(store: Store) -> int:
@@ -147,7 +128,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         ]
         started = time.monotonic()
         tx = client.transactions
-        specs = [sim_spec(i) for i in range(args.models)]
+        specs = [sim_model(i) for i in range(args.models)]
         for i in range(0, len(specs), 100):  # etcd takes up to 128 operations per transaction
             ops = [
                 tx.put(store.keys.model(s.name), s.SerializeToString()) for s in specs[i : i + 100]

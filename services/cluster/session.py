@@ -78,11 +78,7 @@ class Session:
 
     async def close(self) -> None:
         """Stops the keepalive and revokes the lease, so this process's keys vanish at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.abandon()
         if self._lease_id:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._client.revoke_lease(self._lease_id), 2.0)

@@ -19,6 +19,7 @@ import grpc
 from meshserve.cluster.mirror import Mirror
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
+from meshserve.modelspec import spec_from_dict
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import HostProbe
 from meshserve.nodeagent.reconcile import Reconciler
@@ -30,6 +31,30 @@ log = logging.getLogger(__name__)
 SERVICES = ("meshserve.v1.Inference", "meshserve.v1.NodeAgent")
 START_AT_ONCE = 32  # agents started concurrently (etcd lease grants and watches)
 STEP_S = 5.0  # the most a clean stop waits to publish DRAINING
+
+
+def sim_spec(name: str, memory: str, kv_headroom: str) -> cluster_pb2.ModelSpec:
+    """A small `engine: sim` model kept placed (min_replicas 1): what fleet tests and benches
+    place by the hundred."""
+    return spec_from_dict(
+        {
+            "name": name,
+            "source": "sim://fleet",
+            "engine": "sim",
+            "memory": memory,
+            "kv_headroom": kv_headroom,
+            "min_replicas": 1,
+            "max_model_len": 4096,
+            "engine_args": {"ttft_ms": "5", "itl_ms": "2"},
+        }
+    )
+
+
+async def ready_nodes(store: Store) -> dict[str, str]:
+    """Model → the node of its READY replica, read from etcd."""
+    entries, _rev = await store.list(store.keys.replicas(), cluster_pb2.ReplicaStatus)
+    ready = cluster_pb2.REPLICA_STATE_READY
+    return {e.value.model: e.value.node_id for e in entries if e.value.state == ready}
 
 
 @dataclass

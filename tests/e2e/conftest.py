@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,13 @@ from meshserve.v1 import cluster_pb2, inference_pb2
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    """A loopback port free now (for servers whose port must be known before they start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def apply(mesh: Mesh, spec: cluster_pb2.ModelSpec) -> None:

@@ -15,9 +15,8 @@ from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.config import ServiceConfig
 from meshserve.local import Mesh
-from meshserve.modelspec import spec_from_dict
 from meshserve.nodeagent.config import AgentConfig
-from meshserve.nodeagent.fleet import Fleet
+from meshserve.nodeagent.fleet import Fleet, ready_nodes, sim_spec
 from meshserve.v1 import cluster_pb2 as S
 from meshserve.v1 import inference_pb2
 
@@ -29,27 +28,8 @@ AGENTS, MODELS, KILLED = 100, 500, 10
 LEASE_S = 3
 
 
-def sim_spec(i: int) -> S.ModelSpec:
-    return spec_from_dict(
-        {
-            "name": f"sim-{i:03d}",
-            "source": "sim://fleet",
-            "engine": "sim",
-            "memory": "512MiB",
-            "kv_headroom": "128MiB",
-            "min_replicas": 1,
-            "max_model_len": 4096,
-            "engine_args": {"ttft_ms": "5", "itl_ms": "2"},
-        }
-    )
-
-
-async def ready_models(store: Store) -> dict[str, str]:
-    """model → the node of its READY replica."""
-    entries, _rev = await store.list(store.keys.replicas(), S.ReplicaStatus)
-    return {
-        e.value.model: e.value.node_id for e in entries if e.value.state == S.REPLICA_STATE_READY
-    }
+def sim_model(i: int) -> S.ModelSpec:
+    return sim_spec(f"sim-{i:03d}", "512MiB", "128MiB")
 
 
 async def test_a_hundred_agents_place_five_hundred_models_and_survive_losing_ten(
@@ -72,11 +52,11 @@ async def test_a_hundred_agents_place_five_hundred_models_and_survive_losing_ten
         mesh.start_scheduler()
         started = time.monotonic()
         for i in range(MODELS):
-            spec = sim_spec(i)
+            spec = sim_model(i)
             await store.put(store.keys.model(spec.name), spec)
 
         async def all_ready() -> dict[str, str] | None:
-            ready = await ready_models(store)
+            ready = await ready_nodes(store)
             return ready if len(ready) == MODELS else None
 
         placed = await eventually(all_ready, 240, f"{MODELS} models READY", interval=0.5)
@@ -90,7 +70,7 @@ async def test_a_hundred_agents_place_five_hundred_models_and_survive_losing_ten
             await fleet.kill(node)
 
         async def converged() -> dict[str, str] | None:
-            ready = await ready_models(store)
+            ready = await ready_nodes(store)
             if len(ready) == MODELS and not set(ready.values()) & set(victims):
                 return ready
             return None
@@ -132,11 +112,11 @@ def test_meshserve_agent_simulate_serves_a_small_fleet(tmp_path: Path) -> None:
                 nodes, _rev = await store.list(store.keys.nodes(), S.NodeStatus)
                 assert sorted(n.value.node_id for n in nodes) == ["fleet-0", "fleet-1", "fleet-2"]
                 for i in range(6):
-                    spec = sim_spec(i)
+                    spec = sim_model(i)
                     await store.put(store.keys.model(spec.name), spec)
 
                 async def six() -> dict[str, str] | None:
-                    ready = await ready_models(store)
+                    ready = await ready_nodes(store)
                     return ready if len(ready) == 6 else None
 
                 placed = await eventually(six, 60, "six sim models READY", 0.3)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,17 +24,11 @@ import pytest
 from meshserve.local import Mesh
 from meshserve.v1 import common_pb2, inference_pb2
 
-from tests.e2e.conftest import apply, model_spec, read_spans, ready_replicas
+from tests.e2e.conftest import apply, free_port, model_spec, read_spans, ready_replicas
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 CONCURRENT = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import os
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")]
 pytest.importorskip("torch")
 
 GONE_WITHIN_S = 10.0
 SERVING_WITHIN_S = 120.0
 SIGINT_BIT = 1 << (signal.SIGINT - 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mesh_pids(data_dir: Path) -> dict[int, str]:
