@@ -71,10 +71,7 @@ class RouteTable:
 
 def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
     """What of a replica's status the route depends on (all but its load figures)."""
-    return (
-        r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation,
-        r.signature.SerializeToString(deterministic=True),
-    )  # fmt: skip
+    return (r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation, r.signature)
 
 
 def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
