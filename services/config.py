@@ -26,6 +26,9 @@ class ServiceConfig:
     lease_ttl_s: int = 5  # liveness: this process's keys vanish this long after it dies
     metrics_port: int = 0  # Prometheus; 0 = off
     ready_file: str = ""  # written with {"address": …} once serving
+    # SO_REUSEPORT: several processes share ``listen`` (router workers). Off, a port in use is an
+    # error at start-up instead of two servers silently splitting its connections.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         for name in ("listen", "etcd"):

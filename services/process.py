@@ -92,7 +92,9 @@ async def serve(
     try:
         await session.start()
         component = await make(Cluster(client, Store(client, keys), keys, session))
-        server = await start_server(config.listen, [component.register], component.services)
+        server = await start_server(
+            config.listen, [component.register], component.services, config.reuse_port
+        )
         address = config.advertise(server.port)
         info = await component.start(address)
         log.info("%s serving on %s", name, address)

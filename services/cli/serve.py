@@ -207,6 +207,14 @@ def router(
     fair_queueing: Annotated[
         bool, typer.Option(help="queue by priority, then fair shares across tenants; off: FIFO")
     ] = RouterConfig.fair_queueing,
+    workers: Annotated[
+        int,
+        typer.Option(
+            envvar="MESHSERVE_ROUTER_WORKERS",
+            help="router processes sharing the port (SO_REUSEPORT); worker i's metrics on "
+            "metrics-port + i",
+        ),
+    ] = 1,
     metrics_port: MetricsPort = SERVICE.metrics_port,
     ready_file: ReadyFile = SERVICE.ready_file,
     tls_cert: TlsCert = "",
@@ -247,4 +255,14 @@ def router(
         )
     except (ValueError, OSError) as e:
         raise fail(f"{tenants}: {e}" if tenants else str(e)) from None
+    if not 1 <= workers <= 256:
+        raise fail(f"--workers must be in 1..256, got {workers}")
+    if workers > 1:
+        from meshserve.router.workers import run_workers
+
+        try:
+            run_loop(run_workers(config, workers))
+        except (OSError, RuntimeError) as e:
+            raise fail(str(e)) from None
+        return
     run_loop(run(config))

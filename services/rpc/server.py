@@ -56,6 +56,7 @@ async def start_server(
     listen: str,
     register: Sequence[Callable[[grpc.aio.Server], None]],
     services: Sequence[str],
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Binds ``listen`` (``host:port``; port 0 picks one), registers the services and starts.
 
@@ -64,7 +65,8 @@ async def start_server(
     """
     # The decode guard is innermost: the tracing interceptor records what it answers.
     interceptors = [*server_interceptors(), DecodeGuard()]
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    options = (*SERVER_OPTIONS, ("grpc.so_reuseport", int(reuse_port)))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer()
