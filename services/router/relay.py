@@ -29,6 +29,7 @@ from meshserve.router.breakers import Breakers
 from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker
+from meshserve.router.stall import Stall
 from meshserve.router.table import EndpointTable, Route
 from meshserve.router.upstreams import Upstreams, trace_metadata
 from meshserve.rpc import handlers
@@ -276,34 +277,38 @@ class Relay:
         gone = self.table.departure(slot.model, endpoint.identity)
         watcher = asyncio.get_running_loop().create_task(_cancel_when(gone, call))
         key = (endpoint.address, slot.model)
+        stall = Stall(call, self.config.first_token_timeout_s)
         try:
             try:
-                first = await asyncio.wait_for(call.read(), self.config.first_token_timeout_s)
-            except TimeoutError:
-                raise Broken("no first token in time") from None
+                first = await call.read()
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                if stall.fired:
+                    raise Broken("no first token in time") from None
                 raise _upstream_error(e, gone, "") from None
+            stall.delivered()
+            stall.limit_s = gap = self.config.inter_token_timeout_s
             self.breakers.success(key, time.monotonic())
             if not state.sent:
                 await state.send(context, call, slot, attempt, start, self.demand)
             if first is grpc.aio.EOF:
                 return
             yield first
-            gap = self.config.inter_token_timeout_s
-            loop = asyncio.get_running_loop()
             try:
-                async with asyncio.timeout(loop.time() + gap) as watchdog:
-                    while (message := await call.read()) is not grpc.aio.EOF:
-                        yield message
-                        watchdog.reschedule(loop.time() + gap)
-            except TimeoutError:
-                raise Broken(f"stalled: no token for {gap:.0f} s") from None
+                while True:
+                    stall.reading()
+                    if (message := await call.read()) is grpc.aio.EOF:
+                        break
+                    stall.delivered()
+                    yield message
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+                if stall.fired:
+                    raise Broken(f"stalled: no token for {gap:.0f} s") from None
                 raise _upstream_error(e, gone, " mid-stream") from None
         except Broken as b:
             span.set_status(trace.Status(trace.StatusCode.ERROR, b.what))
             raise
         finally:
+            stall.stop()
             watcher.cancel()
             self.table.forget_departure(slot.model, endpoint.identity)
             if not call.done():

@@ -8,6 +8,7 @@ per ``LOG_EVERY_S`` with how many there were.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -86,6 +87,22 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "UNPARSEABLE_REQUEST",
             ).abort(context)
 
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(
+            handler.unary_stream
+        ):  # a writer coroutine (handlers.stream)
+            writer = handler.unary_stream
+
+            async def unary_stream_writer(request: Any, context: Any) -> None:
+                if isinstance(request, Undecodable):
+                    await refuse(request, context)
+                    return
+                await writer(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writer,
+                request_deserializer=guarded,
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_stream is not None:
             stream = handler.unary_stream
 

@@ -10,6 +10,7 @@ is the outermost generator, so it sees the close itself, and it touches nothing 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -75,6 +76,29 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 attributes=attributes,
             )
 
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(
+            handler.unary_stream
+        ):  # a writer coroutine (handlers.stream): awaited once, nothing per message
+            writer = handler.unary_stream
+
+            async def unary_stream_writer(request: Any, context: Any) -> None:
+                span = start(context)
+                error: BaseException | None = None
+                try:
+                    with trace.use_span(span, end_on_exit=False):
+                        await writer(request, context)
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    _finish(span, context, error)
+                    span.end()
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writer,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
 

@@ -28,14 +28,24 @@ def _jsonl(span: ReadableSpan) -> str:
 
 
 def setup_tracing(service: str) -> None:
-    """Installs the global tracer provider for this process. Call once, in the entry point."""
-    provider = TracerProvider(resource=Resource.create({"service.name": f"meshserve-{service}"}))
+    """Installs the global tracer provider for this process. Call once, in the entry point.
+
+    With no exporter configured (or ``OTEL_SDK_DISABLED=true``) none is installed: spans are
+    OpenTelemetry's no-op ones, which still carry an incoming trace context on to upstream calls
+    but cost nothing to record (bench/router.py measures the difference)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return
     exporters = {e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",")}
-    if "otlp" in exporters or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    otlp = "otlp" in exporters or bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    trace_dir = os.environ.get(TRACE_DIR_ENV)
+    if not (otlp or trace_dir):
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": f"meshserve-{service}"}))
+    if otlp:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    if trace_dir := os.environ.get(TRACE_DIR_ENV):
+    if trace_dir:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         out = open(Path(trace_dir) / f"{service}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115
         provider.add_span_processor(
