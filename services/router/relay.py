@@ -286,7 +286,7 @@ class Relay:
                     raise Broken("no first token in time") from None
                 raise _upstream_error(e, gone, "") from None
             stall.delivered()
-            stall.limit_s = gap = self.config.inter_token_timeout_s
+            stall.relimit(gap := self.config.inter_token_timeout_s)
             self.breakers.success(key, time.monotonic())
             if not state.sent:
                 await state.send(context, call, slot, attempt, start, self.demand)

@@ -16,6 +16,7 @@ from typing import Any
 
 class Stall:
     __slots__ = ("_call", "_handle", "_loop", "_since", "fired", "limit_s")
+    # limit_s: read it freely; change it with `relimit` (it re-arms the timer)
 
     def __init__(self, call: Any, limit_s: float) -> None:
         self._call = call
@@ -32,6 +33,12 @@ class Stall:
     def delivered(self) -> None:
         """No read is pending (the message goes to our client)."""
         self._since = None
+
+    def relimit(self, limit_s: float) -> None:
+        """From now on a read may wait ``limit_s`` (the inter-token limit after the first's)."""
+        self.limit_s = limit_s
+        self._handle.cancel()
+        self._handle = self._loop.call_at(self._loop.time() + limit_s, self._check)
 
     def stop(self) -> None:
         self._handle.cancel()
