@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 
 import aetcd
+from meshserve.cluster.keepalive import keeper_for
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +51,25 @@ class Session:
         self._task = asyncio.create_task(self._keepalive(), name="session-keepalive")
 
     async def _keepalive(self) -> None:
+        """A refresh every third of the TTL, on a schedule (not a pause after each reply, which
+        a slow reply would stretch), started at a random phase so that a process holding many
+        leases does not refresh them all in one burst; over the process's one keepalive stream
+        (keepalive.py)."""
         interval = self.ttl_s / 3
+        loop = asyncio.get_running_loop()
+        due = loop.time() + random.uniform(0.25, 1.0) * interval
+        keeper = keeper_for(self._client)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due = max(due + interval, loop.time() + interval / 4)
             try:
-                reply = await self._client.refresh_lease(self._lease_id)
-                if reply is not None and reply.TTL > 0:
+                if await keeper.refresh(self._lease_id, interval) > 0:
                     continue
                 log.warning("lease %x expired; granting a new one", self._lease_id)
                 self.lost.set()
+                # Leases lost together (etcd overloaded or restored) come back spread out, not
+                # as one burst of grants and re-registrations that overloads it again.
+                await asyncio.sleep(random.uniform(0, interval))
                 lease = await self._client.lease(self.ttl_s)
                 self._lease_id = lease.id
                 self.lost.clear()
@@ -65,7 +77,7 @@ class Session:
                     await callback(self._lease_id)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # etcd down: unary calls reconnect once it is back
+            except Exception as e:  # etcd down: the next refresh opens a new stream
                 log.info("lease keepalive failed (%s); retrying", type(e).__name__)
 
     async def abandon(self) -> None:

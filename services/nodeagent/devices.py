@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,8 +37,22 @@ class DeviceProbe(Protocol):
     def close(self) -> None: ...
 
 
+_HOST_MEMORY_TTL_S = 0.5  # agents of one process (a simulated fleet) share one reading
+_host_memory_read: tuple[float, tuple[int, int]] = (-1.0, (0, 0))
+
+
 def host_memory() -> tuple[int, int]:
-    """(total, available) bytes from /proc/meminfo; (0, 0) where there is none."""
+    """(total, available) bytes from /proc/meminfo, read at most every half second in a
+    process; (0, 0) where there is none."""
+    global _host_memory_read
+    now = time.monotonic()
+    if now - _host_memory_read[0] < _HOST_MEMORY_TTL_S:
+        return _host_memory_read[1]
+    _host_memory_read = (now, _read_meminfo())
+    return _host_memory_read[1]
+
+
+def _read_meminfo() -> tuple[int, int]:
     fields: dict[str, int] = {}
     try:
         with open("/proc/meminfo") as f:

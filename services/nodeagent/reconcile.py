@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator, Mapping
 
-from meshserve.cluster.mirror import Mirror
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.mirror import Change, Mirror
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
 from meshserve.modelspec import find_model
@@ -50,7 +52,7 @@ class Reconciler:
         self.config = config
         self.session = session
         self.replicas: dict[str, Replica] = {}
-        keys = store.keys
+        keys = self._keys = store.keys
         self._own_models = models is None
         self.models = models or Mirror(store.client, keys.models(), S.ModelSpec)
         self.placements = Mirror(store.client, keys.placements(config.node_id), S.Placement)
@@ -66,8 +68,10 @@ class Reconciler:
         """Publishes the node as reachable at ``address`` and starts reconciling."""
         self.publisher.address = address
         self.session.on_new_lease(self.publisher.republish)
-        for mirror in (self.models, self.placements):
-            mirror.subscribe(lambda _snap: self._wake.set())
+        self.placements.subscribe(lambda _snap: self._wake.set())
+        # A model's spec matters here only while it is placed or held here: a fleet's agents
+        # share one models mirror, and 5,000 specs applied must not wake 1,000 agents each time.
+        self.models.subscribe_changes(self._models_changed)
         self.placements.start()
         if self._own_models:
             self.models.start()
@@ -93,6 +97,14 @@ class Reconciler:
     def _wake_up(self) -> None:
         self._wake.set()
 
+    def _models_changed(self, changes: list[Change[cluster_pb2.ModelSpec]]) -> None:
+        here = {p.model for p in self.placements.view.values()} | set(self.replicas)
+        for _key, before, now in changes:
+            spec = now or before
+            if spec is not None and spec.name in here:
+                self._wake.set()
+                return
+
     # --- the loop ----------------------------------------------------------------------------
 
     async def _loop(self) -> None:
@@ -117,7 +129,7 @@ class Reconciler:
                 self.lifecycle.start_failure(r, f"out of device memory {ooms} times")
         actions = plan(
             self.placements.snapshot.values(),
-            {s.name: s for s in self.models.snapshot.values()},
+            SpecsByName(self.models.snapshot, self._keys),
             {model: r.held() for model, r in self.replicas.items()},
             self.max_epoch,
             time.monotonic(),
@@ -145,8 +157,12 @@ class Reconciler:
     def serving(self, name: str) -> Replica:
         """The READY replica for a model name or alias that may take one more stream; raises
         ServiceError (NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED) saying why not."""
-        specs = [*self.models.snapshot.values(), *(r.spec for r in self.replicas.values())]
-        spec = find_model(specs, name)
+        held = self.replicas.get(name)
+        if held is not None:  # the common case: a model's own name, held here
+            spec: cluster_pb2.ModelSpec | None = held.spec
+        else:  # an alias, or a model not here: look through every spec
+            specs = [*self.models.snapshot.values(), *(r.spec for r in self.replicas.values())]
+            spec = find_model(specs, name)
         if spec is None:  # the list of known models is built only for the error
             raise not_found_model(name, [s.name for s in self.models.snapshot.values()])
         return admit(
@@ -201,3 +217,24 @@ class Reconciler:
             assert r.busy is not None
             await asyncio.shield(r.busy)
         return True
+
+
+class SpecsByName(Mapping[str, cluster_pb2.ModelSpec]):
+    """The mirrored specs by model name without copying them (each spec's key is its name's):
+    a pass of the plan looks up the few models placed or held here, not all of them."""
+
+    def __init__(self, held: Mapping[bytes, cluster_pb2.ModelSpec], keys: Keyspace) -> None:
+        self._held = held
+        self._keys = keys
+
+    def __getitem__(self, name: str) -> cluster_pb2.ModelSpec:
+        try:
+            return self._held[self._keys.model(name)]
+        except ValueError:  # not a valid model name: not a model
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return (spec.name for spec in self._held.values())
+
+    def __len__(self) -> int:
+        return len(self._held)

@@ -112,6 +112,17 @@ def placed_replicas(placements: Iterable[cluster_pb2.Placement]) -> dict[str, in
     return dict(placed)
 
 
+def footprint(spec: cluster_pb2.ModelSpec, measured: int) -> int:
+    """What one replica needs on its devices: the spec's estimate (weights + runtime, KV
+    headroom, overhead), or more when a replica measured more. A replica's measured memory is
+    what its engine holds on the device — weights alone for torch (KV grows later; an OOM adds
+    what it asked for), the whole grant for vLLM on a GPU and for the sim engine — so it is
+    compared with the whole need, never added to the KV headroom (which counted KV twice: full
+    nodes shed replicas every round and a fleet never settled)."""
+    estimate = need_bytes(int(spec.memory_bytes), int(spec.kv_headroom_bytes))
+    return max(estimate, need_bytes(measured, 0)) if measured else estimate
+
+
 def build_snapshot(
     models: Iterable[cluster_pb2.ModelSpec],
     nodes: Iterable[cluster_pb2.NodeStatus],
@@ -132,12 +143,11 @@ def build_snapshot(
             failed.add((r.model, r.node_id))
     views = []
     for spec in models:
-        memory = measured.get(spec.name) or int(spec.memory_bytes)  # measured beats estimated
         state = scale.get(spec.name)
         views.append(
             ModelView(
                 name=spec.name,
-                need_bytes=need_bytes(memory, int(spec.kv_headroom_bytes)),
+                need_bytes=footprint(spec, measured.get(spec.name, 0)),
                 wanted=state.replicas if state is not None else spec.min_replicas,
                 min_replicas=spec.min_replicas,
                 priority=spec.priority or common_pb2.PRIORITY_NORMAL,

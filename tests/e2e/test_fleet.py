@@ -7,6 +7,7 @@ A router process then serves one of the models from the fleet."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.fleet import Fleet, ready_nodes, sim_spec
 from meshserve.v1 import cluster_pb2 as S
 from meshserve.v1 import inference_pb2
+from meshserve.weights import need_bytes
 
 from tests.e2e.conftest import generate
 from tests.waiting import eventually
@@ -62,7 +64,9 @@ async def test_a_hundred_agents_place_five_hundred_models_and_survive_losing_ten
         placed = await eventually(all_ready, 240, f"{MODELS} models READY", interval=0.5)
         took = time.monotonic() - started
         nodes = set(placed.values())
-        assert len(nodes) > AGENTS // 2, len(nodes)  # spread over the fleet, not piled up
+        # Bin-packed: as few agents as the models fit on (each offers 8 GiB), no more.
+        per_node = (8 * 2**30) // need_bytes(512 * 2**20, 128 * 2**20)
+        assert len(nodes) == math.ceil(MODELS / per_node), (len(nodes), per_node)
 
         victims = sorted(nodes)[:KILLED]
         lost = {m for m, n in placed.items() if n in victims}

@@ -9,6 +9,7 @@ import aetcd
 import pytest
 from meshserve.cluster.election import Election
 from meshserve.cluster.etcd_process import EtcdProcess
+from meshserve.cluster.keepalive import keeper_for
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Mirror
 from meshserve.cluster.session import Session
@@ -48,6 +49,31 @@ async def test_keepalive_holds_keys_past_the_ttl(store: Store, keys: Keyspace) -
         assert await store.get(key, S.NodeStatus) is not None
     await session.close()
     assert await store.get(key, S.NodeStatus) is None  # close revokes: keys go at once
+
+
+async def test_many_sessions_share_one_keepalive_stream_and_all_hold(
+    store: Store, keys: Keyspace
+) -> None:
+    """500 leases in one process (a simulated fleet's): all kept alive over the keeper's few
+    LeaseKeepAlive streams (not one per refresh) through several TTLs; none expires."""
+    sessions = [Session(store.client, ttl_s=2) for _ in range(500)]
+    await asyncio.gather(*(s.start() for s in sessions))
+    for i, s in enumerate(sessions):
+        await store.put(keys.node(f"many-{i}"), S.NodeStatus(node_id=f"many-{i}"), lease=s.lease_id)
+    keeper = keeper_for(store.client)
+
+    async def all_open() -> list[object] | None:
+        streams: list[object] = list(keeper._streams)
+        return streams if all(streams) else None
+
+    streams = await eventually(all_open, 5, "the keepalive streams open")
+    for _ in range(6):  # three TTLs
+        await asyncio.sleep(1.0)
+        nodes, _rev = await store.list(keys.nodes(), S.NodeStatus)
+        assert sum(n.value.node_id.startswith("many-") for n in nodes) == 500
+        assert not any(s.lost.is_set() for s in sessions)
+    assert keeper._streams == streams  # the same streams all along
+    await asyncio.gather(*(s.close() for s in sessions))
 
 
 async def test_session_replaces_a_lost_lease_and_reregisters(store: Store, keys: Keyspace) -> None:

@@ -180,3 +180,17 @@ def test_the_snapshot_sums_measured_rates_and_the_compute_check_uses_them() -> N
     assert not st.compute_ok(m, 0)
     st2 = PlanState(build_snapshot([spec], nodes, replicas[1:], [], {}, {}), "binpack", 0.8)
     assert st2.compute_ok(st2.models["m"], 0)  # 15 <= 40
+
+
+def test_measured_memory_raises_a_model_s_need_but_never_counts_kv_twice() -> None:
+    """An engine that holds its whole grant (vLLM on a GPU, sim) reports weights + KV: the need
+    stays the estimate. One that measured more than estimated (after an OOM) needs more."""
+    spec = S.ModelSpec(name="m", memory_bytes=1000, kv_headroom_bytes=500)
+    nodes = [cpu_node()]
+    estimate = build_snapshot([spec], nodes, [], [], {}, {}).models[0].need_bytes
+    whole_grant = [S.ReplicaStatus(model="m", node_id="c1", memory_bytes=1500)]
+    assert build_snapshot([spec], nodes, whole_grant, [], {}, {}).models[0].need_bytes == estimate
+    weights_only = [S.ReplicaStatus(model="m", node_id="c1", memory_bytes=900)]
+    assert build_snapshot([spec], nodes, weights_only, [], {}, {}).models[0].need_bytes == estimate
+    grew = [S.ReplicaStatus(model="m", node_id="c1", memory_bytes=3000)]
+    assert build_snapshot([spec], nodes, grew, [], {}, {}).models[0].need_bytes > estimate
