@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+from hypothesis import given
+from hypothesis import strategies as st
 from meshserve.scheduler.autoscale import (
     UP_COOLDOWN_S,
     Load,
@@ -119,3 +121,21 @@ def test_an_unloaded_model_wants_nothing_until_a_later_request() -> None:
     asked_after = {"x": Load(rate=1, in_flight=1, last_request=102.0)}
     states = autoscale([spec], asked_after, states, {}, now=102.0)
     assert states["x"].replicas == 1  # a request after the unload brings it back (cold start)
+
+
+@given(st.lists(st.tuples(st.floats(0.01, 5.0), st.floats(0, 60)), min_size=1, max_size=200))
+def test_the_window_keeps_its_maximum_in_a_few_entries(steps: list[tuple[float, float]]) -> None:
+    """However often rounds run, the stabilization window's highest recommendation equals the
+    highest over every round in the last scale_down_delay_s, and the window stays short."""
+    state: ScaleState | None = None
+    history: list[tuple[float, int]] = []
+    now = 0.0
+    for dt, rate in steps:
+        now += dt
+        load = Load(rate=rate, last_request=now)
+        rec = recommend(POLICY, load, state.replicas if state else 0, now)
+        history.append((now, rec))
+        state = step(POLICY, load, state, now)
+        expected = max(r for t, r in history if now - t < POLICY.scale_down_delay_s)
+        assert max(r for _t, r in state.window) == expected
+        assert len(state.window) <= (POLICY.max_replicas or 0) + 1  # a decreasing run of values
