@@ -4,15 +4,16 @@ talk to a mesh (inspect.py)."""
 from __future__ import annotations
 
 import typer
-from meshserve.cli import inspect, local, probe, serve, tenancy
+from meshserve.cli import inspect, local, nodes, probe, serve, tenancy, top
 
 app = typer.Typer(
     help="meshserve: serve many models on a fleet of GPU hosts.", no_args_is_help=True
 )
-for part in (serve.app, local.app, inspect.app, tenancy.app, probe.app):
+for part in (serve.app, local.app, inspect.app, tenancy.app, probe.app, top.app):
     app.registered_commands += part.registered_commands
 app.add_typer(inspect.model_app, name="model")
 app.add_typer(tenancy.tenant_app, name="tenant")
+app.add_typer(nodes.node_app, name="node")
 
 
 def main() -> None:

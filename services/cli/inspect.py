@@ -80,9 +80,18 @@ async def stream_completion(
                         f"\n[dim]{n} tokens from {node}, first token {first * 1000:.0f} ms, "
                         f"{n / elapsed:.0f} tokens/s, {reason}[/dim]"
                     )
+                    if trace_id := trace_id_of(headers.get("traceresponse", "")):
+                        err.print(f"[dim]trace {trace_id}[/dim]")
         except grpc.aio.AioRpcError as e:
             why = error_reason(decode_details(e.trailing_metadata()))
             raise fail(f"{e.code().name}: {e.details()}" + (f" [{why}]" if why else "")) from None
+
+
+def trace_id_of(traceresponse: str) -> str:
+    """The trace id in a W3C ``traceresponse`` header ("" when absent or malformed)."""
+    parts = traceresponse.split("-")
+    ok = len(parts) == 4 and len(parts[1]) == 32 and parts[1].strip("0")
+    return parts[1] if ok else ""
 
 
 def bearer(api_key: str) -> tuple[tuple[str, str], ...]:

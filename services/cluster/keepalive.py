@@ -42,7 +42,7 @@ class _Stream:
 
 
 class LeaseKeeper:
-    """``STREAMS`` keepalive streams, each lease always on the same one (by id): etcd renews a
+    """``STREAMS`` keepalive streams, each lease always on the same one: etcd renews a
     stream's leases one after another, each after waiting for its apply loop to catch up, so a
     single stream behind a burst of writes answers too late for a thousand short leases."""
 
@@ -52,11 +52,14 @@ class LeaseKeeper:
         self._client = client
         self._streams: list[_Stream | None] = [None] * self.STREAMS
         self._locks = [asyncio.Lock() for _ in range(self.STREAMS)]
+        self._slots: dict[int, int] = {}  # lease → its stream, kept for the lease's life
 
     async def refresh(self, lease_id: int, timeout_s: float) -> int:
         """Keeps ``lease_id`` alive once: its remaining TTL in seconds, 0 when it has expired.
         Raises what broke the stream, or TimeoutError."""
-        slot = lease_id % self.STREAMS
+        slot = self._slots.get(lease_id)
+        if slot is None:  # round robin: lease ids come from a counter etcd shares with writes
+            slot = self._slots[lease_id] = len(self._slots) % self.STREAMS
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         async with asyncio.timeout(timeout_s):
             async with self._locks[slot]:  # one write at a time on a gRPC stream

@@ -4,6 +4,7 @@ Layout under the prefix (default ``/meshserve/v1/``)::
 
     models/<model>                 ModelSpec
     nodes/<node>                   NodeStatus        (agent's lease)
+    cordons/<node>                 NodeCordon        (an operator: meshserve node cordon/drain)
     replicas/<model>/<node>        ReplicaStatus     (agent's lease)
     placements/<node>/<model>      Placement         (written by the leader, fenced)
     election/scheduler/<lease>     SchedulerCandidate (candidate's lease)
@@ -62,6 +63,13 @@ class Keyspace:
     def nodes(self) -> bytes:
         return self._key("nodes", "")
 
+    # cordons/<node>: an operator's cordon or drain of a node
+    def cordon(self, node: str) -> bytes:
+        return self._key("cordons", check_name("node", node))
+
+    def cordons(self) -> bytes:
+        return self._key("cordons", "")
+
     # replicas/<model>/<node>
     def replica(self, model: str, node: str) -> bytes:
         return self._key("replicas", check_name("model", model), check_name("node", node))
@@ -105,6 +113,7 @@ class Keyspace:
         shapes = {
             "models": 2,
             "nodes": 2,
+            "cordons": 2,
             "replicas": 3,
             "placements": 3,
             "demand": 2,

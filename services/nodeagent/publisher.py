@@ -162,6 +162,7 @@ class StatusPublisher:
         status = self.node_status()
         for g in status.gpus:
             metrics.GPU_MEMORY_USED.labels(g.uuid or str(g.index)).set(g.memory_used_bytes)
+            metrics.GPU_MEMORY_TOTAL.labels(g.uuid or str(g.index)).set(g.memory_total_bytes)
             metrics.GPU_UTILIZATION.labels(g.uuid or str(g.index)).set(g.utilization)
         for t in status.throughput:
             metrics.DECODE_RATE.labels(t.device_id).set(t.decode_tokens_per_s)

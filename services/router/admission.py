@@ -253,6 +253,7 @@ class Admission:
         return None
 
     def _take(self, slot: Slot) -> Slot:
+        metrics.QUEUE_WAIT.labels(slot.model).observe(slot.waited_s)
         address = slot.endpoint.address
         self.outstanding[address] = self.outstanding.get(address, 0) + 1
         key = (address, slot.model)
@@ -282,6 +283,13 @@ class Admission:
     def _on_table(self, table: RouteTable, models: set[str]) -> None:
         """Routes of ``models`` changed: their breakers forget replicas that are gone, and
         queues dispatch (any queue: a changed model may be another's fallback)."""
+        for model in models:
+            route = table.routes.get(model)
+            if route is not None:
+                metrics.READY_REPLICAS.labels(model).set(len(route.ready))
+            else:
+                with contextlib.suppress(KeyError):
+                    metrics.READY_REPLICAS.remove(model)
         alive = {
             (address, m)
             for m in models

@@ -36,6 +36,7 @@ from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
+from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import inference_pb2
 from opentelemetry import trace
@@ -340,6 +341,8 @@ class _Headers:
         upstream = await call.initial_metadata() or ()
         headers = [(k, v) for k, v in upstream if k in FORWARDED_HEADERS]
         headers.append(("meshserve-attempts", str(attempt)))
+        if (tr := traceresponse()) is not None:
+            headers.append(tr)
         if slot.waited_s > 0.001:
             headers.append(("meshserve-queued-ms", str(round(slot.waited_s * 1000))))
             span.set_attribute("meshserve.queued_s", slot.waited_s)

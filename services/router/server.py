@@ -32,6 +32,7 @@ from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
+from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.tensors import check_inputs, not_a_tensor_model
 from meshserve.v1 import inference_pb2, inference_pb2_grpc, router_pb2
 from meshserve.validation import check_embed, check_generate
@@ -87,6 +88,28 @@ def usage_of(messages: list[bytes]) -> tuple[int, int]:
     if last.finish_reason and (last.usage.input_tokens or last.usage.output_tokens):
         return int(last.usage.input_tokens), int(last.usage.output_tokens)
     return 0, sum(len(inference_pb2.GenerateResponse.FromString(m).token_ids) for m in messages)
+
+
+def genai_attributes(
+    span: trace.Span,
+    request: inference_pb2.GenerateRequest,
+    usage: tuple[int, int],
+    messages: list[bytes],
+) -> None:
+    """OpenTelemetry's GenAI semantic conventions on the router's request span: operation,
+    tokens and finish reason (prompts and completions are never recorded)."""
+    if not span.is_recording():
+        return
+    span.set_attribute("gen_ai.operation.name", "chat" if request.messages else "text_completion")
+    span.set_attribute("gen_ai.usage.input_tokens", usage[0])
+    span.set_attribute("gen_ai.usage.output_tokens", usage[1])
+    if messages:
+        last = inference_pb2.GenerateResponse.FromString(messages[-1])
+        if last.finish_reason:
+            reason = inference_pb2.FinishReason.Name(last.finish_reason).removeprefix(
+                "FINISH_REASON_"
+            )
+            span.set_attribute("gen_ai.response.finish_reasons", [reason.lower()])
 
 
 class RouterInference:
@@ -173,6 +196,7 @@ class RouterInference:
             metrics.REQUESTS.labels("router", model, code).inc()
             held = (time.monotonic() - started) * max(1, route.spec.gpus_per_replica)
             usage = usage_of(messages)
+            genai_attributes(span, request, usage, messages)
             self.tenancy.done(tenant, ticket, model, cold, usage, held, served=bool(messages))
 
     # --- Embed, Infer, ListModels ---------------------------------------------------------
@@ -222,6 +246,8 @@ class RouterInference:
         try:
             reply = await self._attempts(method, request, route, context, who)
             served = True
+            if (tr := traceresponse()) is not None:
+                await context.send_initial_metadata((tr,))
             return reply
         except BaseException as e:
             code = handlers.code_of(e)

@@ -19,7 +19,7 @@ def evict_for(pipe: Pipeline, m: ModelView) -> Choice | None:
     best_key: tuple[object, ...] | None = None
     best: tuple[str, tuple[int, ...], list[str]] | None = None
     for node_id, node in st.nodes.items():
-        if node.draining or pipe.rejects(m, node_id, pipe.pre_filters) is not None:
+        if node.closed or pipe.rejects(m, node_id, pipe.pre_filters) is not None:
             continue
         options: list[tuple[tuple[float, ...], list[str], int]] = []
         for d in st.node_devices[node_id]:

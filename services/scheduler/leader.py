@@ -13,7 +13,7 @@ import logging
 import time
 
 from meshserve.cluster.election import Election, Leadership
-from meshserve.cluster.mirror import Mirror
+from meshserve.cluster.mirror import Change, Mirror
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
 from meshserve.modelspec import find_model
@@ -54,12 +54,14 @@ class SchedulerLoop:
         self.replicas = Mirror(c, self.keys.replicas(), cluster_pb2.ReplicaStatus)
         self.placements = Mirror(c, self.keys.placements(), cluster_pb2.Placement)
         self.demand = Mirror(c, self.keys.demands(), cluster_pb2.RouterDemand)
+        self.cordons = Mirror(c, self.keys.cordons(), cluster_pb2.NodeCordon)
         self.mirrors: tuple[Mirror, ...] = (  # type: ignore[type-arg]
             self.models,
             self.nodes,
             self.replicas,
             self.placements,
             self.demand,
+            self.cordons,
         )
         self.election = Election(c, session, self.keys.election())
         self.ensured: dict[str, float] = {}
@@ -77,6 +79,7 @@ class SchedulerLoop:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self.nodes.subscribe_changes(_count_lost_nodes)
         for m in self.mirrors:
             m.subscribe(lambda _s: self._dirty.set())
             m.start()
@@ -157,25 +160,33 @@ class SchedulerLoop:
         """One decision and its fenced write: read → snapshot → place → diff → write → record.
         False when the fence failed (deposed)."""
         started = time.perf_counter()
+        started_ns = time.time_ns()
         links, self._links = self._links, []
-        with _tracer.start_as_current_span("scheduler.round", links=links) as span:
-            snap = self._snapshot(time.time())
-            plan = place(snap, self.profile)
-            specs = {s.name: s for s in self.models.snapshot.values()}
-            want = wanted_placements(plan, specs, lead.token, self.keys)
-            puts, deletes = changes(want, self.placements.snapshot)
-            written = await self._write(lead, puts, deletes)
-            outcome = RoundOutcome(
-                lead.token,
-                snap,
-                plan,
-                puts,
-                deletes,
-                self.scale,
-                time.perf_counter() - started,
-                fenced=not written,
-            )
+        snap = self._snapshot(time.time())
+        plan = place(snap, self.profile)
+        specs = {s.name: s for s in self.models.snapshot.values()}
+        want = wanted_placements(plan, specs, lead.token, self.keys)
+        puts, deletes = changes(want, self.placements.snapshot)
+        written = await self._write(lead, puts, deletes)
+        outcome = RoundOutcome(
+            lead.token,
+            snap,
+            plan,
+            puts,
+            deletes,
+            self.scale,
+            time.perf_counter() - started,
+            fenced=not written,
+        )
+        if puts or deletes or links or not written:
+            # A span only for a round that decided something (or that a request waited on):
+            # idle rounds — every resync — are counted in metrics, not exported as traces.
+            span = _tracer.start_span("scheduler.round", links=links, start_time=started_ns)
             record_round(span, outcome)
+            span.end()
+        else:
+            record_round(trace.INVALID_SPAN, outcome)
+            metrics.SCHEDULER_IDLE_ROUNDS.inc()
         if not written:
             return False
         self._remember(plan)
@@ -195,8 +206,9 @@ class SchedulerLoop:
         busy = device_busy(nodes, placements)
         load = loads(self.demand.snapshot.values(), self.ensured, busy)
         self.scale = autoscale(specs, load, self.scale, placed_replicas(placements), now)
+        cordons = {c.node_id: c for c in self.cordons.snapshot.values()}
         return build_snapshot(
-            specs, nodes, self.replicas.snapshot.values(), placements, load, self.scale
+            specs, nodes, self.replicas.snapshot.values(), placements, load, self.scale, cordons
         )
 
     async def _write(self, lead: Leadership, puts: list[Put], deletes: list[bytes]) -> bool:
@@ -223,3 +235,10 @@ class SchedulerLoop:
         for name, decision in plan.decisions.items():
             if decision.verdicts or decision.unschedulable or not decision.placed_on:
                 self.explained[name] = (decision, self.decided_at)
+
+
+def _count_lost_nodes(changes: list[Change[cluster_pb2.NodeStatus]]) -> None:
+    """A node record that vanished without its agent draining first: its lease expired."""
+    for _key, before, now in changes:
+        if before is not None and now is None and not before.draining:
+            metrics.NODES_LOST.inc()

@@ -101,7 +101,7 @@ class Pipeline:
                 and self.rejects(m, node_id, self.pre_filters) is None
             ):
                 devs_t = st.best_devices(m, node_id)
-                if devs_t is not None and not st.nodes[node_id].draining:
+                if devs_t is not None and not st.nodes[node_id].closed:
                     found.append((node_id, devs_t))
         if not found:
             return None

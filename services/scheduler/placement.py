@@ -59,6 +59,8 @@ class Placer:
         self.shed: list[tuple[str, str]] = []
         self.decisions: dict[str, ModelDecision] = {}
         self.moves = 0
+        self.leaving: list[tuple[str, str]] = []  # (model, node) on drained nodes
+        self.staying: list[tuple[str, str]] = []  # ... kept until replaced by READY elsewhere
         self.full = False  # a full re-plan: nothing was placed before this round
 
     # --- the round ---------------------------------------------------------------------------
@@ -84,6 +86,7 @@ class Placer:
         full = self.full = not any(snap.current.values())
         for m in sorted(st.models.values(), key=self._order_key):
             self._place_model(m)
+        self._stay_until_replaced()
         if full and self.profile.consolidate:
             repair.consolidate(self.pipeline)
         # Victims placed nowhere else get a decision saying so.
@@ -93,6 +96,16 @@ class Placer:
                 why = f"evicted from {node_id} for a model that needed the room; no room elsewhere"
                 self.decisions[victim] = ModelDecision(victim, dec.placed_on, dec.verdicts, why)
         return self.plan()
+
+    def _stay_until_replaced(self) -> None:
+        """Make before break on a drained node: a replica there stays placed (serving) until
+        the model has its wanted READY replicas elsewhere; then its placement goes and the
+        agent unloads it after its streams end."""
+        for model, node_id in self.leaving:
+            elsewhere = self.st.model_nodes.get(model, set())
+            ready = sum(1 for n in elsewhere if (model, n) in self.snap.ready)
+            if ready < self.st.models[model].wanted:
+                self.staying.append((model, node_id))
 
     def _order_key(self, m: ModelView) -> tuple[object, ...]:
         """size: first-fit-decreasing (gangs, then largest first); constrained: replicated models
@@ -106,8 +119,14 @@ class Placer:
 
     def plan(self) -> Plan:
         st = self.st
-        assignments = {n: frozenset(ms) for n, ms in st.node_models.items() if ms}
+        held: dict[str, set[str]] = {n: set(ms) for n, ms in st.node_models.items() if ms}
+        for model, node_id in self.staying:
+            held.setdefault(node_id, set()).add(model)
+        assignments = {n: frozenset(ms) for n, ms in held.items()}
         devices = {k: tuple(st.dev_id[d] for d in v) for k, v in st.placed.items()}
+        for key in self.staying:
+            if key in self.snap.current_devices:
+                devices[key] = self.snap.current_devices[key]
         counts = {m: len(ns) for m, ns in st.model_nodes.items()}
         offloads = demote(self.snap, st.models, assignments, st.evictions, counts)
         return Plan(
@@ -135,6 +154,9 @@ class Placer:
             for model in sorted(snap.current[node_id]):
                 m = st.models.get(model)
                 if m is None or m.wanted == 0 or (model, node_id) in st.failed:
+                    continue
+                if node.cordon == "drain":  # placed elsewhere first: see _stay_until_replaced
+                    self.leaving.append((model, node_id))
                     continue
                 if len(st.node_devices[node_id]) < m.gpus:
                     continue  # a gang can no longer fit this node: placed again elsewhere

@@ -49,6 +49,9 @@ class NodeDraining:
     def check(self, m: ModelView, node: NodeView, st: PlanState) -> Rejection | None:
         if node.draining:
             return Rejection(self.name, UNRESOLVABLE, "node is draining")
+        if node.cordon:
+            why = f"node is {node.cordon}ed (meshserve node uncordon {node.node_id})"
+            return Rejection(self.name, UNRESOLVABLE, why)
         return None
 
 

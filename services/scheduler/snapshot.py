@@ -130,13 +130,17 @@ def build_snapshot(
     placements: Iterable[cluster_pb2.Placement],
     load: Mapping[str, Load],
     scale: Mapping[str, ScaleState],
+    cordons: Mapping[str, cluster_pb2.NodeCordon] | None = None,
 ) -> ClusterSnapshot:
     """``load`` is this round's merged demand (`loads`), ``scale`` the autoscaler's output for
     it (`autoscale`): the snapshot takes wanted replicas, recency and request rates from them."""
     measured: dict[str, int] = defaultdict(int)
     decode: dict[str, float] = defaultdict(float)  # tokens/s its replicas generate now
     failed: set[tuple[str, str]] = set()
+    ready: set[tuple[str, str]] = set()
     for r in replicas:
+        if r.state == cluster_pb2.REPLICA_STATE_READY:
+            ready.add((r.model, r.node_id))
         measured[r.model] = max(measured[r.model], int(r.memory_bytes))
         decode[r.model] += float(r.decode_tokens_per_s)
         if r.state == cluster_pb2.REPLICA_STATE_FAILED:
@@ -171,16 +175,17 @@ def build_snapshot(
             if p.devices:
                 devices[(p.model, p.node_id)] = tuple(p.devices)
     return ClusterSnapshot(
-        nodes=tuple(node_view(n) for n in nodes),
+        nodes=tuple(node_view(n, (cordons or {}).get(n.node_id)) for n in nodes),
         models=tuple(views),
         current={k: frozenset(v) for k, v in current.items()},
         failed=frozenset(failed),
         offloaded={k: dict(v) for k, v in offloaded.items()},
         current_devices=devices,
+        ready=frozenset(ready),
     )
 
 
-def node_view(n: cluster_pb2.NodeStatus) -> NodeView:
+def node_view(n: cluster_pb2.NodeStatus, cordon: cluster_pb2.NodeCordon | None = None) -> NodeView:
     """GPUs become devices, each offering its share of the node's capacity (an agent's
     --memory-limit caps the total) and the decode capacity the agent measured or was configured
     with; a node without GPUs is one device ("") of its capacity."""
@@ -205,4 +210,5 @@ def node_view(n: cluster_pb2.NodeStatus) -> NodeView:
         int(n.host_capacity_bytes),
         devices,
         dict(n.labels),
+        ("drain" if cordon.drain else "cordon") if cordon is not None else "",
     )

@@ -27,6 +27,12 @@ class NodeView:
     host_capacity_bytes: int = 0  # CPU RAM offered to offloaded models
     devices: tuple[Device, ...] = ()  # empty: one device of capacity_bytes (a CPU node)
     labels: Mapping[str, str] = field(default_factory=dict)
+    cordon: str = ""  # an operator's hold: "cordon" or "drain" (nothing new goes there)
+
+    @property
+    def closed(self) -> bool:
+        """Takes no new placements: its agent drains, or an operator cordoned or drained it."""
+        return self.draining or bool(self.cordon)
 
     def all_devices(self) -> tuple[Device, ...]:
         return self.devices or (Device("", self.capacity_bytes),)
@@ -66,6 +72,7 @@ class ClusterSnapshot:
     offloaded: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # node → model → tier
     # (model, node) → device ids it was given; missing: chosen again on that node
     current_devices: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    ready: frozenset[tuple[str, str]] = frozenset()  # (model, node) whose replica is READY
 
 
 @dataclass(frozen=True)

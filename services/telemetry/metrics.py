@@ -50,6 +50,19 @@ IN_FLIGHT = Gauge("meshserve_in_flight", "Streams in flight", ["service", "model
 QUEUED = Gauge(
     "meshserve_router_queued", "Requests waiting for a free slot or a replica", ["model"]
 )
+QUEUE_WAIT = Histogram(
+    "meshserve_router_queue_wait_seconds",
+    "Time a request waited for a free slot or a replica (0 when one was free)",
+    ["model"],
+    buckets=_LATENCY,
+)
+READY_REPLICAS = Gauge(
+    "meshserve_router_ready_replicas", "READY replicas in this router's table", ["model"]
+)
+NODES_LOST = Counter(
+    "meshserve_scheduler_nodes_lost_total",
+    "Nodes whose record vanished without draining first (lease expired: the agent died)",
+)
 SHED = Counter(
     "meshserve_router_shed_total",
     "Queued requests dropped for higher-priority arrivals",
@@ -101,6 +114,7 @@ SWAP_SECONDS = Histogram(
     buckets=_LATENCY,
 )
 GPU_MEMORY_USED = Gauge("meshserve_gpu_memory_used_bytes", "GPU memory in use", ["gpu"])
+GPU_MEMORY_TOTAL = Gauge("meshserve_gpu_memory_total_bytes", "GPU memory in all", ["gpu"])
 GPU_UTILIZATION = Gauge("meshserve_gpu_utilization_ratio", "GPU utilization", ["gpu"])
 DECODE_RATE = Gauge(
     "meshserve_device_decode_tokens_per_s",
@@ -118,6 +132,10 @@ ROUTER_TABLE_UPDATE = Histogram(
     buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.1),
 )
 SCHEDULER_ROUNDS = Counter("meshserve_scheduler_rounds_total", "Scheduling rounds", ["outcome"])
+SCHEDULER_IDLE_ROUNDS = Counter(
+    "meshserve_scheduler_idle_rounds_total",
+    "Rounds that changed nothing (no trace span: counted here instead)",
+)
 SCHEDULER_WRITING_ROUNDS = Counter(
     "meshserve_scheduler_writing_rounds_total", "Rounds that wrote or removed placements"
 )

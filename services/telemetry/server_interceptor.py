@@ -20,7 +20,28 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 _tracer = trace.get_tracer("meshserve.rpc")
-UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Polls, not requests: health checks, reflection, model listings, readiness and status reads (a
+# `meshserve up` exported more of these than of anything else). Their outcomes are in metrics.
+UNTRACED_PREFIXES = (
+    "/grpc.health.v1.",
+    "/grpc.reflection.",
+    "/meshserve.v1.Inference/ListModels",
+    "/meshserve.v1.NodeAgent/GetNodeStatus",
+    "/meshserve.v1.Scheduler/GetPlan",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+    "/inference.GRPCInferenceService/ServerMetadata",
+)
+
+
+def traceresponse() -> tuple[str, str] | None:
+    """The W3C ``traceresponse`` header of the current span (version-trace id-span id-flags), so
+    a client can look its request up in the trace backend; None when nothing is traced."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return ("traceresponse", f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}")
 
 
 def _code_of(context: Any) -> grpc.StatusCode | None:

@@ -732,6 +732,40 @@ class Breaker(_message.Message):
 Global___Breaker: _TypeAlias = Breaker  # noqa: Y015
 
 @_typing.final
+class NodeCordon(_message.Message):
+    """cordons/<node>: an operator's hold on a node (`meshserve node cordon|drain`), kept in etcd so it
+    outlives agent restarts. Cordoned: the scheduler places nothing new there; what runs stays.
+    Drained: also each of its replicas is placed elsewhere first and removed from the node once
+    the model has its wanted READY replicas elsewhere (its streams end within the drain grace).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    drain: _builtins.bool
+    reason: _builtins.str
+    since_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        drain: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        since_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "node_id", b"node_id", "reason", b"reason", "since_unix_ms", b"since_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCordon: _TypeAlias = NodeCordon  # noqa: Y015
+
+@_typing.final
 class SchedulerCandidate(_message.Message):
     """election/scheduler/<lease>: the candidate's identity; the lowest create revision leads."""
 

@@ -191,7 +191,7 @@ async def _idle(mesh: Mesh, node: str) -> bool:
 async def test_one_trace_covers_router_and_agent_and_records_cancel(mesh: Mesh) -> None:
     request = req(max_tokens=8)
     request.request_id = "trace-me"
-    await generate(router(mesh), request)
+    out = await generate(router(mesh), request)
     trace_dir = mesh.trace_dir
     assert trace_dir is not None
 
@@ -219,6 +219,25 @@ async def test_one_trace_covers_router_and_agent_and_records_cancel(mesh: Mesh) 
     engine = next(s for s in everything if s["name"] == "engine.generate")
     assert engine["attributes"]["gen_ai.request.model"] == "demo"
     assert engine["attributes"]["meshserve.ttft_s"] > 0
+    # The client got the trace id (W3C traceresponse) of exactly this trace.
+    version, trace_id, span_id, _flags = out.headers["traceresponse"].split("-")
+    assert version == "00" and "0x" + trace_id in trace_ids
+    # The router's request span: GenAI attributes, no prompt or completion text.
+    (server,) = [
+        s
+        for s in spans
+        if s["name"] == "meshserve.v1.Inference/Generate"
+        and s["resource"]["attributes"]["service.name"] == "meshserve-router"
+    ]
+    attributes = server["attributes"]
+    assert server["context"]["span_id"] == "0x" + span_id
+    assert attributes["gen_ai.operation.name"] == "text_completion"
+    assert attributes["gen_ai.usage.output_tokens"] == 8
+    assert attributes["gen_ai.usage.input_tokens"] > 0
+    assert attributes["gen_ai.response.finish_reasons"] == ["length"]
+    assert not any("prompt" in k or "completion" in k for k in attributes)
+    # Polls are not traced: the many ListModels of this module left no span.
+    assert not [s for s in read_spans(trace_dir) if s["name"].endswith("/ListModels")]
     # The cancelled request of the previous test is an error on the agent, not a success.
     cancelled = await eventually(
         lambda: [s for s in spans_for("cancel-me") if s["status"]["status_code"] == "ERROR"],
@@ -281,6 +300,13 @@ async def test_scheduling_rounds_are_traced_with_their_decisions(mesh: Mesh) -> 
     attributes = events[0]["attributes"]
     assert attributes["meshserve.node"].startswith("agent-")
     assert attributes["meshserve.tier"] == "TIER_DEVICE" and attributes["meshserve.reason"]
+    # Every exported round decided something: idle rounds are counted, not traced.
+    rounds = [s for s in read_spans(trace_dir) if s["name"] == "scheduler.round"]
+    for r in rounds:
+        a = r["attributes"]
+        assert (
+            a["meshserve.placements_written"] or a["meshserve.placements_deleted"] or r.get("links")
+        ), a
 
 
 async def test_health_and_reflection_on_every_server(mesh: Mesh) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from meshserve.scheduler.placement import place
@@ -67,6 +69,36 @@ def test_draining_node_gets_nothing_and_loses_its_models() -> None:
         )
     )
     assert held(plan, "a") == set() and held(plan, "b") == {"m"}
+
+
+def test_cordoned_node_keeps_what_runs_and_gets_nothing_new() -> None:
+    cordoned = replace(node("a", 40), cordon="cordon")
+    plan = place(
+        snapshot([cordoned, node("b", 40)], [model("old", 5), model("new", 5)], {"a": {"old"}})
+    )
+    assert held(plan, "a") == {"old"} and held(plan, "b") == {"new"}
+    why = plan.decisions["new"].verdicts
+    assert any("cordoned" in v.reason for v in why if v.node_id == "a"), why
+
+
+def test_drained_node_keeps_serving_until_the_replacement_is_ready() -> None:
+    """Make before break: the replica on the drained node stays placed while its replacement
+    loads elsewhere, and goes once the replacement is READY."""
+    drained = replace(node("a", 40), cordon="drain")
+    before = snapshot([drained, node("b", 40)], [model("m", 5)], current={"a": {"m"}})
+    plan = place(before)
+    assert held(plan, "a") == {"m"} and held(plan, "b") == {"m"}  # both, for now
+    loading = replace(before, current={k: frozenset(v) for k, v in plan.assignments.items()})
+    assert held(place(loading), "a") == {"m"}  # the new one is not READY yet: still both
+    ready = replace(loading, ready=frozenset({("m", "b")}))
+    after = place(ready)
+    assert held(after, "a") == set() and held(after, "b") == {"m"}
+
+
+def test_a_drained_node_s_replica_stays_when_there_is_nowhere_else() -> None:
+    drained = replace(node("a", 40), cordon="drain")
+    plan = place(snapshot([drained, node("b", 2)], [model("m", 5)], current={"a": {"m"}}))
+    assert held(plan, "a") == {"m"} and held(plan, "b") == set()
 
 
 def test_evicts_least_recently_used_when_full() -> None:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Tools the test suite uses beyond Python: promtool (alert rule checks and tests), into .tools/bin.
+#   bash scripts/test-tools.sh
+# promtool is taken out of Debian's `prometheus` package without installing it (installing would
+# start a Prometheus server on hosts with systemd). Idempotent. Where apt is unavailable it says
+# so and the promtool tests skip, naming this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .tools/bin
+if [ -x .tools/bin/promtool ] || command -v promtool >/dev/null; then
+  exit 0
+fi
+if ! command -v apt-get >/dev/null; then
+  echo "test-tools: no apt-get here; the promtool tests will be skipped" >&2
+  exit 0
+fi
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+if ! apt-get download prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null && apt-get download prometheus >/dev/null
+  else
+    echo "test-tools: cannot download Debian's prometheus package (run apt-get update as root)" >&2
+    exit 0
+  fi
+fi
+dpkg-deb -x prometheus_*.deb root
+cd - >/dev/null
+cp "$work/root/usr/bin/promtool" .tools/bin/promtool
+.tools/bin/promtool --version | head -1
