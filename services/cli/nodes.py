@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
@@ -52,11 +54,21 @@ def uncordon(node: Node, etcd: Etcd = "", prefix: Prefix = SERVICE.prefix) -> No
     console.print(f"node [bold]{node}[/bold] takes placements again")
 
 
-async def _store(etcd: str, prefix: str) -> Any:
+@contextlib.asynccontextmanager
+async def _store(etcd: str, prefix: str) -> AsyncIterator[Any]:
+    """A Store on etcd; what fails on the way is a one-line error, not a traceback."""
     from meshserve.cluster.keys import Keyspace
     from meshserve.cluster.store import EtcdConfig, Store, connect
 
-    return Store(connect(EtcdConfig(etcd)), Keyspace(prefix))
+    store = Store(connect(EtcdConfig(etcd)), Keyspace(prefix))
+    try:
+        yield store
+    except typer.Exit:
+        raise
+    except Exception as e:
+        raise fail(f"cannot reach etcd at {etcd}: {type(e).__name__}: {e}") from None
+    finally:
+        await store.client.close()
 
 
 async def _hold(etcd: str, prefix: str, node: str, drain: bool, reason: str, wait_s: float) -> None:
@@ -65,8 +77,7 @@ async def _hold(etcd: str, prefix: str, node: str, drain: bool, reason: str, wai
 
     if not valid_name(node):
         raise fail(f"{node!r} is not a node id")
-    store = await _store(etcd, prefix)
-    try:
+    async with _store(etcd, prefix) as store:
         nodes, _ = await store.list(store.keys.nodes(), cluster_pb2.NodeStatus)
         known = sorted(n.value.node_id for n in nodes)
         if node not in known:
@@ -77,12 +88,6 @@ async def _hold(etcd: str, prefix: str, node: str, drain: bool, reason: str, wai
         await store.put(store.keys.cordon(node), hold)
         if drain:
             await _wait_empty(store, node, wait_s)
-    except typer.Exit:
-        raise
-    except Exception as e:
-        raise fail(f"cannot reach etcd at {etcd}: {type(e).__name__}: {e}") from None
-    finally:
-        await store.client.close()
 
 
 async def _wait_empty(store: Any, node: str, wait_s: float) -> None:
@@ -119,14 +124,7 @@ async def _wait_empty(store: Any, node: str, wait_s: float) -> None:
 async def _lift(etcd: str, prefix: str, node: str) -> None:
     from meshserve.v1 import cluster_pb2
 
-    store = await _store(etcd, prefix)
-    try:
+    async with _store(etcd, prefix) as store:
         if await store.get(store.keys.cordon(node), cluster_pb2.NodeCordon) is None:
             raise fail(f"node {node!r} is not cordoned")
         await store.delete(store.keys.cordon(node))
-    except typer.Exit:
-        raise
-    except Exception as e:
-        raise fail(f"cannot reach etcd at {etcd}: {type(e).__name__}: {e}") from None
-    finally:
-        await store.client.close()

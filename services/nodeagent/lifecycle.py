@@ -25,7 +25,7 @@ from meshserve.nodeagent.plan import Load
 from meshserve.nodeagent.publisher import StatusPublisher
 from meshserve.nodeagent.replica import Replica
 from meshserve.telemetry import metrics
-from meshserve.telemetry.tracing import tracer
+from meshserve.telemetry.tracing import links_to, traceparent, tracer
 from meshserve.v1 import cluster_pb2
 from meshserve.validation import GenerationParams
 from meshserve.weights import predict_weight_bytes
@@ -69,6 +69,7 @@ class Lifecycle:
             tier=S.TIER_DEVICE,
             epoch=load.epoch,
             max_streams=self.config.max_in_flight,
+            placed_trace=load.trace_parent,
         )
         tier = load.tier or S.TIER_DEVICE
         r = Replica(
@@ -136,8 +137,11 @@ class Lifecycle:
                     attributes={
                         "gen_ai.request.model": model,
                         "meshserve.node": self.config.node_id,
+                        "meshserve.tier.from": "source",
                     },
+                    links=links_to(r.status.placed_trace),  # the round that placed it
                 ) as span:
+                    r.status.load_trace = traceparent(span)  # published with LOADING
                     config = await self._engine_config_for(r)
                     engine = await asyncio.to_thread(make_engine, r.spec, config)
                     r.engine = engine
@@ -224,6 +228,7 @@ class Lifecycle:
             assert r.engine is not None
             with _tracer.start_as_current_span(name, attributes=attributes) as span:
                 if tier == S.TIER_DEVICE:
+                    r.status.load_trace = traceparent(span)  # a cold start from a lower tier
                     await self.publisher.set_state(r, S.REPLICA_STATE_LOADING)
                     async with self._load_lock:  # one load or restore at a time per device
                         await r.engine.restore()

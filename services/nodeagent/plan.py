@@ -43,6 +43,7 @@ class Load:
     tier: int  # where it should settle (TIER_DEVICE, or a lower tier: a prefetch)
     budget_bytes: int  # memory the placement grants
     devices: tuple[str, ...]  # GPU uuids the placement names
+    trace_parent: str = ""  # the placing round's W3C traceparent (links the load to it)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def plan(
         )
         if h is None or retry:
             tier = p.tier or S.TIER_DEVICE
-            out.append(Load(spec, p.epoch, tier, p.memory_bytes, tuple(p.devices)))
+            out.append(Load(spec, p.epoch, tier, p.memory_bytes, tuple(p.devices), p.trace_parent))
             continue
         if h.epoch != p.epoch and not h.unloading:
             out.append(SetEpoch(model, p.epoch))

@@ -37,7 +37,7 @@ from meshserve.rpc.errors import ServiceError
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.server_interceptor import traceresponse
-from meshserve.telemetry.tracing import tracer
+from meshserve.telemetry.tracing import links_to, tracer
 from meshserve.v1 import inference_pb2
 from opentelemetry import trace
 
@@ -138,6 +138,12 @@ class Relay:
                     pick.set_attribute("meshserve.node", slot.endpoint.node_id)
                     if slot.waited_s:
                         pick.set_attribute("meshserve.queued_s", slot.waited_s)
+                        if not route.ready:  # it waited for a cold start: link why and how
+                            pick.set_attribute("meshserve.cold_start", True)
+                            for link in links_to(
+                                slot.endpoint.placed_trace, slot.endpoint.load_trace
+                            ):
+                                pick.add_link(link.context, {"meshserve.link": "cold start"})
                 payload = self._payload(request, slot, delivered)
                 delay = 0.0  # backoff before the next attempt, taken without holding a slot
                 try:

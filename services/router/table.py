@@ -40,6 +40,8 @@ class Endpoint:
     kv_cache_usage: float = 0.0  # [0, 1], engines with a paged KV cache
     max_streams: int = 0  # streams the replica admits at once; 0 = unknown (no limit here)
     incarnation: int = 0  # the agent's lease when it wrote the status: a restart changes it
+    placed_trace: str = ""  # traceparents of the round that placed it and of its load: a
+    load_trace: str = ""  # request that waited for this replica's cold start links both
 
     @property
     def identity(self) -> tuple[str, int]:
@@ -71,11 +73,30 @@ class RouteTable:
 
 def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
     """What of a replica's status the route depends on (all but its load figures)."""
-    return (r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation, r.signature)
+    return (
+        r.model,
+        r.node_id,
+        r.address,
+        r.state,
+        r.max_streams,
+        r.incarnation,
+        r.signature,
+        r.placed_trace,
+        r.load_trace,
+    )
 
 
 def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
-    return Endpoint(r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation)
+    return Endpoint(
+        r.node_id,
+        r.address,
+        r.waiting,
+        r.kv_cache_usage,
+        r.max_streams,
+        r.incarnation,
+        r.placed_trace,
+        r.load_trace,
+    )
 
 
 class TableBuilder:

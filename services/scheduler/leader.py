@@ -33,7 +33,7 @@ from meshserve.scheduler.snapshot import (
 from meshserve.scheduler.views import ClusterSnapshot, ModelDecision, Plan
 from meshserve.scheduler.writes import Put, changes, wanted_placements
 from meshserve.telemetry import metrics
-from meshserve.telemetry.tracing import tracer
+from meshserve.telemetry.tracing import traceparent, tracer
 from meshserve.v1 import cluster_pb2
 from opentelemetry import trace
 
@@ -167,6 +167,15 @@ class SchedulerLoop:
         specs = {s.name: s for s in self.models.snapshot.values()}
         want = wanted_placements(plan, specs, lead.token, self.keys)
         puts, deletes = changes(want, self.placements.snapshot)
+        # A span only for a round that decides something (or that a request waited on): idle
+        # rounds — every resync — are counted in metrics, not exported as traces. It starts
+        # before the write so that each placement written names it (an agent's load links it).
+        span: trace.Span = trace.INVALID_SPAN
+        if puts or deletes or links:
+            span = _tracer.start_span("scheduler.round", links=links, start_time=started_ns)
+            parent = traceparent(span)
+            for _key, p in puts:
+                p.trace_parent = parent
         written = await self._write(lead, puts, deletes)
         outcome = RoundOutcome(
             lead.token,
@@ -178,14 +187,9 @@ class SchedulerLoop:
             time.perf_counter() - started,
             fenced=not written,
         )
-        if puts or deletes or links or not written:
-            # A span only for a round that decided something (or that a request waited on):
-            # idle rounds — every resync — are counted in metrics, not exported as traces.
-            span = _tracer.start_span("scheduler.round", links=links, start_time=started_ns)
-            record_round(span, outcome)
-            span.end()
-        else:
-            record_round(trace.INVALID_SPAN, outcome)
+        record_round(span, outcome)
+        span.end()
+        if span is trace.INVALID_SPAN:
             metrics.SCHEDULER_IDLE_ROUNDS.inc()
         if not written:
             return False

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from meshserve.telemetry.tracing import record_cancelled
+from meshserve.telemetry.tracing import record_cancelled, traceparent
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
@@ -38,10 +38,8 @@ UNTRACED_PREFIXES = (
 def traceresponse() -> tuple[str, str] | None:
     """The W3C ``traceresponse`` header of the current span (version-trace id-span id-flags), so
     a client can look its request up in the trace backend; None when nothing is traced."""
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return ("traceresponse", f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}")
+    parent = traceparent(trace.get_current_span())
+    return ("traceresponse", parent) if parent else None
 
 
 def _code_of(context: Any) -> grpc.StatusCode | None:
@@ -74,6 +72,20 @@ def _finish(span: trace.Span, context: Any, error: BaseException | None) -> None
             span.record_exception(error)
 
 
+async def _traced(span: trace.Span, context: Any, call: Awaitable[Any]) -> Any:
+    """Awaits one RPC's handler (unary, or a stream's writer) under its server span."""
+    error: BaseException | None = None
+    try:
+        with trace.use_span(span, end_on_exit=False):
+            return await call
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        _finish(span, context, error)
+        span.end()
+
+
 class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(
         self,
@@ -103,17 +115,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             writer = handler.unary_stream
 
             async def unary_stream_writer(request: Any, context: Any) -> None:
-                span = start(context)
-                error: BaseException | None = None
-                try:
-                    with trace.use_span(span, end_on_exit=False):
-                        await writer(request, context)
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    _finish(span, context, error)
-                    span.end()
+                await _traced(start(context), context, writer(request, context))
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream_writer,
@@ -146,17 +148,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             unary_behavior = handler.unary_unary
 
             async def unary_unary(request: Any, context: Any) -> Any:
-                span = start(context)
-                error: BaseException | None = None
-                try:
-                    with trace.use_span(span, end_on_exit=False):
-                        return await unary_behavior(request, context)
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    _finish(span, context, error)
-                    span.end()
+                return await _traced(start(context), context, unary_behavior(request, context))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,

@@ -19,8 +19,10 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACE_DIR_ENV = "MESHSERVE_TRACE_DIR"
+_W3C = TraceContextTextMapPropagator()
 
 
 def _jsonl(span: ReadableSpan) -> str:
@@ -62,6 +64,27 @@ def shutdown_tracing() -> None:
     provider = trace.get_tracer_provider()
     if isinstance(provider, TracerProvider):
         provider.force_flush(5_000)
+
+
+def traceparent(span: trace.Span) -> str:
+    """The W3C traceparent of ``span`` ("" when it is not a real, sampled-or-not span): how a
+    span is named in records that outlive it (placements, replica statuses, responses)."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return ""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+
+
+def links_to(*parents: str) -> list[trace.Link]:
+    """Span links to the spans these W3C traceparents name (malformed or empty ones skipped)."""
+    links = []
+    for parent in parents:
+        if not parent:
+            continue
+        ctx = trace.get_current_span(_W3C.extract({"traceparent": parent})).get_span_context()
+        if ctx.is_valid:
+            links.append(trace.Link(ctx))
+    return links
 
 
 def tracer(name: str) -> trace.Tracer:

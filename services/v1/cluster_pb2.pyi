@@ -475,6 +475,8 @@ class ReplicaStatus(_message.Message):
     INCARNATION_FIELD_NUMBER: _builtins.int
     DECODE_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PLACED_TRACE_FIELD_NUMBER: _builtins.int
+    LOAD_TRACE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -506,6 +508,11 @@ class ReplicaStatus(_message.Message):
     """the agent's lease id when written: changes when the agent restarts"""
     decode_tokens_per_s: _builtins.float
     """output tokens/s it generates now (engine counter, ~10 s EWMA)"""
+    placed_trace: _builtins.str
+    """W3C traceparents that explain a cold start: the scheduler round that placed this replica
+    (from its Placement) and the agent's load of it. A request that waited for it links both.
+    """
+    load_trace: _builtins.str
     @_builtins.property
     def signature(self) -> _common_pb2.TensorSignature:
         """tensor models: what Infer takes and gives (after load)"""
@@ -532,10 +539,12 @@ class ReplicaStatus(_message.Message):
         incarnation: _builtins.int = ...,
         decode_tokens_per_s: _builtins.float = ...,
         signature: _common_pb2.TensorSignature | None = ...,
+        placed_trace: _builtins.str = ...,
+        load_trace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -554,6 +563,7 @@ class Placement(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     tier: Global___Tier.ValueType
@@ -563,6 +573,8 @@ class Placement(_message.Message):
     """memory granted: weights + KV headroom + overhead"""
     reason: _builtins.str
     """why the scheduler put it here"""
+    trace_parent: _builtins.str
+    """W3C traceparent of the scheduler round that wrote it"""
     @_builtins.property
     def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """GPU uuids; empty on CPU nodes"""
@@ -577,10 +589,11 @@ class Placement(_message.Message):
         epoch: _builtins.int = ...,
         memory_bytes: _builtins.int = ...,
         reason: _builtins.str = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "epoch", b"epoch", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "epoch", b"epoch", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "reason", b"reason", "tier", b"tier", "trace_parent", b"trace_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -255,6 +255,7 @@ async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Pa
     r.sampling.max_tokens = 4
     out = await generate(router(mesh), r, timeout=60)
     assert out.final is not None and out.headers["meshserve-model"] == "lazy"
+    await _cold_start_is_explained_in_the_trace(mesh, out.headers["traceresponse"])
     async with grpc.aio.insecure_channel(mesh.services["scheduler-0"].address) as ch:
         why = await scheduler_pb2_grpc.SchedulerStub(ch).Explain(
             scheduler_pb2.ExplainRequest(model="lazy"), timeout=5
@@ -279,6 +280,39 @@ async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Pa
     for table in ("nodes", "models", "replicas", "placements"):
         assert table in status
     assert "lazy" in status and "READY" in status and "DEVICE" in status
+
+
+async def _cold_start_is_explained_in_the_trace(mesh: Mesh, traceresponse: str) -> None:
+    """The request's wait (router.pick) links the scheduler round that placed the model and the
+    agent's load of it; the load links the round too, and the round links the request."""
+    trace_dir = mesh.trace_dir
+    assert trace_dir is not None
+    trace_id = "0x" + traceresponse.split("-")[1]
+
+    def linked(span: dict[str, Any]) -> set[str]:
+        return {link["context"]["span_id"] for link in span.get("links") or []}
+
+    def explained() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+        spans = read_spans(trace_dir)
+        by_id = {s["context"]["span_id"]: s for s in spans}
+        picks = [
+            s for s in spans if s["name"] == "router.pick" and s["context"]["trace_id"] == trace_id
+        ]
+        for pick in picks:
+            targets = [by_id.get(i) for i in linked(pick)]
+            names = {t["name"]: t for t in targets if t is not None}
+            if {"scheduler.round", "model.load"} <= set(names):
+                return pick, names["scheduler.round"], names["model.load"]
+        return None
+
+    pick, decision, load = await eventually(explained, 15, "the cold start's links")
+    assert pick["attributes"]["meshserve.cold_start"] is True
+    assert decision["context"]["span_id"] in linked(load)  # the load knows what placed it
+    places = [e for e in decision.get("events", []) if e["name"] == "place"]
+    assert any(e["attributes"]["gen_ai.request.model"] == "lazy" for e in places)
+    assert load["attributes"]["gen_ai.request.model"] == "lazy"
+    # ... and the round that placed it links the request that asked for it (EnsureModel).
+    assert any(link["context"]["trace_id"] == trace_id for link in decision.get("links") or [])
 
 
 async def test_scheduling_rounds_are_traced_with_their_decisions(mesh: Mesh) -> None:
