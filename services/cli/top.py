@@ -75,6 +75,7 @@ def render(
     replicas: Mapping[bytes, Any],
     demands: Mapping[bytes, Any],
     nodes: Mapping[bytes, Any],
+    cordons: Mapping[bytes, Any] | None = None,
 ) -> Group:
     t = Table(title=f"models ({len(models)})", expand=True)
     for c in ("model", "req/s", "in flight", "queued", "TTFT p50 ms", "TTFT p99 ms", "tokens/s",
@@ -96,9 +97,10 @@ def render(
     held: dict[str, list[str]] = defaultdict(list)
     for r in replicas.values():
         held[r.node_id].append(r.model)
+    held_by = {c.node_id: c for c in (cordons or {}).values()}
     n = Table(title=f"nodes ({len(nodes)})", expand=True)
     for c in ("node", "device", "GPUs (used/total MiB, util)", "used/capacity MiB", "models",
-              "draining"):  # fmt: skip
+              "hold"):  # fmt: skip
         n.add_column(c)
     for node in sorted(nodes.values(), key=lambda x: x.node_id):
         gpus = " ".join(
@@ -112,9 +114,16 @@ def render(
             gpus or "-",
             f"{node.used_bytes / MIB:.0f}/{node.capacity_bytes / MIB:.0f}",
             ", ".join(sorted(held.get(node.node_id, []))) or "-",
-            "yes" if node.draining else "",
+            hold_of(node, held_by.get(node.node_id)),
         )
     return Group(t, n)
+
+
+def hold_of(node: Any, cordon: Any) -> str:
+    """Why a node takes nothing new: its agent drains (shutting down), or an operator's hold."""
+    if cordon is not None:
+        return "drained" if cordon.drain else "cordoned"
+    return "draining" if node.draining else ""
 
 
 @app.command()
@@ -145,6 +154,7 @@ async def _top(etcd: str, prefix: str, interval: float, once: bool) -> None:
         Mirror(client, keys.replicas(), cluster_pb2.ReplicaStatus),
         Mirror(client, keys.demands(), cluster_pb2.RouterDemand),
         Mirror(client, keys.nodes(), cluster_pb2.NodeStatus),
+        Mirror(client, keys.cordons(), cluster_pb2.NodeCordon),
     )
     try:
         for m in mirrors:

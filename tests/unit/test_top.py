@@ -58,9 +58,19 @@ def test_rows_sum_demand_over_routers_and_count_replicas() -> None:
     assert next(r.name for r in model_rows(models, replicas, demands)) == "a"  # busiest first
 
 
+def test_the_view_shows_an_operator_s_hold_over_the_agent_s_draining() -> None:
+    models, replicas, demands, nodes = records()
+    cordons = {b"c/n1": S.NodeCordon(node_id="n1"), b"c/n2": S.NodeCordon(node_id="n2", drain=True)}
+    out = io.StringIO()
+    Console(file=out, width=200).print(render(models, replicas, demands, nodes, cordons))
+    text = out.getvalue()
+    assert "cordoned" in text and "drained" in text and "draining" not in text
+
+
 def test_the_view_names_models_nodes_and_what_they_hold() -> None:
     out = io.StringIO()
     Console(file=out, width=200).print(render(*records()))
     text = out.getvalue()
-    for word in ("models (2)", "nodes (2)", "READY:2", "DEVICE:2", "HOST:1", "400", "a, b"):
+    for word in ("models (2)", "nodes (2)", "READY:2", "DEVICE:2", "HOST:1", "400", "a, b",
+                 "draining"):  # fmt: skip
         assert word in text, word
