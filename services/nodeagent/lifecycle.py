@@ -84,7 +84,8 @@ class Lifecycle:
         r.busy = asyncio.create_task(self._load(r, tier), name=f"load {spec.name}")
         return r
 
-    def start_tier_change(self, r: Replica, tier: int) -> None:
+    def start_tier_change(self, r: Replica, tier: int, trace_parent: str = "") -> None:
+        r.status.placed_trace = trace_parent or r.status.placed_trace
         r.asked_tier = tier
         r.busy = asyncio.create_task(self._change_tier(r, tier), name=f"tier {r.spec.name}")
 
@@ -226,7 +227,13 @@ class Lifecycle:
         }
         try:
             assert r.engine is not None
-            with _tracer.start_as_current_span(name, attributes=attributes) as span:
+            # The round that moved it; a restore also links the offload (eviction) it undoes.
+            parents = [r.status.placed_trace]
+            if tier == S.TIER_DEVICE:
+                parents.append(r.status.offload_trace)
+            with _tracer.start_as_current_span(
+                name, attributes=attributes, links=links_to(*parents)
+            ) as span:
                 if tier == S.TIER_DEVICE:
                     r.status.load_trace = traceparent(span)  # a cold start from a lower tier
                     await self.publisher.set_state(r, S.REPLICA_STATE_LOADING)
@@ -238,6 +245,7 @@ class Lifecycle:
                     await self._warm_up(r)
                     state = S.REPLICA_STATE_READY
                 else:
+                    r.status.offload_trace = traceparent(span)
                     await self._drain(r)
                     await r.engine.offload(tier)
                     r.status.tier = r.engine.tier  # type: ignore[assignment]  # where it settled

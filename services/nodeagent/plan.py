@@ -58,6 +58,7 @@ class SetEpoch:
 class ChangeTier:
     model: str
     tier: int
+    trace_parent: str = ""  # the round that asked for the move (links the offload or restore)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def plan(
             out.append(SetEpoch(model, p.epoch))
         want_tier = p.tier or S.TIER_DEVICE
         if h.state in SETTLED and not h.busy and not h.unloading and h.asked_tier != want_tier:
-            out.append(ChangeTier(model, want_tier))
+            out.append(ChangeTier(model, want_tier, p.trace_parent))
     for model, h in held.items():
         wanted = model in current or model in stale or h.manual
         if not wanted and not h.unloading and not h.busy:

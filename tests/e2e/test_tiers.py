@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from meshserve.cluster.keys import Keyspace
@@ -14,7 +15,7 @@ from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.local import Mesh
 from meshserve.v1 import cluster_pb2, inference_pb2
 
-from tests.e2e.conftest import apply, generate, known, model_spec
+from tests.e2e.conftest import apply, generate, known, model_spec, read_spans
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def small_mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("tiers")
-    m = Mesh(root, lease_ttl_s=2)
+    m = Mesh(root, lease_ttl_s=2, trace_dir=root / "traces")
     try:
         m.start_etcd()
         m.start_scheduler()
@@ -87,6 +88,7 @@ async def test_demand_shift_swaps_models_through_cpu_ram(small_mesh: Mesh) -> No
     x_after = await generate(router, greedy("x"), timeout=60)
     assert x_after.token_ids == x_before.token_ids
     assert x_after.text == x_before.text
+    await _restore_links_back_to_the_eviction(small_mesh, x_after.headers["traceresponse"])
     y_off = state_is("y", cluster_pb2.REPLICA_STATE_OFFLOADED, cluster_pb2.TIER_HOST)
     await eventually(lambda: y_off(small_mesh), 20, "y offloaded to CPU RAM")  # type: ignore[operator]
     z_ready = state_is("z", cluster_pb2.REPLICA_STATE_READY, cluster_pb2.TIER_DEVICE)
@@ -96,3 +98,42 @@ async def test_demand_shift_swaps_models_through_cpu_ram(small_mesh: Mesh) -> No
     assert x.state == cluster_pb2.REPLICA_STATE_READY and x.tier == cluster_pb2.TIER_DEVICE
     assert x.transition_seconds > 0  # it came back through a restore
     assert x.predicted_bytes > 0 and x.memory_bytes > 0
+
+
+async def _restore_links_back_to_the_eviction(mesh: Mesh, traceresponse: str) -> None:
+    """The request that waited for x's restore links the restore; the restore links the round
+    that asked for it and the offload it undoes; the offload links the round that evicted x."""
+    assert mesh.trace_dir is not None
+    trace_id = "0x" + traceresponse.split("-")[1]
+
+    def found() -> dict[str, dict[str, Any]] | None:
+        spans = read_spans(mesh.trace_dir)  # type: ignore[arg-type]
+        by_id = {s["context"]["span_id"]: s for s in spans}
+
+        def linked(span: dict[str, Any]) -> list[dict[str, Any]]:
+            ids = [link["context"]["span_id"] for link in span.get("links") or []]
+            return [by_id[i] for i in ids if i in by_id]
+
+        for pick in spans:
+            if pick["name"] != "router.pick" or pick["context"]["trace_id"] != trace_id:
+                continue
+            restore = next((s for s in linked(pick) if s["name"] == "model.restore"), None)
+            if restore is None:
+                continue
+            offload = next((s for s in linked(restore) if s["name"] == "model.offload"), None)
+            rounds = [s for s in linked(restore) if s["name"] == "scheduler.round"]
+            if offload is None or not rounds:
+                continue
+            evicted_by = [s for s in linked(offload) if s["name"] == "scheduler.round"]
+            if evicted_by:
+                return {"restore": restore, "offload": offload, "eviction": evicted_by[0]}
+        return None
+
+    chain = await eventually(found, 15, "x's restore linked back to its eviction")
+    assert chain["offload"]["attributes"]["gen_ai.request.model"] == "x"
+    assert chain["offload"]["attributes"]["meshserve.tier.to"] == "TIER_HOST"
+    events = chain["eviction"].get("events", [])
+    assert any(
+        e["attributes"].get("gen_ai.request.model") == "x" and e["name"] in ("evict", "place")
+        for e in events
+    ), events
