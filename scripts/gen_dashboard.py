@@ -19,10 +19,14 @@ ROWS: list[tuple[str, list[tuple[str, str, str]]]] = [
         [
             ("Requests/s by model", 'sum by (model) (rate(meshserve_requests_total{service="router"}[1m]))', "reqps"),
             ("Errors/s by status", 'sum by (code) (rate(meshserve_requests_total{service="router", code!="OK"}[1m]))', "reqps"),
+            ("TTFT p50", 'histogram_quantile(0.5, sum by (le, model) (rate(meshserve_time_to_first_token_seconds_bucket{service="router"}[5m])))', "s"),
             ("TTFT p99", 'histogram_quantile(0.99, sum by (le, model) (rate(meshserve_time_to_first_token_seconds_bucket{service="router"}[5m])))', "s"),
+            ("Inter-token p50", 'histogram_quantile(0.5, sum by (le, model) (rate(meshserve_inter_token_seconds_bucket[5m])))', "s"),
             ("Inter-token p99", 'histogram_quantile(0.99, sum by (le, model) (rate(meshserve_inter_token_seconds_bucket[5m])))', "s"),
             ("Streams in flight", "sum by (model) (meshserve_in_flight)", "short"),
             ("Queued for a slot or a replica", "sum by (model) (meshserve_router_queued)", "short"),
+            ("Queue wait p99", "histogram_quantile(0.99, sum by (le, model) (rate(meshserve_router_queue_wait_seconds_bucket[5m])))", "s"),
+            ("READY replicas (routers' view)", "max by (model) (meshserve_router_ready_replicas)", "short"),
             ("Retries/s", "sum by (model) (rate(meshserve_router_retries_total[1m]))", "reqps"),
             ("Failovers/min (streams moved mid-way)", "sum by (model) (rate(meshserve_router_failovers_total[5m])) * 60", "short"),
             ("Open circuit breakers", "sum by (node, model) (meshserve_router_breaker_open)", "short"),
@@ -35,6 +39,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str]]]] = [
         "GPUs (node agents)",
         [
             ("GPU memory used", "sum by (gpu) (meshserve_gpu_memory_used_bytes)", "bytes"),
+            ("GPU memory used share", "max by (gpu) (meshserve_gpu_memory_used_bytes / meshserve_gpu_memory_total_bytes)", "percentunit"),
             ("GPU utilization", "avg by (gpu) (meshserve_gpu_utilization_ratio)", "percentunit"),
             ("Model load time p90", "histogram_quantile(0.9, sum by (le, model) (rate(meshserve_model_load_seconds_bucket[30m])))", "s"),
             ("Tier change time p90", "histogram_quantile(0.9, sum by (le, model) (rate(meshserve_tier_change_seconds_bucket[30m])))", "s"),
@@ -71,6 +76,8 @@ ROWS: list[tuple[str, list[tuple[str, str, str]]]] = [
             ("Evictions/min", "sum by (model) (rate(meshserve_scheduler_evictions_total[5m])) * 60", "short"),
             ("Loads/min", "sum(rate(meshserve_scheduler_loads_total[5m])) * 60", "short"),
             ("Unschedulable models", "max by (model) (meshserve_scheduler_unschedulable)", "short"),
+            ("Idle rounds/s (not traced)", "sum(rate(meshserve_scheduler_idle_rounds_total[5m]))", "short"),
+            ("Nodes lost (lease expired)/hour", "max(increase(meshserve_scheduler_nodes_lost_total[1h]))", "short"),
         ],
     ),
 ]  # fmt: skip
