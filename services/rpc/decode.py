@@ -8,10 +8,9 @@ per ``LOG_EVERY_S`` with how many there were.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from meshserve.rpc.errors import ServiceError
 from meshserve.telemetry import metrics
+from meshserve.telemetry.server_interceptor import as_writer
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
@@ -87,31 +87,14 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "UNPARSEABLE_REQUEST",
             ).abort(context)
 
-        if handler.unary_stream is not None and not inspect.isasyncgenfunction(
-            handler.unary_stream
-        ):  # a writer coroutine (handlers.stream)
-            writer = handler.unary_stream
+        if handler.unary_stream is not None:
+            writer = as_writer(handler.unary_stream)
 
-            async def unary_stream_writer(request: Any, context: Any) -> None:
+            async def unary_stream(request: Any, context: Any) -> None:
                 if isinstance(request, Undecodable):
                     await refuse(request, context)
                     return
                 await writer(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream_writer,
-                request_deserializer=guarded,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                if isinstance(request, Undecodable):
-                    await refuse(request, context)
-                    return
-                async for response in stream(request, context):
-                    yield response
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,

@@ -3,15 +3,16 @@
 Written here instead of using opentelemetry-instrumentation-grpc's aio server interceptor because
 that one (a) does not record a client's cancel or an expired deadline as an error — on a cancel
 between two messages grpc.aio closes the outermost response generator, which is the interceptor's,
-so the handler never sees it before the span ends — and (b) wraps every streamed message. This one
-is the outermost generator, so it sees the close itself, and it touches nothing per message.
+so the handler never sees it before the span ends — and (b) wraps every streamed message. Here a
+streaming handler runs in gRPC's writer form (`as_writer`): the interceptor awaits it once under
+its span, sees a cancel as the task's cancel, and touches nothing per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -72,6 +73,21 @@ def _finish(span: trace.Span, context: Any, error: BaseException | None) -> None
             span.record_exception(error)
 
 
+def as_writer(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[None]]:
+    """A unary-stream handler in gRPC's reader/writer form: a coroutine that writes each
+    response with ``context.write`` (handlers.stream's form) stays as it is; an async generator
+    becomes one. Interceptors then await the handler once: nothing of theirs runs per message,
+    and a client's cancel reaches them as the task's cancel."""
+    if not inspect.isasyncgenfunction(behavior):
+        return behavior
+
+    async def writer(request: Any, context: Any) -> None:
+        async for response in behavior(request, context):
+            await context.write(response)
+
+    return writer
+
+
 async def _traced(span: trace.Span, context: Any, call: Awaitable[Any]) -> Any:
     """Awaits one RPC's handler (unary, or a stream's writer) under its server span."""
     error: BaseException | None = None
@@ -109,35 +125,11 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 attributes=attributes,
             )
 
-        if handler.unary_stream is not None and not inspect.isasyncgenfunction(
-            handler.unary_stream
-        ):  # a writer coroutine (handlers.stream): awaited once, nothing per message
-            writer = handler.unary_stream
-
-            async def unary_stream_writer(request: Any, context: Any) -> None:
-                await _traced(start(context), context, writer(request, context))
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream_writer,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
         if handler.unary_stream is not None:
-            behavior = handler.unary_stream
+            writer = as_writer(handler.unary_stream)
 
-            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                span = start(context)
-                error: BaseException | None = None
-                try:
-                    with trace.use_span(span, end_on_exit=False):
-                        async for response in behavior(request, context):
-                            yield response
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    _finish(span, context, error)
-                    span.end()
+            async def unary_stream(request: Any, context: Any) -> None:
+                await _traced(start(context), context, writer(request, context))
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
