@@ -31,6 +31,13 @@ def keeper_for(client: aetcd.Client) -> LeaseKeeper:
     return keeper
 
 
+def stream_of(lease_id: int, streams: int) -> int:
+    """The stream a lease keeps to: Fibonacci hashing of its id. etcd's lease ids come from a
+    counter it shares with writes, so ``id % streams`` can leave streams unused (it did);
+    multiplying by 2^64/φ spreads consecutive and strided ids alike."""
+    return ((lease_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) * streams >> 64
+
+
 class _Stream:
     """One LeaseKeepAlive call and the refreshes waiting for their reply on it."""
 
@@ -52,14 +59,11 @@ class LeaseKeeper:
         self._client = client
         self._streams: list[_Stream | None] = [None] * self.STREAMS
         self._locks = [asyncio.Lock() for _ in range(self.STREAMS)]
-        self._slots: dict[int, int] = {}  # lease → its stream, kept for the lease's life
 
     async def refresh(self, lease_id: int, timeout_s: float) -> int:
         """Keeps ``lease_id`` alive once: its remaining TTL in seconds, 0 when it has expired.
         Raises what broke the stream, or TimeoutError."""
-        slot = self._slots.get(lease_id)
-        if slot is None:  # round robin: lease ids come from a counter etcd shares with writes
-            slot = self._slots[lease_id] = len(self._slots) % self.STREAMS
+        slot = stream_of(lease_id, self.STREAMS)
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         async with asyncio.timeout(timeout_s):
             async with self._locks[slot]:  # one write at a time on a gRPC stream

@@ -53,8 +53,8 @@ class Session:
     async def _keepalive(self) -> None:
         """A refresh every third of the TTL, on a schedule (not a pause after each reply, which
         a slow reply would stretch), started at a random phase so that a process holding many
-        leases does not refresh them all in one burst; over the process's one keepalive stream
-        (keepalive.py)."""
+        leases does not refresh them all in one burst; over the few keepalive streams its etcd
+        client shares (keepalive.py)."""
         interval = self.ttl_s / 3
         loop = asyncio.get_running_loop()
         due = loop.time() + random.uniform(0.25, 1.0) * interval

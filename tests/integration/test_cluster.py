@@ -51,7 +51,7 @@ async def test_keepalive_holds_keys_past_the_ttl(store: Store, keys: Keyspace) -
     assert await store.get(key, S.NodeStatus) is None  # close revokes: keys go at once
 
 
-async def test_many_sessions_share_one_keepalive_stream_and_all_hold(
+async def test_many_sessions_share_a_few_keepalive_streams_and_all_hold(
     store: Store, keys: Keyspace
 ) -> None:
     """500 leases in one process (a simulated fleet's): all kept alive over the keeper's few
