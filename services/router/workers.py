@@ -83,7 +83,6 @@ class Worker:
         self.config = config
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
-        self.restarts = 0
         self.info: dict[str, object] = {}
 
     @property
@@ -198,7 +197,6 @@ async def _keep(worker: Worker, stop: asyncio.Event) -> None:
         if stop.is_set():
             return
         backoff = min(backoff * 2, BACKOFF_MAX_S)
-        worker.restarts += 1
         await worker.start()
         try:
             await worker.ready(START_TIMEOUT_S)

@@ -69,10 +69,9 @@ def shutdown_tracing() -> None:
 def traceparent(span: trace.Span) -> str:
     """The W3C traceparent of ``span`` ("" when it is not a real, sampled-or-not span): how a
     span is named in records that outlive it (placements, replica statuses, responses)."""
-    ctx = span.get_span_context()
-    if not ctx.is_valid:
-        return ""
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent", "")
 
 
 def links_to(*parents: str) -> list[trace.Link]:
