@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshserve.cluster.etcd_process import EtcdProcess, EtcdSecurity
+import yaml
+from meshserve.cluster.etcd_process import EtcdProcess, EtcdSecurity, free_port
 from meshserve.lifeline import tied_to_parent
 
 
@@ -43,10 +44,14 @@ class Mesh:
         trace_dir: Path | None = None,
         env: dict[str, str] | None = None,
         tls: bool = False,
+        metrics: bool = False,
     ) -> None:
         """``tls``: a local CA in ``data_dir``/tls; every hop (etcd included, with etcd auth)
-        is mutual TLS; `tls_env` is what a client process needs to reach it."""
+        is mutual TLS; `tls_env` is what a client process needs to reach it. ``metrics``: each
+        service serves Prometheus metrics on a free loopback port (`prometheus_config`)."""
         self.data_dir = data_dir.resolve()
+        self.metrics = metrics
+        self.metrics_targets: dict[str, str] = {}  # service name → host:port of its /metrics
         self.lease_ttl_s = lease_ttl_s
         self.trace_dir = trace_dir
         self.env = dict(env or {})
@@ -78,6 +83,10 @@ class Mesh:
     ) -> Service:
         """Starts ``python -m meshserve ARGS`` (this interpreter unless ``python`` names another,
         e.g. an agent in the vLLM environment) and waits for its ready file."""
+        if self.metrics and "--metrics-port" not in args:
+            port = free_port()
+            self.metrics_targets[name] = f"127.0.0.1:{port}"
+            args = [*args, "--metrics-port", str(port)]
         ready = self.data_dir / "run" / f"{name}.ready"
         ready.unlink(missing_ok=True)
         log = self.data_dir / "logs" / f"{name}.log"
@@ -177,6 +186,28 @@ class Mesh:
                 *extra,
             ],
         )
+
+    def prometheus_config(self, interval_s: int = 5) -> str:
+        """A Prometheus configuration that scrapes every service started so far (label ``app``:
+        router, nodeagent, scheduler; ``instance``: the service's name) and loads the alert rules
+        of deploy/prometheus when this is a source checkout."""
+        apps = {"router": "router", "scheduler": "scheduler"}
+        targets = [
+            {
+                "targets": [address],
+                "labels": {"app": apps.get(name.split("-")[0], "nodeagent"), "instance": name},
+            }
+            for name, address in sorted(self.metrics_targets.items())
+        ]
+        config: dict[str, object] = {
+            "global": {"scrape_interval": f"{interval_s}s", "evaluation_interval": f"{interval_s}s"}
+        }
+        rules = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "rules.yaml"
+        if rules.exists():
+            config["rule_files"] = [str(rules)]
+        config["scrape_configs"] = [{"job_name": "meshserve", "static_configs": targets}]
+        header = f"# meshserve up: Prometheus for the local mesh in {self.data_dir}\n"
+        return header + yaml.safe_dump(config, sort_keys=False)
 
     def send(self, name: str, sig: int) -> None:
         """Sends ``sig`` (SIGSTOP, SIGCONT, SIGTERM …) without waiting for anything."""

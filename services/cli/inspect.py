@@ -12,6 +12,7 @@ import typer
 from meshserve.cli.common import SERVICE, Etcd, Prefix, console, default_etcd, err, fail, state
 from meshserve.router.config import DEFAULT_LISTEN
 from meshserve.tls import open_channel
+from meshserve.traceui import trace_link
 from rich.table import Table
 
 app = typer.Typer()
@@ -41,7 +42,10 @@ async def stream_completion(
     session: str,
     api_key: str = "",
     priority: int = 0,
+    trace_ui: str = "",
 ) -> None:
+    """Streams to stdout; the summary, the trace id and (with ``trace_ui``) its page to
+    stderr."""
     import grpc
     from meshserve.rpc.errors import decode_details, error_reason
     from meshserve.v1 import inference_pb2, inference_pb2_grpc
@@ -81,7 +85,8 @@ async def stream_completion(
                         f"{n / elapsed:.0f} tokens/s, {reason}[/dim]"
                     )
                     if trace_id := trace_id_of(headers.get("traceresponse", "")):
-                        err.print(f"[dim]trace {trace_id}[/dim]")
+                        link = trace_link(trace_ui, trace_id) if trace_ui else ""
+                        err.print(f"[dim]trace {trace_id}[/dim] {link}".rstrip(), highlight=False)
         except grpc.aio.AioRpcError as e:
             why = error_reason(decode_details(e.trailing_metadata()))
             raise fail(f"{e.code().name}: {e.details()}" + (f" [{why}]" if why else "")) from None
@@ -127,10 +132,23 @@ def generate(
         level = parse_priority(priority, "--priority") if priority else 0
     except ValueError as e:
         raise fail(str(e)) from None
-    address = address or state().get("router") or DEFAULT_LISTEN
+    local = state()
+    # The trace UI of the `meshserve up` whose router this is (none for another router).
+    ui = local.get("trace_ui", "") if address in ("", local.get("router")) else ""
+    address = address or local.get("router") or DEFAULT_LISTEN
     asyncio.run(
         stream_completion(
-            address, model, prompt, max_tokens, temperature, seed, timeout, session, api_key, level
+            address,
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            seed,
+            timeout,
+            session,
+            api_key,
+            level,
+            trace_ui=ui,
         )
     )
 

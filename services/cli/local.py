@@ -7,7 +7,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +18,7 @@ from meshserve.cli.common import HOME, SERVICE, STATE, console, err, fail
 from meshserve.cli.inspect import apply_spec, stream_completion
 from meshserve.router.config import DEFAULT_LISTEN
 from meshserve.tls import open_channel
+from meshserve.traceui import PROJECT, TraceUI, otel_env
 
 app = typer.Typer()
 DEFAULT_PORT = int(DEFAULT_LISTEN.rpartition(":")[2])
@@ -43,6 +46,16 @@ def up(
     http_port: Annotated[
         int, typer.Option(help="OpenAI-compatible HTTP on 127.0.0.1:PORT; 0 = off")
     ] = 8000,
+    trace_ui: Annotated[
+        bool,
+        typer.Option(help="a trace UI (Arize Phoenix, its environment built on first use)"),
+    ] = False,
+    trace_ui_port: Annotated[int, typer.Option(help="the trace UI's web port")] = 6006,
+    trace_otlp_port: Annotated[int, typer.Option(help="the trace UI's OTLP/gRPC port")] = 4317,
+    prometheus_config: Annotated[
+        Path | None,
+        typer.Option(help="also write the scrape config (DATA_DIR/prometheus.yml) to this file"),
+    ] = None,
 ) -> None:
     """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
     completion, and run until Ctrl-C."""
@@ -50,9 +63,10 @@ def up(
     if agents < 1:
         raise fail("--agents must be >= 1")
     try:
+        observe = Observe(trace_ui, trace_ui_port, trace_otlp_port, prometheus_config)
         _up(
             agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo, auth, tls,
-            http_port,
+            http_port, observe,
         )  # fmt: skip
     except _Stop as stop:
         raise typer.Exit(128 + stop.signum) from None
@@ -62,6 +76,16 @@ def up(
         if received:
             raise typer.Exit(128 + received[0]) from None
         raise
+
+
+@dataclass(frozen=True)
+class Observe:
+    """How an operator looks at the local mesh: a trace UI, and a Prometheus scrape config."""
+
+    trace_ui: bool = False
+    ui_port: int = 6006
+    otlp_port: int = 4317
+    prometheus_config: Path | None = None
 
 
 def _up(
@@ -75,12 +99,15 @@ def _up(
     auth: bool = False,
     tls: bool = False,
     http_port: int = 0,
+    observe: Observe = Observe(),
 ) -> None:
     from meshserve.local import Mesh
 
     started = time.monotonic()
     data_dir = data_dir.expanduser().resolve()
-    mesh = Mesh(data_dir, trace_dir=data_dir / "traces", tls=tls)
+    ui = _start_trace_ui(data_dir, observe) if observe.trace_ui else None
+    env = otel_env(ui.otlp_port) if ui else {}
+    mesh = Mesh(data_dir, trace_dir=data_dir / "traces", tls=tls, env=env, metrics=True)
     os.environ.update(mesh.tls_env)  # this process is a client of the mesh too
     try:
         with console.status("building the tiny demo model (random weights, local tokenizer)…"):
@@ -100,9 +127,12 @@ def _up(
                 extra += ["--http-listen", f"127.0.0.1:{http_port}"]
             router = mesh.start_router(listen=f"127.0.0.1:{port}", extra=extra)
             router_address = router.address
-        (data_dir / STATE).write_text(
-            json.dumps({"router": router_address, "etcd": mesh.etcd.endpoint, "tls": mesh.tls_env})
-        )
+        scrape = data_dir / "prometheus.yml"
+        scrape.write_text(mesh.prometheus_config())
+        if observe.prometheus_config:
+            observe.prometheus_config.write_text(scrape.read_text())
+        state = {"router": router_address, "etcd": mesh.etcd.endpoint, "tls": mesh.tls_env}
+        (data_dir / STATE).write_text(json.dumps({**state, "trace_ui": ui.url if ui else ""}))
         from meshserve.modelspec import classifier_spec, demo_spec
 
         asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, demo_spec(model_dir)))
@@ -115,6 +145,9 @@ def _up(
             f"router {router_address}{http}, "
             f"etcd {mesh.etcd.endpoint}, logs {data_dir / 'logs'}, traces {data_dir / 'traces'}"
         )
+        console.print(f"metrics: prometheus --config.file={scrape}", highlight=False)
+        if ui:
+            console.print(f"trace UI [bold]{ui.url}[/bold] (Phoenix, project '{PROJECT}')")
         if tls:
             exports = " ".join(f"{k}={v}" for k, v in mesh.tls_env.items())
             console.print(f"mutual TLS on every hop (CA {data_dir / 'tls' / 'ca.pem'})")
@@ -126,7 +159,18 @@ def _up(
             )
         console.print(f"[bold]demo>[/bold] {prompt}", end="")
         asyncio.run(
-            stream_completion(router_address, "demo", prompt, max_tokens, None, None, 30.0, "", key)
+            stream_completion(
+                router_address,
+                "demo",
+                prompt,
+                max_tokens,
+                None,
+                None,
+                30.0,
+                "",
+                key,
+                trace_ui=ui.url if ui else "",
+            )
         )
         if exit_after_demo:
             return
@@ -138,13 +182,25 @@ def _up(
             "ModelInfer)\n"
             "Ctrl-C stops the mesh."
         )
-        _watch(mesh)
+        _watch(mesh, ui)
     except (RuntimeError, TimeoutError) as e:
         raise fail(str(e)) from None
     finally:
         with console.status("stopping… (again to force)"):
             mesh.stop()
+            if ui:
+                ui.stop()
         (data_dir / STATE).unlink(missing_ok=True)
+
+
+def _start_trace_ui(data_dir: Path, observe: Observe) -> TraceUI:
+    try:
+        with console.status("starting the trace UI (Phoenix)…") as status:
+            return TraceUI.start(
+                data_dir, observe.ui_port, observe.otlp_port, lambda line: status.update(line)
+            )
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        raise fail(str(e)) from None
 
 
 class _Stop(BaseException):
@@ -173,17 +229,18 @@ def _stop_on_signals() -> list[int]:
     return received
 
 
-def _watch(mesh: Any) -> None:
+def _watch(mesh: Any, ui: TraceUI | None) -> None:
     """Until a signal: say so when a service exits on its own (its log has why)."""
     reported: set[str] = set()
     while True:
         time.sleep(1.0)
-        for name, service in mesh.services.items():
-            if name not in reported and not service.alive():
+        watched = {name: (s.proc, s.log) for name, s in mesh.services.items()}
+        if ui:
+            watched["trace UI"] = (ui.proc, ui.log)
+        for name, (proc, log) in watched.items():
+            if name not in reported and proc.poll() is not None:
                 reported.add(name)
-                err.print(
-                    f"[red]{name} exited with {service.proc.returncode}[/red]; see {service.log}"
-                )
+                err.print(f"[red]{name} exited with {proc.returncode}[/red]; see {log}")
 
 
 def _http_installed() -> bool:

@@ -25,7 +25,7 @@ from meshserve.nodeagent.plan import Load
 from meshserve.nodeagent.publisher import StatusPublisher
 from meshserve.nodeagent.replica import Replica
 from meshserve.telemetry import metrics
-from meshserve.telemetry.tracing import links_to, traceparent, tracer
+from meshserve.telemetry.tracing import exemplar, links_to, traceparent, tracer
 from meshserve.v1 import cluster_pb2
 from meshserve.validation import GenerationParams
 from meshserve.weights import predict_weight_bytes
@@ -70,6 +70,7 @@ class Lifecycle:
             epoch=load.epoch,
             max_streams=self.config.max_in_flight,
             placed_trace=load.trace_parent,
+            placed_reason=load.reason,
         )
         tier = load.tier or S.TIER_DEVICE
         r = Replica(
@@ -84,8 +85,11 @@ class Lifecycle:
         r.busy = asyncio.create_task(self._load(r, tier), name=f"load {spec.name}")
         return r
 
-    def start_tier_change(self, r: Replica, tier: int, trace_parent: str = "") -> None:
+    def start_tier_change(
+        self, r: Replica, tier: int, trace_parent: str = "", reason: str = ""
+    ) -> None:
         r.status.placed_trace = trace_parent or r.status.placed_trace
+        r.status.placed_reason = reason or r.status.placed_reason
         r.asked_tier = tier
         r.busy = asyncio.create_task(self._change_tier(r, tier), name=f"tier {r.spec.name}")
 
@@ -143,6 +147,7 @@ class Lifecycle:
                     links=links_to(r.status.placed_trace),  # the round that placed it
                 ) as span:
                     r.status.load_trace = traceparent(span)  # published with LOADING
+                    r.status.loaded_from = "source"
                     config = await self._engine_config_for(r)
                     engine = await asyncio.to_thread(make_engine, r.spec, config)
                     r.engine = engine
@@ -156,7 +161,7 @@ class Lifecycle:
                     r.status.load_seconds = time.monotonic() - started
                     span.set_attribute("meshserve.load_seconds", r.status.load_seconds)
                     span.set_attribute("meshserve.memory_bytes", r.status.memory_bytes)
-            metrics.LOAD_SECONDS.labels(model).observe(r.status.load_seconds)
+                    metrics.LOAD_SECONDS.labels(model).observe(r.status.load_seconds, exemplar())
             log.info(
                 "%s READY in %.2f s (%d bytes)", model, r.status.load_seconds, r.status.memory_bytes
             )
@@ -236,6 +241,7 @@ class Lifecycle:
             ) as span:
                 if tier == S.TIER_DEVICE:
                     r.status.load_trace = traceparent(span)  # a cold start from a lower tier
+                    r.status.loaded_from = S.Tier.Name(r.status.tier)
                     await self.publisher.set_state(r, S.REPLICA_STATE_LOADING)
                     async with self._load_lock:  # one load or restore at a time per device
                         await r.engine.restore()
@@ -253,7 +259,9 @@ class Lifecycle:
                     state = S.REPLICA_STATE_OFFLOADED
                 r.status.transition_seconds = time.monotonic() - started
                 span.set_attribute("meshserve.transition_seconds", r.status.transition_seconds)
-            metrics.SWAP_SECONDS.labels(model, tier_name).observe(r.status.transition_seconds)
+                metrics.SWAP_SECONDS.labels(model, tier_name).observe(
+                    r.status.transition_seconds, exemplar()
+                )
             log.info("%s → %s in %.3f s", model, tier_name, r.status.transition_seconds)
             await self.publisher.set_state(r, state)
         except asyncio.CancelledError:

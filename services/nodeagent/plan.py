@@ -44,6 +44,7 @@ class Load:
     budget_bytes: int  # memory the placement grants
     devices: tuple[str, ...]  # GPU uuids the placement names
     trace_parent: str = ""  # the placing round's W3C traceparent (links the load to it)
+    reason: str = ""  # the placement's reason (published for requests that wait on the load)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ChangeTier:
     model: str
     tier: int
     trace_parent: str = ""  # the round that asked for the move (links the offload or restore)
+    reason: str = ""  # the placement's reason
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,14 @@ def plan(
         )
         if h is None or retry:
             tier = p.tier or S.TIER_DEVICE
-            out.append(Load(spec, p.epoch, tier, p.memory_bytes, tuple(p.devices), p.trace_parent))
+            devices = tuple(p.devices)
+            out.append(Load(spec, p.epoch, tier, p.memory_bytes, devices, p.trace_parent, p.reason))
             continue
         if h.epoch != p.epoch and not h.unloading:
             out.append(SetEpoch(model, p.epoch))
         want_tier = p.tier or S.TIER_DEVICE
         if h.state in SETTLED and not h.busy and not h.unloading and h.asked_tier != want_tier:
-            out.append(ChangeTier(model, want_tier, p.trace_parent))
+            out.append(ChangeTier(model, want_tier, p.trace_parent, p.reason))
     for model, h in held.items():
         wanted = model in current or model in stale or h.manual
         if not wanted and not h.unloading and not h.busy:

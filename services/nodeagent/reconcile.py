@@ -143,8 +143,8 @@ class Reconciler:
                 case SetEpoch(model, epoch):
                     self.replicas[model].status.epoch = epoch
                     self.publisher.mark_dirty(model)
-                case ChangeTier(model, tier, parent):
-                    self.lifecycle.start_tier_change(self.replicas[model], tier, parent)
+                case ChangeTier(model, tier, parent, reason):
+                    self.lifecycle.start_tier_change(self.replicas[model], tier, parent, reason)
                 case Unload(model):
                     self.lifecycle.start_unload(self.replicas[model])
 

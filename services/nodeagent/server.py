@@ -14,7 +14,7 @@ from meshserve.rpc import handlers
 from meshserve.rpc.errors import invalid_argument, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
-from meshserve.telemetry.tracing import tracer
+from meshserve.telemetry.tracing import exemplar, tracer
 from meshserve.tensors import check_inputs, not_a_tensor_model
 from meshserve.v1 import (
     cluster_pb2,
@@ -103,7 +103,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
                     now = time.perf_counter()
                     if first:
                         span.set_attribute("meshserve.ttft_s", now - start)
-                        metrics.TTFT.labels("agent", model).observe(now - start)
+                        metrics.TTFT.labels("agent", model).observe(now - start, exemplar())
                         first = False
                     else:
                         metrics.INTER_TOKEN.labels("agent", model).observe(now - last)
@@ -125,6 +125,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
                             [inference_pb2.FinishReason.Name(chunk.finish_reason)],  # type: ignore[arg-type]
                         )
                     yield response
+                span.set_status(trace.StatusCode.OK)
             except BaseException as e:
                 code = handlers.code_of(e)
                 if code == "CANCELLED":

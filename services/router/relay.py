@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from meshserve.router import coldstart
 from meshserve.router.admission import ANYONE, Admission, Identity, Slot, Who
 from meshserve.router.breakers import Breakers
 from meshserve.router.budget import RetryBudget
@@ -37,7 +38,7 @@ from meshserve.rpc.errors import ServiceError
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.server_interceptor import traceresponse
-from meshserve.telemetry.tracing import links_to, tracer
+from meshserve.telemetry.tracing import exemplar, tracer
 from meshserve.v1 import inference_pb2
 from opentelemetry import trace
 
@@ -132,18 +133,16 @@ class Relay:
         try:
             while True:
                 with _tracer.start_as_current_span("router.pick") as pick:
+                    waiting_since = time.time_ns()
                     slot = await self.admission.acquire(
                         route, request.session_key, handlers.remaining_s(context), failed, who
                     )
                     pick.set_attribute("meshserve.node", slot.endpoint.node_id)
                     if slot.waited_s:
                         pick.set_attribute("meshserve.queued_s", slot.waited_s)
-                        if not route.ready:  # it waited for a cold start: link why and how
-                            pick.set_attribute("meshserve.cold_start", True)
-                            for link in links_to(
-                                slot.endpoint.placed_trace, slot.endpoint.load_trace
-                            ):
-                                pick.add_link(link.context, {"meshserve.link": "cold start"})
+                        if not route.ready:  # it waited for a cold start: say why and how
+                            status = self.table.status_of(model, slot.endpoint)
+                            coldstart.explain(pick, waiting_since, status)
                 payload = self._payload(request, slot, delivered)
                 delay = 0.0  # backoff before the next attempt, taken without holding a slot
                 try:
@@ -340,7 +339,7 @@ class _Headers:
     ) -> None:
         self.sent = True
         ttft = time.perf_counter() - start
-        metrics.TTFT.labels("router", slot.model).observe(ttft)
+        metrics.TTFT.labels("router", slot.model).observe(ttft, exemplar())
         demand.first_token(slot.model, ttft)
         span = trace.get_current_span()
         span.set_attribute("meshserve.ttft_s", ttft)

@@ -40,8 +40,6 @@ class Endpoint:
     kv_cache_usage: float = 0.0  # [0, 1], engines with a paged KV cache
     max_streams: int = 0  # streams the replica admits at once; 0 = unknown (no limit here)
     incarnation: int = 0  # the agent's lease when it wrote the status: a restart changes it
-    placed_trace: str = ""  # traceparents of the round that placed it and of its load: a
-    load_trace: str = ""  # request that waited for this replica's cold start links both
 
     @property
     def identity(self) -> tuple[str, int]:
@@ -81,8 +79,6 @@ def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
         r.max_streams,
         r.incarnation,
         r.signature,
-        r.placed_trace,
-        r.load_trace,
     )
 
 
@@ -94,8 +90,6 @@ def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
         r.kv_cache_usage,
         r.max_streams,
         r.incarnation,
-        r.placed_trace,
-        r.load_trace,
     )
 
 
@@ -274,6 +268,14 @@ class EndpointTable:
         watch[1] += 1
         event: asyncio.Event = watch[0]
         return event
+
+    def status_of(self, model: str, endpoint: Endpoint) -> cluster_pb2.ReplicaStatus | None:
+        """The last published status of ``endpoint``'s replica of ``model`` (rare paths only:
+        a scan of the model's replicas)."""
+        for status in self.builder.statuses.get(model, {}).values():
+            if (status.address, status.incarnation) == endpoint.identity:
+                return status
+        return None
 
     def forget_departure(self, model: str, identity: tuple[str, int]) -> None:
         key = (model, identity)

@@ -66,7 +66,9 @@ def _finish(span: trace.Span, context: Any, error: BaseException | None) -> None
     if code is None:
         code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
     span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code != grpc.StatusCode.OK:
+    if code == grpc.StatusCode.OK:
+        span.set_status(trace.StatusCode.OK)  # served: trace UIs filter on OK vs ERROR
+    else:
         details = context.details() if hasattr(context, "details") else ""
         span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {details or ''}"))
         if error is not None and code == grpc.StatusCode.UNKNOWN:

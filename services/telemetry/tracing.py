@@ -74,6 +74,17 @@ def traceparent(span: trace.Span) -> str:
     return carrier.get("traceparent", "")
 
 
+def exemplar() -> dict[str, str] | None:
+    """The current span as an OpenMetrics exemplar for a histogram observation (``trace_id``,
+    ``span_id``, lower-case hex as trace UIs take them), or None when this process records no
+    span (tracing off or not sampled: an exemplar must lead to a trace that was exported)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return None
+    ctx = span.get_span_context()
+    return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
+
+
 def links_to(*parents: str) -> list[trace.Link]:
     """Span links to the spans these W3C traceparents name (malformed or empty ones skipped)."""
     links = []

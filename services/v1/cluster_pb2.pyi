@@ -478,6 +478,8 @@ class ReplicaStatus(_message.Message):
     PLACED_TRACE_FIELD_NUMBER: _builtins.int
     LOAD_TRACE_FIELD_NUMBER: _builtins.int
     OFFLOAD_TRACE_FIELD_NUMBER: _builtins.int
+    PLACED_REASON_FIELD_NUMBER: _builtins.int
+    LOADED_FROM_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -516,6 +518,10 @@ class ReplicaStatus(_message.Message):
     load_trace: _builtins.str
     offload_trace: _builtins.str
     """its last offload (an eviction): a later restore links it"""
+    placed_reason: _builtins.str
+    """the placement's reason (what the scheduler said), for the request"""
+    loaded_from: _builtins.str
+    """where its last load came from: "source", or the tier it was restored from"""
     @_builtins.property
     def signature(self) -> _common_pb2.TensorSignature:
         """tensor models: what Infer takes and gives (after load)"""
@@ -545,10 +551,12 @@ class ReplicaStatus(_message.Message):
         placed_trace: _builtins.str = ...,
         load_trace: _builtins.str = ...,
         offload_trace: _builtins.str = ...,
+        placed_reason: _builtins.str = ...,
+        loaded_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

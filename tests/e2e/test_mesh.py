@@ -313,6 +313,24 @@ async def _cold_start_is_explained_in_the_trace(mesh: Mesh, traceresponse: str) 
     assert load["attributes"]["gen_ai.request.model"] == "lazy"
     # ... and the round that placed it links the request that asked for it (EnsureModel).
     assert any(link["context"]["trace_id"] == trace_id for link in decision.get("links") or [])
+    # Inside the request's own trace (for UIs that drop links): the wait split into the decision
+    # and the load, each naming the span it summarises.
+    inside = {
+        s["name"]: s
+        for s in read_spans(trace_dir)
+        if s["parent_id"] == pick["context"]["span_id"] and s["name"].startswith("cold_start.")
+    }
+    assert set(inside) == {"cold_start.decision", "cold_start.load"}
+    for name, remote in (("cold_start.decision", decision), ("cold_start.load", load)):
+        a = inside[name]["attributes"]
+        assert "0x" + a["meshserve.linked.span_id"] == remote["context"]["span_id"]
+        assert a["meshserve.node"] == load["attributes"]["meshserve.node"]
+    assert inside["cold_start.decision"]["attributes"]["meshserve.placement.reason"]
+    summary = inside["cold_start.load"]["attributes"]
+    assert summary["meshserve.load.from"] == "source" and summary["meshserve.load.bytes"] > 0
+    assert summary["meshserve.load.seconds"] == pytest.approx(
+        load["attributes"]["meshserve.load_seconds"], rel=0.01
+    )
 
 
 async def test_scheduling_rounds_are_traced_with_their_decisions(mesh: Mesh) -> None:

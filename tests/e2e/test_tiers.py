@@ -125,13 +125,27 @@ async def _restore_links_back_to_the_eviction(mesh: Mesh, traceresponse: str) ->
             if offload is None or not rounds:
                 continue
             evicted_by = [s for s in linked(offload) if s["name"] == "scheduler.round"]
-            if evicted_by:
-                return {"restore": restore, "offload": offload, "eviction": evicted_by[0]}
+            summary = [
+                s
+                for s in spans
+                if s["name"] == "cold_start.load" and s["parent_id"] == pick["context"]["span_id"]
+            ]
+            if evicted_by and summary:
+                return {
+                    "restore": restore,
+                    "offload": offload,
+                    "eviction": evicted_by[0],
+                    "summary": summary[0],
+                }
         return None
 
     chain = await eventually(found, 15, "x's restore linked back to its eviction")
     assert chain["offload"]["attributes"]["gen_ai.request.model"] == "x"
     assert chain["offload"]["attributes"]["meshserve.tier.to"] == "TIER_HOST"
+    # Inside the request's trace: the wait's load part says it was a restore from host RAM.
+    summary = chain["summary"]["attributes"]
+    assert summary["meshserve.load.from"] == "TIER_HOST"
+    assert "0x" + summary["meshserve.linked.span_id"] == chain["restore"]["context"]["span_id"]
     events = chain["eviction"].get("events", [])
     assert any(
         e["attributes"].get("gen_ai.request.model") == "x" and e["name"] in ("evict", "place")
