@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Tools the test suite uses beyond Python: promtool (alert rule checks and tests), into .tools/bin.
+# Tools the test suite uses beyond Python, into .tools/bin: promtool (alert rule checks and tests)
+# and prometheus (a real server scraping a live mesh: tests/e2e/test_observability.py).
 #   bash scripts/test-tools.sh
-# promtool is taken out of Debian's `prometheus` package without installing it (installing would
+# Both are taken out of Debian's `prometheus` package without installing it (installing would
 # start a Prometheus server on hosts with systemd). Idempotent. Where apt is unavailable it says
-# so and the promtool tests skip, naming this script.
+# so and the tests that need them skip, naming this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tools/bin
-if [ -x .tools/bin/promtool ] || command -v promtool >/dev/null; then
+if [ -x .tools/bin/promtool ] && [ -x .tools/bin/prometheus ]; then
   exit 0
 fi
 if ! command -v apt-get >/dev/null; then
@@ -27,5 +28,6 @@ if ! apt-get download prometheus >/dev/null 2>&1; then
 fi
 dpkg-deb -x prometheus_*.deb root
 cd - >/dev/null
-cp "$work/root/usr/bin/promtool" .tools/bin/promtool
+cp "$work/root/usr/bin/promtool" "$work/root/usr/bin/prometheus" .tools/bin/
 .tools/bin/promtool --version | head -1
+.tools/bin/prometheus --version | head -1

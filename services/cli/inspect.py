@@ -86,7 +86,11 @@ async def stream_completion(
                     )
                     if trace_id := trace_id_of(headers.get("traceresponse", "")):
                         link = trace_link(trace_ui, trace_id) if trace_ui else ""
-                        err.print(f"[dim]trace {trace_id}[/dim] {link}".rstrip(), highlight=False)
+                        err.print(
+                            f"[dim]trace {trace_id}[/dim] {link}".rstrip(),
+                            highlight=False,
+                            soft_wrap=True,
+                        )
         except grpc.aio.AioRpcError as e:
             why = error_reason(decode_details(e.trailing_metadata()))
             raise fail(f"{e.code().name}: {e.details()}" + (f" [{why}]" if why else "")) from None
