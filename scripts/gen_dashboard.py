@@ -36,6 +36,15 @@ ROWS: list[tuple[str, list[tuple[str, str, str]]]] = [
         ],
     ),
     (
+        "Replicas and cold starts",
+        [
+            ("Replicas by state", "sum by (model, state) (meshserve_replicas)", "short"),
+            ("Replicas by tier", "sum by (model, tier) (meshserve_replicas)", "short"),
+            ("Cold starts/min by model (requests that waited for a load)", 'sum by (model) (rate(meshserve_tenant_requests_total{start="cold"}[5m])) * 60', "short"),
+            ("Model load time p99 (exemplars: the load's trace)", "histogram_quantile(0.99, sum by (le, model) (rate(meshserve_model_load_seconds_bucket[30m])))", "s"),
+        ],
+    ),
+    (
         "GPUs (node agents)",
         [
             ("GPU memory used", "sum by (gpu) (meshserve_gpu_memory_used_bytes)", "bytes"),
@@ -101,7 +110,16 @@ def dashboard() -> dict[str, object]:
                     "datasource": {"type": "prometheus", "uid": "${datasource}"},
                     "gridPos": {"h": 8, "w": 12, "x": (i % 2) * 12, "y": y + (i // 2) * 8},
                     "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-                    "targets": [{"refId": "A", "expr": expr, "legendFormat": "__auto"}],
+                    # Histograms carry trace ids as exemplars: Grafana links each to its trace
+                    # (deploy/grafana/datasources.yaml, exemplarTraceIdDestinations).
+                    "targets": [
+                        {
+                            "refId": "A",
+                            "expr": expr,
+                            "legendFormat": "__auto",
+                            "exemplar": "_bucket" in expr,
+                        }
+                    ],
                 }
             )
             pid += 1

@@ -22,7 +22,7 @@ from meshserve.scheduler.config import SchedulerConfig
 from meshserve.scheduler.eta import ready_in_s
 from meshserve.scheduler.placement import place
 from meshserve.scheduler.profile import Profile
-from meshserve.scheduler.record import RoundOutcome, record_round
+from meshserve.scheduler.record import RoundOutcome, export_replicas, record_round
 from meshserve.scheduler.snapshot import (
     autoscale,
     build_snapshot,
@@ -135,6 +135,7 @@ class SchedulerLoop:
                 await self._lead(lead)
             finally:
                 self.leadership = None
+                export_replicas(())
                 await self.election.resign()
             log.warning("%s lost leadership", self.config.scheduler_id)
 
@@ -163,6 +164,7 @@ class SchedulerLoop:
         started_ns = time.time_ns()
         links, self._links = self._links, []
         snap = self._snapshot(time.time())
+        export_replicas(self.replicas.snapshot.values())
         plan = place(snap, self.profile)
         specs = {s.name: s for s in self.models.snapshot.values()}
         want = wanted_placements(plan, specs, lead.token, self.keys)

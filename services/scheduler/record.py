@@ -5,7 +5,7 @@ round; the round itself stays free of telemetry."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from meshserve.scheduler.autoscale import ScaleState
@@ -87,3 +87,25 @@ def record_round(span: trace.Span, r: RoundOutcome) -> None:
     for name, decision in plan.decisions.items():
         metrics.UNSCHEDULABLE.labels(name).set(1 if decision.unschedulable else 0)
     metrics.SCHEDULER_ROUND_SECONDS.observe(r.seconds)
+
+
+_exported: set[tuple[str, str, str]] = set()
+
+
+def export_replicas(replicas: Iterable[cluster_pb2.ReplicaStatus]) -> None:
+    """``meshserve_replicas{model, state, tier}``: the leader's count of every replica, so one
+    scrape shows the fleet by tier (a follower, or a deposed leader, exports none)."""
+    global _exported
+    counts: dict[tuple[str, str, str], int] = {}
+    for r in replicas:
+        key = (
+            r.model,
+            cluster_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_"),
+            cluster_pb2.Tier.Name(r.tier).removeprefix("TIER_"),
+        )
+        counts[key] = counts.get(key, 0) + 1
+    for gone in _exported - counts.keys():
+        metrics.REPLICAS.remove(*gone)
+    for key, n in counts.items():
+        metrics.REPLICAS.labels(*key).set(n)
+    _exported = set(counts)

@@ -150,6 +150,11 @@ SCHEDULER_LOADS = Counter("meshserve_scheduler_loads_total", "Replicas newly pla
 WANTED_REPLICAS = Gauge(
     "meshserve_scheduler_wanted_replicas", "Replicas the autoscaler asks for", ["model"]
 )
+REPLICAS = Gauge(
+    "meshserve_replicas",
+    "Replicas by model, state and tier, as the scheduler leader sees them in etcd",
+    ["model", "state", "tier"],
+)
 UNSCHEDULABLE = Gauge(
     "meshserve_scheduler_unschedulable", "1 while a model has a replica it cannot place", ["model"]
 )

@@ -384,6 +384,12 @@ async def test_prometheus_reads_the_mesh_and_an_exemplar_leads_to_its_trace(
         got = {g: (per[g], float(r["value"][1])) for r in used if (g := r["metric"]["gpu"]) in per}
         return got if len(got) == 2 else None
 
+    replicas = await eventually(
+        lambda: promql(prometheus, 'meshserve_replicas{model="demo"}'), 60, "replicas by tier"
+    )
+    assert [(r["metric"]["state"], r["metric"]["tier"], r["value"][1]) for r in replicas] == [
+        ("READY", "DEVICE", "1")
+    ]
     memory = await eventually(gpu_memory, 60, "GPU memory per device through Prometheus")
     assert memory == {"GPU-0000": (80 * GIB, 1 * GIB), "GPU-0001": (80 * GIB, 2 * GIB)}
 

@@ -221,3 +221,95 @@ def test_the_alerts_fire_and_stay_silent_as_their_tests_say() -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def observability() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((DEPLOY / "kubernetes" / "observability").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def service_ports(docs: list[dict[str, Any]], namespace: str) -> set[str]:
+    """``name.namespace:port`` of every Service port in ``docs``."""
+    return {
+        f"{d['metadata']['name']}.{namespace}:{p['port']}"
+        for d in docs
+        if d.get("kind") == "Service"
+        for p in d["spec"]["ports"]
+    }
+
+
+def test_meshserve_exports_traces_to_the_collector_and_the_collector_to_jaeger() -> None:
+    kustomization = yaml.safe_load(
+        (DEPLOY / "kubernetes" / "observability" / "kustomization.yaml").read_text()
+    )
+    docs = observability()
+    present = {p.name for p in (DEPLOY / "kubernetes" / "observability").glob("*.yaml")}
+    assert set(kustomization["resources"]) == present - {"kustomization.yaml"}
+    reachable = service_ports(docs, kustomization["namespace"])
+    # Every meshserve container's OTLP endpoint is the Collector's Service.
+    endpoints = {
+        e["value"].removeprefix("http://")
+        for c in containers()
+        for e in c.get("env", [])
+        if e["name"] == "OTEL_EXPORTER_OTLP_ENDPOINT"
+    }
+    assert len([c for c in containers() if c.get("env")]) == len(SERVICES)
+    assert endpoints == {"otel-collector.observability:4317"} <= reachable
+    [config_map] = [d for d in docs if d["kind"] == "ConfigMap"]
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    # Each component a pipeline names is configured; the exporter reaches Jaeger's OTLP port.
+    for pipeline in config["service"]["pipelines"].values():
+        for kind in ("receivers", "processors", "exporters"):
+            assert set(pipeline[kind]) <= set(config[kind]), (kind, pipeline[kind])
+    assert set(config["service"]["extensions"]) <= set(config["extensions"])
+    for exporter in config["exporters"].values():
+        assert exporter["endpoint"] in reachable
+    traces = config["service"]["pipelines"]["traces"]
+    assert traces["processors"][-1] == "batch"  # batch what sampling kept
+    assert traces["processors"].index("tail_sampling") < traces["processors"].index("batch")
+    policies = {p["type"]: p for p in config["processors"]["tail_sampling"]["policies"]}
+    assert policies["status_code"]["status_code"]["status_codes"] == ["ERROR"]
+    assert policies["latency"]["latency"]["threshold_ms"] > 0
+    assert policies["boolean_attribute"]["boolean_attribute"]["key"] == "meshserve.cold_start"
+    # The Collector's Deployment mounts that config, as one replica (tail sampling needs a
+    # trace's spans in one place).
+    [collector] = [d for d in docs if d["kind"] == "Deployment" and "otel" in d["metadata"]["name"]]
+    assert collector["spec"]["replicas"] == 1
+    [container] = collector["spec"]["template"]["spec"]["containers"]
+    assert "contrib" in container["image"]  # tail_sampling is a contrib processor
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert container["args"] == [f"--config={mount}/config.yaml"]
+
+
+def test_grafana_links_exemplars_to_a_trace_datasource() -> None:
+    sources = yaml.safe_load((DEPLOY / "grafana" / "datasources.yaml").read_text())["datasources"]
+    uids = {s["uid"]: s for s in sources}
+    [prometheus] = [s for s in sources if s["type"] == "prometheus"]
+    for destination in prometheus["jsonData"]["exemplarTraceIdDestinations"]:
+        assert destination["datasourceUid"] in uids
+        assert destination["name"] == "trace_id"  # the exemplar label meshserve writes
+    dashboard = json.loads((DEPLOY / "grafana" / "meshserve.json").read_text())
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert any(t["exemplar"] for t in targets if "meshserve_time_to_first_token" in t["expr"])
+
+
+def test_replicas_by_state_and_tier_drop_what_is_gone() -> None:
+    from meshserve.scheduler.record import export_replicas
+    from meshserve.telemetry import metrics
+    from meshserve.v1 import cluster_pb2 as S
+
+    def value(model: str, state: str, tier: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "meshserve_replicas", {"model": model, "state": state, "tier": tier}
+        )
+
+    ready = S.ReplicaStatus(model="m", state=S.REPLICA_STATE_READY, tier=S.TIER_DEVICE)
+    parked = S.ReplicaStatus(model="m", state=S.REPLICA_STATE_OFFLOADED, tier=S.TIER_HOST)
+    export_replicas([ready, ready, parked])
+    assert value("m", "READY", "DEVICE") == 2 and value("m", "OFFLOADED", "HOST") == 1
+    export_replicas([ready])
+    assert value("m", "READY", "DEVICE") == 1 and value("m", "OFFLOADED", "HOST") is None
+    export_replicas(())  # deposed: exports nothing
+    assert not [s for m in metrics.REPLICAS.collect() for s in m.samples]
