@@ -26,10 +26,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from meshserve.router.http_errors import BodyLimit, error_body, from_exception
+from meshserve.router.http_tracing import finish, server_span, trace_headers, traced
 from meshserve.router.server import RouterInference
 from meshserve.router.tenants import PRIORITIES
 from meshserve.rpc.errors import ServiceError, invalid_argument
 from meshserve.v1 import inference_pb2
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -97,7 +99,8 @@ class HttpContext:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self.headers.update({f"x-{k}": v for k, v in metadata})
+        # W3C's traceresponse keeps its name; meshserve's own headers get the x- prefix.
+        self.headers.update({k if k == "traceresponse" else f"x-{k}": v for k, v in metadata})
 
     def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
         self.headers.update({f"x-{k}": v for k, v in metadata})
@@ -130,7 +133,15 @@ def text_of(content: str | list[dict[str, Any]] | None) -> str:
 
 
 def openai_app(core: RouterInference) -> FastAPI:
-    app = FastAPI(title="meshserve OpenAI-compatible API", docs_url=None, redoc_url=None)
+    # FastAPI's own telemetry off: our server span (router/http_tracing.py) is the one the gRPC
+    # front has too — GenAI attributes, the gRPC code as ERROR, traceresponse, spans that cover a
+    # whole streamed body — and per-dependency spans would be noise (ListModels polls included).
+    app = FastAPI(
+        title="meshserve OpenAI-compatible API",
+        docs_url=None,
+        redoc_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+    )
 
     app.add_middleware(BodyLimit)
 
@@ -148,8 +159,10 @@ def openai_app(core: RouterInference) -> FastAPI:
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code)
 
-    def failure(e: BaseException) -> JSONResponse:
+    def failure(e: BaseException, span: trace.Span | None = None) -> JSONResponse:
         status, body, headers = from_exception(e)
+        if span is not None:
+            headers.update(trace_headers(span))
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.get("/v1/models")
@@ -167,19 +180,24 @@ def openai_app(core: RouterInference) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
         inputs = [body.input] if isinstance(body.input, str) else body.input
+        span = server_span(request)
         try:
-            got = await core.embed(
-                inference_pb2.EmbedRequest(model=body.model, inputs=inputs),
-                HttpContext(request, None),
-            )
+            with trace.use_span(span, end_on_exit=False, set_status_on_exception=False):
+                got = await core.embed(
+                    inference_pb2.EmbedRequest(model=body.model, inputs=inputs),
+                    HttpContext(request, None),
+                )
         except (ServiceError, grpc.aio.AioRpcError) as e:
-            return failure(e)
+            finish(span, e)
+            return failure(e, span)
+        finish(span)
         data = [
             {"object": "embedding", "index": i, "embedding": list(e.values)}
             for i, e in enumerate(got.embeddings)
         ]
         usage = {"prompt_tokens": 0, "total_tokens": 0}
-        return {"object": "list", "data": data, "model": body.model, "usage": usage}
+        answer = {"object": "list", "data": data, "model": body.model, "usage": usage}
+        return JSONResponse(answer, headers=trace_headers(span))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -198,24 +216,26 @@ def openai_app(core: RouterInference) -> FastAPI:
     async def run(
         body: Sampling, request: Request, g: inference_pb2.GenerateRequest, chat: bool
     ) -> Any:
+        span = server_span(request)
         try:
             g.model = body.model
             g.sampling.CopyFrom(sampling(body))
             if body.priority:
                 g.priority = PRIORITIES[body.priority]  # type: ignore[assignment]
         except ServiceError as e:
-            return failure(e)
+            finish(span, e)
+            return failure(e, span)
         ctx = HttpContext(request, body.timeout)
         shape = Shape(
             body.model, chat, bool(body.stream_options and body.stream_options.include_usage)
         )
-        stream = core.generate(g, ctx)
+        stream = traced(span, core.generate(g, ctx))  # ends the span when the stream ends
         try:  # the first message (or the error) before any byte is sent: errors get a status
             first = await anext(stream)
         except StopAsyncIteration:
             first = b""
         except (ServiceError, grpc.aio.AioRpcError) as e:
-            return failure(e)
+            return failure(e, span)
         if body.stream:
             return StreamingResponse(
                 shape.sse(first, stream),
@@ -225,7 +245,7 @@ def openai_app(core: RouterInference) -> FastAPI:
         try:
             return JSONResponse(await shape.whole(first, stream), headers=ctx.headers)
         except (ServiceError, grpc.aio.AioRpcError) as e:
-            return failure(e)
+            return failure(e, span)
 
     return app
 

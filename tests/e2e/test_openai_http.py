@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import meshserve.v1.nodeagent_pb2_grpc as nodeagent_pb2_grpc
@@ -19,7 +20,7 @@ from meshserve.local import Mesh
 from meshserve.router.tenants import hash_key, new_key
 from meshserve.v1 import nodeagent_pb2
 
-from tests.e2e.conftest import apply, model_spec
+from tests.e2e.conftest import apply, model_spec, read_spans
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +38,7 @@ def hmesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterato
         f"  - name: limited\n    keys: [{hash_key(KEYS['limited'])}]\n"
         "    limits: {requests_per_s: 1}\n"
     )
-    m = Mesh(root, lease_ttl_s=2)
+    m = Mesh(root, lease_ttl_s=2, trace_dir=root / "traces")
     try:
         m.start_etcd()
         m.start_scheduler()
@@ -167,6 +168,63 @@ async def test_a_client_that_disconnects_cancels_the_generation(hmesh: Mesh) -> 
     # Disconnected long before 1900 tokens: the agent's stream is cancelled.
     await eventually(lambda: _none(in_flight), 10, "the agent's stream to end")
     assert await generated() - before < 1900  # it ended early: cancelled, not finished
+
+
+async def test_http_requests_are_traced_and_answer_their_trace_id(hmesh: Mesh) -> None:
+    """The caller's traceparent is the HTTP span's parent; router and agent spans nest under it;
+    the response (success or error) carries traceresponse; OK and ERROR as the outcome was."""
+    import urllib.error
+    import urllib.request
+
+    trace_dir = hmesh.trace_dir
+    assert trace_dir is not None
+    caller = "0af7651916cd43dd8448eb211c80319c"
+
+    def post(body: dict[str, object]) -> tuple[int, dict[str, str], bytes]:
+        req = urllib.request.Request(
+            f"{base_url(hmesh)}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={
+                "content-type": "application/json",
+                "authorization": f"Bearer {KEYS['app']}",
+                "traceparent": f"00-{caller}-b7ad6b7169203331-01",
+            },
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    status, headers, body = post({"model": "demo", "stream": True, **chat})
+    assert status == 200 and b"[DONE]" in body
+    _version, trace_id, span_id, _flags = headers["traceresponse"].split("-")
+    assert trace_id == caller  # the caller's trace goes on through the mesh
+    status, missing, _ = post({"model": "no-such-model", **chat})
+    assert status == 404 and missing["traceresponse"].split("-")[1] == caller
+
+    def spans() -> dict[str, list[dict[str, Any]]] | None:
+        mine = [s for s in read_spans(trace_dir) if s["context"]["trace_id"] == "0x" + caller]
+        http = [s for s in mine if s["name"] == "POST /v1/chat/completions"]
+        by_id = {s["context"]["span_id"]: s for s in mine}
+        agent = [
+            s
+            for s in mine
+            if s["name"] == "meshserve.v1.Inference/Generate" and s["parent_id"] in by_id
+        ]
+        return {"http": http, "agent": agent, "all": mine} if len(http) == 2 and agent else None
+
+    found = await eventually(spans, 15, "the HTTP requests' spans")
+    ok = next(s for s in found["http"] if "0x" + span_id == s["context"]["span_id"])
+    failed = next(s for s in found["http"] if s is not ok)
+    assert ok["kind"] == "SpanKind.SERVER" and ok["parent_id"] == "0xb7ad6b7169203331"
+    assert ok["status"]["status_code"] == "OK"
+    assert ok["attributes"]["gen_ai.usage.output_tokens"] == 4
+    assert failed["status"]["status_code"] == "ERROR"
+    assert failed["status"]["description"].startswith("NOT_FOUND")
+    names = {s["name"] for s in found["all"]}
+    assert {"router.pick", "router.attempt", "engine.generate"} <= names
 
 
 async def _none(in_flight: object) -> bool:
