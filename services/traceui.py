@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,17 @@ def otel_env(otlp_port: int, host: str = "127.0.0.1") -> dict[str, str]:
     }
 
 
+def _free(port: int) -> bool:
+    """Nothing listens on ``port`` (Phoenix binds its OTLP port on every interface)."""
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free (as for it)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
 def trace_link(ui: str, trace_id: str) -> str:
     """The UI's page for one trace, whatever project it landed in."""
     return f"{ui}/redirects/traces/{trace_id}" if re.fullmatch(r"[0-9a-f]{32}", trace_id) else ""
@@ -105,6 +117,9 @@ class TraceUI:
     ) -> TraceUI:
         """Starts Phoenix on 127.0.0.1 with its database in ``data_dir``/phoenix and waits until
         it answers; RuntimeError (with its log's tail) when it exits or stays silent."""
+        for port, flag in ((ui_port, "--trace-ui-port"), (otlp_port, "--trace-otlp-port")):
+            if not _free(port):  # else a running Phoenix would answer our health checks
+                raise RuntimeError(f"port {port} is in use (another trace UI?); choose {flag}")
         phoenix = ensure_env(say)
         work = data_dir / "phoenix"
         work.mkdir(parents=True, exist_ok=True)
