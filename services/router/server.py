@@ -22,6 +22,7 @@ from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker
 from meshserve.router.gate import BookSource, TenantRates, caller, permission_denied
+from meshserve.router.genai import genai_attributes
 from meshserve.router.quota import Quotas, Ticket
 from meshserve.router.relay import RETRYABLE, Relay
 from meshserve.router.table import EndpointTable, Route
@@ -88,28 +89,6 @@ def usage_of(messages: list[bytes]) -> tuple[int, int]:
     if last.finish_reason and (last.usage.input_tokens or last.usage.output_tokens):
         return int(last.usage.input_tokens), int(last.usage.output_tokens)
     return 0, sum(len(inference_pb2.GenerateResponse.FromString(m).token_ids) for m in messages)
-
-
-def genai_attributes(
-    span: trace.Span,
-    request: inference_pb2.GenerateRequest,
-    usage: tuple[int, int],
-    messages: list[bytes],
-) -> None:
-    """OpenTelemetry's GenAI semantic conventions on the router's request span: operation,
-    tokens and finish reason (prompts and completions are never recorded)."""
-    if not span.is_recording():
-        return
-    span.set_attribute("gen_ai.operation.name", "chat" if request.messages else "text_completion")
-    span.set_attribute("gen_ai.usage.input_tokens", usage[0])
-    span.set_attribute("gen_ai.usage.output_tokens", usage[1])
-    if messages:
-        last = inference_pb2.GenerateResponse.FromString(messages[-1])
-        if last.finish_reason:
-            reason = inference_pb2.FinishReason.Name(last.finish_reason).removeprefix(
-                "FINISH_REASON_"
-            )
-            span.set_attribute("gen_ai.response.finish_reasons", [reason.lower()])
 
 
 class RouterInference:

@@ -6,6 +6,8 @@ Tests run in file order; the last ones kill processes.
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import subprocess
 import sys
 import time
@@ -245,6 +247,44 @@ async def test_one_trace_covers_router_and_agent_and_records_cancel(mesh: Mesh) 
         "the cancelled request's spans marked as errors",
     )
     assert any("cancel" in s["status"].get("description", "") for s in cancelled)
+
+
+async def test_prompts_and_completions_are_recorded_only_when_an_operator_opts_in(
+    mesh: Mesh,
+) -> None:
+    """A second router with OpenTelemetry's GenAI content switch on records the chat and the
+    answer on its request span; the first one (default) records neither (test above)."""
+    mesh.env = {"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"}
+    try:
+        verbose = mesh.start_router("router-content")
+    finally:
+        mesh.env = {}
+    try:
+        await eventually(lambda: ready_replicas(verbose.address, "demo"), 30, "demo via router 2")
+        request = G(model="demo")
+        request.messages.add(role="user", content="tell me a story")
+        request.sampling.max_tokens = 6
+        request.request_id = "content-please"
+        out = await generate(verbose.address, request)
+    finally:
+        mesh.kill("router-content", signal.SIGTERM)
+        del mesh.services["router-content"]  # the module's other tests count the services
+    trace_dir = mesh.trace_dir
+    assert trace_dir is not None
+
+    def server_span() -> dict[str, Any] | None:
+        for s in read_spans(trace_dir):
+            a = s["attributes"]
+            if a.get("meshserve.request_id") == "content-please" and "gen_ai.input.messages" in a:
+                return s
+        return None
+
+    span = await eventually(server_span, 10, "the opted-in router's request span")
+    asked = json.loads(span["attributes"]["gen_ai.input.messages"])
+    assert asked == [{"role": "user", "parts": [{"type": "text", "content": "tell me a story"}]}]
+    [answer] = json.loads(span["attributes"]["gen_ai.output.messages"])
+    assert answer["role"] == "assistant" and answer["finish_reason"] == "length"
+    assert answer["parts"][0]["content"] == out.text
 
 
 async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Path) -> None:
