@@ -47,6 +47,7 @@ from meshserve.router.table import Route
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
+from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.v1 import cluster_pb2, inference_pb2
 
 SERVER_NAME, SERVER_VERSION = "meshserve", "0.1.0"
@@ -256,6 +257,8 @@ class KServe:
             self._count(route.spec.name, started, False)
             raise
         self._count(route.spec.name, started, True)
+        if (tr := traceresponse()) is not None:  # the trace id, as Generate's headers carry it
+            await context.send_initial_metadata((tr,))
         return reply
 
     async def _infer(

@@ -22,7 +22,7 @@ import pytest
 from meshserve.local import Mesh
 from meshserve.v1 import inference_pb2
 
-from tests.e2e.conftest import apply, demo_mesh, generate, model_spec, ready_replicas
+from tests.e2e.conftest import apply, demo_mesh, generate, model_spec, read_spans, ready_replicas
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -38,8 +38,35 @@ def triton_python() -> Path:
 
 @pytest.fixture(scope="module")
 def kmesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
-    with demo_mesh(tmp_path_factory.mktemp("kserve"), demo_model) as m:
+    root = tmp_path_factory.mktemp("kserve")
+    with demo_mesh(root, demo_model, trace_dir=root / "traces") as m:
         yield m
+
+
+async def test_model_infer_answers_with_its_trace_id(kmesh: Mesh) -> None:
+    from meshserve.kserve import grpc_service_pb2 as K
+    from meshserve.kserve import grpc_service_pb2_grpc as KG
+
+    r = K.ModelInferRequest(model_name="demo", id="traced")
+    for name, value in (("text_input", b"Hello"), ("sampling_parameters", b'{"max_tokens": 4}')):
+        tensor = r.inputs.add(name=name, datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(value)
+    async with grpc.aio.insecure_channel(kmesh.services["router"].address) as ch:
+        call = KG.GRPCInferenceServiceStub(ch).ModelInfer(r, timeout=60)
+        reply = await call
+        headers = dict(await call.initial_metadata() or ())
+    assert reply.outputs[0].name == "text_output"
+    _version, trace_id, span_id, _flags = str(headers["traceresponse"]).split("-")
+    assert kmesh.trace_dir is not None
+    trace_dir = kmesh.trace_dir
+
+    def server_span() -> list[dict[str, Any]]:
+        ids = {"trace_id": "0x" + trace_id, "span_id": "0x" + span_id}
+        return [s for s in read_spans(trace_dir) if ids.items() <= s["context"].items()]
+
+    [span] = await eventually(server_span, 10, "the ModelInfer span the header names")
+    assert span["name"].endswith("GRPCInferenceService/ModelInfer")
+    assert span["status"]["status_code"] == "OK"
 
 
 def test_tritonclient_speaks_to_the_whole_mesh(
