@@ -84,16 +84,19 @@ async def stream_completion(
                         f"\n[dim]{n} tokens from {node}, first token {first * 1000:.0f} ms, "
                         f"{n / elapsed:.0f} tokens/s, {reason}[/dim]"
                     )
-                    if trace_id := trace_id_of(headers.get("traceresponse", "")):
-                        link = trace_link(trace_ui, trace_id) if trace_ui else ""
-                        err.print(
-                            f"[dim]trace {trace_id}[/dim] {link}".rstrip(),
-                            highlight=False,
-                            soft_wrap=True,
-                        )
+                    say_trace(headers, trace_ui)
         except grpc.aio.AioRpcError as e:
             why = error_reason(decode_details(e.trailing_metadata()))
+            say_trace(dict(e.trailing_metadata() or ()), trace_ui)  # failures have one too
             raise fail(f"{e.code().name}: {e.details()}" + (f" [{why}]" if why else "")) from None
+
+
+def say_trace(metadata: dict[str, Any], trace_ui: str) -> None:
+    """Prints the trace id a response's ``traceresponse`` names, with its UI page if known."""
+    value = metadata.get("traceresponse", "")
+    if trace_id := trace_id_of(value if isinstance(value, str) else ""):
+        link = trace_link(trace_ui, trace_id) if trace_ui else ""
+        err.print(f"[dim]trace {trace_id}[/dim] {link}".rstrip(), highlight=False, soft_wrap=True)
 
 
 def trace_id_of(traceresponse: str) -> str:

@@ -14,6 +14,7 @@ from typing import NoReturn
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from meshserve.telemetry.server_interceptor import traceresponse
 
 DOMAIN = "meshserve.dev"
 DETAILS_KEY = "grpc-status-details-bin"
@@ -62,9 +63,16 @@ class ServiceError(Exception):
         await context.abort(
             self.code,
             self.message,
-            trailing_metadata=((DETAILS_KEY, self.status().SerializeToString()),),
+            trailing_metadata=((DETAILS_KEY, self.status().SerializeToString()), *trace_trailer()),
         )
         raise AssertionError("unreachable: abort raises")
+
+
+def trace_trailer() -> tuple[tuple[str, str], ...]:
+    """A failed call's trace id for its trailers (W3C ``traceresponse``: a call that fails
+    before its first message has sent no headers), so the caller can look the failure up."""
+    tr = traceresponse()
+    return (tr,) if tr is not None else ()
 
 
 def invalid_argument(violations: Sequence[tuple[str, str]]) -> ServiceError:

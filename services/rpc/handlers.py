@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
-from meshserve.rpc.errors import DETAILS_KEY, ServiceError
+from meshserve.rpc.errors import DETAILS_KEY, ServiceError, trace_trailer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,7 +56,9 @@ def stream(fn: F) -> F:
 
 async def _abort_like(context: Ctx, error: grpc.aio.AioRpcError) -> None:
     details = [(k, v) for k, v in (error.trailing_metadata() or ()) if k == DETAILS_KEY]
-    await context.abort(error.code(), error.details() or "", trailing_metadata=tuple(details))
+    await context.abort(
+        error.code(), error.details() or "", trailing_metadata=(*details, *trace_trailer())
+    )
 
 
 def code_of(error: BaseException) -> str:

@@ -147,17 +147,22 @@ async def test_a_streamed_request_is_one_tree_in_the_trace_ui(up: Up) -> None:
 async def test_a_failed_request_is_an_error_in_the_trace_ui(up: Up) -> None:
     done = up.cli("generate", "no-such-model", "hi", check=False)
     assert done.returncode != 0 and "NOT_FOUND" in done.stderr
+    # A failure has a trace id too (traceresponse in the trailers), printed with its page.
+    found = re.search(r"trace ([0-9a-f]{32}) (\S+)", done.stderr)
+    assert found, done.stderr
+    trace_id, link = found.groups()
+    assert link == f"{up.ui}/redirects/traces/{trace_id}"
 
     def failed() -> list[dict[str, Any]]:
         return [
             s
-            for s in up.spans(status_code="ERROR")
-            if s["name"] == "meshserve.v1.Inference/Generate"
-            and "no-such-model" in (s["status_message"] or "")
+            for s in up.spans(trace_id=trace_id)
+            if s["name"] == "meshserve.v1.Inference/Generate" and s["status_code"] == "ERROR"
         ]
 
     [span] = await eventually(failed, 30, "the failed request's span, ERROR")
     assert span["status_message"].startswith("NOT_FOUND")
+    assert "no-such-model" in span["status_message"]
     assert span["attributes"]["rpc.grpc.status_code"] == 5
 
 
