@@ -3,7 +3,8 @@
 //
 //   npm install && node generate.js [ROUTER host:port] [MODEL] [PROMPT]
 //
-// Environment: MESHSERVE_API_KEY (when the router has tenants), MESHSERVE_MAX_TOKENS (32).
+// Environment: MESHSERVE_API_KEY (when the router has tenants), MESHSERVE_MAX_TOKENS (32),
+// MESHSERVE_TEMPERATURE (the model's default when unset; 0 = greedy).
 // Prints the text as it streams, then one JSON line with the usage; exits 1 with the gRPC
 // status and meshserve's error reason on failure.
 "use strict";
@@ -34,6 +35,9 @@ const request = {
   prompt,
   sampling: { max_tokens: Number(process.env.MESHSERVE_MAX_TOKENS || 32) },
 };
+if (process.env.MESHSERVE_TEMPERATURE !== undefined) {
+  request.sampling.temperature = Number(process.env.MESHSERVE_TEMPERATURE); // 0 = greedy
+}
 const deadline = new Date(Date.now() + 60_000);
 const call = client.Generate(request, metadata, { deadline });
 let tokens = 0;

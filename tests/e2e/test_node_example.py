@@ -65,5 +65,6 @@ def run_node(
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "MESHSERVE_MAX_TOKENS": "8"},
+        # Greedy: the random-weight demo model can sample its end-of-text token early.
+        env={**os.environ, "MESHSERVE_MAX_TOKENS": "8", "MESHSERVE_TEMPERATURE": "0"},
     )

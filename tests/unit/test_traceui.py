@@ -12,7 +12,10 @@ from meshserve import traceui
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_environment_is_built_from_the_trace_ui_extra_pin() -> None:
+def test_the_environment_is_built_from_the_trace_ui_extra_pin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(traceui.ENV_DIR, raising=False)  # the default place, named by version
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     [pin] = extras["optional-dependencies"]["trace-ui"]
     assert traceui.requirement() == pin
