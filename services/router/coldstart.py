@@ -16,29 +16,29 @@ from __future__ import annotations
 
 import time
 
-from meshserve.telemetry.tracing import links_to, tracer
+from meshserve.telemetry.tracing import hex_ids, links_to, tracer
 from meshserve.v1 import cluster_pb2
 from opentelemetry import trace
 
 _tracer = tracer("meshserve.router")
 
 
-def _ids(traceparent: str) -> dict[str, str]:
-    parts = traceparent.split("-")
-    if len(parts) != 4:
-        return {}
-    return {"meshserve.linked.trace_id": parts[1], "meshserve.linked.span_id": parts[2]}
+def _ids(links: list[trace.Link]) -> dict[str, str]:
+    """The linked span's ids as attributes (a UI that drops links still shows these)."""
+    return {f"meshserve.linked.{k}": v for link in links for k, v in hex_ids(link.context).items()}
 
 
-def explain(pick: trace.Span, started_ns: int, status: cluster_pb2.ReplicaStatus | None) -> None:
+def explain(pick: trace.Span, waited_s: float, status: cluster_pb2.ReplicaStatus | None) -> None:
     """Marks ``pick`` (the current span) as a cold start and adds the two spans above under it
-    (``started_ns``: when the request began waiting). ``status``: the replica it got."""
+    (``waited_s``: how long the request waited). ``status``: the replica it got."""
     pick.set_attribute("meshserve.cold_start", True)
     if status is None:
         return
-    for link in links_to(status.placed_trace, status.load_trace):
+    placed, loaded = links_to(status.placed_trace), links_to(status.load_trace)
+    for link in placed + loaded:
         pick.add_link(link.context, {"meshserve.link": "cold start"})
     now = time.time_ns()
+    started_ns = now - int(waited_s * 1e9)
     restored = status.loaded_from not in ("", "source")
     seconds = status.transition_seconds if restored else status.load_seconds
     load_start = max(started_ns, now - int(seconds * 1e9))
@@ -46,24 +46,20 @@ def explain(pick: trace.Span, started_ns: int, status: cluster_pb2.ReplicaStatus
     decision = _tracer.start_span(
         "cold_start.decision",
         start_time=started_ns,
-        links=links_to(status.placed_trace),
-        attributes={
-            **node,
-            "meshserve.placement.reason": status.placed_reason,
-            **_ids(status.placed_trace),
-        },
+        links=placed,
+        attributes={**node, "meshserve.placement.reason": status.placed_reason, **_ids(placed)},
     )
     decision.end(end_time=load_start)
     load = _tracer.start_span(
         "cold_start.load",
         start_time=load_start,
-        links=links_to(status.load_trace),
+        links=loaded,
         attributes={
             **node,
             "meshserve.load.from": status.loaded_from or "source",
             "meshserve.load.bytes": status.memory_bytes,
             "meshserve.load.seconds": seconds,
-            **_ids(status.load_trace),
+            **_ids(loaded),
         },
     )
     load.end(end_time=now)

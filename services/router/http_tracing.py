@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 from fastapi import Request
 from meshserve.rpc.errors import ServiceError
-from meshserve.telemetry.tracing import record_cancelled, traceparent, tracer
+from meshserve.telemetry.tracing import record_cancelled, record_outcome, traceparent, tracer
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
@@ -42,23 +42,19 @@ def trace_headers(span: trace.Span) -> dict[str, str]:
 def finish(span: trace.Span, error: BaseException | None = None) -> None:
     """Ends ``span``: OK, or ERROR with the gRPC code of what the core raised."""
     if error is None:
-        span.set_status(trace.StatusCode.OK)
+        record_outcome(span, grpc.StatusCode.OK)
+    elif isinstance(error, ServiceError):
+        record_outcome(span, error.code, error.message)
+    elif isinstance(error, grpc.aio.AioRpcError):
+        record_outcome(span, error.code(), error.details() or "")
     else:
-        code = grpc.StatusCode.UNKNOWN
-        message = type(error).__name__
-        if isinstance(error, ServiceError):
-            code, message = error.code, error.message
-        elif isinstance(error, grpc.aio.AioRpcError):
-            code, message = error.code(), error.details() or ""
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {message}"))
+        record_outcome(span, grpc.StatusCode.UNKNOWN, type(error).__name__)
     span.end()
 
 
 async def traced(span: trace.Span, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """``stream`` with ``span`` current while each message is produced; ends ``span`` when the
     stream ends, fails, or the client goes away (then the core's stream is closed too)."""
-    error: BaseException | None = None
     try:
         while True:
             with trace.use_span(
@@ -69,18 +65,16 @@ async def traced(span: trace.Span, stream: AsyncIterator[bytes]) -> AsyncIterato
                 except StopAsyncIteration:
                     break
             yield item
-    except (asyncio.CancelledError, GeneratorExit) as e:
+    except (asyncio.CancelledError, GeneratorExit):
         record_cancelled(span)
-        error = e
+        span.end()
         raise
     except BaseException as e:
-        error = e
+        finish(span, e)
         raise
+    else:
+        finish(span)
     finally:
-        if isinstance(error, asyncio.CancelledError | GeneratorExit):
-            span.end()
-        else:
-            finish(span, error)
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()

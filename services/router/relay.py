@@ -133,7 +133,6 @@ class Relay:
         try:
             while True:
                 with _tracer.start_as_current_span("router.pick") as pick:
-                    waiting_since = time.time_ns()
                     slot = await self.admission.acquire(
                         route, request.session_key, handlers.remaining_s(context), failed, who
                     )
@@ -142,7 +141,7 @@ class Relay:
                         pick.set_attribute("meshserve.queued_s", slot.waited_s)
                         if not route.ready:  # it waited for a cold start: say why and how
                             status = self.table.status_of(model, slot.endpoint)
-                            coldstart.explain(pick, waiting_since, status)
+                            coldstart.explain(pick, slot.waited_s, status)
                 payload = self._payload(request, slot, delivered)
                 delay = 0.0  # backoff before the next attempt, taken without holding a slot
                 try:

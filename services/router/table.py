@@ -71,26 +71,11 @@ class RouteTable:
 
 def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
     """What of a replica's status the route depends on (all but its load figures)."""
-    return (
-        r.model,
-        r.node_id,
-        r.address,
-        r.state,
-        r.max_streams,
-        r.incarnation,
-        r.signature,
-    )
+    return (r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation, r.signature)
 
 
 def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
-    return Endpoint(
-        r.node_id,
-        r.address,
-        r.waiting,
-        r.kv_cache_usage,
-        r.max_streams,
-        r.incarnation,
-    )
+    return Endpoint(r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation)
 
 
 class TableBuilder:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from meshserve.telemetry.tracing import record_cancelled, traceparent
+from meshserve.telemetry.tracing import record_cancelled, record_outcome, traceparent
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
@@ -65,14 +65,12 @@ def _finish(span: trace.Span, context: Any, error: BaseException | None) -> None
     code = _code_of(context)
     if code is None:
         code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code == grpc.StatusCode.OK:
-        span.set_status(trace.StatusCode.OK)  # served: trace UIs filter on OK vs ERROR
-    else:
-        details = context.details() if hasattr(context, "details") else ""
-        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {details or ''}"))
-        if error is not None and code == grpc.StatusCode.UNKNOWN:
-            span.record_exception(error)
+    details = (
+        context.details() if code != grpc.StatusCode.OK and hasattr(context, "details") else ""
+    )
+    record_outcome(span, code, details or "")
+    if error is not None and code == grpc.StatusCode.UNKNOWN:
+        span.record_exception(error)
 
 
 def as_writer(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[None]]:

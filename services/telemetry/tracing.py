@@ -81,7 +81,12 @@ def exemplar() -> dict[str, str] | None:
     span = trace.get_current_span()
     if not span.is_recording():
         return None
-    ctx = span.get_span_context()
+    return hex_ids(span.get_span_context())
+
+
+def hex_ids(ctx: trace.SpanContext) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of ``ctx`` in lower-case hex, as W3C and trace UIs write
+    them."""
     return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
 
 
@@ -104,6 +109,16 @@ def tracer(name: str) -> trace.Tracer:
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Injects W3C trace context into outgoing metadata and records a client span per RPC."""
     return list(aio_client_interceptors())
+
+
+def record_outcome(span: trace.Span, code: grpc.StatusCode, details: str = "") -> None:
+    """A server span's end state from its gRPC code: OK (served: trace UIs filter on OK vs
+    ERROR), or ERROR with ``CODE: details``; ``rpc.grpc.status_code`` either way."""
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code == grpc.StatusCode.OK:
+        span.set_status(trace.StatusCode.OK)
+    else:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {details}"))
 
 
 def record_cancelled(span: trace.Span, what: str = "cancelled by the client") -> None:
