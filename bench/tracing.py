@@ -37,7 +37,17 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
-from bench.router import LOADS, MODELS, Row, Sample, put_models, row, run_load, wait_serving
+from bench.router import (
+    CHANNELS,
+    LOADS,
+    MODELS,
+    Row,
+    Sample,
+    put_models,
+    row,
+    run_load,
+    wait_serving,
+)
 
 BENCH_LOADS = ("c1", "c16", "paced64")
 
@@ -110,7 +120,7 @@ def main() -> int:
                     asyncio.run(wait_serving(service.address, model))
             samples: dict[tuple[str, str], list[Sample]] = {}
             spans_before = (span_lines(root / "router-spans"), span_lines(root / "mesh-spans"))
-            streams = 0
+            streams = dict.fromkeys(paths, 0)  # each load also warms up CHANNELS streams
             for _ in range(args.rounds):
                 for load in loads:
                     for path, service in paths.items():
@@ -118,16 +128,14 @@ def main() -> int:
                             run_load(service.address, [service.proc.pid], load, args.seconds)
                         )
                         samples.setdefault((path, load.name), []).append(got)
-                        if path == "jsonl":
-                            streams += len(got.ttfts) + 8  # + run_load's warm-up streams
+                        streams[path] += len(got.ttfts) + CHANNELS
             rows = [row(path, load, got) for (path, load), got in samples.items()]
             time.sleep(3)  # let the JSONL batches (0.5 s) land before counting
             router_spans = span_lines(root / "router-spans") - spans_before[0]
             agent_spans = span_lines(root / "mesh-spans") - spans_before[1]
-            all_streams = streams * len(paths)  # the agent served every path's streams
-            per_request = {
-                "router_spans_per_request": round(router_spans / streams, 2),
-                "agent_spans_per_request": round(agent_spans / all_streams, 2),
+            per_request = {  # the JSONL router's own; the agent served every router's
+                "router_spans_per_request": round(router_spans / streams["jsonl"], 2),
+                "agent_spans_per_request": round(agent_spans / sum(streams.values()), 2),
             }
             # Idle: nothing asked; count what every process exports.
             console.print(f"idle for {args.idle_seconds:.0f} s …")
