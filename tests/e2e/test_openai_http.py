@@ -168,6 +168,20 @@ async def test_a_client_that_disconnects_cancels_the_generation(hmesh: Mesh) -> 
     # Disconnected long before 1900 tokens: the agent's stream is cancelled.
     await eventually(lambda: _none(in_flight), 10, "the agent's stream to end")
     assert await generated() - before < 1900  # it ended early: cancelled, not finished
+    # Its HTTP span ends as a cancel, not as a success (the stream was closed mid-way).
+    trace_dir = hmesh.trace_dir
+    assert trace_dir is not None
+
+    def cancelled() -> list[dict[str, Any]]:
+        return [
+            s
+            for s in read_spans(trace_dir)
+            if s["name"] == "POST /v1/completions"
+            and s["status"].get("description") == "cancelled by the client"
+        ]
+
+    [span] = await eventually(cancelled, 10, "the disconnected request's span")
+    assert span["status"]["status_code"] == "ERROR"
 
 
 async def test_http_requests_are_traced_and_answer_their_trace_id(hmesh: Mesh) -> None:
