@@ -1,33 +1,42 @@
 #!/usr/bin/env bash
-# Tools the test suite uses beyond Python, into .tools/bin: promtool (alert rule checks and tests)
-# and prometheus (a real server scraping a live mesh: tests/e2e/test_observability.py).
+# Tools the test suite uses beyond Python:
+# - promtool and prometheus into .tools/bin (alert rule checks and tests; a real server scraping a
+#   live mesh in tests/e2e/test_observability.py), taken out of Debian's `prometheus` package
+#   without installing it (installing would start a Prometheus server on hosts with systemd);
+# - node and npm (Debian's nodejs/npm where absent), and examples/node's @grpc/grpc-js, for
+#   tests/e2e/test_node_example.py.
 #   bash scripts/test-tools.sh
-# Both are taken out of Debian's `prometheus` package without installing it (installing would
-# start a Prometheus server on hosts with systemd). Idempotent. Where apt is unavailable it says
-# so and the tests that need them skip, naming this script.
+# Idempotent. It fails, saying what is missing, when it cannot provide a tool: the suite treats a
+# skipped test as a failure (tests/conftest.py ALLOWED_SKIPS), so a missing tool must stop the run
+# here, where the reason is plain, rather than hide a feature.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root="$PWD"
+fail() { echo "test-tools: $*" >&2; exit 1; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+apt_updated=""
+apt_update() { [ -n "$apt_updated" ] || { as_root apt-get update -qq >/dev/null && apt_updated=1; }; }
+
 mkdir -p .tools/bin
-if [ -x .tools/bin/promtool ] && [ -x .tools/bin/prometheus ]; then
-  exit 0
+if ! { [ -x .tools/bin/promtool ] && [ -x .tools/bin/prometheus ]; }; then
+  command -v apt-get >/dev/null || fail "no apt-get here: install promtool and prometheus into .tools/bin"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  (cd "$work" && { apt-get download prometheus >/dev/null 2>&1 \
+      || { apt_update && apt-get download prometheus >/dev/null; }; }) \
+    || fail "cannot download Debian's prometheus package (apt-get update needs root)"
+  dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
+  cp "$work/root/usr/bin/promtool" "$work/root/usr/bin/prometheus" .tools/bin/
 fi
-if ! command -v apt-get >/dev/null; then
-  echo "test-tools: no apt-get here; the promtool tests will be skipped" >&2
-  exit 0
-fi
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-cd "$work"
-if ! apt-get download prometheus >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq >/dev/null && apt-get download prometheus >/dev/null
-  else
-    echo "test-tools: cannot download Debian's prometheus package (run apt-get update as root)" >&2
-    exit 0
-  fi
-fi
-dpkg-deb -x prometheus_*.deb root
-cd - >/dev/null
-cp "$work/root/usr/bin/promtool" "$work/root/usr/bin/prometheus" .tools/bin/
 .tools/bin/promtool --version | head -1
 .tools/bin/prometheus --version | head -1
+
+if ! { command -v node >/dev/null && command -v npm >/dev/null; }; then
+  { command -v apt-get >/dev/null && apt_update && as_root apt-get install -y -qq nodejs npm >/dev/null; } \
+    || fail "node and npm are missing and could not be installed (Debian: apt-get install nodejs npm)"
+fi
+echo "node $(node --version), npm $(npm --version)"
+if [ ! -d examples/node/node_modules/@grpc/grpc-js ]; then
+  (cd "$root/examples/node" && npm install --no-audit --no-fund --loglevel=error) \
+    || fail "npm could not install examples/node's packages (is the npm registry reachable?)"
+fi

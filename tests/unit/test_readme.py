@@ -23,3 +23,15 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 def test_readme_run_command_starts_the_mesh() -> None:
     blocks = bash_blocks(ROOT.joinpath("README.md").read_text())
     assert any(b.startswith("python3 -m venv .venv") and b.endswith("meshserve up") for b in blocks)
+
+
+def test_readme_links_stay_inside_the_repository() -> None:
+    """Every relative link names a file or folder of this repository (a clone has nothing
+    beside it)."""
+    links = re.findall(r"\]\(([^)\s]+)\)", ROOT.joinpath("README.md").read_text())
+    local = [link.split("#")[0] for link in links if "://" not in link and link.split("#")[0]]
+    assert local, "the README links nothing of its own"
+    for link in local:
+        target = (ROOT / link).resolve()
+        assert target.is_relative_to(ROOT), f"{link} points outside the repository"
+        assert target.exists(), f"{link} does not exist"
