@@ -63,7 +63,7 @@ def classifier_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # a green CI must not hide a feature whose test could not run. Keyed by marker; each entry says
 # why that skip is expected on CI.
 ALLOWED_SKIPS = {
-    "gpu": "needs a CUDA GPU; CI machines have none (run `python -m pytest tests/gpu` on a GPU host)",
+    "gpu": "needs a CUDA GPU; CI has none (run `python -m pytest tests/gpu` on a GPU host)",
 }
 _skips: list[tuple[str, str, str]] = []  # (node id, reason, allow-list marker or "")
 
@@ -109,8 +109,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     unexpected = _unexpected()
     if unexpected and os.environ.get("MESHSERVE_ALLOW_SKIPS") != "1":
         write(
-            f"{len(unexpected)} unexpected skip(s): the run fails (tests/conftest.py ALLOWED_SKIPS; "
-            "MESHSERVE_ALLOW_SKIPS=1 allows them in a partial local run)",
+            f"{len(unexpected)} unexpected skip(s): the run fails (tests/conftest.py "
+            "ALLOWED_SKIPS; MESHSERVE_ALLOW_SKIPS=1 allows them in a partial local run)",
             red=True,
             bold=True,
         )
