@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,14 @@ class _Shutdown:
     def __init__(self, name: str) -> None:
         self.name = name
         self.step = ""
+        self.began = time.monotonic()
+        self.took: list[str] = []  # "step 1.23 s", for the log line at the end
+
+    def enter(self, step: str) -> None:
+        now = time.monotonic()
+        if self.step:
+            self.took.append(f"{self.step} {now - self.began:.2f} s")
+        self.step, self.began = step, now
 
     async def run(
         self,
@@ -134,17 +143,19 @@ class _Shutdown:
         grace_s: float,
     ) -> None:
         if component is not None and server is not None:
-            self.step = "drain"
+            self.enter("drain")
             with contextlib.suppress(Exception):
                 await component.drain()
         if server is not None:
-            self.step = "server.stop"
+            self.enter("server.stop")
             await server.stop(grace_s=grace_s)
         if component is not None:
-            self.step = "component.stop"
+            self.enter("component.stop")
             await component.stop()
-        self.step = "session.close"
+        self.enter("session.close")
         await session.close()
-        self.step = "client.close"
+        self.enter("client.close")
         with contextlib.suppress(Exception):
             await client.close()
+        self.enter("")
+        log.info("%s stopped: %s", self.name, ", ".join(self.took))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +68,15 @@ ALLOWED_SKIPS = {
 _skips: list[tuple[str, str, str]] = []  # (node id, reason, allow-list marker or "")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     if report.skipped and not hasattr(report, "wasxfail"):
         allowed = next((m for m in ALLOWED_SKIPS if item.get_closest_marker(m)), "")
         _skips.append((item.nodeid, _reason(report), allowed))
+    return report
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:

@@ -71,6 +71,13 @@ def agent(
     max_in_flight: Annotated[
         int, typer.Option(help="streams per model before RESOURCE_EXHAUSTED")
     ] = AgentConfig.max_in_flight,
+    drain_grace: Annotated[
+        float,
+        typer.Option(
+            envvar="MESHSERVE_DRAIN_GRACE",
+            help="seconds a stopping agent lets its streams run; then routers move them",
+        ),
+    ] = AgentConfig.drain_grace_s,
     label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
     decode_tokens_per_s: Annotated[
         float,
@@ -112,6 +119,7 @@ def agent(
             cache_dir=cache_dir,
             threads=threads,
             max_in_flight=max_in_flight,
+            drain_grace_s=drain_grace,
             labels=tuple((k, v) for k, v in pairs),
             decode_tokens_per_s=decode_tokens_per_s,
             **kwargs,

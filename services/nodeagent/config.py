@@ -22,7 +22,9 @@ class AgentConfig:
     cache_dir: str = ""  # TIER_DISK copies; "" = ~/.cache/meshserve/<node_id>
     threads: int = 2  # torch intra-op threads
     max_in_flight: int = 64  # streams per model before RESOURCE_EXHAUSTED
-    drain_grace_s: float = 10.0  # how long an unload waits for in-flight streams
+    # How long a drain (an unload, a tier change, the agent's shutdown) lets in-flight streams
+    # run before it ends them; a router continues an ended stream on another replica.
+    drain_grace_s: float = 10.0
     load_retry_s: float = 30.0  # wait before reloading a model that FAILED
     labels: tuple[tuple[str, str], ...] = ()
     # Decode tokens/s one device generates at full load, as configured; published until the
@@ -37,6 +39,8 @@ class AgentConfig:
             raise ValueError("memory_limit_bytes and host_memory_limit_bytes must be >= 0")
         if self.threads < 1 or self.max_in_flight < 1:
             raise ValueError("threads and max_in_flight must be >= 1")
+        if not self.drain_grace_s >= 0:
+            raise ValueError("drain_grace_s must be >= 0")
         if not self.decode_tokens_per_s >= 0:  # NaN fails too
             raise ValueError("decode_tokens_per_s must be >= 0")
 
