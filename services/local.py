@@ -229,24 +229,29 @@ class Mesh:
         except (OSError, KeyError):
             return ""
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM in dependency order (router, agents, schedulers), then etcd."""
+    def stop(self, timeout_s: float = 15.0) -> dict[str, int]:
+        """SIGTERM in dependency order (router, agents, schedulers), then etcd. Returns the exit
+        code of each service that was running: 0 is a clean stop; a service still running at
+        ``timeout_s`` is SIGKILLed (with its children, e.g. vLLM's engine cores) and reported
+        as -9."""
         order = sorted(
-            self.services.values(),
+            (s for s in self.services.values() if s.alive()),
             key=lambda s: (
                 0 if s.name.startswith("router") else 2 if s.name.startswith("scheduler") else 1
             ),
         )
         for s in order:
-            if s.alive():
-                s.proc.send_signal(signal.SIGTERM)
-                s.proc.send_signal(signal.SIGCONT)  # a stopped one (a test's SIGSTOP) must see it
+            s.proc.send_signal(signal.SIGTERM)
+            s.proc.send_signal(signal.SIGCONT)  # a stopped one (a test's SIGSTOP) must see it
         deadline = time.monotonic() + timeout_s
+        codes: dict[str, int] = {}
         for s in order:
             try:
-                s.proc.wait(max(0.1, deadline - time.monotonic()))
+                codes[s.name] = s.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):  # its children too (vLLM's cores)
                     os.killpg(s.proc.pid, signal.SIGKILL)
                 s.proc.wait()
+                codes[s.name] = -signal.SIGKILL
         self.etcd.stop()
+        return codes

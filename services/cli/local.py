@@ -187,9 +187,12 @@ def _up(
         raise fail(str(e)) from None
     finally:
         with console.status("stopping… (again to force)"):
-            mesh.stop()
+            codes = mesh.stop()
             if ui:
                 ui.stop()
+        for name, code in codes.items():
+            if code != 0:  # its log says why
+                console.print(f"{name} did not stop cleanly (exit {code}): {data_dir}/logs")
         (data_dir / STATE).unlink(missing_ok=True)
 
 

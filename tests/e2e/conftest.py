@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,15 +127,16 @@ def demo_mesh(
     min_replicas: int = 1,
     lease_ttl_s: int = 2,
     trace_dir: Path | None = None,
+    agent_flags: Sequence[str] = (),
 ) -> Iterator[Mesh]:
-    """etcd, a scheduler, ``agents`` agents and a router, serving the demo model with
-    ``min_replicas`` READY replicas before it yields."""
+    """etcd, a scheduler, ``agents`` agents (each with ``agent_flags``) and a router, serving
+    the demo model with ``min_replicas`` READY replicas before it yields."""
     m = Mesh(root, lease_ttl_s=lease_ttl_s, trace_dir=trace_dir)
     try:
         m.start_etcd()
         m.start_scheduler()
         for i in range(agents):
-            m.start_agent(f"agent-{i}")
+            m.start_agent(f"agent-{i}", extra=agent_flags)
         m.start_router()
         asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=min_replicas)))
         router = m.services["router"].address
@@ -145,8 +146,18 @@ def demo_mesh(
 
         asyncio.run(eventually(enough, 120, f"{min_replicas} READY replica(s) of demo"))
         yield m
-    finally:
+    except BaseException:
         m.stop()
+        raise
+    assert_clean_stop(m)
+
+
+def assert_clean_stop(m: Mesh) -> None:
+    """Stops the mesh; every service that was running must exit 0 within the stop timeout
+    (`Mesh.stop` SIGKILLs a straggler and reports -9)."""
+    codes = m.stop()
+    unclean = {name: code for name, code in codes.items() if code != 0}
+    assert not unclean, f"unclean stop {unclean}: " + "; ".join(m.tail(n, 5) for n in unclean)
 
 
 @pytest.fixture(scope="module")

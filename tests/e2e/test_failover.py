@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
@@ -38,6 +39,10 @@ pytestmark = pytest.mark.e2e
 M = TypeVar("M", cluster_pb2.ReplicaStatus, cluster_pb2.NodeStatus)
 LEASE_S = 2
 TOKENS = 320  # long enough that a fault lands mid-stream (≈ 0.5-1 s of generation)
+GRACE_S = 1.0  # the agents' drain grace: a SIGTERM'd agent's streams get this long
+AGENT_FLAGS = ("--drain-grace", str(GRACE_S))
+LONG = 1900  # a stream of ≈ 3-6 s: it outlasts the grace (the demo model's context is 2048)
+STOP_BUDGET_S = 5.0  # process.py: what shutdown may take beyond the grace
 
 
 def greedy(
@@ -54,7 +59,9 @@ def greedy(
 def mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
     """Two agents, each holding a replica of the demo model (anti-affinity)."""
     root = tmp_path_factory.mktemp("failover")
-    with demo_mesh(root, demo_model, 2, 2, LEASE_S, trace_dir=root / "traces") as m:
+    with demo_mesh(
+        root, demo_model, 2, 2, LEASE_S, trace_dir=root / "traces", agent_flags=AGENT_FLAGS
+    ) as m:
         yield m
 
 
@@ -106,7 +113,7 @@ async def baseline(mesh: Mesh, request: inference_pb2.GenerateRequest) -> list[i
 async def restore(mesh: Mesh, node: str) -> None:
     """The faulted agent back, with its replica READY, for the next test."""
     if not mesh.services[node].alive():
-        mesh.start_agent(node)
+        mesh.start_agent(node, extra=AGENT_FLAGS)
     await eventually(lambda: _replicas(mesh, 2), 120, "both replicas READY again")
 
 
@@ -142,13 +149,58 @@ async def test_sigstop_mid_stream_moves_on_within_the_lease(mesh: Mesh) -> None:
     await restore(mesh, s.node)
 
 
-async def test_graceful_agent_shutdown_mid_stream_is_invisible(mesh: Mesh) -> None:
-    expected = await baseline(mesh, greedy())
-    s = Faulty(mesh, greedy())
-    await s.run(after=40, fault=lambda node: mesh.send(node, signal.SIGTERM))
+async def exit_time(mesh: Mesh, node: str, since: float, timeout: float) -> tuple[int, float]:
+    """(exit code, seconds from ``since`` until the process ended), polled while streams run."""
+    proc = mesh.services[node].proc
+    await eventually(lambda: proc.poll() is not None, timeout, f"{node} to exit")
+    return proc.returncode, time.monotonic() - since
+
+
+async def test_sigterm_lets_a_stream_that_fits_the_grace_finish_where_it_is(mesh: Mesh) -> None:
+    """The draining agent keeps serving what it has: a stream that ends within the grace never
+    moves, and the agent exits 0 once it is done."""
+    request = greedy(max_tokens=120)
+    expected = await baseline(mesh, request)
+    s = Faulty(mesh, request)
+    exited: list[asyncio.Task[tuple[int, float]]] = []
+
+    def term(node: str) -> None:
+        mesh.send(node, signal.SIGTERM)
+        exited.append(asyncio.create_task(exit_time(mesh, node, time.monotonic(), 30)))
+
+    await s.run(after=40, fault=term)
     assert s.ids == expected
-    assert s.final is not None and s.final.usage.output_tokens == TOKENS
-    await eventually(lambda: not mesh.services[s.node].alive(), 30, "the agent to exit")
+    assert s.trailers.get("meshserve-failovers") == "0"  # finished on the draining agent
+    code, took = await exited[0]
+    assert code == 0, mesh.tail(s.node)
+    assert took < GRACE_S + STOP_BUDGET_S, took
+    await restore(mesh, s.node)
+
+
+async def test_sigterm_moves_a_stream_that_outlasts_the_grace(mesh: Mesh) -> None:
+    """At the end of the grace the agent ends its streams; the router continues each on the
+    other replica from what the client has: one failover, the exact uninterrupted greedy
+    stream, and the agent exits 0 within its grace and stop budget, not when the stream ends."""
+    expected = await baseline(mesh, greedy(LONG))
+    s = Faulty(mesh, greedy(LONG))
+    exited: list[asyncio.Task[tuple[int, float]]] = []
+    termed = 0.0
+
+    def term(node: str) -> None:
+        nonlocal termed
+        mesh.send(node, signal.SIGTERM)
+        termed = time.monotonic()
+        exited.append(asyncio.create_task(exit_time(mesh, node, termed, 60)))
+
+    await s.run(after=40, fault=term)
+    ended = time.monotonic() - termed
+    assert ended > GRACE_S + 0.5, f"the stream ended {ended:.2f} s after SIGTERM: no test"
+    assert len(s.ids) == LONG and s.ids == expected  # nothing lost, nothing repeated
+    assert s.trailers.get("meshserve-failovers") == "1"
+    assert s.final is not None and s.final.usage.output_tokens == LONG
+    code, took = await exited[0]
+    assert code == 0, mesh.tail(s.node)
+    assert took < GRACE_S + STOP_BUDGET_S, f"exited {took:.2f} s after SIGTERM"
     await restore(mesh, s.node)
 
 
@@ -199,11 +251,37 @@ async def test_burst_on_a_scaled_to_zero_model_loads_it_once(mesh: Mesh, demo_mo
     # Those that came before the replica was READY waited for it, and say how long.
     assert sum("meshserve-queued-ms" in r.headers for r in done) >= 1
     trace_dir = mesh.data_dir / "traces"
-    loads = [
-        s for s in read_spans(trace_dir)
-        if s["name"] == "model.load" and s["attributes"].get("gen_ai.request.model") == "cold"
-    ]  # fmt: skip
+
+    def agent_spans() -> list[dict[str, Any]]:
+        return [
+            s for s in read_spans(trace_dir)
+            if s["attributes"].get("gen_ai.request.model") == "cold"
+            and s["resource"]["attributes"].get("service.name") == "meshserve-nodeagent"
+        ]  # fmt: skip
+
+    # Spans reach the files in batches, in the order they ended. Every load span ended before
+    # the replica served its first request, so once the agents' spans of all 100 requests are
+    # there, so is every load that finished meanwhile; a load still running would show in etcd.
+    await eventually(
+        lambda: sum(s["name"].endswith("/Generate") for s in agent_spans()) >= 100,
+        30,
+        "the agents' spans of the 100 requests to be exported",
+    )
+    loads = [s for s in agent_spans() if s["name"] == "model.load"]
     assert len(loads) == 1, [s["attributes"].get("meshserve.node") for s in loads]
+    replicas = await _replicas_of(mesh, "cold")
+    assert [r.state for r in replicas] == [cluster_pb2.REPLICA_STATE_READY], replicas
+
+
+async def _replicas_of(mesh: Mesh, model: str) -> list[cluster_pb2.ReplicaStatus]:
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        entries, _ = await Store(client, Keyspace()).list(
+            Keyspace().replicas(), cluster_pb2.ReplicaStatus
+        )
+    finally:
+        await client.close()
+    return [e.value for e in entries if e.value.model == model]
 
 
 async def _known(router: str, model: str) -> bool:
@@ -309,11 +387,22 @@ async def test_device_oom_fails_one_request_and_repeated_oom_moves_the_model(
     for _ in range(6):  # more OOMs: at the third the replica is given up here
         with contextlib.suppress(grpc.aio.AioRpcError):
             await generate(agent, request)
-    other = next(n for n in ("agent-0", "agent-1") if n != node)
-    moved = await eventually(
-        lambda: _replica_status(mesh, "oomy", other), 60, "oomy to move to the other agent"
+
+    async def state(on: str, wanted: int) -> cluster_pb2.ReplicaStatus | None:
+        r = await _replica_status(mesh, "oomy", on)
+        return r if r is not None and r.state == wanted else None
+
+    failed = await eventually(
+        lambda: state(node, cluster_pb2.REPLICA_STATE_FAILED), 30, f"oomy FAILED on {node}"
     )
-    assert moved is not None
+    ooms = re.fullmatch(r"out of device memory (\d+) times", failed.error)
+    assert ooms is not None and int(ooms.group(1)) >= 3, failed.error
+    other = next(n for n in ("agent-0", "agent-1") if n != node)
+    await eventually(
+        lambda: state(other, cluster_pb2.REPLICA_STATE_READY), 60, f"oomy READY on {other}"
+    )
+    served = await generate(router, request)  # the router follows it there
+    assert served.headers["meshserve-node"] == other
 
 
 async def _node_status(mesh: Mesh, node: str) -> cluster_pb2.NodeStatus | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -507,8 +508,17 @@ async def _only_on(mesh: Mesh, node: str) -> bool:
     return {e.value.node_id for e in entries if e.value.model == "demo"} == {node}
 
 
-async def test_everything_still_shuts_down_cleanly(mesh: Mesh) -> None:
-    # Not a behaviour test of its own: make sure the survivors are alive before teardown stops them.
-    alive = [name for name, s in mesh.services.items() if s.alive()]
+async def test_everything_shuts_down_cleanly(mesh: Mesh) -> None:
+    """SIGTERM to every service (router, agents, schedulers): each exits 0 within the stop
+    timeout, none is SIGKILLed, and the ports are free again."""
+    alive = {name for name, s in mesh.services.items() if s.alive()}
     assert "router" in alive and len(alive) == 3
-    await asyncio.sleep(0)
+    router = mesh.services["router"].address
+    started = time.monotonic()
+    codes = await asyncio.to_thread(mesh.stop)
+    assert set(codes) == alive
+    assert all(code == 0 for code in codes.values()), codes
+    assert time.monotonic() - started < 15
+    with socket.socket() as s:  # nothing listens on the router's port any more
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        s.bind(("127.0.0.1", int(router.rsplit(":", 1)[1])))
