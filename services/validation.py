@@ -14,6 +14,7 @@ MAX_STOP_CHARS = 256
 MAX_EMBED_INPUTS = 256
 MAX_STREAM_INTERVAL_MS = 5_000  # token coalescing: the longest a packed token may wait
 MAX_INTERVAL_TOKENS = 4_096
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 DEFAULT_MAX_TOKENS = 64
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM does): logits / 1e-38 overflow
 ROLES = frozenset({"system", "user", "assistant"})
@@ -31,6 +32,8 @@ class GenerationParams:
     stop: tuple[str, ...]
     ignore_eos: bool
     priority: int = 0  # meshserve.v1.Priority as the router capped it; engines may order by it
+    logprobs: bool = False  # report each sampled token's logprob (raw: before temperature etc.)
+    top_logprobs: int = 0  # ... and this many most likely tokens per position
 
 
 def check_generate(req: inference_pb2.GenerateRequest, spec: cluster_pb2.ModelSpec | None) -> None:
@@ -68,6 +71,10 @@ def check_generate(req: inference_pb2.GenerateRequest, spec: cluster_pb2.ModelSp
         v.append(("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings"))
     if any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
         v.append(("sampling.stop", f"stop strings must have 1-{MAX_STOP_CHARS} characters"))
+    if s.top_logprobs > MAX_TOP_LOGPROBS:
+        v.append(("sampling.top_logprobs", f"at most {MAX_TOP_LOGPROBS}, got {s.top_logprobs}"))
+    elif s.top_logprobs and not s.logprobs:
+        v.append(("sampling.top_logprobs", "needs sampling.logprobs set"))
     if req.HasField("stream_interval_ms") and req.stream_interval_ms > MAX_STREAM_INTERVAL_MS:
         v.append(("stream_interval_ms", f"at most {MAX_STREAM_INTERVAL_MS} ms"))
     if req.HasField("stream_interval_tokens") and req.stream_interval_tokens > MAX_INTERVAL_TOKENS:
@@ -111,6 +118,8 @@ def resolve_params(
         seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop),
         ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs if s.logprobs else 0,
     )
 
 

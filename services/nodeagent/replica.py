@@ -4,10 +4,11 @@ done to it. Mutated only by the lifecycle (lifecycle.py) and the reconciler."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshserve.nodeagent.engines.base import Engine
 from meshserve.nodeagent.plan import Held
+from meshserve.nodeagent.share import DeviceShare
 from meshserve.v1 import cluster_pb2
 
 S = cluster_pb2
@@ -28,6 +29,10 @@ class Replica:
     # The tier last asked of the engine. An engine may settle elsewhere (vLLM's CPU build cannot
     # keep weights in CPU RAM): status.tier says where it is, this keeps us from asking again.
     asked_tier: int = S.TIER_DEVICE
+    share: DeviceShare = field(init=False)  # its streams' GPU-seconds (usage)
+
+    def __post_init__(self) -> None:
+        self.share = DeviceShare(self.spec.gpus_per_replica)
 
     @property
     def ready(self) -> bool:

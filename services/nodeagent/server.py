@@ -96,6 +96,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
                 "meshserve.node": self.node_id,
             },
         ) as span:
+            mark = r.share.join()
             try:
                 first = True
                 stream = r.engine.generate(request.prompt, request.messages, params, resume)
@@ -115,9 +116,14 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
                         token_ids=chunk.token_ids,
                         finish_reason=chunk.finish_reason,  # type: ignore[arg-type]
                     )
+                    for lp in chunk.logprobs:
+                        p = response.logprobs.add(logprob=lp.logprob, token=lp.token)
+                        for token_id, token, logprob in lp.top:
+                            p.top.add(token_id=token_id, token=token, logprob=logprob)
                     if chunk.finish_reason:
                         response.usage.input_tokens = chunk.input_tokens
                         response.usage.output_tokens = chunk.output_tokens
+                        response.usage.gpu_seconds = r.share.since(mark)
                         span.set_attribute("gen_ai.usage.input_tokens", chunk.input_tokens)
                         span.set_attribute("gen_ai.usage.output_tokens", chunk.output_tokens)
                         span.set_attribute(
@@ -132,6 +138,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
                     span.set_status(trace.Status(trace.StatusCode.ERROR, "cancelled by the client"))
                 raise
             finally:
+                r.share.leave(mark)
                 metrics.IN_FLIGHT.labels("agent", model).dec()
                 metrics.REQUESTS.labels("agent", model, code).inc()
 

@@ -116,6 +116,7 @@ class Router(Component):
         self._publisher: asyncio.Task[None] | None = None
         self._http: Any = None  # uvicorn.Server of the OpenAI front, when configured
         self._http_task: asyncio.Task[None] | None = None
+        self._stopping = False  # shutdown began: the HTTP front's /health answers 503
 
     def register(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(
@@ -183,7 +184,7 @@ class Router(Component):
                 "ssl_cert_reqs": py_ssl.CERT_OPTIONAL if optional else py_ssl.CERT_REQUIRED,
             }
         config = uvicorn.Config(
-            openai_app(self.servicer),
+            openai_app(self.servicer, lambda: self._stopping),
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=5,
@@ -198,6 +199,11 @@ class Router(Component):
             await asyncio.sleep(0.02)
         bound = sock.getsockname()
         return f"{host}:{bound[1]}"
+
+    async def drain(self) -> None:
+        """Shutdown begins: load balancers polling /health stop sending (gRPC health goes
+        NOT_SERVING next, in process.py); calls in flight go on."""
+        self._stopping = True
 
     async def stop(self) -> None:
         if self._http_task is not None:

@@ -91,6 +91,17 @@ def usage_of(messages: list[bytes]) -> tuple[int, int]:
     return 0, sum(len(inference_pb2.GenerateResponse.FromString(m).token_ids) for m in messages)
 
 
+def gpu_seconds_of(messages: list[bytes]) -> float:
+    """The device time a relayed stream is billed: what the agent that finished it reports on
+    its final message (its fair share of the replica: `Usage.gpu_seconds`). A stream that failed
+    over is billed for the part its last replica served (an agent that died cannot report), and
+    one that ended without a final message for nothing."""
+    if not messages:
+        return 0.0
+    last = inference_pb2.GenerateResponse.FromString(messages[-1])
+    return float(last.usage.gpu_seconds) if last.finish_reason else 0.0
+
+
 class RouterInference:
     """Handlers for meshserve.v1.Inference; registered by `handlers_for` below."""
 
@@ -159,11 +170,8 @@ class RouterInference:
         metrics.IN_FLIGHT.labels("router", model).inc()
         code = "OK"
         messages: list[bytes] = []
-        started = 0.0
         try:
             async for message in self.relay.generate(request, route, context, who):
-                if not messages:
-                    started = time.monotonic()
                 messages.append(message)
                 yield message
         except BaseException as e:
@@ -173,10 +181,11 @@ class RouterInference:
             self.demand.in_flight(model, -1)
             metrics.IN_FLIGHT.labels("router", model).dec()
             metrics.REQUESTS.labels("router", model, code).inc()
-            held = (time.monotonic() - started) * max(1, route.spec.gpus_per_replica)
             usage = usage_of(messages)
             genai_attributes(span, request, usage, messages)
-            self.tenancy.done(tenant, ticket, model, cold, usage, held, served=bool(messages))
+            self.tenancy.done(
+                tenant, ticket, model, cold, usage, gpu_seconds_of(messages), bool(messages)
+            )
 
     # --- Embed, Infer, ListModels ---------------------------------------------------------
 

@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/common.proto\x12\x0cmeshserve.v1\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"~\n\x0fTensorSignature\x12(\n\x06inputs\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r*u\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x15\n\x11PRIORITY_CRITICAL\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/common.proto\x12\x0cmeshserve.v1\"I\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x13\n\x0bgpu_seconds\x18\x03 \x01(\x01\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"~\n\x0fTensorSignature\x12(\n\x06inputs\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r*u\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x15\n\x11PRIORITY_CRITICAL\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=357
-  _globals['_PRIORITY']._serialized_end=474
+  _globals['_PRIORITY']._serialized_start=378
+  _globals['_PRIORITY']._serialized_end=495
   _globals['_USAGE']._serialized_start=43
-  _globals['_USAGE']._serialized_end=95
-  _globals['_TENSOR']._serialized_start=97
-  _globals['_TENSOR']._serialized_end=166
-  _globals['_TENSORSPEC']._serialized_start=168
-  _globals['_TENSORSPEC']._serialized_end=227
-  _globals['_TENSORSIGNATURE']._serialized_start=229
-  _globals['_TENSORSIGNATURE']._serialized_end=355
+  _globals['_USAGE']._serialized_end=116
+  _globals['_TENSOR']._serialized_start=118
+  _globals['_TENSOR']._serialized_end=187
+  _globals['_TENSORSPEC']._serialized_start=189
+  _globals['_TENSORSPEC']._serialized_end=248
+  _globals['_TENSORSIGNATURE']._serialized_start=250
+  _globals['_TENSORSIGNATURE']._serialized_end=376
 # @@protoc_insertion_point(module_scope)

@@ -53,19 +53,27 @@ class Usage(_message.Message):
 
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    GPU_SECONDS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """tokens in the prompt after templating"""
     output_tokens: _builtins.int
     """tokens generated"""
+    gpu_seconds: _builtins.float
+    """Device time the request held, shared fairly: each moment a replica spends with n streams
+    running counts 1/n of its GPUs to each stream (processor sharing; the agent's accounting).
+    Summed over a replica's streams it is the time the replica was busy x its GPUs, whatever the
+    concurrency. Set by agents on Generate's final message (the part served there).
+    """
     def __init__(
         self,
         *,
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
+        gpu_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_seconds", b"gpu_seconds", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

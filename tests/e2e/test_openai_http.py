@@ -276,3 +276,184 @@ def test_hostile_bodies_get_clear_statuses(hmesh: Mesh) -> None:
         while b"BODY_TOO_LARGE" not in answer and (part := s.recv(4096)):
             answer += part  # headers and body may come in separate packets
     assert answer.startswith(b"HTTP/1.1 413") and b"BODY_TOO_LARGE" in answer, answer
+
+
+def post_json(hmesh: Mesh, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{base_url(hmesh)}{path}",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {KEYS['app']}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(hmesh: Mesh, path: str) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{hmesh.services['router'].info['http']}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_health_and_ping_answer_as_load_generators_expect(hmesh: Mesh) -> None:
+    """guidellm (and other tools) call GET /health before any load; /ping is liveness."""
+    status, body = get(hmesh, "/health")
+    assert status == 200 and body["status"] == "ok", body
+    assert body["models"] >= 1 and body["ready_replicas"] >= 1
+    assert get(hmesh, "/ping") == (200, {"status": "alive"})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("n", 2),
+        ("logit_bias", {"5": 10}),
+        ("frequency_penalty", 0.5),
+        ("no_such_field", 1),
+    ],
+)
+def test_parameters_the_front_does_not_implement_are_refused_by_name(
+    hmesh: Mesh, field: str, value: object
+) -> None:
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, answer = post_json(hmesh, "/chat/completions", {**body, field: value})
+    assert status == 400, answer
+    error = answer["error"]
+    assert error["message"] == f"unsupported parameter '{field}'", error
+    assert error["param"] == field and error["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as e:  # the SDK raises it, naming the field
+        client(hmesh, "app").chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+            extra_body={field: value},
+        )  # fmt: skip
+    assert field in e.value.message
+
+
+def test_neutral_values_of_unimplemented_parameters_are_accepted(hmesh: Mesh) -> None:
+    """What real clients send by default changes nothing, so it is not refused."""
+    neutral = {
+        "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tools": [],
+        "response_format": {"type": "text"}, "user": "u-1", "metadata": {"team": "a"},
+        "store": False, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "ignore_eos": True, "max_completion_tokens": 3, "stop": None, "stream": True,
+    }  # fmt: skip
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], **neutral}
+    events = sse(hmesh, "/v1/chat/completions", body)
+    assert events[-1]["usage"]["completion_tokens"] == 3
+
+
+def sse(hmesh: Mesh, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON events of a streamed answer (without [DONE]), read over a raw connection."""
+    import http.client
+
+    host, port = hmesh.services["router"].info["http"].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request(
+        "POST", path, json.dumps(body),
+        {"content-type": "application/json", "authorization": f"Bearer {KEYS['app']}"},
+    )  # fmt: skip
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    lines = response.read().decode().splitlines()
+    conn.close()
+    data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_one_token_per_sse_chunk_unless_coalescing_is_asked(hmesh: Mesh) -> None:
+    body = {"model": "demo", "prompt": "Once upon", "max_tokens": 40, "temperature": 0,
+            "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    events = sse(hmesh, "/v1/completions", body)
+    tokens = events[-1]["usage"]["completion_tokens"]
+    assert tokens == 40  # ignore_eos: no early end
+    content = [e for e in events if e["choices"]]
+    assert len(content) == tokens  # clients count chunks as tokens
+    packed = sse(hmesh, "/v1/completions", {**body, "stream_interval_tokens": 8})
+    text = "".join(e["choices"][0]["text"] for e in content)
+    assert "".join(e["choices"][0]["text"] for e in packed if e["choices"]) == text
+    assert len([e for e in packed if e["choices"]]) < tokens / 3
+
+
+def test_logprobs_come_back_in_each_apis_shape(hmesh: Mesh, demo_model: Path) -> None:
+    """Greedy decoding: each sampled token is the most likely one, so it heads its top list
+    with the same logprob; the first position's logprobs equal the model's own, computed here
+    with transformers on the same weights."""
+    c = client(hmesh, "app")
+    chat = c.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == chat.usage.completion_tokens  # type: ignore[union-attr]
+    for lp in content:
+        assert len(lp.top_logprobs) == 3 and lp.logprob <= 0
+        assert [t.logprob for t in lp.top_logprobs] == sorted(
+            (t.logprob for t in lp.top_logprobs), reverse=True
+        )
+        assert lp.top_logprobs[0].token == lp.token
+        assert lp.top_logprobs[0].logprob == pytest.approx(lp.logprob)
+        assert lp.bytes == list(lp.token.encode())
+    prompt = "Once upon a time"
+    done = c.completions.create(
+        model="demo", prompt=prompt, max_tokens=4, temperature=0, logprobs=2
+    )
+    legacy = done.choices[0].logprobs
+    assert legacy is not None and legacy.tokens is not None and len(legacy.tokens) == 4
+    assert legacy.text_offset == sorted(legacy.text_offset or [])
+    first_top = (legacy.top_logprobs or [{}])[0]
+    assert 1 <= len(first_top) <= 2
+
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1]
+    expected = torch.log_softmax(logits.float(), -1)
+    best = int(expected.argmax())
+    assert legacy.tokens[0] == tok.decode([best])
+    assert (legacy.token_logprobs or [0.0])[0] == pytest.approx(float(expected[best]), abs=1e-4)
+    # streamed: each chunk carries its token's logprobs
+    events = sse(hmesh, "/v1/chat/completions", {
+        "model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+        "temperature": 0, "logprobs": True, "stream": True,
+    })  # fmt: skip
+    assert [len(e["choices"][0]["logprobs"]["content"]) for e in events] == [1] * 5
+    bad, answer = post_json(hmesh, "/chat/completions", {
+        "model": "demo", "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2,
+    })  # fmt: skip
+    assert bad == 400 and "top_logprobs" in answer["error"]["message"]
+
+
+def test_embeddings_in_base64_as_the_sdk_asks_by_default(hmesh: Mesh) -> None:
+    import base64
+    import struct
+
+    status, floats = post_json(hmesh, "/embeddings", {"model": "demo", "input": "one"})
+    assert status == 200
+    status, packed = post_json(
+        hmesh, "/embeddings", {"model": "demo", "input": "one", "encoding_format": "base64"}
+    )
+    assert status == 200
+    raw = base64.b64decode(packed["data"][0]["embedding"])
+    decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+    assert decoded == pytest.approx(floats["data"][0]["embedding"], abs=1e-6)
+    sdk = client(hmesh, "app").embeddings.create(model="demo", input="one")  # base64 underneath
+    assert sdk.data[0].embedding == pytest.approx(floats["data"][0]["embedding"], abs=1e-6)

@@ -137,6 +137,38 @@ async def test_streams_through_the_router_equal_to_the_agent(vmesh: Mesh) -> Non
     assert "sleep mode" in r.tier_note
 
 
+async def test_logprobs_one_message_per_token_and_the_models_own_values(vmesh: Mesh) -> None:
+    """vLLM's logprobs reach the client through the router, one message per token (vLLM hands
+    over several steps at once when the loop lags; the engine splits them): greedy tokens head
+    their top lists, and the first position's value is the model's own (transformers, fp32, on
+    the same files; vLLM's CPU build may compute in bf16, hence the tolerance)."""
+    request = _request(8)
+    request.sampling.logprobs = True
+    request.sampling.top_logprobs = 3
+    async with grpc.aio.insecure_channel(vmesh.services["router"].address) as ch:
+        messages = [
+            m async for m in inference_pb2_grpc.InferenceStub(ch).Generate(request, timeout=60)
+        ]
+    content = [m for m in messages if m.token_ids]
+    assert len(content) == 8 and all(len(m.token_ids) == 1 for m in content)
+    for m in content:
+        (lp,) = m.logprobs
+        assert len(lp.top) == 3 and lp.top[0].token_id == m.token_ids[0]
+        assert lp.top[0].logprob == pytest.approx(lp.logprob) and lp.logprob <= 0
+        assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = vmesh.data_dir / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([tok(request.prompt)["input_ids"]])).logits[0, -1]
+    expected = torch.log_softmax(logits.float(), -1)
+    assert content[0].token_ids[0] == int(expected.argmax())
+    assert content[0].logprobs[0].logprob == pytest.approx(float(expected.max()), abs=0.05)
+
+
 async def test_resumed_stream_continues_the_greedy_output_exactly(vmesh: Mesh) -> None:
     """What a router sends after a failover: the tokens and text the client has; vLLM streams
     exactly the rest of the uninterrupted greedy output, usage counting the whole generation."""

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from meshserve.nodeagent.engines.base import NO_RESUME, EngineConfig, Resume
+from meshserve.nodeagent.engines.base import NO_RESUME, EngineConfig, Logprob, Resume
 from meshserve.nodeagent.engines.torch_engine import TorchEngine
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2
@@ -166,3 +166,36 @@ def test_the_torch_engine_refuses_a_mig_instance_it_cannot_bind() -> None:
     back to its parent GPU (it would take memory the scheduler gave others)."""
     with pytest.raises(ValueError, match="cannot be bound to the MIG instance MIG-7-1"):
         TorchEngine(EngineConfig(device="", visible_devices=("MIG-7-1",)))
+
+
+async def test_logprobs_are_the_models_raw_distribution_at_every_position(
+    demo_model: Path,
+) -> None:
+    """Sampled at temperature 0.7 with top-k 5 (what sampling does must not change them): each
+    token's logprob and its top 4 equal log_softmax of the model's logits at that position,
+    recomputed here in one forward pass over the prompt and the generated tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = TorchEngine(EngineConfig(threads=1))
+    await engine.load(cluster_pb2.ModelSpec(name="demo", source=str(demo_model)))
+    params = GenerationParams(12, 0.7, 1.0, 5, 3, (), True, logprobs=True, top_logprobs=4)
+    ids: list[int] = []
+    logprobs: list[Logprob] = []
+    async for chunk in engine.generate("Once upon a time", [], params):
+        assert len(chunk.token_ids) == len(chunk.logprobs) == 1  # one token per chunk
+        ids += chunk.token_ids
+        logprobs += chunk.logprobs
+    await engine.unload()
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32)
+    prompt = tok("Once upon a time")["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0]
+    for i, (token, lp) in enumerate(zip(ids, logprobs, strict=True)):
+        expected = torch.log_softmax(logits[len(prompt) - 1 + i].float(), -1)
+        assert lp.logprob == pytest.approx(float(expected[token]), abs=1e-4)
+        assert lp.token == tok.decode([token])
+        top = torch.topk(expected, 4)
+        assert [t for t, _text, _lp in lp.top] == top.indices.tolist()
+        assert [v for _t, _text, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)

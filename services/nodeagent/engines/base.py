@@ -33,6 +33,15 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """One position's log probabilities (asked with ``GenerationParams.logprobs``)."""
+
+    logprob: float  # ln p of the sampled token under the model's raw distribution
+    token: str  # the sampled token's text on its own
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class Chunk:
     """What one engine step produced for one stream."""
 
@@ -41,6 +50,7 @@ class Chunk:
     finish_reason: int  # inference_pb2.FinishReason; 0 until the last chunk
     input_tokens: int
     output_tokens: int  # generated so far
+    logprobs: tuple[Logprob, ...] = ()  # one per token id when the request asked; else empty
 
 
 def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
@@ -52,7 +62,28 @@ def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
         last.finish_reason,
         last.input_tokens,
         last.output_tokens,
+        tuple(lp for c in chunks for lp in c.logprobs),
     )
+
+
+def per_token(chunk: Chunk) -> list[Chunk]:
+    """A chunk of several tokens (an engine that emits what several steps made at once) as one
+    chunk per token, so clients get one message per token: each carries its token and logprob,
+    the last one the text and the ending (which token made which text is not known here)."""
+    n = len(chunk.token_ids)
+    if n <= 1:
+        return [chunk]
+    return [
+        Chunk(
+            chunk.text if i == n - 1 else "",
+            (token,),
+            chunk.finish_reason if i == n - 1 else 0,
+            chunk.input_tokens,
+            chunk.output_tokens - (n - 1 - i),
+            chunk.logprobs[i : i + 1],
+        )
+        for i, token in enumerate(chunk.token_ids)
+    ]
 
 
 @dataclass(frozen=True)

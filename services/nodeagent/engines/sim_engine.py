@@ -16,6 +16,8 @@ The model of a device (``engine_args``, all optional):
 - ``fail_load`` (false), ``inject_oom_every`` (0: every Nth decode step fails its stream with
   RESOURCE_EXHAUSTED, as a device OOM does): failure hooks.
 
+Log probabilities, when asked, are synthetic (`logprob_at`): a per-prompt confidence.
+
 Memory is the spec's ``memory_bytes`` (what the scheduler places by). Output is deterministic: a
 greedy request's tokens depend only on the prompt and the position (failover continues the same
 text); a sampled one's on its seed too. One stepper task per engine serves every stream.
@@ -30,7 +32,14 @@ import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
+from meshserve.nodeagent.engines.base import (
+    NO_RESUME,
+    Chunk,
+    EngineConfig,
+    EngineStats,
+    Logprob,
+    Resume,
+)
 from meshserve.nodeagent.engines.prompts import not_serving, out_of_memory, unloaded
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams, context_too_long
@@ -111,6 +120,24 @@ def token_at(prompt_key: int, position: int, salt: int) -> int:
 
 def word(token: int) -> str:
     return WORDS[token % len(WORDS)] + " "
+
+
+def _unit(key: str) -> float:
+    return zlib.crc32(key.encode()) / 2**32
+
+
+def logprob_at(prompt_key: int, position: int, token: int, salt: int, top: int) -> Logprob:
+    """Synthetic log probabilities, deterministic like the tokens: each prompt has a confidence
+    c uniform in [0.3, 0.99]; the sampled token's probability is c x [0.85, 1] per position; the
+    alternatives share the rest, halving down the list (what a confidence cascade reads)."""
+    c = 0.3 + 0.69 * _unit(f"confidence:{prompt_key}")
+    p = c * (0.85 + 0.15 * _unit(f"jitter:{prompt_key}:{position}"))
+    ranked = [(token, p)] + [
+        (token_at(prompt_key, position, salt + 1 + i), (1 - p) / 2 ** (i + 1)) for i in range(top)
+    ]
+    ranked.sort(key=lambda x: -x[1])
+    best = tuple((t, word(t), math.log(q)) for t, q in ranked[:top])
+    return Logprob(math.log(p), word(token), best)
 
 
 @dataclass(eq=False)
@@ -329,6 +356,14 @@ class SimEngine:
         if cut >= 0:
             keep = max(0, len(piece) - (len(s.text) - cut))
             piece, reason = piece[:keep], inference_pb2.FINISH_REASON_STOP
-        s.queue.put_nowait(Chunk(piece, (token,), reason, s.input_tokens, s.delivered + s.produced))
+        p = s.params
+        logprobs = (
+            (logprob_at(s.prompt_key, position, token, s.salt, p.top_logprobs),)
+            if p.logprobs
+            else ()
+        )
+        s.queue.put_nowait(
+            Chunk(piece, (token,), reason, s.input_tokens, s.delivered + s.produced, logprobs)
+        )
         if reason:
             self._running.remove(s)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, Resume
+from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, Logprob, Resume
 from meshserve.nodeagent.engines.prompts import stop_cut, visible_end
 from meshserve.v1 import inference_pb2
 from meshserve.validation import GenerationParams
@@ -85,7 +86,22 @@ def sample(logits: torch.Tensor, p: GenerationParams, generator: torch.Generator
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def next_chunk(s: Stream, token: int, text: str, eos: bool, max_len: int) -> Chunk:
+def logprob_of(
+    logits: torch.Tensor, token: int, top: int, text_of: Callable[[int], str]
+) -> Logprob:
+    """``token``'s log probability under the raw ``logits`` (before temperature, top-k and top-p,
+    as vLLM's default ``raw_logprobs``) and the ``top`` most likely tokens'."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best: tuple[tuple[int, str, float], ...] = ()
+    if top:
+        values, ids = torch.topk(lp, min(top, lp.numel()))
+        best = tuple((i, text_of(i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return Logprob(float(lp[token]), text_of(token), best)
+
+
+def next_chunk(
+    s: Stream, token: int, text: str, eos: bool, max_len: int, logprob: Logprob | None = None
+) -> Chunk:
     """The chunk for ``token`` just generated, given ``text``, the decoding of all generated
     tokens. Advances ``s.emitted``. Text that may yet become a stop string or a complete UTF-8
     character is held back until the next token decides."""
@@ -103,7 +119,8 @@ def next_chunk(s: Stream, token: int, text: str, eos: bool, max_len: int) -> Chu
     end = visible_end(text, len(s.emitted), p.stop, bool(finish))
     delta = text[len(s.emitted) : end]
     s.emitted += delta
-    return Chunk(delta, (token,), finish, len(s.input_ids), len(s.generated))
+    logprobs = (logprob,) if logprob is not None else ()
+    return Chunk(delta, (token,), finish, len(s.input_ids), len(s.generated), logprobs)
 
 
 def skip_draws(generator: torch.Generator, draws: int, vocab: int) -> None:

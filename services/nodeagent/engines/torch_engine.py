@@ -29,11 +29,11 @@ from meshserve.nodeagent.engines.base import (
     EngineConfig,
     EngineStats,
     Resume,
-    merge_chunks,
 )
 from meshserve.nodeagent.engines.prompts import out_of_memory, prompt_ids, unloaded
 from meshserve.nodeagent.engines.torch_decode import (
     Stream,
+    logprob_of,
     next_chunk,
     outranked,
     requested_bytes,
@@ -59,6 +59,7 @@ class TorchEngine(TorchWeights):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         self._tok: Any = None
+        self._texts: dict[int, str] = {}  # token id → its text alone (logprobs)
         self._max_len = 0
         self._eos: frozenset[int] = frozenset()
         self._cond = threading.Condition()
@@ -114,6 +115,7 @@ class TorchEngine(TorchWeights):
         model = auto.from_pretrained(spec.source, dtype=dtype)
         model.to(self._device).eval()  # type: ignore[arg-type]
         self._tok = tok
+        self._texts = {}
         self._max_len = spec.max_model_len or int(model.config.max_position_embeddings)
         eos = model.generation_config.eos_token_id if self._task == "generate" else None
         if eos is None:
@@ -160,24 +162,25 @@ class TorchEngine(TorchWeights):
             self._cond.notify()
         self._in_flight += 1
         try:
-            first = True
+            # One chunk per token: the agent's coalescer packs them when the request or the
+            # model asks (stream_interval_*); otherwise clients count one message per token.
             while True:
-                items = [await stream.queue.get()]
-                # Coalesce what the worker produced meanwhile, except the first token: it goes
-                # alone and at once (TTFT, and what token coalescing promises).
-                while not first and not stream.queue.empty():
-                    items.append(stream.queue.get_nowait())
-                first = False
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                merged = merge_chunks([c for c in items if isinstance(c, Chunk)])
-                yield merged
-                if merged.finish_reason:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
                     return
         finally:
             stream.cancelled = True
             self._in_flight -= 1
+
+    def _token_text(self, token: int) -> str:
+        """A token's text on its own (cached: a vocabulary's worth at most)."""
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self._tok.decode([token])
+        return text
 
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         self._check_serving()
@@ -305,6 +308,10 @@ class TorchEngine(TorchWeights):
         s.generated.append(token)
         self._generated += 1
         text = self._tok.decode(s.generated, skip_special_tokens=True)
-        chunk = next_chunk(s, token, text, token in self._eos, self._max_len)
+        p = s.params
+        logprob = (
+            logprob_of(logits, token, p.top_logprobs, self._token_text) if p.logprobs else None
+        )
+        chunk = next_chunk(s, token, text, token in self._eos, self._max_len, logprob)
         s.post(chunk)
         s.done = bool(chunk.finish_reason)

@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
+from meshserve.nodeagent.engines.base import (
+    NO_RESUME,
+    Chunk,
+    EngineConfig,
+    EngineStats,
+    Logprob,
+    Resume,
+    per_token,
+)
 from meshserve.nodeagent.engines.prompts import ResumedText, not_serving, prompt_ids
 from meshserve.nodeagent.engines.vllm_plan import (
     GIB,
@@ -71,8 +79,32 @@ def sampling_params(params: GenerationParams) -> SamplingParams:
         seed=params.seed,
         stop=list(params.stop) or None,
         ignore_eos=params.ignore_eos,
+        # The sampled token's logprob and the top_logprobs most likely (raw, as our torch engine)
+        logprobs=params.top_logprobs if params.logprobs else None,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def logprobs_of(
+    positions: Any, token_ids: Sequence[int], top: int, tok: Any
+) -> tuple[Logprob, ...]:
+    """vLLM's per-position {token id: Logprob(logprob, rank, decoded_token)} (the top ``top`` by
+    rank, plus the sampled token) as ours, one per sampled token."""
+
+    def text(token: int, decoded: str | None) -> str:
+        return decoded if decoded is not None else str(tok.decode([token]))
+
+    out = []
+    for token, position in zip(token_ids, positions or (), strict=False):
+        ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 0)
+        best = tuple(
+            (t, text(t, lp.decoded_token), float(lp.logprob))
+            for t, lp in ranked
+            if lp.rank is not None and lp.rank <= top
+        )[:top]
+        mine = position[token]
+        out.append(Logprob(float(mine.logprob), text(token, mine.decoded_token), best))
+    return tuple(out)
 
 
 class _StatsSink(StatLoggerBase):
@@ -297,7 +329,16 @@ class VllmEngine:
                     text = resumed.add(c.token_ids, bool(finish)) if resumed else c.text
                     if resumed is not None and resumed.stopped:  # straddled the failover point
                         finish = inference_pb2.FINISH_REASON_STOP
-                    yield Chunk(text, tuple(c.token_ids), finish, len(ids), produced)
+                    new = tuple(c.token_ids)
+                    lps = (
+                        logprobs_of(c.logprobs, new, params.top_logprobs, self._tok)
+                        if params.logprobs
+                        else ()
+                    )
+                    # One message per token (vLLM hands over what several steps made at once
+                    # when the loop falls behind); the agent's coalescer packs them if asked.
+                    for chunk in per_token(Chunk(text, new, finish, len(ids), produced, lps)):
+                        yield chunk
                 if finish:
                     return
         finally:
