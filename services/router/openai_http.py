@@ -133,9 +133,13 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
             got = await core.list_models(inference_pb2.ListModelsRequest(), HttpContext(request, 5))
         except (ServiceError, grpc.aio.AioRpcError) as e:
             return failure(e)
+        # Only what this API serves: a tensor model (task: classify) answers KServe and Infer,
+        # and load generators such as guidellm take the first model listed.
+        routes = core.table.current.routes
         data = [
             {"id": m.name, "object": "model", "created": 0, "owned_by": "meshserve"}
             for m in got.models
+            if m.name not in routes or routes[m.name].spec.engine_args.get("task") != "classify"
         ]
         return {"object": "list", "data": data}
 
