@@ -17,7 +17,7 @@ The book is YAML, from a file the router watches or from the etcd key ``<prefix>
         model_limits: {demo: {requests_per_s: 5}}
     prices:                               # per model (canonical name): cost in your currency
       demo: {input_per_1k: 0.0005, output_per_1k: 0.0015}
-      big: {gpu_second: 0.0012}           # per GPU-second a stream holds on its replica
+      big: {gpu_second: 0.0012}           # per GPU-second: its fair share of its replica's GPUs
 
 Keys are stored as SHA-256 hashes: API keys are 256-bit random strings, so a fast hash is
 enough (as GitHub and Stripe do for tokens); the book never holds a key.
