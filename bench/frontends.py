@@ -9,7 +9,11 @@ between the fronts so machine noise hits each. Goal: HTTP adds <= 2 ms to p50 TT
 Then, on the same mesh, the tensor model's table (bench/batching.py): batching off / fixed /
 adaptive at three load levels; goal: adaptive keeps P95 under its SLO where fixed does not.
 The HTTP client is a lean asyncio one (a new connection per request, SSE lines parsed as they
-come), so what it measures is the server side, not an SDK's overhead.
+come), so what it measures is the server side, not an SDK's overhead. Every front gets the same
+workload (greedy, ``ignore_eos``: exactly --max-tokens each). A request that fails — a gRPC
+error, an HTTP status other than 200, an SSE error event, a KServe error_message — or streams
+fewer tokens than asked is counted in the front's errors and left out of its latencies and
+throughput; the run exits 1 when any front had one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ from bench.router_vs_direct import cpu_seconds
 PROMPT = "Once upon a time"
 
 
+class Failed(Exception):
+    """One request failed: counted as an error, never as a latency."""
+
+
 async def native_one(stub: inference_pb2_grpc.InferenceStub, tokens: int) -> tuple[float, int]:
     req = inference_pb2.GenerateRequest(model="demo", prompt=PROMPT)
     req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = tokens, 0.0, True
@@ -69,20 +77,20 @@ async def kserve_one(stub: Any, tokens: int) -> tuple[float, int]:
     call = stub.ModelStreamInfer(iter([req]), timeout=120)
     async for r in call:
         if r.error_message:
-            raise RuntimeError(r.error_message)
+            raise Failed(r.error_message)
         if not ttft:
             ttft = time.perf_counter() - start
         if r.infer_response.parameters["triton_final_response"].bool_param:
-            n = tokens  # ignore_eos: exactly max_tokens (responses carry no token counts)
             call.cancel()
             break
+        n += 1  # one decoupled response per message, and agents send one token per message
     return ttft, n
 
 
 async def http_one(address: str, tokens: int) -> tuple[float, int]:
     body = json.dumps(
         {"model": "demo", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
-         "stream": True, "stream_options": {"include_usage": True}}
+         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     ).encode()  # fmt: skip
     host, port = address.rsplit(":", 1)
     start = time.perf_counter()
@@ -94,12 +102,17 @@ async def http_one(address: str, tokens: int) -> tuple[float, int]:
     )
     ttft, n = 0.0, 0
     try:
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise Failed(f"HTTP {status.decode().strip()}: {(await reader.read(500)).decode()}")
         while line := await reader.readline():
             if not line.startswith(b"data: {"):
                 continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise Failed(str(chunk["error"]))
             if not ttft:
                 ttft = time.perf_counter() - start
-            chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 n = int(chunk["usage"]["completion_tokens"])
     finally:
@@ -111,7 +124,7 @@ async def round_(
     front: str, router: Any, concurrency: int, requests: int, tokens: int
 ) -> dict[str, Any]:
     ttfts: list[float] = []
-    total = 0
+    total = errors = 0
     async with grpc.aio.insecure_channel(router.address) as ch:
         stub = inference_pb2_grpc.InferenceStub(ch)
         from meshserve.kserve import grpc_service_pb2_grpc as KG
@@ -119,30 +132,39 @@ async def round_(
         kstub = KG.GRPCInferenceServiceStub(ch)
 
         async def worker(n: int) -> None:
-            nonlocal total
+            nonlocal total, errors
             for _ in range(n):
-                if front == "native gRPC":
-                    t, k = await native_one(stub, tokens)
-                elif front == "KServe v2 gRPC":
-                    t, k = await kserve_one(kstub, tokens)
-                else:
-                    t, k = await http_one(router.info["http"], tokens)
+                try:
+                    if front == "native gRPC":
+                        t, k = await native_one(stub, tokens)
+                    elif front == "KServe v2 gRPC":
+                        t, k = await kserve_one(kstub, tokens)
+                    else:
+                        t, k = await http_one(router.info["http"], tokens)
+                except (Failed, grpc.aio.AioRpcError, OSError, ValueError):
+                    errors += 1
+                    continue
+                if k != tokens:  # short: not the same work as the other fronts did
+                    errors += 1
+                    continue
                 ttfts.append(t)
                 total += k
 
         cpu0, wall0 = cpu_seconds(router.proc.pid), time.perf_counter()
         await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
         cpu, wall = cpu_seconds(router.proc.pid) - cpu0, time.perf_counter() - wall0
-    return {"ttfts": ttfts, "tokens": total, "wall_s": wall, "cpu_s": cpu}
+    return {"ttfts": ttfts, "tokens": total, "wall_s": wall, "cpu_s": cpu, "errors": errors}
 
 
 def summary(front: str, concurrency: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    ttfts = sorted(t for r in rounds for t in r["ttfts"])
+    served = sorted(t for r in rounds for t in r["ttfts"])
+    ttfts = served or [float("nan")]
     tokens = sum(r["tokens"] for r in rounds)
     return {
         "front": front,
         "concurrency": concurrency,
-        "requests": len(ttfts),
+        "requests": len(served),
+        "errors": sum(r["errors"] for r in rounds),
         "tokens_per_s": round(tokens / sum(r["wall_s"] for r in rounds), 1),
         "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 2),
         "ttft_p99_ms": round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] * 1000, 2),
@@ -219,11 +241,13 @@ def main() -> int:
         finally:
             mesh.stop()
     table = Table(title=f"native gRPC vs OpenAI HTTP vs KServe v2, {args.max_tokens} tokens each")
-    for col in ("front", "c", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "CPU µs/token"):
+    for col in ("front", "c", "requests", "errors", "tokens/s", "TTFT p50 ms", "TTFT p99 ms",
+                "CPU µs/token"):  # fmt: skip
         table.add_column(col)
     for r in rows:
         table.add_row(
-            r["front"], str(r["concurrency"]), str(r["requests"]), str(r["tokens_per_s"]),
+            r["front"], str(r["concurrency"]), str(r["requests"]), str(r["errors"]),
+            str(r["tokens_per_s"]),
             str(r["ttft_p50_ms"]), str(r["ttft_p99_ms"]), str(r["router_cpu_us_per_token"]),
         )  # fmt: skip
     Console(width=140).print(table)
@@ -234,7 +258,7 @@ def main() -> int:
     if args.json:
         doc = {"rows": rows, "http_added_p50_ms_c1": added, "batching": batching}
         args.json.write_text(json.dumps(doc, indent=2))
-    return 0
+    return 1 if any(r["errors"] for r in rows) else 0
 
 
 if __name__ == "__main__":

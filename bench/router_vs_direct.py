@@ -5,7 +5,12 @@ side by side in one run, against a real local mesh (etcd, scheduler, one agent, 
                                      [--json PATH]
 
 Prints a table and writes JSON. Rounds alternate direct / router so machine noise hits both.
-Router CPU is read from /proc for the router process: messages forwarded per router CPU-second.
+Router CPU is read from /proc for the router process during each round (raw: everything the
+process did), and separately over an idle stretch of the same length right after (its
+pollers, watches and demand publishing with no traffic): the two are reported side by side,
+never subtracted; messages forwarded per router CPU-second divide by the raw figure. A request
+that fails, or streams fewer tokens than asked, is counted as an error and left out of the
+latencies.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ class Result:
     tokens_per_s: float
     ttft_p50_ms: float
     ttft_p99_ms: float
-    router_cpu_s: float  # router process CPU during the round, less its idle CPU (0 for direct)
+    router_cpu_s: float  # router process CPU during the round, raw (it serves no direct round)
+    router_idle_cpu_s: float  # ... and over an idle stretch as long as the round, right after
+    errors: int  # requests that failed or came back short
 
 
 def cpu_seconds(pid: int) -> float:
@@ -48,7 +55,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, clock ticks at 100 Hz
 
 
-async def one(stub: inference_pb2_grpc.InferenceStub, max_tokens: int) -> tuple[float, int, int]:
+async def one(
+    stub: inference_pb2_grpc.InferenceStub, max_tokens: int
+) -> tuple[float, int, int] | None:
+    """(TTFT s, tokens, messages), or None for a failed or short request."""
+    try:
+        got = await _one(stub, max_tokens)
+    except grpc.aio.AioRpcError:
+        return None
+    return got if got[1] == max_tokens else None
+
+
+async def _one(stub: inference_pb2_grpc.InferenceStub, max_tokens: int) -> tuple[float, int, int]:
     req = inference_pb2.GenerateRequest(model="demo", prompt="Once upon a time")
     req.sampling.max_tokens = max_tokens
     req.sampling.temperature = 0.0
@@ -70,21 +88,22 @@ async def run_round(address: str, path: str, args: argparse.Namespace, router_pi
         await one(stub, 4)  # connection warm-up
         gate = asyncio.Semaphore(args.concurrency)
 
-        async def limited() -> tuple[float, int, int]:
+        async def limited() -> tuple[float, int, int] | None:
             async with gate:
                 return await one(stub, args.max_tokens)
 
         cpu0 = cpu_seconds(router_pid)
         start = time.perf_counter()
-        results = await asyncio.gather(*(limited() for _ in range(args.requests)))
+        got = await asyncio.gather(*(limited() for _ in range(args.requests)))
         wall = time.perf_counter() - start
         cpu = cpu_seconds(router_pid) - cpu0
-        # The router's idle CPU over the same wall time (gRPC poller threads, watches, demand
-        # publishing) is not forwarding work: measure it and subtract.
+        # The router's idle CPU over as long a stretch with no traffic (gRPC pollers, watches,
+        # demand publishing), reported beside the raw figure.
         idle0 = cpu_seconds(router_pid)
         await asyncio.sleep(wall)
-        cpu -= cpu_seconds(router_pid) - idle0
-    ttfts = sorted(r[0] for r in results)
+        idle = cpu_seconds(router_pid) - idle0
+    results = [r for r in got if r is not None]
+    ttfts = sorted(r[0] for r in results) or [float("nan")]
     tokens = sum(r[1] for r in results)
     return Result(
         path=path,
@@ -96,6 +115,8 @@ async def run_round(address: str, path: str, args: argparse.Namespace, router_pi
         ttft_p50_ms=round(ttfts[len(ttfts) // 2] * 1000, 2),
         ttft_p99_ms=round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))] * 1000, 2),
         router_cpu_s=round(cpu if path == "router" else 0.0, 3),
+        router_idle_cpu_s=round(idle if path == "router" else 0.0, 3),
+        errors=len(got) - len(results),
     )
 
 
@@ -158,11 +179,13 @@ def main() -> int:
     )
     for col in (
         "path",
+        "errors",
         "tokens/s",
         "TTFT p50 ms",
         "TTFT p99 ms",
         "messages",
-        "router CPU s",
+        "router CPU s (raw)",
+        "router idle CPU s",
         "msgs per router CPU-s",
     ):
         table.add_column(col, justify="right")
@@ -170,11 +193,13 @@ def main() -> int:
         per_cpu = f"{r.messages / r.router_cpu_s:,.0f}" if r.router_cpu_s else "-"
         table.add_row(
             r.path,
+            str(r.errors),
             f"{r.tokens_per_s:,.0f}",
             f"{r.ttft_p50_ms:.1f}",
             f"{r.ttft_p99_ms:.1f}",
             f"{r.messages:,}",
             f"{r.router_cpu_s:.2f}",
+            f"{r.router_idle_cpu_s:.2f}" if r.path == "router" else "-",
             per_cpu,
         )
     console.print(table)
@@ -186,6 +211,10 @@ def main() -> int:
         "router_messages_per_cpu_s": round(routed.messages / routed.router_cpu_s, 0)
         if routed.router_cpu_s
         else None,
+        "router_idle_cpu_share": round(routed.router_idle_cpu_s / routed.router_cpu_s, 3)
+        if routed.router_cpu_s
+        else None,
+        "errors": sum(r.errors for r in results),
         "rounds": [asdict(r) for r in results],
         "args": vars(args) | {"json": str(args.json) if args.json else None},
     }
@@ -195,7 +224,7 @@ def main() -> int:
     )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
-    return 0
+    return 1 if summary["errors"] else 0
 
 
 if __name__ == "__main__":
