@@ -26,3 +26,12 @@ def parse_bytes(text: str) -> int:
         return int(float(number) * units[unit])
     except ValueError:
         raise ValueError(f"not a size: {text!r}") from None
+
+
+def format_bytes(n: float) -> str:
+    """``"410 KiB"``, ``"16.0 GiB"``: the largest binary unit that keeps the number >= 1."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{n:.0f} B"

@@ -1,0 +1,64 @@
+"""`meshserve status` reads at 80 columns (cli/status.py's pure renderer over etcd records)."""
+
+from __future__ import annotations
+
+from meshserve.cli.status import render
+from meshserve.v1 import cluster_pb2
+from rich.console import Console
+
+NOTE = (
+    "device is the CPU: TIER_HOST keeps the weights in RAM (frees no device memory), and this "
+    "sentence is long on purpose"
+)
+
+
+def view(width: int) -> str:
+    node = cluster_pb2.NodeStatus(
+        node_id="gpu-node-17", address="10.40.12.201:50061", device_kind="cuda",
+        capacity_bytes=8 * 80 * 2**30, used_bytes=3 * 2**30,
+    )  # fmt: skip
+    for i in range(8):
+        node.gpus.add(
+            uuid=f"GPU-5d1c2a0e-4b7f-11ee-be56-0242ac12000{i}",
+            name="NVIDIA H100 80GB HBM3",
+            memory_total_bytes=80 * 2**30,
+            memory_used_bytes=i * 2**30,
+            utilization=0.1 * i,
+        )
+    replicas = [
+        cluster_pb2.ReplicaStatus(
+            model=f"llama-3-8b-chat-{i}",
+            node_id="gpu-node-17",
+            state=cluster_pb2.REPLICA_STATE_READY,
+            tier=cluster_pb2.TIER_DEVICE,
+            tier_note=NOTE,
+        )
+        for i in range(3)
+    ]
+    replicas.append(
+        cluster_pb2.ReplicaStatus(
+            model="mistral-7b-summarizer",
+            node_id="gpu-node-17",
+            state=cluster_pb2.REPLICA_STATE_FAILED,
+            error="out of device memory 3 times",
+        )
+    )
+    console = Console(width=width, record=True)
+    console.print(render([node], [], replicas, [], []))
+    return console.export_text()
+
+
+def test_status_fits_80_columns_with_ids_whole_and_notes_below_the_table() -> None:
+    text = view(80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "10.40.12.201:50061" in text and "gpu-node-17" in text  # never cut nor wrapped
+    assert sum("H100 80GB HBM3" in line for line in lines) == 8  # one row per GPU
+    # Each replica is one row (its note a reference), and the shared note is printed once,
+    # whole, below the table; the error has a number of its own.
+    rows = [line for line in lines if "llama-3-8b-chat-" in line]
+    assert len(rows) == 3 and all("[1]" in row for row in rows)
+    assert "[2]" in next(line for line in lines if "mistral-7b-summarizer" in line)
+    below = " ".join(line.strip() for line in lines[lines.index(next(
+        line for line in lines if line.startswith("[1] "))):])  # fmt: skip
+    assert NOTE in below and "[2] out of device memory 3 times" in below
