@@ -158,19 +158,20 @@ async def test_a_placement_on_a_gpu_the_host_lacks_fails_with_what_it_has(
     assert mesh.services[AGENT].alive()
 
 
-def test_visible_devices_stand_in_describes_the_host(tmp_path: Path) -> None:
-    """The stand-in answers as NVML would for the agent's probe (checked in this process)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pynvml_standin", STANDINS / "pynvml.py")
-    assert spec is not None and spec.loader is not None
-    nv = importlib.util.module_from_spec(spec)
-    os.environ["MESHSERVE_STANDIN_NVML"] = str(host(tmp_path / "nvml.json"))
+async def test_the_agent_publishes_the_hosts_gpus_and_mig_instances(
+    gpu_mesh: tuple[Mesh, Path],
+) -> None:
+    """What the agent's NVML probe made of the host, as the scheduler reads it from etcd: six
+    whole GPUs and the MIG instances of the two partitioned ones (a partitioned GPU is placed
+    on only through its instances), each with its memory."""
+    mesh, _model = gpu_mesh
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
     try:
-        spec.loader.exec_module(nv)
-        assert nv.nvmlDeviceGetCount() == 8
-        gpu7 = nv.nvmlDeviceGetHandleByIndex(7)
-        assert nv.nvmlDeviceGetMigMode(gpu7) == (1, 1)
-        assert nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetMigDeviceHandleByIndex(gpu7, 1)) == b"MIG-7-1"
+        node = await Store(client, Keyspace()).get(Keyspace().node(AGENT), S.NodeStatus)
     finally:
-        del os.environ["MESHSERVE_STANDIN_NVML"]
+        await client.close()
+    assert node is not None and node.device_kind == "cuda"
+    memory = {g.uuid: g.memory_total_bytes for g in node.gpus}
+    whole = {f"GPU-{i:04d}": 80 * GIB for i in range(6)}
+    mig = {f"MIG-{p}-{k}": 10 * GIB for p in (6, 7) for k in range(2)}
+    assert memory == whole | mig, memory
