@@ -80,10 +80,11 @@ async def kserve_one(stub: Any, tokens: int) -> tuple[float, int]:
             raise Failed(r.error_message)
         if not ttft:
             ttft = time.perf_counter() - start
+        if r.infer_response.outputs:  # one response per message; agents send a token each
+            n += 1
         if r.infer_response.parameters["triton_final_response"].bool_param:
             call.cancel()
             break
-        n += 1  # one decoupled response per message, and agents send one token per message
     return ttft, n
 
 
