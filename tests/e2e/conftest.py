@@ -97,6 +97,18 @@ async def known(address: str, model: str) -> bool:
     return any(m.name == model for m in listing.models)
 
 
+async def replica_records(mesh: Mesh) -> list[cluster_pb2.ReplicaStatus]:
+    """Every replica record in the mesh's etcd (replicas/<model>/<node>), as the agents wrote."""
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        entries, _ = await Store(client, Keyspace()).list(
+            Keyspace().replicas(), cluster_pb2.ReplicaStatus
+        )
+    finally:
+        await client.close()
+    return [e.value for e in entries]
+
+
 def status_text(mesh: Mesh) -> str:
     """`meshserve status` against the mesh's etcd, as an operator runs it (wide terminal)."""
     out = subprocess.run(
@@ -128,16 +140,18 @@ def demo_mesh(
     lease_ttl_s: int = 2,
     trace_dir: Path | None = None,
     agent_flags: Sequence[str] = (),
+    router_flags: Sequence[str] = (),
 ) -> Iterator[Mesh]:
-    """etcd, a scheduler, ``agents`` agents (each with ``agent_flags``) and a router, serving
-    the demo model with ``min_replicas`` READY replicas before it yields."""
+    """etcd, a scheduler, ``agents`` agents (each with ``agent_flags``) and a router (with
+    ``router_flags``), serving the demo model with ``min_replicas`` READY replicas before it
+    yields; then a clean stop (every service exits 0)."""
     m = Mesh(root, lease_ttl_s=lease_ttl_s, trace_dir=trace_dir)
     try:
         m.start_etcd()
         m.start_scheduler()
         for i in range(agents):
             m.start_agent(f"agent-{i}", extra=agent_flags)
-        m.start_router()
+        m.start_router(extra=router_flags)
         asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=min_replicas)))
         router = m.services["router"].address
 

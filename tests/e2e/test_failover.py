@@ -31,6 +31,7 @@ from tests.e2e.conftest import (
     model_spec,
     read_spans,
     ready_replicas,
+    replica_records,
     status_text,
 )
 from tests.waiting import eventually
@@ -269,19 +270,8 @@ async def test_burst_on_a_scaled_to_zero_model_loads_it_once(mesh: Mesh, demo_mo
     )
     loads = [s for s in agent_spans() if s["name"] == "model.load"]
     assert len(loads) == 1, [s["attributes"].get("meshserve.node") for s in loads]
-    replicas = await _replicas_of(mesh, "cold")
+    replicas = [r for r in await replica_records(mesh) if r.model == "cold"]
     assert [r.state for r in replicas] == [cluster_pb2.REPLICA_STATE_READY], replicas
-
-
-async def _replicas_of(mesh: Mesh, model: str) -> list[cluster_pb2.ReplicaStatus]:
-    client = connect(EtcdConfig(mesh.etcd.endpoint))
-    try:
-        entries, _ = await Store(client, Keyspace()).list(
-            Keyspace().replicas(), cluster_pb2.ReplicaStatus
-        )
-    finally:
-        await client.close()
-    return [e.value for e in entries if e.value.model == model]
 
 
 async def _known(router: str, model: str) -> bool:

@@ -5,7 +5,6 @@ tokens it asked for. guidellm runs from its own environment (scripts/guidellm-en
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -15,8 +14,7 @@ from pathlib import Path
 import pytest
 from meshserve.local import Mesh
 
-from tests.e2e.conftest import apply, assert_clean_stop, model_spec, ready_replicas
-from tests.waiting import eventually
+from tests.e2e.conftest import demo_mesh
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,20 +31,8 @@ def guidellm() -> Path:
 @pytest.fixture(scope="module")
 def http_mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("guidellm")
-    m = Mesh(root, lease_ttl_s=2)
-    try:
-        m.start_etcd()
-        m.start_scheduler()
-        m.start_agent("agent-0")
-        m.start_router(extra=["--http-listen", "127.0.0.1:0"])
-        asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=1)))
-        router = m.services["router"].address
-        asyncio.run(eventually(lambda: ready_replicas(router, "demo"), 90, "demo READY"))
+    with demo_mesh(root, demo_model, router_flags=["--http-listen", "127.0.0.1:0"]) as m:
         yield m
-    except BaseException:
-        m.stop()
-        raise
-    assert_clean_stop(m)
 
 
 def test_guidellm_runs_unmodified_and_every_request_succeeds(

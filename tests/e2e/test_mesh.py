@@ -36,6 +36,7 @@ from tests.e2e.conftest import (
     model_spec,
     read_spans,
     ready_replicas,
+    replica_records,
     status_text,
 )
 from tests.waiting import eventually
@@ -494,18 +495,7 @@ async def test_kill_9_agent_moves_the_model_and_requests_keep_working(
 
 
 async def _only_on(mesh: Mesh, node: str) -> bool:
-    from meshserve.cluster.keys import Keyspace
-    from meshserve.cluster.store import EtcdConfig, Store, connect
-    from meshserve.v1 import cluster_pb2
-
-    client = connect(EtcdConfig(mesh.etcd.endpoint))
-    try:
-        entries, _ = await Store(client, Keyspace()).list(
-            Keyspace().replicas(), cluster_pb2.ReplicaStatus
-        )
-    finally:
-        await client.close()
-    return {e.value.node_id for e in entries if e.value.model == "demo"} == {node}
+    return {r.node_id for r in await replica_records(mesh) if r.model == "demo"} == {node}
 
 
 async def test_everything_shuts_down_cleanly(mesh: Mesh) -> None:

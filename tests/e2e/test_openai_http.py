@@ -249,20 +249,9 @@ async def _none(in_flight: object) -> bool:
 
 
 def test_hostile_bodies_get_clear_statuses(hmesh: Mesh) -> None:
-    import urllib.error
-    import urllib.request
 
-    def post(body: bytes) -> tuple[int, dict[str, object]]:
-        req = urllib.request.Request(
-            f"{base_url(hmesh)}/completions",
-            data=body,
-            headers={"content-type": "application/json", "authorization": f"Bearer {KEYS['app']}"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+    def post(body: bytes) -> tuple[int, dict[str, Any]]:
+        return post_bytes(hmesh, "/completions", body)
 
     status, body = post(b"garbage{")
     assert status == 400 and "not valid JSON" in str(body["error"])
@@ -282,12 +271,17 @@ def test_hostile_bodies_get_clear_statuses(hmesh: Mesh) -> None:
 
 
 def post_json(hmesh: Mesh, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    return post_bytes(hmesh, path, json.dumps(body).encode())
+
+
+def post_bytes(hmesh: Mesh, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON answer) of a POST to the OpenAI front as tenant `app`."""
     import urllib.error
     import urllib.request
 
     req = urllib.request.Request(
         f"{base_url(hmesh)}{path}",
-        data=json.dumps(body).encode(),
+        data=body,
         headers={"content-type": "application/json", "authorization": f"Bearer {KEYS['app']}"},
     )
     try:

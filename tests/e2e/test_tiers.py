@@ -10,12 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshserve.cluster.keys import Keyspace
-from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.local import Mesh
 from meshserve.v1 import cluster_pb2, inference_pb2
 
-from tests.e2e.conftest import apply, generate, known, model_spec, read_spans
+from tests.e2e.conftest import apply, generate, known, model_spec, read_spans, replica_records
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -40,14 +38,7 @@ def small_mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> It
 
 
 async def replicas(mesh: Mesh) -> dict[str, cluster_pb2.ReplicaStatus]:
-    client = connect(EtcdConfig(mesh.etcd.endpoint))
-    try:
-        entries, _ = await Store(client, Keyspace()).list(
-            Keyspace().replicas(), cluster_pb2.ReplicaStatus
-        )
-    finally:
-        await client.close()
-    return {e.value.model: e.value for e in entries}
+    return {r.model: r for r in await replica_records(mesh)}
 
 
 def greedy(model: str) -> inference_pb2.GenerateRequest:
