@@ -175,7 +175,7 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
-        return await run(body, request, True, body.logprobs)
+        return await run(body, request, True, bool(body.logprobs))
 
     async def run(
         body: ChatRequest | CompletionRequest, request: Request, chat: bool, logprobs: bool

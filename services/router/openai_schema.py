@@ -73,10 +73,10 @@ def _neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = None
     # vLLM's: usage on every chunk. Prompt tokens are known only at the end here, so every
     # chunk carries completion tokens so far and the final usage chunk the whole count.
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: bool | None = None
 
 
 class Sampling(_Strict):
@@ -88,8 +88,8 @@ class Sampling(_Strict):
     top_k: int | None = Field(default=None, ge=-1)  # vLLM's; -1 or 0: off
     seed: int | None = None
     stop: str | list[str] | None = None
-    ignore_eos: bool = False  # vLLM's: generate past the end-of-sequence token (benchmarks)
-    stream: bool = False
+    ignore_eos: bool | None = None  # vLLM's: generate past the end-of-sequence token
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     priority: Priority | None = None  # meshserve: the request's priority (capped by the tenant)
     timeout: float | None = Field(default=None, gt=0)  # meshserve: a deadline in seconds
@@ -106,7 +106,7 @@ class Message(_Strict):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
@@ -123,7 +123,7 @@ class EmbeddingRequest(_Strict):
 
 
 def sampling(req: Sampling, logprobs: bool, top_logprobs: int) -> inference_pb2.SamplingParams:
-    s = inference_pb2.SamplingParams(ignore_eos=req.ignore_eos)
+    s = inference_pb2.SamplingParams(ignore_eos=bool(req.ignore_eos))
     limit = req.max_completion_tokens or req.max_tokens
     if limit is not None:
         s.max_tokens = limit
@@ -152,7 +152,7 @@ def generate_request(req: ChatRequest | CompletionRequest) -> inference_pb2.Gene
     if isinstance(req, ChatRequest):
         for m in req.messages:
             g.messages.add(role=m.role, content=text_of(m.content))
-        g.sampling.CopyFrom(sampling(req, req.logprobs, req.top_logprobs or 0))
+        g.sampling.CopyFrom(sampling(req, bool(req.logprobs), req.top_logprobs or 0))
     else:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:

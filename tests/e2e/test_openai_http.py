@@ -347,6 +347,7 @@ def test_neutral_values_of_unimplemented_parameters_are_accepted(hmesh: Mesh) ->
         "response_format": {"type": "text"}, "user": "u-1", "metadata": {"team": "a"},
         "store": False, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "ignore_eos": True, "max_completion_tokens": 3, "stop": None, "stream": True,
+        "seed": None, "logprobs": None, "top_logprobs": None, "temperature": None,
     }  # fmt: skip
     body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], **neutral}
     events = sse(hmesh, "/v1/chat/completions", body)
