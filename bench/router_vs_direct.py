@@ -155,7 +155,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="agent torch threads")
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=max(120, Console().width))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_demo_model(Path(tmp) / "demo")
         mesh = Mesh(Path(tmp) / "mesh")
