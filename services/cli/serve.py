@@ -78,6 +78,13 @@ def agent(
             help="seconds a stopping agent lets its streams run; then routers move them",
         ),
     ] = AgentConfig.drain_grace_s,
+    load_retry: Annotated[
+        float,
+        typer.Option(
+            envvar="MESHSERVE_LOAD_RETRY",
+            help="seconds before a FAILED replica that is still placed here is loaded again",
+        ),
+    ] = AgentConfig.load_retry_s,
     label: Annotated[list[str] | None, typer.Option(help="key=value, repeatable")] = None,
     decode_tokens_per_s: Annotated[
         float,
@@ -120,6 +127,7 @@ def agent(
             threads=threads,
             max_in_flight=max_in_flight,
             drain_grace_s=drain_grace,
+            load_retry_s=load_retry,
             labels=tuple((k, v) for k, v in pairs),
             decode_tokens_per_s=decode_tokens_per_s,
             **kwargs,

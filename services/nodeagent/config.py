@@ -41,6 +41,8 @@ class AgentConfig:
             raise ValueError("threads and max_in_flight must be >= 1")
         if not self.drain_grace_s >= 0:
             raise ValueError("drain_grace_s must be >= 0")
+        if not self.load_retry_s >= 0:
+            raise ValueError("load_retry_s must be >= 0")
         if not self.decode_tokens_per_s >= 0:  # NaN fails too
             raise ValueError("decode_tokens_per_s must be >= 0")
 

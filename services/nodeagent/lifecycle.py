@@ -97,25 +97,36 @@ class Lifecycle:
         r.unloading = True
         r.busy = asyncio.create_task(self._unload(r), name=f"unload {r.spec.name}")
 
-    def start_failure(self, r: Replica, why: str) -> None:
+    def start_failure(self, r: Replica, why: str, dead: bool = False) -> None:
         """Gives the replica up here (FAILED, engine unloaded): the scheduler places the model
-        elsewhere (its `failed_here` filter)."""
-        r.busy = asyncio.create_task(self._fail(r, why), name=f"fail {r.spec.name}")
+        elsewhere (its `failed_here` filter), or this agent reloads it after `load_retry_s`.
+        A replica that still serves (repeated OOMs) drains first; a ``dead`` engine serves
+        nothing more, so FAILED is published at once (routers continue its streams elsewhere)
+        and then the engine is cleaned up."""
+        r.busy = asyncio.create_task(self._fail(r, why, dead), name=f"fail {r.spec.name}")
 
-    async def _fail(self, r: Replica, why: str) -> None:
+    async def _fail(self, r: Replica, why: str, dead: bool) -> None:
         try:
             log.warning("%s: %s; giving the replica up here", r.spec.name, why)
-            await self._drain(r)
+            if dead:
+                await self._set_failed(r, why, "engine_died")
+            else:
+                await self._drain(r)
             if r.engine is not None:
                 with contextlib.suppress(Exception):
-                    await r.engine.unload()
+                    await r.engine.unload()  # fails what it still holds, frees its memory
                 r.engine = None
-            r.failed_at = time.monotonic()
-            r.status.error = why
-            await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
+            if not dead:
+                await self._set_failed(r, why, "given_up")
         finally:
             r.busy = None
             self.on_settled()
+
+    async def _set_failed(self, r: Replica, why: str, reason: str) -> None:
+        r.failed_at = time.monotonic()
+        r.status.error = why
+        metrics.REPLICA_FAILURES.labels(r.spec.name, reason).inc()
+        await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
 
     async def stop(self) -> None:
         """Cancels steps under way and unloads every engine (the agent is shutting down)."""

@@ -35,6 +35,7 @@ from meshserve.v1 import cluster_pb2
 log = logging.getLogger(__name__)
 S = cluster_pb2
 PASS_S = 2.0  # reconcile at least this often
+HEALTH_S = 0.5  # how often each serving replica's engine is asked whether it is alive
 OOM_LIMIT = 3  # requests failed by device OOM before the replica is given up here
 
 
@@ -81,6 +82,7 @@ class Reconciler:
         self._tasks = [
             asyncio.create_task(self._loop(), name="reconcile"),
             asyncio.create_task(self.publisher.run(), name="node-status"),
+            asyncio.create_task(self._watch_engines(), name="engine-health"),
         ]
 
     async def stop(self) -> None:
@@ -120,6 +122,24 @@ class Reconciler:
                 await self.publisher.retry_dirty()
             except Exception:
                 log.exception("reconcile pass failed")
+
+    async def _watch_engines(self) -> None:
+        """Engine liveness: a serving replica whose engine died (its worker thread or
+        engine-core process is gone, a step hangs) is FAILED within HEALTH_S, its in-flight
+        requests fail at once (routers continue them elsewhere), and the engine is cleaned up;
+        the scheduler places the model elsewhere, or this agent reloads it after
+        `load_retry_s`."""
+        while True:
+            await asyncio.sleep(HEALTH_S)
+            for r in list(self.replicas.values()):
+                if r.engine is None or r.busy is not None:
+                    continue  # nothing to watch, or a step (load, offload …) owns it now
+                try:
+                    why = r.engine.health()
+                except Exception as e:  # a health check that raises says the same
+                    why = f"health check failed: {type(e).__name__}: {e}"
+                if why:
+                    self.lifecycle.start_failure(r, f"engine died: {why}", dead=True)
 
     def reconcile(self) -> None:
         """One pass: start loads, tier changes and unloads; never waits for them."""

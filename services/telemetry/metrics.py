@@ -59,6 +59,12 @@ QUEUE_WAIT = Histogram(
 READY_REPLICAS = Gauge(
     "meshserve_router_ready_replicas", "READY replicas in this router's table", ["model"]
 )
+REPLICA_FAILURES = Counter(
+    "meshserve_replica_failures",
+    "Replicas a node agent gave up (FAILED), by reason: engine_died (its health check found the "
+    "engine dead) or given_up (e.g. repeated device OOM, after draining)",
+    ["model", "reason"],
+)
 NODES_LOST = Counter(
     "meshserve_scheduler_nodes_lost_total",
     "Nodes whose record vanished without draining first (lease expired: the agent died)",

@@ -15,6 +15,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.e2e
 S = cluster_pb2
 AGENT = "vllm-agent"
+AGENT_FLAGS = ("--load-retry", "2")  # a FAILED replica is loaded again 2 s later
 MODEL = "tinyvllm"
 
 
@@ -62,7 +64,7 @@ def vmesh(tmp_path_factory: pytest.TempPathFactory, vllm_python: str) -> Iterato
     try:
         m.start_etcd()
         m.start_scheduler()
-        m.start_agent(AGENT, threads=1, python=vllm_python, timeout_s=180)
+        m.start_agent(AGENT, threads=1, python=vllm_python, timeout_s=180, extra=AGENT_FLAGS)
         m.start_router()
         spec = model_spec(MODEL, model, engine="vllm", min_replicas=1, max_model_len=2048)
         asyncio.run(apply(m, spec))
@@ -72,11 +74,11 @@ def vmesh(tmp_path_factory: pytest.TempPathFactory, vllm_python: str) -> Iterato
         m.stop(timeout_s=30)
 
 
-async def _replica(mesh: Mesh) -> cluster_pb2.ReplicaStatus | None:
+async def _replica(mesh: Mesh, node: str = AGENT) -> cluster_pb2.ReplicaStatus | None:
     client = connect(EtcdConfig(mesh.etcd.endpoint))
     try:
         entry = await Store(client, Keyspace()).get(
-            Keyspace().replica(MODEL, AGENT), cluster_pb2.ReplicaStatus
+            Keyspace().replica(MODEL, node), cluster_pb2.ReplicaStatus
         )
     finally:
         await client.close()
@@ -100,7 +102,12 @@ def _request(max_tokens: int, **extra: object) -> inference_pb2.GenerateRequest:
 
 def _engine_cores(pid: int) -> list[str]:
     """Command lines of ``pid``'s descendants that are vLLM processes (VLLM::EngineCore …)."""
-    found, todo = [], [pid]
+    return list(_core_pids(pid).values())
+
+
+def _core_pids(pid: int) -> dict[int, str]:
+    """``pid``'s descendants that are vLLM processes: pid → command line."""
+    found, todo = {}, [pid]
     while todo:
         p = todo.pop()
         kids = []
@@ -116,7 +123,7 @@ def _engine_cores(pid: int) -> list[str]:
             except OSError:
                 continue
             if "VLLM::" in cmd:
-                found.append(cmd.strip())
+                found[kid] = cmd.strip()
     return found
 
 
@@ -248,6 +255,111 @@ async def test_running_request_shows_in_etcd_and_cancel_aborts_it(vmesh: Mesh) -
         call.cancel()
     # The abort reaches vLLM's engine core: its running count drops to 0 long before 1900 tokens.
     await eventually(lambda: running(0), 8, "vLLM's running count back to 0 after the cancel")
+
+
+async def test_dead_engine_core_fails_the_replica_at_once_and_the_agent_reloads_it(
+    vmesh: Mesh,
+) -> None:
+    """kill -9 of vLLM's engine-core process with two requests in flight: the replica is FAILED
+    within 2 s, saying why; the request sent to the agent directly gets UNAVAILABLE (ENGINE_DIED)
+    at once instead of hanging; the one through the router waits for the only replica to come
+    back (the agent reloads it after --load-retry) and completes exactly, with one failover;
+    a new engine core runs in place of the dead one."""
+    router, agent = vmesh.services["router"].address, vmesh.services[AGENT].address
+    expected = (await generate(router, _request(1200), timeout=60)).token_ids
+    agent_pid = vmesh.services[AGENT].proc.pid
+    killed = set(_core_pids(agent_pid))
+    assert killed, "vLLM's engine core should run under the agent"
+    routed = Faulty(router)
+    direct = Faulty(agent)
+    tasks = [asyncio.create_task(s.run(_request(1200))) for s in (routed, direct)]
+    await eventually(lambda: routed.ids and direct.ids, 30, "both streams under way")
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    died = time.monotonic()
+
+    async def failed() -> cluster_pb2.ReplicaStatus | None:
+        r = await _replica(vmesh)
+        return r if r is not None and r.state == S.REPLICA_STATE_FAILED else None
+
+    r = await eventually(failed, 10, "the replica FAILED", interval=0.02)
+    assert time.monotonic() - died <= 2.0, f"FAILED {time.monotonic() - died:.2f} s after"
+    assert "engine died" in r.error and "vLLM" in r.error, r.error
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 240)
+    assert direct.error is not None and direct.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "ENGINE_DIED" in str(direct.error.trailing_metadata()) or "died" in (
+        direct.error.details() or ""
+    ), direct.error
+    hung = direct.error_after - died
+    assert hung < 3.0, f"the direct request hung {hung:.1f} s"
+    assert routed.error is None, routed.error
+    assert routed.ids == expected  # nothing lost, nothing repeated
+    assert routed.trailers.get("meshserve-failovers") == "1"
+    await eventually(lambda: _state(vmesh, S.REPLICA_STATE_READY), 240, "READY again")
+    assert set(_core_pids(agent_pid)) - killed, "a new engine core"
+
+
+async def test_a_dead_engine_core_moves_its_streams_to_the_other_replica(
+    vmesh: Mesh, vllm_python: str
+) -> None:
+    """Two agents with a replica each: kill -9 of the engine core under a stream moves it to
+    the other replica at once (one failover, the exact greedy stream), long before the dead
+    replica is loaded again."""
+    router = vmesh.services["router"].address
+    second = "vllm-agent-2"
+    vmesh.start_agent(second, threads=1, python=vllm_python, timeout_s=180, extra=AGENT_FLAGS)
+    spec = model_spec(MODEL, vmesh.data_dir / "model", engine="vllm", min_replicas=2,
+                      max_model_len=2048)  # fmt: skip
+    await apply(vmesh, spec)
+    try:
+        await eventually(lambda: _ready_here(vmesh, second), 240, "a replica on the second agent")
+        await eventually(lambda: _ready_here(vmesh, AGENT), 240, "and on the first")
+        expected = (await generate(router, _request(1200), timeout=60)).token_ids
+        s = Faulty(router)
+        task = asyncio.create_task(s.run(_request(1200)))
+        await eventually(lambda: len(s.ids) >= 50, 30, "the stream under way")
+        victim = s.node
+        for pid in _core_pids(vmesh.services[victim].proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(task, 120)
+        assert s.error is None, s.error
+        assert s.ids == expected and s.trailers.get("meshserve-failovers") == "1"
+        dead = await _replica(vmesh, victim)
+        assert dead is not None and dead.state != S.REPLICA_STATE_READY  # moved, did not wait
+    finally:
+        await apply(vmesh, model_spec(MODEL, vmesh.data_dir / "model", engine="vllm",
+                                      min_replicas=1, max_model_len=2048))  # fmt: skip
+        vmesh.kill(second, signal.SIGTERM)
+    await eventually(lambda: _state(vmesh, S.REPLICA_STATE_READY), 240, "the first agent READY")
+
+
+async def _ready_here(mesh: Mesh, node: str) -> bool:
+    r = await _replica(mesh, node)
+    return r is not None and r.state == S.REPLICA_STATE_READY
+
+
+class Faulty:
+    """Reads one stream, keeping its tokens, trailers, and the error that ended it (if any)
+    with when it came."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ids: list[int] = []
+        self.trailers: dict[str, str] = {}
+        self.node = ""
+        self.error: grpc.aio.AioRpcError | None = None
+        self.error_after = 0.0
+
+    async def run(self, request: inference_pb2.GenerateRequest) -> None:
+        async with grpc.aio.insecure_channel(self.address) as ch:
+            call = inference_pb2_grpc.InferenceStub(ch).Generate(request, timeout=200)
+            try:
+                async for msg in call:
+                    self.ids += msg.token_ids
+                    self.node = self.node or dict(await call.initial_metadata())["meshserve-node"]
+                self.trailers = {k: str(v) for k, v in (await call.trailing_metadata() or ())}
+            except grpc.aio.AioRpcError as e:
+                self.error, self.error_after = e, time.monotonic()
 
 
 async def test_offload_falls_back_to_unload_and_restore_serves_again(vmesh: Mesh) -> None:

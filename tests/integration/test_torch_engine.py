@@ -199,3 +199,38 @@ async def test_logprobs_are_the_models_raw_distribution_at_every_position(
         top = torch.topk(expected, 4)
         assert [t for t, _text, _lp in lp.top] == top.indices.tolist()
         assert [v for _t, _text, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+async def test_a_worker_that_dies_fails_its_streams_at_once_and_reports_it(
+    demo_model: Path,
+) -> None:
+    """The worker thread dies outside any request (a CUDA error, a bug: drilled with
+    inject_crash_at_step): every stream in flight gets UNAVAILABLE (ENGINE_DIED) at once
+    instead of waiting forever, health() says why, a new request is refused the same way, and
+    unload still completes."""
+    import grpc
+
+    engine = TorchEngine(EngineConfig(threads=1))
+    spec = cluster_pb2.ModelSpec(name="demo", source=str(demo_model))
+    spec.engine_args["inject_crash_at_step"] = "40"
+    await engine.load(spec)
+    assert engine.health() == ""
+    long = GenerationParams(1000, 0.0, 1.0, 0, None, (), True)
+
+    async def run() -> tuple[int, ServiceError]:
+        got = 0
+        try:
+            async for chunk in engine.generate("Once upon a time", [], long):
+                got += len(chunk.token_ids)
+        except ServiceError as e:
+            return got, e
+        raise AssertionError(f"the stream ended normally after {got} tokens")
+
+    outcomes = await asyncio.wait_for(asyncio.gather(run(), run()), 30)
+    for got, error in outcomes:
+        assert got < 1000 and error.code == grpc.StatusCode.UNAVAILABLE
+        assert error.reason == "ENGINE_DIED" and "worker thread died" in error.message
+    assert "injected worker crash at decode step 40" in engine.health()
+    with pytest.raises(ServiceError, match="engine died"):
+        await tokens(engine)
+    await asyncio.wait_for(engine.unload(), 10)

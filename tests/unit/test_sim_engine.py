@@ -140,6 +140,21 @@ async def test_cancel_frees_the_slot_and_oom_hook_fails_the_stream() -> None:
     await e.unload()
 
 
+async def test_a_crashed_engine_fails_its_streams_and_says_it_is_dead() -> None:
+    e = await loaded(inject_crash_at_step="5")
+    assert e.health() == ""
+    runs = await asyncio.gather(
+        *(collect(e.generate(p, [], params(100))) for p in ("a", "b")), return_exceptions=True
+    )
+    for r in runs:  # both in flight when it died: UNAVAILABLE at once, not a hang
+        assert isinstance(r, ServiceError) and r.code == grpc.StatusCode.UNAVAILABLE, r
+        assert r.reason == "ENGINE_DIED"
+    assert "injected crash at step 5" in e.health()
+    with pytest.raises(ServiceError, match="engine died"):
+        await collect(e.generate("later", [], params(2)))
+    await e.unload()
+
+
 async def test_tiers_memory_and_unload() -> None:
     e = await loaded(host_gbps="1000", disk_gbps="1000")
     device = e.memory_bytes()

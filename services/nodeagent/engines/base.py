@@ -151,6 +151,13 @@ class Engine(Protocol):
     def in_flight(self) -> int:
         """Streams being generated now."""
 
+    def health(self) -> str:
+        """ "" while the engine can serve; otherwise why it cannot, for good (its worker thread or
+        engine-core process died, a step hangs). Cheap and non-blocking: the agent calls it
+        every half second on every serving replica and, on an answer, marks the replica FAILED
+        and unloads it; the engine fails its in-flight requests itself (`engine_died`), never
+        leaving them to hang until their deadline."""
+
 
 @runtime_checkable
 class TensorModel(Protocol):

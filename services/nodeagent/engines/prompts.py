@@ -68,6 +68,17 @@ def unloaded() -> ServiceError:
     )
 
 
+def engine_died(name: str, why: str) -> ServiceError:
+    """For requests on an engine that died under them: UNAVAILABLE, so a router continues each
+    on another replica (or this one, once the agent reloaded it)."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"model {name!r}: its engine died ({why}); retry",
+        "ENGINE_DIED",
+        retry_after_s=1.0,
+    )
+
+
 def out_of_memory(
     name: str, what: str = "retry (a router sends it to another replica)"
 ) -> ServiceError:

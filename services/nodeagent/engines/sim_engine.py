@@ -14,7 +14,8 @@ The model of a device (``engine_args``, all optional):
 - ``load_ms`` (0): load time; tier changes take the model's memory over ``host_gbps`` (25) or
   ``disk_gbps`` (2);
 - ``fail_load`` (false), ``inject_oom_every`` (0: every Nth decode step fails its stream with
-  RESOURCE_EXHAUSTED, as a device OOM does): failure hooks.
+  RESOURCE_EXHAUSTED, as a device OOM does), ``inject_crash_at_step`` (0: at that step the
+  engine dies for good, as when its process or device is lost): failure hooks.
 
 Log probabilities, when asked, are synthetic (`logprob_at`): a per-prompt confidence.
 
@@ -40,7 +41,7 @@ from meshserve.nodeagent.engines.base import (
     Logprob,
     Resume,
 )
-from meshserve.nodeagent.engines.prompts import not_serving, out_of_memory, unloaded
+from meshserve.nodeagent.engines.prompts import engine_died, not_serving, out_of_memory, unloaded
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import GenerationParams, context_too_long
 
@@ -86,6 +87,7 @@ class SimSettings:
     disk_gbps: float = 2.0
     fail_load: bool = False
     inject_oom_every: int = 0
+    inject_crash_at_step: int = 0
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> SimSettings:
@@ -111,6 +113,7 @@ class SimSettings:
             disk_gbps=number("disk_gbps", 2, 0.001),
             fail_load=args.get("fail_load", "false").lower() in ("1", "true", "yes"),
             inject_oom_every=int(number("inject_oom_every", 0)),
+            inject_crash_at_step=int(number("inject_crash_at_step", 0)),
         )
 
 
@@ -175,6 +178,7 @@ class SimEngine:
         self._steps = 0
         self._generated = 0
         self.ooms = 0
+        self._died = ""  # why the stepper ended without being asked to
 
     # --- lifecycle and tiers -----------------------------------------------------------------
 
@@ -187,7 +191,11 @@ class SimEngine:
         self._memory = int(spec.memory_bytes + spec.kv_headroom_bytes)
         self._max_len = spec.max_model_len or 4096
         self._tier = DEVICE
-        self._task = asyncio.create_task(self._step_loop(), name=f"sim-{spec.name}")
+        self._died = ""
+        self._task = asyncio.create_task(self._stepper(), name=f"sim-{spec.name}")
+
+    def health(self) -> str:
+        return self._died
 
     async def unload(self) -> None:
         if self._task is not None:
@@ -256,6 +264,8 @@ class SimEngine:
         params: GenerationParams,
         resume: Resume = NO_RESUME,
     ) -> AsyncIterator[Chunk]:
+        if self._died:
+            raise engine_died(self._name, self._died)
         if self._task is None or self._tier != DEVICE:
             raise not_serving(self._name, self._tier)
         text = prompt or "".join(f"{m.role}: {m.content}\n" for m in messages)
@@ -319,6 +329,17 @@ class SimEngine:
         decoding = sum(1 for s in self._running if s.produced or s.delivered)
         return max(self.settings.itl_s, decoding / tps if tps else 0.0)
 
+    async def _stepper(self) -> None:
+        try:
+            await self._step_loop()
+        except Exception as e:  # the device is gone: every stream fails, nothing more is taken
+            self._died = f"the simulated engine died: {e}"
+            err = engine_died(self._name, self._died)
+            for s in [*self._running, *self._waiting]:
+                s.queue.put_nowait(err)
+            self._running.clear()
+            self._waiting.clear()
+
     async def _step_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -339,6 +360,8 @@ class SimEngine:
 
     def _emit(self, s: SimStream) -> None:
         self._steps += 1
+        if self._steps == self.settings.inject_crash_at_step:
+            raise RuntimeError(f"injected crash at step {self._steps}")
         if self.settings.inject_oom_every and self._steps % self.settings.inject_oom_every == 0:
             self.ooms += 1
             self._running.remove(s)

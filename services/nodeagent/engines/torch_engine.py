@@ -17,6 +17,7 @@ import asyncio
 import gc
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -30,7 +31,7 @@ from meshserve.nodeagent.engines.base import (
     EngineStats,
     Resume,
 )
-from meshserve.nodeagent.engines.prompts import out_of_memory, prompt_ids, unloaded
+from meshserve.nodeagent.engines.prompts import engine_died, out_of_memory, prompt_ids, unloaded
 from meshserve.nodeagent.engines.torch_decode import (
     Stream,
     logprob_of,
@@ -51,6 +52,11 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 log = logging.getLogger(__name__)
 
 EMBED_BATCH = 64  # inputs per forward pass when batching Embed requests
+STEP_TIMEOUT_S = 120.0  # a worker turn running longer than this is a hung device (engine_args)
+
+
+class WorkerCrash(RuntimeError):
+    """A failure of the worker itself (drills: ``engine_args.inject_crash_at_step``)."""
 
 
 class TorchEngine(TorchWeights):
@@ -72,8 +78,12 @@ class TorchEngine(TorchWeights):
         self._steps = 0  # decode steps over the engine's life
         self._generated = 0  # tokens sampled over the engine's life
         self._inject_oom_every = 0
+        self._inject_crash_at = 0  # drills: the worker dies at this decode step (0: never)
         self._max_batch = config.max_batch
         self.ooms = 0  # requests failed by device OOM
+        self._died = ""  # why the worker thread ended without being asked to
+        self._turn_started = 0.0  # monotonic s when the running worker turn began; 0 between
+        self._step_timeout_s = STEP_TIMEOUT_S
 
     @property
     def in_flight(self) -> int:
@@ -88,9 +98,18 @@ class TorchEngine(TorchWeights):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    def health(self) -> str:
+        if self._died:
+            return self._died
+        started = self._turn_started
+        if started and time.monotonic() - started > self._step_timeout_s:
+            return f"a decode step has run for over {self._step_timeout_s:.0f} s (hung device?)"
+        return ""
+
     async def load(self, spec: cluster_pb2.ModelSpec) -> None:
         await asyncio.to_thread(self._load_sync, spec)
         self._stopping = False
+        self._died = ""
         self._thread = threading.Thread(target=self._run, name=f"torch-{spec.name}", daemon=True)
         self._thread.start()
 
@@ -105,6 +124,10 @@ class TorchEngine(TorchWeights):
         # Fault injection for tests and drills: a device OOM at every Nth decode step (counted
         # over the engine's life); 0 = never.
         self._inject_oom_every = int(args.get("inject_oom_every", 0))
+        # ... and a worker that dies outside any request (a CUDA error, a bug): the engine is
+        # dead for good, which the agent's health check must find.
+        self._inject_crash_at = int(args.get("inject_crash_at_step", 0))
+        self._step_timeout_s = float(args.get("step_timeout_s", STEP_TIMEOUT_S))
         self._max_batch = int(args.get("max_batch", self.config.max_batch))
         if self._max_batch < 1:
             raise ValueError(f"engine_args.max_batch must be >= 1, got {self._max_batch}")
@@ -128,7 +151,11 @@ class TorchEngine(TorchWeights):
             self._stopping = True
             self._cond.notify()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, self._step_timeout_s)
+            if self._thread.is_alive():  # hung in a step (the health check said so): leave it
+                log.error("%s: the worker is stuck in a step; abandoning it", self._name)
+                with self._cond:
+                    self._fail_all(engine_died(self._name, "a decode step hung"))
             self._thread = None
         self._tok = None
         self._forget()
@@ -158,6 +185,8 @@ class TorchEngine(TorchWeights):
             generator = torch.Generator(self._device).manual_seed(params.seed)
         stream = Stream(ids, params, asyncio.get_running_loop(), generator, resume)
         with self._cond:
+            if self._died:  # the worker is gone: nobody would ever take it
+                raise engine_died(self._name, self._died)
             self._inbox.append(stream)
             self._cond.notify()
         self._in_flight += 1
@@ -186,6 +215,8 @@ class TorchEngine(TorchWeights):
         self._check_serving()
         future: Future[list[list[float]]] = Future()
         with self._cond:
+            if self._died:
+                raise engine_died(self._name, self._died)
             self._embeds.append((list(inputs), future))
             self._cond.notify()
         return await asyncio.wrap_future(future)
@@ -223,6 +254,16 @@ class TorchEngine(TorchWeights):
     # --- worker ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve_forever()
+        except BaseException as e:  # outside any one request: the engine is dead for good
+            log.exception("%s: the torch worker thread died", self._name)
+            self._turn_started = 0.0
+            with self._cond:
+                self._died = f"the torch worker thread died: {type(e).__name__}: {e}"
+                self._fail_all(engine_died(self._name, self._died))
+
+    def _serve_forever(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -236,7 +277,9 @@ class TorchEngine(TorchWeights):
                     del self._inbox[:room]
                     embeds, self._embeds = self._embeds, []
                 with self._turn:
+                    self._turn_started = time.monotonic()
                     self._turn_once(embeds)
+                    self._turn_started = 0.0
 
     def _turn_once(self, embeds: list[tuple[list[str], Future[list[list[float]]]]]) -> None:
         """One worker turn: the pending Embed batch, then one token for each stream the turn
@@ -251,6 +294,8 @@ class TorchEngine(TorchWeights):
                     self._step(stream)
                 except torch.OutOfMemoryError as e:
                     self._out_of_memory(stream, e)
+                except WorkerCrash:
+                    raise  # the engine's own failure, not this request's
                 except Exception as e:
                     log.exception("generation step failed")
                     stream.post(e)
@@ -278,8 +323,8 @@ class TorchEngine(TorchWeights):
         log.warning("%s: out of device memory (%d so far): %s", self._name, self.ooms, error)
         stream.post(out_of_memory(self._name))
 
-    def _fail_all(self) -> None:
-        err = unloaded()
+    def _fail_all(self, err: ServiceError | None = None) -> None:
+        err = err or unloaded()
         for stream in [*self._active, *self._inbox]:
             stream.post(err)
         self._active.clear()
@@ -290,6 +335,8 @@ class TorchEngine(TorchWeights):
 
     def _step(self, s: Stream) -> None:
         self._steps += 1
+        if self._steps == self._inject_crash_at:
+            raise WorkerCrash(f"injected worker crash at decode step {self._steps}")
         if self._inject_oom_every and self._steps % self._inject_oom_every == 0:
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 64.00 MiB (injected)"

@@ -35,6 +35,10 @@ class TorchWeights:
         self._turn = threading.Lock()  # held per forward pass and by tier changes
         self._stopping = False
 
+    def health(self) -> str:
+        """Engines without a worker thread of their own have nothing that can die apart."""
+        return ""
+
     def memory_bytes(self) -> int:
         return self._memory if self._tier == DEVICE else 0
 

@@ -44,7 +44,12 @@ from meshserve.nodeagent.engines.base import (
     Resume,
     per_token,
 )
-from meshserve.nodeagent.engines.prompts import ResumedText, not_serving, prompt_ids
+from meshserve.nodeagent.engines.prompts import (
+    ResumedText,
+    engine_died,
+    not_serving,
+    prompt_ids,
+)
 from meshserve.nodeagent.engines.vllm_plan import (
     GIB,
     VllmPlan,
@@ -61,6 +66,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 log = logging.getLogger(__name__)
@@ -150,6 +156,16 @@ def process_env(env: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+async def _alive(stream: AsyncIterator[Any], name: str) -> AsyncIterator[Any]:
+    """vLLM's outputs; its EngineDeadError as UNAVAILABLE (a router continues the stream on
+    another replica) instead of an unknown error."""
+    try:
+        async for out in stream:
+            yield out
+    except EngineDeadError as e:
+        raise engine_died(name, "vLLM's engine core died") from e
+
+
 class VllmEngine:
     """`Engine` over vLLM's AsyncLLM."""
 
@@ -173,6 +189,14 @@ class VllmEngine:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def health(self) -> str:
+        """vLLM's own verdict: its client marks the engine dead when an engine-core process
+        exits (a monitor thread watches them), and errored when its output loop ended."""
+        llm = self._llm
+        if llm is not None and llm.errored:
+            return "vLLM's engine core died (EngineDeadError)"
+        return ""
 
     @property
     def max_model_len(self) -> int:
@@ -256,7 +280,10 @@ class VllmEngine:
     async def _stop(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            await asyncio.to_thread(llm.shutdown)
+            if llm.errored:  # in-flight requests fail now, as vLLM's own output loop does
+                with contextlib.suppress(Exception):
+                    llm.output_processor.propagate_error(EngineDeadError())
+            await asyncio.to_thread(llm.shutdown)  # ends any engine-core process still there
         self._stats = EngineStats(running=0, waiting=0, kv_cache_usage=0.0)
 
     async def unload(self) -> None:
@@ -298,6 +325,8 @@ class VllmEngine:
         resume: Resume = NO_RESUME,
     ) -> AsyncIterator[Chunk]:
         self._check_serving()
+        if why := self.health():
+            raise engine_died(self._name, why)
         ids = await prompt_ids(self._tok, prompt, messages, params.max_tokens, self._max_len)
         request_id = uuid.uuid4().hex
         done = list(resume.token_ids)
@@ -312,7 +341,7 @@ class VllmEngine:
         # stream's text is decoded here so it joins the client's copy exactly.
         resumed = ResumedText(self._tok, done, resume.text, params.stop) if done else None
         try:
-            async for out in stream:
+            async for out in _alive(stream, self._name):
                 c = out.outputs[0]
                 produced += len(c.token_ids)
                 finish = 0
