@@ -6,7 +6,9 @@
   leaves the node once the model has its wanted READY replicas elsewhere; the agent then lets
   the replica's streams finish (its drain grace) before it unloads, and routers fail over any
   that outlast it, so no stream fails. Waits (``--wait``, default) until the node holds nothing.
-- uncordon: lifts either.
+- uncordon: lifts either. With ``--device UUID`` (repeatable) it clears devices instead: their
+  agent forgets the Xids, engine deaths and ECC errors it saw of them (after a GPU reset or a
+  repair) and judges them afresh, so a FAILED device takes placements again if it is well.
 """
 
 from __future__ import annotations
@@ -48,8 +50,20 @@ def drain(
 
 
 @node_app.command()
-def uncordon(node: Node, etcd: Etcd = "", prefix: Prefix = SERVICE.prefix) -> None:
-    """Lift a cordon or drain of NODE."""
+def uncordon(
+    node: Node,
+    etcd: Etcd = "",
+    prefix: Prefix = SERVICE.prefix,
+    device: Annotated[
+        list[str] | None,
+        typer.Option(help="clear this GPU's health history instead (uuid; repeatable)"),
+    ] = None,
+) -> None:
+    """Lift a cordon or drain of NODE, or clear the health of its devices (--device)."""
+    if device:
+        asyncio.run(_clear_devices(default_etcd(etcd), prefix, node, device))
+        console.print(f"{', '.join(device)} on [bold]{node}[/bold]: judged afresh from now")
+        return
     asyncio.run(_lift(default_etcd(etcd), prefix, node))
     console.print(f"node [bold]{node}[/bold] takes placements again")
 
@@ -128,3 +142,24 @@ async def _lift(etcd: str, prefix: str, node: str) -> None:
         if await store.get(store.keys.cordon(node), cluster_pb2.NodeCordon) is None:
             raise fail(f"node {node!r} is not cordoned")
         await store.delete(store.keys.cordon(node))
+
+
+async def _clear_devices(etcd: str, prefix: str, node: str, devices: list[str]) -> None:
+    from meshserve.v1 import cluster_pb2
+
+    async with _store(etcd, prefix) as store:
+        status = await store.get(store.keys.node(node), cluster_pb2.NodeStatus)
+        if status is None:
+            raise fail(f"no node {node!r} in the mesh")
+        known = {g.uuid for g in status.gpus}
+        unknown = [d for d in devices if d not in known]
+        if unknown:
+            has = ", ".join(sorted(known)) or "none"
+            raise fail(f"{node} has no device {', '.join(unknown)} (it has: {has})")
+        key = store.keys.health_clear(node)
+        record = await store.get(key, cluster_pb2.DeviceHealthClear)
+        record = record or cluster_pb2.DeviceHealthClear(node_id=node)
+        now = int(time.time() * 1000)
+        for d in devices:
+            record.cleared_unix_ms[d] = max(now, record.cleared_unix_ms.get(d, 0) + 1)
+        await store.put(key, record)

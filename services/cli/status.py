@@ -72,8 +72,9 @@ def render(
     from meshserve.v1 import cluster_pb2, common_pb2
 
     parts: list[RenderableType] = []
+    notes: dict[str, int] = {}  # text → its number (rows with the same note share it)
     t = _table("nodes", ("node", "address", "device", "GPUs", "memory", "used", "drain"), 2)
-    gpus = _table("GPUs", ("node", "GPU", "uuid", "memory used", "util"), 3)
+    gpus = _table("GPUs", ("node", "GPU", "uuid", "memory used", "util", "health"), 3)
     for n in nodes:
         t.add_row(
             n.node_id, n.address, n.device_kind, str(len(n.gpus)) if n.gpus else "-",
@@ -82,10 +83,17 @@ def render(
         for i, g in enumerate(n.gpus):
             name = g.name.removeprefix("NVIDIA ")
             used = f"{format_bytes(g.memory_used_bytes)} / {format_bytes(g.memory_total_bytes)}"
-            gpus.add_row(n.node_id, f"{i} {name}", g.uuid[-12:], used, f"{g.utilization:.0%}")
+            health = _health(g.health)
+            if g.health_reasons:  # why, below the table (as the replicas' notes)
+                text = f"{g.uuid}: " + "; ".join(g.health_reasons)
+                health += f" [{notes.setdefault(text, len(notes) + 1)}]"
+            gpus.add_row(
+                n.node_id, f"{i} {name}", g.uuid[-12:], used, f"{g.utilization:.0%}", health
+            )
     parts.append(t)
     if gpus.row_count:
         parts.append(gpus)
+        parts += [Text(f"[{i}] {text}") for text, i in notes.items()]
     t = _table("models", ("model", "aliases", "memory", "min", "priority"), 1)
     for m in models:
         t.add_row(
@@ -95,7 +103,7 @@ def render(
     parts.append(t)
     # streams: running+waiting in the engine; KV: its cache in use
     t = _table("replicas", ("model", "node", "state", "tier", "memory", "streams", "KV", "note"), 2)
-    notes: dict[str, int] = {}  # text → its number (replicas with the same note share it)
+    shown = len(notes)
     for r in replicas:
         text = r.error or r.tier_note
         ref = f"[{notes.setdefault(text, len(notes) + 1)}]" if text else ""
@@ -106,7 +114,7 @@ def render(
             f"{r.kv_cache_usage:.0%}", ref,
         )  # fmt: skip
     parts.append(t)
-    parts += [Text(f"[{i}] {text}") for text, i in notes.items()]
+    parts += [Text(f"[{i}] {text}") for text, i in notes.items() if i > shown]
     t = _table("placements", ("node", "model", "tier", "GPUs", "epoch", "reason"), 2)
     for p in placements:
         t.add_row(
@@ -134,3 +142,9 @@ def _tier(tier: int) -> str:
     from meshserve.v1 import cluster_pb2
 
     return cluster_pb2.Tier.Name(tier).removeprefix("TIER_") if tier else "-"  # type: ignore[arg-type]
+
+
+def _health(health: int) -> str:
+    from meshserve.v1 import cluster_pb2
+
+    return cluster_pb2.DeviceHealth.Name(health).removeprefix("DEVICE_HEALTH_") if health else "-"  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ Layout under the prefix (default ``/meshserve/v1/``)::
     models/<model>                 ModelSpec
     nodes/<node>                   NodeStatus        (agent's lease)
     cordons/<node>                 NodeCordon        (an operator: meshserve node cordon/drain)
+    health_clears/<node>           DeviceHealthClear (an operator: node uncordon --device)
     replicas/<model>/<node>        ReplicaStatus     (agent's lease)
     placements/<node>/<model>      Placement         (written by the leader, fenced)
     election/scheduler/<lease>     SchedulerCandidate (candidate's lease)
@@ -69,6 +70,10 @@ class Keyspace:
 
     def cordons(self) -> bytes:
         return self._key("cordons", "")
+
+    # health_clears/<node>: an operator's clearing of a device's health history
+    def health_clear(self, node: str) -> bytes:
+        return self._key("health_clears", check_name("node", node))
 
     # replicas/<model>/<node>
     def replica(self, model: str, node: str) -> bytes:

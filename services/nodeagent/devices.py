@@ -2,8 +2,10 @@
 is no driver. Both implement `DeviceProbe`; the agent never asks which one it has.
 
 NVML errors after start-up (a GPU fallen off the bus, a driver reload) are reported in the GPU's
-``name`` as ``error: …`` with zero memory, so the scheduler stops placing there, instead of
-crashing the agent.
+``name`` as ``error: …`` with zero memory and FAILED health, so the scheduler stops placing there,
+instead of crashing the agent. Each GPU's health (gpu_health.py) is judged at every reading from
+NVML's counters and its Xid events; the agent tells the probe of engines that died on a device
+and of an operator's clearing of one.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from meshserve.nodeagent.gpu_health import FAILED, History, Signals, judge
 from meshserve.v1 import cluster_pb2
 
 log = logging.getLogger(__name__)
@@ -32,11 +35,19 @@ class DeviceProbe(Protocol):
     kind: str
 
     def read(self) -> DeviceReport:
-        """Current memory and utilization; never raises for a device fault."""
+        """Current memory, utilization and health; never raises for a device fault."""
+
+    def engine_died(self, uuid: str) -> None:
+        """An engine on device ``uuid`` (a GPU or MIG instance) died: it counts against it."""
+
+    def clear(self, uuid: str) -> None:
+        """An operator cleared device ``uuid``: forget what was seen of it before now."""
 
     def close(self) -> None: ...
 
 
+XID_CRITICAL_ERROR = 0x8  # nvmlEventTypeXidCriticalError
+GPU_IS_LOST = 15  # NVML_ERROR_GPU_IS_LOST
 _HOST_MEMORY_TTL_S = 0.5  # agents of one process (a simulated fleet) share one reading
 _host_memory_read: tuple[float, tuple[int, int]] = (-1.0, (0, 0))
 
@@ -73,6 +84,12 @@ class HostProbe:
         total, available = host_memory()
         return DeviceReport("cpu", (), total, available)
 
+    def engine_died(self, uuid: str) -> None:
+        pass  # no device of its own to blame
+
+    def clear(self, uuid: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -91,11 +108,94 @@ class NvmlProbe:
         if self._count == 0:
             pynvml.nvmlShutdown()
             raise RuntimeError("NVML found no GPU")
+        self._histories: dict[str, History] = {}  # per GPU uuid
+        self._uuids: dict[int, str] = {}  # index → uuid, kept for a GPU that is lost later
+        self._parent: dict[str, str] = {}  # MIG instance uuid → its GPU's
+        self._last: dict[str, Signals] = {}
+        self._events = self._watch_xids()
+
+    def _watch_xids(self) -> Any:
+        """An NVML event set for every GPU's critical Xid events (None where unsupported)."""
+        nv = self._nvml
+        try:
+            events = nv.nvmlEventSetCreate()
+        except (nv.NVMLError, AttributeError) as e:
+            log.info("NVML events unsupported (%s): Xid errors are not watched", e)
+            return None
+        for i in range(self._count):
+            with contextlib.suppress(nv.NVMLError):
+                handle = nv.nvmlDeviceGetHandleByIndex(i)
+                nv.nvmlDeviceRegisterEvents(handle, XID_CRITICAL_ERROR, events)
+        return events
+
+    def _drain_xids(self) -> None:
+        """Every Xid event since the last reading, into its GPU's history (never blocks)."""
+        nv = self._nvml
+        while self._events is not None:
+            try:
+                event = nv.nvmlEventSetWait_v2(self._events, 0)
+            except nv.NVMLError:
+                return  # NVML_ERROR_TIMEOUT: no more events
+            try:
+                uuid = _text(nv.nvmlDeviceGetUUID(event.device))
+            except nv.NVMLError:
+                continue
+            uuid = self._parent.get(uuid, uuid)
+            log.warning("Xid %d on %s", event.eventData, uuid)
+            self._histories.setdefault(uuid, History()).xids.append(int(event.eventData))
+
+    def _signals(self, handle: Any) -> Signals:
+        """What NVML says of one GPU's health; each query NVML cannot answer on this GPU (not
+        supported, no permission) is left out."""
+        nv = self._nvml
+        got: dict[str, Any] = {}
+
+        def ask(key: str, function: str, *args: Any) -> None:
+            fn = getattr(nv, function, None)  # an older nvidia-ml-py may lack it
+            if fn is None:
+                return
+            try:
+                got[key] = fn(handle, *args)
+            except nv.NVMLError as e:
+                if getattr(e, "value", None) == GPU_IS_LOST:
+                    raise
+
+        ask("ecc", "nvmlDeviceGetTotalEccErrors", 1, 0)  # uncorrected, volatile
+        ask("retired", "nvmlDeviceGetRetiredPagesPendingStatus")
+        ask("remap", "nvmlDeviceGetRemappedRows")
+        ask("throttle", "nvmlDeviceGetCurrentClocksEventReasons")
+        ask("width", "nvmlDeviceGetCurrPcieLinkWidth")
+        ask("max_width", "nvmlDeviceGetMaxPcieLinkWidth")
+        remap = got.get("remap", (0, 0, 0, 0))
+        return Signals(
+            ecc_uncorrected=int(got.get("ecc", 0)),
+            retired_pending=bool(got.get("retired", 0)),
+            remap_pending=bool(remap[2]),
+            remap_failed=bool(remap[3]),
+            throttle=int(got.get("throttle", 0)),
+            pcie_width=int(got.get("width", 0)),
+            pcie_max_width=int(got.get("max_width", 0)),
+        )
+
+    def _judge(self, gpu: cluster_pb2.GpuDevice, signals: Signals) -> None:
+        self._last[gpu.uuid] = signals
+        health, reasons = judge(signals, self._histories.setdefault(gpu.uuid, History()))
+        gpu.health = health  # type: ignore[assignment]
+        gpu.health_reasons[:] = reasons
+
+    def engine_died(self, uuid: str) -> None:
+        uuid = self._parent.get(uuid, uuid)
+        self._histories.setdefault(uuid, History()).engine_deaths += 1
+
+    def clear(self, uuid: str) -> None:
+        uuid = self._parent.get(uuid, uuid)
+        self._histories.setdefault(uuid, History()).clear(self._last.get(uuid, Signals()))
 
     def _gpu(self, index: int) -> cluster_pb2.GpuDevice:
         nv = self._nvml
         try:
             h = nv.nvmlDeviceGetHandleByIndex(index)
+            self._uuids[index] = _text(nv.nvmlDeviceGetUUID(h))
             mem = nv.nvmlDeviceGetMemoryInfo(h)
             gpu = cluster_pb2.GpuDevice(
                 uuid=_text(nv.nvmlDeviceGetUUID(h)),
@@ -112,10 +212,20 @@ class NvmlProbe:
             except nv.NVMLError:
                 pass  # GPUs without MIG
             self._add_processes(h, gpu)
+            self._judge(gpu, self._signals(h))
             return gpu
         except nv.NVMLError as e:
             log.warning("NVML error on GPU %d: %s", index, e)
-            return cluster_pb2.GpuDevice(index=index, name=f"error: {e}")
+            lost = getattr(e, "value", None) == GPU_IS_LOST
+            gpu = cluster_pb2.GpuDevice(
+                index=index, uuid=self._uuids.get(index, ""), name=f"error: {e}"
+            )
+            if lost or gpu.uuid:  # a device we know went bad: say so by its uuid
+                self._judge(gpu, Signals(lost=True) if lost else Signals())
+            if not lost:
+                gpu.health = FAILED  # type: ignore[assignment]
+                gpu.health_reasons.append(f"NVML: {e}")
+            return gpu
 
     def _add_processes(self, handle: object, device: cluster_pb2.GpuDevice) -> None:
         """The compute processes on a GPU or MIG instance and the memory each uses (none where
@@ -152,7 +262,10 @@ class NvmlProbe:
                     memory_total_bytes=int(mem.total),
                     memory_used_bytes=int(mem.used),
                     mig=True,
+                    health=parent.health,  # an instance is as healthy as its GPU
+                    health_reasons=parent.health_reasons,
                 )
+                self._parent[mig.uuid] = parent.uuid
                 self._add_processes(mh, mig)
                 out.append(mig)
             except nv.NVMLError as e:
@@ -163,6 +276,7 @@ class NvmlProbe:
         """Every GPU; a GPU with MIG enabled is reported as its MIG instances (what a model can
         actually be given), or as itself when NVML cannot list them."""
         total, available = host_memory()
+        self._drain_xids()
         gpus: list[cluster_pb2.GpuDevice] = []
         for i in range(self._count):
             gpu = self._gpu(i)
@@ -172,6 +286,8 @@ class NvmlProbe:
 
     def close(self) -> None:
         with contextlib.suppress(self._nvml.NVMLError):
+            if self._events is not None:
+                self._nvml.nvmlEventSetFree(self._events)
             self._nvml.nvmlShutdown()
 
 

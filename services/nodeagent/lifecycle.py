@@ -110,6 +110,8 @@ class Lifecycle:
             log.warning("%s: %s; giving the replica up here", r.spec.name, why)
             if dead:
                 await self._set_failed(r, why, "engine_died")
+                for uuid in r.devices:  # an engine that died counts against its device
+                    self.probe.engine_died(uuid)
             else:
                 await self._drain(r)
             if r.engine is not None:

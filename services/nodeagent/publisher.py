@@ -52,6 +52,8 @@ def node_changed(old: cluster_pb2.NodeStatus | None, new: cluster_pb2.NodeStatus
             return True
         if abs(a.utilization - b.utilization) > 0.10 or a.name != b.name:
             return True
+        if a.health != b.health or list(a.health_reasons) != list(b.health_reasons):
+            return True  # a device turned sick (or well): schedulers must know at once
     if [t.device_id for t in old.throughput] != [t.device_id for t in new.throughput]:
         return True
     return any(
@@ -164,6 +166,7 @@ class StatusPublisher:
             metrics.GPU_MEMORY_USED.labels(g.uuid or str(g.index)).set(g.memory_used_bytes)
             metrics.GPU_MEMORY_TOTAL.labels(g.uuid or str(g.index)).set(g.memory_total_bytes)
             metrics.GPU_UTILIZATION.labels(g.uuid or str(g.index)).set(g.utilization)
+            metrics.GPU_HEALTH.labels(g.uuid or str(g.index)).set(g.health)
         for t in status.throughput:
             metrics.DECODE_RATE.labels(t.device_id).set(t.decode_tokens_per_s)
             metrics.DECODE_CAPACITY.labels(t.device_id).set(t.capacity_tokens_per_s)

@@ -57,6 +57,10 @@ class Reconciler:
         self._own_models = models is None
         self.models = models or Mirror(store.client, keys.models(), S.ModelSpec)
         self.placements = Mirror(store.client, keys.placements(config.node_id), S.Placement)
+        self._clear_key = keys.health_clear(config.node_id)  # an operator's device clears
+        self.clears = Mirror(store.client, self._clear_key, S.DeviceHealthClear)
+        self._cleared: dict[str, int] = {}  # device uuid → the clear already applied (unix ms)
+        self._probe = probe
         self.publisher = StatusPublisher(config, store, session, probe, self.replicas)
         self.lifecycle = Lifecycle(config, probe, self.publisher, self.replicas, self._wake_up)
         self.max_epoch = 0
@@ -70,10 +74,12 @@ class Reconciler:
         self.publisher.address = address
         self.session.on_new_lease(self.publisher.republish)
         self.placements.subscribe(lambda _snap: self._wake.set())
+        self.clears.subscribe(lambda view: self._apply_clears(view.get(self._clear_key)))
         # A model's spec matters here only while it is placed or held here: a fleet's agents
         # share one models mirror, and 5,000 specs applied must not wake 1,000 agents each time.
         self.models.subscribe_changes(self._models_changed)
         self.placements.start()
+        self.clears.start()
         if self._own_models:
             self.models.start()
         await asyncio.wait_for(self.placements.synced.wait(), 30)
@@ -92,12 +98,26 @@ class Reconciler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.placements.stop()
+        await self.clears.stop()
         if self._own_models:
             await self.models.stop()
         await self.lifecycle.stop()
 
     def _wake_up(self) -> None:
         self._wake.set()
+
+    def _apply_clears(self, record: cluster_pb2.DeviceHealthClear | None) -> None:
+        """An operator cleared devices (`meshserve node uncordon NODE --device UUID`): each is
+        judged afresh from now; the node's status follows at once."""
+        if record is None:
+            return
+        fresh = {u: t for u, t in record.cleared_unix_ms.items() if t > self._cleared.get(u, 0)}
+        for uuid, when in fresh.items():
+            log.info("device %s cleared by an operator", uuid)
+            self._probe.clear(uuid)
+            self._cleared[uuid] = when
+        if fresh:
+            self._tasks.append(asyncio.create_task(self.publisher.publish_node(force=True)))
 
     def _models_changed(self, changes: list[Change[cluster_pb2.ModelSpec]]) -> None:
         here = {p.model for p in self.placements.view.values()} | set(self.replicas)

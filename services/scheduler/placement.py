@@ -36,7 +36,7 @@ from meshserve.scheduler import evict, explain, repair
 from meshserve.scheduler.demote import demote
 from meshserve.scheduler.pipeline import Pipeline
 from meshserve.scheduler.profile import Profile
-from meshserve.scheduler.state import PlanState
+from meshserve.scheduler.state import FAILED, PlanState
 from meshserve.scheduler.views import ClusterSnapshot, ModelDecision, ModelView, Plan, Verdict
 
 DEFAULT_PROFILE = Profile()
@@ -59,7 +59,6 @@ class Placer:
         self.shed: list[tuple[str, str]] = []
         self.decisions: dict[str, ModelDecision] = {}
         self.moves = 0
-        self.leaving: list[tuple[str, str]] = []  # (model, node) on drained nodes
         self.staying: list[tuple[str, str]] = []  # ... kept until replaced by READY elsewhere
         self.full = False  # a full re-plan: nothing was placed before this round
 
@@ -98,10 +97,10 @@ class Placer:
         return self.plan()
 
     def _stay_until_replaced(self) -> None:
-        """Make before break on a drained node: a replica there stays placed (serving) until
-        the model has its wanted READY replicas elsewhere; then its placement goes and the
-        agent unloads it after its streams end."""
-        for model, node_id in self.leaving:
+        """Make before break off a drained node or a FAILED device: a replica there stays
+        placed (serving, if it can) until the model has its wanted READY replicas elsewhere;
+        then its placement goes and the agent unloads it after its streams end."""
+        for model, node_id in self.st.leaving:
             elsewhere = self.st.model_nodes.get(model, set())
             ready = sum(1 for n in elsewhere if (model, n) in self.snap.ready)
             if ready < self.st.models[model].wanted:
@@ -155,12 +154,18 @@ class Placer:
                 m = st.models.get(model)
                 if m is None or m.wanted == 0 or (model, node_id) in st.failed:
                     continue
-                if node.cordon == "drain":  # placed elsewhere first: see _stay_until_replaced
-                    self.leaving.append((model, node_id))
-                    continue
+                if node.cordon == "drain" or self._on_failed_device(model, node_id):
+                    st.leaving[(model, node_id)] = None  # placed elsewhere first: see
+                    continue  # _stay_until_replaced
                 if len(st.node_devices[node_id]) < m.gpus:
                     continue  # a gang can no longer fit this node: placed again elsewhere
                 st.bind(m, node_id, self._kept_devices(m, node_id))
+
+    def _on_failed_device(self, model: str, node_id: str) -> bool:
+        """The replica sits on a device its agent judges FAILED: it moves, make before break."""
+        st = self.st
+        failed = {st.dev_id[d] for d in st.node_devices[node_id] if st.dev_health[d] == FAILED}
+        return bool(failed & set(self.snap.current_devices.get((model, node_id), ())))
 
     def _kept_devices(self, m: ModelView, node_id: str) -> tuple[int, ...]:
         st = self.st

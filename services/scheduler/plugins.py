@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from meshserve.scheduler.state import PlanState
+from meshserve.scheduler.state import DEGRADED, FAILED, PlanState
 from meshserve.scheduler.views import DISK, HOST, ModelView, NodeView, mib, type_ok
 
 UNSCHEDULABLE, UNRESOLVABLE = 1, 2
@@ -80,6 +80,8 @@ class AntiAffinity:
     def check(self, m: ModelView, node: NodeView, st: PlanState) -> Rejection | None:
         if m.name in st.node_models[node.node_id]:
             return Rejection(self.name, UNRESOLVABLE, "anti-affinity: already holds a replica")
+        if (m.name, node.node_id) in st.leaving:
+            return Rejection(self.name, UNRESOLVABLE, "anti-affinity: its replica here is moving")
         return None
 
 
@@ -91,6 +93,27 @@ class FailedHere:
     def check(self, m: ModelView, node: NodeView, st: PlanState) -> Rejection | None:
         if (m.name, node.node_id) in st.failed:
             return Rejection(self.name, UNRESOLVABLE, "replica failed here")
+        return None
+
+
+class GpuHealthy:
+    """The node has ``gpus`` devices its agent does not judge FAILED (lost, uncorrectable memory
+    errors, fatal Xids, engines dying on them: nodeagent/gpu_health.py)."""
+
+    name = "gpu_unhealthy"
+
+    def check(self, m: ModelView, node: NodeView, st: PlanState) -> Rejection | None:
+        devices = st.node_devices[node.node_id]
+        failed = [d for d in devices if st.dev_health[d] == FAILED]
+        if failed and len(devices) - len(failed) < m.gpus:
+            sick = next(x for x in node.all_devices() if x.health == FAILED)
+            why = "; ".join(sick.health_reasons) or "FAILED"
+            return Rejection(
+                self.name,
+                UNRESOLVABLE,
+                f"{len(failed)} of its {len(devices)} GPUs FAILED ({sick.device_id}: {why}; "
+                f"meshserve node uncordon {node.node_id} --device UUID once repaired)",
+            )
         return None
 
 
@@ -136,6 +159,7 @@ FILTERS: Mapping[str, Callable[[], Filter]] = {
     "node_selector": NodeSelector,
     "anti_affinity": AntiAffinity,
     "failed_here": FailedHere,
+    "gpu_unhealthy": GpuHealthy,
     "fits_memory": FitsMemory,
 }
 
@@ -190,10 +214,21 @@ class PriorityShelter:
         return 1.0 - min(1.0, higher / (st.node_capacity[node.node_id] or 1))
 
 
+class DeviceHealthScore:
+    """score = 1 - share of the chosen devices that are DEGRADED (throttled, a narrow link,
+    waiting for a reset): such devices are taken last."""
+
+    name = "gpu_health"
+
+    def score(self, m: ModelView, node: NodeView, devices: tuple[int, ...], st: PlanState) -> float:
+        return 1.0 - sum(st.dev_health[d] == DEGRADED for d in devices) / max(1, len(devices))
+
+
 SCORERS: Mapping[str, Callable[[], Scorer]] = {
     "fit": BinPack,
     "locality": Locality,
     "priority": PriorityShelter,
+    "gpu_health": DeviceHealthScore,
 }
 
 

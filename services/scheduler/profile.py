@@ -20,10 +20,11 @@ class Profile:
         "node_selector",
         "anti_affinity",
         "failed_here",
+        "gpu_unhealthy",
         "fits_memory",
     )
     scorers: Mapping[str, float] = field(
-        default_factory=lambda: {"fit": 1.0, "locality": 2.0, "priority": 0.25}
+        default_factory=lambda: {"fit": 1.0, "locality": 2.0, "priority": 0.25, "gpu_health": 1.0}
     )
     strategy: str = "binpack"  # a model's spec may override it
     eviction: str = "cost_aware"  # or "lru"

@@ -197,7 +197,13 @@ def node_view(n: cluster_pb2.NodeStatus, cordon: cluster_pb2.NodeCordon | None =
         scale = min(1.0, n.capacity_bytes / total) if n.capacity_bytes else 1.0
         devices = tuple(
             Device(
-                g.uuid, int(g.memory_total_bytes * scale), g.name, g.mig, compute.get(g.uuid, 0.0)
+                g.uuid,
+                int(g.memory_total_bytes * scale),
+                g.name,
+                g.mig,
+                compute.get(g.uuid, 0.0),
+                int(g.health),
+                tuple(g.health_reasons),
             )
             for g in gpus
         )

@@ -5,7 +5,11 @@ evicted."""
 from __future__ import annotations
 
 from meshserve.scheduler.views import ClusterSnapshot, ModelView, type_ok
+from meshserve.v1 import cluster_pb2
 from sortedcontainers import SortedList
+
+FAILED = cluster_pb2.DEVICE_HEALTH_FAILED
+DEGRADED = cluster_pb2.DEVICE_HEALTH_DEGRADED
 
 
 class PlanState:
@@ -19,6 +23,9 @@ class PlanState:
         self.compute_target = compute_target
         self.evictions: list[tuple[str, str]] = []  # (model, node) removed this round, in order
         self.evicted: set[str] = set()  # models evicted this round (never evict others for them)
+        # (model, node) replicas moving off a drained node or a FAILED device, in order: they
+        # stay until replaced elsewhere, and the replacement never goes to the same node
+        self.leaving: dict[tuple[str, str], None] = {}
         self.models = {m.name: m for m in snap.models}
         self.nodes = {n.node_id: n for n in sorted(snap.nodes, key=lambda n: n.node_id)}
         self.failed = snap.failed
@@ -28,6 +35,7 @@ class PlanState:
         self.dev_node: list[str] = []
         self.dev_id: list[str] = []
         self.dev_type: list[str] = []
+        self.dev_health: list[int] = []  # cluster_pb2.DeviceHealth
         self.dev_models: list[set[str]] = []
         self.throughput: list[float] = []
         self.load: list[float] = []  # expected tokens/s on each device
@@ -47,11 +55,12 @@ class PlanState:
                 self.dev_node.append(node.node_id)
                 self.dev_id.append(d.device_id)
                 self.dev_type.append(d.gpu_type)
+                self.dev_health.append(d.health)
                 self.dev_models.append(set())
                 self.throughput.append(d.throughput_tokens_per_s)
                 self.load.append(0.0)
                 devs.append(i)
-                if not node.draining:
+                if self._indexed(node.draining, i):
                     self.index.add((d.capacity_bytes, i))
             self.node_devices[node.node_id] = devs
             self.node_models[node.node_id] = set()
@@ -66,8 +75,14 @@ class PlanState:
     def strategy_of(self, m: ModelView) -> str:
         return m.strategy or self.strategy
 
+    def _indexed(self, draining: bool, d: int) -> bool:
+        """Devices that take new replicas are in the best-fit index: not on a draining node,
+        not FAILED."""
+        return not draining and self.dev_health[d] != FAILED
+
     def allowed(self, m: ModelView, d: int) -> bool:
-        return type_ok(m.gpu_types, self.dev_type[d])
+        """A device the model may be placed on: of an allowed type, not FAILED."""
+        return type_ok(m.gpu_types, self.dev_type[d]) and self.dev_health[d] != FAILED
 
     def compute_ok(self, m: ModelView, d: int) -> bool:
         """The device keeps up with what it already serves plus this replica's share, within
@@ -79,7 +94,7 @@ class PlanState:
         return self.free[d] >= m.per_device_bytes and self.compute_ok(m, d) and self.allowed(m, d)
 
     def set_free(self, d: int, free: int) -> None:
-        if not self.nodes[self.dev_node[d]].draining:
+        if self._indexed(self.nodes[self.dev_node[d]].draining, d):
             self.index.remove((self.free[d], d))
             self.index.add((free, d))
         self.free[d] = free
@@ -123,5 +138,12 @@ class PlanState:
         if len(fit) < m.gpus:
             return None
         spread = self.strategy_of(m) == "spread"
-        fit.sort(key=lambda d: (-self.free[d] if spread else self.free[d], d))
+        # Healthy devices first (a DEGRADED one only when nothing else fits), then by fit.
+        fit.sort(
+            key=lambda d: (
+                self.dev_health[d] == DEGRADED,
+                -self.free[d] if spread else self.free[d],
+                d,
+            )
+        )
         return tuple(sorted(fit[: m.gpus]))

@@ -17,6 +17,8 @@ class Device:
     gpu_type: str = ""  # e.g. "A100-40GB"; "" on CPU nodes
     mig: bool = False
     throughput_tokens_per_s: float = 0.0  # what it generates at full load; 0 = unknown
+    health: int = 0  # cluster_pb2.DeviceHealth as its agent judged it (0: not judged, as OK)
+    health_reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,11 @@ SWAP_SECONDS = Histogram(
 GPU_MEMORY_USED = Gauge("meshserve_gpu_memory_used_bytes", "GPU memory in use", ["gpu"])
 GPU_MEMORY_TOTAL = Gauge("meshserve_gpu_memory_total_bytes", "GPU memory in all", ["gpu"])
 GPU_UTILIZATION = Gauge("meshserve_gpu_utilization_ratio", "GPU utilization", ["gpu"])
+GPU_HEALTH = Gauge(
+    "meshserve_gpu_health",
+    "GPU health as the agent judged it from NVML: 1 OK, 2 DEGRADED, 3 FAILED (0: not judged)",
+    ["gpu"],
+)
 DECODE_RATE = Gauge(
     "meshserve_device_decode_tokens_per_s",
     'Decode tokens/s measured on a device (engines\' counters, ~10 s average); gpu "" = CPU',

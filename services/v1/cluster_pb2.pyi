@@ -70,6 +70,31 @@ TIER_DISK: Tier.ValueType  # 3
 """offloaded to local disk"""
 Global___Tier: _TypeAlias = Tier  # noqa: Y015
 
+class _DeviceHealth:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeviceHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceHealth.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEVICE_HEALTH_UNSPECIFIED: _DeviceHealth.ValueType  # 0
+    """not judged (an older agent): taken as OK"""
+    DEVICE_HEALTH_OK: _DeviceHealth.ValueType  # 1
+    DEVICE_HEALTH_DEGRADED: _DeviceHealth.ValueType  # 2
+    """serves, but slowed or at risk (throttling, a narrow PCIe link)"""
+    DEVICE_HEALTH_FAILED: _DeviceHealth.ValueType  # 3
+    """lost, uncorrectable memory errors, a fatal Xid, engines dying on it"""
+
+class DeviceHealth(_DeviceHealth, metaclass=_DeviceHealthEnumTypeWrapper): ...
+
+DEVICE_HEALTH_UNSPECIFIED: DeviceHealth.ValueType  # 0
+"""not judged (an older agent): taken as OK"""
+DEVICE_HEALTH_OK: DeviceHealth.ValueType  # 1
+DEVICE_HEALTH_DEGRADED: DeviceHealth.ValueType  # 2
+"""serves, but slowed or at risk (throttling, a narrow PCIe link)"""
+DEVICE_HEALTH_FAILED: DeviceHealth.ValueType  # 3
+"""lost, uncorrectable memory errors, a fatal Xid, engines dying on it"""
+Global___DeviceHealth: _TypeAlias = DeviceHealth  # noqa: Y015
+
 class _ReplicaState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -290,6 +315,8 @@ class GpuDevice(_message.Message):
     UTILIZATION_FIELD_NUMBER: _builtins.int
     MIG_FIELD_NUMBER: _builtins.int
     PROCESSES_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    HEALTH_REASONS_FIELD_NUMBER: _builtins.int
     uuid: _builtins.str
     name: _builtins.str
     index: _builtins.int
@@ -298,8 +325,17 @@ class GpuDevice(_message.Message):
     utilization: _builtins.float
     """[0, 1] over NVML's last sample period"""
     mig: _builtins.bool
+    health: Global___DeviceHealth.ValueType
+    """What NVML says of the device's health (a MIG instance carries its GPU's), judged by the
+    agent (nodeagent/gpu_health.py): FAILED devices get no placements and their replicas are
+    moved off, DEGRADED ones are placed on last.
+    """
     @_builtins.property
     def processes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuProcess]: ...
+    @_builtins.property
+    def health_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """why, in words: "Xid 79: the GPU fell off the bus" """
+
     def __init__(
         self,
         *,
@@ -311,14 +347,66 @@ class GpuDevice(_message.Message):
         utilization: _builtins.float = ...,
         mig: _builtins.bool = ...,
         processes: _abc.Iterable[Global___GpuProcess] | None = ...,
+        health: Global___DeviceHealth.ValueType = ...,
+        health_reasons: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig", b"mig", "name", b"name", "processes", b"processes", "utilization", b"utilization", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "health_reasons", b"health_reasons", "index", b"index", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "mig", b"mig", "name", b"name", "processes", b"processes", "utilization", b"utilization", "uuid", b"uuid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GpuDevice: _TypeAlias = GpuDevice  # noqa: Y015
+
+@_typing.final
+class DeviceHealthClear(_message.Message):
+    """health_clears/<node>: an operator's "this device is fine again" (`meshserve node uncordon
+    NODE --device UUID`, after a reset or a check): the agent forgets what it saw of each listed
+    device before that moment and judges it from its counters as they are now.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ClearedUnixMsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    CLEARED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    @_builtins.property
+    def cleared_unix_ms(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """device uuid → when it was cleared"""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        cleared_unix_ms: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleared_unix_ms", b"cleared_unix_ms", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceHealthClear: _TypeAlias = DeviceHealthClear  # noqa: Y015
 
 @_typing.final
 class NodeStatus(_message.Message):

@@ -24,6 +24,8 @@ def view(width: int) -> str:
             memory_total_bytes=80 * 2**30,
             memory_used_bytes=i * 2**30,
             utilization=0.1 * i,
+            health=cluster_pb2.DEVICE_HEALTH_FAILED if i == 3 else cluster_pb2.DEVICE_HEALTH_OK,
+            health_reasons=["Xid 79: the GPU fell off the bus"] if i == 3 else [],
         )
     replicas = [
         cluster_pb2.ReplicaStatus(
@@ -56,9 +58,13 @@ def test_status_fits_80_columns_with_ids_whole_and_notes_below_the_table() -> No
     assert sum("H100 80GB HBM3" in line for line in lines) == 8  # one row per GPU
     # Each replica is one row (its note a reference), and the shared note is printed once,
     # whole, below the table; the error has a number of its own.
+    # A GPU's health and why: the reason numbered below the GPUs table.
+    assert "FAILED [1]" in next(line for line in lines if "3 H100" in line)
+    assert sum(" OK" in line for line in lines) == 7
+    assert "[1] GPU-5d1c2a0e-4b7f-11ee-be56-0242ac120003: Xid 79: the GPU fell off the bus" in text
     rows = [line for line in lines if "llama-3-8b-chat-" in line]
-    assert len(rows) == 3 and all("[1]" in row for row in rows)
-    assert "[2]" in next(line for line in lines if "mistral-7b-summarizer" in line)
+    assert len(rows) == 3 and all("[2]" in row for row in rows)
+    assert "[3]" in next(line for line in lines if "mistral-7b-summarizer" in line)
     below = " ".join(line.strip() for line in lines[lines.index(next(
-        line for line in lines if line.startswith("[1] "))):])  # fmt: skip
-    assert NOTE in below and "[2] out of device memory 3 times" in below
+        line for line in lines if line.startswith("[2] "))):])  # fmt: skip
+    assert NOTE in below and "[3] out of device memory 3 times" in below
