@@ -79,10 +79,16 @@ class Mesh:
         self.etcd.start()
 
     def _spawn(
-        self, name: str, args: list[str], timeout_s: float = 90.0, python: str = ""
+        self,
+        name: str,
+        args: list[str],
+        timeout_s: float = 90.0,
+        python: str = "",
+        env: dict[str, str] | None = None,
     ) -> Service:
         """Starts ``python -m meshserve ARGS`` (this interpreter unless ``python`` names another,
-        e.g. an agent in the vLLM environment) and waits for its ready file."""
+        e.g. an agent in the vLLM environment; ``env`` on top of the mesh's) and waits for its
+        ready file."""
         if self.metrics and "--metrics-port" not in args:
             port = free_port()
             self.metrics_targets[name] = f"127.0.0.1:{port}"
@@ -90,7 +96,7 @@ class Mesh:
         ready = self.data_dir / "run" / f"{name}.ready"
         ready.unlink(missing_ok=True)
         log = self.data_dir / "logs" / f"{name}.log"
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
         if self.trace_dir is not None:
             env["MESHSERVE_TRACE_DIR"] = str(self.trace_dir)
         out = open(log, "ab")  # noqa: SIM115 - the child keeps it
@@ -144,8 +150,10 @@ class Mesh:
         python: str = "",
         timeout_s: float = 90.0,
         extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> Service:
-        """Starts (or restarts, under the same name) a node agent; ``extra``: more flags."""
+        """Starts (or restarts, under the same name) a node agent; ``extra``: more flags;
+        ``env``: variables of its own (e.g. a stand-in NVML's host description)."""
         args = [
             "agent",
             "--node-id",
@@ -165,7 +173,7 @@ class Mesh:
         if host_memory_limit:
             args += ["--host-memory-limit", host_memory_limit]
         args += extra
-        return self._spawn(name, args, timeout_s=timeout_s, python=python)
+        return self._spawn(name, args, timeout_s=timeout_s, python=python, env=env)
 
     def start_router(
         self, name: str = "router", listen: str = "127.0.0.1:0", extra: Sequence[str] = ()

@@ -31,6 +31,7 @@ from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.config import ServiceConfig
 from meshserve.rpc.server import start_server
 from meshserve.runtime import write_ready_file
+from meshserve.stallwatch import StallWatch
 from meshserve.telemetry.metrics import serve_metrics
 from meshserve.telemetry.tracing import setup_tracing, shutdown_tracing
 
@@ -85,6 +86,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)  # a signal during start-up stops right after it
     setup_tracing(name)
     serve_metrics(config.metrics_port)
+    watch = StallWatch()
+    watch.start()
     client = connect(EtcdConfig(config.etcd))
     keys = Keyspace(config.prefix)
     session = Session(client, config.lease_ttl_s)
@@ -116,6 +119,7 @@ async def serve(
             log.error("%s: shutdown stuck in %s; exiting now", name, steps.step)
             shutdown_tracing()
             os._exit(1)
+        await watch.stop()
         shutdown_tracing()
 
 

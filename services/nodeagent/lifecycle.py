@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, MutableMapping
@@ -51,6 +52,7 @@ class Lifecycle:
         self.replicas = replicas  # the reconciler's; a load adds, an unload removes
         self.on_settled = on_settled  # called when a step ends: plan again
         self._load_lock = asyncio.Lock()
+        self._generation = itertools.count(1)  # loads by this process (ReplicaStatus.generation)
         self._engine_config = EngineConfig(
             device="cuda:0" if probe.kind == "cuda" else "cpu",
             threads=config.threads,
@@ -71,6 +73,7 @@ class Lifecycle:
             max_streams=self.config.max_in_flight,
             placed_trace=load.trace_parent,
             placed_reason=load.reason,
+            generation=next(self._generation),
         )
         tier = load.tier or S.TIER_DEVICE
         r = Replica(

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Protocol
 
+import grpc
 from meshserve.nodeagent.coalesce import coalesced, interval_of
 from meshserve.nodeagent.engines.base import Resume, TensorModel
 from meshserve.nodeagent.replica import Replica
 from meshserve.rpc import handlers
-from meshserve.rpc.errors import invalid_argument, not_found_model
+from meshserve.rpc.errors import ServiceError, invalid_argument, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import exemplar, tracer
@@ -97,6 +98,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
             },
         ) as span:
             mark = r.share.join()
+            finished = False
             try:
                 first = True
                 stream = r.engine.generate(request.prompt, request.messages, params, resume)
@@ -131,6 +133,14 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
                             [inference_pb2.FinishReason.Name(chunk.finish_reason)],  # type: ignore[arg-type]
                         )
                     yield response
+                    finished = bool(chunk.finish_reason)
+                if not finished:  # the engine gave up without saying why: never a silent cut
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"model {model!r}: the engine ended the stream before it finished; retry",
+                        "ENGINE_DIED",
+                        retry_after_s=1.0,
+                    )
                 span.set_status(trace.StatusCode.OK)
             except BaseException as e:
                 code = handlers.code_of(e)

@@ -41,7 +41,7 @@ from meshserve.v1 import common_pb2
 
 DEADLINE_MARGIN_S = 0.1  # answer a little before the caller's deadline so it gets our message
 RECHECK_S = 0.5  # a waiter looks again this often (breaker cool-downs end without an event)
-Identity = tuple[str, int]
+Identity = tuple[str, int, int]  # Endpoint.identity: address, agent incarnation, load generation
 SHEDDABLE = common_pb2.PRIORITY_LOW
 RESERVED_SHARE = 0.25  # of a replica's slots that sheddable streams leave to the others
 
@@ -294,7 +294,7 @@ class Admission:
             (address, m)
             for m in models
             if (r := table.routes.get(m)) is not None
-            for address, _inc in r.alive
+            for address, _inc, _gen in r.alive
         }
         self.breakers.prune(alive, time.monotonic(), models)
         self._dispatch_all()

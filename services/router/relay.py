@@ -34,7 +34,7 @@ from meshserve.router.stall import Stall
 from meshserve.router.table import EndpointTable, Route
 from meshserve.router.upstreams import Upstreams, trace_metadata
 from meshserve.rpc import handlers
-from meshserve.rpc.errors import ServiceError
+from meshserve.rpc.errors import ServiceError, decode_details, error_reason
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.server_interceptor import traceresponse
@@ -56,6 +56,9 @@ RETRYABLE = frozenset(
     }
 )
 # Failures that say something about the replica's health (breakers).
+# Reasons an agent gives when the replica itself is gone (engines/prompts.py): the request
+# leaves that replica at once; a reload is another replica (ReplicaStatus.generation).
+GONE_REASONS = frozenset({"ENGINE_DIED", "MODEL_UNLOADED"})
 UNHEALTHY = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
@@ -67,11 +70,14 @@ BACKOFF_CAP_S = 1.0
 class Broken(Exception):
     """An attempt ended without finishing the stream; another may go on."""
 
-    def __init__(self, what: str, unhealthy: bool = True, saturated: bool = False) -> None:
+    def __init__(
+        self, what: str, unhealthy: bool = True, saturated: bool = False, gone: bool = False
+    ) -> None:
         super().__init__(what)
         self.what = what
         self.unhealthy = unhealthy  # counts against the replica's breaker
         self.saturated = saturated  # the replica was full: back to the queue
+        self.gone = gone  # the replica said it is gone for good (its engine died, unloaded)
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
@@ -209,13 +215,14 @@ class Relay:
         now: float,
     ) -> None:
         """Counts the failure against the replica's breaker, and leaves the replica for this
-        request when it has others to go to, or at its second failure: a transient failure of
-        the only replica is not a verdict."""
+        request when it has others to go to, at its second failure (a transient failure of the
+        only replica is not a verdict), or at once when it said it is gone for good (its engine
+        died, it was unloaded: a reload is another replica, which the request may take)."""
         if b.unhealthy:
             self.breakers.failure((slot.endpoint.address, slot.model), now)
         identity = slot.endpoint.identity
         strikes[identity] = strikes.get(identity, 0) + 1
-        if strikes[identity] >= 2 or self._others(slot, identity):
+        if b.gone or strikes[identity] >= 2 or self._others(slot, identity):
             failed.add(identity)
 
     def _others(self, slot: Slot, identity: Identity) -> bool:
@@ -377,7 +384,8 @@ def _broken(e: grpc.aio.AioRpcError, gone: asyncio.Event) -> Exception:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not _limit_of_ours(e):
         return Broken(what, unhealthy=False, saturated=True)
     if code in RETRYABLE:
-        return Broken(what, unhealthy=code in UNHEALTHY)
+        reason = error_reason(decode_details(e.trailing_metadata()))
+        return Broken(what, unhealthy=code in UNHEALTHY, gone=reason in GONE_REASONS)
     passed: Exception = e  # the caller's own error (INVALID_ARGUMENT, DEADLINE_EXCEEDED …)
     return passed
 

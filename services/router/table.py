@@ -40,11 +40,13 @@ class Endpoint:
     kv_cache_usage: float = 0.0  # [0, 1], engines with a paged KV cache
     max_streams: int = 0  # streams the replica admits at once; 0 = unknown (no limit here)
     incarnation: int = 0  # the agent's lease when it wrote the status: a restart changes it
+    generation: int = 0  # the agent's load of it: a reload (after FAILED) changes it
 
     @property
-    def identity(self) -> tuple[str, int]:
-        """One replica in one agent process (a restarted agent is another replica)."""
-        return (self.address, self.incarnation)
+    def identity(self) -> tuple[str, int, int]:
+        """One load of a replica in one agent process (a restarted agent, or a replica loaded
+        again after it failed, is another replica)."""
+        return (self.address, self.incarnation, self.generation)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Route:
     loading: int = 0  # replicas loading or warming up (a wait will end)
     # READY or DRAINING replicas: a stream on one of these may go on; one that leaves this set
     # (lease expired, unloaded, FAILED) is gone, and its streams fail over at once.
-    alive: frozenset[tuple[str, int]] = frozenset()
+    alive: frozenset[tuple[str, int, int]] = frozenset()
     # A tensor model's inputs and outputs, as its replicas published them (None: none has yet)
     signature: common_pb2.TensorSignature | None = None
 
@@ -71,11 +73,17 @@ class RouteTable:
 
 def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
     """What of a replica's status the route depends on (all but its load figures)."""
-    return (r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation, r.signature)
+    return (
+        r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation, r.generation,
+        r.signature,
+    )  # fmt: skip
 
 
 def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
-    return Endpoint(r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation)
+    return Endpoint(
+        r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation,
+        r.generation,
+    )  # fmt: skip
 
 
 class TableBuilder:
@@ -137,7 +145,7 @@ class TableBuilder:
             return
         ready: list[Endpoint] = []
         loading = 0
-        alive: set[tuple[str, int]] = set()
+        alive: set[tuple[str, int, int]] = set()
         signature: common_pb2.TensorSignature | None = None
         for key, r in statuses.items():
             if not r.address:
@@ -145,14 +153,13 @@ class TableBuilder:
             if r.signature.inputs and (r.state == S.REPLICA_STATE_READY or signature is None):
                 signature = r.signature
             if r.state in (S.REPLICA_STATE_READY, S.REPLICA_STATE_DRAINING):
-                alive.add((r.address, r.incarnation))
+                alive.add((r.address, r.incarnation, r.generation))
             if r.state == S.REPLICA_STATE_READY:
                 e = self.endpoints.get(key)
-                if e is None or (e.node_id, e.address, e.max_streams, e.incarnation) != (
+                if e is None or (e.node_id, e.max_streams, e.identity) != (
                     r.node_id,
-                    r.address,
                     r.max_streams,
-                    r.incarnation,
+                    (r.address, r.incarnation, r.generation),
                 ):
                     e = self.endpoints[key] = _endpoint(r)
                 ready.append(e)
@@ -187,7 +194,7 @@ class EndpointTable:
         self.current = self.builder.table
         self._listeners: list[Callable[[RouteTable, set[str]], None]] = []
         # (model, replica identity) → [event set when it is gone, streams watching it]
-        self._departures: dict[tuple[str, tuple[str, int]], list[Any]] = {}
+        self._departures: dict[tuple[str, tuple[str, int, int]], list[Any]] = {}
 
     def start(self) -> None:
         self.models.subscribe_changes(self._on_models)
@@ -240,7 +247,7 @@ class EndpointTable:
         for listener in self._listeners:
             listener(self.current, models)
 
-    def departure(self, model: str, identity: tuple[str, int]) -> asyncio.Event:
+    def departure(self, model: str, identity: tuple[str, int, int]) -> asyncio.Event:
         """An event set once the replica ``identity`` of ``model`` is no longer alive (already
         set if it is not alive now). Call `forget_departure` when done."""
         key = (model, identity)
@@ -258,11 +265,11 @@ class EndpointTable:
         """The last published status of ``endpoint``'s replica of ``model`` (rare paths only:
         a scan of the model's replicas)."""
         for status in self.builder.statuses.get(model, {}).values():
-            if (status.address, status.incarnation) == endpoint.identity:
+            if (status.address, status.incarnation, status.generation) == endpoint.identity:
                 return status
         return None
 
-    def forget_departure(self, model: str, identity: tuple[str, int]) -> None:
+    def forget_departure(self, model: str, identity: tuple[str, int, int]) -> None:
         key = (model, identity)
         watch = self._departures.get(key)
         if watch is not None:

@@ -561,6 +561,7 @@ class ReplicaStatus(_message.Message):
     WAITING_FIELD_NUMBER: _builtins.int
     MAX_STREAMS_FIELD_NUMBER: _builtins.int
     INCARNATION_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     DECODE_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     PLACED_TRACE_FIELD_NUMBER: _builtins.int
@@ -597,6 +598,10 @@ class ReplicaStatus(_message.Message):
     """streams it admits at once (routers queue the rest); 0 = unknown"""
     incarnation: _builtins.int
     """the agent's lease id when written: changes when the agent restarts"""
+    generation: _builtins.int
+    """Which load of this model by this agent process (1, 2 …): a replica loaded again after it
+    FAILED is another replica, which requests that gave up on the old one may use.
+    """
     decode_tokens_per_s: _builtins.float
     """output tokens/s it generates now (engine counter, ~10 s EWMA)"""
     placed_trace: _builtins.str
@@ -634,6 +639,7 @@ class ReplicaStatus(_message.Message):
         waiting: _builtins.int = ...,
         max_streams: _builtins.int = ...,
         incarnation: _builtins.int = ...,
+        generation: _builtins.int = ...,
         decode_tokens_per_s: _builtins.float = ...,
         signature: _common_pb2.TensorSignature | None = ...,
         placed_trace: _builtins.str = ...,
@@ -644,7 +650,7 @@ class ReplicaStatus(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

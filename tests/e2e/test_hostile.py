@@ -13,7 +13,7 @@ import grpc
 import pytest
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from meshserve.local import Mesh
 from meshserve.v1 import inference_pb2
@@ -160,6 +160,9 @@ def test_oversized_request_names_the_limit(mesh: Mesh) -> None:
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(body=st.one_of(st.binary(max_size=300), mutated(), hostile_fields()))
+# Found by the strategy on CI: a continuation with a token id past the vocabulary (512) made
+# the agent's engine fail with UNKNOWN; it is INVALID_ARGUMENT now.
+@example(body=b"\n\x04demo\x12\x01\x00\x08\x00B\x04\n\x02\x80\x04")
 def test_random_and_mutated_requests_get_documented_statuses(mesh: Mesh, body: bytes) -> None:
     for name, address in targets(mesh).items():
         code = send(address, GENERATE, body)

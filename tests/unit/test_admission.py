@@ -20,7 +20,9 @@ from meshserve.v1 import cluster_pb2 as S
 from tests.factories import spec
 
 
-def replica(node: str, incarnation: int = 1, max_streams: int = 2) -> S.ReplicaStatus:
+def replica(
+    node: str, incarnation: int = 1, max_streams: int = 2, generation: int = 1
+) -> S.ReplicaStatus:
     return S.ReplicaStatus(
         model="m",
         node_id=node,
@@ -28,6 +30,7 @@ def replica(node: str, incarnation: int = 1, max_streams: int = 2) -> S.ReplicaS
         state=S.REPLICA_STATE_READY,
         max_streams=max_streams,
         incarnation=incarnation,
+        generation=generation,
     )
 
 
@@ -78,12 +81,25 @@ async def test_excluded_replica_waits_for_a_new_incarnation() -> None:
     a = admission(replica("n1", incarnation=1))
     first = await a.acquire(route(a))
     a.release(first)
-    waiting = asyncio.create_task(a.acquire(route(a), deadline_s=5, exclude={("n1:1", 1)}))
+    waiting = asyncio.create_task(a.acquire(route(a), deadline_s=5, exclude={("n1:1", 1, 1)}))
     await asyncio.sleep(0.05)
     assert not waiting.done()  # the only replica failed this request: not again
     install(a.table, [spec("m")], [replica("n1", incarnation=2)])  # restarted
     slot = await asyncio.wait_for(waiting, 1)
     assert slot.endpoint.incarnation == 2
+
+
+async def test_excluded_replica_loaded_again_is_taken() -> None:
+    """The agent reloaded the replica after it failed (same agent, same lease): a request that
+    gave up on the old load takes the new one instead of waiting out its deadline."""
+    a = admission(replica("n1", generation=1))
+    waiting = asyncio.create_task(a.acquire(route(a), deadline_s=5, exclude={("n1:1", 1, 1)}))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    install(a.table, [spec("m")], [replica("n1", generation=2)])  # loaded again
+    slot = await asyncio.wait_for(waiting, 1)
+    assert slot.endpoint.identity == ("n1:1", 1, 2)
+    a.release(slot)
 
 
 async def test_full_queue_and_deadline_say_why() -> None:

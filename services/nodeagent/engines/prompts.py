@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from meshserve.rpc.errors import ServiceError
+from meshserve.rpc.errors import ServiceError, invalid_argument
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import context_too_long
 
@@ -48,6 +48,16 @@ async def prompt_ids(
     if len(ids) + max_tokens > max_len:
         raise context_too_long(len(ids), max_tokens, max_len)
     return ids
+
+
+def check_resume(token_ids: Sequence[int], vocab: int) -> None:
+    """A continuation's token ids must be tokens of this model (a router sends what a replica of
+    the same model produced; anything else is a caller's mistake, not an engine crash)."""
+    bad = next((t for t in token_ids if t >= vocab), None)
+    if bad is not None:
+        raise invalid_argument(
+            [("continuation.token_ids", f"token id {bad} is outside the vocabulary of {vocab}")]
+        )
 
 
 def not_serving(name: str, tier: int) -> ServiceError:

@@ -31,7 +31,13 @@ from meshserve.nodeagent.engines.base import (
     EngineStats,
     Resume,
 )
-from meshserve.nodeagent.engines.prompts import engine_died, out_of_memory, prompt_ids, unloaded
+from meshserve.nodeagent.engines.prompts import (
+    check_resume,
+    engine_died,
+    out_of_memory,
+    prompt_ids,
+    unloaded,
+)
 from meshserve.nodeagent.engines.torch_decode import (
     Stream,
     logprob_of,
@@ -67,6 +73,7 @@ class TorchEngine(TorchWeights):
         self._tok: Any = None
         self._texts: dict[int, str] = {}  # token id → its text alone (logprobs)
         self._max_len = 0
+        self._vocab = 0  # token ids the model's embedding takes
         self._eos: frozenset[int] = frozenset()
         self._cond = threading.Condition()
         self._inbox: list[Stream] = []
@@ -140,6 +147,8 @@ class TorchEngine(TorchWeights):
         self._tok = tok
         self._texts = {}
         self._max_len = spec.max_model_len or int(model.config.max_position_embeddings)
+        embedding: Any = model.get_input_embeddings()
+        self._vocab = int(embedding.num_embeddings)
         eos = model.generation_config.eos_token_id if self._task == "generate" else None
         if eos is None:
             eos = tok.eos_token_id
@@ -180,6 +189,7 @@ class TorchEngine(TorchWeights):
                 "WRONG_TASK",
             )
         ids = await prompt_ids(self._tok, prompt, messages, params.max_tokens, self._max_len)
+        check_resume(resume.token_ids, self._vocab)
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(self._device).manual_seed(params.seed)

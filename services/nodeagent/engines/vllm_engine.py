@@ -46,6 +46,7 @@ from meshserve.nodeagent.engines.base import (
 )
 from meshserve.nodeagent.engines.prompts import (
     ResumedText,
+    check_resume,
     engine_died,
     not_serving,
     prompt_ids,
@@ -328,6 +329,7 @@ class VllmEngine:
         if why := self.health():
             raise engine_died(self._name, why)
         ids = await prompt_ids(self._tok, prompt, messages, params.max_tokens, self._max_len)
+        check_resume(resume.token_ids, int(self._llm.model_config.get_vocab_size()))
         request_id = uuid.uuid4().hex
         done = list(resume.token_ids)
         # Resumed: the delivered tokens extend the prompt, and count against max_tokens.
