@@ -284,8 +284,13 @@ class Lifecycle:
             raise
         except Exception as e:
             log.exception("moving %s to %s failed", model, tier)
+            if r.engine is not None:  # half moved (e.g. a full disk): unload it cleanly
+                with contextlib.suppress(Exception):
+                    await r.engine.unload()
+                r.engine = None
             r.failed_at = time.monotonic()
             r.status.error = f"tier change failed: {type(e).__name__}: {e}"[:2000]
+            r.status.tier = 0  # type: ignore[assignment]  # nothing held here any more
             await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
         finally:
             if own_task:

@@ -234,3 +234,32 @@ async def test_a_worker_that_dies_fails_its_streams_at_once_and_reports_it(
     with pytest.raises(ServiceError, match="engine died"):
         await tokens(engine)
     await asyncio.wait_for(engine.unload(), 10)
+
+
+async def test_a_full_disk_leaves_no_file_and_a_damaged_file_is_never_restored(
+    demo_model: Path, tmp_path: Path
+) -> None:
+    """Offloading to a disk that is full (the kernel's ENOSPC, from /dev/full) fails and leaves
+    nothing behind under either name; a disk copy damaged after it was written is refused on
+    restore (CRC-32) instead of being run as weights."""
+    import errno
+
+    engine = TorchEngine(EngineConfig(threads=1, cache_dir=str(tmp_path)))
+    await engine.load(cluster_pb2.ModelSpec(name="demo", source=str(demo_model)))
+    (tmp_path / "demo.flat.tmp").symlink_to("/dev/full")  # where the file is written first
+    with pytest.raises(OSError, match="No space left") as full:
+        await engine.offload(cluster_pb2.TIER_DISK)
+    assert full.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())  # neither a half-written file nor the temporary name
+    await engine.unload()
+
+    engine = TorchEngine(EngineConfig(threads=1, cache_dir=str(tmp_path)))
+    await engine.load(cluster_pb2.ModelSpec(name="demo", source=str(demo_model)))
+    await engine.offload(cluster_pb2.TIER_DISK)
+    (copy,) = tmp_path.glob("*.safetensors")
+    data = bytearray(copy.read_bytes())
+    data[-100] ^= 0xFF  # one bit rot in the weights
+    copy.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged"):
+        await engine.restore()
+    await engine.unload()

@@ -4,13 +4,18 @@ Offloading to CPU RAM copies every parameter and buffer into one (pinned, on CUD
 buffer and points the module at views of it; restoring allocates one device buffer and copies it
 over in a single transfer, which runs near the raw host→device bandwidth instead of paying a
 launch per tensor. The disk tier writes the same buffer as one safetensors file and reads it back
-straight into a pinned buffer (`readinto`, no intermediate copy).
+straight into a pinned buffer (`readinto`, no intermediate copy). The file is written under a
+temporary name, fsynced and renamed (a crash or a full disk never leaves a half-written file
+under the real name), and carries a CRC-32 of the buffer that a restore checks (a file damaged
+on disk is refused, never run as weights).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,19 +126,34 @@ def save(host: torch.Tensor, slots: list[Slot], path: Path) -> None:
         [s.owner, s.name, s.is_param, s.offset, s.nbytes, str(s.dtype), list(s.shape)]
         for s in slots
     ]
+    data = memoryview(host.numpy())  # type: ignore[arg-type]
     header = {
         "flat": {"dtype": "U8", "shape": [host.numel()], "data_offsets": [0, host.numel()]},
-        "__metadata__": {"meshserve.layout": json.dumps(meta)},
+        "__metadata__": {
+            "meshserve.layout": json.dumps(meta),
+            "meshserve.crc32": str(zlib.crc32(data)),
+        },
     }
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        f.write(memoryview(host.numpy()))  # type: ignore[arg-type]
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. ENOSPC half-way: nothing is left behind
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a crash
+    finally:
+        os.close(directory)
 
 
 def load(path: Path, pin: bool) -> torch.Tensor:
@@ -150,4 +170,7 @@ def load(path: Path, pin: bool) -> torch.Tensor:
             if not n:
                 raise EOFError(f"{path} is truncated")
             read += n
+    expected = header.get("__metadata__", {}).get("meshserve.crc32")
+    if expected is not None and zlib.crc32(view) != int(expected):
+        raise ValueError(f"{path} is damaged (CRC-32 mismatch): not restoring from it")
     return host
