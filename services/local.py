@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from meshserve.cluster.etcd_process import EtcdProcess, EtcdSecurity, free_port
+from meshserve.cluster.etcd_process import EtcdCluster, EtcdProcess, EtcdSecurity, free_port
 from meshserve.lifeline import tied_to_parent
 
 
@@ -45,10 +45,15 @@ class Mesh:
         env: dict[str, str] | None = None,
         tls: bool = False,
         metrics: bool = False,
+        etcd_members: int = 1,
     ) -> None:
         """``tls``: a local CA in ``data_dir``/tls; every hop (etcd included, with etcd auth)
         is mutual TLS; `tls_env` is what a client process needs to reach it. ``metrics``: each
-        service serves Prometheus metrics on a free loopback port (`prometheus_config`)."""
+        service serves Prometheus metrics on a free loopback port (`prometheus_config`).
+        ``etcd_members`` > 1: etcd as a plaintext cluster of that many members on loopback;
+        services get every member's address and fail over between them."""
+        if etcd_members > 1 and tls:
+            raise ValueError("a TLS mesh runs one etcd member")
         self.data_dir = data_dir.resolve()
         self.metrics = metrics
         self.metrics_targets: dict[str, str] = {}  # service name → host:port of its /metrics
@@ -58,7 +63,11 @@ class Mesh:
         self.tls_env: dict[str, str] = {}
         security = self._make_pki() if tls else None
         self.env.update(self.tls_env)
-        self.etcd = EtcdProcess(self.data_dir / "etcd", security=security)
+        self.etcd: EtcdProcess | EtcdCluster = (
+            EtcdCluster(self.data_dir / "etcd", etcd_members)
+            if etcd_members > 1
+            else EtcdProcess(self.data_dir / "etcd", security=security)
+        )
         self.services: dict[str, Service] = {}
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "run").mkdir(parents=True, exist_ok=True)

@@ -56,14 +56,21 @@ def up(
         Path | None,
         typer.Option(help="also write the scrape config (DATA_DIR/prometheus.yml) to this file"),
     ] = None,
+    etcd_members: Annotated[
+        int, typer.Option(help="etcd as a cluster of this many members (1, 3 or 5; plaintext)")
+    ] = 1,
 ) -> None:
     """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
     completion, and run until Ctrl-C."""
     received = _stop_on_signals()  # first: a SIGTERM during start-up must still stop the mesh
     if agents < 1:
         raise fail("--agents must be >= 1")
+    if etcd_members not in (1, 3, 5):
+        raise fail("--etcd-members must be 1, 3 or 5 (an odd quorum)")
+    if etcd_members > 1 and tls:
+        raise fail("--tls runs one etcd member; --etcd-members > 1 is plaintext only")
     try:
-        observe = Observe(trace_ui, trace_ui_port, trace_otlp_port, prometheus_config)
+        observe = Observe(trace_ui, trace_ui_port, trace_otlp_port, prometheus_config, etcd_members)
         _up(
             agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo, auth, tls,
             http_port, observe,
@@ -86,6 +93,7 @@ class Observe:
     ui_port: int = 6006
     otlp_port: int = 4317
     prometheus_config: Path | None = None
+    etcd_members: int = 1  # etcd as a cluster of this many members
 
 
 def _up(
@@ -107,7 +115,14 @@ def _up(
     data_dir = data_dir.expanduser().resolve()
     ui = _start_trace_ui(data_dir, observe) if observe.trace_ui else None
     env = otel_env(ui.otlp_port) if ui else {}
-    mesh = Mesh(data_dir, trace_dir=data_dir / "traces", tls=tls, env=env, metrics=True)
+    mesh = Mesh(
+        data_dir,
+        trace_dir=data_dir / "traces",
+        tls=tls,
+        env=env,
+        metrics=True,
+        etcd_members=observe.etcd_members,
+    )
     os.environ.update(mesh.tls_env)  # this process is a client of the mesh too
     try:
         with console.status("building the tiny demo model (random weights, local tokenizer)…"):

@@ -56,29 +56,41 @@ class EtcdSecurity:
 
 
 class EtcdProcess:
-    """One single-member etcd on loopback. ``endpoint`` is ``127.0.0.1:<client port>``."""
+    """One etcd on loopback: a single-member cluster, or (``name`` and ``cluster`` given, as
+    `EtcdCluster` does) one member of a bigger one. ``endpoint`` is ``127.0.0.1:<client port>``."""
 
     def __init__(
         self,
         data_dir: Path,
         client_port: int | None = None,
         security: EtcdSecurity | None = None,
+        name: str = "meshserve",
+        peer_port: int | None = None,
+        cluster: str = "",
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port or free_port()
-        self.peer_port = free_port()
+        self.peer_port = peer_port or free_port()
         self.security = security
+        self.name = name
+        self.cluster = cluster  # --initial-cluster; "" = this member alone
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log = ""
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
     def start(self, timeout_s: float = 20.0) -> None:
+        self.launch()
+        self.wait_ready(time.monotonic() + timeout_s)
+
+    def launch(self) -> None:
+        """Starts the process without waiting (a cluster's members start together)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         scheme = "https" if self.security else "http"
         client = f"{scheme}://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"  # one member: no peer traffic leaves it
+        peer = f"http://127.0.0.1:{self.peer_port}"  # members talk on loopback
         tls_flags = []
         if self.security is not None:
             server = self.security.server
@@ -93,13 +105,13 @@ class EtcdProcess:
             tied_to_parent(  # dies with the process that started it
                 [
                     etcd_binary(),
-                    "--name=meshserve",
+                    f"--name={self.name}",
                     f"--data-dir={self.data_dir / 'data'}",
                     f"--listen-client-urls={client}",
                     f"--advertise-client-urls={client}",
                     f"--listen-peer-urls={peer}",
                     f"--initial-advertise-peer-urls={peer}",
-                    f"--initial-cluster=meshserve={peer}",
+                    f"--initial-cluster={self.cluster or f'{self.name}={peer}'}",
                     "--log-level=warn",
                     *tls_flags,
                 ]
@@ -108,10 +120,14 @@ class EtcdProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout_s
+        self._log = log.name
+
+    def wait_ready(self, deadline: float) -> None:
+        """Until the client port answers (and auth is set up, with security)."""
+        assert self.proc is not None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {log.name}")
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self._log}")
             with (
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2),
@@ -120,7 +136,7 @@ class EtcdProcess:
                     self._enable_auth(deadline)
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"etcd did not listen on {self.endpoint} in {timeout_s} s")
+        raise TimeoutError(f"etcd did not listen on {self.endpoint} in time; see {self._log}")
 
     def etcdctl(self, *args: str, who: TlsFiles | None = None) -> subprocess.CompletedProcess[str]:
         """Runs etcdctl against this etcd (as ``who``, by default the admin)."""
@@ -179,3 +195,39 @@ class EtcdProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class EtcdCluster:
+    """Several etcd members on loopback forming one cluster (plaintext): what `meshserve up
+    --etcd-members 3` and the tests of member loss and quorum loss run. ``endpoint`` lists every
+    member's client address (clients fail over between them)."""
+
+    def __init__(self, data_dir: Path, members: int = 3) -> None:
+        if members < 1:
+            raise ValueError("an etcd cluster needs at least one member")
+        ports = [(free_port(), free_port()) for _ in range(members)]
+        cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_c, peer) in enumerate(ports))
+        self.members = [
+            EtcdProcess(data_dir / f"m{i}", client, None, f"m{i}", peer, cluster)
+            for i, (client, peer) in enumerate(ports)
+        ]
+
+    @property
+    def endpoint(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Starts every member together (each waits for the others to elect a leader)."""
+        for m in self.members:
+            m.launch()
+        deadline = time.monotonic() + timeout_s
+        for m in self.members:
+            m.wait_ready(deadline)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for m in self.members:
+            m.stop(timeout_s)
+
+    def kill(self) -> None:
+        for m in self.members:
+            m.kill()

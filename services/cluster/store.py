@@ -7,6 +7,8 @@ Only services/cluster talks to aetcd; everything else goes through `Store`, `Ses
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -24,55 +26,67 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class EtcdConfig:
-    """Where etcd is. ``endpoint`` is ``host:port``."""
+    """Where etcd is: ``host:port``, or the members of a cluster as ``host:port,host:port,…``
+    (the client fails over between them)."""
 
     endpoint: str = "127.0.0.1:2379"
     timeout_s: float = 5.0  # per unary call
 
     def __post_init__(self) -> None:
-        host, _, port = self.endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"etcd endpoint must be host:port, got {self.endpoint!r}")
+        for one in self.endpoints:
+            host, _, port = one.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"etcd endpoint must be host:port[,host:port…], got {one!r}")
 
     @property
-    def host(self) -> str:
-        return self.endpoint.rpartition(":")[0]
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(e.strip() for e in self.endpoint.split(",") if e.strip())
 
     @property
-    def port(self) -> int:
-        return int(self.endpoint.rpartition(":")[2])
+    def target(self) -> str:
+        """The gRPC target: one endpoint as it is (a DNS name may resolve to every member, as a
+        Kubernetes headless Service does); several as a static address list (names resolved
+        now), which gRPC's round-robin policy spreads calls over and fails over between."""
+        if len(self.endpoints) == 1:
+            return self.endpoints[0]
+        addresses = []
+        for one in self.endpoints:
+            host, _, port = one.rpartition(":")
+            ip = host.strip("[]")
+            with contextlib.suppress(OSError):
+                ip = str(socket.getaddrinfo(ip, int(port), type=socket.SOCK_STREAM)[0][4][0])
+            addresses.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+        scheme = "ipv6" if all(a.startswith("[") for a in addresses) else "ipv4"
+        return f"{scheme}:{','.join(addresses)}"
 
 
 def connect(config: EtcdConfig) -> aetcd.Client:
-    """A client; it connects lazily and reconnects unary calls by itself after an etcd restart.
-    Over mutual TLS when the process has TLS files (rpc/tls.py): etcd started with
-    ``--client-cert-auth`` then takes the certificate's common name as the user (RBAC)."""
+    """A client; it connects lazily and reconnects unary calls by itself after an etcd restart,
+    to another member when one is down (round robin over a cluster's members). Over mutual TLS
+    when the process has TLS files (rpc/tls.py): etcd started with ``--client-cert-auth`` then
+    takes the certificate's common name as the user (RBAC)."""
     options = {
         "grpc.keepalive_time_ms": 10_000,
         "grpc.keepalive_timeout_ms": 5_000,
         "grpc.keepalive_permit_without_calls": 1,
+        "grpc.lb_policy_name": "round_robin",
     }
     files = tls.configured()
-    if files is not None:
-        return TlsClient(
-            tls.channel_credentials(files),
-            host=config.host,
-            port=config.port,
-            timeout=config.timeout_s,
-            options=options,
-        )
-    return aetcd.Client(
-        host=config.host, port=config.port, timeout=config.timeout_s, options=options
-    )
+    credentials = tls.channel_credentials(files) if files is not None else None
+    return EtcdClient(config.target, credentials, timeout=config.timeout_s, options=options)
 
 
-class TlsClient(aetcd.Client):  # type: ignore[misc]
-    """aetcd's client over a TLS channel (aetcd itself only dials plaintext). Its `connect`
-    mirrors aetcd 1.0.0's, with ``grpc.aio.secure_channel`` in place of ``insecure_channel``;
-    user/password auth is not used: the client certificate is the identity."""
+class EtcdClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client on a target of our choosing (a member list) and, where the process has
+    TLS files, over a TLS channel (aetcd itself dials one plaintext ``host:port``). Its `connect`
+    mirrors aetcd 1.0.0's; user/password auth is not used: the client certificate is the
+    identity."""
 
-    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+    def __init__(
+        self, target: str, credentials: grpc.ChannelCredentials | None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        self._target = target
         self._credentials = credentials
 
     async def connect(self) -> None:
@@ -83,10 +97,13 @@ class TlsClient(aetcd.Client):  # type: ignore[misc]
             return
         try:
             self._is_connecting = True
-            target = f"{self._host}:{self._port}"
-            self.channel = grpc.aio.secure_channel(
-                target, self._credentials, options=list(self._options.items())
-            )
+            options = list(self._options.items())
+            if self._credentials is None:
+                self.channel = grpc.aio.insecure_channel(self._target, options=options)
+            else:
+                self.channel = grpc.aio.secure_channel(
+                    self._target, self._credentials, options=options
+                )
             self.kvstub = rpc.KVStub(self.channel)
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)

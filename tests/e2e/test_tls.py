@@ -16,6 +16,7 @@ import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import pytest
 from meshserve.certs import make_ca
+from meshserve.cluster.etcd_process import EtcdProcess
 from meshserve.local import Mesh
 from meshserve.tls import TlsFiles, channel_credentials, open_channel
 from meshserve.v1 import inference_pb2
@@ -98,6 +99,7 @@ async def test_a_certificate_from_another_ca_is_refused(smesh: Mesh, tmp_path: P
 
 def test_etcd_refuses_clients_without_a_certificate_or_a_user(smesh: Mesh) -> None:
     etcd = smesh.etcd
+    assert isinstance(etcd, EtcdProcess)  # a TLS mesh runs one member
     sec = etcd.security
     assert sec is not None
     ours = TlsFiles(
