@@ -43,13 +43,19 @@ def stream(fn: F) -> F:
     async def handler(*args: Any) -> None:
         context = args[-1]
         write = context.write
+        items = fn(*args)
         try:
-            async for item in fn(*args):
+            async for item in items:
                 await write(item)
         except ServiceError as e:
             await e.abort(context)
         except grpc.aio.AioRpcError as e:
             await _abort_like(context, e)
+        finally:
+            # Closed here, in this task: a call cancelled while writing must not leave the
+            # generator to the loop's finalizer, which would close it later in another context
+            # (its spans then fail to detach) and let its engine stream run on meanwhile.
+            await items.aclose()
 
     return handler  # type: ignore[return-value]
 
