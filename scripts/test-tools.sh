@@ -4,7 +4,9 @@
 #   live mesh in tests/e2e/test_observability.py), taken out of Debian's `prometheus` package
 #   without installing it (installing would start a Prometheus server on hosts with systemd);
 # - node and npm (Debian's nodejs/npm where absent), and examples/node's @grpc/grpc-js, for
-#   tests/e2e/test_node_example.py.
+#   tests/e2e/test_node_example.py;
+# - `ip` (iproute2) and the right to make network namespaces, for tests/e2e/test_partitions.py
+#   (each service a host of its own, links cut between them): root, as CI runs.
 #   bash scripts/test-tools.sh
 # Idempotent. It fails, saying what is missing, when it cannot provide a tool: the suite treats a
 # skipped test as a failure (tests/conftest.py ALLOWED_SKIPS), so a missing tool must stop the run
@@ -40,3 +42,12 @@ if [ ! -d examples/node/node_modules/@grpc/grpc-js ]; then
   (cd "$root/examples/node" && npm install --no-audit --no-fund --loglevel=error) \
     || fail "npm could not install examples/node's packages (is the npm registry reachable?)"
 fi
+
+if ! command -v ip >/dev/null; then
+  { command -v apt-get >/dev/null && apt_update && as_root apt-get install -y -qq iproute2 >/dev/null; } \
+    || fail "ip (iproute2) is missing and could not be installed (Debian: apt-get install iproute2)"
+fi
+probe="mstools$$"
+as_root ip netns add "$probe" 2>/dev/null && as_root ip netns del "$probe" \
+  || fail "cannot make network namespaces (tests/e2e/test_partitions.py needs root or sudo)"
+echo "$(ip -V)"

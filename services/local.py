@@ -17,10 +17,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 from meshserve.cluster.etcd_process import EtcdCluster, EtcdProcess, EtcdSecurity, free_port
 from meshserve.lifeline import tied_to_parent
+
+
+class Hosting(Protocol):
+    """Where each service runs, when not all on this host's loopback (tests/e2e/netns.py: each
+    in a network namespace of its own, so that links between them can be cut)."""
+
+    def address(self, service: str) -> str:
+        """The address ``service`` serves on."""
+
+    def wrap(self, service: str, argv: list[str]) -> list[str]:
+        """``argv`` as run where ``service`` lives."""
 
 
 @dataclass
@@ -46,12 +58,14 @@ class Mesh:
         tls: bool = False,
         metrics: bool = False,
         etcd_members: int = 1,
+        hosting: Hosting | None = None,
     ) -> None:
         """``tls``: a local CA in ``data_dir``/tls; every hop (etcd included, with etcd auth)
         is mutual TLS; `tls_env` is what a client process needs to reach it. ``metrics``: each
         service serves Prometheus metrics on a free loopback port (`prometheus_config`).
         ``etcd_members`` > 1: etcd as a plaintext cluster of that many members on loopback;
-        services get every member's address and fail over between them."""
+        services get every member's address and fail over between them. ``hosting``: every
+        service (etcd as "etcd") on an address of its own (tests of partitions)."""
         if etcd_members > 1 and tls:
             raise ValueError("a TLS mesh runs one etcd member")
         self.data_dir = data_dir.resolve()
@@ -63,11 +77,19 @@ class Mesh:
         self.tls_env: dict[str, str] = {}
         security = self._make_pki() if tls else None
         self.env.update(self.tls_env)
-        self.etcd: EtcdProcess | EtcdCluster = (
-            EtcdCluster(self.data_dir / "etcd", etcd_members)
-            if etcd_members > 1
-            else EtcdProcess(self.data_dir / "etcd", security=security)
-        )
+        self.hosting = hosting
+        self.etcd: EtcdProcess | EtcdCluster
+        if etcd_members > 1:
+            self.etcd = EtcdCluster(self.data_dir / "etcd", etcd_members)
+        elif hosting is not None:
+            self.etcd = EtcdProcess(
+                self.data_dir / "etcd",
+                security=security,
+                host=hosting.address("etcd"),
+                wrap=lambda argv: hosting.wrap("etcd", argv),
+            )
+        else:
+            self.etcd = EtcdProcess(self.data_dir / "etcd", security=security)
         self.services: dict[str, Service] = {}
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
@@ -109,11 +131,14 @@ class Mesh:
         if self.trace_dir is not None:
             env["MESHSERVE_TRACE_DIR"] = str(self.trace_dir)
         out = open(log, "ab")  # noqa: SIM115 - the child keeps it
+        argv = [python or sys.executable, "-m", "meshserve", *args, "--ready-file", str(ready)]
+        if self.hosting is not None:  # on an address of its own, where it lives
+            host = self.hosting.address(name)
+            argv += ["--listen", f"{host}:0", "--advertise-host", host]
+            argv = self.hosting.wrap(name, argv)
         # Tied to this process: if it dies without stopping the mesh, the service gets SIGTERM.
         proc = subprocess.Popen(
-            tied_to_parent(
-                [python or sys.executable, "-m", "meshserve", *args, "--ready-file", str(ready)]
-            ),
+            tied_to_parent(argv),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,19 +68,25 @@ class EtcdProcess:
         name: str = "meshserve",
         peer_port: int | None = None,
         cluster: str = "",
+        host: str = "127.0.0.1",
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
+        """``host``: the address it serves on (loopback, or a test host's own); ``wrap``: how
+        its command line is run (e.g. inside a network namespace)."""
         self.data_dir = data_dir
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.security = security
         self.name = name
         self.cluster = cluster  # --initial-cluster; "" = this member alone
+        self.host = host
+        self._wrap = wrap or (lambda argv: argv)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = ""
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     def start(self, timeout_s: float = 20.0) -> None:
         self.launch()
@@ -89,8 +96,8 @@ class EtcdProcess:
         """Starts the process without waiting (a cluster's members start together)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         scheme = "https" if self.security else "http"
-        client = f"{scheme}://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"  # members talk on loopback
+        client = f"{scheme}://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         tls_flags = []
         if self.security is not None:
             server = self.security.server
@@ -103,18 +110,20 @@ class EtcdProcess:
         log = open(self.data_dir / "etcd.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             tied_to_parent(  # dies with the process that started it
-                [
-                    etcd_binary(),
-                    f"--name={self.name}",
-                    f"--data-dir={self.data_dir / 'data'}",
-                    f"--listen-client-urls={client}",
-                    f"--advertise-client-urls={client}",
-                    f"--listen-peer-urls={peer}",
-                    f"--initial-advertise-peer-urls={peer}",
-                    f"--initial-cluster={self.cluster or f'{self.name}={peer}'}",
-                    "--log-level=warn",
-                    *tls_flags,
-                ]
+                self._wrap(
+                    [
+                        etcd_binary(),
+                        f"--name={self.name}",
+                        f"--data-dir={self.data_dir / 'data'}",
+                        f"--listen-client-urls={client}",
+                        f"--advertise-client-urls={client}",
+                        f"--listen-peer-urls={peer}",
+                        f"--initial-advertise-peer-urls={peer}",
+                        f"--initial-cluster={self.cluster or f'{self.name}={peer}'}",
+                        "--log-level=warn",
+                        *tls_flags,
+                    ]
+                )
             ),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -130,7 +139,7 @@ class EtcdProcess:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self._log}")
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2),
+                socket.create_connection((self.host, self.client_port), timeout=0.2),
             ):
                 if self.security is not None:
                     self._enable_auth(deadline)
@@ -150,7 +159,7 @@ class EtcdProcess:
         """etcdctl with only the endpoint given (the caller brings any credentials)."""
         scheme = "https" if self.security else "http"
         return subprocess.run(
-            [etcdctl_binary(), f"--endpoints={scheme}://127.0.0.1:{self.client_port}", *args],
+            [etcdctl_binary(), f"--endpoints={scheme}://{self.endpoint}", *args],
             capture_output=True,
             text=True,
             timeout=20,

@@ -24,14 +24,14 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Coroutine
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Container, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from meshserve.router.breakers import Breakers
 from meshserve.router.demand import DemandTracker
+from meshserve.router.exclusions import Identity
 from meshserve.router.fairqueue import FairQueue
 from meshserve.router.picker import rank
 from meshserve.router.table import Endpoint, EndpointTable, Route, RouteTable
@@ -41,7 +41,6 @@ from meshserve.v1 import common_pb2
 
 DEADLINE_MARGIN_S = 0.1  # answer a little before the caller's deadline so it gets our message
 RECHECK_S = 0.5  # a waiter looks again this often (breaker cool-downs end without an event)
-Identity = tuple[str, int, int]  # Endpoint.identity: address, agent incarnation, load generation
 SHEDDABLE = common_pb2.PRIORITY_LOW
 RESERVED_SHARE = 0.25  # of a replica's slots that sheddable streams leave to the others
 
@@ -81,7 +80,7 @@ class Slot:
 class _Waiter:
     route: Route
     session_key: str
-    exclude: AbstractSet[Identity]
+    exclude: Container[Identity]
     priority: int = common_pb2.PRIORITY_NORMAL
     future: asyncio.Future[Slot] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -126,7 +125,7 @@ class Admission:
         route: Route,
         session_key: str = "",
         deadline_s: float | None = None,
-        exclude: AbstractSet[Identity] = frozenset(),
+        exclude: Container[Identity] = frozenset(),
         who: Who = ANYONE,
     ) -> Slot:
         """A slot on a replica of ``route``'s model (or a READY fallback); waits in the model's
@@ -228,7 +227,7 @@ class Admission:
         self,
         route: Route,
         session_key: str,
-        exclude: AbstractSet[Identity],
+        exclude: Container[Identity],
         priority: int = common_pb2.PRIORITY_NORMAL,
     ) -> Slot | None:
         routes = [route]
@@ -349,7 +348,13 @@ class Admission:
         route = self._current(waiter.route)
         model = route.spec.name
         waited = time.monotonic() - waiter.since
-        if route.ready:
+        excluded = [e for e in route.ready if e.identity in waiter.exclude]
+        if excluded:
+            why = (
+                f"{len(excluded)} of its {len(route.ready)} READY replicas failed this request "
+                f"(unreachable or failing; retried as they come back)"
+            )
+        elif route.ready:
             busy = sum(self.streams.get((e.address, model), 0) for e in route.ready)
             why = (
                 f"all {len(route.ready)} READY replicas are busy ({busy} streams from this router)"

@@ -21,6 +21,11 @@ class RouterConfig:
     ensure_interval_s: float = 2.0  # how often a waiting model's EnsureModel is repeated
     first_token_timeout_s: float = 60.0
     inter_token_timeout_s: float = 30.0  # a replica silent this long mid-stream has stalled
+    # ... or sooner, once a stream has a pace: silent for stall_factor x its longest gap so
+    # far (at least stall_floor_s) — a partition or a one-way loss shows as silence, and a
+    # wrong guess only costs a failover (the continuation is exact).
+    stall_factor: float = 20.0
+    stall_floor_s: float = 2.0
     retry_budget_ratio: float = 0.2  # retries may add at most this share of requests
     breaker_failures: int = 3  # consecutive failures that open a (replica, model) breaker
     breaker_failure_rate: float = 0.5  # ... or this failure share over the last 30 s (≥ 10 calls)
@@ -59,6 +64,8 @@ class RouterConfig:
             "ensure_interval_s",
             "breaker_cooldown_s",
             "demand_interval_s",
+            "stall_factor",
+            "stall_floor_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -7,9 +7,10 @@ failover after it. No request lost, no token repeated.
 - After the first token, a broken stream (agent killed or frozen, connection lost, the replica
   gone from the table, no token within the inter-token timeout) continues on another READY
   replica: the request goes again with a `Continuation` of what the client already has, and the
-  agent streams only what follows, so the client sees one stream. At most ``max_failovers``.
-- Responses are forwarded as the raw bytes the agent sent (no re-encoding per token); they are
-  parsed only when a failover needs the delivered token ids.
+  agent streams only what follows, so the client sees one stream. At most ``max_failovers``
+  breaks; a resume that fails before its first token is not one (a partitioned replica fails
+  fast): its replica is excluded a while (exclusions.py), within ``queue_timeout_s``.
+- Responses are forwarded as the raw bytes the agent sent, parsed only for a failover.
 - Trailers: ``meshserve-failovers``. Headers: ``meshserve-node``, ``meshserve-model``,
   ``meshserve-attempts`` and, when the request waited for a slot, ``meshserve-queued-ms``.
 """
@@ -25,11 +26,13 @@ from typing import Any
 
 import grpc
 from meshserve.router import coldstart
-from meshserve.router.admission import ANYONE, Admission, Identity, Slot, Who
+from meshserve.router.admission import ANYONE, Admission, Slot, Who
 from meshserve.router.breakers import Breakers
 from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker
+from meshserve.router.exclusions import Exclusions, Identity
+from meshserve.router.headers import Headers
 from meshserve.router.stall import Stall
 from meshserve.router.table import EndpointTable, Route
 from meshserve.router.upstreams import Upstreams, trace_metadata
@@ -37,8 +40,7 @@ from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, decode_details, error_reason
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
-from meshserve.telemetry.server_interceptor import traceresponse
-from meshserve.telemetry.tracing import exemplar, tracer
+from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import inference_pb2
 from opentelemetry import trace
 
@@ -55,14 +57,13 @@ RETRYABLE = frozenset(
         grpc.StatusCode.CANCELLED,  # the agent shut down mid-call
     }
 )
-# Failures that say something about the replica's health (breakers).
 # Reasons an agent gives when the replica itself is gone (engines/prompts.py): the request
 # leaves that replica at once; a reload is another replica (ReplicaStatus.generation).
 GONE_REASONS = frozenset({"ENGINE_DIED", "MODEL_UNLOADED"})
+# Failures that say something about the replica's health (breakers).
 UNHEALTHY = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
-FORWARDED_HEADERS = frozenset({"meshserve-node", "meshserve-model"})
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 1.0
 
@@ -129,12 +130,12 @@ class Relay:
         start = time.perf_counter()
         model = route.spec.name
         delivered: list[bytes] = []
-        failed: set[Identity] = set()  # replicas this request gave up on
+        failed = Exclusions()  # replicas this request gave up on (for a while: exclusions.py)
         strikes: dict[Identity, int] = {}
         attempts: list[str] = []
-        retries = failovers = saturated = 0
-        full_since = 0.0  # when agents started answering RESOURCE_EXHAUSTED
-        state = _Headers()
+        retries = failovers = saturated = resumes = 0
+        full_since = stuck_since = 0.0  # agents answer RESOURCE_EXHAUSTED / a stream broke
+        state = Headers()
         self.budget.request()
         try:
             while True:
@@ -149,10 +150,12 @@ class Relay:
                             status = self.table.status_of(model, slot.endpoint)
                             coldstart.explain(pick, slot.waited_s, status)
                 payload = self._payload(request, slot, delivered)
+                had = len(delivered)
                 delay = 0.0  # backoff before the next attempt, taken without holding a slot
                 try:
+                    first_s = self._first_limit(state, bool(delivered), resumes)
                     async for message in self._attempt(
-                        slot, payload, request, context, state, start, len(attempts) + 1
+                        slot, payload, request, context, state, start, len(attempts) + 1, first_s
                     ):
                         delivered.append(message)
                         yield message
@@ -176,7 +179,14 @@ class Relay:
                         delay = backoff_s(min(saturated, 5), self.rng)
                     else:
                         self._give_up_on(slot, b, strikes, failed, now)
-                        if delivered:
+                        if delivered and len(delivered) == had:  # a resume that got nowhere:
+                            # the exclusions space these out; the queue timeout bounds them
+                            if now - stuck_since > self.config.queue_timeout_s:
+                                raise self._exhausted(model, attempts, "failovers") from None
+                            resumes += 1
+                            delay = backoff_s(min(resumes, 5), self.rng)
+                        elif delivered:
+                            stuck_since, resumes = now, 0
                             failovers += 1
                             metrics.FAILOVERS.labels(model).inc()
                             if failovers > self.config.max_failovers:
@@ -211,7 +221,7 @@ class Relay:
         slot: Slot,
         b: Broken,
         strikes: dict[Identity, int],
-        failed: set[Identity],
+        failed: Exclusions,
         now: float,
     ) -> None:
         """Counts the failure against the replica's breaker, and leaves the replica for this
@@ -224,11 +234,25 @@ class Relay:
         strikes[identity] = strikes.get(identity, 0) + 1
         if b.gone or strikes[identity] >= 2 or self._others(slot, identity):
             failed.add(identity)
+            strikes[identity] = 0  # a retry after the exclusion gets its two chances again
 
     def _others(self, slot: Slot, identity: Identity) -> bool:
         """Whether the model has another READY replica to go to."""
         route = self.table.current.resolve(slot.model)
         return route is not None and any(e.identity != identity for e in route.ready)
+
+    def _first_limit(self, state: Headers, resumed: bool, resumes: int) -> float:
+        """How long an attempt waits for its first message. A resume's comes about as fast as
+        the stream's first did, give or take its longer prompt: ``stall_factor`` times that (at
+        least ``stall_floor_s``), once more for each resume that got nothing (a long prefill
+        is not starved), at most the first token timeout. A replica cut off by a partition
+        is silent: this is how long that takes to tell, where the first token timeout is a
+        minute."""
+        cfg = self.config
+        if not resumed or not state.first_token_s:
+            return cfg.first_token_timeout_s
+        paced = max(cfg.stall_floor_s, cfg.stall_factor * state.first_token_s)
+        return min(cfg.first_token_timeout_s, paced * (1 + resumes))
 
     def _payload(
         self, request: inference_pb2.GenerateRequest, slot: Slot, delivered: list[bytes]
@@ -270,9 +294,10 @@ class Relay:
         payload: bytes,
         request: inference_pb2.GenerateRequest,
         context: Ctx,
-        state: _Headers,
+        state: Headers,
         start: float,
         attempt: int,
+        first_s: float,
     ) -> AsyncIterator[bytes]:
         """Streams from one replica; raises Broken when it ends without the final message."""
         endpoint = slot.endpoint
@@ -289,16 +314,19 @@ class Relay:
         gone = self.table.departure(slot.model, endpoint.identity)
         watcher = asyncio.get_running_loop().create_task(_cancel_when(gone, call))
         key = (endpoint.address, slot.model)
-        stall = Stall(call, self.config.first_token_timeout_s)
+        stall = Stall(call, first_s)
+        sent = time.monotonic()
         try:
             try:
                 first = await call.read()
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                 if stall.fired:
-                    raise Broken("no first token in time") from None
+                    raise Broken(f"no first token in {first_s:.1f} s") from None
                 raise _upstream_error(e, gone, "") from None
+            state.first_token_s = state.first_token_s or time.monotonic() - sent
             stall.delivered()
-            stall.relimit(gap := self.config.inter_token_timeout_s)
+            stall.relimit(self.config.inter_token_timeout_s)
+            stall.pace(self.config.stall_factor, self.config.stall_floor_s)
             self.breakers.success(key, time.monotonic())
             if not state.sent:
                 await state.send(context, call, slot, attempt, start, self.demand)
@@ -314,7 +342,7 @@ class Relay:
                     yield message
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                 if stall.fired:
-                    raise Broken(f"stalled: no token for {gap:.0f} s") from None
+                    raise Broken(f"stalled: no token for {stall.current_s:.1f} s") from None
                 raise _upstream_error(e, gone, " mid-stream") from None
         except Broken as b:
             span.set_status(trace.Status(trace.StatusCode.ERROR, b.what))
@@ -326,38 +354,6 @@ class Relay:
             if not call.done():
                 call.cancel()  # our caller went away (or we gave up): stop the agent's work
             span.end()
-
-
-class _Headers:
-    """Response headers go once, with the first message of the first attempt that has one."""
-
-    def __init__(self) -> None:
-        self.sent = False
-
-    async def send(
-        self,
-        context: Ctx,
-        call: Any,
-        slot: Slot,
-        attempt: int,
-        start: float,
-        demand: DemandTracker,
-    ) -> None:
-        self.sent = True
-        ttft = time.perf_counter() - start
-        metrics.TTFT.labels("router", slot.model).observe(ttft, exemplar())
-        demand.first_token(slot.model, ttft)
-        span = trace.get_current_span()
-        span.set_attribute("meshserve.ttft_s", ttft)
-        upstream = await call.initial_metadata() or ()
-        headers = [(k, v) for k, v in upstream if k in FORWARDED_HEADERS]
-        headers.append(("meshserve-attempts", str(attempt)))
-        if (tr := traceresponse()) is not None:
-            headers.append(tr)
-        if slot.waited_s > 0.001:
-            headers.append(("meshserve-queued-ms", str(round(slot.waited_s * 1000))))
-            span.set_attribute("meshserve.queued_s", slot.waited_s)
-        await context.send_initial_metadata(tuple(headers))
 
 
 def _upstream_error(e: BaseException, gone: asyncio.Event, when: str) -> BaseException:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from meshserve.router.admission import Admission, Identity, Who
+from meshserve.router.admission import Admission, Who
 from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
 from meshserve.router.demand import DemandTracker
+from meshserve.router.exclusions import Exclusions
 from meshserve.router.gate import BookSource, TenantRates, caller, permission_denied
 from meshserve.router.genai import genai_attributes
 from meshserve.router.quota import Quotas, Ticket
@@ -252,7 +253,7 @@ class RouterInference:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         self.budget.request()
-        failed: set[Identity] = set()
+        failed = Exclusions()
         errors: list[str] = []
         while True:
             slot = await self.admission.acquire(

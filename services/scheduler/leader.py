@@ -214,7 +214,14 @@ class SchedulerLoop:
         self.scale = autoscale(specs, load, self.scale, placed_replicas(placements), now)
         cordons = {c.node_id: c for c in self.cordons.snapshot.values()}
         return build_snapshot(
-            specs, nodes, self.replicas.snapshot.values(), placements, load, self.scale, cordons
+            specs,
+            nodes,
+            self.replicas.snapshot.values(),
+            placements,
+            load,
+            self.scale,
+            cordons,
+            self.demand.snapshot.values(),
         )
 
     async def _write(self, lead: Leadership, puts: list[Put], deletes: list[bytes]) -> bool:

@@ -123,6 +123,22 @@ def footprint(spec: cluster_pb2.ModelSpec, measured: int) -> int:
     return max(estimate, need_bytes(measured, 0)) if measured else estimate
 
 
+def unreachable(
+    demands: Iterable[cluster_pb2.RouterDemand], replicas: Iterable[cluster_pb2.ReplicaStatus]
+) -> dict[str, int]:
+    """READY replicas per model that some router cannot reach (its breaker for the replica is
+    open, or half-open: not yet proven back — a partition between them while the agent still
+    holds its lease, so etcd calls it healthy). Placing one more replica elsewhere for each
+    lets waiting requests go on; once a probe closes the breaker (the link healed) the surplus
+    goes. Half-open counts: dropping the surplus at the end of each cool-down would flap."""
+    open_ = {(b.address, b.model) for d in demands for b in d.breakers if b.state != "closed"}
+    out: dict[str, int] = defaultdict(int)
+    for r in replicas:
+        if r.state == cluster_pb2.REPLICA_STATE_READY and (r.address, r.model) in open_:
+            out[r.model] += 1
+    return dict(out)
+
+
 def build_snapshot(
     models: Iterable[cluster_pb2.ModelSpec],
     nodes: Iterable[cluster_pb2.NodeStatus],
@@ -131,9 +147,12 @@ def build_snapshot(
     load: Mapping[str, Load],
     scale: Mapping[str, ScaleState],
     cordons: Mapping[str, cluster_pb2.NodeCordon] | None = None,
+    demands: Iterable[cluster_pb2.RouterDemand] = (),
 ) -> ClusterSnapshot:
     """``load`` is this round's merged demand (`loads`), ``scale`` the autoscaler's output for
-    it (`autoscale`): the snapshot takes wanted replicas, recency and request rates from them."""
+    it (`autoscale`): the snapshot takes wanted replicas, recency and request rates from them.
+    ``demands``: the routers' records, whose open breakers name replicas they cannot reach
+    (`unreachable`): each such READY replica is wanted once more elsewhere while it lasts."""
     measured: dict[str, int] = defaultdict(int)
     decode: dict[str, float] = defaultdict(float)  # tokens/s its replicas generate now
     failed: set[tuple[str, str]] = set()
@@ -145,14 +164,16 @@ def build_snapshot(
         decode[r.model] += float(r.decode_tokens_per_s)
         if r.state == cluster_pb2.REPLICA_STATE_FAILED:
             failed.add((r.model, r.node_id))
+    cut_off = unreachable(demands, replicas)
     views = []
     for spec in models:
         state = scale.get(spec.name)
+        wanted = state.replicas if state is not None else spec.min_replicas
         views.append(
             ModelView(
                 name=spec.name,
                 need_bytes=footprint(spec, measured.get(spec.name, 0)),
-                wanted=state.replicas if state is not None else spec.min_replicas,
+                wanted=wanted + cut_off.get(spec.name, 0) if wanted else 0,
                 min_replicas=spec.min_replicas,
                 priority=spec.priority or common_pb2.PRIORITY_NORMAL,
                 last_used=load[spec.name].last_request if spec.name in load else 0.0,

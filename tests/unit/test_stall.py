@@ -64,3 +64,37 @@ async def test_the_limit_can_change_after_the_first_token() -> None:
     stall.reading()
     await asyncio.wait_for(call.cancelled.wait(), 1)  # not at the first limit's 10 s
     assert stall.fired
+
+
+async def test_a_paced_stream_is_declared_stalled_long_before_the_limit() -> None:
+    """After 8 reads of ~5 ms, a silence of 20 x the longest read (at least the floor) fires,
+    not the whole inter-token limit: a partition shows in a fraction of a second here."""
+    call = Call()
+    stall = Stall(call, 30.0)  # the configured inter-token limit
+    stall.pace(factor=20.0, floor_s=0.2)
+    loop = asyncio.get_running_loop()
+    for _ in range(8):
+        stall.reading()
+        await asyncio.sleep(0.005)
+        stall.delivered()
+    stall.reading()  # ... and then nothing comes
+    started = loop.time()
+    await asyncio.wait_for(call.cancelled.wait(), 5)
+    took = loop.time() - started
+    assert stall.fired and 0.19 <= took < 3.0, took
+    assert 0.2 <= stall.current_s < 3.0
+
+
+async def test_an_unpaced_stream_waits_the_whole_limit() -> None:
+    call = Call()
+    stall = Stall(call, 0.3)
+    stall.pace(factor=20.0, floor_s=0.01)
+    for _ in range(3):  # too few reads to trust a pace
+        stall.reading()
+        await asyncio.sleep(0.001)
+        stall.delivered()
+    stall.reading()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(call.cancelled.wait(), 5)
+    assert loop.time() - started >= 0.29

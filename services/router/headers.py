@@ -1,0 +1,51 @@
+"""The response headers of a relayed stream (relay.py): sent once, with the first message of
+the first attempt that has one — the serving node and model, the attempt that answered, the
+time queued, and a W3C traceresponse."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from meshserve.router.admission import Slot
+from meshserve.router.demand import DemandTracker
+from meshserve.rpc.handlers import Ctx
+from meshserve.telemetry import metrics
+from meshserve.telemetry.server_interceptor import traceresponse
+from meshserve.telemetry.tracing import exemplar
+from opentelemetry import trace
+
+FORWARDED_HEADERS = frozenset({"meshserve-node", "meshserve-model"})
+
+
+class Headers:
+    """Response headers go once, with the first message of the first attempt that has one."""
+
+    def __init__(self) -> None:
+        self.sent = False
+        self.first_token_s = 0.0  # the first answering attempt's wait for its first message
+
+    async def send(
+        self,
+        context: Ctx,
+        call: Any,
+        slot: Slot,
+        attempt: int,
+        start: float,
+        demand: DemandTracker,
+    ) -> None:
+        self.sent = True
+        ttft = time.perf_counter() - start
+        metrics.TTFT.labels("router", slot.model).observe(ttft, exemplar())
+        demand.first_token(slot.model, ttft)
+        span = trace.get_current_span()
+        span.set_attribute("meshserve.ttft_s", ttft)
+        upstream = await call.initial_metadata() or ()
+        headers = [(k, v) for k, v in upstream if k in FORWARDED_HEADERS]
+        headers.append(("meshserve-attempts", str(attempt)))
+        if (tr := traceresponse()) is not None:
+            headers.append(tr)
+        if slot.waited_s > 0.001:
+            headers.append(("meshserve-queued-ms", str(round(slot.waited_s * 1000))))
+            span.set_attribute("meshserve.queued_s", slot.waited_s)
+        await context.send_initial_metadata(tuple(headers))

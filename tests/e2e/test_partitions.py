@@ -1,0 +1,244 @@
+"""Partitions between hosts, through real processes: etcd, a scheduler, two node agents and a
+router, each in a network namespace of its own on a private bridge (tests/e2e/netns.py), so a
+link between two of them can be cut — both ways or one way — while every other link stays.
+Needs root (CI runs as root)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
+import pytest
+from meshserve.local import Mesh
+from meshserve.v1 import cluster_pb2 as S
+from meshserve.v1 import inference_pb2
+
+from tests.e2e.conftest import (
+    apply,
+    assert_clean_stop,
+    generate,
+    model_spec,
+    ready_replicas,
+    replica_records,
+)
+from tests.e2e.netns import Hosts, available
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+SERVICES = ("etcd", "scheduler-0", "agent-0", "agent-1", "router")
+LEASE_S = 2
+TOKENS = 1200
+
+
+@pytest.fixture(scope="module")
+def pmesh(
+    tmp_path_factory: pytest.TempPathFactory, demo_model: Path
+) -> Iterator[tuple[Mesh, Hosts]]:
+    why = available()
+    assert not why, why  # not a skip: CI runs as root, and partitions must be tested there
+    hosts = Hosts()
+    for name in SERVICES:
+        hosts.add(name)
+    m = Mesh(tmp_path_factory.mktemp("partitions"), lease_ttl_s=LEASE_S, hosting=hosts)
+    try:
+        m.start_etcd()
+        m.start_scheduler()
+        m.start_agent("agent-0")
+        m.start_agent("agent-1")
+        m.start_router()
+        asyncio.run(apply(m, model_spec("demo", demo_model, min_replicas=2)))
+        router = m.services["router"].address
+        asyncio.run(eventually(lambda: _two(router), 120, "a replica on each agent"))
+        yield m, hosts
+    except BaseException:
+        m.stop()
+        hosts.close()
+        raise
+    try:
+        assert_clean_stop(m)
+    finally:
+        hosts.close()
+
+
+async def _two(router: str) -> bool:
+    return await ready_replicas(router, "demo") >= 2
+
+
+def greedy(tokens: int = TOKENS) -> inference_pb2.GenerateRequest:
+    r = inference_pb2.GenerateRequest(model="demo", prompt="The scheduler decided")
+    r.sampling.max_tokens, r.sampling.temperature, r.sampling.ignore_eos = tokens, 0.0, True
+    return r
+
+
+class Reader:
+    """One stream through the router; ``fault(node)`` after ``after`` tokens; records the
+    tokens, the longest silence after the fault, the trailers and the error."""
+
+    def __init__(self, router: str) -> None:
+        self.router = router
+        self.ids: list[int] = []
+        self.node = ""
+        self.gap = 0.0
+        self.trailers: dict[str, str] = {}
+        self.error: grpc.aio.AioRpcError | None = None
+        self.request = greedy()
+
+    async def run(self, after: int, fault: object, timeout: float = 120) -> None:
+        faulted = 0.0
+        last = 0.0
+        async with grpc.aio.insecure_channel(self.router) as ch:
+            call = inference_pb2_grpc.InferenceStub(ch).Generate(self.request, timeout=timeout)
+            try:
+                async for msg in call:
+                    now = time.monotonic()
+                    if faulted:
+                        self.gap = max(self.gap, now - last)
+                    last = now
+                    self.ids += msg.token_ids
+                    self.node = self.node or dict(await call.initial_metadata())["meshserve-node"]
+                    if not faulted and len(self.ids) >= after:
+                        fault(self.node)  # type: ignore[operator]
+                        faulted = last = time.monotonic()
+                self.trailers = {k: str(v) for k, v in (await call.trailing_metadata() or ())}
+            except grpc.aio.AioRpcError as e:
+                self.error = e
+
+
+async def test_partition_router_agent_mid_stream_moves_the_stream(
+    pmesh: tuple[Mesh, Hosts],
+) -> None:
+    """The router loses its link to the agent serving a stream (the agent keeps its lease: etcd
+    still sees it): the stream continues on the other replica within seconds, exactly, with
+    one failover."""
+    mesh, hosts = pmesh
+    router = mesh.services["router"].address
+    expected = (await generate(router, greedy(), timeout=120)).token_ids
+    s = Reader(router)
+    cut: list[str] = []
+
+    def partition(node: str) -> None:
+        hosts.cut("router", node)
+        cut.append(node)
+
+    try:
+        await s.run(after=40, fault=partition)
+    finally:
+        for node in cut:
+            hosts.heal("router", node)
+    assert s.error is None, s.error
+    assert s.ids == expected and s.trailers.get("meshserve-failovers") == "1"
+    assert s.gap < 5.0, f"the stream stalled {s.gap:.1f} s before it moved"
+
+
+def sim_request(tokens: int = 300) -> inference_pb2.GenerateRequest:
+    r = inference_pb2.GenerateRequest(model="solo", prompt="cut off")
+    r.sampling.max_tokens, r.sampling.temperature, r.sampling.ignore_eos = tokens, 0.0, True
+    return r
+
+
+async def solo_on(mesh: Mesh) -> str:
+    """A sim model with one replica (max_replicas 1); the node it is READY on."""
+    spec = model_spec("solo", "sim://solo", engine="sim", memory="64MiB", min_replicas=1,
+                      max_replicas=1)  # fmt: skip
+    spec.engine_args.update(ttft_ms="5", itl_ms="20")
+    await apply(mesh, spec)
+    router = mesh.services["router"].address
+    await eventually(lambda: ready_replicas(router, "solo"), 60, "solo READY")
+    out = await generate(router, sim_request(4), timeout=30)
+    return out.headers["meshserve-node"]
+
+
+async def stream_solo(router: str, fault: object, after: int = 20) -> Reader:
+    s = Reader(router)
+    s.request = sim_request()
+    await s.run(after=after, fault=fault)
+    return s
+
+
+async def solo_nodes(mesh: Mesh) -> set[str]:
+    return {r.node_id for r in await replica_records(mesh)
+            if r.model == "solo" and r.state == S.REPLICA_STATE_READY}  # fmt: skip
+
+
+async def test_partition_from_the_only_replica_places_another_and_the_request_goes_on(
+    pmesh: tuple[Mesh, Hosts],
+) -> None:
+    """Cut from the only replica of a model (its agent still holds its lease: etcd calls it
+    healthy), the router opens its breaker and says so in its demand; the scheduler places a
+    replica on the idle agent, and the waiting stream goes on there, exactly. Once the link
+    heals and a request proves the first replica back, the surplus goes."""
+    mesh, hosts = pmesh
+    node = await solo_on(mesh)
+    other = next(n for n in ("agent-0", "agent-1") if n != node)
+    router = mesh.services["router"].address
+    expected = (await generate(router, sim_request(), timeout=60)).token_ids
+    cut: list[str] = []
+
+    def partition(serving: str) -> None:
+        hosts.cut("router", serving)
+        cut.append(serving)
+
+    try:
+        s = await stream_solo(router, partition)
+        during = await solo_nodes(mesh)
+    finally:
+        for n in cut:
+            hosts.heal("router", n)
+    assert cut == [node]
+    assert s.error is None, s.error
+    assert s.ids == expected  # nothing lost, nothing repeated, though it waited for a new one
+    assert s.trailers.get("meshserve-failovers") == "1"
+    assert during == {node, other}  # the cut replica kept (the link may heal), one more placed
+
+    async def one_again() -> bool:  # requests probe the healed replica; its breaker closes
+        assert (await generate(router, sim_request(4), timeout=30)).token_ids
+        return len(await solo_nodes(mesh)) == 1
+
+    await eventually(one_again, 90, "the surplus replica gone once the link healed")
+
+
+async def test_partition_with_nowhere_else_to_go_waits_and_resumes_on_the_same_replica(
+    pmesh: tuple[Mesh, Hosts],
+) -> None:
+    """The only replica is cut off and no other node may take one (cordoned): the stream waits
+    (it has a deadline) and, once the link heals, goes on on the same replica, exactly."""
+    mesh, hosts = pmesh
+    node = await solo_on(mesh)
+    other = next(n for n in ("agent-0", "agent-1") if n != node)
+    router = mesh.services["router"].address
+    expected = (await generate(router, sim_request(), timeout=60)).token_ids
+    assert cli(mesh, "node", "cordon", other).returncode == 0
+    try:
+        healed: list[float] = []
+
+        def partition(serving: str) -> None:
+            hosts.cut("router", serving)
+            asyncio.get_running_loop().call_later(6.0, heal, serving)
+
+        def heal(serving: str) -> None:
+            hosts.heal("router", serving)
+            healed.append(time.monotonic())
+
+        s = await stream_solo(router, partition)
+    finally:
+        if not healed:
+            hosts.heal("router", node)
+        assert cli(mesh, "node", "uncordon", other).returncode == 0
+    assert s.error is None, s.error
+    assert s.ids == expected
+    assert await solo_nodes(mesh) == {node}  # nowhere else: it went on where it was
+    assert s.trailers.get("meshserve-failovers") == "1"
+    assert 6.0 <= s.gap < 6.0 + 20.0, f"it resumed {s.gap:.1f} s after the cut"
+
+
+def cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshserve", *args, "--etcd", mesh.etcd.endpoint],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
