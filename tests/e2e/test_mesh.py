@@ -307,7 +307,7 @@ async def test_cold_start_places_the_model_and_serves(mesh: Mesh, demo_model: Pa
     verdicts = {v.node_id: v for v in why.verdicts}
     assert set(verdicts) == {"agent-0", "agent-1"}
     chosen = verdicts[why.placed_on[0]]
-    assert chosen.feasible and set(chosen.scores) == {"fit", "locality", "priority"}
+    assert chosen.feasible and set(chosen.scores) == {"fit", "gpu_health", "locality", "priority"}
     # The same through the CLI, as an operator reads it.
     cli = await asyncio.to_thread(
         subprocess.run,
