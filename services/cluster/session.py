@@ -34,6 +34,7 @@ class Session:
         self._callbacks: list[NewLeaseCallback] = []
         self._task: asyncio.Task[None] | None = None
         self.lost = asyncio.Event()
+        self._renewed = 0.0  # loop time at which the last grant or refresh that worked was sent
 
     @property
     def lease_id(self) -> int:
@@ -45,9 +46,15 @@ class Session:
         """Runs ``callback(lease_id)`` after a lost lease was replaced by a new one."""
         self._callbacks.append(callback)
 
+    def unrenewed_s(self) -> float:
+        """Seconds since the last grant or refresh that worked was sent: past ``ttl_s``, etcd
+        may have let the lease expire (cluster/fence.py)."""
+        return asyncio.get_running_loop().time() - self._renewed
+
     async def start(self) -> None:
+        sent = asyncio.get_running_loop().time()
         lease = await self._client.lease(self.ttl_s)
-        self._lease_id = lease.id
+        self._lease_id, self._renewed = lease.id, sent
         self._task = asyncio.create_task(self._keepalive(), name="session-keepalive")
 
     async def _keepalive(self) -> None:
@@ -63,15 +70,18 @@ class Session:
             await asyncio.sleep(max(0.0, due - loop.time()))
             due = max(due + interval, loop.time() + interval / 4)
             try:
+                sent = loop.time()
                 if await keeper.refresh(self._lease_id, interval) > 0:
+                    self._renewed = sent
                     continue
                 log.warning("lease %x expired; granting a new one", self._lease_id)
                 self.lost.set()
                 # Leases lost together (etcd overloaded or restored) come back spread out, not
                 # as one burst of grants and re-registrations that overloads it again.
                 await asyncio.sleep(random.uniform(0, interval))
+                sent = loop.time()
                 lease = await self._client.lease(self.ttl_s)
-                self._lease_id = lease.id
+                self._lease_id, self._renewed = lease.id, sent
                 self.lost.clear()
                 for callback in self._callbacks:
                     await callback(self._lease_id)

@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping
 
 import grpc
+from meshserve.cluster.fence import Fence
+from meshserve.cluster.store import EtcdConfig
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe, open_probe
 from meshserve.nodeagent.engines import preload_engines
@@ -15,6 +17,7 @@ from meshserve.nodeagent.fleet import Fleet
 from meshserve.nodeagent.reconcile import Reconciler
 from meshserve.nodeagent.server import AgentControl, AgentInference
 from meshserve.process import Cluster, Component, serve
+from meshserve.telemetry import metrics
 from meshserve.v1 import inference_pb2_grpc, nodeagent_pb2_grpc
 
 log = logging.getLogger("meshserve.nodeagent")
@@ -26,7 +29,12 @@ class Agent(Component):
     def __init__(self, config: AgentConfig, cluster: Cluster, probe: DeviceProbe) -> None:
         self.config = config
         self.probe = probe
-        self.reconciler = Reconciler(config, cluster.store, cluster.session, probe)
+        fence = Fence(
+            cluster.session,
+            EtcdConfig(config.service.etcd).endpoints,
+            lambda fenced: metrics.AGENT_FENCED.set(int(fenced)),
+        )
+        self.reconciler = Reconciler(config, cluster.store, cluster.session, probe, fence=fence)
 
     def register(self, server: grpc.aio.Server) -> None:
         inference_pb2_grpc.add_InferenceServicer_to_server(AgentInference(self.reconciler), server)

@@ -17,6 +17,8 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 
+import grpc
+from meshserve.cluster.fence import Fence
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Change, Mirror
 from meshserve.cluster.session import Session
@@ -29,7 +31,7 @@ from meshserve.nodeagent.lifecycle import Lifecycle
 from meshserve.nodeagent.plan import ChangeTier, Load, SetEpoch, Unload, plan
 from meshserve.nodeagent.publisher import StatusPublisher
 from meshserve.nodeagent.replica import Replica
-from meshserve.rpc.errors import not_found_model
+from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.v1 import cluster_pb2
 
 log = logging.getLogger(__name__)
@@ -47,10 +49,13 @@ class Reconciler:
         session: Session,
         probe: DeviceProbe,
         models: Mirror[cluster_pb2.ModelSpec] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """``models``: a mirror of the model specs shared by the agents of one process (a
-        simulated fleet, nodeagent/fleet.py), started and stopped by its owner."""
+        simulated fleet, nodeagent/fleet.py), started and stopped by its owner. ``fence``: no
+        new streams while cut off from etcd (cluster/fence.py)."""
         self.config = config
+        self.fence = fence
         self.session = session
         self.replicas: dict[str, Replica] = {}
         keys = self._keys = store.keys
@@ -90,6 +95,8 @@ class Reconciler:
             asyncio.create_task(self.publisher.run(), name="node-status"),
             asyncio.create_task(self._watch_engines(), name="engine-health"),
         ]
+        if self.fence is not None:
+            self._tasks.append(asyncio.create_task(self.fence.run(), name="fence"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -205,6 +212,14 @@ class Reconciler:
             spec = find_model(specs, name)
         if spec is None:  # the list of known models is built only for the error
             raise not_found_model(name, [s.name for s in self.models.snapshot.values()])
+        if self.fence is not None and self.fence.fenced:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"node {self.node_id} takes no new streams: {self.fence.why}; its placements "
+                "may have moved (call the router, which knows where)",
+                "AGENT_FENCED",
+                retry_after_s=1.0,
+            )
         return admit(
             spec,
             self.replicas.get(spec.name),

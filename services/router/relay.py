@@ -57,9 +57,9 @@ RETRYABLE = frozenset(
         grpc.StatusCode.CANCELLED,  # the agent shut down mid-call
     }
 )
-# Reasons an agent gives when the replica itself is gone (engines/prompts.py): the request
-# leaves that replica at once; a reload is another replica (ReplicaStatus.generation).
-GONE_REASONS = frozenset({"ENGINE_DIED", "MODEL_UNLOADED"})
+# Reasons an agent gives when the replica itself is gone (engines/prompts.py), or when it may
+# be (cut off from etcd, cluster/fence.py): the request leaves that replica at once.
+GONE_REASONS = frozenset({"ENGINE_DIED", "MODEL_UNLOADED", "AGENT_FENCED"})
 # Failures that say something about the replica's health (breakers).
 UNHEALTHY = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}

@@ -65,6 +65,11 @@ REPLICA_FAILURES = Counter(
     "engine dead) or given_up (e.g. repeated device OOM, after draining)",
     ["model", "reason"],
 )
+AGENT_FENCED = Gauge(
+    "meshserve_agent_fenced",
+    "1 while this node agent takes no new streams: its lease unrenewed past its TTL with etcd "
+    "out of reach (cluster/fence.py)",
+)
 NODES_LOST = Counter(
     "meshserve_scheduler_nodes_lost_total",
     "Nodes whose record vanished without draining first (lease expired: the agent died)",

@@ -15,7 +15,10 @@ from pathlib import Path
 import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import pytest
+from meshserve.cluster.keys import Keyspace
+from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.local import Mesh
+from meshserve.rpc.errors import decode_details, error_reason
 from meshserve.v1 import cluster_pb2 as S
 from meshserve.v1 import inference_pb2
 
@@ -242,3 +245,69 @@ def cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "meshserve", *args, "--etcd", mesh.etcd.endpoint],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+
+
+async def reason_of(address: str, request: inference_pb2.GenerateRequest) -> str:
+    """The reason a direct call to an agent was refused with ("" when it was served)."""
+    try:
+        await generate(address, request, timeout=10)
+    except grpc.aio.AioRpcError as e:
+        return f"{e.code().name} {error_reason(decode_details(e.trailing_metadata()))}"
+    return ""
+
+
+async def test_partition_agent_etcd_expires_its_lease_fences_it_and_it_rejoins_once(
+    pmesh: tuple[Mesh, Hosts],
+) -> None:
+    """An agent cut from etcd mid-stream (the router still reaches it): its lease expires, the
+    router drops its replica and moves the stream, the scheduler places the model on the other
+    agent within the lease TTL and a round; the cut agent takes no new streams (it cannot know
+    whether its placements still hold: AGENT_FENCED). Healed, it registers again and the model
+    ends with one replica (max_replicas 1), never two placements."""
+    mesh, hosts = pmesh
+    node = await solo_on(mesh)
+    other = next(n for n in ("agent-0", "agent-1") if n != node)
+    router = mesh.services["router"].address
+    expected = (await generate(router, sim_request(), timeout=60)).token_ids
+    cut_at: list[float] = []
+
+    def partition(serving: str) -> None:
+        hosts.cut("etcd", serving)
+        cut_at.append(time.monotonic())
+
+    placed_twice: list[set[str]] = []
+
+    async def placements() -> set[str]:
+        client = connect(EtcdConfig(mesh.etcd.endpoint))
+        try:
+            store = Store(client, Keyspace())
+            found = set()
+            for n in ("agent-0", "agent-1"):
+                held, _ = await store.list(store.keys.placements(n), S.Placement)
+                found |= {n for p in held if p.value.model == "solo"}
+            return found
+        finally:
+            await client.close()
+
+    try:
+        s = await stream_solo(router, partition)
+        replaced = time.monotonic() - cut_at[0]
+        assert await solo_nodes(mesh) == {other}
+        fenced = await reason_of(mesh.services[node].address, sim_request(4))
+        assert fenced == "UNAVAILABLE AGENT_FENCED", fenced
+    finally:
+        hosts.heal("etcd", node)
+    assert s.error is None, s.error
+    assert s.ids == expected and s.trailers.get("meshserve-failovers") == "1"
+    # the stream waited for the new placement: lease TTL (+ a TTL of grace) and a round
+    assert replaced < 3 * LEASE_S + 10, f"re-placed {replaced:.1f} s after the cut"
+
+    async def rejoined() -> bool:
+        if len(found := await placements()) > 1:
+            placed_twice.append(found)
+        nodes = {r.node_id for r in await replica_records(mesh) if r.model == "solo"}
+        return nodes == {other} and await reason_of(mesh.services[node].address, greedy(4)) == ""
+
+    await eventually(rejoined, 60, "the healed agent registered again, serving, solo once")
+    assert not placed_twice, placed_twice
+    await eventually(lambda: _two(router), 60, "demo on both agents again")
