@@ -34,7 +34,7 @@ from tests.e2e.netns import Hosts, available
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
-SERVICES = ("etcd", "scheduler-0", "agent-0", "agent-1", "router")
+SERVICES = ("etcd", "scheduler-0", "scheduler-1", "agent-0", "agent-1", "router")
 LEASE_S = 2
 TOKENS = 1200
 
@@ -52,6 +52,7 @@ def pmesh(
     try:
         m.start_etcd()
         m.start_scheduler()
+        m.start_scheduler("scheduler-1")  # a standby
         m.start_agent("agent-0")
         m.start_agent("agent-1")
         m.start_router()
@@ -137,6 +138,36 @@ async def test_partition_router_agent_mid_stream_moves_the_stream(
     assert s.error is None, s.error
     assert s.ids == expected and s.trailers.get("meshserve-failovers") == "1"
     assert s.gap < 5.0, f"the stream stalled {s.gap:.1f} s before it moved"
+
+
+async def test_partition_one_way_agent_hears_nothing_the_stall_watch_moves_the_stream(
+    pmesh: tuple[Mesh, Hosts],
+) -> None:
+    """One-way loss: the serving agent can send to the router but hears nothing from it (etcd
+    still hears it and renews its lease: the table keeps the replica). Its tokens stop arriving
+    for want of acknowledgements; the router's stall watch tells within seconds (the stream's
+    pace, not the 30 s inter-token timeout) and the stream goes on on the other replica,
+    exactly. (Deaf to etcd as well, its lease lapses and the router leaves it on that.)"""
+    mesh, hosts = pmesh
+    router = mesh.services["router"].address
+    expected = (await generate(router, greedy(), timeout=120)).token_ids
+    s = Reader(router)
+    cut: list[str] = []
+
+    def deafen(node: str) -> None:
+        hosts.cut("router", node, one_way=True)  # the router's packets to the agent are lost
+        cut.append(node)
+
+    try:
+        await s.run(after=40, fault=deafen)
+    finally:
+        for node in cut:
+            hosts.heal("router", node)
+    assert s.error is None, s.error
+    assert s.ids == expected and s.trailers.get("meshserve-failovers") == "1"
+    # its pace says 2 s (stall_floor_s); the keepalives would take 5-15 s, the inter-token limit 30
+    assert s.gap < 4.0, f"the stream stalled {s.gap:.1f} s before it moved"
+    await eventually(lambda: _two(router), 60, "both replicas READY again")
 
 
 def sim_request(tokens: int = 300) -> inference_pb2.GenerateRequest:
@@ -311,3 +342,87 @@ async def test_partition_agent_etcd_expires_its_lease_fences_it_and_it_rejoins_o
     await eventually(rejoined, 60, "the healed agent registered again, serving, solo once")
     assert not placed_twice, placed_twice
     await eventually(lambda: _two(router), 60, "demo on both agents again")
+
+
+async def candidates(store: Store) -> list[tuple[str, int]]:
+    """(scheduler id, fencing token) of each candidate, the leader first."""
+    got = await store.client.get_prefix(
+        store.keys.election(), sort_order="ascend", sort_target="create"
+    )
+    return [
+        (S.SchedulerCandidate.FromString(kv.value).scheduler_id, int(kv.create_revision))
+        for kv in got
+    ]
+
+
+async def history(store: Store, since: int) -> list[tuple[int, S.Placement]]:
+    """Every placement written since revision ``since``: (revision, placement). Reads the
+    watch up to a marker key written now (outside every prefix a service reads)."""
+    marker = store.keys.prefix.encode() + b"tests/marker"
+    await store.client.put(marker, b"")
+    out: list[tuple[int, S.Placement]] = []
+    watch = await store.client.watch_prefix(store.keys.prefix.encode(), start_revision=since)
+    try:
+        async with asyncio.timeout(30):
+            async for event in watch:
+                if event.kv.key == marker:
+                    break
+                if event.kind == "PUT" and event.kv.key.startswith(store.keys.placements()):
+                    out.append((event.kv.mod_revision, S.Placement.FromString(event.kv.value)))
+    finally:
+        await watch.cancel()
+    return out
+
+
+async def test_partition_scheduler_leader_etcd_is_fenced_and_a_standby_takes_over(
+    pmesh: tuple[Mesh, Hosts],
+) -> None:
+    """The leading scheduler is cut from etcd: the standby leads within the lease TTL and
+    places what comes meanwhile; once the old leader is back, its writes are refused (no
+    placement carries its epoch after the standby took over) and it stands again as a
+    candidate."""
+    mesh, hosts = pmesh
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    store = Store(client, Keyspace())
+    try:
+        (old, old_token), *_ = await candidates(store)
+        since = int((await store.client.get_prefix(store.keys.placements())).header.revision)
+        hosts.cut("etcd", old)
+        cut = time.monotonic()
+        try:
+            await eventually(
+                lambda: _led_by_another(store, old), 30, "a standby leading"
+            )  # fmt: skip
+            took = time.monotonic() - cut
+            (new, new_token), *_ = await candidates(store)
+            await apply(mesh, sim_spec("after-takeover"))
+            router = mesh.services["router"].address
+            await eventually(lambda: ready_replicas(router, "after-takeover"), 60, "placed")
+        finally:
+            hosts.heal("etcd", old)
+
+        async def standing_again() -> bool:
+            return old in {sid for sid, _ in await candidates(store)}
+
+        await eventually(standing_again, 30, f"{old} a candidate again, behind {new}")
+        assert (await candidates(store))[0] == (new, new_token)  # it did not take over back
+        written = await history(store, since + 1)
+    finally:
+        await client.close()
+    assert took < 3 * LEASE_S + 5, f"the standby led {took:.1f} s after the cut"
+    late = [(rev, p.model, p.node_id) for rev, p in written if p.epoch == old_token
+            and rev > new_token]  # fmt: skip
+    assert not late, f"the deposed leader's writes went through: {late}"
+    assert any(p.epoch == new_token for _rev, p in written)  # the standby did write
+    assert "lost leadership" in (mesh.data_dir / "logs" / f"{old}.log").read_text()
+
+
+async def _led_by_another(store: Store, old: str) -> bool:
+    found = await candidates(store)
+    return bool(found) and found[0][0] != old
+
+
+def sim_spec(name: str) -> S.ModelSpec:
+    spec = model_spec(name, f"sim://{name}", engine="sim", memory="64MiB", min_replicas=1)
+    spec.engine_args.update(ttft_ms="5", itl_ms="20")
+    return spec
