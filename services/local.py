@@ -8,6 +8,7 @@ launcher waits for (no sleeps), its output in ``<data-dir>/logs/<name>.log``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from meshserve.lifeline import tied_to_parent
 
 
 class Hosting(Protocol):
-    """Where each service runs, when not all on this host's loopback (tests/e2e/netns.py: each
+    """Where each service runs, when not all on this host's loopback (meshserve.netns: each
     in a network namespace of its own, so that links between them can be cut)."""
 
     def address(self, service: str) -> str:
@@ -65,7 +66,8 @@ class Mesh:
         service serves Prometheus metrics on a free loopback port (`prometheus_config`).
         ``etcd_members`` > 1: etcd as a plaintext cluster of that many members on loopback;
         services get every member's address and fail over between them. ``hosting``: every
-        service (etcd as "etcd") on an address of its own (tests of partitions)."""
+        service on an address of its own (etcd as "etcd", or "etcd-<i>" for member i; each
+        in a network namespace of its own: meshserve.netns, for partitions)."""
         if etcd_members > 1 and tls:
             raise ValueError("a TLS mesh runs one etcd member")
         self.data_dir = data_dir.resolve()
@@ -79,7 +81,15 @@ class Mesh:
         self.env.update(self.tls_env)
         self.hosting = hosting
         self.etcd: EtcdProcess | EtcdCluster
-        if etcd_members > 1:
+        if etcd_members > 1 and hosting is not None:  # member i lives on host "etcd-<i>"
+            names = [f"etcd-{i}" for i in range(etcd_members)]
+            self.etcd = EtcdCluster(
+                self.data_dir / "etcd",
+                etcd_members,
+                [hosting.address(n) for n in names],
+                [functools.partial(hosting.wrap, n) for n in names],
+            )
+        elif etcd_members > 1:
             self.etcd = EtcdCluster(self.data_dir / "etcd", etcd_members)
         elif hosting is not None:
             self.etcd = EtcdProcess(

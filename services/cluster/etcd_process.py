@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,13 +211,31 @@ class EtcdCluster:
     --etcd-members 3` and the tests of member loss and quorum loss run. ``endpoint`` lists every
     member's client address (clients fail over between them)."""
 
-    def __init__(self, data_dir: Path, members: int = 3) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        members: int = 3,
+        hosts: Sequence[str] = (),
+        wraps: Sequence[Callable[[list[str]], list[str]]] = (),
+    ) -> None:
+        """``hosts``/``wraps``: each member's address and how its command runs (each in a
+        network namespace of its own, so that one can be cut off); default loopback."""
         if members < 1:
             raise ValueError("an etcd cluster needs at least one member")
+        hosts = list(hosts) or ["127.0.0.1"] * members
         ports = [(free_port(), free_port()) for _ in range(members)]
-        cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_c, peer) in enumerate(ports))
+        cluster = ",".join(f"m{i}=http://{hosts[i]}:{peer}" for i, (_c, peer) in enumerate(ports))
         self.members = [
-            EtcdProcess(data_dir / f"m{i}", client, None, f"m{i}", peer, cluster)
+            EtcdProcess(
+                data_dir / f"m{i}",
+                client,
+                None,
+                f"m{i}",
+                peer,
+                cluster,
+                hosts[i],
+                wraps[i] if wraps else None,
+            )
             for i, (client, peer) in enumerate(ports)
         ]
 

@@ -66,8 +66,11 @@ def connect(config: EtcdConfig) -> aetcd.Client:
     when the process has TLS files (rpc/tls.py): etcd started with ``--client-cert-auth`` then
     takes the certificate's common name as the user (RBAC)."""
     options = {
-        "grpc.keepalive_time_ms": 10_000,
-        "grpc.keepalive_timeout_ms": 5_000,
+        # A member cut off by a partition is silent: its connection is found dead (and round
+        # robin leaves it) within 6 + 2 s. etcd refuses pings more often than every 5 s
+        # (--grpc-keepalive-min-time) with GOAWAY too_many_pings.
+        "grpc.keepalive_time_ms": 6_000,
+        "grpc.keepalive_timeout_ms": 2_000,
         "grpc.keepalive_permit_without_calls": 1,
         "grpc.lb_policy_name": "round_robin",
     }

@@ -1,5 +1,5 @@
 """Partitions between hosts, through real processes: etcd, a scheduler, two node agents and a
-router, each in a network namespace of its own on a private bridge (tests/e2e/netns.py), so a
+router, each in a network namespace of its own on a private bridge (meshserve.netns), so a
 link between two of them can be cut — both ways or one way — while every other link stays.
 Needs root (CI runs as root)."""
 
@@ -12,12 +12,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aetcd
 import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import pytest
+from aetcd import rpc
+from meshserve.cluster.etcd_process import EtcdCluster
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.local import Mesh
+from meshserve.netns import Hosts, available
 from meshserve.rpc.errors import decode_details, error_reason
 from meshserve.v1 import cluster_pb2 as S
 from meshserve.v1 import inference_pb2
@@ -30,11 +34,11 @@ from tests.e2e.conftest import (
     ready_replicas,
     replica_records,
 )
-from tests.e2e.netns import Hosts, available
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
-SERVICES = ("etcd", "scheduler-0", "scheduler-1", "agent-0", "agent-1", "router")
+ETCD = ("etcd-0", "etcd-1", "etcd-2")  # a three-member cluster, each member a host
+SERVICES = (*ETCD, "scheduler-0", "scheduler-1", "agent-0", "agent-1", "router")
 LEASE_S = 2
 TOKENS = 1200
 
@@ -48,7 +52,9 @@ def pmesh(
     hosts = Hosts()
     for name in SERVICES:
         hosts.add(name)
-    m = Mesh(tmp_path_factory.mktemp("partitions"), lease_ttl_s=LEASE_S, hosting=hosts)
+    m = Mesh(
+        tmp_path_factory.mktemp("partitions"), lease_ttl_s=LEASE_S, etcd_members=3, hosting=hosts
+    )
     try:
         m.start_etcd()
         m.start_scheduler()
@@ -68,6 +74,12 @@ def pmesh(
         assert_clean_stop(m)
     finally:
         hosts.close()
+
+
+def cut_from_etcd(hosts: Hosts, name: str, heal: bool = False) -> None:
+    """``name`` loses (or gets back) its links to every etcd member."""
+    for member in ETCD:
+        (hosts.heal if heal else hosts.cut)(member, name)
 
 
 async def _two(router: str) -> bool:
@@ -170,8 +182,8 @@ async def test_partition_one_way_agent_hears_nothing_the_stall_watch_moves_the_s
     await eventually(lambda: _two(router), 60, "both replicas READY again")
 
 
-def sim_request(tokens: int = 300) -> inference_pb2.GenerateRequest:
-    r = inference_pb2.GenerateRequest(model="solo", prompt="cut off")
+def sim_request(tokens: int = 300, model: str = "solo") -> inference_pb2.GenerateRequest:
+    r = inference_pb2.GenerateRequest(model=model, prompt="cut off")
     r.sampling.max_tokens, r.sampling.temperature, r.sampling.ignore_eos = tokens, 0.0, True
     return r
 
@@ -303,7 +315,7 @@ async def test_partition_agent_etcd_expires_its_lease_fences_it_and_it_rejoins_o
     cut_at: list[float] = []
 
     def partition(serving: str) -> None:
-        hosts.cut("etcd", serving)
+        cut_from_etcd(hosts, serving)
         cut_at.append(time.monotonic())
 
     placed_twice: list[set[str]] = []
@@ -327,7 +339,7 @@ async def test_partition_agent_etcd_expires_its_lease_fences_it_and_it_rejoins_o
         fenced = await reason_of(mesh.services[node].address, sim_request(4))
         assert fenced == "UNAVAILABLE AGENT_FENCED", fenced
     finally:
-        hosts.heal("etcd", node)
+        cut_from_etcd(hosts, node, heal=True)
     assert s.error is None, s.error
     assert s.ids == expected and s.trailers.get("meshserve-failovers") == "1"
     # the stream waited for the new placement: lease TTL (+ a TTL of grace) and a round
@@ -387,7 +399,7 @@ async def test_partition_scheduler_leader_etcd_is_fenced_and_a_standby_takes_ove
     try:
         (old, old_token), *_ = await candidates(store)
         since = int((await store.client.get_prefix(store.keys.placements())).header.revision)
-        hosts.cut("etcd", old)
+        cut_from_etcd(hosts, old)
         cut = time.monotonic()
         try:
             await eventually(
@@ -399,7 +411,7 @@ async def test_partition_scheduler_leader_etcd_is_fenced_and_a_standby_takes_ove
             router = mesh.services["router"].address
             await eventually(lambda: ready_replicas(router, "after-takeover"), 60, "placed")
         finally:
-            hosts.heal("etcd", old)
+            cut_from_etcd(hosts, old, heal=True)
 
         async def standing_again() -> bool:
             return old in {sid for sid, _ in await candidates(store)}
@@ -426,3 +438,85 @@ def sim_spec(name: str) -> S.ModelSpec:
     spec = model_spec(name, f"sim://{name}", engine="sim", memory="64MiB", min_replicas=1)
     spec.engine_args.update(ttft_ms="5", itl_ms="20")
     return spec
+
+
+async def etcd_leader(mesh: Mesh) -> int:
+    """The index of the member that leads the etcd cluster now (asked of each member)."""
+    assert isinstance(mesh.etcd, EtcdCluster)
+    for i, member in enumerate(mesh.etcd.members):
+        client = connect(EtcdConfig(member.endpoint))
+        try:
+            await client.connect()
+            status = await client.maintenancestub.Status(rpc.StatusRequest(), timeout=2)
+            if status.leader and status.leader == status.header.member_id:
+                return i
+        except (TimeoutError, grpc.aio.AioRpcError):
+            continue
+        finally:
+            await client.close()
+    raise AssertionError("no etcd member leads")
+
+
+async def test_partition_etcd_leader_member_a_new_one_leads_and_the_mesh_goes_on(
+    pmesh: tuple[Mesh, Hosts],
+) -> None:
+    """The etcd member that leads is cut off from everyone (members and services): the other
+    two elect a leader; every request to a READY model is served meanwhile, a model applied
+    meanwhile is placed and served; healed, the member catches up (three members again)."""
+    mesh, hosts = pmesh
+    router = mesh.services["router"].address
+    await eventually(lambda: _two(router), 60, "demo READY on both agents")
+    lost = await etcd_leader(mesh)
+    hosts.isolate(ETCD[lost])
+    try:
+        serving = asyncio.create_task(serve_for(router, 15.0))
+        await eventually(lambda: _applied(mesh, sim_spec("during-leader-loss")), 30, "applied")
+        await eventually(lambda: ready_replicas(router, "during-leader-loss"), 60, "placed")
+        assert (await generate(router, sim_request(4, "during-leader-loss"))).token_ids
+        served, failures = await serving
+        assert await etcd_leader(mesh) != lost
+    finally:
+        hosts.rejoin(ETCD[lost])
+    assert not failures and served > 10, (served, failures[:3])
+
+    async def caught_up() -> bool:
+        return await etcd_leader(mesh) >= 0 and await _member_answers(mesh, lost)
+
+    await eventually(caught_up, 60, "the cut member back in the cluster")
+
+
+async def serve_for(router: str, seconds: float) -> tuple[int, list[str]]:
+    """Short requests to the READY demo model back to back: (served, failures)."""
+    served, failures = 0, []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            assert len((await generate(router, greedy(4), timeout=10)).token_ids) == 4
+            served += 1
+        except grpc.aio.AioRpcError as e:
+            failures.append(f"{e.code().name}: {e.details()}")
+    return served, failures
+
+
+async def _member_answers(mesh: Mesh, i: int) -> bool:
+    """Member ``i`` serves a linearizable read (it has a leader and is caught up)."""
+    assert isinstance(mesh.etcd, EtcdCluster)
+    client = connect(EtcdConfig(mesh.etcd.members[i].endpoint))
+    try:
+        await client.connect()
+        await client.kvstub.Range(rpc.RangeRequest(key=b"/meshserve/v1/models/demo"), timeout=2)
+        return True
+    except grpc.aio.AioRpcError:
+        return False
+    finally:
+        await client.close()
+
+
+async def _applied(mesh: Mesh, spec: S.ModelSpec) -> bool:
+    """A call that lands on the cut member times out (as etcdctl's would) until the client's
+    keepalive finds that member's connection dead (8 s); the next goes to another member."""
+    try:
+        await apply(mesh, spec)
+    except aetcd.exceptions.ClientError:
+        return False
+    return True

@@ -92,6 +92,18 @@ class Hosts:
         if not one_way:
             self._pin(b, a)
 
+    def isolate(self, name: str, one_way: bool = False) -> None:
+        """Cuts ``name`` from every other host (``one_way``: it still sends, hears nothing)."""
+        for other in self._namespaces:
+            if other != name:
+                self.cut(other, name, one_way)
+
+    def rejoin(self, name: str) -> None:
+        """Undoes `isolate`."""
+        for other in self._namespaces:
+            if other != name:
+                self.heal(other, name)
+
     def heal(self, a: str, b: str) -> None:
         """Undoes `cut` between ``a`` and ``b`` (either direction): ARP finds the peer again."""
         for x, y in ((a, b), (b, a)):
