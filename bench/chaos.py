@@ -2,7 +2,8 @@
 two agents each holding a replica of the demo model, a router).
 
     python bench/chaos.py [--runs 3] [--load 4] [--tokens 320] [--long-tokens 1900]
-                          [--drain-grace 1.0] [--json PATH]
+                          [--drain-grace 1.0] [--fleet-runs 2] [--only process|fleet]
+                          [--json PATH]
 
 Each fault hits the agent serving a greedy stream mid-way while background clients keep
 streaming: kill -9, SIGSTOP (frozen: only its lease expiry tells), SIGTERM (graceful drain: the
@@ -11,6 +12,10 @@ must move), and a client cancel. Per fault: requests lost (any error, or a strea
 the uninterrupted greedy output), duplicated tokens, failovers (router trailers), time from the
 fault to the next token the client got (p50/p99), and for a cancel the tokens the engine
 generated after it.
+Then the fleet's faults (bench/chaos_fleet.py; root: each service a host of its own, a cut is
+silent): partitions router-agent, agent-etcd and scheduler leader-etcd, an etcd member lost, the
+etcd leader member cut off, etcd without quorum for 20 s, an engine that dies, a GPU marked
+failed; with the time to detect each and what tells.
 The contract: 0 lost and 0 duplicated for every fault.
 """
 
@@ -37,6 +42,9 @@ from meshserve.modelspec import spec_from_dict
 from meshserve.v1 import inference_pb2, inference_pb2_grpc, nodeagent_pb2, nodeagent_pb2_grpc
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+from bench.chaos_fleet import run_fleet
 
 MODEL = "demo"
 
@@ -244,15 +252,57 @@ def main() -> None:
         "--long-tokens", type=int, default=1900, help="the SIGTERM stream: outlasts the grace"
     )
     p.add_argument("--drain-grace", type=float, default=1.0, help="the agents' --drain-grace")
+    p.add_argument("--fleet-runs", type=int, default=2, help="times each fleet fault is injected")
+    p.add_argument("--only", choices=("process", "fleet"), help="one of the two sets")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
+    results: list[FaultResult] = []
+    fleet: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="meshserve-chaos-") as tmp:
-        results = asyncio.run(run(args, Path(tmp)))
+        if args.only != "fleet":
+            results = asyncio.run(run(args, Path(tmp) / "process"))
+        if args.only != "process":
+            done = asyncio.run(run_fleet(Path(tmp) / "fleet", args.fleet_runs, args.load, 300))
+            fleet = [r.row() for r in done]
+    rows = [r.row() for r in results]
+    if rows:
+        print_process(rows, args)
+    if fleet:
+        print_fleet(fleet, args)
+    if args.json:
+        meta = vars(args) | {"json": str(args.json)}
+        args.json.write_text(json.dumps({"faults": rows, "fleet": fleet, "args": meta}, indent=2))
+    # A SIGTERM'd stream that never moved proves nothing: it ended within the grace.
+    bad = [r for r in rows + fleet if r["lost"] or r["duplicated_tokens"]] + [
+        r for r in results if r.fault == "SIGTERM" and r.failovers < r.runs
+    ]
+    sys.exit(1 if bad else 0)
+
+
+def print_fleet(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    t = Table(title=f"chaos — the fleet's faults, {args.fleet_runs} runs each, {args.load} "
+              "background clients (3 etcd members, every service a host)")  # fmt: skip
+    for c in ("fault", "requests", "lost", "duplicated tokens", "failovers", "detect p50 ms",
+              "recover p50 ms", "recover p99 ms", "detected by"):  # fmt: skip
+        t.add_column(c, justify="right" if c != "detected by" else "left")
+    for r in rows:
+        t.add_row(
+            str(r["fault"]), str(r["requests"]), str(r["lost"]), str(r["duplicated_tokens"]),
+            str(r["failovers"]), _ms(r["detect_p50_ms"]), _ms(r["recover_p50_ms"]),
+            _ms(r["recover_p99_ms"]), str(r["detected_by"]),
+        )  # fmt: skip
+    Console(width=max(160, Console().width)).print(t)
+
+
+def _ms(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def print_process(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
     t = Table(title=f"chaos — {args.runs} runs per fault, {args.load} background clients")
     for c in ("fault", "requests", "lost", "duplicated tokens", "failovers", "recover p50 ms",
               "recover p99 ms", "tokens after cancel"):  # fmt: skip
         t.add_column(c, justify="right")
-    rows = [r.row() for r in results]
     for r in rows:
         t.add_row(
             str(r["fault"]), str(r["requests"]), str(r["lost"]), str(r["duplicated_tokens"]),
@@ -260,14 +310,6 @@ def main() -> None:
             ", ".join(map(str, r["tokens_after_cancel"])) or "-",  # type: ignore[call-overload]
         )  # fmt: skip
     Console(width=max(120, Console().width)).print(t)
-    if args.json:
-        meta = vars(args) | {"json": str(args.json)}
-        args.json.write_text(json.dumps({"faults": rows, "args": meta}, indent=2))
-    # A SIGTERM'd stream that never moved proves nothing: it ended within the grace.
-    bad = [r for r in rows if r["lost"] or r["duplicated_tokens"]] + [
-        r for r in results if r.fault == "SIGTERM" and r.failovers < r.runs
-    ]
-    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ text); a sampled one's on its seed too. One stepper task per engine serves every
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import zlib
@@ -73,6 +74,8 @@ WORDS = [
 ]
 VOCAB = 32_000
 EMBED_DIM = 32
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,7 @@ class SimEngine:
             await self._step_loop()
         except Exception as e:  # the device is gone: every stream fails, nothing more is taken
             self._died = f"the simulated engine died: {e}"
+            log.error("%s: %s", self._name, self._died)  # when: bench/chaos_fleet.py reads it
             err = engine_died(self._name, self._died)
             for s in [*self._running, *self._waiting]:
                 s.queue.put_nowait(err)
