@@ -27,7 +27,6 @@ from datetime import datetime
 from pathlib import Path
 
 import grpc
-from aetcd import rpc
 from meshserve.cluster.etcd_process import EtcdCluster
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
@@ -184,18 +183,7 @@ class Fleet:
             await client.close()
 
     async def etcd_leader(self) -> int:
-        for i, member in enumerate(self.cluster.members):
-            client = connect(EtcdConfig(member.endpoint))
-            try:
-                await client.connect()
-                st = await client.maintenancestub.Status(rpc.StatusRequest(), timeout=1)
-                if st.leader and st.leader == st.header.member_id:
-                    return i
-            except grpc.aio.AioRpcError:
-                continue
-            finally:
-                await client.close()
-        return -1
+        return await asyncio.to_thread(self.cluster.leader)
 
     async def faulted(
         self, model: str, fault: Fault, res: FleetResult, after: int = 40
@@ -462,16 +450,7 @@ async def _settled(f: Fleet) -> None:
 
 
 async def _members_up(f: Fleet) -> bool:
-    for member in f.cluster.members:
-        client = connect(EtcdConfig(member.endpoint))
-        try:
-            await client.connect()
-            await client.kvstub.Range(rpc.RangeRequest(key=b"/"), timeout=1)
-        except grpc.aio.AioRpcError:
-            return False
-        finally:
-            await client.close()
-    return True
+    return all([await asyncio.to_thread(m.healthy) for m in f.cluster.members])
 
 
 SCENARIOS = {  # the fault → what tells (the detect column)

@@ -4,6 +4,7 @@ ships, or ``etcd`` from PATH."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -155,6 +156,14 @@ class EtcdProcess:
             f"--cacert={who.ca}", f"--cert={who.cert}", f"--key={who.key}", *args
         )
 
+    def healthy(self) -> bool:
+        """Whether this member serves a linearizable read within a second (it has a leader and
+        has caught up): etcdctl's ``endpoint health``. Plaintext members only."""
+        try:
+            return self.etcdctl_raw("endpoint", "health", "--command-timeout=1s").returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
     def etcdctl_raw(self, *args: str) -> subprocess.CompletedProcess[str]:
         """etcdctl with only the endpoint given (the caller brings any credentials)."""
         scheme = "https" if self.security else "http"
@@ -250,6 +259,17 @@ class EtcdCluster:
         deadline = time.monotonic() + timeout_s
         for m in self.members:
             m.wait_ready(deadline)
+
+    def leader(self) -> int:
+        """The index of the member that leads now, as the members themselves say (-1: none
+        that answers within a second leads: an election under way, or no quorum)."""
+        for i, m in enumerate(self.members):
+            with contextlib.suppress(subprocess.TimeoutExpired, ValueError, LookupError, TypeError):
+                out = m.etcdctl_raw("endpoint", "status", "-w", "json", "--command-timeout=1s")
+                (status,) = json.loads(out.stdout or "null")
+                if status["Status"]["leader"] == status["Status"]["header"]["member_id"]:
+                    return i
+        return -1
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for m in self.members:
