@@ -14,7 +14,7 @@ fault to the next token the client got (p50/p99), and for a cancel the tokens th
 generated after it.
 Then the fleet's faults (bench/chaos_fleet.py; root: each service a host of its own, a cut is
 silent): partitions router-agent, agent-etcd and scheduler leader-etcd, an etcd member lost, the
-etcd leader member cut off, etcd without quorum for 20 s, an engine that dies, a GPU marked
+etcd leader member cut off, etcd without quorum for 30 s, an engine that dies, a GPU marked
 failed; with the time to detect each and what tells.
 The contract: 0 lost and 0 duplicated for every fault.
 """

@@ -40,7 +40,7 @@ STANDINS = Path(__file__).resolve().parents[1] / "tests" / "standins"
 ETCD = ("etcd-0", "etcd-1", "etcd-2")
 AGENTS = {"agent-0": "GPU-A0", "agent-1": "GPU-B0"}
 HOSTS = (*ETCD, "scheduler-0", "scheduler-1", *AGENTS, "router")
-QUORUM_LOSS_S = 20.0
+QUORUM_LOSS_S = 30.0
 GAP_S = 0.03  # a silence worth recording in a stream of 10 ms tokens
 Fault = Callable[[str], Awaitable[None]]  # hits the node serving the faulted stream
 

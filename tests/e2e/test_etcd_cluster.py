@@ -20,7 +20,7 @@ from tests.e2e.conftest import apply, assert_clean_stop, generate, model_spec, r
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
-QUORUM_LOSS_S = 20.0
+QUORUM_LOSS_S = 30.0
 
 
 @pytest.fixture(scope="module")
