@@ -64,7 +64,7 @@ async def native_one(stub: inference_pb2_grpc.InferenceStub, tokens: int) -> tup
 async def kserve_one(stub: Any, tokens: int) -> tuple[float, int]:
     """One decoupled ModelStreamInfer: responses until ``triton_final_response``."""
     from meshserve.kserve import grpc_service_pb2 as K
-    from meshserve.router.kserve_tensors import pack_bytes
+    from meshserve.router.fronts.kserve_tensors import pack_bytes
 
     req = K.ModelInferRequest(model_name="demo")
     req.inputs.add(name="text_input", datatype="BYTES", shape=[1])

@@ -31,7 +31,7 @@ from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.demo_model import build_demo_model
 from meshserve.local import Mesh
 from meshserve.modelspec import demo_spec
-from meshserve.router.tenants import hash_key, new_key
+from meshserve.router.tenancy.tenants import hash_key, new_key
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from rich.console import Console
 from rich.table import Table

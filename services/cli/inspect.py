@@ -133,7 +133,7 @@ def generate(
     ] = "",
 ) -> None:
     """Stream a completion from MODEL (through the router `meshserve up` started, by default)."""
-    from meshserve.router.tenants import parse_priority
+    from meshserve.router.tenancy.tenants import parse_priority
 
     try:
         level = parse_priority(priority, "--priority") if priority else 0

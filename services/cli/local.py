@@ -273,7 +273,7 @@ def _http_installed() -> bool:
 def _local_tenant(data_dir: Path) -> tuple[str, list[str]]:
     """A new key for one admin tenant ("local"), its hash in ``data_dir``/tenants.yaml (edit it
     while the mesh runs: the router re-reads it), and the router flags that use it."""
-    from meshserve.router.tenants import hash_key, new_key
+    from meshserve.router.tenancy.tenants import hash_key, new_key
 
     key = new_key()
     path = data_dir / "tenants.yaml"

@@ -248,7 +248,7 @@ def router(
     from pathlib import Path
 
     from meshserve.router.main import run
-    from meshserve.router.tenants import parse_book
+    from meshserve.router.tenancy.tenants import parse_book
     from meshserve.runtime import run_loop
 
     try:

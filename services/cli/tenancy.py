@@ -23,7 +23,7 @@ UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def tenant_key(name: Annotated[str, typer.Argument(help="the tenant it is for")]) -> None:
     """Make a new API key: the key is printed once (hand it to the tenant); the tenants document
     stores only its hash."""
-    from meshserve.router.tenants import hash_key, new_key
+    from meshserve.router.tenancy.tenants import hash_key, new_key
 
     key = new_key()
     console.print(f"API key for {name} (shown once): [bold]{key}[/bold]")
@@ -35,7 +35,7 @@ def tenant_key(name: Annotated[str, typer.Argument(help="the tenant it is for")]
 def tenant_apply(file: Path, etcd: Etcd = "", prefix: Prefix = SERVICE.prefix) -> None:
     """Validate a tenants YAML and store it in etcd (config/tenants) for routers started with
     --tenants-from-etcd; they take it within a second."""
-    from meshserve.router.tenants import parse_book
+    from meshserve.router.tenancy.tenants import parse_book
 
     try:
         text = file.read_text()

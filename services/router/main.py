@@ -15,19 +15,19 @@ import grpc
 from meshserve import tls
 from meshserve.cluster.mirror import Mirror
 from meshserve.process import Cluster, Component, serve
-from meshserve.router.admission import Admission, Ensured
-from meshserve.router.breakers import Breakers
-from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
-from meshserve.router.demand import DemandTracker, publish_demand
-from meshserve.router.gate import BookSource, TenantRates
-from meshserve.router.kserve import KServe, kserve_handlers
-from meshserve.router.quota import Quotas
-from meshserve.router.relay import Relay
-from meshserve.router.server import RouterInference, Tenancy, admin_handlers_for, handlers_for
-from meshserve.router.table import EndpointTable
-from meshserve.router.upstreams import Upstreams, trace_metadata
-from meshserve.router.usage import UsageLedger
+from meshserve.router.core.admission import Admission, Ensured
+from meshserve.router.core.budget import RetryBudget
+from meshserve.router.core.demand import DemandTracker, publish_demand
+from meshserve.router.core.relay import Relay
+from meshserve.router.core.service import RouterInference, Tenancy, admin_handlers_for, handlers_for
+from meshserve.router.core.table import EndpointTable
+from meshserve.router.core.upstreams import Upstreams, trace_metadata
+from meshserve.router.fronts.kserve import KServe, kserve_handlers
+from meshserve.router.routing.breakers import Breakers
+from meshserve.router.tenancy.gate import BookSource, TenantRates
+from meshserve.router.tenancy.quota import Quotas
+from meshserve.router.tenancy.usage import UsageLedger
 from meshserve.rpc.channels import ChannelPool
 from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
 from opentelemetry import trace
@@ -151,7 +151,7 @@ class Router(Component):
         handlers drain both fronts in order); pinned uvicorn version (pyproject)."""
         try:
             import uvicorn
-            from meshserve.router.openai_http import openai_app
+            from meshserve.router.fronts.openai_http import openai_app
         except ImportError as e:
             raise RuntimeError(
                 f"--http-listen needs the HTTP front's packages ({e.name}): "

@@ -17,7 +17,7 @@ import meshserve.v1.nodeagent_pb2_grpc as nodeagent_pb2_grpc
 import openai
 import pytest
 from meshserve.local import Mesh
-from meshserve.router.tenants import hash_key, new_key
+from meshserve.router.tenancy.tenants import hash_key, new_key
 from meshserve.v1 import nodeagent_pb2
 
 from tests.e2e.conftest import apply, model_spec, read_spans

@@ -19,7 +19,7 @@ import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import meshserve.v1.router_pb2_grpc as router_pb2_grpc
 import pytest
 from meshserve.local import Mesh
-from meshserve.router.tenants import hash_key, new_key
+from meshserve.router.tenancy.tenants import hash_key, new_key
 from meshserve.rpc.errors import decode_details, error_reason, retry_delay_s
 from meshserve.v1 import inference_pb2, router_pb2
 
@@ -377,7 +377,7 @@ async def test_the_kserve_api_passes_the_same_gate(tmesh: Mesh) -> None:
     may load or unload models."""
     from meshserve.kserve import grpc_service_pb2 as K
     from meshserve.kserve import grpc_service_pb2_grpc as KG
-    from meshserve.router.kserve_tensors import pack_bytes
+    from meshserve.router.fronts.kserve_tensors import pack_bytes
 
     stub = KG.GRPCInferenceServiceStub(grpc.aio.insecure_channel(_address(tmesh)))
     infer = K.ModelInferRequest(model_name="demo", id="k1")

@@ -14,7 +14,7 @@ from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Mirror
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import EtcdConfig, Store, connect
-from meshserve.router.table import EndpointTable
+from meshserve.router.core.table import EndpointTable
 from meshserve.v1 import cluster_pb2 as S
 
 from tests.factories import spec

@@ -10,10 +10,11 @@ import grpc
 import pytest
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, connect
-from meshserve.router.admission import Admission, Ensured
-from meshserve.router.breakers import Breakers
-from meshserve.router.demand import DemandTracker
-from meshserve.router.table import EndpointTable, Route
+from meshserve.router.core.admission import Admission, Ensured
+from meshserve.router.core.demand import DemandTracker
+from meshserve.router.core.table import EndpointTable
+from meshserve.router.routing.breakers import Breakers
+from meshserve.router.routing.endpoints import Route
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2 as S
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from meshserve.router.breakers import CLOSED, HALF_OPEN, OPEN, Breakers
-from meshserve.router.budget import RetryBudget
+from meshserve.router.core.budget import RetryBudget
+from meshserve.router.routing.breakers import CLOSED, HALF_OPEN, OPEN, Breakers
 
 A = ("10.0.0.1:5000", "m")
 B = ("10.0.0.1:5000", "other")  # same agent, another model: its own breaker
@@ -80,7 +80,7 @@ def test_breakers_of_departed_replicas_are_pruned_once_quiet() -> None:
 
 
 def test_a_pruned_breaker_leaves_no_open_gauge_behind() -> None:
-    from meshserve.router.demand import DemandTracker
+    from meshserve.router.core.demand import DemandTracker
     from meshserve.telemetry import metrics
 
     key = ("10.9.9.9:1", "gone-model")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshserve.router.exclusions import Exclusions
+from meshserve.router.routing.exclusions import Exclusions
 
 
 class Clock:

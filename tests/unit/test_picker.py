@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from meshserve.router.picker import AFFINITY_SLACK, rank, rendezvous
-from meshserve.router.table import Endpoint, build_table
+from meshserve.router.core.table import build_table
+from meshserve.router.routing.endpoints import Endpoint
+from meshserve.router.routing.picker import AFFINITY_SLACK, rank, rendezvous
 from meshserve.v1 import cluster_pb2
 
 from tests.factories import spec

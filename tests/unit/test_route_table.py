@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshserve.router.table import TableBuilder, build_table
+from meshserve.router.core.table import TableBuilder, build_table
 from meshserve.v1 import cluster_pb2 as S
 from meshserve.v1 import common_pb2
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from meshserve.router.stall import Stall
+from meshserve.router.core.stall import Stall
 
 LIMIT = 0.08
 

@@ -11,11 +11,11 @@ import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from meshserve.router.admission import Slot, Who
-from meshserve.router.fairqueue import FairQueue
-from meshserve.router.quota import Quotas
-from meshserve.router.tenants import Limits, Price, Tenant, hash_key, new_key, parse_book
-from meshserve.router.usage import UsageLedger
+from meshserve.router.core.admission import Slot, Who
+from meshserve.router.tenancy.fairqueue import FairQueue
+from meshserve.router.tenancy.quota import Quotas
+from meshserve.router.tenancy.tenants import Limits, Price, Tenant, hash_key, new_key, parse_book
+from meshserve.router.tenancy.usage import UsageLedger
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import common_pb2 as C
 
@@ -275,7 +275,7 @@ def test_a_routers_share_follows_where_the_tenants_requests_arrive() -> None:
     """Each router enforces its part of a tenant's cluster-wide limit: 3 req/s here and 1 req/s
     at another router give this one about three quarters; a tenant nobody sees is split
     equally; a router alone has it all."""
-    from meshserve.router.gate import TenantRates
+    from meshserve.router.tenancy.gate import TenantRates
     from meshserve.v1 import cluster_pb2 as S
 
     rates = TenantRates("r1")
@@ -297,7 +297,7 @@ def test_the_routers_shares_of_a_limit_add_up_to_the_whole(arrivals: list[int]) 
     """Whatever each router sees (its arrivals in the window, published as rates), the shares
     the routers compute each for itself sum to 1: the cluster-wide limit is neither exceeded
     nor left unused."""
-    from meshserve.router.gate import RATE_WINDOW_S, TenantRates
+    from meshserve.router.tenancy.gate import RATE_WINDOW_S, TenantRates
     from meshserve.v1 import cluster_pb2 as S
 
     routers = [TenantRates(f"r{i}") for i in range(len(arrivals))]

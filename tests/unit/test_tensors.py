@@ -11,8 +11,8 @@ import grpc
 import pytest
 from meshserve.kserve import grpc_service_pb2 as K
 from meshserve.modelspec import spec_from_dict
-from meshserve.router.kserve_tensors import config, infer_response, metadata, tensors_in
-from meshserve.router.table import Route
+from meshserve.router.fronts.kserve_tensors import config, infer_response, metadata, tensors_in
+from meshserve.router.routing.endpoints import Route
 from meshserve.rpc.errors import ServiceError
 from meshserve.tensors import check_inputs
 from meshserve.v1 import cluster_pb2, common_pb2, inference_pb2

@@ -17,19 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from meshserve.router.admission import Admission, Who
-from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
-from meshserve.router.demand import DemandTracker
-from meshserve.router.exclusions import Exclusions
-from meshserve.router.gate import BookSource, TenantRates, caller, permission_denied
-from meshserve.router.genai import genai_attributes
-from meshserve.router.quota import Quotas, Ticket
-from meshserve.router.relay import RETRYABLE, Relay
-from meshserve.router.table import EndpointTable, Route
-from meshserve.router.tenants import Tenant
-from meshserve.router.upstreams import Upstreams, trace_metadata
-from meshserve.router.usage import UsageLedger, to_proto
+from meshserve.router.core.admission import Admission, Who
+from meshserve.router.core.budget import RetryBudget
+from meshserve.router.core.demand import DemandTracker
+from meshserve.router.core.genai import genai_attributes
+from meshserve.router.core.relay import RETRYABLE, Relay
+from meshserve.router.core.table import EndpointTable
+from meshserve.router.core.upstreams import Upstreams, trace_metadata
+from meshserve.router.routing.endpoints import Route
+from meshserve.router.routing.exclusions import Exclusions
+from meshserve.router.tenancy.gate import BookSource, TenantRates, caller, permission_denied
+from meshserve.router.tenancy.quota import Quotas, Ticket
+from meshserve.router.tenancy.tenants import Tenant
+from meshserve.router.tenancy.usage import UsageLedger, to_proto
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx

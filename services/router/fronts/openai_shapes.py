@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from meshserve.router.http_errors import from_exception
+from meshserve.router.fronts.http_errors import from_exception
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import inference_pb2
 

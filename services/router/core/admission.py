@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from meshserve.router.breakers import Breakers
-from meshserve.router.demand import DemandTracker
-from meshserve.router.exclusions import Identity
-from meshserve.router.fairqueue import FairQueue
-from meshserve.router.picker import rank
-from meshserve.router.table import Endpoint, EndpointTable, Route, RouteTable
+from meshserve.router.core.demand import DemandTracker
+from meshserve.router.core.table import EndpointTable
+from meshserve.router.routing.breakers import Breakers
+from meshserve.router.routing.endpoints import Endpoint, Route, RouteTable
+from meshserve.router.routing.exclusions import Identity
+from meshserve.router.routing.picker import rank
+from meshserve.router.tenancy.fairqueue import FairQueue
 from meshserve.rpc.errors import ServiceError
 from meshserve.telemetry import metrics
 from meshserve.v1 import common_pb2

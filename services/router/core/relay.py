@@ -25,17 +25,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from meshserve.router import coldstart
-from meshserve.router.admission import ANYONE, Admission, Slot, Who
-from meshserve.router.breakers import Breakers
-from meshserve.router.budget import RetryBudget
 from meshserve.router.config import RouterConfig
-from meshserve.router.demand import DemandTracker
-from meshserve.router.exclusions import Exclusions, Identity
-from meshserve.router.headers import Headers
-from meshserve.router.stall import Stall
-from meshserve.router.table import EndpointTable, Route
-from meshserve.router.upstreams import Upstreams, trace_metadata
+from meshserve.router.core import coldstart
+from meshserve.router.core.admission import ANYONE, Admission, Slot, Who
+from meshserve.router.core.budget import RetryBudget
+from meshserve.router.core.demand import DemandTracker
+from meshserve.router.core.headers import Headers
+from meshserve.router.core.stall import Stall
+from meshserve.router.core.table import EndpointTable
+from meshserve.router.core.upstreams import Upstreams, trace_metadata
+from meshserve.router.routing.breakers import Breakers
+from meshserve.router.routing.endpoints import Route
+from meshserve.router.routing.exclusions import Exclusions, Identity
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, decode_details, error_reason
 from meshserve.rpc.handlers import Ctx
@@ -44,7 +45,7 @@ from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import inference_pb2
 from opentelemetry import trace
 
-_tracer = tracer("meshserve.router.server")
+_tracer = tracer("meshserve.router.core.service")
 
 # Codes on which another attempt may succeed.
 RETRYABLE = frozenset(

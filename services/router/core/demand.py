@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
-from meshserve.router.breakers import CLOSED, Breakers
+from meshserve.router.routing.breakers import CLOSED, Breakers
 from meshserve.telemetry import metrics
 from meshserve.v1 import cluster_pb2
 

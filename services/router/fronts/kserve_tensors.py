@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 from meshserve.kserve import grpc_service_pb2 as K
-from meshserve.router.table import Route
+from meshserve.router.routing.endpoints import Route
 from meshserve.rpc.errors import ServiceError, invalid_argument
 from meshserve.tensors import SIZES
 from meshserve.v1 import cluster_pb2, common_pb2, inference_pb2

@@ -31,7 +31,14 @@ import aetcd
 import grpc
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.mirror import Mirror
-from meshserve.router.tenants import ANONYMOUS, OPEN_BOOK, Tenant, TenantBook, hash_key, parse_book
+from meshserve.router.tenancy.tenants import (
+    ANONYMOUS,
+    OPEN_BOOK,
+    Tenant,
+    TenantBook,
+    hash_key,
+    parse_book,
+)
 from meshserve.rpc.errors import ServiceError
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics

@@ -29,18 +29,18 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from meshserve.router.http_errors import BodyLimit, error_body, from_exception
-from meshserve.router.http_tracing import finish, server_span, trace_headers, traced
-from meshserve.router.openai_schema import (
+from meshserve.router.core.service import RouterInference
+from meshserve.router.fronts.http_errors import BodyLimit, error_body, from_exception
+from meshserve.router.fronts.http_tracing import finish, server_span, trace_headers, traced
+from meshserve.router.fronts.openai_schema import (
     UNSUPPORTED,
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
     generate_request,
 )
-from meshserve.router.openai_shapes import Shape
-from meshserve.router.server import RouterInference
-from meshserve.router.tenants import PRIORITIES
+from meshserve.router.fronts.openai_shapes import Shape
+from meshserve.router.tenancy.tenants import PRIORITIES
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import inference_pb2
 from opentelemetry import trace

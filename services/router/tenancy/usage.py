@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from meshserve.router.tenants import Price
+from meshserve.router.tenancy.tenants import Price
 from meshserve.telemetry import metrics
 from meshserve.v1 import router_pb2
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from meshserve.router.table import RouteTable
+from meshserve.router.routing.endpoints import RouteTable
 from meshserve.rpc.channels import ChannelPool
 from opentelemetry import propagate, trace
 

@@ -30,9 +30,9 @@ from typing import Any
 import grpc
 from meshserve.cluster.store import Store
 from meshserve.kserve import grpc_service_pb2 as K
-from meshserve.router.admission import Ensured
-from meshserve.router.gate import caller
-from meshserve.router.kserve_tensors import (
+from meshserve.router.core.admission import Ensured
+from meshserve.router.core.service import RouterInference
+from meshserve.router.fronts.kserve_tensors import (
     config,
     generate_request,
     infer_response,
@@ -42,8 +42,8 @@ from meshserve.router.kserve_tensors import (
     tensors_in,
     text_response,
 )
-from meshserve.router.server import RouterInference
-from meshserve.router.table import Route
+from meshserve.router.routing.endpoints import Route
+from meshserve.router.tenancy.gate import caller
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx

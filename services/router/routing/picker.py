@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 
-from meshserve.router.table import Endpoint
+from meshserve.router.routing.endpoints import Endpoint
 
 AFFINITY_SLACK = 4  # streams a session's replica may carry above the least loaded before we move
 KV_FULL = 0.9

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from meshserve.router.tenants import Limits, Tenant
+from meshserve.router.tenancy.tenants import Limits, Tenant
 from meshserve.rpc.errors import ServiceError
 
 CONCURRENCY_RETRY_S = 1.0

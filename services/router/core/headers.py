@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from meshserve.router.admission import Slot
-from meshserve.router.demand import DemandTracker
+from meshserve.router.core.admission import Slot
+from meshserve.router.core.demand import DemandTracker
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.server_interceptor import traceresponse

@@ -1,0 +1,52 @@
+"""What the router routes to (pure data): a READY replica (`Endpoint`), a model's replicas
+(`Route`) and the table of routes with aliases resolved (`RouteTable`). The table itself is
+kept from etcd by `core.table`; routing policy reads only these."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshserve.v1 import cluster_pb2, common_pb2
+
+
+@dataclass
+class Endpoint:
+    """One READY replica. ``waiting`` and ``kv_cache_usage`` are its last published load
+    figures, updated in place (the picker reads them); the rest says which replica it is."""
+
+    node_id: str
+    address: str  # host:port of the agent
+    waiting: int = 0  # streams queued in the engine (its last ReplicaStatus, all routers')
+    kv_cache_usage: float = 0.0  # [0, 1], engines with a paged KV cache
+    max_streams: int = 0  # streams the replica admits at once; 0 = unknown (no limit here)
+    incarnation: int = 0  # the agent's lease when it wrote the status: a restart changes it
+    generation: int = 0  # the agent's load of it: a reload (after FAILED) changes it
+
+    @property
+    def identity(self) -> tuple[str, int, int]:
+        """One load of a replica in one agent process (a restarted agent, or a replica loaded
+        again after it failed, is another replica)."""
+        return (self.address, self.incarnation, self.generation)
+
+
+@dataclass(frozen=True)
+class Route:
+    spec: cluster_pb2.ModelSpec
+    ready: tuple[Endpoint, ...]  # sorted by node id
+    loading: int = 0  # replicas loading or warming up (a wait will end)
+    # READY or DRAINING replicas: a stream on one of these may go on; one that leaves this set
+    # (lease expired, unloaded, FAILED) is gone, and its streams fail over at once.
+    alive: frozenset[tuple[str, int, int]] = frozenset()
+    # A tensor model's inputs and outputs, as its replicas published them (None: none has yet)
+    signature: common_pb2.TensorSignature | None = None
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    routes: Mapping[str, Route] = field(default_factory=dict)
+    aliases: Mapping[str, str] = field(default_factory=dict)  # alias → model
+
+    def resolve(self, name: str) -> Route | None:
+        """The route for a model name, else for an alias (`modelspec.find_model`'s rule)."""
+        return self.routes.get(name) or self.routes.get(self.aliases.get(name, ""))
