@@ -35,8 +35,30 @@ FIELDS = {
     "target_rps_per_replica",
     "target_in_flight_per_replica",
     "scale_down_delay_s",
+    "routing",
 }
 DEFAULT_KV_HEADROOM = 64 * 2**20
+# The routers' scorers (router/routing/pipeline.py; a unit test holds the two lists equal).
+ROUTING_SCORERS = ("affinity", "kv", "load")
+
+
+def routing_weights(given: Any, what: str = "routing") -> dict[str, float]:
+    """Scorer weights (``{affinity: 4, kv: 2, load: 1}``); raises ValueError naming the fault."""
+    if not isinstance(given, dict):
+        raise ValueError(f"{what}: a mapping of scorer to weight, got {given!r}")
+    out: dict[str, float] = {}
+    for name, weight in given.items():
+        if name not in ROUTING_SCORERS:
+            raise ValueError(
+                f"{what}: unknown scorer {name!r}; known: {', '.join(ROUTING_SCORERS)}"
+            )
+        try:
+            out[name] = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}.{name}: a number >= 0, got {weight!r}") from None
+        if not out[name] >= 0:
+            raise ValueError(f"{what}.{name}: a number >= 0, got {weight!r}")
+    return out
 
 
 def weights_bytes(source: Path) -> int:
@@ -93,6 +115,7 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         target_rps_per_replica=float(d.get("target_rps_per_replica", 0.0)),
         target_in_flight_per_replica=int(d.get("target_in_flight_per_replica", 0)),
         scale_down_delay_s=int(d.get("scale_down_delay_s", 0)),
+        routing_weights=routing_weights(d["routing"]) if "routing" in d else {},
     )
     for key in ("stream_interval_ms", "stream_interval_tokens"):
         value = spec.engine_args.get(key, "0")

@@ -4,12 +4,21 @@ talk to a mesh (inspect.py, status.py, top.py …)."""
 from __future__ import annotations
 
 import typer
-from meshserve.cli import inspect, local, nodes, probe, serve, status, tenancy, top
+from meshserve.cli import inspect, local, nodes, probe, route, serve, status, tenancy, top
 
 app = typer.Typer(
     help="meshserve: serve many models on a fleet of GPU hosts.", no_args_is_help=True
 )
-for part in (serve.app, local.app, inspect.app, status.app, tenancy.app, probe.app, top.app):
+for part in (
+    serve.app,
+    local.app,
+    inspect.app,
+    status.app,
+    tenancy.app,
+    probe.app,
+    top.app,
+    route.app,
+):
     app.registered_commands += part.registered_commands
 app.add_typer(inspect.model_app, name="model")
 app.add_typer(tenancy.tenant_app, name="tenant")

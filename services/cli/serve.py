@@ -187,6 +187,20 @@ def scheduler(
     run_loop(run(config))
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``affinity=4,kv=2,load=1`` → a mapping (checked by RouterConfig); raises ValueError."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--routing-weights: {part!r} is not scorer=weight")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--routing-weights: {part!r}: the weight is not a number") from None
+    return out
+
+
 @app.command()
 def router(
     router_id: Annotated[str, typer.Option("--id", envvar="MESHSERVE_ROUTER_ID")] = "",
@@ -223,6 +237,14 @@ def router(
     fair_queueing: Annotated[
         bool, typer.Option(help="queue by priority, then fair shares across tenants; off: FIFO")
     ] = RouterConfig.fair_queueing,
+    routing_weights: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHSERVE_ROUTING_WEIGHTS",
+            help="routing profile: scorer=weight,... of affinity, kv, load (default 4, 2, 1); "
+            "a model's `routing:` wins",
+        ),
+    ] = "",
     workers: Annotated[
         int,
         typer.Option(
@@ -267,6 +289,7 @@ def router(
             tenants_from_etcd=tenants_from_etcd,
             fair_queueing=fair_queueing,
             http_listen=http_listen,
+            routing_weights=parse_weights(routing_weights),
             **kwargs,
         )
     except (ValueError, OSError) as e:

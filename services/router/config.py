@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from meshserve.cluster.keys import check_name
 from meshserve.config import ServiceConfig, process_id
+from meshserve.modelspec import routing_weights
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -40,6 +41,9 @@ class RouterConfig:
     fair_queueing: bool = True
     # The OpenAI-compatible HTTP front (openai_http.py) in this process: host:port; "" = off.
     http_listen: str = ""
+    # The routing profile: scorer weights (routing/pipeline.py; empty: its defaults, affinity 4,
+    # kv 2, load 1); a model's own `routing:` weights win over these.
+    routing_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name("router", self.router_id)
@@ -47,6 +51,7 @@ class RouterConfig:
             host, _, port = self.http_listen.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"http_listen must be host:port, got {self.http_listen!r}")
+        routing_weights(self.routing_weights, "routing_weights")  # raises naming the fault
         if self.tenants_file and self.tenants_from_etcd:
             raise ValueError("tenants come from a file or from etcd, not both")
         for name in ("max_attempts", "queue_per_model", "breaker_failures"):

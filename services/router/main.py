@@ -16,15 +16,19 @@ from meshserve import tls
 from meshserve.cluster.mirror import Mirror
 from meshserve.process import Cluster, Component, serve
 from meshserve.router.config import RouterConfig
+from meshserve.router.core.accounting import Accountant, Tenancy
 from meshserve.router.core.admission import Admission, Ensured
 from meshserve.router.core.budget import RetryBudget
 from meshserve.router.core.demand import DemandTracker, publish_demand
 from meshserve.router.core.relay import Relay
-from meshserve.router.core.service import RouterInference, Tenancy, admin_handlers_for, handlers_for
+from meshserve.router.core.service import RouterInference
 from meshserve.router.core.table import EndpointTable
+from meshserve.router.core.unary import Unary
 from meshserve.router.core.upstreams import Upstreams, trace_metadata
 from meshserve.router.fronts.kserve import KServe, kserve_handlers
+from meshserve.router.fronts.native import NativeFront, admin_handlers_for, handlers_for
 from meshserve.router.routing.breakers import Breakers
+from meshserve.router.routing.pipeline import DEFAULT_WEIGHTS
 from meshserve.router.tenancy.gate import BookSource, TenantRates
 from meshserve.router.tenancy.quota import Quotas
 from meshserve.router.tenancy.usage import UsageLedger
@@ -105,13 +109,17 @@ class Router(Component):
             config.queue_timeout_s,
             config.ensure_interval_s,
             config.fair_queueing,
+            config.routing_weights or DEFAULT_WEIGHTS,
         )
         relay = Relay(
             config, self.table, self.admission, upstreams, self.breakers, budget, self.demand
         )
+        unary = Unary(config, self.table, self.admission, upstreams, self.breakers, budget)
+        accountant = Accountant(self.tenancy, self.demand)
         self.servicer = RouterInference(
-            config, self.table, self.admission, relay, upstreams, budget, self.demand, self.tenancy
+            config, self.table, self.admission, relay, unary, accountant
         )
+        self.native = NativeFront(self.servicer)
         self.kserve = KServe(self.servicer, ensure, cluster.store)
         self._publisher: asyncio.Task[None] | None = None
         self._http: Any = None  # uvicorn.Server of the OpenAI front, when configured
@@ -121,8 +129,8 @@ class Router(Component):
     def register(self, server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(
             (
-                handlers_for(self.servicer),
-                admin_handlers_for(self.servicer),
+                handlers_for(self.native),
+                admin_handlers_for(self.native),
                 kserve_handlers(self.kserve),
             )
         )

@@ -28,7 +28,7 @@ def unary(fn: F) -> F:
         except ServiceError as e:
             await e.abort(context)
         except grpc.aio.AioRpcError as e:  # an upstream's status, passed through unchanged
-            await _abort_like(context, e)
+            await abort_like(context, e)
 
     return handler  # type: ignore[return-value]
 
@@ -50,7 +50,7 @@ def stream(fn: F) -> F:
         except ServiceError as e:
             await e.abort(context)
         except grpc.aio.AioRpcError as e:
-            await _abort_like(context, e)
+            await abort_like(context, e)
         finally:
             # Closed here, in this task: a call cancelled while writing must not leave the
             # generator to the loop's finalizer, which would close it later in another context
@@ -60,7 +60,7 @@ def stream(fn: F) -> F:
     return handler  # type: ignore[return-value]
 
 
-async def _abort_like(context: Ctx, error: grpc.aio.AioRpcError) -> None:
+async def abort_like(context: Ctx, error: grpc.aio.AioRpcError) -> None:
     details = [(k, v) for k, v in (error.trailing_metadata() or ()) if k == DETAILS_KEY]
     await context.abort(
         error.code(), error.details() or "", trailing_metadata=(*details, *trace_trailer())

@@ -166,6 +166,26 @@ class ModelSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RoutingWeightsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
@@ -190,6 +210,7 @@ class ModelSpec(_message.Message):
     TARGET_IN_FLIGHT_PER_REPLICA_FIELD_NUMBER: _builtins.int
     SCALE_DOWN_DELAY_S_FIELD_NUMBER: _builtins.int
     UNLOADED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ROUTING_WEIGHTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """local directory with config.json + safetensors"""
@@ -245,6 +266,12 @@ class ModelSpec(_message.Message):
     def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """labels a node must carry to host this model"""
 
+    @_builtins.property
+    def routing_weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Routers' scorer weights for this model (router/routing/pipeline.py: affinity, kv, load);
+        empty: the router profile's (--routing-weights).
+        """
+
     def __init__(
         self,
         *,
@@ -272,10 +299,11 @@ class ModelSpec(_message.Message):
         target_in_flight_per_replica: _builtins.int = ...,
         scale_down_delay_s: _builtins.int = ...,
         unloaded_unix_ms: _builtins.int = ...,
+        routing_weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,6 +40,11 @@ class RouterStub:
                 request_serializer=meshserve_dot_v1_dot_router__pb2.UsageRequest.SerializeToString,
                 response_deserializer=meshserve_dot_v1_dot_router__pb2.UsageResponse.FromString,
                 _registered_method=True)
+        self.ExplainRoute = channel.unary_unary(
+                '/meshserve.v1.Router/ExplainRoute',
+                request_serializer=meshserve_dot_v1_dot_router__pb2.ExplainRouteRequest.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_router__pb2.ExplainRouteResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -54,6 +59,15 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainRoute(self, request, context):
+        """The last routing decisions this router made (`meshserve explain-route`): for each, every
+        replica considered, the filter that kept it out or its scores, and the one chosen. Admin
+        tenants only when auth is on (decisions name replicas and request ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +75,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Usage,
                     request_deserializer=meshserve_dot_v1_dot_router__pb2.UsageRequest.FromString,
                     response_serializer=meshserve_dot_v1_dot_router__pb2.UsageResponse.SerializeToString,
+            ),
+            'ExplainRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainRoute,
+                    request_deserializer=meshserve_dot_v1_dot_router__pb2.ExplainRouteRequest.FromString,
+                    response_serializer=meshserve_dot_v1_dot_router__pb2.ExplainRouteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +110,33 @@ class Router:
             '/meshserve.v1.Router/Usage',
             meshserve_dot_v1_dot_router__pb2.UsageRequest.SerializeToString,
             meshserve_dot_v1_dot_router__pb2.UsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/ExplainRoute',
+            meshserve_dot_v1_dot_router__pb2.ExplainRouteRequest.SerializeToString,
+            meshserve_dot_v1_dot_router__pb2.ExplainRouteResponse.FromString,
             options,
             channel_credentials,
             insecure,

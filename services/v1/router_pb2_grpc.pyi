@@ -37,6 +37,11 @@ class RouterStub:
     """Usage counted by this router since it started (kept per minute for 24 h). A tenant sees its
     own rows; a tenant marked admin (or anyone, with auth off) sees every tenant's.
     """
+    ExplainRoute: _grpc.UnaryUnaryMultiCallable[_router_pb2.ExplainRouteRequest, _router_pb2.ExplainRouteResponse]
+    """The last routing decisions this router made (`meshserve explain-route`): for each, every
+    replica considered, the filter that kept it out or its scores, and the one chosen. Admin
+    tenants only when auth is on (decisions name replicas and request ids).
+    """
 
 @_typing.type_check_only
 class RouterAsyncStub(RouterStub):
@@ -46,6 +51,11 @@ class RouterAsyncStub(RouterStub):
     Usage: _aio.UnaryUnaryMultiCallable[_router_pb2.UsageRequest, _router_pb2.UsageResponse]  # type: ignore[assignment]
     """Usage counted by this router since it started (kept per minute for 24 h). A tenant sees its
     own rows; a tenant marked admin (or anyone, with auth off) sees every tenant's.
+    """
+    ExplainRoute: _aio.UnaryUnaryMultiCallable[_router_pb2.ExplainRouteRequest, _router_pb2.ExplainRouteResponse]  # type: ignore[assignment]
+    """The last routing decisions this router made (`meshserve explain-route`): for each, every
+    replica considered, the filter that kept it out or its scores, and the one chosen. Admin
+    tenants only when auth is on (decisions name replicas and request ids).
     """
 
 class RouterServicer(metaclass=_abc_1.ABCMeta):
@@ -59,6 +69,17 @@ class RouterServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_router_pb2.UsageResponse, _abc.Awaitable[_router_pb2.UsageResponse]]:
         """Usage counted by this router since it started (kept per minute for 24 h). A tenant sees its
         own rows; a tenant marked admin (or anyone, with auth off) sees every tenant's.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainRoute(
+        self,
+        request: _router_pb2.ExplainRouteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.ExplainRouteResponse, _abc.Awaitable[_router_pb2.ExplainRouteResponse]]:
+        """The last routing decisions this router made (`meshserve explain-route`): for each, every
+        replica considered, the filter that kept it out or its scores, and the one chosen. Admin
+        tenants only when auth is on (decisions name replicas and request ids).
         """
 
 def add_RouterServicer_to_server(servicer: RouterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

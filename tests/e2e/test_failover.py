@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,6 +309,88 @@ async def test_breaker_opens_for_a_dead_replica_then_half_opens(mesh: Mesh) -> N
         "the breaker to half-open after its cool-down",
     )
     await restore(mesh, victim)
+
+
+async def _embed(router: str) -> inference_pb2.EmbedResponse:
+    async with grpc.aio.insecure_channel(router) as ch:
+        reply: inference_pb2.EmbedResponse = await inference_pb2_grpc.InferenceStub(ch).Embed(
+            inference_pb2.EmbedRequest(model="demo", inputs=["a probe"]), timeout=30
+        )
+    return reply
+
+
+async def test_embed_calls_open_a_breaker_and_an_embed_probe_closes_it(mesh: Mesh) -> None:
+    """Unary calls share Generate's attempt policy: Embeds that meet a kill -9'd agent open its
+    breaker (each still answered by the other replica); the agent comes back on the same
+    address, the breaker half-opens, and an Embed that probes it closes it (unary calls used
+    to take a half-open breaker's probe and never report, leaving it half-open for good)."""
+    router = mesh.services["router"].address
+    victim = "agent-1"
+    address = mesh.services[victim].address
+    mesh.kill(victim)
+    replies = await asyncio.gather(*(_embed(router) for _ in range(12)))
+    assert all(len(r.embeddings) == 1 and r.embeddings[0].values for r in replies)
+    await eventually(
+        lambda: "OPEN" in breaker_row(status_text(mesh), address), 15, "the breaker to open"
+    )
+    mesh.start_agent(victim, extra=(*AGENT_FLAGS, "--listen", address))
+    await eventually(lambda: _replicas(mesh, 2), 120, "the agent back, its replica READY")
+    await eventually(
+        lambda: "HALF_OPEN" in breaker_row(status_text(mesh), address), 70, "a half-open breaker"
+    )
+
+    async def closed() -> bool:
+        await _embed(router)  # one of these lands on the half-open replica: the probe
+        return "CLOSED" in breaker_row(status_text(mesh), address)
+
+    await eventually(closed, 30, "an Embed probe to close the breaker")
+
+
+async def test_explain_route_shows_the_last_decision_with_every_candidates_scores(
+    mesh: Mesh,
+) -> None:
+    """The routing pipeline's decision for one request, as `meshserve explain-route demo` and
+    the request's router.pick span show it: both replicas scored, the chosen one the one whose
+    agent served the request (its meshserve-node header)."""
+    await eventually(lambda: _replicas(mesh, 2), 120, "both replicas READY")
+    request = greedy(max_tokens=2, prompt="Hello")
+    request.request_id = f"explain-{time.monotonic_ns()}"
+    out = await generate(mesh.services["router"].address, request)
+    served = out.headers["meshserve-node"]
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "meshserve", "explain-route", "demo", "--etcd", mesh.etcd.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    assert request.request_id in text and f"→ {served}" in text, text
+    rows = {line.split("│")[2].strip(): line for line in text.splitlines() if "127.0.0.1:" in line}
+    assert set(rows) == {"agent-0", "agent-1"}, text  # every candidate, each with its scores
+    for node, line in rows.items():
+        cells = [c.strip() for c in line.split("│")]
+        assert cells[4] == "passed" and float(cells[5]) > 0, line
+        assert (cells[1] == "*") == (node == served), line
+    trace_dir = mesh.data_dir / "traces"
+
+    def pick_span() -> dict[str, Any] | None:
+        spans = read_spans(trace_dir)
+        ours = {
+            s["context"]["trace_id"]
+            for s in spans
+            if s["attributes"].get("meshserve.request_id") == request.request_id
+        }
+        picks = [s for s in spans if s["name"] == "router.pick"]
+        return next((s for s in picks if s["context"]["trace_id"] in ours), None)
+
+    await eventually(lambda: pick_span() is not None, 30, "the request's router.pick span")
+    span = pick_span()
+    assert span is not None
+    candidates = span["attributes"]["meshserve.pick.candidates"]
+    assert len(candidates) == 2 and any(c.startswith(f"*{served} total=") for c in candidates)
 
 
 async def test_a_load_longer_than_the_deadline_fails_fast(mesh: Mesh, demo_model: Path) -> None:

@@ -25,6 +25,21 @@ def test_consecutive_failures_open_then_half_open_probe_closes() -> None:
     assert br.state(A, 5.4) == CLOSED and br.allows(A, 5.4)
 
 
+def test_a_probe_that_said_nothing_lets_the_next_request_probe() -> None:
+    """A half-open probe ended by the caller's own error or a cancel reports no outcome: once
+    released, the next request probes (it used to stay 'probing' for good)."""
+    br = Breakers(consecutive=1, cooldown_s=1.0)
+    br.failure(A, 0.0)
+    br.sent(A, 1.5)
+    assert br.state(A, 1.5) == HALF_OPEN and not br.allows(A, 1.5)
+    br.released(A)
+    assert br.allows(A, 1.6)
+    br.sent(A, 1.6)
+    br.success(A, 1.7)
+    br.released(A)  # after an outcome, releasing changes nothing
+    assert br.state(A, 1.7) == CLOSED and br.allows(A, 1.7)
+
+
 def test_failed_probe_reopens_with_a_longer_cooldown() -> None:
     br = Breakers(consecutive=1, cooldown_s=2.0, max_cooldown_s=5.0)
     br.failure(A, 0.0)

@@ -49,11 +49,20 @@ def test_memory_estimated_from_weights(tmp_path: Path) -> None:
             {"name": "m", "source": "/x", "memory": "1GB", "min_replicas": 3, "max_replicas": 1},
             "max_replicas",
         ),
+        ({"name": "m", "source": "/x", "memory": "1GB", "routing": {"cache": 1}}, "scorer 'cache'"),
+        ({"name": "m", "source": "/x", "memory": "1GB", "routing": {"load": -1}}, "routing.load"),
+        ({"name": "m", "source": "/x", "memory": "1GB", "routing": {"kv": "x"}}, "routing.kv"),
+        ({"name": "m", "source": "/x", "memory": "1GB", "routing": [1]}, "routing: a mapping"),
     ],
 )
 def test_errors_name_the_field(doc: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         spec_from_dict(doc)
+
+
+def test_routing_weights_reach_the_spec() -> None:
+    doc = {"name": "m", "source": "/x", "memory": "1GB", "routing": {"load": 1, "affinity": 0}}
+    assert dict(spec_from_dict(doc).routing_weights) == {"load": 1.0, "affinity": 0.0}
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from meshserve.modelspec import ROUTING_SCORERS
 from meshserve.router.core.table import build_table
 from meshserve.router.routing.endpoints import Endpoint
-from meshserve.router.routing.picker import AFFINITY_SLACK, rank, rendezvous
+from meshserve.router.routing.pipeline import (
+    AFFINITY_SLACK,
+    DEFAULT_WEIGHTS,
+    SCORERS,
+    Ask,
+    View,
+    pick,
+    rank,
+    rendezvous,
+)
 from meshserve.v1 import cluster_pb2
 
 from tests.factories import spec
@@ -76,3 +86,39 @@ def test_table_resolves_aliases_and_keeps_only_ready() -> None:
     assert [e.node_id for e in route.ready] == ["n1", "n2"]
     assert route.loading == 1  # a wait for this model will end
     assert table.resolve("nope") is None
+
+
+def _view(outstanding: dict[str, int] | None = None, broken: frozenset[str] = frozenset()) -> View:
+    return View(outstanding or {}, {}, lambda key: key[0] not in broken)
+
+
+def test_a_decision_names_each_filter_verdict_and_each_score() -> None:
+    full = Endpoint("a", "h:1", max_streams=1)
+    view = View({"h:1": 1}, {("h:1", "m"): 1}, lambda key: key[0] != "h:3")
+    d = pick("m", [full, B, C], Ask(), view)
+    rows = {c.endpoint.node_id: c for c in d.candidates}
+    assert rows["a"].rejected.startswith("slot:") and not rows["a"].scores
+    assert rows["c"].rejected == "breaker: circuit breaker open"
+    assert d.chosen is B and rows["b"].scores == {"affinity": 0.0, "kv": 1.0, "load": 1.0}
+    assert rows["b"].total == 3.0 and not d.note
+
+
+def test_excluded_replicas_are_filtered_and_a_soft_filter_lifts_when_nothing_is_left() -> None:
+    d = pick("m", [A, B], Ask(exclude={A.identity}), _view(broken=frozenset({"h:2"})))
+    assert d.chosen is B and "soft filters lifted" in d.note  # the broken one, as a last resort
+    assert {c.endpoint.node_id: c.rejected for c in d.candidates}["a"].startswith("excluded:")
+    none = pick("m", [A], Ask(exclude={A.identity}), _view())
+    assert none.chosen is None and none.candidates[0].rejected
+
+
+def test_weights_are_the_profile_a_load_only_profile_ignores_affinity() -> None:
+    preferred = rendezvous("user-42", [A, B, C])
+    others = [e for e in (A, B, C) if e is not preferred]
+    load = {preferred.address: 2, others[0].address: 1}  # preferred busier, within the slack
+    assert pick("m", [A, B, C], Ask("user-42"), _view(load)).chosen is preferred
+    d = pick("m", [A, B, C], Ask("user-42"), _view(load), {"load": 1.0})
+    assert d.chosen is others[1] and set(d.candidates[0].scores) == {"load"}
+
+
+def test_the_scorers_are_the_ones_model_specs_may_weigh() -> None:
+    assert set(SCORERS) == set(ROUTING_SCORERS) == set(DEFAULT_WEIGHTS)

@@ -12,10 +12,11 @@ here. A model with no READY replica is a cold start:
 one EnsureModel at a time per model (singleflight), repeated while anyone waits; a READY fallback
 model serves meanwhile.
 
-Picking among replicas with a free slot: not excluded for this request (the relay excludes a
-replica it gave up on), breaker closed, then `picker.rank`; replicas with an open breaker are
-used when nothing else is left. A request whose every replica is excluded waits for the table to
-change (a new replica, or a restarted agent: a new incarnation).
+Picking: the routing pipeline (routing/pipeline.py: filters free slot, not excluded for this
+request (the relay excludes a replica it gave up on), breaker (soft: an open one is used when
+nothing else is left); weighted scorers; each decision kept for explain-route). A request
+whose every replica is excluded waits for the table to change (a new replica, or a restarted
+agent: a new incarnation).
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Container, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Container, Coroutine, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
+from meshserve.router.core.decisions import DecisionLog
 from meshserve.router.core.demand import DemandTracker
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Endpoint, Route, RouteTable
 from meshserve.router.routing.exclusions import Identity
-from meshserve.router.routing.picker import rank
+from meshserve.router.routing.pipeline import DEFAULT_WEIGHTS, Ask, Decision, View, pick
 from meshserve.router.tenancy.fairqueue import FairQueue
 from meshserve.rpc.errors import ServiceError
 from meshserve.telemetry import metrics
@@ -42,8 +44,6 @@ from meshserve.v1 import common_pb2
 
 DEADLINE_MARGIN_S = 0.1  # answer a little before the caller's deadline so it gets our message
 RECHECK_S = 0.5  # a waiter looks again this often (breaker cool-downs end without an event)
-SHEDDABLE = common_pb2.PRIORITY_LOW
-RESERVED_SHARE = 0.25  # of a replica's slots that sheddable streams leave to the others
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class Slot:
     route: Route  # what serves the request: the model's route, or a READY fallback's
     endpoint: Endpoint
     waited_s: float = 0.0  # time spent queued
+    decision: Decision | None = None  # how routing chose it (routing/pipeline.py)
 
     @property
     def model(self) -> str:
@@ -80,9 +81,7 @@ class Slot:
 @dataclass(eq=False)
 class _Waiter:
     route: Route
-    session_key: str
-    exclude: Container[Identity]
-    priority: int = common_pb2.PRIORITY_NORMAL
+    ask: Ask
     future: asyncio.Future[Slot] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -101,6 +100,7 @@ class Admission:
         timeout_s: float,
         ensure_interval_s: float,
         fair: bool = True,
+        weights: Mapping[str, float] = DEFAULT_WEIGHTS,
     ) -> None:
         self.fair = fair  # False: FIFO, every request equal (priority and tenant ignored)
         self.table = table
@@ -117,6 +117,11 @@ class Admission:
         self.ready_at: dict[str, float] = {}  # model → when the scheduler expects it (monotonic)
         self._ensuring: dict[str, asyncio.Task[None]] = {}
         self._tiebreak = itertools.count()
+        self.weights = weights  # the router profile's scorer weights (a model's own win)
+        self.decisions = DecisionLog()
+        self._view = View(
+            self.outstanding, self.streams, lambda key: breakers.allows(key, time.monotonic())
+        )
         table.subscribe(self._on_table)
 
     # --- taking and giving back slots --------------------------------------------------------
@@ -128,6 +133,7 @@ class Admission:
         deadline_s: float | None = None,
         exclude: Container[Identity] = frozenset(),
         who: Who = ANYONE,
+        request_id: str = "",
     ) -> Slot:
         """A slot on a replica of ``route``'s model (or a READY fallback); waits in the model's
         queue while none is free. ``deadline_s``: the caller's remaining time (None: none).
@@ -137,13 +143,16 @@ class Admission:
         if not self.fair:
             who = ANYONE
         queue = self.queues.setdefault(model, FairQueue())
+        ask = Ask(session_key, who.priority, exclude, request_id)
         if not queue:  # nobody ahead: no queueing cost on the hot path
-            slot = self._choose(self._current(route), session_key, exclude, who.priority)
+            slot, refused = self._choose(self._current(route), ask, model)
             if slot is not None:
                 return self._take(slot)
+            if refused is not None and refused.candidates:  # why it waits, for explain-route
+                self.decisions.record(model, replace(refused, note="none free: queued"))
         if len(queue) >= self.per_model:
             self._shed_for(model, queue, who.priority)
-        waiter = _Waiter(route, session_key, exclude, who.priority)
+        waiter = _Waiter(route, ask)
         queue.push(waiter, who.priority, who.tenant, who.weight)
         self.demand.queued(model, +1)
         metrics.QUEUED.labels(model).inc()
@@ -209,6 +218,7 @@ class Admission:
         self.outstanding[address] = self.outstanding.get(address, 1) - 1
         key = (address, slot.model)
         self.streams[key] = self.streams.get(key, 1) - 1
+        self.breakers.released(key)
         self._dispatch_all()
 
     # --- choosing ----------------------------------------------------------------------------
@@ -216,41 +226,30 @@ class Admission:
     def _current(self, route: Route) -> Route:
         return self.table.current.resolve(route.spec.name) or route
 
-    def _free(self, e: Endpoint, model: str, priority: int) -> bool:
-        if not e.max_streams:
-            return True
-        limit = e.max_streams
-        if priority <= SHEDDABLE and limit > 1:
-            limit -= max(1, int(limit * RESERVED_SHARE))
-        return self.streams.get((e.address, model), 0) < limit
-
-    def _choose(
-        self,
-        route: Route,
-        session_key: str,
-        exclude: Container[Identity],
-        priority: int = common_pb2.PRIORITY_NORMAL,
-    ) -> Slot | None:
+    def _choose(self, route: Route, ask: Ask, asked: str) -> tuple[Slot | None, Decision | None]:
+        """A replica for ``ask`` by the routing pipeline, on ``route`` or (cold) a READY
+        fallback, each choice kept (explain-route); else how ``route``'s replicas were refused."""
         routes = [route]
+        refused: Decision | None = None
         if not route.ready:  # cold: a READY fallback serves meanwhile
             for name in route.spec.fallbacks:
                 fallback = self.table.current.resolve(name)
                 if fallback is not None and fallback.ready:
                     routes.append(fallback)
-        now = time.monotonic()
         for r in routes:
-            model = r.spec.name
-            fresh = [
-                e for e in r.ready if self._free(e, model, priority) and e.identity not in exclude
-            ]
-            closed = [e for e in fresh if self.breakers.allows((e.address, model), now)]
-            candidates = closed or fresh  # broken ones only when nothing else is left
-            if candidates:
-                ranked = rank(
-                    candidates, self.outstanding, frozenset(), session_key, next(self._tiebreak)
-                )
-                return Slot(r, ranked[0])
-        return None
+            d = pick(
+                r.spec.name,
+                r.ready,
+                ask,
+                self._view,
+                r.spec.routing_weights or self.weights,
+                next(self._tiebreak),
+            )
+            if d.chosen is not None:
+                self.decisions.record(asked, d)
+                return Slot(r, d.chosen, decision=d), d
+            refused = refused or d
+        return None, refused
 
     def _take(self, slot: Slot) -> Slot:
         metrics.QUEUE_WAIT.labels(slot.model).observe(slot.waited_s)
@@ -270,14 +269,13 @@ class Admission:
         for waiter in queue:
             if waiter.future.done():
                 continue
-            slot = self._choose(
-                self._current(waiter.route), waiter.session_key, waiter.exclude, waiter.priority
-            )
+            slot, _refused = self._choose(self._current(waiter.route), waiter.ask, model)
             if slot is None:
                 continue
             queue.served(waiter)
+            waited = time.monotonic() - waiter.since
             waiter.future.set_result(
-                self._take(Slot(slot.route, slot.endpoint, time.monotonic() - waiter.since))
+                self._take(Slot(slot.route, slot.endpoint, waited, slot.decision))
             )
 
     def _on_table(self, table: RouteTable, models: set[str]) -> None:
@@ -288,6 +286,7 @@ class Admission:
             if route is not None:
                 metrics.READY_REPLICAS.labels(model).set(len(route.ready))
             else:
+                self.decisions.drop(model)
                 with contextlib.suppress(KeyError):
                     metrics.READY_REPLICAS.remove(model)
         alive = {
@@ -349,7 +348,7 @@ class Admission:
         route = self._current(waiter.route)
         model = route.spec.name
         waited = time.monotonic() - waiter.since
-        excluded = [e for e in route.ready if e.identity in waiter.exclude]
+        excluded = [e for e in route.ready if e.identity in waiter.ask.exclude]
         if excluded:
             why = (
                 f"{len(excluded)} of its {len(route.ready)} READY replicas failed this request "

@@ -1,6 +1,6 @@
-"""The response headers of a relayed stream (relay.py): sent once, with the first message of
-the first attempt that has one — the serving node and model, the attempt that answered, the
-time queued, and a W3C traceresponse."""
+"""The response headers of a relayed stream (relay.py): set once on the `Call`, for the first
+message of the first attempt that has one (the front sends them) — the serving node and model,
+the attempt that answered, the time queued, and a W3C traceresponse."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from meshserve.router.core.admission import Slot
+from meshserve.router.core.call import Call
 from meshserve.router.core.demand import DemandTracker
-from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.telemetry.tracing import exemplar
@@ -27,8 +27,8 @@ class Headers:
 
     async def send(
         self,
-        context: Ctx,
-        call: Any,
+        call: Call,
+        upstream: Any,
         slot: Slot,
         attempt: int,
         start: float,
@@ -40,12 +40,12 @@ class Headers:
         demand.first_token(slot.model, ttft)
         span = trace.get_current_span()
         span.set_attribute("meshserve.ttft_s", ttft)
-        upstream = await call.initial_metadata() or ()
-        headers = [(k, v) for k, v in upstream if k in FORWARDED_HEADERS]
+        forwarded = await upstream.initial_metadata() or ()
+        headers = [(k, v) for k, v in forwarded if k in FORWARDED_HEADERS]
         headers.append(("meshserve-attempts", str(attempt)))
         if (tr := traceresponse()) is not None:
             headers.append(tr)
         if slot.waited_s > 0.001:
             headers.append(("meshserve-queued-ms", str(round(slot.waited_s * 1000))))
             span.set_attribute("meshserve.queued_s", slot.waited_s)
-        await context.send_initial_metadata(tuple(headers))
+        call.headers.extend(headers)

@@ -18,8 +18,6 @@ failover after it. No request lost, no token repeated.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,7 +26,10 @@ import grpc
 from meshserve.router.config import RouterConfig
 from meshserve.router.core import coldstart
 from meshserve.router.core.admission import ANYONE, Admission, Slot, Who
+from meshserve.router.core.attempts import AttemptPolicy, Broken, Tries, backoff_s, broken
 from meshserve.router.core.budget import RetryBudget
+from meshserve.router.core.call import Call
+from meshserve.router.core.decisions import span_attributes
 from meshserve.router.core.demand import DemandTracker
 from meshserve.router.core.headers import Headers
 from meshserve.router.core.stall import Stall
@@ -36,55 +37,12 @@ from meshserve.router.core.table import EndpointTable
 from meshserve.router.core.upstreams import Upstreams, trace_metadata
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Route
-from meshserve.router.routing.exclusions import Exclusions, Identity
-from meshserve.rpc import handlers
-from meshserve.rpc.errors import ServiceError, decode_details, error_reason
-from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
 from meshserve.v1 import inference_pb2
 from opentelemetry import trace
 
-_tracer = tracer("meshserve.router.core.service")
-
-# Codes on which another attempt may succeed.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.NOT_FOUND,  # the replica unloaded between the table and the call
-        grpc.StatusCode.CANCELLED,  # the agent shut down mid-call
-    }
-)
-# Reasons an agent gives when the replica itself is gone (engines/prompts.py), or when it may
-# be (cut off from etcd, cluster/fence.py): the request leaves that replica at once.
-GONE_REASONS = frozenset({"ENGINE_DIED", "MODEL_UNLOADED", "AGENT_FENCED"})
-# Failures that say something about the replica's health (breakers).
-UNHEALTHY = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-)
-BACKOFF_BASE_S = 0.05
-BACKOFF_CAP_S = 1.0
-
-
-class Broken(Exception):
-    """An attempt ended without finishing the stream; another may go on."""
-
-    def __init__(
-        self, what: str, unhealthy: bool = True, saturated: bool = False, gone: bool = False
-    ) -> None:
-        super().__init__(what)
-        self.what = what
-        self.unhealthy = unhealthy  # counts against the replica's breaker
-        self.saturated = saturated  # the replica was full: back to the queue
-        self.gone = gone  # the replica said it is gone for good (its engine died, unloaded)
-
-
-def backoff_s(attempt: int, rng: random.Random) -> float:
-    """Full jitter (AWS): uniform in [0, min(cap, base x 2^attempt)]."""
-    return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+_tracer = tracer("meshserve.router.server")
 
 
 def continuation_of(delivered: list[bytes]) -> tuple[list[int], str, bool]:
@@ -101,7 +59,7 @@ def continuation_of(delivered: list[bytes]) -> tuple[list[int], str, bool]:
     return ids, "".join(text), finished
 
 
-class Relay:
+class Relay(AttemptPolicy):
     def __init__(
         self,
         config: RouterConfig,
@@ -112,39 +70,40 @@ class Relay:
         budget: RetryBudget,
         demand: DemandTracker,
     ) -> None:
-        self.config = config
-        self.table = table
+        super().__init__(config, table, breakers, budget)
         self.admission = admission
         self.upstreams = upstreams
-        self.breakers = breakers
-        self.budget = budget
         self.demand = demand
-        self.rng = random.Random()
 
     async def generate(
         self,
         request: inference_pb2.GenerateRequest,
         route: Route,
-        context: Ctx,
+        call: Call,
         who: Who = ANYONE,
     ) -> AsyncIterator[bytes]:
         start = time.perf_counter()
         model = route.spec.name
         delivered: list[bytes] = []
-        failed = Exclusions()  # replicas this request gave up on (for a while: exclusions.py)
-        strikes: dict[Identity, int] = {}
-        attempts: list[str] = []
-        retries = failovers = saturated = resumes = 0
-        full_since = stuck_since = 0.0  # agents answer RESOURCE_EXHAUSTED / a stream broke
+        tries = Tries(model)
+        failovers = resumes = 0
+        stuck_since = 0.0  # when the stream last broke
         state = Headers()
         self.budget.request()
         try:
             while True:
                 with _tracer.start_as_current_span("router.pick") as pick:
                     slot = await self.admission.acquire(
-                        route, request.session_key, handlers.remaining_s(context), failed, who
+                        route,
+                        request.session_key,
+                        call.remaining_s(),
+                        tries.failed,
+                        who,
+                        request.request_id,
                     )
                     pick.set_attribute("meshserve.node", slot.endpoint.node_id)
+                    if slot.decision is not None and pick.is_recording():
+                        pick.set_attributes(span_attributes(slot.decision))
                     if slot.waited_s:
                         pick.set_attribute("meshserve.queued_s", slot.waited_s)
                         if not route.ready:  # it waited for a cold start: say why and how
@@ -156,34 +115,24 @@ class Relay:
                 try:
                     first_s = self._first_limit(state, bool(delivered), resumes)
                     async for message in self._attempt(
-                        slot, payload, request, context, state, start, len(attempts) + 1, first_s
+                        slot, payload, request, call, state, start, len(tries.log) + 1, first_s
                     ):
                         delivered.append(message)
                         yield message
                     return
                 except Broken as b:
-                    attempts.append(f"{slot.endpoint.node_id}: {b.what}")
+                    tries.log.append(f"{slot.endpoint.node_id}: {b.what}")
                     if delivered and continuation_of(delivered[-1:])[2]:
                         return  # it broke after the final message: the client has it all
                     now = time.monotonic()
                     if b.saturated:  # full: queue again, not a failure
-                        saturated += 1
-                        full_since = full_since or now
-                        if now - full_since > self.config.queue_timeout_s:
-                            raise ServiceError(
-                                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"model {model!r}: replicas stayed full (other routers' streams) "
-                                f"for {now - full_since:.0f} s: " + "; ".join(attempts[-3:]),
-                                "REPLICAS_FULL",
-                                retry_after_s=1.0,
-                            ) from None
-                        delay = backoff_s(min(saturated, 5), self.rng)
+                        delay = self.full(tries, now)
                     else:
-                        self._give_up_on(slot, b, strikes, failed, now)
+                        self.give_up_on(slot, b, tries, now)
                         if delivered and len(delivered) == had:  # a resume that got nowhere:
                             # the exclusions space these out; the queue timeout bounds them
                             if now - stuck_since > self.config.queue_timeout_s:
-                                raise self._exhausted(model, attempts, "failovers") from None
+                                raise self.exhausted(model, tries.log, "failovers") from None
                             resumes += 1
                             delay = backoff_s(min(resumes, 5), self.rng)
                         elif delivered:
@@ -191,7 +140,7 @@ class Relay:
                             failovers += 1
                             metrics.FAILOVERS.labels(model).inc()
                             if failovers > self.config.max_failovers:
-                                raise self._exhausted(model, attempts, "failovers") from None
+                                raise self.exhausted(model, tries.log, "failovers") from None
                             trace.get_current_span().add_event(
                                 "failover",
                                 {
@@ -201,46 +150,13 @@ class Relay:
                             )
                             delay = backoff_s(failovers - 1, self.rng) if failovers > 1 else 0.0
                         else:
-                            retries += 1
-                            if retries >= self.config.max_attempts:
-                                raise self._exhausted(model, attempts, "attempts") from None
-                            if not self.budget.try_retry():
-                                metrics.RETRIES_DENIED.inc()
-                                raise self._exhausted(model, attempts, "budget") from None
-                            metrics.RETRIES.labels(model).inc()
-                            delay = backoff_s(retries, self.rng)
+                            delay = self.retry(tries)
                 finally:
                     self.admission.release(slot)
                 if delay:
-                    await self._pause(delay, context)
+                    await self.pause(delay, call)
         finally:
-            with contextlib.suppress(Exception):
-                context.set_trailing_metadata((("meshserve-failovers", str(failovers)),))
-
-    def _give_up_on(
-        self,
-        slot: Slot,
-        b: Broken,
-        strikes: dict[Identity, int],
-        failed: Exclusions,
-        now: float,
-    ) -> None:
-        """Counts the failure against the replica's breaker, and leaves the replica for this
-        request when it has others to go to, at its second failure (a transient failure of the
-        only replica is not a verdict), or at once when it said it is gone for good (its engine
-        died, it was unloaded: a reload is another replica, which the request may take)."""
-        if b.unhealthy:
-            self.breakers.failure((slot.endpoint.address, slot.model), now)
-        identity = slot.endpoint.identity
-        strikes[identity] = strikes.get(identity, 0) + 1
-        if b.gone or strikes[identity] >= 2 or self._others(slot, identity):
-            failed.add(identity)
-            strikes[identity] = 0  # a retry after the exclusion gets its two chances again
-
-    def _others(self, slot: Slot, identity: Identity) -> bool:
-        """Whether the model has another READY replica to go to."""
-        route = self.table.current.resolve(slot.model)
-        return route is not None and any(e.identity != identity for e in route.ready)
+            call.trailers.append(("meshserve-failovers", str(failovers)))
 
     def _first_limit(self, state: Headers, resumed: bool, resumes: int) -> float:
         """How long an attempt waits for its first message. A resume's comes about as fast as
@@ -268,33 +184,12 @@ class Relay:
         resumed.continuation.text = text
         return resumed.SerializeToString()
 
-    async def _pause(self, seconds: float, context: Ctx) -> None:
-        left = handlers.remaining_s(context)
-        if left is not None:
-            seconds = min(seconds, max(0.0, left - 0.2))
-        await asyncio.sleep(seconds)
-
-    def _exhausted(self, model: str, attempts: list[str], why: str) -> ServiceError:
-        what = {
-            "attempts": f"every attempt failed before the first token ({len(attempts)})",
-            "budget": "an attempt failed and the router's retry budget is spent (retry storm "
-            "protection)",
-            "failovers": f"the stream broke {len(attempts)} times (max_failovers "
-            f"{self.config.max_failovers})",
-        }[why]
-        return ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"model {model!r}: {what}: " + "; ".join(attempts),
-            "ALL_REPLICAS_FAILED" if why != "failovers" else "FAILOVERS_EXHAUSTED",
-            retry_after_s=1.0,
-        )
-
     async def _attempt(
         self,
         slot: Slot,
         payload: bytes,
         request: inference_pb2.GenerateRequest,
-        context: Ctx,
+        call: Call,
         state: Headers,
         start: float,
         attempt: int,
@@ -307,19 +202,19 @@ class Relay:
             attributes={"meshserve.node": endpoint.node_id, "meshserve.attempt": attempt},
             kind=trace.SpanKind.CLIENT,
         )
-        call = self.upstreams.generate(endpoint.address)(
+        upstream = self.upstreams.generate(endpoint.address)(
             payload,
-            timeout=handlers.remaining_s(context),
+            timeout=call.remaining_s(),
             metadata=trace_metadata(span, request.request_id),
         )
         gone = self.table.departure(slot.model, endpoint.identity)
-        watcher = asyncio.get_running_loop().create_task(_cancel_when(gone, call))
+        watcher = asyncio.get_running_loop().create_task(_cancel_when(gone, upstream))
         key = (endpoint.address, slot.model)
-        stall = Stall(call, first_s)
+        stall = Stall(upstream, first_s)
         sent = time.monotonic()
         try:
             try:
-                first = await call.read()
+                first = await upstream.read()
             except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
                 if stall.fired:
                     raise Broken(f"no first token in {first_s:.1f} s") from None
@@ -330,14 +225,14 @@ class Relay:
             stall.pace(self.config.stall_factor, self.config.stall_floor_s)
             self.breakers.success(key, time.monotonic())
             if not state.sent:
-                await state.send(context, call, slot, attempt, start, self.demand)
+                await state.send(call, upstream, slot, attempt, start, self.demand)
             if first is grpc.aio.EOF:
                 return
             yield first
             try:
                 while True:
                     stall.reading()
-                    if (message := await call.read()) is grpc.aio.EOF:
+                    if (message := await upstream.read()) is grpc.aio.EOF:
                         break
                     stall.delivered()
                     yield message
@@ -352,41 +247,21 @@ class Relay:
             stall.stop()
             watcher.cancel()
             self.table.forget_departure(slot.model, endpoint.identity)
-            if not call.done():
-                call.cancel()  # our caller went away (or we gave up): stop the agent's work
+            if not upstream.done():
+                upstream.cancel()  # our caller went away (or we gave up): stop the agent's work
             span.end()
 
 
 def _upstream_error(e: BaseException, gone: asyncio.Event, when: str) -> BaseException:
     """What reading the upstream call raised, as the relay sees it: a status as `Broken` (or
-    passed through, see `_broken`); a cancel that the departure watcher made (the replica left
-    the table) as `Broken`; any other cancel (our caller went away) as itself."""
+    passed through, see `attempts.broken`); a cancel that the departure watcher made (the
+    replica left the table) as `Broken`; any other cancel (our caller went away) as itself."""
     if isinstance(e, asyncio.CancelledError):
         return Broken(f"replica left the table{when}") if gone.is_set() else e
-    return _broken(e, gone)
+    return broken(e, gone.is_set())
 
 
 async def _cancel_when(gone: asyncio.Event, call: Any) -> None:
     """Cancels ``call`` once its replica is gone, so the read waiting on it fails over now."""
     await gone.wait()
     call.cancel()
-
-
-def _broken(e: grpc.aio.AioRpcError, gone: asyncio.Event) -> Exception:
-    """An upstream status as `Broken` (another replica may go on) or as itself (it may not)."""
-    code = e.code()
-    what = f"{code.name}: {e.details()}"
-    if gone.is_set():
-        return Broken(f"replica left the table ({what})")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not _limit_of_ours(e):
-        return Broken(what, unhealthy=False, saturated=True)
-    if code in RETRYABLE:
-        reason = error_reason(decode_details(e.trailing_metadata()))
-        return Broken(what, unhealthy=code in UNHEALTHY, gone=reason in GONE_REASONS)
-    passed: Exception = e  # the caller's own error (INVALID_ARGUMENT, DEADLINE_EXCEEDED …)
-    return passed
-
-
-def _limit_of_ours(e: grpc.aio.AioRpcError) -> bool:
-    """RESOURCE_EXHAUSTED for a message over gRPC's size limit is the request's fault."""
-    return "larger than max" in (e.details() or "")

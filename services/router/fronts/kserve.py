@@ -24,13 +24,14 @@ import asyncio
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from meshserve.cluster.store import Store
 from meshserve.kserve import grpc_service_pb2 as K
+from meshserve.router.core.accounting import ModelStats
 from meshserve.router.core.admission import Ensured
+from meshserve.router.core.call import Call
 from meshserve.router.core.service import RouterInference
 from meshserve.router.fronts.kserve_tensors import (
     config,
@@ -42,48 +43,17 @@ from meshserve.router.fronts.kserve_tensors import (
     tensors_in,
     text_response,
 )
+from meshserve.router.fronts.native import call_of
 from meshserve.router.routing.endpoints import Route
-from meshserve.router.tenancy.gate import caller
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.v1 import cluster_pb2, inference_pb2
 
+T = TypeVar("T")
 SERVER_NAME, SERVER_VERSION = "meshserve", "0.1.0"
 LOAD_TIMEOUT_S = 300.0
-
-
-class QuietContext:
-    """The caller's context for the router core, minus response metadata (a stream of many
-    requests cannot send headers per request)."""
-
-    def __init__(self, context: Ctx) -> None:
-        self.context = context
-
-    def invocation_metadata(self) -> Any:
-        return self.context.invocation_metadata()
-
-    def auth_context(self) -> Any:
-        return self.context.auth_context()
-
-    def time_remaining(self) -> Any:
-        return self.context.time_remaining()
-
-    async def send_initial_metadata(self, _metadata: Any) -> None:
-        return None
-
-    def set_trailing_metadata(self, _metadata: Any) -> None:
-        return None
-
-
-@dataclass
-class Stats:
-    success: int = 0
-    success_ns: int = 0
-    fail: int = 0
-    fail_ns: int = 0
-    last_ms: int = 0
 
 
 class KServe:
@@ -98,16 +68,15 @@ class KServe:
         self.core = core
         self.ensure = ensure
         self.store = store
-        self.stats: dict[str, Stats] = {}
 
     def _route(self, context: Ctx, name: str) -> Route:
         """The model's route for this caller: UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND as
         on the native API (the same gate)."""
-        return self.core.enter(context, name)[1]
+        return self.core.enter(call_of(context), name)[1]
 
     def _admin(self, context: Ctx) -> None:
         book = self.core.tenancy.source.book
-        tenant = caller(book, context)
+        tenant = self.core.identify(call_of(context))
         if book.auth and not tenant.admin:
             raise ServiceError(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -117,17 +86,18 @@ class KServe:
 
     def _visible(self, context: Ctx) -> Callable[[str], bool]:
         book = self.core.tenancy.source.book
-        tenant = caller(book, context)
+        tenant = self.core.identify(call_of(context))
         return lambda name: not book.auth or tenant.may_use(name)
 
-    def _count(self, model: str, started: float, ok: bool) -> None:
-        s = self.stats.setdefault(model, Stats())
-        ns = int((time.perf_counter() - started) * 1e9)
-        if ok:
-            s.success, s.success_ns = s.success + 1, s.success_ns + ns
-        else:
-            s.fail, s.fail_ns = s.fail + 1, s.fail_ns + ns
-        s.last_ms = int(time.time() * 1000)
+    def _translated(self, route: Route, translate: Callable[..., T], *args: Any) -> T:
+        """A request's translation to the core's; one it refuses counts as a failed inference
+        in the model's statistics (the core counts the rest)."""
+        started = time.perf_counter()
+        try:
+            return translate(*args)
+        except ServiceError:
+            self.core.accountant.refused(route.spec.name, started)
+            raise
 
     # --- health and metadata -----------------------------------------------------------------
 
@@ -159,11 +129,12 @@ class KServe:
         self, r: K.ModelStatisticsRequest, c: Ctx
     ) -> K.ModelStatisticsResponse:
         visible = self._visible(c)
-        names = [self._route(c, r.name).spec.name] if r.name else sorted(self.stats)
+        stats = self.core.accountant.stats
+        names = [self._route(c, r.name).spec.name] if r.name else sorted(stats)
         names = [n for n in names if visible(n)]
         out = K.ModelStatisticsResponse()
         for name in names:
-            s = self.stats.get(name, Stats())
+            s = stats.get(name, ModelStats())
             m = out.model_stats.add(
                 name=name,
                 version="1",
@@ -242,43 +213,38 @@ class KServe:
 
     async def model_infer(self, r: K.ModelInferRequest, context: Ctx) -> K.ModelInferResponse:
         route = self._route(context, r.model_name)
-        started = time.perf_counter()
-        try:
-            if kind(route) == "tensor":
-                reply = await self._infer(route, r, context)
-            elif kind(route) == "embed":
-                reply = await self._embed(route, r, context)
-            else:
-                text: list[str] = []
-                async for delta, _final in self._deltas(route, r, QuietContext(context)):
-                    text.append(delta)
-                reply = text_response(route.spec.name, r.id, "".join(text), True)
-        except BaseException:
-            self._count(route.spec.name, started, False)
-            raise
-        self._count(route.spec.name, started, True)
+        call = call_of(context)
+        if kind(route) == "tensor":
+            reply = await self._infer(route, r, call)
+        elif kind(route) == "embed":
+            reply = await self._embed(route, r, call)
+        else:
+            text: list[str] = []
+            async for delta, _final in self._deltas(route, r, call):
+                text.append(delta)
+            reply = text_response(route.spec.name, r.id, "".join(text), True)
         if (tr := traceresponse()) is not None:  # the trace id, as Generate's headers carry it
             await context.send_initial_metadata((tr,))
         return reply
 
     async def _infer(
-        self, route: Route, r: K.ModelInferRequest, context: Ctx
+        self, route: Route, r: K.ModelInferRequest, call: Call
     ) -> K.ModelInferResponse:
         request = inference_pb2.InferRequest(
             model=route.spec.name,
-            inputs=tensors_in(r),
+            inputs=self._translated(route, tensors_in, r),
             outputs=[o.name for o in r.outputs],
             request_id=r.id,
         )
-        got = await self.core.infer(request, QuietContext(context))
+        got = await self.core.infer(request, call)
         return infer_response(route.spec.name, r.id, got)
 
     async def _embed(
-        self, route: Route, r: K.ModelInferRequest, context: Ctx
+        self, route: Route, r: K.ModelInferRequest, call: Call
     ) -> K.ModelInferResponse:
-        texts = input_strings(r, "text_input", True)
+        texts = self._translated(route, input_strings, r, "text_input", True)
         got = await self.core.embed(
-            inference_pb2.EmbedRequest(model=route.spec.name, inputs=texts), QuietContext(context)
+            inference_pb2.EmbedRequest(model=route.spec.name, inputs=texts), call
         )
         dim = len(got.embeddings[0].values) if got.embeddings else 0
         out = K.ModelInferResponse(model_name=route.spec.name, model_version="1", id=r.id)
@@ -288,10 +254,10 @@ class KServe:
         return out
 
     async def _deltas(
-        self, route: Route, r: K.ModelInferRequest, context: Any
+        self, route: Route, r: K.ModelInferRequest, call: Call
     ) -> AsyncIterator[tuple[str, bool]]:
-        g = generate_request(route, r)
-        async for raw in self.core.generate(g, context):
+        g = self._translated(route, generate_request, route, r)
+        async for raw in self.core.generate(g, call):
             m = inference_pb2.GenerateResponse.FromString(raw)
             yield m.text, bool(m.finish_reason)
 
@@ -302,32 +268,28 @@ class KServe:
         text delta (errors as ``error_message``, the stream goes on)."""
         out: asyncio.Queue[K.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
-        quiet = QuietContext(context)
 
         async def one(r: K.ModelInferRequest) -> None:
-            started = time.perf_counter()
             name = r.model_name
+            call = call_of(context)  # per request: a stream of many has no headers per request
             try:
                 route = self._route(context, r.model_name)
                 name = route.spec.name
                 if kind(route) != "llm":  # not decoupled: one response for the request
                     one_reply = (
-                        await self._infer(route, r, context)
+                        await self._infer(route, r, call)
                         if kind(route) == "tensor"
-                        else await self._embed(route, r, context)
+                        else await self._embed(route, r, call)
                     )
                     out.put_nowait(K.ModelStreamInferResponse(infer_response=one_reply))
-                    self._count(name, started, True)
                     return
-                async for delta, final in self._deltas(route, r, quiet):
+                async for delta, final in self._deltas(route, r, call):
                     out.put_nowait(
                         K.ModelStreamInferResponse(
                             infer_response=text_response(name, r.id, delta, final)
                         )
                     )
-                self._count(name, started, True)
             except (ServiceError, grpc.aio.AioRpcError) as e:
-                self._count(name, started, False)
                 message = e.message if isinstance(e, ServiceError) else e.details()
                 code = e.code.name if isinstance(e, ServiceError) else e.code().name
                 err = K.ModelStreamInferResponse(error_message=f"{code}: {message}")

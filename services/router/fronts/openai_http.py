@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP front (FastAPI + uvicorn), served by the router process beside its
-gRPC API and calling the same router core (server.py: gate, tenancy, admission, relay), so a
+gRPC API and calling the same router core (core/service.py: gate, tenancy, admission, relay), so a
 request over HTTP is admitted, queued, retried, failed over and counted exactly as one over gRPC.
 In the router process rather than a gateway beside it: one hop less, one process to run, and the
 admission queue and limits see both kinds of traffic.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from meshserve.router.core.call import Call
 from meshserve.router.core.service import RouterInference
 from meshserve.router.fronts.http_errors import BodyLimit, error_body, from_exception
 from meshserve.router.fronts.http_tracing import finish, server_span, trace_headers, traced
@@ -47,30 +47,15 @@ from opentelemetry import trace
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
-class HttpContext:
-    """What the router core asks of a gRPC servicer context, from an HTTP request."""
+def call_of(request: Request, timeout_s: float | None) -> Call:
+    """The core's view of an HTTP request: its authorization header and its timeout."""
+    return Call.within(timeout_s, request.headers.get("authorization", ""))
 
-    def __init__(self, request: Request, timeout_s: float | None) -> None:
-        auth = request.headers.get("authorization", "")
-        self._metadata = (("authorization", auth),) if auth else ()
-        self._deadline = time.monotonic() + timeout_s if timeout_s else None
-        self.headers: dict[str, str] = {}
 
-    def invocation_metadata(self) -> Sequence[tuple[str, str]]:
-        return self._metadata
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {}
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
-        # W3C's traceresponse keeps its name; meshserve's own headers get the x- prefix.
-        self.headers.update({k if k == "traceresponse" else f"x-{k}": v for k, v in metadata})
-
-    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self.headers.update({f"x-{k}": v for k, v in metadata})
+def response_headers(call: Call) -> dict[str, str]:
+    """The core's headers and trailers as HTTP headers: W3C's traceresponse keeps its name;
+    meshserve's own get the x- prefix."""
+    return {k if k == "traceresponse" else f"x-{k}": v for k, v in (*call.headers, *call.trailers)}
 
 
 def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: False) -> FastAPI:
@@ -130,7 +115,7 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
     @app.get("/v1/models")
     async def models(request: Request) -> Any:
         try:
-            got = await core.list_models(inference_pb2.ListModelsRequest(), HttpContext(request, 5))
+            got = await core.list_models(inference_pb2.ListModelsRequest(), call_of(request, 5))
         except (ServiceError, grpc.aio.AioRpcError) as e:
             return failure(e)
         # Only what this API serves: a tensor model (task: classify) answers KServe and Infer,
@@ -151,7 +136,7 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
             with trace.use_span(span, end_on_exit=False, set_status_on_exception=False):
                 got = await core.embed(
                     inference_pb2.EmbedRequest(model=body.model, inputs=inputs),
-                    HttpContext(request, None),
+                    call_of(request, None),
                 )
         except (ServiceError, grpc.aio.AioRpcError) as e:
             finish(span, e)
@@ -188,7 +173,7 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
         except ServiceError as e:
             finish(span, e)
             return failure(e, span)
-        ctx = HttpContext(request, body.timeout)
+        call = call_of(request, body.timeout)
         options = body.stream_options
         shape = Shape(
             body.model,
@@ -197,7 +182,7 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
             logprobs,
             bool(options and options.continuous_usage_stats),
         )
-        stream = traced(span, core.generate(g, ctx))  # ends the span when the stream ends
+        stream = traced(span, core.generate(g, call))  # ends the span when the stream ends
         try:  # the first message (or the error) before any byte is sent: errors get a status
             first = await anext(stream)
         except StopAsyncIteration:
@@ -208,10 +193,11 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
             return StreamingResponse(
                 shape.sse(first, stream),
                 media_type="text/event-stream",
-                headers={**ctx.headers, "cache-control": "no-cache"},
+                headers={**response_headers(call), "cache-control": "no-cache"},
             )
         try:
-            return JSONResponse(await shape.whole(first, stream), headers=ctx.headers)
+            whole = await shape.whole(first, stream)
+            return JSONResponse(whole, headers=response_headers(call))
         except (ServiceError, grpc.aio.AioRpcError) as e:
             return failure(e, span)
 

@@ -78,6 +78,14 @@ class Breakers:
         if self.state(key, now) == HALF_OPEN:
             self._b[key].probing = True
 
+    def released(self, key: Key) -> None:
+        """The request on ``key`` ended. A half-open probe that reported nothing (the caller's
+        own error, a cancel, a full replica: nothing about the replica's health) lets the next
+        request probe instead, or the breaker would wait for an outcome that never comes."""
+        b = self._b.get(key)
+        if b is not None and b.state == HALF_OPEN and b.probing:
+            b.probing = False
+
     def success(self, key: Key, now: float) -> None:
         b = self._b.setdefault(key, _Breaker())
         b.consecutive = 0

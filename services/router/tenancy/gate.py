@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aetcd
@@ -40,7 +40,6 @@ from meshserve.router.tenancy.tenants import (
     parse_book,
 )
 from meshserve.rpc.errors import ServiceError
-from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry import metrics
 from meshserve.v1 import cluster_pb2
 
@@ -138,37 +137,26 @@ def unauthenticated(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message, "UNAUTHENTICATED")
 
 
-def caller(book: TenantBook, context: Ctx) -> Tenant:
-    """The tenant a call comes from; raises UNAUTHENTICATED."""
+def caller(book: TenantBook, authorization: str, subjects: Sequence[str] = ()) -> Tenant:
+    """The tenant a call comes from, by its ``authorization`` header (``Bearer <API key>``), else
+    its client certificate's ``subjects`` (mTLS); raises UNAUTHENTICATED."""
     if not book.auth:
         return ANONYMOUS
-    header = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            header = value if isinstance(value, str) else value.decode(errors="replace")
-    if header:
-        scheme, _, token = header.strip().partition(" ")
+    if authorization:
+        scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise unauthenticated("the authorization metadata must read 'Bearer <API key>'")
         tenant = book.by_hash.get(hash_key(token.strip()))
         if tenant is None:
             raise unauthenticated("unknown API key: ask your platform team for a valid one")
         return tenant
-    for subject in peer_subjects(context):
+    for subject in subjects:
         if subject in book.by_subject:
             return book.by_subject[subject]
     raise unauthenticated(
         "no credentials: send metadata 'authorization: Bearer <API key>' (or, with mTLS, a "
         "client certificate whose subject names a tenant)"
     )
-
-
-def peer_subjects(context: Ctx) -> list[str]:
-    """The client certificate's subject and ``CN=<common name>`` (mTLS), if any."""
-    auth = context.auth_context() or {}
-    out = [v.decode() for v in auth.get("x509_subject", [])]
-    out += [f"CN={v.decode()}" for v in auth.get("x509_common_name", [])]
-    return out
 
 
 def permission_denied(tenant: Tenant, model: str) -> ServiceError:

@@ -1,0 +1,204 @@
+"""Routing as a pipeline (pure), as the scheduler places (and as llm-d's endpoint picker and the
+Kubernetes scheduling framework do): filters say which READY replicas may take a request, each
+with its reason when not; weighted scorers in [0, 1] rank the ones left; the picker takes the
+best, rotating ties. Every pick is a `Decision` (candidates, verdicts, scores, chosen) that the
+router records on the request's ``router.pick`` span and keeps for `meshserve explain-route`.
+
+Filters: ``slot`` (a free stream slot: this router sends a replica at most its published
+``max_streams``, and sheddable requests leave it a reserve), ``excluded`` (the request gave up on
+the replica), ``breaker`` (open circuit breaker; soft: lifted when nothing else is left).
+Scorers: ``affinity`` (the replica that rendezvous hashing gives the request's session key,
+unless it carries more than AFFINITY_SLACK streams above the least loaded), ``kv`` (its KV cache
+below KV_FULL: a new stream on a nearly full one waits for blocks or preempts one), ``load``
+(1 / (1 + this router's streams on it + streams queued in its engine)). The default weights
+(affinity 4, kv 2, load 1) rank lexicographically in that order; a router profile
+(``--routing-weights``) or a model (``routing:`` in its spec) may set others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from meshserve.router.routing.endpoints import Endpoint
+from meshserve.router.routing.exclusions import Identity
+from meshserve.v1 import common_pb2
+
+AFFINITY_SLACK = 4  # streams a session's replica may carry above the least loaded before we move
+KV_FULL = 0.9
+SHEDDABLE = common_pb2.PRIORITY_LOW
+RESERVED_SHARE = 0.25  # of a replica's slots that sheddable streams leave to the others
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What routing knows of one request."""
+
+    session_key: str = ""
+    priority: int = common_pb2.PRIORITY_NORMAL
+    exclude: Container[Identity] = frozenset()
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class View:
+    """The router's own state that routing reads: its streams per replica (``outstanding``, by
+    address) and per replica and model (``streams``), and whether a replica's breaker lets a
+    request through now (``allows``, by (address, model))."""
+
+    outstanding: Mapping[str, int]
+    streams: Mapping[tuple[str, str], int]
+    allows: Callable[[tuple[str, str]], bool] = lambda _key: True
+
+
+Check = Callable[[Endpoint, str, Ask, View], str]  # "" passes; else why not
+Score = Callable[[Sequence[Endpoint], Ask, View], list[float]]  # one per candidate, in [0, 1]
+
+
+@dataclass(frozen=True)
+class Filter:
+    name: str
+    check: Check
+    soft: bool = False  # lifted when no replica passes it
+
+
+def free_slot(e: Endpoint, model: str, ask: Ask, view: View) -> str:
+    if not e.max_streams:
+        return ""
+    limit = e.max_streams
+    if ask.priority <= SHEDDABLE and limit > 1:
+        limit -= max(1, int(limit * RESERVED_SHARE))
+    n = view.streams.get((e.address, model), 0)
+    return "" if n < limit else f"{n} of its {limit} slots taken by this router's streams"
+
+
+def not_excluded(e: Endpoint, _model: str, ask: Ask, _view: View) -> str:
+    return "failed this request (left for a while)" if e.identity in ask.exclude else ""
+
+
+def breaker_closed(e: Endpoint, model: str, _ask: Ask, view: View) -> str:
+    return "" if view.allows((e.address, model)) else "circuit breaker open"
+
+
+def rendezvous(key: str, endpoints: Sequence[Endpoint]) -> Endpoint:
+    """Highest-random-weight hashing: a key keeps its replica while that replica exists."""
+    return max(
+        endpoints,
+        key=lambda e: hashlib.blake2b(f"{key}|{e.node_id}".encode(), digest_size=8).digest(),
+    )
+
+
+def affinity(cands: Sequence[Endpoint], ask: Ask, view: View) -> list[float]:
+    if not ask.session_key or not cands:
+        return [0.0] * len(cands)
+    preferred = rendezvous(ask.session_key, cands)
+    least = min(view.outstanding.get(e.address, 0) for e in cands)
+    if view.outstanding.get(preferred.address, 0) - least > AFFINITY_SLACK:
+        return [0.0] * len(cands)
+    return [1.0 if e is preferred else 0.0 for e in cands]
+
+
+def kv_room(cands: Sequence[Endpoint], _ask: Ask, _view: View) -> list[float]:
+    return [0.0 if e.kv_cache_usage >= KV_FULL else 1.0 for e in cands]
+
+
+def load(cands: Sequence[Endpoint], _ask: Ask, view: View) -> list[float]:
+    return [1.0 / (1 + view.outstanding.get(e.address, 0) + e.waiting) for e in cands]
+
+
+FILTERS: tuple[Filter, ...] = (
+    Filter("slot", free_slot),
+    Filter("excluded", not_excluded),
+    Filter("breaker", breaker_closed, soft=True),
+)
+SCORERS: Mapping[str, Score] = {"affinity": affinity, "kv": kv_room, "load": load}
+DEFAULT_WEIGHTS: Mapping[str, float] = {"affinity": 4.0, "kv": 2.0, "load": 1.0}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One replica in one decision."""
+
+    endpoint: Endpoint
+    rejected: str = ""  # "filter: why" when a filter kept it out; "" when it was a candidate
+    scores: Mapping[str, float] = field(default_factory=dict)
+    total: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str  # whose replicas were considered (the asked model, or a fallback when cold)
+    ask: Ask
+    candidates: tuple[Scored, ...]
+    weights: Mapping[str, float]
+    chosen: Endpoint | None = None
+    note: str = ""  # e.g. a soft filter lifted
+    at: float = field(default_factory=time.time)
+
+
+def pick(
+    model: str,
+    endpoints: Sequence[Endpoint],
+    ask: Ask,
+    view: View,
+    weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+    tiebreak: int = 0,
+) -> Decision:
+    """Filters, then scores, then the best: the highest weighted sum, ties rotated by
+    ``tiebreak`` (equal replicas share the load)."""
+    rejected: dict[int, str] = {}
+    soft_only: list[int] = []
+    for i, e in enumerate(endpoints):
+        for f in FILTERS:
+            why = f.check(e, model, ask, view)
+            if why:
+                rejected[i] = f"{f.name}: {why}"
+                if f.soft and all(
+                    not g.check(e, model, ask, view) for g in FILTERS if g is not f and not g.soft
+                ):
+                    soft_only.append(i)
+                break
+    note = ""
+    passed = [i for i in range(len(endpoints)) if i not in rejected]
+    if not passed and soft_only:  # broken ones only when nothing else is left
+        passed, note = soft_only, "soft filters lifted: no other replica left"
+        for i in soft_only:
+            del rejected[i]
+    cands = [endpoints[i] for i in passed]
+    columns = {name: SCORERS[name](cands, ask, view) for name, w in weights.items() if w}
+    n = len(endpoints)
+    scored: dict[int, Scored] = {}
+    for j, i in enumerate(passed):
+        scores = {name: col[j] for name, col in columns.items()}
+        total = sum(weights[name] * s for name, s in scores.items())
+        scored[i] = Scored(endpoints[i], "", scores, total)
+    best = max(passed, key=lambda i: (scored[i].total, -((i - tiebreak) % n)), default=None)
+    rows = tuple(scored.get(i) or Scored(endpoints[i], rejected[i]) for i in range(n))
+    chosen = endpoints[best] if best is not None else None
+    return Decision(model, ask, rows, weights, chosen, note)
+
+
+def rank(
+    endpoints: Sequence[Endpoint],
+    outstanding: Mapping[str, int],
+    ejected: Container[str] = frozenset(),
+    session_key: str = "",
+    tiebreak: int = 0,
+    weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+) -> tuple[Endpoint, ...]:
+    """Every replica in the order one pick prefers them (the ``ejected`` addresses, as open
+    breakers, last): the picker's order made visible, for tests and tools."""
+    view = View(outstanding, {}, lambda key: key[0] not in ejected)
+    d = pick("", endpoints, Ask(session_key), view, weights, tiebreak)
+    n = len(endpoints)
+    order = sorted(
+        range(n),
+        key=lambda i: (bool(d.candidates[i].rejected), -d.candidates[i].total, (i - tiebreak) % n),
+    )
+    if any(d.candidates[i].rejected for i in order):  # rank the ejected among themselves too
+        out = [endpoints[i] for i in order if not d.candidates[i].rejected]
+        rest = [endpoints[i] for i in order if d.candidates[i].rejected]
+        return (*out, *rank(rest, outstanding, frozenset(), "", tiebreak, weights))
+    return tuple(endpoints[i] for i in order)
