@@ -159,6 +159,7 @@ class Router(Component):
         handlers drain both fronts in order); pinned uvicorn version (pyproject)."""
         try:
             import uvicorn
+            from meshserve.router.fronts.kserve_rest import add_kserve_rest
             from meshserve.router.fronts.openai_http import openai_app
         except ImportError as e:
             raise RuntimeError(
@@ -191,8 +192,10 @@ class Router(Component):
                 "ssl_ca_certs": files.ca,
                 "ssl_cert_reqs": py_ssl.CERT_OPTIONAL if optional else py_ssl.CERT_REQUIRED,
             }
+        app = openai_app(self.servicer, lambda: self._stopping)
+        add_kserve_rest(app, self.kserve)  # KServe v2 REST beside the OpenAI API
         config = uvicorn.Config(
-            openai_app(self.servicer, lambda: self._stopping),
+            app,
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=5,

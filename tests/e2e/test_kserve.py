@@ -39,7 +39,8 @@ def triton_python() -> Path:
 @pytest.fixture(scope="module")
 def kmesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("kserve")
-    with demo_mesh(root, demo_model, trace_dir=root / "traces") as m:
+    flags = ("--http-listen", "127.0.0.1:0")  # KServe v2 REST beside the OpenAI front
+    with demo_mesh(root, demo_model, trace_dir=root / "traces", router_flags=flags) as m:
         yield m
 
 
@@ -114,7 +115,11 @@ def test_tritonclient_speaks_to_the_whole_mesh(
 
 
 def greedy_story() -> inference_pb2.GenerateRequest:
-    r = inference_pb2.GenerateRequest(model="story", prompt="Once upon a time")
+    return greedy("story")
+
+
+def greedy(model: str) -> inference_pb2.GenerateRequest:
+    r = inference_pb2.GenerateRequest(model=model, prompt="Once upon a time")
     r.sampling.max_tokens, r.sampling.temperature = 12, 0.0
     return r
 
@@ -142,3 +147,58 @@ def check_tensor_model(router: str, seen: dict[str, Any]) -> None:
     logits = np.frombuffer(out["logits"].data, np.float32).reshape(2, 10)
     np.testing.assert_allclose(np.asarray(seen["t_logits"]), logits, rtol=0, atol=1e-5)
     assert seen["t_class_id"] == np.frombuffer(out["class_id"].data, np.int64).tolist()
+
+
+def native_infer(router: str, x: np.ndarray) -> dict[str, inference_pb2.Tensor]:
+    native = inference_pb2.InferRequest(model="cls")
+    native.inputs.add(name="pixel_values", datatype="FP32", shape=list(x.shape), data=x.tobytes())
+
+    async def call() -> inference_pb2.InferResponse:
+        async with grpc.aio.insecure_channel(router) as ch:
+            reply: inference_pb2.InferResponse = await inference_pb2_grpc.InferenceStub(ch).Infer(
+                native, timeout=30
+            )
+            return reply
+
+    return {t.name: t for t in asyncio.run(call()).outputs}
+
+
+def test_tritonclient_http_speaks_to_the_rest_front(
+    kmesh: Mesh, classifier_model: Path, triton_python: Path
+) -> None:
+    """KServe v2 over REST on the router's HTTP port, through `tritonclient.http` unchanged:
+    health, metadata, config, readiness (a missing model is not ready), ModelInfer on the demo
+    LLM (binary and JSON output: the same greedy text as the native API) and on the classifier
+    (binary and JSON input: the native Infer's logits and classes), errors with their status."""
+    cls = model_spec("cls", classifier_model, min_replicas=1, kv_headroom="1MiB")
+    cls.engine_args.update(task="classify", batch_window_ms="5")
+    asyncio.run(apply(kmesh, cls))
+    router = kmesh.services["router"].address
+    asyncio.run(eventually(lambda: ready_replicas(router, "cls"), 60, "cls READY"))
+    script = str(ROOT / "tests" / "e2e" / "triton_http_client.py")
+    run = subprocess.run(
+        [str(triton_python), script, kmesh.services["router"].info["http"], "demo", "cls"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["live"] and seen["ready"] and seen["server"] == "meshserve"
+    assert seen["model_ready"] and not seen["missing_ready"]
+    assert seen["inputs"] == [["text_input", "BYTES"], ["sampling_parameters", "BYTES"]]
+    assert seen["config_name"] == "demo"
+    native = asyncio.run(generate(router, greedy("demo"), timeout=60))
+    assert seen["llm_text"] == seen["llm_text_json"] == native.text
+    assert seen["missing_model"].startswith("404") and "no-such-model" in seen["missing_model"]
+    assert seen["t_inputs"] == [["pixel_values", "FP32", [-1, 3, 32, 32]]]
+    x = np.asarray(seen["t_image"], np.float32)
+    out = native_infer(router, x)
+    logits = np.frombuffer(out["logits"].data, np.float32).reshape(2, 10)
+    classes = np.frombuffer(out["class_id"].data, np.int64).tolist()
+    for binary in (True, False):
+        got = np.asarray(seen[f"t_logits_{binary}"])
+        np.testing.assert_allclose(got, logits, rtol=0, atol=1e-5)
+        assert seen[f"t_class_id_{binary}"] == classes
+    assert seen["t_bad_shape"].startswith("400") and "pixel_values" in seen["t_bad_shape"]
+    assert seen["t_stats_success"] >= 2

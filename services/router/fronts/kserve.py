@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -43,7 +44,7 @@ from meshserve.router.fronts.kserve_tensors import (
     tensors_in,
     text_response,
 )
-from meshserve.router.fronts.native import call_of
+from meshserve.router.fronts.native import call_of, send_headers
 from meshserve.router.routing.endpoints import Route
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, not_found_model
@@ -69,14 +70,14 @@ class KServe:
         self.ensure = ensure
         self.store = store
 
-    def _route(self, context: Ctx, name: str) -> Route:
+    def _route(self, call: Call, name: str) -> Route:
         """The model's route for this caller: UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND as
         on the native API (the same gate)."""
-        return self.core.enter(call_of(context), name)[1]
+        return self.core.enter(call, name)[1]
 
-    def _admin(self, context: Ctx) -> None:
+    def _admin(self, call: Call) -> None:
         book = self.core.tenancy.source.book
-        tenant = self.core.identify(call_of(context))
+        tenant = self.core.identify(call)
         if book.auth and not tenant.admin:
             raise ServiceError(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -84,9 +85,9 @@ class KServe:
                 "REPOSITORY_NOT_ALLOWED",
             )
 
-    def _visible(self, context: Ctx) -> Callable[[str], bool]:
+    def _visible(self, call: Call) -> Callable[[str], bool]:
         book = self.core.tenancy.source.book
-        tenant = self.core.identify(call_of(context))
+        tenant = self.core.identify(call)
         return lambda name: not book.auth or tenant.may_use(name)
 
     def _translated(self, route: Route, translate: Callable[..., T], *args: Any) -> T:
@@ -101,14 +102,14 @@ class KServe:
 
     # --- health and metadata -----------------------------------------------------------------
 
-    async def server_live(self, _r: K.ServerLiveRequest, _c: Ctx) -> K.ServerLiveResponse:
+    async def server_live(self, _r: K.ServerLiveRequest, _c: Call) -> K.ServerLiveResponse:
         return K.ServerLiveResponse(live=True)
 
-    async def server_ready(self, _r: K.ServerReadyRequest, _c: Ctx) -> K.ServerReadyResponse:
+    async def server_ready(self, _r: K.ServerReadyRequest, _c: Call) -> K.ServerReadyResponse:
         return K.ServerReadyResponse(ready=True)
 
     async def server_metadata(
-        self, _r: K.ServerMetadataRequest, _c: Ctx
+        self, _r: K.ServerMetadataRequest, _c: Call
     ) -> K.ServerMetadataResponse:
         return K.ServerMetadataResponse(
             name=SERVER_NAME,
@@ -116,17 +117,17 @@ class KServe:
             extensions=["model_repository", "statistics", "parameters"],
         )
 
-    async def model_ready(self, r: K.ModelReadyRequest, c: Ctx) -> K.ModelReadyResponse:
+    async def model_ready(self, r: K.ModelReadyRequest, c: Call) -> K.ModelReadyResponse:
         return K.ModelReadyResponse(ready=bool(self._route(c, r.name).ready))
 
-    async def model_metadata(self, r: K.ModelMetadataRequest, c: Ctx) -> K.ModelMetadataResponse:
+    async def model_metadata(self, r: K.ModelMetadataRequest, c: Call) -> K.ModelMetadataResponse:
         return metadata(self._route(c, r.name))
 
-    async def model_config(self, r: K.ModelConfigRequest, c: Ctx) -> K.ModelConfigResponse:
+    async def model_config(self, r: K.ModelConfigRequest, c: Call) -> K.ModelConfigResponse:
         return K.ModelConfigResponse(config=config(self._route(c, r.name)))
 
     async def model_statistics(
-        self, r: K.ModelStatisticsRequest, c: Ctx
+        self, r: K.ModelStatisticsRequest, c: Call
     ) -> K.ModelStatisticsResponse:
         visible = self._visible(c)
         stats = self.core.accountant.stats
@@ -149,7 +150,7 @@ class KServe:
     # --- repository ----------------------------------------------------------------------------
 
     async def repository_index(
-        self, r: K.RepositoryIndexRequest, c: Ctx
+        self, r: K.RepositoryIndexRequest, c: Call
     ) -> K.RepositoryIndexResponse:
         out = K.RepositoryIndexResponse()
         visible = self._visible(c)
@@ -163,16 +164,16 @@ class KServe:
         return out
 
     async def repository_model_load(
-        self, r: K.RepositoryModelLoadRequest, context: Ctx
+        self, r: K.RepositoryModelLoadRequest, call: Call
     ) -> K.RepositoryModelLoadResponse:
-        self._admin(context)
-        route = self._route(context, r.model_name)
+        self._admin(call)
+        route = self._route(call, r.model_name)
         name = route.spec.name
         spec = await self.store.get(self.store.keys.model(name), cluster_pb2.ModelSpec)
         if spec is not None and spec.unloaded_unix_ms:
             spec.unloaded_unix_ms = 0
             await self.store.put(self.store.keys.model(name), spec)
-        deadline = time.monotonic() + (handlers.remaining_s(context) or LOAD_TIMEOUT_S)
+        deadline = time.monotonic() + (call.remaining_s() or LOAD_TIMEOUT_S)
         while not (self.core.table.current.resolve(name) or route).ready:
             answer = await self.ensure(name)
             if answer.unplaceable:
@@ -192,7 +193,7 @@ class KServe:
         return K.RepositoryModelLoadResponse()
 
     async def repository_model_unload(
-        self, r: K.RepositoryModelUnloadRequest, c: Ctx
+        self, r: K.RepositoryModelUnloadRequest, c: Call
     ) -> K.RepositoryModelUnloadResponse:
         self._admin(c)
         name = self._route(c, r.model_name).spec.name
@@ -211,20 +212,21 @@ class KServe:
 
     # --- inference ------------------------------------------------------------------------------
 
-    async def model_infer(self, r: K.ModelInferRequest, context: Ctx) -> K.ModelInferResponse:
-        route = self._route(context, r.model_name)
-        call = call_of(context)
+    async def model_infer(self, r: K.ModelInferRequest, call: Call) -> K.ModelInferResponse:
+        """One response; its only header is the trace id (the core's own stay inside)."""
+        route = self._route(call, r.model_name)
+        inner = replace(call, headers=[], trailers=[])
         if kind(route) == "tensor":
-            reply = await self._infer(route, r, call)
+            reply = await self._infer(route, r, inner)
         elif kind(route) == "embed":
-            reply = await self._embed(route, r, call)
+            reply = await self._embed(route, r, inner)
         else:
             text: list[str] = []
-            async for delta, _final in self._deltas(route, r, call):
+            async for delta, _final in self._deltas(route, r, inner):
                 text.append(delta)
             reply = text_response(route.spec.name, r.id, "".join(text), True)
         if (tr := traceresponse()) is not None:  # the trace id, as Generate's headers carry it
-            await context.send_initial_metadata((tr,))
+            call.headers.append(tr)
         return reply
 
     async def _infer(
@@ -273,7 +275,7 @@ class KServe:
             name = r.model_name
             call = call_of(context)  # per request: a stream of many has no headers per request
             try:
-                route = self._route(context, r.model_name)
+                route = self._route(call, r.model_name)
                 name = route.spec.name
                 if kind(route) != "llm":  # not decoupled: one response for the request
                     one_reply = (
@@ -317,6 +319,18 @@ class KServe:
                 task.cancel()
 
 
+def over_grpc(fn: Callable[[Any, Call], Awaitable[Any]]) -> Callable[[Any, Ctx], Awaitable[Any]]:
+    """A KServe call over gRPC: the context as a `Call`, the core's headers sent after."""
+
+    async def handler(request: Any, context: Ctx) -> Any:
+        call = call_of(context)
+        reply = await fn(request, call)
+        await send_headers(context, call)
+        return reply
+
+    return handler
+
+
 def kserve_handlers(s: KServe) -> grpc.GenericRpcHandler:
     unary: list[tuple[str, Any, Any, Any]] = [
         ("ServerLive", s.server_live, K.ServerLiveRequest, K.ServerLiveResponse),
@@ -337,7 +351,7 @@ def kserve_handlers(s: KServe) -> grpc.GenericRpcHandler:
     ]  # fmt: skip
     methods: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(
-            handlers.unary(fn),
+            handlers.unary(over_grpc(fn)),
             request_deserializer=req.FromString,
             response_serializer=resp.SerializeToString,
         )
