@@ -20,7 +20,7 @@ import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import numpy as np
 import pytest
 from meshserve.local import Mesh
-from meshserve.v1 import inference_pb2
+from meshserve.v1 import common_pb2, inference_pb2
 
 from tests.e2e.conftest import apply, demo_mesh, generate, model_spec, read_spans, ready_replicas
 from tests.waiting import eventually
@@ -149,7 +149,7 @@ def check_tensor_model(router: str, seen: dict[str, Any]) -> None:
     assert seen["t_class_id"] == np.frombuffer(out["class_id"].data, np.int64).tolist()
 
 
-def native_infer(router: str, x: np.ndarray) -> dict[str, inference_pb2.Tensor]:
+def native_infer(router: str, x: np.ndarray) -> dict[str, common_pb2.Tensor]:
     native = inference_pb2.InferRequest(model="cls")
     native.inputs.add(name="pixel_values", datatype="FP32", shape=list(x.shape), data=x.tobytes())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from meshserve.router.fronts.kserve_tensors import pack_bytes
 from meshserve.rpc.errors import ServiceError
 
 
-def _binary(doc: dict[str, object], *blobs: bytes) -> tuple[bytes, dict[str, str]]:
+def _binary(doc: Mapping[str, object], *blobs: bytes) -> tuple[bytes, dict[str, str]]:
     head = json.dumps(doc).encode()
     return head + b"".join(blobs), {HEADER_LENGTH: str(len(head))}
 
@@ -75,10 +76,10 @@ def test_outputs_go_back_as_json_data_or_binary_data_as_asked() -> None:
     got.outputs.add(name="text", datatype="BYTES", shape=[1])
     got.raw_output_contents.append(pack_bytes([b"hi"]))
     as_json = infer_response(got, {"": False}, {})
-    doc = json.loads(as_json.body)
+    doc = json.loads(bytes(as_json.body))
     assert doc["outputs"][0]["data"] == [0.25, 4.0] and doc["outputs"][1]["data"] == ["hi"]
     mixed = infer_response(got, {"logits": True, "": False}, {})
     length = int(mixed.headers[HEADER_LENGTH])
-    head = json.loads(mixed.body[:length])
+    head = json.loads(bytes(mixed.body[:length]))
     assert head["outputs"][0]["parameters"] == {"binary_data_size": 8}
     assert mixed.body[length:] == struct.pack("<2f", 0.25, 4.0)
