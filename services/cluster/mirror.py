@@ -13,7 +13,6 @@ copy made on first read after a change, so a mirror nobody copies costs O(1) per
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -51,6 +50,7 @@ class Mirror(Generic[M]):
         self._flush_handle: asyncio.Handle | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def snapshot(self) -> Mapping[bytes, M]:
@@ -82,10 +82,16 @@ class Mirror(Generic[M]):
         self._task = asyncio.create_task(self._run(), name=f"mirror {self._prefix!r}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._stopping = True
+        task = self._task
+        if task is not None:
+            # A cancel that lands while aetcd sets a watch up can be lost inside it (seen: a
+            # `top --once` that never exited): cancel again until the task is done.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+            if not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" warning
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -165,6 +171,8 @@ class Mirror(Generic[M]):
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self._stopping:
+                    return
                 self.reconnects += 1
                 log.info("watch on %r broke (%s); re-listing", self._prefix, type(e).__name__)
                 await asyncio.sleep(backoff)
