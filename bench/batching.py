@@ -33,7 +33,7 @@ import numpy as np
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.demo_model import build_classifier
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.modelspec import spec_from_dict
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from rich.console import Console

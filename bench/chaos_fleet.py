@@ -30,7 +30,7 @@ import grpc
 from meshserve.cluster.etcd_process import EtcdCluster
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.modelspec import spec_from_dict
 from meshserve.netns import Hosts, available
 from meshserve.v1 import cluster_pb2 as S

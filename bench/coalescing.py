@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.modelspec import spec_from_dict
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from rich.console import Console

@@ -32,7 +32,7 @@ import grpc
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.demo_model import build_demo_model
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.modelspec import demo_spec
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from rich.console import Console

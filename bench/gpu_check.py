@@ -78,7 +78,7 @@ class Context:
 
 
 def params(max_tokens: int) -> Any:
-    from meshserve.validation import GenerationParams
+    from meshserve.nodeagent.engines.params import GenerationParams
 
     return GenerationParams(max_tokens, 0.0, 1.0, 0, None, (), True)
 
@@ -325,7 +325,7 @@ def gpu_used(uuid: str) -> int:
 async def check_mesh(ctx: Context) -> str:
     if ctx.skip_mesh:
         raise Skip("--skip-mesh")
-    from meshserve.local import Mesh
+    from meshserve.localmesh import Mesh
     from meshserve.modelspec import spec_from_dict
 
     mesh = Mesh(ctx.tmp / "mesh", lease_ttl_s=3)

@@ -31,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.traceui import TraceUI, otel_env
 from rich.console import Console
 from rich.table import Table

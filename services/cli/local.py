@@ -109,7 +109,7 @@ def _up(
     http_port: int = 0,
     observe: Observe = Observe(),
 ) -> None:
-    from meshserve.local import Mesh
+    from meshserve.localmesh import Mesh
 
     started = time.monotonic()
     data_dir = data_dir.expanduser().resolve()

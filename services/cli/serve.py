@@ -106,8 +106,8 @@ def agent(
     tls_ca: TlsCa = "",
 ) -> None:
     """Run a node agent: report devices, load what the scheduler places here, serve inference."""
+    from meshserve.lifecycle.runtime import run_loop
     from meshserve.nodeagent.main import run
-    from meshserve.runtime import run_loop
     from meshserve.sizes import parse_bytes
 
     try:
@@ -165,7 +165,7 @@ def scheduler(
 ) -> None:
     """Run a scheduler (leader-elected; standbys take over when the leader's lease ends)."""
     import yaml
-    from meshserve.runtime import run_loop
+    from meshserve.lifecycle.runtime import run_loop
     from meshserve.scheduler.main import run
     from meshserve.scheduler.profile import load_profile
 
@@ -269,9 +269,9 @@ def router(
     """Run a router: the one Inference endpoint clients call."""
     from pathlib import Path
 
+    from meshserve.lifecycle.runtime import run_loop
     from meshserve.router.main import run
     from meshserve.router.tenancy.tenants import parse_book
-    from meshserve.runtime import run_loop
 
     try:
         configure_tls(tls_cert, tls_key, tls_ca, tls_client_auth)

@@ -22,13 +22,13 @@ from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe
 from meshserve.nodeagent.engines import make_engine
 from meshserve.nodeagent.engines.base import EngineConfig, TensorModel
+from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.nodeagent.plan import Load
 from meshserve.nodeagent.publisher import StatusPublisher
 from meshserve.nodeagent.replica import Replica
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import exemplar, links_to, traceparent, tracer
 from meshserve.v1 import cluster_pb2
-from meshserve.validation import GenerationParams
 from meshserve.weights import predict_weight_bytes
 
 log = logging.getLogger("meshserve.nodeagent.reconcile")

@@ -10,13 +10,13 @@ from collections.abc import Mapping
 import grpc
 from meshserve.cluster.fence import Fence
 from meshserve.cluster.store import EtcdConfig
+from meshserve.lifecycle.service import Cluster, Component, serve
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe, open_probe
 from meshserve.nodeagent.engines import preload_engines
 from meshserve.nodeagent.fleet import Fleet
 from meshserve.nodeagent.reconcile import Reconciler
 from meshserve.nodeagent.server import AgentControl, AgentInference
-from meshserve.process import Cluster, Component, serve
 from meshserve.telemetry import metrics
 from meshserve.v1 import inference_pb2_grpc, nodeagent_pb2_grpc
 

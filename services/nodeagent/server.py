@@ -10,6 +10,7 @@ from typing import Protocol
 import grpc
 from meshserve.nodeagent.coalesce import coalesced, interval_of
 from meshserve.nodeagent.engines.base import Resume, TensorModel
+from meshserve.nodeagent.engines.params import check_continuation, resolve_params
 from meshserve.nodeagent.replica import Replica
 from meshserve.rpc import handlers
 from meshserve.rpc.errors import ServiceError, invalid_argument, not_found_model
@@ -24,7 +25,7 @@ from meshserve.v1 import (
     nodeagent_pb2,
     nodeagent_pb2_grpc,
 )
-from meshserve.validation import check_continuation, check_embed, check_generate, resolve_params
+from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
 
 _tracer = tracer(__name__)

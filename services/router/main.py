@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from meshserve import tls
 from meshserve.cluster.mirror import Mirror
-from meshserve.process import Cluster, Component, serve
+from meshserve.lifecycle.service import Cluster, Component, serve
 from meshserve.router.config import RouterConfig
 from meshserve.router.core.accounting import Accountant, Tenancy
 from meshserve.router.core.admission import Admission, Ensured

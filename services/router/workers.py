@@ -34,9 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from meshserve.lifecycle.runtime import write_ready_file
 from meshserve.lifeline import tied_to_parent
 from meshserve.router.config import RouterConfig
-from meshserve.runtime import write_ready_file
 
 log = logging.getLogger("meshserve.router.workers")
 ENV_CONFIG = "MESHSERVE_ROUTER_WORKER_CONFIG"  # the worker's RouterConfig, from its parent
@@ -206,8 +206,8 @@ async def _keep(worker: Worker, stop: asyncio.Event) -> None:
 
 def main() -> None:
     """A worker: the config its parent passed, run as a single router."""
+    from meshserve.lifecycle.runtime import run_loop
     from meshserve.router.main import run
-    from meshserve.runtime import run_loop
 
     config = pickle.loads(base64.b64decode(os.environ.pop(ENV_CONFIG)))
     if not isinstance(config, RouterConfig):

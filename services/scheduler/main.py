@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import grpc
-from meshserve.process import Cluster, Component, serve
+from meshserve.lifecycle.service import Cluster, Component, serve
 from meshserve.rpc.channels import ChannelPool
 from meshserve.scheduler.config import SchedulerConfig
 from meshserve.scheduler.leader import SchedulerLoop

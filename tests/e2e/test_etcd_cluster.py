@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from meshserve.cluster.etcd_process import EtcdCluster
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.v1 import inference_pb2
 
 from tests.e2e.conftest import apply, assert_clean_stop, generate, model_spec, ready_replicas

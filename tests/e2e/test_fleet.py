@@ -14,7 +14,7 @@ import pytest
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.config import ServiceConfig
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.fleet import Fleet, ready_nodes, sim_spec
 from meshserve.v1 import cluster_pb2 as S

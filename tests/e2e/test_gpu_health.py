@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.v1 import cluster_pb2 as S
 from meshserve.v1 import inference_pb2
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 
 from tests.e2e.conftest import demo_mesh
 

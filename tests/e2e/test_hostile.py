@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.v1 import inference_pb2
 
 from tests.e2e.conftest import demo_mesh

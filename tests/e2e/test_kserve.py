@@ -19,7 +19,7 @@ import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import numpy as np
 import pytest
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.v1 import common_pb2, inference_pb2
 
 from tests.e2e.conftest import apply, demo_mesh, generate, model_spec, read_spans, ready_replicas

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.rpc.errors import decode_details, error_reason
 from meshserve.v1 import (
     inference_pb2,

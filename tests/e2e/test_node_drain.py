@@ -16,7 +16,7 @@ import grpc
 import pytest
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.modelspec import spec_from_dict
 from meshserve.nodeagent.fleet import ready_nodes
 from meshserve.v1 import cluster_pb2 as S

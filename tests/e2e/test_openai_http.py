@@ -16,7 +16,7 @@ import grpc
 import meshserve.v1.nodeagent_pb2_grpc as nodeagent_pb2_grpc
 import openai
 import pytest
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.router.tenancy.tenants import hash_key, new_key
 from meshserve.v1 import nodeagent_pb2
 

@@ -21,7 +21,7 @@ import pytest
 from meshserve.cluster.etcd_process import EtcdCluster
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.netns import Hosts, available
 from meshserve.rpc.errors import decode_details, error_reason
 from meshserve.v1 import cluster_pb2 as S

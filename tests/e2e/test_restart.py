@@ -11,7 +11,7 @@ import grpc
 import pytest
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.v1 import cluster_pb2, inference_pb2
 
 from tests.e2e.conftest import demo_mesh, generate, ready_replicas

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.nodeagent.fleet import sim_spec
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 

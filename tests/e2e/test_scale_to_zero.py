@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.v1 import inference_pb2
 
 from tests.e2e.conftest import apply, generate, known, model_spec, ready_replicas

@@ -18,7 +18,7 @@ import grpc
 import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import meshserve.v1.router_pb2_grpc as router_pb2_grpc
 import pytest
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.router.tenancy.tenants import hash_key, new_key
 from meshserve.rpc.errors import decode_details, error_reason, retry_delay_s
 from meshserve.v1 import inference_pb2, router_pb2

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.v1 import cluster_pb2, inference_pb2
 
 from tests.e2e.conftest import apply, generate, known, model_spec, read_spans, replica_records

@@ -17,7 +17,7 @@ import meshserve.v1.inference_pb2_grpc as inference_pb2_grpc
 import pytest
 from meshserve.certs import make_ca
 from meshserve.cluster.etcd_process import EtcdProcess
-from meshserve.local import Mesh
+from meshserve.localmesh import Mesh
 from meshserve.tls import TlsFiles, channel_credentials, open_channel
 from meshserve.v1 import inference_pb2
 

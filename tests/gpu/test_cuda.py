@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 
 from meshserve.nodeagent.devices import capacity_bytes, open_probe  # noqa: E402
 from meshserve.nodeagent.engines.base import EngineConfig  # noqa: E402
+from meshserve.nodeagent.engines.params import GenerationParams  # noqa: E402
 from meshserve.v1 import cluster_pb2  # noqa: E402
-from meshserve.validation import GenerationParams  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("torch")
 
 from meshserve.nodeagent.engines.base import NO_RESUME, EngineConfig, Logprob, Resume
+from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.nodeagent.engines.torch_engine import TorchEngine
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2
-from meshserve.validation import GenerationParams
 from meshserve.weights import predict_weight_bytes
 
 GREEDY = GenerationParams(32, 0.0, 1.0, 0, None, (), True)

@@ -14,10 +14,10 @@ import pytest
 from meshserve.modelspec import spec_from_dict
 from meshserve.nodeagent.engines import make_engine
 from meshserve.nodeagent.engines.base import Chunk, EngineConfig, Resume
+from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.nodeagent.engines.sim_engine import SimEngine, SimSettings
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
-from meshserve.validation import GenerationParams
 
 S = cluster_pb2
 

@@ -7,7 +7,7 @@ import logging
 import time
 
 import pytest
-from meshserve.stallwatch import StallWatch
+from meshserve.lifecycle.watchdog import StallWatch
 
 
 async def test_a_blocked_loop_is_reported_once_with_its_stack(
@@ -17,7 +17,7 @@ async def test_a_blocked_loop_is_reported_once_with_its_stack(
     watch.start()
     await asyncio.sleep(0.2)  # a healthy loop: nothing
     assert watch.stalls == 0
-    with caplog.at_level(logging.WARNING, logger="meshserve.stallwatch"):
+    with caplog.at_level(logging.WARNING, logger="meshserve.lifecycle.watchdog"):
         time.sleep(0.8)  # noqa: ASYNC251 - the point: block the loop
         await asyncio.sleep(0.2)
     await watch.stop()

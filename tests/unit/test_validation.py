@@ -5,9 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from meshserve.nodeagent.engines.params import resolve_params
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import inference_pb2
-from meshserve.validation import MAX_PROMPT_CHARS, check_generate, resolve_params
+from meshserve.validation import MAX_PROMPT_CHARS, check_generate
 
 from tests.factories import spec
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.v1 import cluster_pb2, common_pb2, inference_pb2
-from meshserve.validation import GenerationParams
 
 
 @dataclass(frozen=True)

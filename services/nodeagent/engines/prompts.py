@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from meshserve.nodeagent.engines.params import context_too_long
 from meshserve.rpc.errors import ServiceError, invalid_argument
 from meshserve.v1 import cluster_pb2, inference_pb2
-from meshserve.validation import context_too_long
 
 OFF_LOOP_CHARS = 20_000  # prompts longer than this are tokenized in a worker thread
 

@@ -42,9 +42,9 @@ from meshserve.nodeagent.engines.base import (
     Logprob,
     Resume,
 )
+from meshserve.nodeagent.engines.params import GenerationParams, context_too_long
 from meshserve.nodeagent.engines.prompts import engine_died, not_serving, out_of_memory, unloaded
 from meshserve.v1 import cluster_pb2, inference_pb2
-from meshserve.validation import GenerationParams, context_too_long
 
 DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
 WORDS = [

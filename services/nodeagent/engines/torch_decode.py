@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, Logprob, Resume
+from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.nodeagent.engines.prompts import stop_cut, visible_end
 from meshserve.v1 import inference_pb2
-from meshserve.validation import GenerationParams
 
 INJECTED_OOM = "CUDA out of memory. Tried to allocate 64.00 MiB (injected)"
 STOP = inference_pb2.FINISH_REASON_STOP

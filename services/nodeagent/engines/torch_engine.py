@@ -31,6 +31,7 @@ from meshserve.nodeagent.engines.base import (
     EngineStats,
     Resume,
 )
+from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.nodeagent.engines.prompts import (
     check_resume,
     engine_died,
@@ -52,7 +53,6 @@ from meshserve.nodeagent.engines.torch_device import set_threads
 from meshserve.nodeagent.engines.torch_tiers import TorchWeights
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
-from meshserve.validation import GenerationParams
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger(__name__)

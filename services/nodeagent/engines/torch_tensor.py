@@ -23,6 +23,7 @@ import torch
 from meshserve.batchconfig import BatchConfig
 from meshserve.nodeagent.batching import Batcher, Done, Job
 from meshserve.nodeagent.engines.base import NO_RESUME, Chunk, EngineConfig, EngineStats, Resume
+from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.nodeagent.engines.prompts import out_of_memory, unloaded
 from meshserve.nodeagent.engines.torch_decode import requested_bytes
 from meshserve.nodeagent.engines.torch_device import set_threads
@@ -30,7 +31,6 @@ from meshserve.nodeagent.engines.torch_tiers import TorchWeights
 from meshserve.rpc.errors import ServiceError
 from meshserve.tensors import SIZES
 from meshserve.v1 import cluster_pb2, common_pb2, inference_pb2
-from meshserve.validation import GenerationParams
 from transformers import AutoModelForImageClassification
 
 log = logging.getLogger(__name__)

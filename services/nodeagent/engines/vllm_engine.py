@@ -44,6 +44,7 @@ from meshserve.nodeagent.engines.base import (
     Resume,
     per_token,
 )
+from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.nodeagent.engines.prompts import (
     ResumedText,
     check_resume,
@@ -60,7 +61,6 @@ from meshserve.nodeagent.engines.vllm_plan import (
 )
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
-from meshserve.validation import GenerationParams
 from meshserve.weights import predict_weight_bytes
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs

@@ -1,4 +1,4 @@
-"""Process plumbing below the service lifecycle (process.py): event loop and logging, and the
+"""Process plumbing below the service lifecycle (service.py): event loop and logging, and the
 ready file launchers wait for."""
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.config import ServiceConfig
+from meshserve.lifecycle.runtime import write_ready_file
+from meshserve.lifecycle.watchdog import StallWatch
 from meshserve.rpc.server import start_server
-from meshserve.runtime import write_ready_file
-from meshserve.stallwatch import StallWatch
 from meshserve.telemetry.metrics import serve_metrics
 from meshserve.telemetry.tracing import setup_tracing, shutdown_tracing
 
