@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from meshserve.scheduler.scenario import load_scenario
-from meshserve.scheduler.sim_report import nine_models_summary
-from meshserve.scheduler.simulator import simulate
+from meshserve.scheduler.sim.report import nine_models_summary
+from meshserve.scheduler.sim.scenario import load_scenario
+from meshserve.scheduler.sim.simulator import simulate
 from rich.console import Console
 from rich.table import Table
 

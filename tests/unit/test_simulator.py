@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from meshserve.scheduler.scenario import SHAPES, load_scenario
-from meshserve.scheduler.simulator import simulate
+from meshserve.scheduler.sim.scenario import SHAPES, load_scenario
+from meshserve.scheduler.sim.simulator import simulate
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = ROOT / "bench" / "scenarios" / "nine-models.yaml"

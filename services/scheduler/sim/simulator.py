@@ -29,8 +29,8 @@ from meshserve.scheduler.autoscale import Load, ScalePolicy, ScaleState, step
 from meshserve.scheduler.placement import place
 from meshserve.scheduler.plugins import ReloadCosts
 from meshserve.scheduler.profile import Profile
-from meshserve.scheduler.scenario import GB, SHAPES, Scenario, SimModel
-from meshserve.scheduler.sim_report import Result
+from meshserve.scheduler.sim.report import Result
+from meshserve.scheduler.sim.scenario import GB, SHAPES, Scenario, SimModel
 from meshserve.scheduler.views import DISK, HOST, ClusterSnapshot, Device, ModelView, NodeView
 
 BASE_TTFT_S = 0.15  # prefill + scheduling at no load
