@@ -39,6 +39,8 @@ from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import one_agent_mesh
+
 MODES = ("off", "fixed", "adaptive")
 LEVELS = (("low", 0.1), ("medium", 0.5), ("high", 1.2))  # x the unbatched capacity
 
@@ -210,16 +212,11 @@ def main() -> int:
     parser.add_argument("--slo-ms", type=float, default=25.0, help="P95 target (adaptive)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        mesh = Mesh(Path(tmp) / "mesh", lease_ttl_s=3)
-        try:
-            mesh.start_etcd()
-            mesh.start_scheduler()
-            mesh.start_agent("agent-0")
-            mesh.start_router()
-            result = run_batching(mesh, classifier(Path(tmp) / "model"), args.seconds, args.slo_ms)
-        finally:
-            mesh.stop()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        one_agent_mesh(Path(tmp) / "mesh") as (mesh, _agent, _router),
+    ):
+        result = run_batching(mesh, classifier(Path(tmp) / "model"), args.seconds, args.slo_ms)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

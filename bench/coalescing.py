@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
-from bench.router_vs_direct import cpu_seconds
+from bench.common import cpu_seconds, one_agent_mesh
 
 INTERVALS_MS = (0, 20, 50)
 
@@ -89,32 +89,27 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     per: dict[int, list[dict[str, Any]]] = {ms: [] for ms in INTERVALS_MS}
-    with tempfile.TemporaryDirectory() as tmp:
-        mesh = Mesh(Path(tmp) / "mesh", lease_ttl_s=3)
-        try:
-            mesh.start_etcd()
-            mesh.start_scheduler()
-            mesh.start_agent("agent-0")
-            router = mesh.start_router()
-            asyncio.run(put_model(mesh))
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    asyncio.run(round_(router.address, router.proc.pid, 1, 2, 0))
-                    break
-                except grpc.aio.AioRpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.3)
-            for _ in range(args.rounds):
-                for ms in INTERVALS_MS:
-                    per[ms].append(
-                        asyncio.run(
-                            round_(router.address, router.proc.pid, args.streams, args.tokens, ms)
-                        )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        one_agent_mesh(Path(tmp) / "mesh") as (mesh, _agent, router),
+    ):
+        asyncio.run(put_model(mesh))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                asyncio.run(round_(router.address, router.proc.pid, 1, 2, 0))
+                break
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        for _ in range(args.rounds):
+            for ms in INTERVALS_MS:
+                per[ms].append(
+                    asyncio.run(
+                        round_(router.address, router.proc.pid, args.streams, args.tokens, ms)
                     )
-        finally:
-            mesh.stop()
+                )
     rows = []
     for ms, got in per.items():
         wall = sum(g["wall_s"] for g in got)

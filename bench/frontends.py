@@ -40,7 +40,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
 from bench.batching import classifier, print_table, run_batching
-from bench.router_vs_direct import cpu_seconds
+from bench.common import cpu_seconds, one_agent_mesh
 
 PROMPT = "Once upon a time"
 
@@ -208,12 +208,8 @@ def main() -> int:
     rows = []
     batching: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        mesh = Mesh(Path(tmp) / "mesh", lease_ttl_s=3)
-        try:
-            mesh.start_etcd()
-            mesh.start_scheduler()
-            mesh.start_agent("agent-0")
-            router = mesh.start_router(extra=["--http-listen", "127.0.0.1:0"])
+        http = ["--http-listen", "127.0.0.1:0"]
+        with one_agent_mesh(Path(tmp) / "mesh", router_extra=http) as (mesh, _agent, router):
             asyncio.run(put_model(mesh, build_demo_model(Path(tmp) / "model")))
             asyncio.run(warm(router))
             for concurrency in (1, 8):
@@ -239,8 +235,6 @@ def main() -> int:
             if args.batching_seconds:
                 model = classifier(Path(tmp) / "classifier")
                 batching = run_batching(mesh, model, args.batching_seconds, args.slo_ms)
-        finally:
-            mesh.stop()
     table = Table(title=f"native gRPC vs OpenAI HTTP vs KServe v2, {args.max_tokens} tokens each")
     for col in ("front", "c", "requests", "errors", "tokens/s", "TTFT p50 ms", "TTFT p99 ms",
                 "CPU µs/token"):  # fmt: skip

@@ -34,6 +34,8 @@ from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import cpu_seconds, one_agent_mesh
+
 
 @dataclass
 class Result:
@@ -48,11 +50,6 @@ class Result:
     router_cpu_s: float  # router process CPU during the round, raw (it serves no direct round)
     router_idle_cpu_s: float  # ... and over an idle stretch as long as the round, right after
     errors: int  # requests that failed or came back short
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, clock ticks at 100 Hz
 
 
 async def one(
@@ -158,20 +155,13 @@ def main() -> int:
     console = Console(width=max(120, Console().width))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_demo_model(Path(tmp) / "demo")
-        mesh = Mesh(Path(tmp) / "mesh")
-        try:
-            mesh.start_etcd()
-            mesh.start_scheduler()
-            agent = mesh.start_agent("agent-0", threads=args.threads)
-            router = mesh.start_router()
+        with one_agent_mesh(Path(tmp) / "mesh", threads=args.threads) as (mesh, agent, router):
             asyncio.run(register(mesh, model_dir))
             asyncio.run(wait_ready(router.address))
             results: list[Result] = []
             for _ in range(args.rounds):
                 for path, address in (("direct", agent.address), ("router", router.address)):
                     results.append(asyncio.run(run_round(address, path, args, router.proc.pid)))
-        finally:
-            mesh.stop()
     direct, routed = median_of(results, "direct"), median_of(results, "router")
     table = Table(
         title=f"router vs direct — {args.requests} streams x {args.max_tokens} tokens, "

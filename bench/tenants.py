@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
-from bench.router_vs_direct import cpu_seconds
+from bench.common import cpu_seconds
 
 SLOTS = 4
 TENANTS = {  # name: (priority, clients, weight, max_tokens)
