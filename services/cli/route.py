@@ -41,6 +41,8 @@ def explain_route(
             console.print(f"router {got.router_id}: no decision for {model!r} yet")
         for d in got.decisions:
             console.print(render(got.router_id, d))
+    if all(isinstance(got, str) for _address, got in answers):
+        raise typer.Exit(1)  # no router answered (each said why above)
 
 
 def render(router_id: str, d: router_pb2.RouteDecision) -> Table:
