@@ -132,18 +132,7 @@ def check_tensor_model(router: str, seen: dict[str, Any]) -> None:
     assert seen["t_bad_shape"].startswith("StatusCode.INVALID_ARGUMENT")
     assert "unexpected shape for input 'pixel_values'" in seen["t_bad_shape"]
     # The same images through the native Infer RPC give the same logits and classes.
-    x = np.asarray(seen["t_image"], np.float32)
-    native = inference_pb2.InferRequest(model="cls")
-    native.inputs.add(name="pixel_values", datatype="FP32", shape=list(x.shape), data=x.tobytes())
-
-    async def call() -> inference_pb2.InferResponse:
-        async with grpc.aio.insecure_channel(router) as ch:
-            reply: inference_pb2.InferResponse = await inference_pb2_grpc.InferenceStub(ch).Infer(
-                native, timeout=30
-            )
-            return reply
-
-    out = {t.name: t for t in asyncio.run(call()).outputs}
+    out = native_infer(router, np.asarray(seen["t_image"], np.float32))
     logits = np.frombuffer(out["logits"].data, np.float32).reshape(2, 10)
     np.testing.assert_allclose(np.asarray(seen["t_logits"]), logits, rtol=0, atol=1e-5)
     assert seen["t_class_id"] == np.frombuffer(out["class_id"].data, np.int64).tolist()
