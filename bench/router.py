@@ -302,6 +302,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="each load over every path, again")
     parser.add_argument("--loads", default=",".join(load.name for load in LOADS))
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout's root: its router runs beside ours as 'router@base' (before/after "
+        "in one run; e.g. git worktree add /tmp/base <rev>)",
+    )
     args = parser.parse_args()
     loads = [load for load in LOADS if load.name in args.loads.split(",")]
     rows: list[Row] = []
@@ -327,6 +333,14 @@ def main() -> int:
             mesh.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}"}
             traced = mesh.start_router("router-otlp")
             mesh.env = {}
+            base = None
+            if args.baseline is not None:  # `meshserve` from the other checkout, first on the path
+                shim = Path(tmp) / "baseline"
+                shim.mkdir()
+                (shim / "meshserve").symlink_to((args.baseline / "services").resolve())
+                mesh.env = {"OTEL_SDK_DISABLED": "true", "PYTHONPATH": str(shim)}
+                base = mesh.start_router("router-base")
+                mesh.env = {}
             w2_pids = [int(w["pid"]) for w in w2.info["workers"]]  # type: ignore[index,union-attr]
             paths = {
                 "direct": (direct, [agent.proc.pid]),
@@ -335,6 +349,8 @@ def main() -> int:
                 "router+otlp": (traced.address, [traced.proc.pid]),
                 "router-w2": (w2.address, w2_pids),
             }
+            if base is not None:
+                paths["router@base"] = (base.address, [base.proc.pid])
             for address, _ in paths.values():
                 for model in MODELS:
                     asyncio.run(wait_serving(address, model))
