@@ -17,9 +17,10 @@ from meshserve.cluster.mirror import Mirror
 from meshserve.lifecycle.service import Cluster, Component, serve
 from meshserve.router.config import RouterConfig
 from meshserve.router.core.accounting import Accountant, Tenancy
-from meshserve.router.core.admission import Admission, Ensured
+from meshserve.router.core.admission import Admission
 from meshserve.router.core.budget import RetryBudget
 from meshserve.router.core.demand import DemandTracker, publish_demand
+from meshserve.router.core.ensure import Ensured
 from meshserve.router.core.relay import Relay
 from meshserve.router.core.service import RouterInference
 from meshserve.router.core.table import EndpointTable
@@ -120,7 +121,7 @@ class Router(Component):
             config, self.table, self.admission, relay, unary, accountant
         )
         self.native = NativeFront(self.servicer)
-        self.kserve = KServe(self.servicer, ensure, cluster.store)
+        self.kserve = KServe(self.servicer, cluster.store)
         self._publisher: asyncio.Task[None] | None = None
         self._http: Any = None  # uvicorn.Server of the OpenAI front, when configured
         self._http_task: asyncio.Task[None] | None = None

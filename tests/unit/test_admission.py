@@ -4,14 +4,16 @@ errors. A real EndpointTable whose routes are published by hand (no etcd needed 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 
 import grpc
 import pytest
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, connect
-from meshserve.router.core.admission import Admission, Ensured
+from meshserve.router.core.admission import Admission
 from meshserve.router.core.demand import DemandTracker
+from meshserve.router.core.ensure import Ensured
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Route
@@ -126,3 +128,34 @@ async def test_a_load_past_the_deadline_fails_at_once() -> None:
     assert "needs about" in str(e.value)
     assert asyncio.get_running_loop().time() - started < 1.0
     await a.close()
+
+
+async def test_a_repository_load_waits_through_the_one_cold_start_loop() -> None:
+    """KServe's repository load waits in admission's cold-start loop (ensure.py): it returns
+    once a replica is READY, says why when the scheduler cannot place the model, and gives up
+    at its deadline (the load goes on)."""
+    table = EndpointTable(connect(EtcdConfig("127.0.0.1:1")), Keyspace())  # never started
+    install(table, [spec("m")], [])
+    answers: list[str] = []
+    verdict = ""
+
+    async def ensure(model: str) -> Ensured:
+        answers.append(model)
+        return Ensured(verdict)
+
+    cold = Admission(table, ensure, Breakers(), DemandTracker("r"), 8, 30.0, 0.05).cold
+    with pytest.raises(ServiceError) as late:
+        await cold.until_ready("m", time.monotonic() + 1.2)
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and answers  # it asked
+    verdict = "no node has 80 GiB free"
+    with pytest.raises(ServiceError) as refused:
+        await cold.until_ready("m", time.monotonic() + 30)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "no node has 80 GiB free" in refused.value.message
+    verdict = ""
+    waiting = asyncio.create_task(cold.until_ready("m", time.monotonic() + 30))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    install(table, [], [replica("a")])  # a replica turns READY
+    await asyncio.wait_for(waiting, 5)
+    await cold.close()

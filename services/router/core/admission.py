@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from meshserve.router.core.decisions import DecisionLog
 from meshserve.router.core.demand import DemandTracker
+from meshserve.router.core.ensure import ColdStarts, Ensured
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Endpoint, Route, RouteTable
@@ -44,14 +45,6 @@ from meshserve.v1 import common_pb2
 
 DEADLINE_MARGIN_S = 0.1  # answer a little before the caller's deadline so it gets our message
 RECHECK_S = 0.5  # a waiter looks again this often (breaker cool-downs end without an event)
-
-
-@dataclass(frozen=True)
-class Ensured:
-    """The scheduler's answer to EnsureModel."""
-
-    unplaceable: str = ""  # why it cannot place the model; "" when it is (being) placed
-    ready_in_s: float = 0.0  # its estimate of when a replica can serve (0: unknown or now)
 
 
 @dataclass(frozen=True)
@@ -104,18 +97,16 @@ class Admission:
     ) -> None:
         self.fair = fair  # False: FIFO, every request equal (priority and tenant ignored)
         self.table = table
-        self.ensure = ensure  # asks the scheduler to place a model
         self.breakers = breakers
         self.demand = demand
         self.per_model = per_model
         self.timeout_s = timeout_s
-        self.ensure_interval_s = ensure_interval_s
         self.outstanding: dict[str, int] = {}  # address → this router's streams (ranking)
         self.streams: dict[tuple[str, str], int] = {}  # (address, model) → streams (capacity)
         self.queues: dict[str, FairQueue[_Waiter]] = {}
-        self.unplaceable: dict[str, str] = {}  # model → the scheduler's last reason
-        self.ready_at: dict[str, float] = {}  # model → when the scheduler expects it (monotonic)
-        self._ensuring: dict[str, asyncio.Task[None]] = {}
+        self.cold = ColdStarts(
+            table, ensure, ensure_interval_s, lambda m: bool(self.queues.get(m)), self._too_slow_all
+        )
         self._tiebreak = itertools.count()
         self.weights = weights  # the router profile's scorer weights (a model's own win)
         self.decisions = DecisionLog()
@@ -166,7 +157,7 @@ class Admission:
                 if waiter.future.done():
                     return waiter.future.result()
                 if not self._current(route).ready:
-                    self._start_ensure(model)
+                    self.cold.start(model)
                 left = end - time.monotonic()
                 if left <= 0:
                     raise self._gave_up(waiter, deadline_s)
@@ -303,33 +294,12 @@ class Admission:
             if queue:
                 self._dispatch(model)
 
-    # --- cold starts -------------------------------------------------------------------------
+    # --- cold starts (ensure.py) --------------------------------------------------------------
 
-    def _start_ensure(self, model: str) -> None:
-        """One EnsureModel loop per model while anyone waits for it (singleflight)."""
-        task = self._ensuring.get(model)
-        if task is None or task.done():
-            self._ensuring[model] = asyncio.create_task(self._ensure_loop(model))
-
-    async def _ensure_loop(self, model: str) -> None:
-        while self.queues.get(model):
-            route = self.table.current.resolve(model)
-            if route is not None and route.ready:
-                return
-            try:
-                answer = await self.ensure(model)
-                self.unplaceable[model] = answer.unplaceable
-                if answer.ready_in_s > 0:
-                    self.ready_at[model] = time.monotonic() + answer.ready_in_s
-                    self._fail_too_slow(model)
-            except Exception as e:  # the scheduler unreachable: the wait goes on
-                self.unplaceable[model] = f"scheduler unreachable ({type(e).__name__})"
-            await asyncio.sleep(self.ensure_interval_s)
-
-    def _fail_too_slow(self, model: str) -> None:
+    def _too_slow_all(self, model: str) -> None:
         """Waiters whose deadline ends before the scheduler expects the model: fail now, with
         what they would otherwise learn only at their deadline."""
-        ready_at = self.ready_at[model]
+        ready_at = self.cold.ready_at[model]
         for w in self.queues.get(model, ()):
             if w.deadline_end is not None and w.deadline_end < ready_at and not w.future.done():
                 w.future.set_exception(self._too_slow(model, w.deadline_end))
@@ -338,7 +308,8 @@ class Admission:
         now = time.monotonic()
         return ServiceError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"model {model!r} is loading and needs about {self.ready_at[model] - now:.1f} s more "
+            f"model {model!r} is loading and needs about {self.cold.ready_at[model] - now:.1f} s "
+            "more "
             f"(the scheduler's estimate); the request's deadline leaves {end - now:.1f} s: retry "
             "with a longer deadline, or once it is READY (the load goes on)",
             "LOAD_EXCEEDS_DEADLINE",
@@ -361,8 +332,8 @@ class Admission:
             )
         elif route.loading:
             why = f"{route.loading} replica(s) still loading"
-        elif self.unplaceable.get(model):
-            why = f"the scheduler cannot place it: {self.unplaceable[model]}"
+        elif self.cold.unplaceable.get(model):
+            why = f"the scheduler cannot place it: {self.cold.unplaceable[model]}"
         else:
             why = "no replica is READY or loading"
         if deadline_s is not None and waited >= deadline_s - DEADLINE_MARGIN_S - 0.01:
@@ -380,8 +351,4 @@ class Admission:
         )
 
     async def close(self) -> None:
-        for task in self._ensuring.values():
-            task.cancel()
-        for task in self._ensuring.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.cold.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -31,7 +31,6 @@ import grpc
 from meshserve.cluster.store import Store
 from meshserve.kserve import grpc_service_pb2 as K
 from meshserve.router.core.accounting import ModelStats
-from meshserve.router.core.admission import Ensured
 from meshserve.router.core.call import Call
 from meshserve.router.core.service import RouterInference
 from meshserve.router.fronts.kserve_tensors import (
@@ -63,11 +62,9 @@ class KServe:
     def __init__(
         self,
         core: RouterInference,
-        ensure: Callable[[str], Coroutine[Any, Any, Ensured]],
         store: Store,
     ) -> None:
         self.core = core
-        self.ensure = ensure
         self.store = store
 
     def _route(self, call: Call, name: str) -> Route:
@@ -174,22 +171,7 @@ class KServe:
             spec.unloaded_unix_ms = 0
             await self.store.put(self.store.keys.model(name), spec)
         deadline = time.monotonic() + (call.remaining_s() or LOAD_TIMEOUT_S)
-        while not (self.core.table.current.resolve(name) or route).ready:
-            answer = await self.ensure(name)
-            if answer.unplaceable:
-                raise ServiceError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"model {name!r} cannot be placed: {answer.unplaceable}",
-                    "UNSCHEDULABLE",
-                    retry_after_s=10.0,
-                )
-            if time.monotonic() > deadline - 1.0:
-                raise ServiceError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"model {name!r} is still loading; the load goes on",
-                    "LOAD_EXCEEDS_DEADLINE",
-                )
-            await asyncio.sleep(0.5)
+        await self.core.admission.cold.until_ready(name, deadline)  # the one cold-start wait
         return K.RepositoryModelLoadResponse()
 
     async def repository_model_unload(
