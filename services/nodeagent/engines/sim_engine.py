@@ -43,7 +43,8 @@ from meshserve.nodeagent.engines.base import (
     Resume,
 )
 from meshserve.nodeagent.engines.params import GenerationParams, context_too_long
-from meshserve.nodeagent.engines.prompts import engine_died, not_serving, out_of_memory, unloaded
+from meshserve.nodeagent.engines.prompts import engine_died, out_of_memory, unloaded
+from meshserve.nodeagent.engines.serving import Serving
 from meshserve.v1 import cluster_pb2, inference_pb2
 
 DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
@@ -164,7 +165,7 @@ class SimStream:
         return self.input_tokens + self.params.max_tokens
 
 
-class SimEngine:
+class SimEngine(Serving):
     """`Engine` that simulates a device (module docstring)."""
 
     def __init__(self, config: EngineConfig) -> None:
@@ -227,10 +228,6 @@ class SimEngine:
         self._tier = DEVICE
 
     @property
-    def tier(self) -> int:
-        return self._tier
-
-    @property
     def tier_note(self) -> str:
         return "simulated engine: tiers are timed from host_gbps / disk_gbps, nothing moves"
 
@@ -269,8 +266,7 @@ class SimEngine:
     ) -> AsyncIterator[Chunk]:
         if self._died:
             raise engine_died(self._name, self._died)
-        if self._task is None or self._tier != DEVICE:
-            raise not_serving(self._name, self._tier)
+        self._refuse_unless_serving(self._name, self._task is not None)
         text = prompt or "".join(f"{m.role}: {m.content}\n" for m in messages)
         input_tokens = max(1, len(text.encode()) // 4)
         if input_tokens + params.max_tokens > self._max_len:
@@ -301,8 +297,7 @@ class SimEngine:
                 self._waiting.remove(stream)
 
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
-        if self._task is None or self._tier != DEVICE:
-            raise not_serving(self._name, self._tier)
+        self._refuse_unless_serving(self._name, self._task is not None)
         out = []
         for text in inputs:
             rng = random.Random(zlib.crc32(text.encode()))

@@ -93,10 +93,6 @@ class TorchEngine(TorchWeights):
         self._step_timeout_s = STEP_TIMEOUT_S
 
     @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
     def max_model_len(self) -> int:
         return self._max_len
 

@@ -14,21 +14,21 @@ from typing import Any
 import torch
 from meshserve.nodeagent.engines import flat
 from meshserve.nodeagent.engines.base import EngineConfig
-from meshserve.nodeagent.engines.prompts import not_serving
+from meshserve.nodeagent.engines.serving import Serving
 from meshserve.nodeagent.engines.torch_device import torch_device
 from meshserve.v1 import cluster_pb2
 
 DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
 
 
-class TorchWeights:
+class TorchWeights(Serving):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._model: Any = None
         self._device = torch_device(config)
         self._name = ""
         self._memory = 0
-        self._tier: int = 0
+        self._tier = 0
         self._host: torch.Tensor | None = None  # the flat weights while offloaded to CPU RAM
         self._slots: list[flat.Slot] = []
         self._disk_bytes = 0
@@ -49,18 +49,13 @@ class TorchWeights:
         return self._disk_bytes if self._tier == DISK else 0
 
     @property
-    def tier(self) -> int:
-        return self._tier
-
-    @property
     def tier_note(self) -> str:
         if self._device.type == "cpu":
             return "device is the CPU: TIER_HOST keeps the weights in RAM (frees no device memory)"
         return ""
 
     def _check_serving(self) -> None:
-        if self._model is None or self._stopping or self._tier != DEVICE:
-            raise not_serving(self._name, self._tier)
+        self._refuse_unless_serving(self._name, self._model is not None and not self._stopping)
 
     def _dtype(self, args: dict[str, str]) -> torch.dtype:
         default = "float32" if self._device.type == "cpu" else "bfloat16"

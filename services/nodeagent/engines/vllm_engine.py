@@ -49,9 +49,9 @@ from meshserve.nodeagent.engines.prompts import (
     ResumedText,
     check_resume,
     engine_died,
-    not_serving,
     prompt_ids,
 )
+from meshserve.nodeagent.engines.serving import Serving
 from meshserve.nodeagent.engines.vllm_plan import (
     GIB,
     VllmPlan,
@@ -167,7 +167,7 @@ async def _alive(stream: AsyncIterator[Any], name: str) -> AsyncIterator[Any]:
         raise engine_died(name, "vLLM's engine core died") from e
 
 
-class VllmEngine:
+class VllmEngine(Serving):
     """`Engine` over vLLM's AsyncLLM."""
 
     def __init__(self, config: EngineConfig) -> None:
@@ -187,10 +187,6 @@ class VllmEngine:
 
     # --- state -------------------------------------------------------------------------------
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     def health(self) -> str:
         """vLLM's own verdict: its client marks the engine dead when an engine-core process
         exits (a monitor thread watches them), and errored when its output loop ended."""
@@ -202,10 +198,6 @@ class VllmEngine:
     @property
     def max_model_len(self) -> int:
         return self._max_len
-
-    @property
-    def tier(self) -> int:
-        return self._tier
 
     @property
     def tier_note(self) -> str:
@@ -311,8 +303,7 @@ class VllmEngine:
     # --- requests ----------------------------------------------------------------------------
 
     def _check_serving(self) -> None:
-        if self._llm is None or self._tier != DEVICE:
-            raise not_serving(self._name, self._tier)
+        self._refuse_unless_serving(self._name, self._llm is not None)
 
     @property
     def _name(self) -> str:

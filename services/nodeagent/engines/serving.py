@@ -1,0 +1,28 @@
+"""What every engine (torch LLM, torch tensor, vLLM, sim) keeps alike: where its weights are
+(``tier``), its streams in flight, and the one refusal while it cannot serve."""
+
+from __future__ import annotations
+
+from meshserve.nodeagent.engines.prompts import not_serving
+from meshserve.v1 import cluster_pb2
+
+
+class Serving:
+    _tier = 0  # cluster_pb2.Tier of the weights; 0: not loaded
+    _in_flight = 0  # streams being generated now (engines count their own)
+
+    @property
+    def tier(self) -> int:
+        """Where the weights are now (cluster_pb2.Tier)."""
+        return self._tier
+
+    @property
+    def in_flight(self) -> int:
+        """Streams being generated now."""
+        return self._in_flight
+
+    def _refuse_unless_serving(self, name: str, loaded: bool) -> None:
+        """Raises `not_serving` (UNAVAILABLE, with where the weights are) unless the model is
+        ``loaded`` and its weights are on the device."""
+        if not loaded or self._tier != cluster_pb2.TIER_DEVICE:
+            raise not_serving(name, self._tier)
