@@ -39,6 +39,7 @@ from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
 from bench.common import one_agent_mesh
 
 MODES = ("off", "fixed", "adaptive")

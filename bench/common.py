@@ -23,13 +23,22 @@ def one_agent_mesh(
     threads: int = 1,
     agent_extra: Sequence[str] = (),
     router_extra: Sequence[str] = (),
+    agent_python: str = "",
+    agent_timeout_s: float = 90.0,
 ) -> Iterator[tuple[Mesh, Service, Service]]:
-    """(mesh, agent, router): etcd, a scheduler, agent-0 and a router, stopped on exit."""
+    """(mesh, agent, router): etcd, a scheduler, agent-0 and a router, stopped on exit;
+    ``agent_python``: the agent's interpreter (the vLLM environment's, for vLLM engines)."""
     mesh = Mesh(root, lease_ttl_s=lease_ttl_s)
     try:
         mesh.start_etcd()
         mesh.start_scheduler()
-        agent = mesh.start_agent("agent-0", threads=threads, extra=agent_extra)
+        agent = mesh.start_agent(
+            "agent-0",
+            threads=threads,
+            extra=agent_extra,
+            python=agent_python,
+            timeout_s=agent_timeout_s,
+        )
         router = mesh.start_router(extra=router_extra)
         yield mesh, agent, router
     finally:

@@ -2,7 +2,7 @@
 front (SSE) and its KServe v2 gRPC API (ModelStreamInfer, decoupled), side by side in one run,
 against a real local mesh (etcd, scheduler, one agent, one router serving all three).
 
-    python bench/frontends.py [--requests 64] [--max-tokens 64] [--json PATH]
+    python bench/frontends.py [--requests 64] [--max-tokens 64] [--vllm] [--json PATH]
 
 For concurrency 1 and 8: tokens/s, TTFT p50/p99 and router CPU per token, rounds alternating
 between the fronts so machine noise hits each. Goal: HTTP adds <= 2 ms to p50 TTFT at c = 1.
@@ -13,7 +13,8 @@ come), so what it measures is the server side, not an SDK's overhead. Every fron
 workload (greedy, ``ignore_eos``: exactly --max-tokens each). A request that fails — a gRPC
 error, an HTTP status other than 200, an SSE error event, a KServe error_message — or streams
 fewer tokens than asked is counted in the front's errors and left out of its latencies and
-throughput; the run exits 1 when any front had one.
+throughput; the run exits 1 when any front had one. ``--vllm`` adds bench/vllm_peer.py's table:
+the OpenAI front over the vLLM CPU engine beside vLLM's own server (guidellm, c = 1, 8, 32).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
+from bench import vllm_peer
 from bench.batching import classifier, print_table, run_batching
 from bench.common import cpu_seconds, one_agent_mesh
 
@@ -204,6 +206,9 @@ def main() -> int:
     parser.add_argument("--batching-seconds", type=float, default=8.0, help="0: skip that table")
     parser.add_argument("--slo-ms", type=float, default=25.0, help="the tensor model's P95 SLO")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--vllm", action="store_true", help="then the vLLM peer table (bench/vllm_peer.py)"
+    )
     args = parser.parse_args()
     rows = []
     batching: dict[str, Any] = {}
@@ -250,10 +255,15 @@ def main() -> int:
     Console().print(f"HTTP adds {added:+.2f} ms to p50 TTFT at c = 1 (goal <= 2 ms)")
     if batching:
         print_table(batching)
+    peer: dict[str, Any] = {}
+    if args.vllm:  # meshserve's OpenAI front over vLLM vs vLLM's own server (guidellm)
+        peer = vllm_peer.run(48)
+        vllm_peer.print_tables(peer)
     if args.json:
-        doc = {"rows": rows, "http_added_p50_ms_c1": added, "batching": batching}
+        doc = {"rows": rows, "http_added_p50_ms_c1": added, "batching": batching, "vllm": peer}
         args.json.write_text(json.dumps(doc, indent=2))
-    return 1 if any(r["errors"] for r in rows) else 0
+    errors = [*rows, *peer.get("rows", [])]
+    return 1 if any(r["errors"] for r in errors) else 0
 
 
 if __name__ == "__main__":

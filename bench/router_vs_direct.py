@@ -34,6 +34,7 @@ from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root
 from bench.common import cpu_seconds, one_agent_mesh
 
 
