@@ -56,8 +56,8 @@ def routing_weights(given: Any, what: str = "routing") -> dict[str, float]:
             out[name] = float(weight)
         except (TypeError, ValueError):
             raise ValueError(f"{what}.{name}: a number >= 0, got {weight!r}") from None
-        if not out[name] >= 0:
-            raise ValueError(f"{what}.{name}: a number >= 0, got {weight!r}")
+        if not 0 <= out[name] < float("inf"):
+            raise ValueError(f"{what}.{name}: a finite number >= 0, got {weight!r}")
     return out
 
 

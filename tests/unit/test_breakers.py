@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import grpc
+from meshserve.nodeagent.engines.prompts import out_of_memory
+from meshserve.router.core.attempts import Broken, broken
 from meshserve.router.core.budget import RetryBudget
 from meshserve.router.routing.breakers import CLOSED, HALF_OPEN, OPEN, Breakers
+from meshserve.rpc.errors import DETAILS_KEY, ServiceError
 
 A = ("10.0.0.1:5000", "m")
 B = ("10.0.0.1:5000", "other")  # same agent, another model: its own breaker
@@ -110,3 +114,28 @@ def test_a_pruned_breaker_leaves_no_open_gauge_behind() -> None:
         s.labels.get("node"): s.value for m in metrics.BREAKER_OPEN.collect() for s in m.samples
     }
     assert key[0] not in series
+
+
+def test_only_the_probe_is_the_probe() -> None:
+    """`sent` says which request took the half-open probe; another stream on the key that ends
+    meanwhile (admission releases only the probe's slot) leaves the probe in place."""
+    br = Breakers(consecutive=1, cooldown_s=1.0)
+    assert not br.sent(A, 0.0)  # closed: no probe
+    br.failure(A, 0.1)
+    assert br.sent(A, 1.2) and not br.sent(A, 1.3)  # one probe; a last-resort send is none
+    assert not br.allows(A, 1.4)
+
+
+def _upstream(code: grpc.StatusCode, error: ServiceError | None = None) -> grpc.aio.AioRpcError:
+    trailers = grpc.aio.Metadata()
+    if error is not None:
+        trailers = grpc.aio.Metadata((DETAILS_KEY, error.status().SerializeToString()))
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, details="x")
+
+
+def test_a_full_replica_is_saturation_but_a_device_oom_is_a_failed_attempt() -> None:
+    full = broken(_upstream(grpc.StatusCode.RESOURCE_EXHAUSTED))
+    assert isinstance(full, Broken) and full.saturated and not full.unhealthy
+    oom = broken(_upstream(grpc.StatusCode.RESOURCE_EXHAUSTED, out_of_memory("m")))
+    assert isinstance(oom, Broken) and not oom.saturated and not oom.unhealthy
+    assert not isinstance(broken(_upstream(grpc.StatusCode.INVALID_ARGUMENT)), Broken)

@@ -10,7 +10,12 @@ from collections.abc import Mapping
 import grpc
 import pytest
 from meshserve.kserve import grpc_service_pb2 as K
-from meshserve.router.fronts.kserve_rest import HEADER_LENGTH, infer_request, infer_response
+from meshserve.router.fronts.kserve_rest import (
+    HEADER_LENGTH,
+    as_json,
+    infer_request,
+    infer_response,
+)
 from meshserve.router.fronts.kserve_tensors import pack_bytes
 from meshserve.rpc.errors import ServiceError
 
@@ -59,6 +64,17 @@ def test_json_and_binary_inputs_become_raw_contents_in_order() -> None:
         (b'{"inputs": []}', {HEADER_LENGTH: "999"}, "not a length within the body"),
         (b'{"inputs": []}xyz', {HEADER_LENGTH: "14"}, "3 bytes of binary data belong to no input"),
         (b'{"inputs": [], "parameters": {"p": [1]}}', {}, "parameters.p"),
+        (b'{"inputs": []}', {HEADER_LENGTH: "\u00b2"}, "not a length"),
+        (b'{"inputs": [], "parameters": 5}', {}, "parameters: a JSON object"),
+        (b'{"inputs": [], "parameters": {"p": 99999999999999999999}}', {}, "outside int64"),
+        (b'{"inputs": [], "outputs": 5}', {}, "outputs: a list"),
+        (b'{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1e999], "data": [1]}]}', {},
+         "malformed"),
+        (b'{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1e39]}]}', {},
+         "malformed"),
+        (b'{"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": ["\\ud800"]}]}',
+         {}, "malformed"),
+        (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, "not JSON"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_invalid_argument_naming_the_fault(
@@ -67,6 +83,15 @@ def test_bad_requests_are_invalid_argument_naming_the_fault(
     with pytest.raises(ServiceError) as e:
         infer_request("m", body, headers)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.message
+
+
+def test_strings_stay_strings_and_64_bit_fields_become_numbers() -> None:
+    meta = K.ModelMetadataResponse(name="123", versions=["1"], platform="p")
+    meta.inputs.add(name="x", datatype="FP32", shape=[-1, 3])
+    doc = as_json(meta)
+    assert (
+        doc["name"] == "123" and doc["versions"] == ["1"] and doc["inputs"][0]["shape"] == [-1, 3]
+    )
 
 
 def test_outputs_go_back_as_json_data_or_binary_data_as_asked() -> None:

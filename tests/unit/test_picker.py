@@ -122,3 +122,11 @@ def test_weights_are_the_profile_a_load_only_profile_ignores_affinity() -> None:
 
 def test_the_scorers_are_the_ones_model_specs_may_weigh() -> None:
     assert set(SCORERS) == set(ROUTING_SCORERS) == set(DEFAULT_WEIGHTS)
+
+
+def test_ties_share_the_load_evenly_among_the_replicas_left() -> None:
+    """With one of three replicas filtered out, the two left tie and take turns (1:1)."""
+    full = Endpoint("a", "h:1", max_streams=1)
+    view = View({}, {("h:1", "m"): 1})
+    chosen = [pick("m", [full, B, C], Ask(), view, tiebreak=t).chosen for t in range(6)]
+    assert chosen.count(B) == chosen.count(C) == 3

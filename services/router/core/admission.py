@@ -65,6 +65,7 @@ class Slot:
     endpoint: Endpoint
     waited_s: float = 0.0  # time spent queued
     decision: Decision | None = None  # how routing chose it (routing/pipeline.py)
+    probe: bool = False  # it is its replica's half-open breaker probe
 
     @property
     def model(self) -> str:
@@ -209,7 +210,8 @@ class Admission:
         self.outstanding[address] = self.outstanding.get(address, 1) - 1
         key = (address, slot.model)
         self.streams[key] = self.streams.get(key, 1) - 1
-        self.breakers.released(key)
+        if slot.probe:
+            self.breakers.released(key)
         self._dispatch_all()
 
     # --- choosing ----------------------------------------------------------------------------
@@ -248,7 +250,8 @@ class Admission:
         self.outstanding[address] = self.outstanding.get(address, 0) + 1
         key = (address, slot.model)
         self.streams[key] = self.streams.get(key, 0) + 1
-        self.breakers.sent((address, slot.model), time.monotonic())
+        if self.breakers.sent(key, time.monotonic()):
+            return replace(slot, probe=True)
         return slot
 
     def _dispatch(self, model: str) -> None:

@@ -33,6 +33,7 @@ RETRYABLE = frozenset(
 # Reasons an agent gives when the replica itself is gone (engines/prompts.py), or when it may
 # be (cut off from etcd, cluster/fence.py): the request leaves that replica at once.
 GONE_REASONS = frozenset({"ENGINE_DIED", "MODEL_UNLOADED", "AGENT_FENCED"})
+OUT_OF_MEMORY = "DEVICE_OUT_OF_MEMORY"  # engines/prompts.py: a device OOM during a request
 # Failures that say something about the replica's health (breakers).
 UNHEALTHY = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -66,7 +67,11 @@ def broken(e: grpc.aio.AioRpcError, departed: bool = False) -> Exception:
     if departed:  # the replica left the table while the call ran
         return Broken(f"replica left the table ({what})")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not limit_of_ours(e):
-        return Broken(what, unhealthy=False, saturated=True)
+        if error_reason(decode_details(e.trailing_metadata())) == OUT_OF_MEMORY:
+            # The replica ran out of device memory for this request: another may not, and
+            # waiting for this one would repeat it — a failed attempt (not its health).
+            return Broken(what, unhealthy=False)
+        return Broken(what, unhealthy=False, saturated=True)  # full: back to the queue
     if code in RETRYABLE:
         reason = error_reason(decode_details(e.trailing_metadata()))
         return Broken(what, unhealthy=code in UNHEALTHY, gone=reason in GONE_REASONS)

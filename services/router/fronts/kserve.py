@@ -46,7 +46,7 @@ from meshserve.router.fronts.kserve_tensors import (
 from meshserve.router.fronts.native import call_of, send_headers
 from meshserve.router.routing.endpoints import Route
 from meshserve.rpc import handlers
-from meshserve.rpc.errors import ServiceError, not_found_model
+from meshserve.rpc.errors import ServiceError, invalid_argument, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.v1 import cluster_pb2, inference_pb2
@@ -96,6 +96,9 @@ class KServe:
         except ServiceError:
             self.core.accountant.refused(route.spec.name, started)
             raise
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. max_tokens 1e999
+            self.core.accountant.refused(route.spec.name, started)
+            raise invalid_argument([("parameters", f"{type(e).__name__}: {e}")]) from None
 
     # --- health and metadata -----------------------------------------------------------------
 

@@ -101,7 +101,7 @@ def add_kserve_rest(app: FastAPI, kserve: KServe) -> None:
                 with trace.use_span(span, end_on_exit=False, set_status_on_exception=False):
                     r, binary = infer_request(name, await request.body(), request.headers)
                     got = await kserve.model_infer(r, call_of(request))
-            except (ServiceError, grpc.aio.AioRpcError) as e:
+            except Exception as e:  # a status of the core's, or a bug: 500, span ended either way
                 finish(span, e)
                 return failure(e, trace_headers(span))
             finish(span)
@@ -155,43 +155,66 @@ def raise_bad(message: str) -> Any:
     raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, "INVALID_REQUEST")
 
 
+# The protocol's 64-bit integer fields, which proto3's JSON writes as strings.
+INT64_FIELDS = frozenset(
+    {"shape", "dims", "count", "ns", "last_inference", "inference_count", "execution_count",
+     "max_queue_delay_microseconds", "preferred_batch_size"}
+)  # fmt: skip
+
+
 def as_json(message: Any) -> Any:
-    """A proto message in the protocol's JSON: field names as in the .proto, 64-bit integers
-    as numbers (proto3's JSON writes them as strings)."""
+    """A proto message in the protocol's JSON: field names as in the .proto, 64-bit integer
+    fields as numbers (strings stay strings: a version "1", a model named "123")."""
     doc = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return _numbers(doc)
+    return _numbers(doc, False)
 
 
-def _numbers(x: Any) -> Any:
+def _numbers(x: Any, int64: bool) -> Any:
     if isinstance(x, dict):
-        return {k: _numbers(v) for k, v in x.items()}
+        return {k: _numbers(v, k in INT64_FIELDS) for k, v in x.items()}
     if isinstance(x, list):
-        return [_numbers(v) for v in x]
-    if isinstance(x, str) and x.lstrip("-").isdigit():
+        return [_numbers(v, int64) for v in x]
+    if int64 and isinstance(x, str) and x.lstrip("-").isdigit():
         return int(x)
     return x
+
+
+MALFORMED = (ValueError, TypeError, AttributeError, KeyError, OverflowError, RecursionError)
 
 
 def infer_request(
     name: str, body: bytes, headers: Any
 ) -> tuple[K.ModelInferRequest, dict[str, bool]]:
     """The request as the gRPC form's message (every input in raw_input_contents), and which
-    outputs the client wants as binary data."""
+    outputs the client wants as binary data. Whatever does not fit the protocol's shapes is
+    INVALID_ARGUMENT, never a server error."""
+    try:
+        return _infer_request(name, body, headers)
+    except MALFORMED as e:  # UnicodeError is a ValueError
+        raise_bad(f"a malformed inference request: {type(e).__name__}: {str(e)[:200]}")
+        raise  # unreachable: raise_bad raises
+
+
+def _infer_request(
+    name: str, body: bytes, headers: Any
+) -> tuple[K.ModelInferRequest, dict[str, bool]]:
     length = headers.get(HEADER_LENGTH)
     if length is not None:
-        if not length.isdigit() or int(length) > len(body):
+        if not (length.isascii() and length.isdigit()) or int(length) > len(body):
             raise_bad(f"{HEADER_LENGTH} {length!r}: not a length within the body")
         head, binary = body[: int(length)], body[int(length) :]
     else:
         head, binary = body, b""
     try:
         doc = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise_bad(f"the inference header is not JSON: {e}")
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise_bad("the inference header must be a JSON object with a list 'inputs'")
     r = K.ModelInferRequest(model_name=name, id=str(doc.get("id", "")))
     params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise_bad("parameters: a JSON object")
     for key, value in params.items():
         set_param(r.parameters[key], key, value)
     offset = 0
@@ -215,7 +238,10 @@ def infer_request(
         raise_bad(f"{len(binary) - offset} bytes of binary data belong to no input")
     default = bool(params.get("binary_data_output", False))
     wanted: dict[str, bool] = {}
-    for o in doc.get("outputs") or []:
+    outputs = doc.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise_bad("outputs: a list")
+    for o in outputs:
         if not isinstance(o, dict) or "name" not in o:
             raise_bad("outputs: objects with a name")
         r.outputs.add(name=str(o["name"]))
@@ -228,6 +254,8 @@ def set_param(p: K.InferParameter, key: str, value: Any) -> None:
     if isinstance(value, bool):
         p.bool_param = value
     elif isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise_bad(f"parameters.{key}: outside int64")
         p.int64_param = value
     elif isinstance(value, float):
         p.double_param = value

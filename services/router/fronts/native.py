@@ -24,8 +24,8 @@ def call_of(context: Ctx) -> Call:
         if key == "authorization":
             authorization = value if isinstance(value, str) else value.decode(errors="replace")
     auth = context.auth_context() or {}
-    subjects = [v.decode() for v in auth.get("x509_subject", [])]
-    subjects += [f"CN={v.decode()}" for v in auth.get("x509_common_name", [])]
+    subjects = [v.decode(errors="replace") for v in auth.get("x509_subject", [])]
+    subjects += [f"CN={v.decode(errors='replace')}" for v in auth.get("x509_common_name", [])]
     left = handlers.remaining_s(context)
     deadline = None if left is None else time.monotonic() + left
     return Call(authorization=authorization, subjects=subjects, deadline=deadline)

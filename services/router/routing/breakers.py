@@ -73,15 +73,18 @@ class Breakers:
         state = self.state(key, now)
         return state == CLOSED or (state == HALF_OPEN and not self._b[key].probing)
 
-    def sent(self, key: Key, now: float) -> None:
-        """A request went to ``key``: if half-open, it is the probe."""
-        if self.state(key, now) == HALF_OPEN:
+    def sent(self, key: Key, now: float) -> bool:
+        """A request went to ``key``: if half-open, it is the probe (True)."""
+        if self.state(key, now) == HALF_OPEN and not self._b[key].probing:
             self._b[key].probing = True
+            return True
+        return False
 
     def released(self, key: Key) -> None:
-        """The request on ``key`` ended. A half-open probe that reported nothing (the caller's
-        own error, a cancel, a full replica: nothing about the replica's health) lets the next
-        request probe instead, or the breaker would wait for an outcome that never comes."""
+        """The probe on ``key`` (the request `sent` said was one) ended. One that reported
+        nothing (the caller's own error, a cancel, a full replica: nothing about the replica's
+        health) lets the next request probe instead, or the breaker would wait for an outcome
+        that never comes."""
         b = self._b.get(key)
         if b is not None and b.state == HALF_OPEN and b.probing:
             b.probing = False

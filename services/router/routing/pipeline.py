@@ -167,14 +167,20 @@ def pick(
         for i in soft_only:
             del rejected[i]
     cands = [endpoints[i] for i in passed]
-    columns = {name: SCORERS[name](cands, ask, view) for name, w in weights.items() if w}
-    n = len(endpoints)
+    columns = {  # a weight for a scorer this router lacks (a newer spec) counts for nothing
+        name: SCORERS[name](cands, ask, view)
+        for name, w in weights.items()
+        if w and name in SCORERS
+    }
+    n, m = len(endpoints), len(passed)
     scored: dict[int, Scored] = {}
     for j, i in enumerate(passed):
         scores = {name: col[j] for name, col in columns.items()}
         total = sum(weights[name] * s for name, s in scores.items())
         scored[i] = Scored(endpoints[i], "", scores, total)
-    best = max(passed, key=lambda i: (scored[i].total, -((i - tiebreak) % n)), default=None)
+    # Ties rotate among the candidates left, so equal replicas share the load evenly.
+    order = {i: j for j, i in enumerate(passed)}
+    best = max(passed, key=lambda i: (scored[i].total, -((order[i] - tiebreak) % m)), default=None)
     rows = tuple(scored.get(i) or Scored(endpoints[i], rejected[i]) for i in range(n))
     chosen = endpoints[best] if best is not None else None
     return Decision(model, ask, rows, weights, chosen, note)
