@@ -323,7 +323,9 @@ async def test_a_dead_engine_core_moves_its_streams_to_the_other_replica(
             os.kill(pid, signal.SIGKILL)
         await asyncio.wait_for(task, 120)
         assert s.error is None, s.error
-        assert s.ids == expected and s.trailers.get("meshserve-failovers") == "1"
+        # Exact, and moved (on a loaded machine the stall watch may move it once more: no token
+        # is lost or repeated either way)
+        assert s.ids == expected and int(s.trailers.get("meshserve-failovers", "0")) >= 1
         # Moved, did not wait for a reload: the dead replica is FAILED, or already gone (the
         # scheduler takes a FAILED replica's placement away while another is READY), or (a slow
         # machine: the rest of the stream outlasted the reload) back, after a load longer than

@@ -159,3 +159,33 @@ async def test_a_repository_load_waits_through_the_one_cold_start_loop() -> None
     install(table, [], [replica("a")])  # a replica turns READY
     await asyncio.wait_for(waiting, 5)
     await cold.close()
+
+
+def test_an_unreachable_only_replica_waits_for_the_table_not_the_attempt_count() -> None:
+    """The model's only replica refuses connections (its agent died; its lease has yet to end):
+    retries wait for the table within the queue timeout instead of spending the attempts; any
+    other failure, or the same with another replica to go to, counts as before."""
+    from meshserve.router.config import RouterConfig
+    from meshserve.router.core.admission import Slot
+    from meshserve.router.core.attempts import AttemptPolicy, Broken, Tries
+    from meshserve.router.core.budget import RetryBudget
+
+    table = EndpointTable(connect(EtcdConfig("127.0.0.1:1")), Keyspace())  # never started
+    install(table, [spec("m")], [replica("a")])
+    config = RouterConfig(max_attempts=1, queue_timeout_s=5.0)
+    policy = AttemptPolicy(config, table, Breakers(), RetryBudget(1.0))
+    route = table.current.resolve("m")
+    assert route is not None
+    slot = Slot(route, route.ready[0])
+    dead = Broken("UNAVAILABLE: failed to connect", unreachable=True)
+    tries = Tries("m")
+    for now in (100.0, 101.0, 104.9):
+        assert policy.retry(tries, slot, dead, now) <= 1.0
+    assert tries.retries == 0
+    with pytest.raises(ServiceError):
+        policy.retry(tries, slot, dead, 105.1)  # past the queue timeout: it counts
+    with pytest.raises(ServiceError):
+        policy.retry(Tries("m"), slot, Broken("INTERNAL: boom"), 100.0)
+    install(table, [], [replica("b")])  # another replica to go to: the attempt counts
+    with pytest.raises(ServiceError):
+        policy.retry(Tries("m"), slot, dead, 100.0)

@@ -33,6 +33,7 @@ RETRYABLE = frozenset(
 # Reasons an agent gives when the replica itself is gone (engines/prompts.py), or when it may
 # be (cut off from etcd, cluster/fence.py): the request leaves that replica at once.
 GONE_REASONS = frozenset({"ENGINE_DIED", "MODEL_UNLOADED", "AGENT_FENCED"})
+NO_CONNECTION = "failed to connect"  # gRPC's UNAVAILABLE when no connection can be made
 OUT_OF_MEMORY = "DEVICE_OUT_OF_MEMORY"  # engines/prompts.py: a device OOM during a request
 # Failures that say something about the replica's health (breakers).
 UNHEALTHY = frozenset(
@@ -46,13 +47,19 @@ class Broken(Exception):
     """An attempt ended without finishing the stream; another may go on."""
 
     def __init__(
-        self, what: str, unhealthy: bool = True, saturated: bool = False, gone: bool = False
+        self,
+        what: str,
+        unhealthy: bool = True,
+        saturated: bool = False,
+        gone: bool = False,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(what)
         self.what = what
         self.unhealthy = unhealthy  # counts against the replica's breaker
         self.saturated = saturated  # the replica was full: back to the queue
         self.gone = gone  # the replica said it is gone for good (its engine died, unloaded)
+        self.unreachable = unreachable  # no connection: its agent died (or is cut off)
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
@@ -74,7 +81,10 @@ def broken(e: grpc.aio.AioRpcError, departed: bool = False) -> Exception:
         return Broken(what, unhealthy=False, saturated=True)  # full: back to the queue
     if code in RETRYABLE:
         reason = error_reason(decode_details(e.trailing_metadata()))
-        return Broken(what, unhealthy=code in UNHEALTHY, gone=reason in GONE_REASONS)
+        unreachable = code == grpc.StatusCode.UNAVAILABLE and NO_CONNECTION in (e.details() or "")
+        return Broken(
+            what, unhealthy=code in UNHEALTHY, gone=reason in GONE_REASONS, unreachable=unreachable
+        )
     passed: Exception = e  # the caller's own error (INVALID_ARGUMENT, DEADLINE_EXCEEDED …)
     return passed
 
@@ -95,6 +105,7 @@ class Tries:
     retries: int = 0  # failed attempts before any answer
     saturated: int = 0  # attempts a full replica sent back
     full_since: float = 0.0
+    orphaned_since: float = 0.0  # its only replica became unreachable (waiting for the table)
 
 
 class AttemptPolicy:
@@ -132,9 +143,16 @@ class AttemptPolicy:
             )
         return backoff_s(min(tries.saturated, 5), self.rng)
 
-    def retry(self, tries: Tries) -> float:
+    def retry(self, tries: Tries, slot: Slot, b: Broken, now: float) -> float:
         """An attempt failed before any answer: the backoff before the next; raises UNAVAILABLE
-        when attempts or the retry budget are spent."""
+        when attempts or the retry budget are spent. The model's only replica unreachable (its
+        agent died; its lease has yet to end): the request waits for the table — the replica
+        leaves, another is placed — within ``queue_timeout_s`` (and its deadline) instead of
+        spending its attempts on it (the exclusions space the tries out)."""
+        if b.unreachable and not self.others(slot, slot.endpoint.identity):
+            tries.orphaned_since = tries.orphaned_since or now
+            if now - tries.orphaned_since <= self.config.queue_timeout_s:
+                return backoff_s(5, self.rng)
         tries.retries += 1
         if tries.retries >= self.config.max_attempts:
             raise self.exhausted(tries.model, tries.log, "attempts")

@@ -150,7 +150,7 @@ class Relay(AttemptPolicy):
                             )
                             delay = backoff_s(failovers - 1, self.rng) if failovers > 1 else 0.0
                         else:
-                            delay = self.retry(tries)
+                            delay = self.retry(tries, slot, b, now)
                 finally:
                     self.admission.release(slot)
                 if delay:

@@ -80,7 +80,7 @@ class Unary(AttemptPolicy):
                     delay = self.full(tries, now)
                 else:
                     self.give_up_on(slot, b, tries, now)
-                    delay = self.retry(tries)
+                    delay = self.retry(tries, slot, b, now)
             finally:
                 self.admission.release(slot)
             await self.pause(delay, call)
