@@ -304,7 +304,9 @@ async def test_interactive_latency_holds_beside_a_low_priority_flood(tmesh: Mesh
         f"interactive TTFT p99 alone {p99(alone) * 1000:.1f} ms, beside the flood "
         f"{p99(beside) * 1000:.1f} ms; flood requests served {served}"
     )
-    assert p99(beside) <= 2 * p99(alone), (p99(beside), p99(alone), served)
+    # 2x its value alone, plus 25 ms for a 2-core machine's scheduling noise on values of a few
+    # ms (a starved interactive request waits for a flood stream's slot: hundreds of ms).
+    assert p99(beside) <= 2 * p99(alone) + 0.025, (p99(beside), p99(alone), served)
 
 
 async def test_gpu_seconds_bill_the_device_not_each_streams_wall_time(tmesh: Mesh) -> None:
