@@ -294,7 +294,8 @@ async def test_dead_engine_core_fails_the_replica_at_once_and_the_agent_reloads_
     assert hung < 3.0, f"the direct request hung {hung:.1f} s"
     assert routed.error is None, routed.error
     assert routed.ids == expected  # nothing lost, nothing repeated
-    assert routed.trailers.get("meshserve-failovers") == "1"
+    # It moved (on a loaded machine the stall watch may move it once more: still exact)
+    assert int(routed.trailers.get("meshserve-failovers", "0")) >= 1
     await eventually(lambda: _state(vmesh, S.REPLICA_STATE_READY), 240, "READY again")
     assert set(_core_pids(agent_pid)) - killed, "a new engine core"
 
@@ -307,7 +308,7 @@ async def test_a_dead_engine_core_moves_its_streams_to_the_other_replica(
     replica is loaded again."""
     router = vmesh.services["router"].address
     second = "vllm-agent-2"
-    vmesh.start_agent(second, threads=1, python=vllm_python, timeout_s=180, extra=AGENT_FLAGS)
+    vmesh.start_agent(second, threads=1, python=vllm_python, timeout_s=300, extra=AGENT_FLAGS)
     spec = model_spec(MODEL, vmesh.data_dir / "model", engine="vllm", min_replicas=2,
                       max_model_len=2048)  # fmt: skip
     await apply(vmesh, spec)
