@@ -27,6 +27,7 @@ from meshserve.router.fronts.http_errors import from_exception
 from meshserve.router.fronts.http_tracing import finish, server_span, trace_headers
 from meshserve.router.fronts.kserve import KServe
 from meshserve.router.fronts.kserve_tensors import TYPED, pack_bytes, param, unpack_bytes
+from meshserve.router.fronts.openai_http import call_of
 from meshserve.rpc.errors import ServiceError, invalid_argument
 from opentelemetry import trace
 
@@ -35,13 +36,10 @@ FORMATS = {**{k: fmt for k, (_field, fmt) in TYPED.items()}, "FP16": "e"}
 
 
 def add_kserve_rest(app: FastAPI, kserve: KServe) -> None:
-    def call_of(request: Request) -> Call:
-        return Call(authorization=request.headers.get("authorization", ""))
-
     async def answer(request: Request, fn: Callable[[Call], Awaitable[Any]]) -> Response:
         """``fn``'s proto reply as JSON, or the error in the protocol's shape."""
         try:
-            reply = await fn(call_of(request))
+            reply = await fn(call_of(request, None))
         except (ServiceError, grpc.aio.AioRpcError) as e:
             return failure(e)
         if isinstance(reply, Response):
@@ -100,7 +98,7 @@ def add_kserve_rest(app: FastAPI, kserve: KServe) -> None:
             try:
                 with trace.use_span(span, end_on_exit=False, set_status_on_exception=False):
                     r, binary = infer_request(name, await request.body(), request.headers)
-                    got = await kserve.model_infer(r, call_of(request))
+                    got = await kserve.model_infer(r, call_of(request, None))
             except Exception as e:  # a status of the core's, or a bug: 500, span ended either way
                 finish(span, e)
                 return failure(e, trace_headers(span))
