@@ -39,7 +39,7 @@ FIELDS = {
 }
 DEFAULT_KV_HEADROOM = 64 * 2**20
 # The routers' scorers (router/routing/pipeline.py; a unit test holds the two lists equal).
-ROUTING_SCORERS = ("affinity", "kv", "load")
+ROUTING_SCORERS = ("ttft", "prefix", "affinity", "kv", "load")
 
 
 def routing_weights(given: Any, what: str = "routing") -> dict[str, float]:

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 
 from meshserve.router.routing.endpoints import Endpoint
 from meshserve.router.routing.exclusions import Identity
+from meshserve.router.routing.prefix import NO_MATCH, Match
 from meshserve.v1 import common_pb2
 
 AFFINITY_SLACK = 4  # streams a session's replica may carry above the least loaded before we move
 KV_FULL = 0.9
 SHEDDABLE = common_pb2.PRIORITY_LOW
 RESERVED_SHARE = 0.25  # of a replica's slots that sheddable streams leave to the others
+NEAR_TIE = 0.05  # predicted TTFTs within 5 % of the fastest count as equal
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Ask:
     priority: int = common_pb2.PRIORITY_NORMAL
     exclude: Container[Identity] = frozenset()
     request_id: str = ""
+    blocks: Sequence[int] = ()  # the prompt's chained block hashes (kvblocks), when hashed
+    tokens: int = 0  # the prompt's tokens (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,15 @@ class View:
     outstanding: Mapping[str, int]
     streams: Mapping[tuple[str, str], int]
     allows: Callable[[tuple[str, str]], bool] = lambda _key: True
+    # How much of the prompt's prefix each candidate holds (by address), from the model's
+    # prefix index; and a candidate's predicted TTFT in seconds (routing.ttft).
+    matches: Callable[[str, Sequence[Endpoint], Ask], Mapping[str, Match]] = lambda *_: {}
+    predict: Callable[[str, Endpoint, Ask, Match], float] | None = None
 
 
 Check = Callable[[Endpoint, str, Ask, View], str]  # "" passes; else why not
-Score = Callable[[Sequence[Endpoint], Ask, View], list[float]]  # one per candidate, in [0, 1]
+# One score per candidate, in [0, 1]; the model's name comes first.
+Score = Callable[[str, Sequence[Endpoint], Ask, View], list[float]]
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ def rendezvous(key: str, endpoints: Sequence[Endpoint]) -> Endpoint:
     )
 
 
-def affinity(cands: Sequence[Endpoint], ask: Ask, view: View) -> list[float]:
+def affinity(_model: str, cands: Sequence[Endpoint], ask: Ask, view: View) -> list[float]:
     if not ask.session_key or not cands:
         return [0.0] * len(cands)
     preferred = rendezvous(ask.session_key, cands)
@@ -100,12 +109,34 @@ def affinity(cands: Sequence[Endpoint], ask: Ask, view: View) -> list[float]:
     return [1.0 if e is preferred else 0.0 for e in cands]
 
 
-def kv_room(cands: Sequence[Endpoint], _ask: Ask, _view: View) -> list[float]:
+def kv_room(_model: str, cands: Sequence[Endpoint], _ask: Ask, _view: View) -> list[float]:
     return [0.0 if e.kv_cache_usage >= KV_FULL else 1.0 for e in cands]
 
 
-def load(cands: Sequence[Endpoint], _ask: Ask, view: View) -> list[float]:
+def load(_model: str, cands: Sequence[Endpoint], _ask: Ask, view: View) -> list[float]:
     return [1.0 / (1 + view.outstanding.get(e.address, 0) + e.waiting) for e in cands]
+
+
+def prefix(model: str, cands: Sequence[Endpoint], ask: Ask, view: View) -> list[float]:
+    """The share of the prompt's blocks a candidate holds as a prefix (events or recent sends):
+    the approximate prefix scorer of llm-d / the Gateway API inference extension."""
+    if not ask.blocks:
+        return [0.0] * len(cands)
+    m = view.matches(model, cands, ask)
+    n = len(ask.blocks)
+    return [m.get(e.address, NO_MATCH).blocks / n for e in cands]
+
+
+def ttft(model: str, cands: Sequence[Endpoint], ask: Ask, view: View) -> list[float]:
+    """The predicted time to first token (routing.ttft) as a score: 1 for the fastest and for
+    those within NEAR_TIE of it (near-ties are spread by the other scorers and the rotation),
+    fastest / own for the rest."""
+    if view.predict is None or not ask.tokens or not cands:
+        return [0.0] * len(cands)
+    m = view.matches(model, cands, ask) if ask.blocks else {}
+    preds = [view.predict(model, e, ask, m.get(e.address, NO_MATCH)) for e in cands]
+    best = max(min(preds), 1e-6)
+    return [1.0 if p <= best * (1 + NEAR_TIE) else best / p for p in preds]
 
 
 FILTERS: tuple[Filter, ...] = (
@@ -113,8 +144,15 @@ FILTERS: tuple[Filter, ...] = (
     Filter("excluded", not_excluded),
     Filter("breaker", breaker_closed, soft=True),
 )
-SCORERS: Mapping[str, Score] = {"affinity": affinity, "kv": kv_room, "load": load}
-DEFAULT_WEIGHTS: Mapping[str, float] = {"affinity": 4.0, "kv": 2.0, "load": 1.0}
+SCORERS: Mapping[str, Score] = {
+    "ttft": ttft,
+    "prefix": prefix,
+    "affinity": affinity,
+    "kv": kv_room,
+    "load": load,
+}
+# ttft leads: a session's replica keeps it unless another answers over twice as fast.
+DEFAULT_WEIGHTS: Mapping[str, float] = {"ttft": 8.0, "affinity": 4.0, "kv": 2.0, "load": 1.0}
 
 
 @dataclass(frozen=True)
@@ -145,6 +183,7 @@ def pick(
     view: View,
     weights: Mapping[str, float] = DEFAULT_WEIGHTS,
     tiebreak: int = 0,
+    scorers: Mapping[str, Score] = SCORERS,
 ) -> Decision:
     """Filters, then scores, then the best: the highest weighted sum, ties rotated by
     ``tiebreak`` (equal replicas share the load)."""
@@ -168,9 +207,9 @@ def pick(
             del rejected[i]
     cands = [endpoints[i] for i in passed]
     columns = {  # a weight for a scorer this router lacks (a newer spec) counts for nothing
-        name: SCORERS[name](cands, ask, view)
+        name: scorers[name](model, cands, ask, view)
         for name, w in weights.items()
-        if w and name in SCORERS
+        if w and name in scorers
     }
     n, m = len(endpoints), len(passed)
     scored: dict[int, Scored] = {}

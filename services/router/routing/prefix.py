@@ -1,0 +1,229 @@
+"""Which replica holds which prefix of a prompt (pure): one `PrefixIndex` per model, over the
+chained block hashes of `meshserve.kvblocks`.
+
+Two feeds, as DESIGN §9 and llm-d's precise and approximate scorers have them:
+
+- **Events** (precise): a replica's engine reports blocks stored (on the device or in host RAM),
+  removed, or all cleared, each batch with a sequence number. A batch whose number does not
+  follow the last one means events were lost: the replica's blocks are dropped and
+  `apply` returns False, so the feed asks its agent for a fresh snapshot (a resync) instead of
+  trusting a stale view. A replica that restarts or leaves loses its blocks (`forget`).
+- **Sends** (approximate): the blocks of a prompt the router has just sent to a replica are
+  *pending* there for ``pending_ttl`` seconds, so a burst of one prefix does not pile onto one
+  replica, nor scatter, before the engine's events arrive; engines without events (the torch
+  engine) are served by this feed alone.
+
+Memory is bounded: each replica keeps at most ``capacity`` blocks (least recently stored
+first out), so the index holds at most capacity x replicas entries; `entry_bytes`
+estimates the cost of one (measured by bench/routing.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+DEVICE, HOST = 1, 2  # where a block lives (cluster_pb2.TIER_DEVICE / TIER_HOST)
+CAPACITY = 65_536  # blocks a replica keeps in the index (1 M tokens at 16 a block)
+PENDING_TTL_S = 2.0
+
+
+@dataclass(frozen=True)
+class Stored:
+    hashes: tuple[int, ...]
+    medium: int = DEVICE
+
+
+@dataclass(frozen=True)
+class Removed:
+    hashes: tuple[int, ...]
+    medium: int = DEVICE
+
+
+@dataclass(frozen=True)
+class Cleared:
+    pass
+
+
+Event = Stored | Removed | Cleared
+
+
+@dataclass(frozen=True)
+class Match:
+    """How much of a prompt's prefix a replica holds, in blocks."""
+
+    device: int = 0  # leading blocks on its device (known from events)
+    host: int = 0  # the leading blocks after those, in its host RAM
+    pending: int = 0  # leading blocks after those that this router sent it very recently
+
+    @property
+    def blocks(self) -> int:
+        return self.device + self.host + self.pending
+
+
+NO_MATCH = Match()
+
+
+@dataclass
+class _Replica:
+    blocks: OrderedDict[int, int] = field(default_factory=OrderedDict)  # hash → medium, LRU
+    pending: dict[int, float] = field(default_factory=dict)  # hash → expiry
+    seq: int = -1  # last event batch applied (-1: none yet)
+
+
+class PrefixIndex:
+    """The blocks of one model's replicas (module docstring). Replicas are named by whatever
+    key the caller uses (the router uses the agent's address)."""
+
+    def __init__(self, capacity: int = CAPACITY, pending_ttl: float = PENDING_TTL_S) -> None:
+        self.capacity = capacity
+        self.pending_ttl = pending_ttl
+        self._replicas: dict[str, _Replica] = {}
+        self._holders: dict[int, dict[str, int]] = {}  # hash → {replica: medium}
+        self._pending: dict[int, dict[str, float]] = {}  # hash → {replica: expiry}
+        self._host_entries = 0  # blocks in host RAM, all replicas (0: skip the medium check)
+
+    # --- the event feed ----------------------------------------------------------------------
+
+    def apply(self, replica: str, seq: int, events: Iterable[Event]) -> bool:
+        """One batch of a replica's events. False (and its blocks dropped) when ``seq`` does not
+        follow the last batch: events were lost, the caller must resync it."""
+        r = self._replicas.setdefault(replica, _Replica())
+        if r.seq >= 0 and seq != r.seq + 1:
+            self.forget(replica)
+            return False
+        r.seq = seq
+        for ev in events:
+            if isinstance(ev, Stored):
+                for h in ev.hashes:
+                    self._store(replica, r, h, ev.medium)
+            elif isinstance(ev, Removed):
+                for h in ev.hashes:
+                    if r.blocks.get(h) == ev.medium:
+                        self._drop(replica, r, h)
+            else:
+                for h in list(r.blocks):
+                    self._drop(replica, r, h)
+        return True
+
+    def resync(self, replica: str, seq: int, blocks: Iterable[tuple[int, int]]) -> None:
+        """A replica's whole state (``(hash, medium)`` pairs, oldest first) as of batch ``seq``:
+        what an agent sends when a feed starts and after a gap."""
+        self.forget(replica)
+        r = self._replicas.setdefault(replica, _Replica())
+        r.seq = seq
+        for h, medium in blocks:
+            self._store(replica, r, h, medium)
+
+    def forget(self, replica: str) -> None:
+        """The replica left, restarted or lost events: none of its blocks are known."""
+        r = self._replicas.pop(replica, None)
+        if r is None:
+            return
+        for h, medium in r.blocks.items():
+            self._host_entries -= medium == HOST
+            self._unhold(self._holders, h, replica)
+        for h in r.pending:
+            self._unhold(self._pending, h, replica)
+
+    # --- the send feed -----------------------------------------------------------------------
+
+    def sent(self, replica: str, hashes: Sequence[int], now: float) -> None:
+        """This router just sent a prompt with these blocks to ``replica``: they are pending
+        there until an event confirms them or ``pending_ttl`` passes."""
+        r = self._replicas.setdefault(replica, _Replica())
+        until = now + self.pending_ttl
+        for h in hashes:
+            if h in r.blocks:
+                r.blocks.move_to_end(h)
+                continue
+            r.pending[h] = until
+            self._pending.setdefault(h, {})[replica] = until
+        if len(r.pending) > self.capacity:  # the oldest go first (dicts keep insertion order)
+            for h in list(r.pending)[: len(r.pending) - self.capacity]:
+                del r.pending[h]
+                self._unhold(self._pending, h, replica)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def match(self, hashes: Sequence[int], replicas: Iterable[str], now: float) -> dict[str, Match]:
+        """For each replica, how many leading blocks of ``hashes`` it holds: known blocks first
+        (device, then host), then pending ones. A block hash names its whole prefix and engines
+        evict a prefix from its tail, so a replica's blocks of one prompt are a leading run:
+        each run is found by binary search (O(replicas x log blocks) lookups, not a walk)."""
+        first = hashes[0] if hashes else None
+        held0 = self._holders.get(first, {}) if first is not None else {}
+        pend0 = self._pending.get(first, {}) if first is not None else {}
+        out: dict[str, Match] = {}
+        for k in replicas:
+            n = self._run(hashes, 0, self._held_by(k)) if k in held0 else 0
+            host = 0
+            if self._host_entries and n:  # the blocks from the first host one on are fetched
+                blocks = self._replicas[k].blocks
+                host = n - next((j for j in range(n) if blocks.get(hashes[j]) == HOST), n)
+            pending = 0
+            if n < len(hashes) and (n or k in pend0):
+                pending = self._run(hashes, n, self._pending_at(k, now)) - n
+            out[k] = Match(n - host, host, pending)
+        return out
+
+    def _held_by(self, k: str) -> Callable[[int], bool]:
+        return lambda h: k in self._holders.get(h, ())
+
+    def _pending_at(self, k: str, now: float) -> Callable[[int], bool]:
+        return lambda h: self._pending.get(h, {}).get(k, 0.0) > now
+
+    @staticmethod
+    def _run(hashes: Sequence[int], lo: int, held: Callable[[int], bool]) -> int:
+        """The end of the run of blocks from ``lo`` that satisfy ``held`` (assumed leading)."""
+        hi = len(hashes)
+        if lo >= hi or not held(hashes[lo]):
+            return lo
+        lo += 1  # hashes[lo - 1] is held; find the first not held in [lo, hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if held(hashes[mid]):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def holds(self, replica: str) -> dict[int, int]:
+        """A replica's blocks (hash → medium), oldest first: what a rebuild is compared with."""
+        r = self._replicas.get(replica)
+        return dict(r.blocks) if r else {}
+
+    def entries(self) -> int:
+        return sum(len(r.blocks) for r in self._replicas.values())
+
+    def replicas(self) -> list[str]:
+        return list(self._replicas)
+
+    # --- bookkeeping -------------------------------------------------------------------------
+
+    def _store(self, replica: str, r: _Replica, h: int, medium: int) -> None:
+        self._host_entries += (medium == HOST) - (r.blocks.get(h) == HOST)
+        r.blocks[h] = medium
+        r.blocks.move_to_end(h)
+        self._holders.setdefault(h, {})[replica] = medium
+        if r.pending.pop(h, None) is not None:
+            self._unhold(self._pending, h, replica)
+        while len(r.blocks) > self.capacity:
+            old, was = r.blocks.popitem(last=False)
+            self._host_entries -= was == HOST
+            self._unhold(self._holders, old, replica)
+
+    def _drop(self, replica: str, r: _Replica, h: int) -> None:
+        self._host_entries -= r.blocks.pop(h) == HOST
+        self._unhold(self._holders, h, replica)
+
+    @staticmethod
+    def _unhold(
+        table: dict[int, dict[str, int]] | dict[int, dict[str, float]], h: int, k: str
+    ) -> None:
+        owners = table.get(h)
+        if owners is not None:
+            owners.pop(k, None)
+            if not owners:
+                del table[h]
