@@ -72,6 +72,7 @@ def run_one(
     reqs = arrivals(workload, load * cap, requests, costs.block_tokens, seed)
     router: Router = POLICIES[policy](fleet, costs)
     fleet.on_first = router.first_token
+    fleet.on_done = router.done
     fleet.on_events = router.events
     fleet.run(reqs, router.route)
     ttfts = [r.first_at - r.arrival for r in reqs if not math.isnan(r.first_at)]

@@ -4,8 +4,10 @@ Anchor defaults and the files they come from are noted where they are set."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from meshserve.router.routing.endpoints import Endpoint
 from meshserve.router.routing.pipeline import SCORERS, Ask, Score, View, pick
@@ -17,10 +19,16 @@ from bench.routing_sim import Costs, Fleet, Req
 MODEL, KIND = "m", "sim"
 REFRESH_S = 0.1  # engine figures (queued streams, KV use) as every policy sees them
 
-# Gateway API inference extension / llm-d approximate prefix scorer.
-GIE_LRU_BLOCKS = 31_250  # per server: pkg/epp/scheduling/framework/plugins/multi/prefix/plugin.go
+# Gateway API inference extension / llm-d approximate prefix scorer (llm-d-inference-scheduler):
+# blocks of 16 tokens (blockSizeTokens; hashed as 16 x 4 = 64 characters; we hash the tokens),
+# lruCapacityPerServer 31,250 and maxPrefixBlocksToMatch 256
+# (pkg/epp/framework/plugins/requestcontrol/dataproducer/approximateprefix/types.go); weights
+# prefix 3, queue 2, KV utilisation 2 (pkg/epp/config/loader/defaults.go, GIE >= v1.4.0).
+GIE_LRU_BLOCKS = 31_250
+GIE_MAX_BLOCKS = 256
 GIE_WEIGHTS = {"gie_prefix": 3.0, "gie_queue": 2.0, "gie_kv": 2.0}
-# Dynamo KV router: lib/llm/src/kv_router/scheduler.rs (overlap_score_weight 1, temperature 0).
+# Dynamo KV router: overlap_score_weight 1.0, router_temperature 0.0
+# (lib/llm/src/kv_router/config.rs; lib/kv-router/src/scheduling/config.rs).
 DYNAMO_OVERLAP_WEIGHT = 1.0
 
 
@@ -36,7 +44,8 @@ class Router:
         self.fleet = fleet
         self.costs = costs
         self.endpoints = [Endpoint(f"n{i}", f"r{i}") for i in range(len(fleet.replicas))]
-        self.outstanding: dict[str, int] = {}
+        self.outstanding: dict[str, int] = {}  # sent, not finished (as the router counts)
+        self.prefilling: dict[str, int] = {}  # sent, first token not back yet
         self.index = PrefixIndex(capacity=self.index_capacity(), pending_ttl=self.pending_ttl)
         self.forecast = Forecaster()
         self.errors: list[float] = []
@@ -61,6 +70,7 @@ class Router:
         self.decision_us.append((time.perf_counter() - t0) * 1e6)
         e = self.endpoints[i]
         self.outstanding[e.address] = self.outstanding.get(e.address, 0) + 1
+        self.prefilling[e.address] = self.prefilling.get(e.address, 0) + 1
         if self.sends_feed:
             self.index.sent(e.address, req.blocks, self.fleet.now)
         self._note(req, e, ask)
@@ -74,13 +84,16 @@ class Router:
 
     def first_token(self, req: Req) -> None:
         e = self.endpoints[req.replica]
-        self.outstanding[e.address] -= 1  # counts the prefill phase, where TTFT is decided
+        self.prefilling[e.address] -= 1
         work, predicted = self._work.pop(req.rid)
         self.errors.append(
             self.forecast.first_token(
                 MODEL, KIND, e.address, work, predicted, req.first_at - req.arrival
             )
         )
+
+    def done(self, req: Req) -> None:
+        self.outstanding[self.endpoints[req.replica].address] -= 1
 
     def events(self, replica: int, seq: int, evs: list[Event]) -> None:
         if self.events_feed:
@@ -106,6 +119,9 @@ class Router:
     def residency(self, e: Endpoint) -> float:
         return 0.0
 
+    def _running(self, address: str) -> int:
+        return self.outstanding.get(address, 0) - self.prefilling.get(address, 0)
+
     def _work_for(self, e: Endpoint, ask: Ask, m: Match) -> Work:
         b = self.costs.block_tokens
         return self.forecast.work(
@@ -113,12 +129,25 @@ class Router:
             ask.tokens,
             m.blocks * b,
             m.host * b,
-            self.outstanding.get(e.address, 0),
+            self._running(e.address),
             residency_s=self.residency(e),
         )
 
-    def _predict(self, _m: str, e: Endpoint, ask: Ask, m: Match) -> float:
-        return predict(self.forecast.fit(MODEL, KIND), self._work_for(e, ask, m))
+    def _predict(
+        self, _m: str, cands: Sequence[Endpoint], ask: Ask, matches: Mapping[str, Match]
+    ) -> list[float]:
+        b = self.costs.block_tokens
+        ms = [matches.get(e.address, NO_MATCH) for e in cands]
+        return self.forecast.predict_many(
+            self.forecast.fit(MODEL, KIND),
+            [e.address for e in cands],
+            ask.tokens,
+            [m.blocks * b for m in ms],
+            [m.host * b for m in ms],
+            [self._running(e.address) for e in cands],
+            [0] * len(cands),
+            [self.residency(e) for e in cands],
+        )
 
     def _note(self, req: Req, e: Endpoint, ask: Ask) -> None:
         m = self._matches(MODEL, [e], ask).get(e.address, NO_MATCH) if ask.blocks else NO_MATCH
@@ -141,10 +170,15 @@ class ApproxPrefix(Router):
 
     def __init__(self, fleet: Fleet, costs: Costs) -> None:
         super().__init__(fleet, costs)
-        self.scorers |= {"gie_prefix": SCORERS["prefix"], "gie_queue": _queue, "gie_kv": _kv}
+        self.scorers |= {"gie_prefix": _gie_prefix, "gie_queue": _queue, "gie_kv": _kv}
 
     def index_capacity(self) -> int:
         return GIE_LRU_BLOCKS
+
+
+def _gie_prefix(m: str, cands: Sequence[Endpoint], a: Ask, v: View) -> list[float]:
+    """Matched blocks / the prompt's blocks, over at most its first 256 blocks."""
+    return SCORERS["prefix"](m, cands, replace(a, blocks=a.blocks[:GIE_MAX_BLOCKS]), v)
 
 
 def _queue(_m: str, cands: Sequence[Endpoint], _a: Ask, _v: View) -> list[float]:
@@ -158,26 +192,47 @@ def _kv(_m: str, cands: Sequence[Endpoint], _a: Ask, _v: View) -> list[float]:
 
 
 class DynamoCost(Router):
-    """Dynamo's KV router: logit = overlap_weight x (prompt blocks not cached there) + the
-    worker's active blocks; temperature 0 takes the lowest."""
+    """Dynamo's KV router (lib/llm/src/kv_router/scheduler.rs, the classic cost, which its newer
+    lib/kv-router/src/scheduling/selector/default.rs reduces to with device-only hits and its
+    defaults): per worker, prefill_blocks = (its active prefill tokens + this prompt's tokens
+    not cached there) / block; decode_blocks = its active blocks + this request's new ones;
+    logit = overlap_score_weight x prefill_blocks + decode_blocks; temperature 0: the lowest,
+    ties at random. Active figures are the router's own (Dynamo's ActiveSequences); the cache
+    view is its events-fed index."""
 
     events_feed = True
+
+    def __init__(self, fleet: Fleet, costs: Costs) -> None:
+        super().__init__(fleet, costs)
+        self.prefill: dict[int, float] = {}  # worker → active prefill tokens
+        self.active: dict[int, float] = {}  # worker → active blocks
+        self._rng = random.Random(1)
 
     def choose(self, req: Req, ask: Ask) -> int:
         m = self._matches(MODEL, self.endpoints, ask)
         b = self.costs.block_tokens
-        best, best_cost = 0, float("inf")
-        for i, (e, r) in enumerate(zip(self.endpoints, self.fleet.replicas, strict=True)):
-            prefill = len(ask.blocks) - m.get(e.address, NO_MATCH).blocks
-            decode = self._active_blocks(r, b)
-            cost = DYNAMO_OVERLAP_WEIGHT * prefill + decode
-            if cost < best_cost:
-                best, best_cost = i, cost
+        request_blocks = -(-len(req.tokens) // b)
+        costs = []
+        for i, e in enumerate(self.endpoints):
+            overlap = m.get(e.address, NO_MATCH).blocks
+            prefill_tokens = self.prefill.get(i, 0.0) + len(req.tokens) - overlap * b
+            decode = self.active.get(i, 0.0) + request_blocks - overlap
+            costs.append(DYNAMO_OVERLAP_WEIGHT * prefill_tokens / b + decode)
+        low = min(costs)
+        best = self._rng.choice([i for i, c in enumerate(costs) if c == low])
+        overlap = m.get(self.endpoints[best].address, NO_MATCH).blocks
+        req.features = (len(req.tokens) - overlap * b, request_blocks)
+        self.prefill[best] = self.prefill.get(best, 0.0) + req.features[0]
+        self.active[best] = self.active.get(best, 0.0) + request_blocks
         return best
 
-    @staticmethod
-    def _active_blocks(r: object, b: int) -> float:
-        return 0.0
+    def first_token(self, req: Req) -> None:
+        super().first_token(req)
+        self.prefill[req.replica] -= req.features[0]
+
+    def done(self, req: Req) -> None:
+        super().done(req)
+        self.active[req.replica] -= req.features[1]
 
 
 class Meshserve(Router):

@@ -98,6 +98,7 @@ class Fleet:
         self._events: list[tuple[float, int, str, object]] = []
         self._tick = 0
         self.on_first: Callable[[Req], None] = lambda _r: None
+        self.on_done: Callable[[Req], None] = lambda _r: None
         self.on_events: Callable[[int, int, list[Event]], None] = lambda *_a: None
         self.finished: list[Req] = []
 
@@ -206,6 +207,7 @@ class Fleet:
             for h in req.blocks:  # all its prompt blocks are cached and pinned by now
                 r.cache[h] -= 1
             self.finished.append(req)
+            self.on_done(req)
         self._publish(r, events)
         self.at(end, "step", r)
 

@@ -21,6 +21,7 @@ import hashlib
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from meshserve.router.routing.endpoints import Endpoint
 from meshserve.router.routing.exclusions import Identity
@@ -58,7 +59,9 @@ class View:
     # How much of the prompt's prefix each candidate holds (by address), from the model's
     # prefix index; and a candidate's predicted TTFT in seconds (routing.ttft).
     matches: Callable[[str, Sequence[Endpoint], Ask], Mapping[str, Match]] = lambda *_: {}
-    predict: Callable[[str, Endpoint, Ask, Match], float] | None = None
+    predict: Callable[[str, Sequence[Endpoint], Ask, Mapping[str, Match]], list[float]] | None = (
+        None
+    )
 
 
 Check = Callable[[Endpoint, str, Ask, View], str]  # "" passes; else why not
@@ -133,8 +136,7 @@ def ttft(model: str, cands: Sequence[Endpoint], ask: Ask, view: View) -> list[fl
     fastest / own for the rest."""
     if view.predict is None or not ask.tokens or not cands:
         return [0.0] * len(cands)
-    m = view.matches(model, cands, ask) if ask.blocks else {}
-    preds = [view.predict(model, e, ask, m.get(e.address, NO_MATCH)) for e in cands]
+    preds = view.predict(model, cands, ask, view.matches(model, cands, ask) if ask.blocks else {})
     best = max(min(preds), 1e-6)
     return [1.0 if p <= best * (1 + NEAR_TIE) else best / p for p in preds]
 
@@ -155,14 +157,18 @@ SCORERS: Mapping[str, Score] = {
 DEFAULT_WEIGHTS: Mapping[str, float] = {"ttft": 8.0, "affinity": 4.0, "kv": 2.0, "load": 1.0}
 
 
-@dataclass(frozen=True)
-class Scored:
-    """One replica in one decision."""
+class Scored(NamedTuple):
+    """One replica in one decision (a tuple: a decision makes one per replica, per request)."""
 
     endpoint: Endpoint
     rejected: str = ""  # "filter: why" when a filter kept it out; "" when it was a candidate
-    scores: Mapping[str, float] = field(default_factory=dict)
+    names: tuple[str, ...] = ()  # the scorers ...
+    values: tuple[float, ...] = ()  # ... and its score from each
     total: float = 0.0
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values, strict=True))
 
 
 @dataclass(frozen=True)
@@ -189,13 +195,15 @@ def pick(
     ``tiebreak`` (equal replicas share the load)."""
     rejected: dict[int, str] = {}
     soft_only: list[int] = []
-    for i, e in enumerate(endpoints):
-        for f in FILTERS:
-            why = f.check(e, model, ask, view)
+    # Filter by filter over every replica (comprehensions: the common case passes them all).
+    verdicts = [[f.check(e, model, ask, view) for e in endpoints] for f in FILTERS]
+    for i in range(len(endpoints)):
+        for k, f in enumerate(FILTERS):
+            why = verdicts[k][i]
             if why:
                 rejected[i] = f"{f.name}: {why}"
                 if f.soft and all(
-                    not g.check(e, model, ask, view) for g in FILTERS if g is not f and not g.soft
+                    not verdicts[g][i] for g, h in enumerate(FILTERS) if g != k and not h.soft
                 ):
                     soft_only.append(i)
                 break
@@ -206,21 +214,24 @@ def pick(
         for i in soft_only:
             del rejected[i]
     cands = [endpoints[i] for i in passed]
-    columns = {  # a weight for a scorer this router lacks (a newer spec) counts for nothing
-        name: scorers[name](model, cands, ask, view)
-        for name, w in weights.items()
-        if w and name in scorers
+    # a weight for a scorer this router lacks (a newer spec) counts for nothing
+    names = tuple(name for name, w in weights.items() if w and name in scorers)
+    columns = [scorers[name](model, cands, ask, view) for name in names]
+    totals = [0.0] * len(cands)
+    for name, col in zip(names, columns, strict=True):
+        w = weights[name]
+        totals = [t + w * x for t, x in zip(totals, col, strict=True)]
+    per_candidate = list(zip(*columns, strict=True)) if columns else [()] * len(cands)
+    m = len(passed)
+    scored = {
+        i: Scored(endpoints[i], "", names, per_candidate[j], totals[j])
+        for j, i in enumerate(passed)
     }
-    n, m = len(endpoints), len(passed)
-    scored: dict[int, Scored] = {}
-    for j, i in enumerate(passed):
-        scores = {name: col[j] for name, col in columns.items()}
-        total = sum(weights[name] * s for name, s in scores.items())
-        scored[i] = Scored(endpoints[i], "", scores, total)
     # Ties rotate among the candidates left, so equal replicas share the load evenly.
-    order = {i: j for j, i in enumerate(passed)}
-    best = max(passed, key=lambda i: (scored[i].total, -((order[i] - tiebreak) % m)), default=None)
-    rows = tuple(scored.get(i) or Scored(endpoints[i], rejected[i]) for i in range(n))
+    best_j = max(range(m), key=lambda j: (totals[j], -((j - tiebreak) % m)), default=None)
+    best = passed[best_j] if best_j is not None else None
+    n = len(endpoints)
+    rows = tuple([scored.get(i) or Scored(endpoints[i], rejected[i]) for i in range(n)])
     chosen = endpoints[best] if best is not None else None
     return Decision(model, ask, rows, weights, chosen, note)
 

@@ -25,6 +25,7 @@ exported by the router as a metric).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 DECAY = 0.99  # per observation: the fit remembers about the last 100
@@ -149,6 +150,30 @@ class Forecaster:
             running=running,
             residency_s=residency_s,
         )
+
+    def predict_many(
+        self,
+        fit: Fit,
+        addresses: Sequence[str],
+        tokens: int,
+        cached: Sequence[int],
+        host: Sequence[int],
+        running: Sequence[int],
+        waiting_elsewhere: Sequence[int],
+        residency_s: Sequence[float],
+    ) -> list[float]:
+        """`predict` of `work` for many candidates at once (plain arithmetic: the router runs
+        it for every candidate of every request)."""
+        queued, mean = self.queued, self.mean_prompt
+        base, per_token, per_stream = fit.base_s, 1 / fit.prefill_tokens_per_s, fit.step_cost_s
+        fetch = 1 / HOST_FETCH_TOKENS_PER_S
+        return [
+            r + base + (queued.get(a, 0.0) + w * mean + max(0, tokens - c)) * per_token
+            + n * per_stream + h * fetch
+            for a, c, h, n, w, r in zip(
+                addresses, cached, host, running, waiting_elsewhere, residency_s, strict=True
+            )
+        ]  # fmt: skip
 
     def sent(self, address: str, work: Work, tokens: int) -> None:
         self.queued[address] = self.queued.get(address, 0.0) + work.uncached_tokens
