@@ -23,8 +23,10 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from hashlib import blake2b
 
+DEVICE, HOST = 1, 2  # where a block lives (cluster_pb2.TIER_DEVICE / TIER_HOST)
 DEFAULT_BLOCK_TOKENS = 16  # vLLM's default block size on GPUs (its CPU build uses 128)
 MAX_BLOCKS = 1024  # hashed per prompt at most (prefixes beyond 16 k tokens at 16 a block are rare)
 
@@ -54,3 +56,26 @@ def sim_tokens(text: str) -> list[int]:
     """The ``sim`` engine's tokens of a text: one per 4 bytes of UTF-8 (the last one shorter)."""
     raw = text.encode()
     return [4 + zlib.crc32(raw[i : i + 4]) % 31_996 for i in range(0, len(raw), 4)] or [4]
+
+
+# --- what engines report of their blocks (vLLM's KV events, in our names) --------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    hashes: tuple[int, ...]
+    medium: int = DEVICE
+
+
+@dataclass(frozen=True)
+class Removed:
+    hashes: tuple[int, ...]
+    medium: int = DEVICE
+
+
+@dataclass(frozen=True)
+class Cleared:
+    pass
+
+
+Event = Stored | Removed | Cleared

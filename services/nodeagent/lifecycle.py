@@ -21,8 +21,9 @@ from meshserve.nodeagent.binding import bind
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe
 from meshserve.nodeagent.engines import make_engine
-from meshserve.nodeagent.engines.base import EngineConfig, TensorModel
+from meshserve.nodeagent.engines.base import Engine, EngineConfig, TensorModel
 from meshserve.nodeagent.engines.params import GenerationParams
+from meshserve.nodeagent.kvevents import KvBlocks
 from meshserve.nodeagent.plan import Load
 from meshserve.nodeagent.publisher import StatusPublisher
 from meshserve.nodeagent.replica import Replica
@@ -121,6 +122,7 @@ class Lifecycle:
                 with contextlib.suppress(Exception):
                     await r.engine.unload()  # fails what it still holds, frees its memory
                 r.engine = None
+            self._close_blocks(r)
             if not dead:
                 await self._set_failed(r, why, "given_up")
         finally:
@@ -168,6 +170,7 @@ class Lifecycle:
                     engine = await asyncio.to_thread(make_engine, r.spec, config)
                     r.engine = engine
                     await engine.load(r.spec)
+                    self._report_blocks(r, engine)
                     r.status.memory_bytes = engine.memory_bytes()
                     r.status.tier_note = engine.tier_note
                     if isinstance(engine, TensorModel):  # what KServe's ModelMetadata shows
@@ -193,11 +196,30 @@ class Lifecycle:
                 with contextlib.suppress(Exception):
                     await r.engine.unload()
                 r.engine = None
+            self._close_blocks(r)
             r.status.error = f"{type(e).__name__}: {e}"[:2000]
             await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
         finally:
             r.busy = None
             self.on_settled()
+
+    @staticmethod
+    def _close_blocks(r: Replica) -> None:
+        """The replica's engine is gone: so are its blocks, and every watch of them ends."""
+        if r.kv is not None:
+            r.kv.close()
+            r.kv = None
+
+    @staticmethod
+    def _report_blocks(r: Replica, engine: Engine) -> None:
+        """An engine with a prefix cache says its block size; one that reports its blocks
+        sends them to the replica's tracker, which routers watch (WatchKvBlocks)."""
+        r.status.kv_block_tokens = engine.kv_block_tokens
+        Lifecycle._close_blocks(r)
+        r.status.kv_events = bool(engine.kv_reports and engine.kv_block_tokens)
+        if r.status.kv_events:
+            r.kv = KvBlocks(r.status.generation)
+            engine.kv_sink = r.kv.publish
 
     async def _engine_config_for(self, r: Replica) -> EngineConfig:
         """The devices the placement names, by uuid (binding.py); raises UnknownDevice for one
@@ -205,6 +227,10 @@ class Lifecycle:
         report = await asyncio.to_thread(self.probe.read)
         gpus = report.gpus if self.probe.kind == "cuda" else ()
         b = bind(gpus, report.host_total_bytes, r.devices if gpus else ())
+        names = {g.uuid: g.name for g in gpus}
+        r.status.device_kind = (
+            names.get(b.visible_devices[0], "gpu") if b.visible_devices else "cpu"
+        )
         return replace(
             self._engine_config,
             device=b.torch_device,
@@ -288,6 +314,7 @@ class Lifecycle:
                 with contextlib.suppress(Exception):
                     await r.engine.unload()
                 r.engine = None
+            self._close_blocks(r)
             r.failed_at = time.monotonic()
             r.status.error = f"tier change failed: {type(e).__name__}: {e}"[:2000]
             r.status.tier = 0  # type: ignore[assignment]  # nothing held here any more
@@ -305,6 +332,7 @@ class Lifecycle:
                 await r.engine.unload()
             log.info("%s unloaded", model)
         finally:
+            self._close_blocks(r)
             if self.replicas.get(model) is r:
                 del self.replicas[model]
             r.busy = None

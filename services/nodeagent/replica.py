@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from meshserve.nodeagent.engines.base import Engine
+from meshserve.nodeagent.kvevents import KvBlocks
 from meshserve.nodeagent.plan import Held
 from meshserve.nodeagent.share import DeviceShare
 from meshserve.v1 import cluster_pb2
@@ -30,6 +31,7 @@ class Replica:
     # keep weights in CPU RAM): status.tier says where it is, this keeps us from asking again.
     asked_tier: int = S.TIER_DEVICE
     share: DeviceShare = field(init=False)  # its streams' GPU-seconds (usage)
+    kv: KvBlocks | None = None  # its engine's KV blocks, for routers (engines that report them)
 
     def __post_init__(self) -> None:
         self.share = DeviceShare(self.spec.gpus_per_replica)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
+from meshserve.kvblocks import Event, Removed, Stored
 from meshserve.nodeagent.coalesce import coalesced, interval_of
 from meshserve.nodeagent.engines.base import Resume, TensorModel
 from meshserve.nodeagent.engines.params import check_continuation, resolve_params
@@ -29,6 +30,7 @@ from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
 
 _tracer = tracer(__name__)
+_T = TypeVar("_T")
 
 
 class Replicas(Protocol):
@@ -75,7 +77,11 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
             )
         r = self.replicas.serving(request.model)
         check_generate(request, r.spec)
-        params = replace(resolve_params(request.sampling, r.spec), priority=int(request.priority))
+        params = replace(
+            resolve_params(request.sampling, r.spec),
+            priority=int(request.priority),
+            cache_salt=request.cache_salt,
+        )
         check_continuation(request, params)
         resume = Resume(tuple(request.continuation.token_ids), request.continuation.text)
         assert r.engine is not None
@@ -265,6 +271,28 @@ class AgentControl(nodeagent_pb2_grpc.NodeAgentServicer):
         r = await self.replicas.load(spec)
         return nodeagent_pb2.LoadModelResponse(replica=r.status)
 
+    @handlers.stream
+    async def WatchKvBlocks(
+        self, request: nodeagent_pb2.WatchKvBlocksRequest, context: Ctx
+    ) -> AsyncIterator[nodeagent_pb2.WatchKvBlocksResponse]:
+        r = next((x for x in self.replicas.all() if x.spec.name == request.model), None)
+        if r is None:
+            raise not_found_model(request.model, [x.spec.name for x in self.replicas.all()])
+        if r.kv is None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {request.model!r} on this node does not report its KV blocks (its "
+                "engine has no prefix cache, or cannot say what it holds; ReplicaStatus."
+                "kv_events says which do)",
+                "NO_KV_EVENTS",
+            )
+        kv = r.kv
+        async for n, (snapshot, events) in _numbered(kv.watch()):
+            yield nodeagent_pb2.WatchKvBlocksResponse(
+                seq=n, snapshot=snapshot, events=[_event_pb(e) for e in events],
+                generation=kv.generation,
+            )  # fmt: skip
+
     @handlers.unary
     async def UnloadModel(
         self, request: nodeagent_pb2.UnloadModelRequest, context: Ctx
@@ -272,3 +300,19 @@ class AgentControl(nodeagent_pb2_grpc.NodeAgentServicer):
         if not await self.replicas.unload(request.model):
             raise not_found_model(request.model, [r.spec.name for r in self.replicas.all()])
         return nodeagent_pb2.UnloadModelResponse()
+
+
+async def _numbered(items: AsyncIterator[_T]) -> AsyncIterator[tuple[int, _T]]:
+    n = 0
+    async for item in items:
+        yield n, item
+        n += 1
+
+
+def _event_pb(e: Event) -> nodeagent_pb2.KvBlockEvent:
+    E = nodeagent_pb2.KvBlockEvent
+    if isinstance(e, Stored):
+        return E(kind=E.KIND_STORED, hashes=e.hashes, medium=e.medium)  # type: ignore[arg-type]
+    if isinstance(e, Removed):
+        return E(kind=E.KIND_REMOVED, hashes=e.hashes, medium=e.medium)  # type: ignore[arg-type]
+    return E(kind=E.KIND_CLEARED)

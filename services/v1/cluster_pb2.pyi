@@ -597,6 +597,9 @@ class ReplicaStatus(_message.Message):
     OFFLOAD_TRACE_FIELD_NUMBER: _builtins.int
     PLACED_REASON_FIELD_NUMBER: _builtins.int
     LOADED_FROM_FIELD_NUMBER: _builtins.int
+    KV_BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_FIELD_NUMBER: _builtins.int
+    DEVICE_KIND_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -643,6 +646,14 @@ class ReplicaStatus(_message.Message):
     """the placement's reason (what the scheduler said), for the request"""
     loaded_from: _builtins.str
     """where its last load came from: "source", or the tier it was restored from"""
+    kv_block_tokens: _builtins.int
+    """Prefix caching: the engine's KV block size in tokens (routers hash prompts in blocks of it;
+    0: no prefix cache), and whether the agent streams the replica's block events
+    (NodeAgent.WatchKvBlocks); without them routers use what they sent where.
+    """
+    kv_events: _builtins.bool
+    device_kind: _builtins.str
+    """The accelerator it runs on ("cpu", or the GPU's name): routers fit TTFT per model and kind."""
     @_builtins.property
     def signature(self) -> _common_pb2.TensorSignature:
         """tensor models: what Infer takes and gives (after load)"""
@@ -675,10 +686,13 @@ class ReplicaStatus(_message.Message):
         offload_trace: _builtins.str = ...,
         placed_reason: _builtins.str = ...,
         loaded_from: _builtins.str = ...,
+        kv_block_tokens: _builtins.int = ...,
+        kv_events: _builtins.bool = ...,
+        device_kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_cache_usage", b"kv_cache_usage", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "device_kind", b"device_kind", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_block_tokens", b"kv_block_tokens", "kv_cache_usage", b"kv_cache_usage", "kv_events", b"kv_events", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

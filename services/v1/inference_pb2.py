@@ -25,45 +25,45 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import common_pb2 as meshserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/inference.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf5\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x8a\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12(\n\x08priority\x18\x05 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x13\n\x0bsession_key\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x30\n\x0c\x63ontinuation\x18\x08 \x01(\x0b\x32\x1a.meshserve.v1.Continuation\x12\x1f\n\x12stream_interval_ms\x18\t \x01(\rH\x00\x88\x01\x01\x12#\n\x16stream_interval_tokens\x18\n \x01(\rH\x01\x88\x01\x01\x42\x15\n\x13_stream_interval_msB\x19\n\x17_stream_interval_tokens\"/\n\x0c\x43ontinuation\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\"U\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\r\n\x05token\x18\x02 \x01(\t\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"k\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12(\n\x08priority\x18\x03 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"`\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.Embedding\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.meshserve.v1.Usage\"\x13\n\x11ListModelsRequest\"\x8b\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x30\n\tsignature\x18\x05 \x01(\x0b\x32\x1d.meshserve.v1.TensorSignature\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ModelInfo\"\x92\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x06inputs\x18\x02 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12(\n\x08priority\x18\x04 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\\\n\rInferResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xad\x02\n\tInference\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12@\n\x05\x45mbed\x12\x1a.meshserve.v1.EmbedRequest\x1a\x1b.meshserve.v1.EmbedResponse\x12@\n\x05Infer\x12\x1a.meshserve.v1.InferRequest\x1a\x1b.meshserve.v1.InferResponse\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/inference.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf5\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x9e\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.meshserve.v1.SamplingParams\x12(\n\x08priority\x18\x05 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x13\n\x0bsession_key\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x30\n\x0c\x63ontinuation\x18\x08 \x01(\x0b\x32\x1a.meshserve.v1.Continuation\x12\x1f\n\x12stream_interval_ms\x18\t \x01(\rH\x00\x88\x01\x01\x12#\n\x16stream_interval_tokens\x18\n \x01(\rH\x01\x88\x01\x01\x12\x12\n\ncache_salt\x18\x0b \x01(\tB\x15\n\x13_stream_interval_msB\x19\n\x17_stream_interval_tokens\"/\n\x0c\x43ontinuation\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\"U\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\r\n\x05token\x18\x02 \x01(\t\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"k\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12(\n\x08priority\x18\x03 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"`\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.Embedding\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.meshserve.v1.Usage\"\x13\n\x11ListModelsRequest\"\x8b\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x30\n\tsignature\x18\x05 \x01(\x0b\x32\x1d.meshserve.v1.TensorSignature\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.ModelInfo\"\x92\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x06inputs\x18\x02 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12(\n\x08priority\x18\x04 \x01(\x0e\x32\x16.meshserve.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\\\n\rInferResponse\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xad\x02\n\tInference\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12@\n\x05\x45mbed\x12\x1a.meshserve.v1.EmbedRequest\x1a\x1b.meshserve.v1.EmbedResponse\x12@\n\x05Infer\x12\x1a.meshserve.v1.InferRequest\x1a\x1b.meshserve.v1.InferResponse\x12O\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1856
-  _globals['_FINISHREASON']._serialized_end=1951
+  _globals['_FINISHREASON']._serialized_start=1876
+  _globals['_FINISHREASON']._serialized_end=1971
   _globals['_CHATMESSAGE']._serialized_start=73
   _globals['_CHATMESSAGE']._serialized_end=117
   _globals['_SAMPLINGPARAMS']._serialized_start=120
   _globals['_SAMPLINGPARAMS']._serialized_end=365
   _globals['_GENERATEREQUEST']._serialized_start=368
-  _globals['_GENERATEREQUEST']._serialized_end=762
-  _globals['_CONTINUATION']._serialized_start=764
-  _globals['_CONTINUATION']._serialized_end=811
-  _globals['_GENERATERESPONSE']._serialized_start=814
-  _globals['_GENERATERESPONSE']._serialized_end=998
-  _globals['_TOKENLOGPROB']._serialized_start=1000
-  _globals['_TOKENLOGPROB']._serialized_end=1085
-  _globals['_TOPLOGPROB']._serialized_start=1087
-  _globals['_TOPLOGPROB']._serialized_end=1149
-  _globals['_EMBEDREQUEST']._serialized_start=1151
-  _globals['_EMBEDREQUEST']._serialized_end=1258
-  _globals['_EMBEDDING']._serialized_start=1260
-  _globals['_EMBEDDING']._serialized_end=1287
-  _globals['_EMBEDRESPONSE']._serialized_start=1289
-  _globals['_EMBEDRESPONSE']._serialized_end=1385
-  _globals['_LISTMODELSREQUEST']._serialized_start=1387
-  _globals['_LISTMODELSREQUEST']._serialized_end=1406
-  _globals['_MODELINFO']._serialized_start=1409
-  _globals['_MODELINFO']._serialized_end=1548
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1550
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1611
-  _globals['_INFERREQUEST']._serialized_start=1614
-  _globals['_INFERREQUEST']._serialized_end=1760
-  _globals['_INFERRESPONSE']._serialized_start=1762
-  _globals['_INFERRESPONSE']._serialized_end=1854
-  _globals['_INFERENCE']._serialized_start=1954
-  _globals['_INFERENCE']._serialized_end=2255
+  _globals['_GENERATEREQUEST']._serialized_end=782
+  _globals['_CONTINUATION']._serialized_start=784
+  _globals['_CONTINUATION']._serialized_end=831
+  _globals['_GENERATERESPONSE']._serialized_start=834
+  _globals['_GENERATERESPONSE']._serialized_end=1018
+  _globals['_TOKENLOGPROB']._serialized_start=1020
+  _globals['_TOKENLOGPROB']._serialized_end=1105
+  _globals['_TOPLOGPROB']._serialized_start=1107
+  _globals['_TOPLOGPROB']._serialized_end=1169
+  _globals['_EMBEDREQUEST']._serialized_start=1171
+  _globals['_EMBEDREQUEST']._serialized_end=1278
+  _globals['_EMBEDDING']._serialized_start=1280
+  _globals['_EMBEDDING']._serialized_end=1307
+  _globals['_EMBEDRESPONSE']._serialized_start=1309
+  _globals['_EMBEDRESPONSE']._serialized_end=1405
+  _globals['_LISTMODELSREQUEST']._serialized_start=1407
+  _globals['_LISTMODELSREQUEST']._serialized_end=1426
+  _globals['_MODELINFO']._serialized_start=1429
+  _globals['_MODELINFO']._serialized_end=1568
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1570
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1631
+  _globals['_INFERREQUEST']._serialized_start=1634
+  _globals['_INFERREQUEST']._serialized_end=1780
+  _globals['_INFERRESPONSE']._serialized_start=1782
+  _globals['_INFERRESPONSE']._serialized_end=1874
+  _globals['_INFERENCE']._serialized_start=1974
+  _globals['_INFERENCE']._serialized_end=2275
 # @@protoc_insertion_point(module_scope)

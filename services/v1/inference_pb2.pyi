@@ -152,6 +152,7 @@ class GenerateRequest(_message.Message):
     CONTINUATION_FIELD_NUMBER: _builtins.int
     STREAM_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     STREAM_INTERVAL_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_SALT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model name or alias"""
     prompt: _builtins.str
@@ -169,6 +170,10 @@ class GenerateRequest(_message.Message):
     router and clients less CPU per token; cancel and deadlines still act within one step.
     """
     stream_interval_tokens: _builtins.int
+    cache_salt: _builtins.str
+    """Prefix-cache isolation (vLLM's cache_salt): cached blocks are reused only by requests with
+    the same salt. Routers set the tenant here unless tenants are configured to share caches.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """rendered with the model's chat template"""
@@ -196,10 +201,11 @@ class GenerateRequest(_message.Message):
         continuation: Global___Continuation | None = ...,
         stream_interval_ms: _builtins.int | None = ...,
         stream_interval_tokens: _builtins.int | None = ...,
+        cache_salt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "_stream_interval_tokens", b"_stream_interval_tokens", "continuation", b"continuation", "sampling", b"sampling", "stream_interval_ms", b"stream_interval_ms", "stream_interval_tokens", b"stream_interval_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "_stream_interval_tokens", b"_stream_interval_tokens", "continuation", b"continuation", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "session_key", b"session_key", "stream_interval_ms", b"stream_interval_ms", "stream_interval_tokens", b"stream_interval_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "_stream_interval_tokens", b"_stream_interval_tokens", "cache_salt", b"cache_salt", "continuation", b"continuation", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "session_key", b"session_key", "stream_interval_ms", b"stream_interval_ms", "stream_interval_tokens", b"stream_interval_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__stream_interval_ms: _TypeAlias = _typing.Literal["stream_interval_ms"]  # noqa: Y015
     _WhichOneofArgType__stream_interval_ms: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms"]  # noqa: Y015

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import cluster_pb2 as meshserve_dot_v1_dot_cluster__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/nodeagent.proto\x12\x0cmeshserve.v1\x1a\x1ameshserve/v1/cluster.proto\"\x16\n\x14GetNodeStatusRequest\"I\n\x0bReplicaLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x04\"\x97\x01\n\x15GetNodeStatusResponse\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.meshserve.v1.NodeStatus\x12-\n\x08replicas\x18\x02 \x03(\x0b\x32\x1b.meshserve.v1.ReplicaStatus\x12\'\n\x04load\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.ReplicaLoad\"\x1f\n\x0c\x44rainRequest\x12\x0f\n\x07undrain\x18\x01 \x01(\x08\"7\n\rDrainResponse\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.meshserve.v1.NodeStatus\"9\n\x10LoadModelRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.meshserve.v1.ModelSpec\"A\n\x11LoadModelResponse\x12,\n\x07replica\x18\x01 \x01(\x0b\x32\x1b.meshserve.v1.ReplicaStatus\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse2\xc9\x02\n\tNodeAgent\x12X\n\rGetNodeStatus\x12\".meshserve.v1.GetNodeStatusRequest\x1a#.meshserve.v1.GetNodeStatusResponse\x12@\n\x05\x44rain\x12\x1a.meshserve.v1.DrainRequest\x1a\x1b.meshserve.v1.DrainResponse\x12L\n\tLoadModel\x12\x1e.meshserve.v1.LoadModelRequest\x1a\x1f.meshserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .meshserve.v1.UnloadModelRequest\x1a!.meshserve.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/nodeagent.proto\x12\x0cmeshserve.v1\x1a\x1ameshserve/v1/cluster.proto\"\x16\n\x14GetNodeStatusRequest\"I\n\x0bReplicaLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tin_flight\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x04\"\x97\x01\n\x15GetNodeStatusResponse\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.meshserve.v1.NodeStatus\x12-\n\x08replicas\x18\x02 \x03(\x0b\x32\x1b.meshserve.v1.ReplicaStatus\x12\'\n\x04load\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.ReplicaLoad\"\x1f\n\x0c\x44rainRequest\x12\x0f\n\x07undrain\x18\x01 \x01(\x08\"7\n\rDrainResponse\x12&\n\x04node\x18\x01 \x01(\x0b\x32\x18.meshserve.v1.NodeStatus\"9\n\x10LoadModelRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.meshserve.v1.ModelSpec\"A\n\x11LoadModelResponse\x12,\n\x07replica\x18\x01 \x01(\x0b\x32\x1b.meshserve.v1.ReplicaStatus\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"%\n\x14WatchKvBlocksRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xc4\x01\n\x0cKvBlockEvent\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.meshserve.v1.KvBlockEvent.Kind\x12\x0e\n\x06hashes\x18\x02 \x03(\x06\x12\"\n\x06medium\x18\x03 \x01(\x0e\x32\x12.meshserve.v1.Tier\"Q\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_STORED\x10\x01\x12\x10\n\x0cKIND_REMOVED\x10\x02\x12\x10\n\x0cKIND_CLEARED\x10\x03\"v\n\x15WatchKvBlocksResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12*\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x1a.meshserve.v1.KvBlockEvent\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x32\xa5\x03\n\tNodeAgent\x12X\n\rGetNodeStatus\x12\".meshserve.v1.GetNodeStatusRequest\x1a#.meshserve.v1.GetNodeStatusResponse\x12@\n\x05\x44rain\x12\x1a.meshserve.v1.DrainRequest\x1a\x1b.meshserve.v1.DrainResponse\x12L\n\tLoadModel\x12\x1e.meshserve.v1.LoadModelRequest\x1a\x1f.meshserve.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .meshserve.v1.UnloadModelRequest\x1a!.meshserve.v1.UnloadModelResponse\x12Z\n\rWatchKvBlocks\x12\".meshserve.v1.WatchKvBlocksRequest\x1a#.meshserve.v1.WatchKvBlocksResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,6 +50,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADMODELREQUEST']._serialized_end=578
   _globals['_UNLOADMODELRESPONSE']._serialized_start=580
   _globals['_UNLOADMODELRESPONSE']._serialized_end=601
-  _globals['_NODEAGENT']._serialized_start=604
-  _globals['_NODEAGENT']._serialized_end=933
+  _globals['_WATCHKVBLOCKSREQUEST']._serialized_start=603
+  _globals['_WATCHKVBLOCKSREQUEST']._serialized_end=640
+  _globals['_KVBLOCKEVENT']._serialized_start=643
+  _globals['_KVBLOCKEVENT']._serialized_end=839
+  _globals['_KVBLOCKEVENT_KIND']._serialized_start=758
+  _globals['_KVBLOCKEVENT_KIND']._serialized_end=839
+  _globals['_WATCHKVBLOCKSRESPONSE']._serialized_start=841
+  _globals['_WATCHKVBLOCKSRESPONSE']._serialized_end=959
+  _globals['_NODEAGENT']._serialized_start=962
+  _globals['_NODEAGENT']._serialized_end=1383
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from meshserve.v1 import cluster_pb2 as _cluster_pb2
 import builtins as _builtins
 import sys
@@ -202,3 +203,106 @@ class UnloadModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
+
+@_typing.final
+class WatchKvBlocksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKvBlocksRequest: _TypeAlias = WatchKvBlocksRequest  # noqa: Y015
+
+@_typing.final
+class KvBlockEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[KvBlockEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: KvBlockEvent._Kind.ValueType  # 0
+        KIND_STORED: KvBlockEvent._Kind.ValueType  # 1
+        KIND_REMOVED: KvBlockEvent._Kind.ValueType  # 2
+        KIND_CLEARED: KvBlockEvent._Kind.ValueType  # 3
+        """every block gone (hashes empty)"""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: KvBlockEvent.Kind.ValueType  # 0
+    KIND_STORED: KvBlockEvent.Kind.ValueType  # 1
+    KIND_REMOVED: KvBlockEvent.Kind.ValueType  # 2
+    KIND_CLEARED: KvBlockEvent.Kind.ValueType  # 3
+    """every block gone (hashes empty)"""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    HASHES_FIELD_NUMBER: _builtins.int
+    MEDIUM_FIELD_NUMBER: _builtins.int
+    kind: Global___KvBlockEvent.Kind.ValueType
+    medium: _cluster_pb2.Tier.ValueType
+    """TIER_DEVICE or TIER_HOST"""
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Chained block hashes (meshserve.kvblocks: H(parent, block tokens), the root from the adapter
+        and cache salt), whatever the engine's own hashes are.
+        """
+
+    def __init__(
+        self,
+        *,
+        kind: Global___KvBlockEvent.Kind.ValueType = ...,
+        hashes: _abc.Iterable[_builtins.int] | None = ...,
+        medium: _cluster_pb2.Tier.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "kind", b"kind", "medium", b"medium"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvBlockEvent: _TypeAlias = KvBlockEvent  # noqa: Y015
+
+@_typing.final
+class WatchKvBlocksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Batches of one watch in order, from 0; a gap means batches were lost: watch again."""
+    snapshot: _builtins.bool
+    """The replica's whole state (STORED events, oldest first): replace what you know. A watch
+    starts with one, and gets another when it fell too far behind to be sent every batch.
+    """
+    generation: _builtins.int
+    """ReplicaStatus.generation of the replica these blocks are in"""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___KvBlockEvent]: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        snapshot: _builtins.bool = ...,
+        events: _abc.Iterable[Global___KvBlockEvent] | None = ...,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "generation", b"generation", "seq", b"seq", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKvBlocksResponse: _TypeAlias = WatchKvBlocksResponse  # noqa: Y015

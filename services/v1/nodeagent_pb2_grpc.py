@@ -56,6 +56,11 @@ class NodeAgentStub:
                 request_serializer=meshserve_dot_v1_dot_nodeagent__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=meshserve_dot_v1_dot_nodeagent__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.WatchKvBlocks = channel.unary_stream(
+                '/meshserve.v1.NodeAgent/WatchKvBlocks',
+                request_serializer=meshserve_dot_v1_dot_nodeagent__pb2.WatchKvBlocksRequest.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_nodeagent__pb2.WatchKvBlocksResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -88,6 +93,15 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKvBlocks(self, request, context):
+        """The KV-cache blocks of this node's replica of a model, as its engine stores and evicts them:
+        first a snapshot, then each batch of changes. Routers keep their prefix index from it. The
+        stream ends when the replica goes (unloaded, failed, reloaded): watch again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +124,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=meshserve_dot_v1_dot_nodeagent__pb2.UnloadModelRequest.FromString,
                     response_serializer=meshserve_dot_v1_dot_nodeagent__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'WatchKvBlocks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvBlocks,
+                    request_deserializer=meshserve_dot_v1_dot_nodeagent__pb2.WatchKvBlocksRequest.FromString,
+                    response_serializer=meshserve_dot_v1_dot_nodeagent__pb2.WatchKvBlocksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class NodeAgent:
             '/meshserve.v1.NodeAgent/UnloadModel',
             meshserve_dot_v1_dot_nodeagent__pb2.UnloadModelRequest.SerializeToString,
             meshserve_dot_v1_dot_nodeagent__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.v1.NodeAgent/WatchKvBlocks',
+            meshserve_dot_v1_dot_nodeagent__pb2.WatchKvBlocksRequest.SerializeToString,
+            meshserve_dot_v1_dot_nodeagent__pb2.WatchKvBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,11 @@ class NodeAgentStub:
     """Stops accepting new requests for the models on this node and reports it to the scheduler."""
     LoadModel: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.LoadModelRequest, _nodeagent_pb2.LoadModelResponse]
     UnloadModel: _grpc.UnaryUnaryMultiCallable[_nodeagent_pb2.UnloadModelRequest, _nodeagent_pb2.UnloadModelResponse]
+    WatchKvBlocks: _grpc.UnaryStreamMultiCallable[_nodeagent_pb2.WatchKvBlocksRequest, _nodeagent_pb2.WatchKvBlocksResponse]
+    """The KV-cache blocks of this node's replica of a model, as its engine stores and evicts them:
+    first a snapshot, then each batch of changes. Routers keep their prefix index from it. The
+    stream ends when the replica goes (unloaded, failed, reloaded): watch again.
+    """
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -53,6 +58,11 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """Stops accepting new requests for the models on this node and reports it to the scheduler."""
     LoadModel: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.LoadModelRequest, _nodeagent_pb2.LoadModelResponse]  # type: ignore[assignment]
     UnloadModel: _aio.UnaryUnaryMultiCallable[_nodeagent_pb2.UnloadModelRequest, _nodeagent_pb2.UnloadModelResponse]  # type: ignore[assignment]
+    WatchKvBlocks: _aio.UnaryStreamMultiCallable[_nodeagent_pb2.WatchKvBlocksRequest, _nodeagent_pb2.WatchKvBlocksResponse]  # type: ignore[assignment]
+    """The KV-cache blocks of this node's replica of a model, as its engine stores and evicts them:
+    first a snapshot, then each batch of changes. Routers keep their prefix index from it. The
+    stream ends when the replica goes (unloaded, failed, reloaded): watch again.
+    """
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     """Operator controls of one node agent. The normal path is declarative (placements in etcd); a
@@ -87,5 +97,16 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _nodeagent_pb2.UnloadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nodeagent_pb2.UnloadModelResponse, _abc.Awaitable[_nodeagent_pb2.UnloadModelResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchKvBlocks(
+        self,
+        request: _nodeagent_pb2.WatchKvBlocksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_nodeagent_pb2.WatchKvBlocksResponse], _abc.AsyncIterator[_nodeagent_pb2.WatchKvBlocksResponse]]:
+        """The KV-cache blocks of this node's replica of a model, as its engine stores and evicts them:
+        first a snapshot, then each batch of changes. Routers keep their prefix index from it. The
+        stream ends when the replica goes (unloaded, failed, reloaded): watch again.
+        """
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

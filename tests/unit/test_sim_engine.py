@@ -15,7 +15,8 @@ from meshserve.modelspec import spec_from_dict
 from meshserve.nodeagent.engines import make_engine
 from meshserve.nodeagent.engines.base import Chunk, EngineConfig, Resume
 from meshserve.nodeagent.engines.params import GenerationParams
-from meshserve.nodeagent.engines.sim_engine import SimEngine, SimSettings
+from meshserve.nodeagent.engines.sim_engine import SimEngine
+from meshserve.nodeagent.engines.sim_settings import SimSettings
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 

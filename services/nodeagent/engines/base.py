@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from meshserve.kvblocks import Event
 from meshserve.nodeagent.engines.params import GenerationParams
 from meshserve.v1 import cluster_pb2, common_pb2, inference_pb2
 
@@ -99,6 +100,15 @@ NO_RESUME = Resume()
 
 
 class Engine(Protocol):
+    # Prefix caching (engines.serving.Serving has the defaults: none): the KV block size in
+    # tokens, whether the engine reports its blocks, and where it sends each batch of
+    # `meshserve.kvblocks` events (set by the agent before requests arrive).
+    @property
+    def kv_block_tokens(self) -> int: ...
+
+    kv_reports: bool
+    kv_sink: Callable[[Sequence[Event]], None] | None
+
     async def load(self, spec: cluster_pb2.ModelSpec) -> None:
         """Loads weights onto the configured device. Raises on failure; the agent reports FAILED."""
 

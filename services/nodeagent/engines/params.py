@@ -28,6 +28,7 @@ class GenerationParams:
     priority: int = 0  # meshserve.v1.Priority as the router capped it; engines may order by it
     logprobs: bool = False  # report each sampled token's logprob (raw: before temperature etc.)
     top_logprobs: int = 0  # ... and this many most likely tokens per position
+    cache_salt: str = ""  # prefix-cache isolation: blocks are reused only under the same salt
 
 
 def resolve_params(

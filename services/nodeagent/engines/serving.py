@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+from meshserve.kvblocks import Event
 from meshserve.nodeagent.engines.prompts import not_serving
 from meshserve.v1 import cluster_pb2
 
@@ -10,6 +13,12 @@ from meshserve.v1 import cluster_pb2
 class Serving:
     _tier = 0  # cluster_pb2.Tier of the weights; 0: not loaded
     _in_flight = 0  # streams being generated now (engines count their own)
+    # Prefix caching: the KV block size in tokens (0: the engine keeps no prefix cache), and
+    # where an engine that reports its blocks sends each batch of block events (the agent sets
+    # it, nodeagent.kvevents); engines that cannot report leave ``kv_reports`` False.
+    kv_block_tokens = 0
+    kv_reports = False
+    kv_sink: Callable[[Sequence[Event]], None] | None = None
 
     @property
     def tier(self) -> int:

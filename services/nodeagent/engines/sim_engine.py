@@ -2,20 +2,7 @@
 llm-d's inference simulator and vLLM's dummy weights serve their projects). It lets a deployment's
 control plane and routing be load-tested without GPUs, and lets the tests run fleets.
 
-The model of a device (``engine_args``, all optional):
-
-- ``ttft_ms`` (20): prefill of a request, from admission to its first token;
-- ``itl_ms`` (10): one decode step when the device is not compute-bound;
-- ``device_tokens_per_s`` (0 = unbounded): tokens/s the device decodes across all its streams;
-  a step takes max(itl, running streams / device_tokens_per_s), so more streams slow each one;
-- ``kv_tokens`` (65536): the KV cache; a stream reserves prompt + max_tokens when admitted and
-  waits while that does not fit (``kv_cache_usage`` is the reserved share);
-- ``max_batch`` (64): streams decoded at once; the rest wait in the engine's queue;
-- ``load_ms`` (0): load time; tier changes take the model's memory over ``host_gbps`` (25) or
-  ``disk_gbps`` (2);
-- ``fail_load`` (false), ``inject_oom_every`` (0: every Nth decode step fails its stream with
-  RESOURCE_EXHAUSTED, as a device OOM does), ``inject_crash_at_step`` (0: at that step the
-  engine dies for good, as when its process or device is lost): failure hooks.
+The model of a device is `SimSettings` (its ``engine_args``, sim_settings.py).
 
 Log probabilities, when asked, are synthetic (`logprob_at`): a per-prompt confidence.
 
@@ -31,9 +18,19 @@ import logging
 import math
 import random
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from meshserve.kvblocks import (
+    Cleared,
+    Event,
+    Removed,
+    Stored,
+    chain,
+    root,
+    sim_tokens,
+)
 from meshserve.nodeagent.engines.base import (
     NO_RESUME,
     Chunk,
@@ -45,6 +42,7 @@ from meshserve.nodeagent.engines.base import (
 from meshserve.nodeagent.engines.params import GenerationParams, context_too_long
 from meshserve.nodeagent.engines.prompts import engine_died, out_of_memory, unloaded
 from meshserve.nodeagent.engines.serving import Serving
+from meshserve.nodeagent.engines.sim_settings import SimSettings
 from meshserve.v1 import cluster_pb2, inference_pb2
 
 DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
@@ -74,51 +72,10 @@ WORDS = [
     "tight",
 ]
 VOCAB = 32_000
+ROOT = root()
 EMBED_DIM = 32
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SimSettings:
-    ttft_s: float = 0.02
-    itl_s: float = 0.01
-    device_tokens_per_s: float = 0.0
-    kv_tokens: int = 65_536
-    max_batch: int = 64
-    load_s: float = 0.0
-    host_gbps: float = 25.0
-    disk_gbps: float = 2.0
-    fail_load: bool = False
-    inject_oom_every: int = 0
-    inject_crash_at_step: int = 0
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, str]) -> SimSettings:
-        """Raises ValueError naming the argument at fault."""
-
-        def number(key: str, default: float, low: float = 0.0) -> float:
-            try:
-                value = float(args.get(key, default))
-            except ValueError:
-                raise ValueError(f"engine_args.{key} must be a number: {args[key]!r}") from None
-            if not (value >= low and math.isfinite(value)):
-                raise ValueError(f"engine_args.{key} must be >= {low}: {value}")
-            return value
-
-        return cls(
-            ttft_s=number("ttft_ms", 20) / 1000,
-            itl_s=number("itl_ms", 10, 0.1) / 1000,
-            device_tokens_per_s=number("device_tokens_per_s", 0),
-            kv_tokens=int(number("kv_tokens", 65_536, 1)),
-            max_batch=int(number("max_batch", 64, 1)),
-            load_s=number("load_ms", 0) / 1000,
-            host_gbps=number("host_gbps", 25, 0.001),
-            disk_gbps=number("disk_gbps", 2, 0.001),
-            fail_load=args.get("fail_load", "false").lower() in ("1", "true", "yes"),
-            inject_oom_every=int(number("inject_oom_every", 0)),
-            inject_crash_at_step=int(number("inject_crash_at_step", 0)),
-        )
 
 
 def token_at(prompt_key: int, position: int, salt: int) -> int:
@@ -157,6 +114,7 @@ class SimStream:
     salt: int
     queue: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue)
     first_at: float = 0.0  # loop time of its first token (admission + ttft)
+    blocks: list[int] = field(default_factory=list)  # its prompt's full blocks (chained hashes)
     produced: int = 0
     cancelled: bool = False
 
@@ -183,6 +141,9 @@ class SimEngine(Serving):
         self._generated = 0
         self.ooms = 0
         self._died = ""  # why the stepper ended without being asked to
+        self._cache: OrderedDict[int, None] = OrderedDict()  # prefix cache: block hashes, LRU
+        self.kv_reports = True
+        self.cached_tokens = 0  # prompt tokens whose prefill the prefix cache saved
 
     # --- lifecycle and tiers -----------------------------------------------------------------
 
@@ -212,6 +173,13 @@ class SimEngine(Serving):
         self._running.clear()
         self._waiting.clear()
         self._tier = 0
+        self._clear_cache()
+
+    def _clear_cache(self) -> None:
+        if self._cache:
+            self._cache.clear()
+            if self.kv_sink is not None:
+                self.kv_sink([Cleared()])
 
     async def offload(self, tier: int) -> None:
         if tier not in (HOST, DISK):
@@ -219,6 +187,7 @@ class SimEngine(Serving):
         gbps = self.settings.host_gbps if tier == HOST else self.settings.disk_gbps
         await asyncio.sleep(self._memory / (gbps * 1e9))
         self._tier = tier
+        self._clear_cache()  # the KV cache goes with the device memory
 
     async def restore(self) -> None:
         if self._tier == DEVICE:
@@ -255,6 +224,10 @@ class SimEngine(Serving):
     def max_model_len(self) -> int:
         return self._max_len
 
+    @property
+    def kv_block_tokens(self) -> int:  # type: ignore[override]
+        return self.settings.block_tokens
+
     # --- requests ----------------------------------------------------------------------------
 
     async def generate(
@@ -280,6 +253,10 @@ class SimEngine(Serving):
             len(resume.token_ids),
             resume.text,
             salt,
+        )
+        b = self.settings.block_tokens
+        stream.blocks = chain(
+            sim_tokens(text), b, root(params.cache_salt) if params.cache_salt else ROOT
         )
         self._waiting.append(stream)
         self._wake.set()
@@ -318,7 +295,16 @@ class SimEngine(Serving):
             if reserved + s.reserved > self.settings.kv_tokens and self._running:
                 break  # waits for KV space (a lone stream always runs)
             self._waiting.pop(0)
-            s.first_at = now + self.settings.ttft_s
+            hit = 0
+            for h in s.blocks:
+                if h not in self._cache:
+                    break
+                hit += 1
+            for h in reversed(s.blocks[:hit]):  # a prefix's head is used last: evicted last
+                self._cache.move_to_end(h)
+            self.cached_tokens += min(s.input_tokens, hit * self.settings.block_tokens)
+            uncached = max(0, s.input_tokens - hit * self.settings.block_tokens)
+            s.first_at = now + self.settings.ttft_s + uncached * self.settings.prefill_s_per_token
             self._running.append(s)
             reserved += s.reserved
 
@@ -338,6 +324,7 @@ class SimEngine(Serving):
                 s.queue.put_nowait(err)
             self._running.clear()
             self._waiting.clear()
+            self._clear_cache()
 
     async def _step_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -357,6 +344,22 @@ class SimEngine(Serving):
                     continue
                 self._emit(s)
 
+    def _cache_prompt(self, blocks: list[int]) -> None:
+        """A prompt's blocks are cached once its first token is out (the LRU bound evicts)."""
+        new = [h for h in blocks if h not in self._cache]
+        for h in reversed(blocks):  # as vLLM frees them: a prefix's tail is evicted first
+            self._cache[h] = None
+            self._cache.move_to_end(h)
+        limit = self.settings.cache_blocks or self.settings.kv_tokens // self.settings.block_tokens
+        gone = [self._cache.popitem(last=False)[0] for _ in range(len(self._cache) - limit)]
+        events: list[Event] = []
+        if new:
+            events.append(Stored(tuple(new)))
+        if gone:
+            events.append(Removed(tuple(gone)))
+        if events and self.kv_sink is not None:
+            self.kv_sink(events)
+
     def _emit(self, s: SimStream) -> None:
         self._steps += 1
         if self._steps == self.settings.inject_crash_at_step:
@@ -366,6 +369,8 @@ class SimEngine(Serving):
             self._running.remove(s)
             s.queue.put_nowait(out_of_memory(self._name, "retry (simulated by inject_oom_every)"))
             return
+        if not s.produced:
+            self._cache_prompt(s.blocks)
         position = s.delivered + s.produced
         token = token_at(s.prompt_key, position, s.salt)
         s.produced += 1

@@ -24,29 +24,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-DEVICE, HOST = 1, 2  # where a block lives (cluster_pb2.TIER_DEVICE / TIER_HOST)
+from meshserve.kvblocks import DEVICE, HOST, Cleared, Event, Removed, Stored
+
 CAPACITY = 65_536  # blocks a replica keeps in the index (1 M tokens at 16 a block)
 PENDING_TTL_S = 2.0
 
-
-@dataclass(frozen=True)
-class Stored:
-    hashes: tuple[int, ...]
-    medium: int = DEVICE
-
-
-@dataclass(frozen=True)
-class Removed:
-    hashes: tuple[int, ...]
-    medium: int = DEVICE
-
-
-@dataclass(frozen=True)
-class Cleared:
-    pass
-
-
-Event = Stored | Removed | Cleared
+__all__ = ["DEVICE", "HOST", "Cleared", "Event", "Match", "PrefixIndex", "Removed", "Stored"]
 
 
 @dataclass(frozen=True)
