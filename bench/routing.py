@@ -27,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from meshserve.router.routing.pipeline import Ask
 
 from bench.routing_load import WORKLOADS, Workload, arrivals
 from bench.routing_policies import POLICIES, Router
@@ -95,6 +98,46 @@ def run_one(
     }
 
 
+def scale(replicas: int = 64, decisions: int = 3000, seed: int = 7) -> dict[str, float]:
+    """The meshserve policy's decision time with ``replicas`` candidates (each holding 2,048
+    blocks of the shared-prefix load), and the index's memory per entry and per 1 k replicas
+    at its default capacity."""
+    import tracemalloc
+
+    from meshserve.router.routing.prefix import CAPACITY, PrefixIndex, Stored
+
+    costs = Costs()
+    fleet = Fleet(replicas, costs)
+    router = POLICIES["meshserve"](fleet, costs)
+    reqs = arrivals(WORKLOADS["shared_prefix"], 100.0, decisions, costs.block_tokens, seed)
+    rng = random.Random(seed)
+    for i in range(replicas):  # each replica holds some groups' prefixes
+        held = [b for r in rng.sample(reqs, 28) for b in r.blocks]
+        router.index.apply(f"r{i}", 0, [Stored(tuple(held[:2048]))])
+    times = []
+    for r in reqs:
+        t0 = time.perf_counter()
+        router.choose(r, Ask(blocks=r.blocks, tokens=len(r.tokens)))
+        times.append((time.perf_counter() - t0) * 1e6)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    index = PrefixIndex()
+    n_rep, n_blocks = 50, 2000
+    for i in range(n_rep):
+        index.apply(f"10.0.{i // 256}.{i % 256}:7000", 0,
+                    [Stored(tuple(rng.getrandbits(64) for _ in range(n_blocks)))])  # fmt: skip
+    per_entry = (tracemalloc.get_traced_memory()[0] - base) / (n_rep * n_blocks)
+    tracemalloc.stop()
+    return {
+        "replicas": replicas,
+        "decision_p50_us": round(percentile(times, 0.5), 1),
+        "decision_p99_us": round(percentile(times, 0.99), 1),
+        "index_bytes_per_block_entry": round(per_entry, 1),
+        "index_gib_per_1k_replicas_at_capacity": round(per_entry * CAPACITY * 1000 / 2**30, 2),
+        "index_capacity_blocks_per_replica": CAPACITY,
+    }
+
+
 def table(rows: list[dict[str, object]]) -> str:
     cols = ["workload", "load", "policy", "ttft_p50_ms", "ttft_p99_ms", "tokens_per_s", "hit_rate",
             "hit_rate_vs_oracle", "decision_p99_us", "prediction_mape", "restores"]  # fmt: skip
@@ -132,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             rows += group
             print(table(group), file=sys.stderr)
     print(table(rows))
+    at_scale = scale()
+    print("at scale: " + ", ".join(f"{k} {v}" for k, v in at_scale.items()))
     print(f"({time.monotonic() - t0:.0f} s)")
-    args.json.write_text(json.dumps({"rows": rows, "costs": vars(costs) | {}}, indent=1))
+    out = {"rows": rows, "scale": at_scale, "costs": vars(costs)}
+    args.json.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}")
     return 0
 

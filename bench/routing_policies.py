@@ -80,7 +80,7 @@ class Router:
         self._n += 1
         d = pick(MODEL, self.endpoints, ask, self.view, self.weights, self._n, self.scorers)
         assert d.chosen is not None
-        return self.endpoints.index(d.chosen)
+        return int(d.chosen.address[1:])
 
     def first_token(self, req: Req) -> None:
         e = self.endpoints[req.replica]

@@ -21,6 +21,8 @@ from meshserve.router.core.admission import Admission
 from meshserve.router.core.budget import RetryBudget
 from meshserve.router.core.demand import DemandTracker, publish_demand
 from meshserve.router.core.ensure import Ensured
+from meshserve.router.core.kvfeed import KvFeeds
+from meshserve.router.core.prefixes import Prefixes
 from meshserve.router.core.relay import Relay
 from meshserve.router.core.service import RouterInference
 from meshserve.router.core.table import EndpointTable
@@ -101,6 +103,7 @@ class Router(Component):
         self.demands.subscribe(lambda snap: setattr(rates, "others", snap))
         self.demand = DemandTracker(config.router_id, self.breakers, rates.rates)
         budget = RetryBudget(config.retry_budget_ratio)
+        prefixes = Prefixes()
         self.admission = Admission(
             self.table,
             ensure,
@@ -111,7 +114,9 @@ class Router(Component):
             config.ensure_interval_s,
             config.fair_queueing,
             config.routing_weights or DEFAULT_WEIGHTS,
+            prefixes,
         )
+        self.kv_feeds = KvFeeds(self.table, upstreams, prefixes)
         relay = Relay(
             config, self.table, self.admission, upstreams, self.breakers, budget, self.demand
         )
@@ -227,6 +232,7 @@ class Router(Component):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._publisher
         await self.admission.close()
+        await self.kv_feeds.stop()
         await self.tenancy.source.stop()
         await self.demands.stop()
         await self.table.stop()

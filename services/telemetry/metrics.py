@@ -56,6 +56,30 @@ QUEUE_WAIT = Histogram(
     ["model"],
     buckets=_LATENCY,
 )
+TTFT_PREDICTION_ERROR = Histogram(
+    "meshserve_router_ttft_prediction_error_ratio",
+    "Absolute error of the router's TTFT prediction over the observed TTFT, per stream",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+PREFIX_INDEX_BLOCKS = Gauge(
+    "meshserve_router_prefix_index_blocks",
+    "KV blocks the router knows its replicas hold (from their agents' block events)",
+    ["model"],
+)
+PROMPT_TOKENS = Counter(
+    "meshserve_router_prompt_tokens_total", "Prompt tokens of the requests routed", ["model"]
+)
+CACHED_PROMPT_TOKENS = Counter(
+    "meshserve_router_cached_prompt_tokens_total",
+    "Prompt tokens routed to a replica known to hold them cached (hit rate: over prompt tokens)",
+    ["model"],
+)
+PREFIX_FEED_RESYNCS = Counter(
+    "meshserve_router_kv_feed_resyncs_total",
+    "KV block feeds from agents restarted from a snapshot (a gap, a broken stream)",
+    ["model"],
+)
 READY_REPLICAS = Gauge(
     "meshserve_router_ready_replicas", "READY replicas in this router's table", ["model"]
 )

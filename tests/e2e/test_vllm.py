@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.localmesh import Mesh
 from meshserve.v1 import cluster_pb2, inference_pb2, inference_pb2_grpc
 
-from tests.e2e.conftest import apply, generate, known, model_spec
+from tests.e2e.conftest import apply, free_port, generate, known, model_spec
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +36,7 @@ AGENT = "vllm-agent"
 LOAD_RETRY_S = 2.0
 AGENT_FLAGS = ("--load-retry", "2")  # a FAILED replica is loaded again 2 s later
 MODEL = "tinyvllm"
+ROUTER_METRICS = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def vmesh(tmp_path_factory: pytest.TempPathFactory, vllm_python: str) -> Iterato
         m.start_etcd()
         m.start_scheduler()
         m.start_agent(AGENT, threads=1, python=vllm_python, timeout_s=180, extra=AGENT_FLAGS)
-        m.start_router()
+        m.start_router(extra=["--metrics-port", str(ROUTER_METRICS)])
         spec = model_spec(MODEL, model, engine="vllm", min_replicas=1, max_model_len=2048)
         asyncio.run(apply(m, spec))
         asyncio.run(eventually(lambda: _state(m, S.REPLICA_STATE_READY), 240, "vLLM replica READY"))
@@ -143,6 +145,37 @@ async def test_streams_through_the_router_equal_to_the_agent(vmesh: Mesh) -> Non
     r = await _replica(vmesh)
     assert r is not None and r.memory_bytes > 0 and r.predicted_bytes > 0
     assert "sleep mode" in r.tier_note
+
+
+def _router_metric(name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ROUTER_METRICS}/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(ln.split()[-1]) for ln in lines if ln.startswith(name) and f'"{MODEL}"' in ln)
+
+
+async def test_vllm_kv_events_land_in_the_routers_prefix_index(vmesh: Mesh) -> None:
+    """vLLM's own KV events (ZMQ, its hashes) reach the router's index under the names the
+    router makes of the same prompt: a second request with the prompt's prefix is counted as
+    routed to cached tokens, which only a match of the router's hashes with the translated
+    events can give."""
+    router = vmesh.services["router"].address
+    r = await _replica(vmesh)
+    assert r is not None and r.kv_events and r.kv_block_tokens > 0
+    block = r.kv_block_tokens  # 128 on the CPU build
+    prompt = "the mesh routes each prompt to the replica that holds its prefix " * 40
+    first = _request(2)
+    first.prompt = prompt
+    await generate(router, first)
+    await eventually(
+        lambda: _router_metric("meshserve_router_prefix_index_blocks") >= 2, 30,
+        "the prompt's blocks in the router's index",
+    )  # fmt: skip
+    before = _router_metric("meshserve_router_cached_prompt_tokens_total")
+    again = _request(2)
+    again.prompt = prompt + " and one more question"
+    await generate(router, again)
+    cached = _router_metric("meshserve_router_cached_prompt_tokens_total") - before
+    assert cached >= 2 * block, cached
 
 
 async def test_logprobs_one_message_per_token_and_the_models_own_values(vmesh: Mesh) -> None:

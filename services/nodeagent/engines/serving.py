@@ -16,7 +16,7 @@ class Serving:
     # Prefix caching: the KV block size in tokens (0: the engine keeps no prefix cache), and
     # where an engine that reports its blocks sends each batch of block events (the agent sets
     # it, nodeagent.kvevents); engines that cannot report leave ``kv_reports`` False.
-    kv_block_tokens = 0
+    _kv_block_tokens = 0
     kv_reports = False
     kv_sink: Callable[[Sequence[Event]], None] | None = None
 
@@ -24,6 +24,11 @@ class Serving:
     def tier(self) -> int:
         """Where the weights are now (cluster_pb2.Tier)."""
         return self._tier
+
+    @property
+    def kv_block_tokens(self) -> int:
+        """The KV block size in tokens (0: no prefix cache)."""
+        return self._kv_block_tokens
 
     @property
     def in_flight(self) -> int:

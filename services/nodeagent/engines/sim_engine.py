@@ -155,6 +155,7 @@ class SimEngine(Serving):
         self._name = spec.name
         self._memory = int(spec.memory_bytes + spec.kv_headroom_bytes)
         self._max_len = spec.max_model_len or 4096
+        self._kv_block_tokens = self.settings.block_tokens
         self._tier = DEVICE
         self._died = ""
         self._task = asyncio.create_task(self._stepper(), name=f"sim-{spec.name}")
@@ -223,10 +224,6 @@ class SimEngine(Serving):
     @property
     def max_model_len(self) -> int:
         return self._max_len
-
-    @property
-    def kv_block_tokens(self) -> int:  # type: ignore[override]
-        return self.settings.block_tokens
 
     # --- requests ----------------------------------------------------------------------------
 

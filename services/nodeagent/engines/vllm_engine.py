@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from meshserve.kvblocks import Cleared, Event
 from meshserve.nodeagent.engines.base import (
     NO_RESUME,
     Chunk,
@@ -52,6 +53,7 @@ from meshserve.nodeagent.engines.prompts import (
     prompt_ids,
 )
 from meshserve.nodeagent.engines.serving import Serving
+from meshserve.nodeagent.engines.vllm_kv import VllmKvEvents
 from meshserve.nodeagent.engines.vllm_plan import (
     GIB,
     VllmPlan,
@@ -63,6 +65,7 @@ from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.weights import predict_weight_bytes
 from vllm import SamplingParams
+from vllm.config.kv_events import KVEventsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
@@ -184,6 +187,12 @@ class VllmEngine(Serving):
         self._generated = 0  # vLLM's generation tokens, summed over its iteration stats
         self._on_cpu = bool(current_platform.is_cpu())
         self._sleep = not self._on_cpu and bool(current_platform.is_sleep_mode_available())
+        self._kv: VllmKvEvents | None = None  # its KV events, while the engine runs
+        self.kv_reports = True
+
+    def _kv_to_agent(self, events: Sequence[Event]) -> None:
+        if self.kv_sink is not None:
+            self.kv_sink(events)
 
     # --- state -------------------------------------------------------------------------------
 
@@ -248,7 +257,11 @@ class VllmEngine(Serving):
     async def _start(self) -> None:
         assert self._plan is not None
         started = time.monotonic()
-        args = AsyncEngineArgs(**self._plan.kwargs)
+        kwargs = dict(self._plan.kwargs)
+        if kwargs.get("enable_prefix_caching", True):  # vLLM's default: on
+            self._kv = VllmKvEvents(self._kv_to_agent)
+            kwargs["kv_events_config"] = KVEventsConfig(**self._kv.config())
+        args = AsyncEngineArgs(**kwargs)
 
         def factory(vllm_config: Any, engine_index: int = 0) -> _StatsSink:
             return _StatsSink(vllm_config, engine_index, self)
@@ -263,6 +276,9 @@ class VllmEngine(Serving):
             )
         self._tok = self._llm.get_tokenizer()
         self._max_len = int(self._llm.model_config.max_model_len)
+        if self._kv is not None:
+            self._kv.start()
+            self._kv_block_tokens = int(self._llm.vllm_config.cache_config.block_size)
         self._tier = DEVICE
         log.info(
             "vLLM engine for %s up in %.1f s",
@@ -271,6 +287,10 @@ class VllmEngine(Serving):
         )
 
     async def _stop(self) -> None:
+        kv, self._kv = self._kv, None
+        if kv is not None:
+            await kv.close()
+            self._kv_to_agent([Cleared()])  # its cache is gone with it
         llm, self._llm = self._llm, None
         if llm is not None:
             if llm.errored:  # in-flight requests fail now, as vLLM's own output loop does
@@ -325,9 +345,10 @@ class VllmEngine(Serving):
         done = list(resume.token_ids)
         # Resumed: the delivered tokens extend the prompt, and count against max_tokens.
         rest = replace(params, max_tokens=params.max_tokens - len(done))
-        stream = self._llm.generate(
-            {"prompt_token_ids": ids + done}, sampling_params(rest), request_id
-        )
+        prompt_in: dict[str, Any] = {"prompt_token_ids": ids + done}
+        if params.cache_salt:
+            prompt_in["cache_salt"] = params.cache_salt
+        stream = self._llm.generate(prompt_in, sampling_params(rest), request_id)
         self._in_flight += 1
         produced = len(done)
         # vLLM detokenizes a token-id prompt's continuation from an offset of its own: a resumed

@@ -33,6 +33,7 @@ import grpc
 from meshserve.router.core.decisions import DecisionLog
 from meshserve.router.core.demand import DemandTracker
 from meshserve.router.core.ensure import ColdStarts, Ensured
+from meshserve.router.core.prefixes import Pending, Prefixes
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Endpoint, Route, RouteTable
@@ -66,6 +67,7 @@ class Slot:
     waited_s: float = 0.0  # time spent queued
     decision: Decision | None = None  # how routing chose it (routing/pipeline.py)
     probe: bool = False  # it is its replica's half-open breaker probe
+    forecast: Pending | None = None  # its predicted TTFT, until the first token (prefixes.py)
 
     @property
     def model(self) -> str:
@@ -95,6 +97,7 @@ class Admission:
         ensure_interval_s: float,
         fair: bool = True,
         weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+        prefixes: Prefixes | None = None,
     ) -> None:
         self.fair = fair  # False: FIFO, every request equal (priority and tenant ignored)
         self.table = table
@@ -111,8 +114,13 @@ class Admission:
         self._tiebreak = itertools.count()
         self.weights = weights  # the router profile's scorer weights (a model's own win)
         self.decisions = DecisionLog()
+        self.prefixes = prefixes or Prefixes()
         self._view = View(
-            self.outstanding, self.streams, lambda key: breakers.allows(key, time.monotonic())
+            self.outstanding,
+            self.streams,
+            lambda key: breakers.allows(key, time.monotonic()),
+            self.prefixes.matches,
+            self.prefixes.predict,
         )
         table.subscribe(self._on_table)
 
@@ -126,6 +134,8 @@ class Admission:
         exclude: Container[Identity] = frozenset(),
         who: Who = ANYONE,
         request_id: str = "",
+        blocks: tuple[int, ...] = (),
+        tokens: int = 0,
     ) -> Slot:
         """A slot on a replica of ``route``'s model (or a READY fallback); waits in the model's
         queue while none is free. ``deadline_s``: the caller's remaining time (None: none).
@@ -135,7 +145,7 @@ class Admission:
         if not self.fair:
             who = ANYONE
         queue = self.queues.setdefault(model, FairQueue())
-        ask = Ask(session_key, who.priority, exclude, request_id)
+        ask = Ask(session_key, who.priority, exclude, request_id, blocks, tokens)
         if not queue:  # nobody ahead: no queueing cost on the hot path
             slot, refused = self._choose(self._current(route), ask, model)
             if slot is not None:
@@ -212,7 +222,14 @@ class Admission:
         self.streams[key] = self.streams.get(key, 1) - 1
         if slot.probe:
             self.breakers.released(key)
+        if slot.forecast is not None and not slot.forecast.done:
+            self.prefixes.abandoned(slot.forecast)
         self._dispatch_all()
+
+    def first_token(self, slot: Slot) -> None:
+        """The stream on ``slot`` got its first token: the forecast is scored and learnt."""
+        if slot.forecast is not None and not slot.forecast.done:
+            self.prefixes.first_token(slot.forecast)
 
     # --- choosing ----------------------------------------------------------------------------
 
@@ -250,9 +267,10 @@ class Admission:
         self.outstanding[address] = self.outstanding.get(address, 0) + 1
         key = (address, slot.model)
         self.streams[key] = self.streams.get(key, 0) + 1
-        if self.breakers.sent(key, time.monotonic()):
-            return replace(slot, probe=True)
-        return slot
+        d = slot.decision
+        forecast = self.prefixes.sent(slot.model, slot.endpoint, d.ask) if d else None
+        probe = self.breakers.sent(key, time.monotonic())
+        return replace(slot, probe=probe, forecast=forecast) if probe or forecast else slot
 
     def _dispatch(self, model: str) -> None:
         """Hands free slots to waiters of ``model`` in queue order (one that cannot use any free

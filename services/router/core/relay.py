@@ -90,6 +90,10 @@ class Relay(AttemptPolicy):
         stuck_since = 0.0  # when the stream last broke
         state = Headers()
         self.budget.request()
+        if who.tenant:  # tenants never share cached blocks (the engines salt by it too)
+            salt = request.cache_salt
+            request.cache_salt = f"{who.tenant}/{salt}" if salt else who.tenant
+        blocks, tokens = self.admission.prefixes.blocks(route, request)
         try:
             while True:
                 with _tracer.start_as_current_span("router.pick") as pick:
@@ -100,6 +104,8 @@ class Relay(AttemptPolicy):
                         tries.failed,
                         who,
                         request.request_id,
+                        blocks,
+                        tokens,
                     )
                     pick.set_attribute("meshserve.node", slot.endpoint.node_id)
                     if slot.decision is not None and pick.is_recording():
@@ -220,6 +226,8 @@ class Relay(AttemptPolicy):
                     raise Broken(f"no first token in {first_s:.1f} s") from None
                 raise _upstream_error(e, gone, "") from None
             state.first_token_s = state.first_token_s or time.monotonic() - sent
+            if first is not grpc.aio.EOF:
+                self.admission.first_token(slot)
             stall.delivered()
             stall.relimit(self.config.inter_token_timeout_s)
             stall.pace(self.config.stall_factor, self.config.stall_floor_s)

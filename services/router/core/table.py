@@ -33,14 +33,14 @@ def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
     """What of a replica's status the route depends on (all but its load figures)."""
     return (
         r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation, r.generation,
-        r.signature,
+        r.signature, r.kv_block_tokens, r.kv_events, r.device_kind,
     )  # fmt: skip
 
 
 def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
     return Endpoint(
         r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation,
-        r.generation,
+        r.generation, r.running, r.kv_block_tokens, r.kv_events, r.device_kind,
     )  # fmt: skip
 
 
@@ -80,6 +80,7 @@ class TableBuilder:
             e = self.endpoints.get(key)
             if e is not None:
                 e.waiting, e.kv_cache_usage = status.waiting, status.kv_cache_usage
+                e.running = status.running
             return set()
         changed = set()
         if old is not None:

@@ -167,7 +167,7 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
     ) -> Any:
         span = server_span(request)
         try:
-            g = generate_request(body)
+            g = generate_request(body, request.headers.get("x-session-id", "")[:256])
             if body.priority:
                 g.priority = PRIORITIES[body.priority]  # type: ignore[assignment]
         except ServiceError as e:

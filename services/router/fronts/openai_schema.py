@@ -5,8 +5,10 @@ Every field of a body is either implemented, or refused with 400 ``unsupported p
 several choices must not get plain text and no error. Fields OpenAI and vLLM define whose value
 changes nothing here are accepted at that neutral value only (``n: 1``, ``presence_penalty: 0``,
 ``response_format: {type: text}``, ``tools: []`` …), as real clients and load generators send
-them; ``user``, ``metadata``, ``store`` and ``service_tier`` only label a request and are
-accepted and ignored.
+them; ``metadata``, ``store`` and ``service_tier`` only label a request and are accepted and
+ignored. ``user`` (or an ``x-session-id`` header, which wins) is the request's session key:
+a user's requests prefer one replica, where their conversation is cached. ``cache_salt``
+(vLLM's) isolates the request's prefix cache: blocks are reused only under the same salt.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tool_calls": (None, []),  # an assistant message's
 }
 # Labels of a request: accepted, not acted on.
-IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
+IGNORED = frozenset({"metadata", "store", "service_tier"})
 
 
 class _Strict(BaseModel):
@@ -96,6 +98,8 @@ class Sampling(_Strict):
     # meshserve: token coalescing (GenerateRequest.stream_interval_*): several tokens per chunk
     stream_interval_ms: int | None = Field(default=None, ge=0)
     stream_interval_tokens: int | None = Field(default=None, ge=0)
+    user: str | None = Field(default=None, max_length=256)  # the session key (affinity)
+    cache_salt: str | None = Field(default=None, max_length=256)  # vLLM's: cache isolation
 
 
 class Message(_Strict):
@@ -146,9 +150,14 @@ def sampling(req: Sampling, logprobs: bool, top_logprobs: int) -> inference_pb2.
     return s
 
 
-def generate_request(req: ChatRequest | CompletionRequest) -> inference_pb2.GenerateRequest:
-    """The native request for an HTTP body (the prompt or messages, sampling, coalescing)."""
-    g = inference_pb2.GenerateRequest(model=req.model)
+def generate_request(
+    req: ChatRequest | CompletionRequest, session: str = ""
+) -> inference_pb2.GenerateRequest:
+    """The native request for an HTTP body (the prompt or messages, sampling, coalescing, the
+    session key: ``session`` (the x-session-id header) or the body's ``user``)."""
+    g = inference_pb2.GenerateRequest(
+        model=req.model, session_key=session or req.user or "", cache_salt=req.cache_salt or ""
+    )
     if isinstance(req, ChatRequest):
         for m in req.messages:
             g.messages.add(role=m.role, content=text_of(m.content))

@@ -22,6 +22,10 @@ class Endpoint:
     max_streams: int = 0  # streams the replica admits at once; 0 = unknown (no limit here)
     incarnation: int = 0  # the agent's lease when it wrote the status: a restart changes it
     generation: int = 0  # the agent's load of it: a reload (after FAILED) changes it
+    running: int = 0  # streams it decodes (its last ReplicaStatus, all routers')
+    kv_block_tokens: int = 0  # its KV block size (0: no prefix cache): prompts hash in these
+    kv_events: bool = False  # its agent streams its block events (WatchKvBlocks)
+    device_kind: str = ""  # "cpu" or the GPU's name: TTFT is fitted per model and kind
 
     @property
     def identity(self) -> tuple[str, int, int]:

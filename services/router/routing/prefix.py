@@ -23,18 +23,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from meshserve.kvblocks import DEVICE, HOST, Cleared, Event, Removed, Stored
 
-CAPACITY = 65_536  # blocks a replica keeps in the index (1 M tokens at 16 a block)
+CAPACITY = 32_768  # blocks a replica keeps in the index (512 k tokens at 16 a block)
 PENDING_TTL_S = 2.0
 
 __all__ = ["DEVICE", "HOST", "Cleared", "Event", "Match", "PrefixIndex", "Removed", "Stored"]
 
 
-@dataclass(frozen=True)
-class Match:
-    """How much of a prompt's prefix a replica holds, in blocks."""
+class Match(NamedTuple):
+    """How much of a prompt's prefix a replica holds, in blocks (a tuple: one per candidate of
+    every decision)."""
 
     device: int = 0  # leading blocks on its device (known from events)
     host: int = 0  # the leading blocks after those, in its host RAM
@@ -53,6 +54,7 @@ class _Replica:
     blocks: OrderedDict[int, int] = field(default_factory=OrderedDict)  # hash → medium, LRU
     pending: dict[int, float] = field(default_factory=dict)  # hash → expiry
     seq: int = -1  # last event batch applied (-1: none yet)
+    bit: int = 0  # its slot's bit in the holders' masks
 
 
 class PrefixIndex:
@@ -63,7 +65,11 @@ class PrefixIndex:
         self.capacity = capacity
         self.pending_ttl = pending_ttl
         self._replicas: dict[str, _Replica] = {}
-        self._holders: dict[int, dict[str, int]] = {}  # hash → {replica: medium}
+        # hash → the replicas holding it, as a bit mask of their slots (one int a block: the
+        # index's memory is mostly these and the replicas' own LRU maps)
+        self._holders: dict[int, int] = {}
+        self._slots: dict[str, int] = {}
+        self._free: list[int] = []
         self._pending: dict[int, dict[str, float]] = {}  # hash → {replica: expiry}
         self._host_entries = 0  # blocks in host RAM, all replicas (0: skip the medium check)
 
@@ -72,7 +78,7 @@ class PrefixIndex:
     def apply(self, replica: str, seq: int, events: Iterable[Event]) -> bool:
         """One batch of a replica's events. False (and its blocks dropped) when ``seq`` does not
         follow the last batch: events were lost, the caller must resync it."""
-        r = self._replicas.setdefault(replica, _Replica())
+        r = self._replica(replica)
         if r.seq >= 0 and seq != r.seq + 1:
             self.forget(replica)
             return False
@@ -94,7 +100,7 @@ class PrefixIndex:
         """A replica's whole state (``(hash, medium)`` pairs, oldest first) as of batch ``seq``:
         what an agent sends when a feed starts and after a gap."""
         self.forget(replica)
-        r = self._replicas.setdefault(replica, _Replica())
+        r = self._replica(replica)
         r.seq = seq
         for h, medium in blocks:
             self._store(replica, r, h, medium)
@@ -106,16 +112,17 @@ class PrefixIndex:
             return
         for h, medium in r.blocks.items():
             self._host_entries -= medium == HOST
-            self._unhold(self._holders, h, replica)
+            self._unhold(h, r.bit)
         for h in r.pending:
-            self._unhold(self._pending, h, replica)
+            self._unpend(h, replica)
+        self._free.append(self._slots.pop(replica))
 
     # --- the send feed -----------------------------------------------------------------------
 
     def sent(self, replica: str, hashes: Sequence[int], now: float) -> None:
         """This router just sent a prompt with these blocks to ``replica``: they are pending
         there until an event confirms them or ``pending_ttl`` passes."""
-        r = self._replicas.setdefault(replica, _Replica())
+        r = self._replica(replica)
         until = now + self.pending_ttl
         for h in hashes:
             if h in r.blocks:
@@ -126,33 +133,41 @@ class PrefixIndex:
         if len(r.pending) > self.capacity:  # the oldest go first (dicts keep insertion order)
             for h in list(r.pending)[: len(r.pending) - self.capacity]:
                 del r.pending[h]
-                self._unhold(self._pending, h, replica)
+                self._unpend(h, replica)
 
     # --- queries ---------------------------------------------------------------------------
 
     def match(self, hashes: Sequence[int], replicas: Iterable[str], now: float) -> dict[str, Match]:
         """For each replica, how many leading blocks of ``hashes`` it holds: known blocks first
-        (device, then host), then pending ones. A block hash names its whole prefix and engines
-        evict a prefix from its tail, so a replica's blocks of one prompt are a leading run:
-        each run is found by binary search (O(replicas x log blocks) lookups, not a walk)."""
-        first = hashes[0] if hashes else None
-        held0 = self._holders.get(first, {}) if first is not None else {}
-        pend0 = self._pending.get(first, {}) if first is not None else {}
+        (device, then host), then pending ones. One walk down the prompt's blocks for all
+        replicas at once (a bit mask of those still holding every block so far: one lookup and
+        an AND a block), stopping when none is left; pending runs are found by binary search (a
+        block hash names its whole prefix, so a replica's pending blocks are a leading run)."""
+        runs: dict[int, int] = {}  # replica bit → its known run
+        alive = self._holders.get(hashes[0], 0) if hashes else 0
+        j = 0
+        while alive:
+            j += 1
+            nxt = self._holders.get(hashes[j], 0) & alive if j < len(hashes) else 0
+            gone = alive & ~nxt
+            while gone:
+                low = gone & -gone
+                runs[low] = j
+                gone ^= low
+            alive = nxt
+        pend0 = self._pending.get(hashes[0], {}) if hashes else {}
         out: dict[str, Match] = {}
         for k in replicas:
-            n = self._run(hashes, 0, self._held_by(k)) if k in held0 else 0
+            r = self._replicas.get(k)
+            n = runs.get(r.bit, 0) if r is not None else 0
             host = 0
-            if self._host_entries and n:  # the blocks from the first host one on are fetched
-                blocks = self._replicas[k].blocks
-                host = n - next((j for j in range(n) if blocks.get(hashes[j]) == HOST), n)
+            if self._host_entries and n and r is not None:  # from the first host block on
+                host = n - next((i for i in range(n) if r.blocks.get(hashes[i]) == HOST), n)
             pending = 0
-            if n < len(hashes) and (n or k in pend0):
+            if n < len(hashes) and k in (self._pending.get(hashes[n], pend0) if n else pend0):
                 pending = self._run(hashes, n, self._pending_at(k, now)) - n
             out[k] = Match(n - host, host, pending)
         return out
-
-    def _held_by(self, k: str) -> Callable[[int], bool]:
-        return lambda h: k in self._holders.get(h, ())
 
     def _pending_at(self, k: str, now: float) -> Callable[[int], bool]:
         return lambda h: self._pending.get(h, {}).get(k, 0.0) > now
@@ -185,28 +200,40 @@ class PrefixIndex:
 
     # --- bookkeeping -------------------------------------------------------------------------
 
+    def _replica(self, replica: str) -> _Replica:
+        r = self._replicas.get(replica)
+        if r is None:
+            slot = self._free.pop() if self._free else len(self._slots)
+            self._slots[replica] = slot
+            r = self._replicas[replica] = _Replica(bit=1 << slot)
+        return r
+
     def _store(self, replica: str, r: _Replica, h: int, medium: int) -> None:
         self._host_entries += (medium == HOST) - (r.blocks.get(h) == HOST)
         r.blocks[h] = medium
         r.blocks.move_to_end(h)
-        self._holders.setdefault(h, {})[replica] = medium
+        self._holders[h] = self._holders.get(h, 0) | r.bit
         if r.pending.pop(h, None) is not None:
-            self._unhold(self._pending, h, replica)
+            self._unpend(h, replica)
         while len(r.blocks) > self.capacity:
             old, was = r.blocks.popitem(last=False)
             self._host_entries -= was == HOST
-            self._unhold(self._holders, old, replica)
+            self._unhold(old, r.bit)
 
     def _drop(self, replica: str, r: _Replica, h: int) -> None:
         self._host_entries -= r.blocks.pop(h) == HOST
-        self._unhold(self._holders, h, replica)
+        self._unhold(h, r.bit)
 
-    @staticmethod
-    def _unhold(
-        table: dict[int, dict[str, int]] | dict[int, dict[str, float]], h: int, k: str
-    ) -> None:
-        owners = table.get(h)
+    def _unhold(self, h: int, bit: int) -> None:
+        left = self._holders.get(h, 0) & ~bit
+        if left:
+            self._holders[h] = left
+        else:
+            self._holders.pop(h, None)
+
+    def _unpend(self, h: int, k: str) -> None:
+        owners = self._pending.get(h)
         if owners is not None:
             owners.pop(k, None)
             if not owners:
-                del table[h]
+                del self._pending[h]

@@ -1,0 +1,184 @@
+"""What the router knows of prompts and caches (DESIGN §9, issue 24): per model a prefix index
+(routing.prefix) fed by the agents' block events (core.kvfeed) and by its own sends, and the
+TTFT forecaster (routing.ttft) fitted from the first tokens it sees.
+
+A request's prompt is tokenized as its model's engine does (the sim engine's 4-byte tokens;
+a Hugging Face tokenizer from the model's local source for torch and vLLM models, prompts only:
+chat messages are rendered by the engine's template, which the router does not run) and cut into
+chained block hashes of the engine's block size, salted by the request's ``cache_salt``.
+Models whose engine keeps no prefix cache (block size 0) are not hashed: nothing to find.
+
+`Pending` is one stream's forecast: taken when its slot is, resolved at its first token (the
+observed TTFT teaches the fit and scores the prediction) or abandoned when it ends before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshserve.kvblocks import chain, root, sim_tokens
+from meshserve.router.routing.endpoints import Endpoint, Route
+from meshserve.router.routing.pipeline import Ask
+from meshserve.router.routing.prefix import NO_MATCH, Match, PrefixIndex
+from meshserve.router.routing.ttft import Forecaster, Work, predict
+from meshserve.telemetry import metrics
+from meshserve.v1 import cluster_pb2, inference_pb2
+
+log = logging.getLogger(__name__)
+MEMO_S = 0.002
+SIM, TORCH, VLLM = (
+    cluster_pb2.ENGINE_KIND_SIM,
+    cluster_pb2.ENGINE_KIND_TORCH,
+    cluster_pb2.ENGINE_KIND_VLLM,
+)
+
+
+@dataclass
+class Pending:
+    """One stream's forecast, until its first token."""
+
+    model: str
+    kind: str
+    address: str
+    work: Work
+    predicted_s: float
+    sent_at: float  # monotonic
+    done: bool = False  # first token seen, or abandoned
+
+
+class Tokenizers:
+    """Token ids of a prompt as the model's engine makes them (module docstring)."""
+
+    def __init__(self) -> None:
+        self._hf: dict[tuple[str, str], Any] = {}  # (model, source) → tokenizer or None
+
+    def tokens(self, spec: cluster_pb2.ModelSpec, req: inference_pb2.GenerateRequest) -> list[int]:
+        if spec.engine == SIM:  # as sim_engine.generate builds its text
+            text = req.prompt or "".join(f"{m.role}: {m.content}\n" for m in req.messages)
+            return sim_tokens(text)
+        if req.messages or spec.engine not in (TORCH, VLLM, 0):
+            return []
+        tok = self._hf_tokenizer(spec)
+        return list(tok.encode(req.prompt).ids) if tok is not None else []
+
+    def _hf_tokenizer(self, spec: cluster_pb2.ModelSpec) -> Any:
+        key = (spec.name, spec.source)
+        if key not in self._hf:
+            self._hf[key] = None
+            path = Path(spec.source) / "tokenizer.json"
+            try:
+                from tokenizers import Tokenizer  # the torch extra's; absent: no hashing
+
+                if path.is_file():
+                    self._hf[key] = Tokenizer.from_file(str(path))
+            except Exception as e:  # a router without tokenizers, or a bad file: route by load
+                log.info("no tokenizer for %s (%s): routing it without prefixes", spec.name, e)
+        return self._hf[key]
+
+
+class Prefixes:
+    def __init__(self) -> None:
+        self.indexes: dict[str, PrefixIndex] = {}
+        self.forecast = Forecaster()
+        self.tokenizers = Tokenizers()
+        # The last pick's matches: its scorers and its send share them (one pick: one instant).
+        self._memo: tuple[Ask | None, str, float, dict[str, Match]] = (None, "", 0.0, {})
+
+    def index(self, model: str) -> PrefixIndex:
+        ix = self.indexes.get(model)
+        if ix is None:
+            ix = self.indexes[model] = PrefixIndex()
+        return ix
+
+    # --- a request's prompt --------------------------------------------------------------------
+
+    def blocks(
+        self, route: Route, req: inference_pb2.GenerateRequest
+    ) -> tuple[tuple[int, ...], int]:
+        """The prompt's chained block hashes and its token count ((), 0: not hashed)."""
+        block = next((e.kv_block_tokens for e in route.ready if e.kv_block_tokens), 0)
+        if not block:
+            return (), 0
+        tokens = self.tokenizers.tokens(route.spec, req)
+        parent = root(req.cache_salt) if req.cache_salt else ROOT
+        return tuple(chain(tokens, block, parent)), len(tokens)
+
+    # --- what the routing pipeline reads (View.matches, View.predict) ---------------------
+
+    def matches(self, model: str, cands: Sequence[Endpoint], ask: Ask) -> Mapping[str, Match]:
+        now = time.monotonic()
+        memo_ask, memo_model, at, memo = self._memo
+        if (
+            memo_ask is ask
+            and memo_model == model
+            and now - at < MEMO_S
+            and all(e.address in memo for e in cands)
+        ):
+            return memo
+        ix = self.indexes.get(model)
+        got = ix.match(ask.blocks, [e.address for e in cands], now) if ix else {}
+        self._memo = (ask, model, now, got)
+        return got
+
+    def predict(
+        self, model: str, cands: Sequence[Endpoint], ask: Ask, matches: Mapping[str, Match]
+    ) -> list[float]:
+        out = []
+        for e in cands:  # one fit per device kind (a model's replicas share one or two)
+            m = matches.get(e.address, NO_MATCH)
+            out.append(predict(self.forecast.fit(model, e.device_kind), self.work(e, ask, m)))
+        return out
+
+    def work(self, e: Endpoint, ask: Ask, m: Match) -> Work:
+        b = e.kv_block_tokens
+        return self.forecast.work(
+            e.address,
+            ask.tokens,
+            m.blocks * b,
+            m.host * b,
+            e.running,
+            waiting_elsewhere=e.waiting,
+        )
+
+    # --- a stream's forecast ---------------------------------------------------------------------
+
+    def sent(self, model: str, e: Endpoint, ask: Ask) -> Pending | None:
+        """A stream was given a slot on ``e``: its blocks are pending there, its work queued."""
+        if not ask.tokens:
+            return None
+        now = time.monotonic()
+        m = self.matches(model, [e], ask).get(e.address, NO_MATCH)  # before its own send counts
+        if ask.blocks:
+            self.index(model).sent(e.address, ask.blocks, now)
+        metrics.PROMPT_TOKENS.labels(model).inc(ask.tokens)
+        if m.device or m.host:
+            cached = min(ask.tokens, (m.device + m.host) * e.kv_block_tokens)
+            metrics.CACHED_PROMPT_TOKENS.labels(model).inc(cached)
+        work = self.work(e, ask, m)
+        fit = self.forecast.fit(model, e.device_kind)
+        self.forecast.sent(e.address, work, ask.tokens)
+        return Pending(model, e.device_kind, e.address, work, predict(fit, work), now)
+
+    def first_token(self, p: Pending) -> None:
+        p.done = True
+        observed = time.monotonic() - p.sent_at
+        err = self.forecast.first_token(p.model, p.kind, p.address, p.work, p.predicted_s, observed)
+        metrics.TTFT_PREDICTION_ERROR.labels(p.model).observe(err)
+
+    def abandoned(self, p: Pending) -> None:
+        p.done = True
+        self.forecast.abandoned(p.address, p.work)
+
+    def forget(self, model: str, address: str) -> None:
+        """A replica left, restarted or its feed broke: none of its blocks are known."""
+        ix = self.indexes.get(model)
+        if ix is not None:
+            ix.forget(address)
+
+
+ROOT = root()
