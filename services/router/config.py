@@ -41,8 +41,8 @@ class RouterConfig:
     fair_queueing: bool = True
     # The OpenAI-compatible HTTP front (openai_http.py) in this process: host:port; "" = off.
     http_listen: str = ""
-    # The routing profile: scorer weights (routing/pipeline.py; empty: its defaults, affinity 4,
-    # kv 2, load 1); a model's own `routing:` weights win over these.
+    # The routing profile: scorer weights (routing/pipeline.py; empty: its defaults, ttft 8,
+    # affinity 4, kv 2, load 1); a model's own `routing:` weights win over these.
     routing_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

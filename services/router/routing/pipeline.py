@@ -7,11 +7,16 @@ router records on the request's ``router.pick`` span and keeps for `meshserve ex
 Filters: ``slot`` (a free stream slot: this router sends a replica at most its published
 ``max_streams``, and sheddable requests leave it a reserve), ``excluded`` (the request gave up on
 the replica), ``breaker`` (open circuit breaker; soft: lifted when nothing else is left).
-Scorers: ``affinity`` (the replica that rendezvous hashing gives the request's session key,
-unless it carries more than AFFINITY_SLACK streams above the least loaded), ``kv`` (its KV cache
-below KV_FULL: a new stream on a nearly full one waits for blocks or preempts one), ``load``
-(1 / (1 + this router's streams on it + streams queued in its engine)). The default weights
-(affinity 4, kv 2, load 1) rank lexicographically in that order; a router profile
+Scorers: ``ttft`` (the predicted time to first token, routing.ttft, from the prompt's cached
+prefix there (View.matches, routing.prefix) and its queue: 1 for the fastest and those within
+NEAR_TIE of it, fastest / own for the rest), ``prefix`` (the share of the prompt's blocks it
+holds: GIE's approximate scorer), ``affinity`` (the replica that rendezvous hashing gives the
+request's session key, unless it carries more than AFFINITY_SLACK streams above the least
+loaded), ``kv`` (its KV cache below KV_FULL: a new stream on a nearly full one waits for blocks
+or preempts one), ``load`` (1 / (1 + this router's streams on it + streams queued in its
+engine)). The default weights (ttft 8, affinity 4, kv 2, load 1; prefix off) let a session keep
+its replica unless another would answer over twice as fast; without a hashed prompt the ttft
+column is all 0 and the others rank lexicographically in that order. A router profile
 (``--routing-weights``) or a model (``routing:`` in its spec) may set others.
 """
 
