@@ -108,6 +108,8 @@ class Relay(AttemptPolicy):
                         tokens,
                     )
                     pick.set_attribute("meshserve.node", slot.endpoint.node_id)
+                    if slot.forecast is not None:
+                        pick.set_attribute("meshserve.ttft.predicted_s", slot.forecast.predicted_s)
                     if slot.decision is not None and pick.is_recording():
                         pick.set_attributes(span_attributes(slot.decision))
                     if slot.waited_s:
@@ -228,6 +230,7 @@ class Relay(AttemptPolicy):
             state.first_token_s = state.first_token_s or time.monotonic() - sent
             if first is not grpc.aio.EOF:
                 self.admission.first_token(slot)
+                span.set_attribute("meshserve.ttft.observed_s", time.monotonic() - sent)
             stall.delivered()
             stall.relimit(self.config.inter_token_timeout_s)
             stall.pace(self.config.stall_factor, self.config.stall_floor_s)

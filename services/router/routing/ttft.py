@@ -69,15 +69,18 @@ class Fit:
         sxt, syt = xt / w - mx * mt, yt / w - my * mt
         sxx, syy = sxx + RIDGE, syy + RIDGE
         det = sxx * syy - sxy * sxy
-        if sxx < 1.0 or det <= 0:  # no spread in prompt work yet: keep the rate, fit the base
+        if sxx < 1.0 or det <= 0:  # no spread in prompt work yet: base and rate are not
+            # separable, so the base stays and the rate explains the rest
             q = max(0.0, syt / syy) if syy > 1e-6 else self.step_cost_s
+            rest = mt - self.base_s - q * my
+            p = rest / mx if mx > 0 and rest > 0 else 1 / self.prefill_tokens_per_s
+            self.prefill_tokens_per_s, self.step_cost_s = 1 / p, q
+            return
+        p = (sxt * syy - syt * sxy) / det
+        q = (syt * sxx - sxt * sxy) / det
+        if p <= 0:  # noise: keep the last rate
             p = 1 / self.prefill_tokens_per_s
-        else:
-            p = (sxt * syy - syt * sxy) / det
-            q = (syt * sxx - sxt * sxy) / det
-            if p <= 0:  # noise: keep the last rate
-                p = 1 / self.prefill_tokens_per_s
-            q = max(0.0, q)
+        q = max(0.0, q)
         self.prefill_tokens_per_s = 1 / p
         self.step_cost_s = q
         self.base_s = max(0.0, mt - p * mx - q * my)
