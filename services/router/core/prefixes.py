@@ -2,10 +2,11 @@
 (routing.prefix) fed by the agents' block events (core.kvfeed) and by its own sends, and the
 TTFT forecaster (routing.ttft) fitted from the first tokens it sees.
 
-A request's prompt is tokenized as its model's engine does (the sim engine's 4-byte tokens;
-a Hugging Face tokenizer from the model's local source for torch and vLLM models, prompts only:
-chat messages are rendered by the engine's template, which the router does not run) and cut into
-chained block hashes of the engine's block size, salted by the request's ``cache_salt``.
+A request's prompt is tokenized as its model's engine does (the sim engine's 4-byte tokens; for
+torch and vLLM models the Hugging Face tokenizer and chat template from the model's local source,
+rendered as transformers does: a sandboxed Jinja environment, then the text without special
+tokens, exactly what `nodeagent.engines.prompts.encode` gives the engine) and cut into chained
+block hashes of the engine's block size, salted by the request's ``cache_salt``.
 Models whose engine keeps no prefix cache (block size 0) are not hashed: nothing to find.
 
 `Pending` is one stream's forecast: taken when its slot is, resolved at its first token (the
@@ -14,6 +15,7 @@ observed TTFT teaches the fit and scores the prediction) or abandoned when it en
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -61,24 +63,72 @@ class Tokenizers:
         if spec.engine == SIM:  # as sim_engine.generate builds its text
             text = req.prompt or "".join(f"{m.role}: {m.content}\n" for m in req.messages)
             return sim_tokens(text)
-        if req.messages or spec.engine not in (TORCH, VLLM, 0):
+        if spec.engine not in (TORCH, VLLM, 0):
             return []
-        tok = self._hf_tokenizer(spec)
-        return list(tok.encode(req.prompt).ids) if tok is not None else []
+        hf = self._hf_tokenizer(spec)
+        if hf is None:
+            return []
+        tok, template, specials = hf
+        if not req.messages:
+            return list(tok.encode(req.prompt).ids)
+        turns = [{"role": m.role, "content": m.content} for m in req.messages]
+        if template is None:  # as prompts.encode without a template
+            text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
+            return list(tok.encode(text).ids)
+        try:
+            text = template.render(messages=turns, add_generation_prompt=True, **specials)
+        except Exception:  # a template that needs what the router lacks: route by load
+            return []
+        return list(tok.encode(text, add_special_tokens=False).ids)
 
     def _hf_tokenizer(self, spec: cluster_pb2.ModelSpec) -> Any:
         key = (spec.name, spec.source)
         if key not in self._hf:
             self._hf[key] = None
-            path = Path(spec.source) / "tokenizer.json"
             try:
-                from tokenizers import Tokenizer  # the torch extra's; absent: no hashing
-
-                if path.is_file():
-                    self._hf[key] = Tokenizer.from_file(str(path))
+                self._hf[key] = _load_hf(Path(spec.source))
             except Exception as e:  # a router without tokenizers, or a bad file: route by load
                 log.info("no tokenizer for %s (%s): routing it without prefixes", spec.name, e)
         return self._hf[key]
+
+
+def _load_hf(source: Path) -> tuple[Any, Any, dict[str, str]] | None:
+    """(tokenizer, compiled chat template or None, special token strings) from a local model
+    directory; None when it has no tokenizer.json."""
+    if not (source / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer  # the torch extra's (so is jinja2)
+
+    tok = Tokenizer.from_file(str(source / "tokenizer.json"))
+    config: dict[str, Any] = {}
+    if (source / "tokenizer_config.json").is_file():
+        config = json.loads((source / "tokenizer_config.json").read_text())
+    specials = {
+        k: v.get("content", "") if isinstance(v, dict) else str(v)
+        for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if (v := config.get(k))
+    }
+    source_text = config.get("chat_template")
+    if isinstance(source_text, list):  # named templates: the default one
+        source_text = next((t["template"] for t in source_text if t.get("name") == "default"), None)
+    if (source / "chat_template.jinja").is_file():
+        source_text = (source / "chat_template.jinja").read_text()
+    if not source_text:
+        return tok, None, specials
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None, **_kw: json.dumps(
+        x, indent=indent, ensure_ascii=False
+    )
+    env.globals["raise_exception"] = raise_exception
+    return tok, env.from_string(source_text), specials
 
 
 class Prefixes:
