@@ -55,7 +55,13 @@ class Router:
         self._work: dict[int, tuple[Work, float]] = {}
         self.scorers: dict[str, Score] = dict(SCORERS)
         self._memo: tuple[Ask | None, Mapping[str, Match]] = (None, {})
-        self.view = View(self.outstanding, {}, matches=self._matches, predict=self._predict)
+        self.view = View(
+            self.outstanding,
+            {},
+            matches=self._matches,
+            predict=self._predict,
+            all_allowed=lambda: True,
+        )
 
     def index_capacity(self) -> int:
         return self.costs.kv_blocks * 2

@@ -121,6 +121,7 @@ class Admission:
             lambda key: breakers.allows(key, time.monotonic()),
             self.prefixes.matches,
             self.prefixes.predict,
+            breakers.all_closed,
         )
         table.subscribe(self._on_table)
 

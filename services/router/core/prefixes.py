@@ -178,11 +178,23 @@ class Prefixes:
     def predict(
         self, model: str, cands: Sequence[Endpoint], ask: Ask, matches: Mapping[str, Match]
     ) -> list[float]:
-        out = []
-        for e in cands:  # one fit per device kind (a model's replicas share one or two)
-            m = matches.get(e.address, NO_MATCH)
-            out.append(predict(self.forecast.fit(model, e.device_kind), self.work(e, ask, m)))
-        return out
+        if not cands:
+            return []
+        ms = [matches.get(e.address, NO_MATCH) for e in cands]
+        kind = cands[0].device_kind
+        if any(e.device_kind != kind for e in cands):  # mixed hardware: one fit per kind
+            return [predict(self.forecast.fit(model, e.device_kind), self.work(e, ask, m))
+                    for e, m in zip(cands, ms, strict=True)]  # fmt: skip
+        return self.forecast.predict_many(
+            self.forecast.fit(model, kind),
+            [e.address for e in cands],
+            ask.tokens,
+            [m.blocks * e.kv_block_tokens for e, m in zip(cands, ms, strict=True)],
+            [m.host * e.kv_block_tokens for e, m in zip(cands, ms, strict=True)],
+            [e.running for e in cands],
+            [e.waiting for e in cands],
+            [0.0] * len(cands),
+        )
 
     def work(self, e: Endpoint, ask: Ask, m: Match) -> Work:
         b = e.kv_block_tokens

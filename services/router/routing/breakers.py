@@ -68,6 +68,10 @@ class Breakers:
             b.state, b.probing = HALF_OPEN, False
         return b.state
 
+    def all_closed(self) -> bool:
+        """No breaker is open or half-open (the routing filter may skip asking per replica)."""
+        return all(b.state == CLOSED for b in self._b.values())
+
     def allows(self, key: Key, now: float) -> bool:
         """Whether a new request may go to ``key`` now (a half-open breaker takes one probe)."""
         state = self.state(key, now)

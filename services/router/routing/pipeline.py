@@ -67,6 +67,7 @@ class View:
     predict: Callable[[str, Sequence[Endpoint], Ask, Mapping[str, Match]], list[float]] | None = (
         None
     )
+    all_allowed: Callable[[], bool] = lambda: False  # True: no breaker open (skip ``allows``)
 
 
 Check = Callable[[Endpoint, str, Ask, View], str]  # "" passes; else why not
@@ -79,6 +80,8 @@ class Filter:
     name: str
     check: Check
     soft: bool = False  # lifted when no replica passes it
+    # False: it passes every replica for this request (not asked per replica)
+    active: Callable[[Ask, View], bool] = lambda _ask, _view: True
 
 
 def free_slot(e: Endpoint, model: str, ask: Ask, view: View) -> str:
@@ -148,8 +151,8 @@ def ttft(model: str, cands: Sequence[Endpoint], ask: Ask, view: View) -> list[fl
 
 FILTERS: tuple[Filter, ...] = (
     Filter("slot", free_slot),
-    Filter("excluded", not_excluded),
-    Filter("breaker", breaker_closed, soft=True),
+    Filter("excluded", not_excluded, active=lambda ask, _view: bool(ask.exclude)),
+    Filter("breaker", breaker_closed, soft=True, active=lambda _ask, view: not view.all_allowed()),
 )
 SCORERS: Mapping[str, Score] = {
     "ttft": ttft,
@@ -201,7 +204,11 @@ def pick(
     rejected: dict[int, str] = {}
     soft_only: list[int] = []
     # Filter by filter over every replica (comprehensions: the common case passes them all).
-    verdicts = [[f.check(e, model, ask, view) for e in endpoints] for f in FILTERS]
+    none = [""] * len(endpoints)
+    verdicts = [
+        [f.check(e, model, ask, view) for e in endpoints] if f.active(ask, view) else none
+        for f in FILTERS
+    ]
     for i in range(len(endpoints)):
         for k, f in enumerate(FILTERS):
             why = verdicts[k][i]
