@@ -15,6 +15,7 @@ observed TTFT teaches the fit and scores the prediction) or abandoned when it en
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from meshserve.v1 import cluster_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
 MEMO_S = 0.002
+OFF_LOOP_CHARS = 8_000  # longer prompts are tokenized in a worker thread
 SIM, TORCH, VLLM = (
     cluster_pb2.ENGINE_KIND_SIM,
     cluster_pb2.ENGINE_KIND_TORCH,
@@ -154,9 +156,23 @@ class Prefixes:
         block = next((e.kv_block_tokens for e in route.ready if e.kv_block_tokens), 0)
         if not block:
             return (), 0
-        tokens = self.tokenizers.tokens(route.spec, req)
+        try:
+            tokens = self.tokenizers.tokens(route.spec, req)
+        except Exception:  # never fail a request over routing: it goes by load
+            log.exception("tokenizing a prompt for %s failed", route.spec.name)
+            return (), 0
         parent = root(req.cache_salt) if req.cache_salt else ROOT
         return tuple(chain(tokens, block, parent)), len(tokens)
+
+    async def blocks_soon(
+        self, route: Route, req: inference_pb2.GenerateRequest
+    ) -> tuple[tuple[int, ...], int]:
+        """`blocks`, off the event loop for long prompts (tokenizing 100 k characters takes
+        milliseconds every other stream would wait for)."""
+        size = len(req.prompt) + sum(len(m.content) for m in req.messages)
+        if size > OFF_LOOP_CHARS:
+            return await asyncio.to_thread(self.blocks, route, req)
+        return self.blocks(route, req)
 
     # --- what the routing pipeline reads (View.matches, View.predict) ---------------------
 

@@ -93,7 +93,7 @@ class Relay(AttemptPolicy):
         if who.tenant:  # tenants never share cached blocks (the engines salt by it too)
             salt = request.cache_salt
             request.cache_salt = f"{who.tenant}/{salt}" if salt else who.tenant
-        blocks, tokens = self.admission.prefixes.blocks(route, request)
+        blocks, tokens = await self.admission.prefixes.blocks_soon(route, request)
         try:
             while True:
                 with _tracer.start_as_current_span("router.pick") as pick:
