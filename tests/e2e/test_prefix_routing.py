@@ -90,30 +90,40 @@ def test_shared_prefixes_go_where_they_are_cached(tmp_path: Path) -> None:
             )
             assert len(spread) == 2, spread
 
-            # Another tenant's salt: the same text is another prefix, cached nowhere.
+            # Another salt: the same text is another prefix, cached nowhere (the router counts
+            # no cached token for it, and scores both replicas alike).
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            cached = _metric(await asyncio.to_thread(_read, url), "cached_prompt_tokens_total")
             await ask(router.address, SYSTEM + "Question 1?", salt="tenant-b")
             d = await last_decision(router.address)
             assert len({round(c.scores["ttft"], 6) for c in d.candidates}) == 1, d
-
-            # A burst larger than the cached replica's slots: it takes what it can, the other
-            # replica takes the rest (no request waits for the cached one).
-            burst = await asyncio.gather(
-                *(ask(router.address, SYSTEM + f"Burst {i}?", tokens=40) for i in range(2 * SLOTS))
+            assert (
+                _metric(await asyncio.to_thread(_read, url), "cached_prompt_tokens_total") == cached
             )
-            counts = Counter(burst)
-            assert counts[home] >= SLOTS and len(counts) == 2, counts
 
-            text = await asyncio.to_thread(_read, f"http://127.0.0.1:{metrics_port}/metrics")
-            line = next(
-                ln for ln in text.splitlines()
-                if ln.startswith("meshserve_router_ttft_prediction_error_ratio_count")
-                and MODEL in ln
-            )  # fmt: skip
-            assert float(line.split()[-1]) >= 20
+            # A burst one larger than the cached replica's slots: it takes all it can, the
+            # other replica takes the one left (a load balancer would split it 2:2).
+            burst = await asyncio.gather(
+                *(ask(router.address, SYSTEM + f"Burst {i}?", tokens=40) for i in range(SLOTS + 1))
+            )
+            assert Counter(burst) == {home: SLOTS, next(n for n in spread if n != home): 1}
+
+            text = await asyncio.to_thread(_read, url)
+            # one observed prediction per request sent (1 + 6 + 6 + 1 + the burst)
+            assert _metric(text, "ttft_prediction_error_ratio_count") == 14 + SLOTS + 1
 
         asyncio.run(scenario())
     finally:
         mesh.stop()
+
+
+def _metric(text: str, name: str) -> float:
+    """The router's ``meshserve_router_<name>`` for the model."""
+    return sum(
+        float(ln.split()[-1])
+        for ln in text.splitlines()
+        if ln.startswith(f"meshserve_router_{name}{{") and MODEL in ln
+    )
 
 
 def _read(url: str) -> str:

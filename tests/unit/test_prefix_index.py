@@ -134,3 +134,50 @@ def test_equal_tokens_under_another_cache_salt_or_adapter_are_other_blocks() -> 
     index.apply("a", 0, [Stored(tuple(salted))])
     assert index.match(plain, ["a"], 0.0)["a"] == Match()
     assert index.match(salted, ["a"], 0.0)["a"] == Match(len(salted))
+
+
+PROMPTS = [chain(list(range(i * 1000, i * 1000 + 160)), 16, root()) for i in range(4)]
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("store"), st.sampled_from("abc"), st.integers(0, 1),
+                  st.integers(1, 10), MEDIA),
+        st.tuples(st.just("evict"), st.sampled_from("abc"), st.integers(0, 1),
+                  st.integers(0, 9), MEDIA),
+        st.tuples(st.just("drop"), st.sampled_from("abc"), st.integers(0, 1),
+                  st.integers(0, 9), MEDIA),
+        st.tuples(st.just("forget"), st.sampled_from("abc"), st.just(0), st.just(0), MEDIA),
+    ),
+    max_size=40,
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(OPS, st.integers(0, 1), st.integers(1, 10))
+def test_match_equals_the_leading_run_of_each_replicas_blocks(
+    ops: list[tuple[str, str, int, int, int]], which: int, length: int
+) -> None:
+    """Stored prefixes, tail evictions, holes, replicas that leave and come back (slots reused): a
+    query's match is, per replica, the leading run of the prompt's blocks it holds, device
+    blocks before the first host one."""
+    index = PrefixIndex()
+    seqs: dict[str, int] = {}
+    for op, replica, p, n, medium in ops:
+        if op == "forget":
+            index.forget(replica)
+            seqs.pop(replica, None)
+            continue
+        seqs[replica] = seqs.get(replica, -1) + 1
+        blocks = PROMPTS[p]
+        ev: Event = (
+            Stored(tuple(blocks[:n]), medium) if op == "store"
+            else Removed(tuple(blocks[n:]), medium) if op == "evict"  # a prefix's tail
+            else Removed((blocks[n % len(blocks)],), medium)  # one block: a hole in the middle
+        )  # fmt: skip
+        assert index.apply(replica, seqs[replica], [ev])
+    query = PROMPTS[which][:length]
+    got = index.match(query, "abc", now=0.0)
+    for replica in "abc":
+        held = index.holds(replica)
+        run = next((i for i, h in enumerate(query) if h not in held), len(query))
+        first_host = next((i for i in range(run) if held[query[i]] == HOST), run)
+        assert got[replica] == Match(first_host, run - first_host, 0), (replica, held)

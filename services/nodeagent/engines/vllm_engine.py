@@ -306,7 +306,8 @@ class VllmEngine(Serving):
     async def offload(self, tier: int) -> None:
         step = offload_step(self._tier, tier, self._sleep)
         if step == "sleep":
-            await self._llm.sleep(level=1)
+            await self._llm.sleep(level=1)  # drops the KV cache: its blocks are gone
+            self._kv_to_agent([Cleared()])
             self._tier = HOST
         elif step == "shutdown":
             await self._stop()  # the weights stay in the model's files

@@ -4,8 +4,8 @@ vLLM publishes its prefix cache's changes over ZMQ (``kv_events_config``, DESIGN
 topic, an 8-byte big-endian sequence number and a msgpack `KVEventBatch` of `BlockStored` (block
 hashes, the parent's hash, the blocks' token ids, the block size, the medium, and per block the
 extra keys: LoRA name, multimodal ids, the cache salt), `BlockRemoved` and `AllBlocksCleared`.
-With a concrete endpoint such as ``tcp://127.0.0.1:PORT`` vLLM's PUB socket connects, so this
-SUB socket binds (to a free port, before the engine starts).
+The endpoint is a Unix socket in a private directory: vLLM's PUB socket binds it, this SUB socket
+connects (ZMQ retries until the engine is up).
 
 vLLM's block hashes are its own (by default sha256 over pickle, seeded): the router cannot
 compute them from a prompt. The token ids in each event can: a block's name here is the chained
@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +49,7 @@ class Translator:
 
     def __init__(self) -> None:
         self.ours: dict[int, int] = {}  # vLLM hash → our hash, for blocks vLLM holds
+        self.media: dict[int, set[int]] = {}  # vLLM hash → where vLLM holds it (GPU, CPU)
         self.last_seq = -1
         self.skipped = 0  # blocks whose chain could not be named (parent unknown)
 
@@ -56,6 +59,7 @@ class Translator:
             log.warning("vLLM KV events %d..%d lost: routers forget this replica's blocks",
                         self.last_seq + 1, seq - 1)  # fmt: skip
             self.ours.clear()
+            self.media.clear()
             out.append(Cleared())
         self.last_seq = seq
         for ev in events:
@@ -66,11 +70,14 @@ class Translator:
                     out.append(stored)
             elif kind == "BlockRemoved":
                 medium = MEDIA.get(ev.medium or "GPU")
-                gone = tuple(h for v in ev.block_hashes if (h := self.ours.pop(_key(v), None)))
-                if gone and medium is not None:
+                if medium is None:
+                    continue
+                gone = tuple(h for v in ev.block_hashes if (h := self._remove(_key(v), medium)))
+                if gone:
                     out.append(Removed(gone, medium))
             elif kind == "AllBlocksCleared":
                 self.ours.clear()
+                self.media.clear()
                 out.append(Cleared())
         return out
 
@@ -91,7 +98,19 @@ class Translator:
         names = chain(list(ev.token_ids), size, parent, limit=len(ev.block_hashes))
         for v, ours in zip(ev.block_hashes, names, strict=False):
             self.ours[_key(v)] = ours
+            self.media.setdefault(_key(v), set()).add(medium)
         return Stored(tuple(names), medium) if names else None
+
+    def _remove(self, v: int, medium: int) -> int | None:
+        """Our name of vLLM's block ``v`` leaving ``medium`` (kept while another holds it)."""
+        ours = self.ours.get(v)
+        held = self.media.get(v)
+        if ours is None or held is None or medium not in held:
+            return None
+        held.discard(medium)
+        if not held:
+            del self.ours[v], self.media[v]
+        return ours
 
 
 def _key(h: Any) -> int:
@@ -111,8 +130,12 @@ class VllmKvEvents:
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.SUBSCRIBE, TOPIC)
-        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
-        self.endpoint = f"tcp://127.0.0.1:{port}"
+        # A Unix socket in a directory only this user can enter: no other local process can
+        # publish events into the routers' index (a TCP port on loopback would let it). vLLM
+        # binds ipc endpoints, so this side connects (ZMQ retries until the engine is up).
+        self._dir = tempfile.mkdtemp(prefix="meshserve-kv-")  # mode 0700
+        self.endpoint = f"ipc://{self._dir}/events"
+        self._sock.connect(self.endpoint)
         self._decode = Decoder(type=KVEventBatch).decode
         self._sink = sink
         self.translator = Translator()
@@ -147,3 +170,4 @@ class VllmKvEvents:
                 await self._task
         self._sock.close(linger=0)
         self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import Callable, Container, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
@@ -33,7 +34,7 @@ import grpc
 from meshserve.router.core.decisions import DecisionLog
 from meshserve.router.core.demand import DemandTracker
 from meshserve.router.core.ensure import ColdStarts, Ensured
-from meshserve.router.core.prefixes import Pending, Prefixes
+from meshserve.router.core.prefixes import NOT_HASHED, Pending, Prefixes, Prompt
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Endpoint, Route, RouteTable
@@ -44,6 +45,7 @@ from meshserve.rpc.errors import ServiceError
 from meshserve.telemetry import metrics
 from meshserve.v1 import common_pb2
 
+log = logging.getLogger(__name__)
 DEADLINE_MARGIN_S = 0.1  # answer a little before the caller's deadline so it gets our message
 RECHECK_S = 0.5  # a waiter looks again this often (breaker cool-downs end without an event)
 
@@ -135,8 +137,7 @@ class Admission:
         exclude: Container[Identity] = frozenset(),
         who: Who = ANYONE,
         request_id: str = "",
-        blocks: tuple[int, ...] = (),
-        tokens: int = 0,
+        prompt: Prompt = NOT_HASHED,
     ) -> Slot:
         """A slot on a replica of ``route``'s model (or a READY fallback); waits in the model's
         queue while none is free. ``deadline_s``: the caller's remaining time (None: none).
@@ -146,7 +147,7 @@ class Admission:
         if not self.fair:
             who = ANYONE
         queue = self.queues.setdefault(model, FairQueue())
-        ask = Ask(session_key, who.priority, exclude, request_id, blocks, tokens)
+        ask = Ask(session_key, who.priority, exclude, request_id, *prompt)
         if not queue:  # nobody ahead: no queueing cost on the hot path
             slot, refused = self._choose(self._current(route), ask, model)
             if slot is not None:
@@ -269,7 +270,11 @@ class Admission:
         key = (address, slot.model)
         self.streams[key] = self.streams.get(key, 0) + 1
         d = slot.decision
-        forecast = self.prefixes.sent(slot.model, slot.endpoint, d.ask) if d else None
+        forecast = None
+        try:
+            forecast = self.prefixes.sent(slot.model, slot.endpoint, d.ask) if d else None
+        except Exception:  # never lose a slot over routing's bookkeeping
+            log.exception("prefix bookkeeping failed for %s", slot.model)
         probe = self.breakers.sent(key, time.monotonic())
         return replace(slot, probe=probe, forecast=forecast) if probe or forecast else slot
 

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import random
 
-import grpc
 from meshserve.kvblocks import Cleared, Event, Removed, Stored
 from meshserve.router.core.prefixes import Prefixes
 from meshserve.router.core.table import EndpointTable
@@ -66,18 +65,23 @@ class KvFeeds:
                 del self._tasks[key]
                 self.prefixes.forget(key[0], key[1])
         for key, e in wanted.items():
-            if key not in self._tasks:
+            running = self._tasks.get(key)
+            if running is None or running.done():  # new, or a feed that ended for good: (re)start
                 self.prefixes.forget(key[0], key[1])  # a restarted replica's old blocks
                 self._tasks[key] = asyncio.get_running_loop().create_task(
                     self._follow(key[0], e), name=f"kv feed {key[0]}@{key[1]}"
                 )
 
     async def _follow(self, model: str, e: Endpoint) -> None:
+        """Watches until cancelled (the replica left the table, or the router stops); whatever
+        else ends a watch — a gap, the agent gone, the channel reset under it (a certificate
+        rotation cancels its calls) — drops the replica's blocks and watches again."""
         index = self.prefixes.index(model)
-        stub = nodeagent_pb2_grpc.NodeAgentStub(self.upstreams.channel(e.address))
         delay = BACKOFF_S[0]
+        me = asyncio.current_task()
         while True:
             try:
+                stub = nodeagent_pb2_grpc.NodeAgentStub(self.upstreams.channel(e.address))
                 async for batch in stub.WatchKvBlocks(
                     nodeagent_pb2.WatchKvBlocksRequest(model=model)
                 ):
@@ -87,14 +91,19 @@ class KvFeeds:
                     if batch.snapshot:
                         index.resync(e.address, batch.seq, _pairs(events))
                     elif not index.apply(e.address, batch.seq, events):
-                        metrics.PREFIX_FEED_RESYNCS.labels(model).inc()
                         break  # a gap: watch again from a snapshot
                     self.batches += 1
                     metrics.PREFIX_INDEX_BLOCKS.labels(model).set(index.entries())
                     delay = BACKOFF_S[0]
-            except grpc.aio.AioRpcError as err:
-                log.debug("kv feed %s@%s: %s", model, e.address, err.code().name)
-                metrics.PREFIX_FEED_RESYNCS.labels(model).inc()
+            except asyncio.CancelledError:
+                if me is not None and me.cancelling():
+                    # ours: the replica left (the table forgot its blocks already: forgetting
+                    # here, later, could wipe a new feed's) or the router stops
+                    raise
+                log.debug("kv feed %s@%s: its call was cancelled (channel reset)", model, e.address)
+            except Exception as err:  # the agent gone, a closed channel, a bad batch
+                log.debug("kv feed %s@%s: %s", model, e.address, err)
+            metrics.PREFIX_FEED_RESYNCS.labels(model).inc()
             index.forget(e.address)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(BACKOFF_S[1], delay * 2)

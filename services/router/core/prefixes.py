@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshserve.kvblocks import chain, root, sim_tokens
 from meshserve.router.routing.endpoints import Endpoint, Route
@@ -33,8 +33,8 @@ from meshserve.telemetry import metrics
 from meshserve.v1 import cluster_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
-MEMO_S = 0.002
 OFF_LOOP_CHARS = 8_000  # longer prompts are tokenized in a worker thread
+RETRY_S = 60.0  # a tokenizer that failed to load is tried again after this
 SIM, TORCH, VLLM = (
     cluster_pb2.ENGINE_KIND_SIM,
     cluster_pb2.ENGINE_KIND_TORCH,
@@ -59,7 +59,10 @@ class Tokenizers:
     """Token ids of a prompt as the model's engine makes them (module docstring)."""
 
     def __init__(self) -> None:
-        self._hf: dict[tuple[str, str], Any] = {}  # (model, source) → tokenizer or None
+        # (model, source) → ((tokenizer, template, specials) or None, when loaded)
+        self._hf: dict[tuple[str, str], tuple[Any, float]] = {}
+        self._loading: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def tokens(self, spec: cluster_pb2.ModelSpec, req: inference_pb2.GenerateRequest) -> list[int]:
         if spec.engine == SIM:  # as sim_engine.generate builds its text
@@ -83,15 +86,37 @@ class Tokenizers:
             return []
         return list(tok.encode(text, add_special_tokens=False).ids)
 
-    def _hf_tokenizer(self, spec: cluster_pb2.ModelSpec) -> Any:
+    def ready(self, spec: cluster_pb2.ModelSpec) -> bool:
+        """Whether ``tokens`` can answer now: the sim engine's tokens need nothing; a Hugging
+        Face tokenizer must have been loaded (`load_soon`), or failed less than RETRY_S ago."""
+        if spec.engine == SIM:
+            return True
+        got = self._hf.get((spec.name, spec.source))
+        return got is not None and (got[0] is not None or time.monotonic() - got[1] < RETRY_S)
+
+    def load_soon(self, spec: cluster_pb2.ModelSpec) -> None:
+        """Loads the model's tokenizer and chat template in a worker thread (a tokenizer.json
+        is megabytes: never on the event loop), once at a time."""
         key = (spec.name, spec.source)
-        if key not in self._hf:
-            self._hf[key] = None
+        if key in self._loading:
+            return
+        self._loading.add(key)
+
+        async def load() -> None:
             try:
-                self._hf[key] = _load_hf(Path(spec.source))
+                got = await asyncio.to_thread(_load_hf, Path(spec.source))
             except Exception as e:  # a router without tokenizers, or a bad file: route by load
                 log.info("no tokenizer for %s (%s): routing it without prefixes", spec.name, e)
-        return self._hf[key]
+                got = None
+            self._hf[key] = (got, time.monotonic())
+            self._loading.discard(key)
+
+        self._tasks.add(task := asyncio.get_running_loop().create_task(load()))
+        task.add_done_callback(self._tasks.discard)
+
+    def _hf_tokenizer(self, spec: cluster_pb2.ModelSpec) -> Any:
+        got = self._hf.get((spec.name, spec.source))
+        return got[0] if got else None
 
 
 def _load_hf(source: Path) -> tuple[Any, Any, dict[str, str]] | None:
@@ -133,13 +158,25 @@ def _load_hf(source: Path) -> tuple[Any, Any, dict[str, str]] | None:
     return tok, env.from_string(source_text), specials
 
 
+class Prompt(NamedTuple):
+    """A request's prompt as routing sees it."""
+
+    blocks: tuple[int, ...] = ()  # chained block hashes
+    tokens: int = 0  # prompt tokens (0: not tokenized)
+    block_tokens: int = 0  # the block size hashed with (replicas of another size do not match)
+    model: str = ""  # whose tokenizer and index (a fallback model's replicas have their own)
+
+
+NOT_HASHED = Prompt()
+
+
 class Prefixes:
     def __init__(self) -> None:
         self.indexes: dict[str, PrefixIndex] = {}
-        self.forecast = Forecaster()
+        self.forecasts: dict[str, Forecaster] = {}  # per model (queued work is per replica)
         self.tokenizers = Tokenizers()
-        # The last pick's matches: its scorers and its send share them (one pick: one instant).
-        self._memo: tuple[Ask | None, str, float, dict[str, Match]] = (None, "", 0.0, {})
+        # The last pick's matches: its scorers and its send share them while the index holds.
+        self._memo: tuple[Ask | None, str, int, dict[str, Match]] = (None, "", -1, {})
 
     def index(self, model: str) -> PrefixIndex:
         ix = self.indexes.get(model)
@@ -147,48 +184,59 @@ class Prefixes:
             ix = self.indexes[model] = PrefixIndex()
         return ix
 
+    def forecast(self, model: str) -> Forecaster:
+        f = self.forecasts.get(model)
+        if f is None:
+            f = self.forecasts[model] = Forecaster()
+        return f
+
     # --- a request's prompt --------------------------------------------------------------------
 
-    def blocks(
-        self, route: Route, req: inference_pb2.GenerateRequest
-    ) -> tuple[tuple[int, ...], int]:
-        """The prompt's chained block hashes and its token count ((), 0: not hashed)."""
+    def prompt(self, route: Route, req: inference_pb2.GenerateRequest) -> Prompt:
+        """The prompt's chained block hashes, in the block size of the model's replicas (the
+        first READY one's: replicas of another size get no matches), and its token count."""
         block = next((e.kv_block_tokens for e in route.ready if e.kv_block_tokens), 0)
         if not block:
-            return (), 0
+            return NOT_HASHED
         try:
             tokens = self.tokenizers.tokens(route.spec, req)
         except Exception:  # never fail a request over routing: it goes by load
             log.exception("tokenizing a prompt for %s failed", route.spec.name)
-            return (), 0
+            return NOT_HASHED
+        if not tokens:
+            return NOT_HASHED
         parent = root(req.cache_salt) if req.cache_salt else ROOT
-        return tuple(chain(tokens, block, parent)), len(tokens)
+        return Prompt(tuple(chain(tokens, block, parent)), len(tokens), block, route.spec.name)
 
-    async def blocks_soon(
-        self, route: Route, req: inference_pb2.GenerateRequest
-    ) -> tuple[tuple[int, ...], int]:
-        """`blocks`, off the event loop for long prompts (tokenizing 100 k characters takes
-        milliseconds every other stream would wait for)."""
+    async def prompt_soon(self, route: Route, req: inference_pb2.GenerateRequest) -> Prompt:
+        """`prompt`, off the event loop for long prompts (tokenizing 100 k characters takes
+        milliseconds every other stream would wait for) and while a model's tokenizer loads
+        (the request meanwhile goes by load)."""
+        if not self.tokenizers.ready(route.spec):
+            self.tokenizers.load_soon(route.spec)
+            return NOT_HASHED
         size = len(req.prompt) + sum(len(m.content) for m in req.messages)
         if size > OFF_LOOP_CHARS:
-            return await asyncio.to_thread(self.blocks, route, req)
-        return self.blocks(route, req)
+            return await asyncio.to_thread(self.prompt, route, req)
+        return self.prompt(route, req)
 
     # --- what the routing pipeline reads (View.matches, View.predict) ---------------------
 
     def matches(self, model: str, cands: Sequence[Endpoint], ask: Ask) -> Mapping[str, Match]:
-        now = time.monotonic()
-        memo_ask, memo_model, at, memo = self._memo
+        ix = self.indexes.get(model)
+        if ix is None or ask.model != model:  # a fallback's index: not this prompt's hashes
+            return {}
+        memo_ask, memo_model, version, memo = self._memo
         if (
             memo_ask is ask
             and memo_model == model
-            and now - at < MEMO_S
+            and version == ix.version
             and all(e.address in memo for e in cands)
         ):
             return memo
-        ix = self.indexes.get(model)
-        got = ix.match(ask.blocks, [e.address for e in cands], now) if ix else {}
-        self._memo = (ask, model, now, got)
+        same = [e.address for e in cands if e.kv_block_tokens == ask.block_tokens]
+        got = ix.match(ask.blocks, same, time.monotonic())
+        self._memo = (ask, model, ix.version, got)
         return got
 
     def predict(
@@ -196,13 +244,14 @@ class Prefixes:
     ) -> list[float]:
         if not cands:
             return []
+        f = self.forecast(model)
         ms = [matches.get(e.address, NO_MATCH) for e in cands]
         kind = cands[0].device_kind
         if any(e.device_kind != kind for e in cands):  # mixed hardware: one fit per kind
-            return [predict(self.forecast.fit(model, e.device_kind), self.work(e, ask, m))
+            return [predict(f.fit(model, e.device_kind), self.work(model, e, ask, m))
                     for e, m in zip(cands, ms, strict=True)]  # fmt: skip
-        return self.forecast.predict_many(
-            self.forecast.fit(model, kind),
+        return f.predict_many(
+            f.fit(model, kind),
             [e.address for e in cands],
             ask.tokens,
             [m.blocks * e.kv_block_tokens for e, m in zip(cands, ms, strict=True)],
@@ -212,45 +261,45 @@ class Prefixes:
             [0.0] * len(cands),
         )
 
-    def work(self, e: Endpoint, ask: Ask, m: Match) -> Work:
+    def work(self, model: str, e: Endpoint, ask: Ask, m: Match) -> Work:
         b = e.kv_block_tokens
-        return self.forecast.work(
-            e.address,
-            ask.tokens,
-            m.blocks * b,
-            m.host * b,
-            e.running,
-            waiting_elsewhere=e.waiting,
+        return self.forecast(model).work(
+            e.address, ask.tokens, m.blocks * b, m.host * b, e.running, waiting_elsewhere=e.waiting
         )
 
     # --- a stream's forecast ---------------------------------------------------------------------
 
     def sent(self, model: str, e: Endpoint, ask: Ask) -> Pending | None:
-        """A stream was given a slot on ``e``: its blocks are pending there, its work queued."""
+        """A stream was given a slot on ``e``: its blocks are pending there (when they are
+        this model's, in its block size), its work queued."""
         if not ask.tokens:
             return None
         now = time.monotonic()
         m = self.matches(model, [e], ask).get(e.address, NO_MATCH)  # before its own send counts
-        if ask.blocks:
+        if ask.blocks and ask.model == model and e.kv_block_tokens == ask.block_tokens:
             self.index(model).sent(e.address, ask.blocks, now)
         metrics.PROMPT_TOKENS.labels(model).inc(ask.tokens)
         if m.device or m.host:
             cached = min(ask.tokens, (m.device + m.host) * e.kv_block_tokens)
             metrics.CACHED_PROMPT_TOKENS.labels(model).inc(cached)
-        work = self.work(e, ask, m)
-        fit = self.forecast.fit(model, e.device_kind)
-        self.forecast.sent(e.address, work, ask.tokens)
-        return Pending(model, e.device_kind, e.address, work, predict(fit, work), now)
+        f = self.forecast(model)
+        work = self.work(model, e, ask, m)
+        f.sent(e.address, work, ask.tokens)
+        return Pending(
+            model, e.device_kind, e.address, work, predict(f.fit(model, e.device_kind), work), now
+        )
 
     def first_token(self, p: Pending) -> None:
         p.done = True
         observed = time.monotonic() - p.sent_at
-        err = self.forecast.first_token(p.model, p.kind, p.address, p.work, p.predicted_s, observed)
+        err = self.forecast(p.model).first_token(
+            p.model, p.kind, p.address, p.work, p.predicted_s, observed
+        )
         metrics.TTFT_PREDICTION_ERROR.labels(p.model).observe(err)
 
     def abandoned(self, p: Pending) -> None:
         p.done = True
-        self.forecast.abandoned(p.address, p.work)
+        self.forecast(p.model).abandoned(p.address, p.work)
 
     def forget(self, model: str, address: str) -> None:
         """A replica left, restarted or its feed broke: none of its blocks are known."""

@@ -18,6 +18,7 @@ failover after it. No request lost, no token repeated.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,6 +33,7 @@ from meshserve.router.core.call import Call
 from meshserve.router.core.decisions import span_attributes
 from meshserve.router.core.demand import DemandTracker
 from meshserve.router.core.headers import Headers
+from meshserve.router.core.prefixes import NOT_HASHED
 from meshserve.router.core.stall import Stall
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.core.upstreams import Upstreams, trace_metadata
@@ -43,6 +45,13 @@ from meshserve.v1 import inference_pb2
 from opentelemetry import trace
 
 _tracer = tracer("meshserve.router.server")
+
+
+def tenant_salt(tenant: str, salt: str) -> str:
+    """The engine's cache salt for a tenant's request with the client's own ``salt``: a digest
+    (one tenant cannot name another's salt, whatever the characters; short, and of vLLM's
+    allowed alphabet)."""
+    return hashlib.blake2b(f"{tenant}\x1f{salt}".encode(), digest_size=16).hexdigest()
 
 
 def continuation_of(delivered: list[bytes]) -> tuple[list[int], str, bool]:
@@ -91,9 +100,8 @@ class Relay(AttemptPolicy):
         state = Headers()
         self.budget.request()
         if who.tenant:  # tenants never share cached blocks (the engines salt by it too)
-            salt = request.cache_salt
-            request.cache_salt = f"{who.tenant}/{salt}" if salt else who.tenant
-        blocks, tokens = await self.admission.prefixes.blocks_soon(route, request)
+            request.cache_salt = tenant_salt(who.tenant, request.cache_salt)
+        prompt = await self.admission.prefixes.prompt_soon(route, request)
         try:
             while True:
                 with _tracer.start_as_current_span("router.pick") as pick:
@@ -104,8 +112,8 @@ class Relay(AttemptPolicy):
                         tries.failed,
                         who,
                         request.request_id,
-                        blocks,
-                        tokens,
+                        # a resume prefills the prompt and what was delivered: not forecast
+                        NOT_HASHED if delivered else prompt,
                     )
                     pick.set_attribute("meshserve.node", slot.endpoint.node_id)
                     if slot.forecast is not None:

@@ -50,6 +50,8 @@ class Ask:
     request_id: str = ""
     blocks: Sequence[int] = ()  # the prompt's chained block hashes (kvblocks), when hashed
     tokens: int = 0  # the prompt's tokens (0: unknown)
+    block_tokens: int = 0  # the block size ``blocks`` were cut in
+    model: str = ""  # whose tokenizer made them (a fallback model's index is another)
 
 
 @dataclass(frozen=True)

@@ -72,12 +72,14 @@ class PrefixIndex:
         self._free: list[int] = []
         self._pending: dict[int, dict[str, float]] = {}  # hash → {replica: expiry}
         self._host_entries = 0  # blocks in host RAM, all replicas (0: skip the medium check)
+        self.version = 0  # bumped by every change: a cached match is good while it holds
 
     # --- the event feed ----------------------------------------------------------------------
 
     def apply(self, replica: str, seq: int, events: Iterable[Event]) -> bool:
         """One batch of a replica's events. False (and its blocks dropped) when ``seq`` does not
         follow the last batch: events were lost, the caller must resync it."""
+        self.version += 1
         r = self._replica(replica)
         if r.seq >= 0 and seq != r.seq + 1:
             self.forget(replica)
@@ -98,15 +100,21 @@ class PrefixIndex:
 
     def resync(self, replica: str, seq: int, blocks: Iterable[tuple[int, int]]) -> None:
         """A replica's whole state (``(hash, medium)`` pairs, oldest first) as of batch ``seq``:
-        what an agent sends when a feed starts and after a gap."""
+        what an agent sends when a feed starts and after a gap. The router's own pending sends
+        there stay (they steer repeats of a prefix while the feed restarts)."""
+        kept = self._replicas[replica].pending if replica in self._replicas else {}
         self.forget(replica)
         r = self._replica(replica)
         r.seq = seq
+        for h, until in kept.items():
+            r.pending[h] = until
+            self._pending.setdefault(h, {})[replica] = until
         for h, medium in blocks:
             self._store(replica, r, h, medium)
 
     def forget(self, replica: str) -> None:
         """The replica left, restarted or lost events: none of its blocks are known."""
+        self.version += 1
         r = self._replicas.pop(replica, None)
         if r is None:
             return
@@ -122,12 +130,14 @@ class PrefixIndex:
     def sent(self, replica: str, hashes: Sequence[int], now: float) -> None:
         """This router just sent a prompt with these blocks to ``replica``: they are pending
         there until an event confirms them or ``pending_ttl`` passes."""
+        self.version += 1
         r = self._replica(replica)
         until = now + self.pending_ttl
         for h in hashes:
             if h in r.blocks:
                 r.blocks.move_to_end(h)
                 continue
+            r.pending.pop(h, None)  # refreshed: to the young end (the trim drops the oldest)
             r.pending[h] = until
             self._pending.setdefault(h, {})[replica] = until
         if len(r.pending) > self.capacity:  # the oldest go first (dicts keep insertion order)

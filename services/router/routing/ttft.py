@@ -124,6 +124,7 @@ class Forecaster:
 
     fits: dict[tuple[str, str], Fit] = field(default_factory=dict)
     queued: dict[str, float] = field(default_factory=dict)  # address → prefill tokens
+    queued_n: dict[str, int] = field(default_factory=dict)  # address → those streams
     mean_prompt: float = 512.0  # tokens, exponentially weighted (prices others' queued streams)
     errors: list[float] = field(default_factory=list)  # recent absolute percentage errors
 
@@ -145,9 +146,11 @@ class Forecaster:
     ) -> Work:
         """A candidate's `Work` for a prompt of ``tokens`` of which it holds ``cached_tokens``
         (``host_tokens`` of them in host RAM); ``waiting_elsewhere``: streams its engine queues
-        that this router did not send (other routers')."""
+        (its published figure: this router's unstarted ones are taken out, they are counted by
+        their tokens)."""
+        others = max(0, waiting_elsewhere - self.queued_n.get(address, 0))
         return Work(
-            queued_tokens=self.queued.get(address, 0.0) + waiting_elsewhere * self.mean_prompt,
+            queued_tokens=self.queued.get(address, 0.0) + others * self.mean_prompt,
             uncached_tokens=max(0, tokens - cached_tokens),
             host_tokens=host_tokens,
             running=running,
@@ -167,11 +170,13 @@ class Forecaster:
     ) -> list[float]:
         """`predict` of `work` for many candidates at once (plain arithmetic: the router runs
         it for every candidate of every request)."""
-        queued, mean = self.queued, self.mean_prompt
+        queued, own, mean = self.queued, self.queued_n, self.mean_prompt
         base, per_token, per_stream = fit.base_s, 1 / fit.prefill_tokens_per_s, fit.step_cost_s
         fetch = 1 / HOST_FETCH_TOKENS_PER_S
         return [
-            r + base + (queued.get(a, 0.0) + w * mean + max(0, tokens - c)) * per_token
+            r + base
+            + (queued.get(a, 0.0) + max(0, w - own.get(a, 0)) * mean + max(0, tokens - c))
+            * per_token
             + n * per_stream + h * fetch
             for a, c, h, n, w, r in zip(
                 addresses, cached, host, running, waiting_elsewhere, residency_s, strict=True
@@ -180,6 +185,7 @@ class Forecaster:
 
     def sent(self, address: str, work: Work, tokens: int) -> None:
         self.queued[address] = self.queued.get(address, 0.0) + work.uncached_tokens
+        self.queued_n[address] = self.queued_n.get(address, 0) + 1
         self.mean_prompt += 0.05 * (tokens - self.mean_prompt)
 
     def first_token(
@@ -187,8 +193,7 @@ class Forecaster:
     ) -> float:
         """The stream's first token came after ``observed`` seconds: its prefill leaves the
         queue, the fit learns, and the prediction's error is returned (and kept)."""
-        left = self.queued.get(address, 0.0) - work.uncached_tokens
-        self.queued[address] = max(0.0, left)
+        self._dequeue(address, work)
         if work.residency_s == 0:  # a restore's wait says nothing about prefill rates
             self.fit(model, kind).observe(work.prefill_tokens, work.running, observed)
         e = ape(predicted, observed)
@@ -198,4 +203,8 @@ class Forecaster:
 
     def abandoned(self, address: str, work: Work) -> None:
         """A stream that ended before its first token (failed, cancelled)."""
+        self._dequeue(address, work)
+
+    def _dequeue(self, address: str, work: Work) -> None:
         self.queued[address] = max(0.0, self.queued.get(address, 0.0) - work.uncached_tokens)
+        self.queued_n[address] = max(0, self.queued_n.get(address, 0) - 1)
