@@ -25,6 +25,9 @@ def test_router_tokens_equal_the_engines(demo_model: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(demo_model))
     spec = spec_from_dict({"name": "demo", "source": str(demo_model), "engine": "vllm"})
     router = Tokenizers()
+    assert not router.ready(spec)  # never loaded on the event loop: `load_soon` does it
+    router.load(spec)
+    assert router.ready(spec)
     for prompt in PROMPTS:
         req = inference_pb2.GenerateRequest(model="demo", prompt=prompt)
         assert router.tokens(spec, req) == encode(tok, prompt, []), prompt

@@ -104,15 +104,21 @@ class Tokenizers:
 
         async def load() -> None:
             try:
-                got = await asyncio.to_thread(_load_hf, Path(spec.source))
-            except Exception as e:  # a router without tokenizers, or a bad file: route by load
-                log.info("no tokenizer for %s (%s): routing it without prefixes", spec.name, e)
-                got = None
-            self._hf[key] = (got, time.monotonic())
-            self._loading.discard(key)
+                await asyncio.to_thread(self.load, spec)
+            finally:
+                self._loading.discard(key)
 
         self._tasks.add(task := asyncio.get_running_loop().create_task(load()))
         task.add_done_callback(self._tasks.discard)
+
+    def load(self, spec: cluster_pb2.ModelSpec) -> None:
+        """Loads the model's tokenizer now (blocking: a worker thread's job)."""
+        try:
+            got = _load_hf(Path(spec.source))
+        except Exception as e:  # a router without tokenizers, or a bad file: route by load
+            log.info("no tokenizer for %s (%s): routing it without prefixes", spec.name, e)
+            got = None
+        self._hf[(spec.name, spec.source)] = (got, time.monotonic())
 
     def _hf_tokenizer(self, spec: cluster_pb2.ModelSpec) -> Any:
         got = self._hf.get((spec.name, spec.source))
