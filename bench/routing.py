@@ -99,33 +99,45 @@ def run_one(
 
 
 def scale(replicas: int = 64, decisions: int = 3000, seed: int = 7) -> dict[str, float]:
-    """The meshserve policy's decision time with ``replicas`` candidates (each holding 2,048
-    blocks of the shared-prefix load), and the index's memory per entry and per 1 k replicas
-    at its default capacity."""
+    """The router's own decision path (core.prefixes + routing.pick with the default weights,
+    as admission calls it) over ``replicas`` candidates that each hold 2,048 blocks of the
+    shared-prefix load; and the index's memory per entry and per 1 k replicas at capacity."""
     import tracemalloc
 
+    from meshserve.router.core.prefixes import Prefixes
+    from meshserve.router.routing.endpoints import Endpoint
+    from meshserve.router.routing.pipeline import DEFAULT_WEIGHTS, View, pick
     from meshserve.router.routing.prefix import CAPACITY, PrefixIndex, Stored
 
     costs = Costs()
-    fleet = Fleet(replicas, costs)
-    router = POLICIES["meshserve"](fleet, costs)
     reqs = arrivals(WORKLOADS["shared_prefix"], 100.0, decisions, costs.block_tokens, seed)
     rng = random.Random(seed)
-    for i in range(replicas):  # each replica holds some groups' prefixes
+    prefixes = Prefixes()
+    index = prefixes.index("m")
+    endpoints = [
+        Endpoint(f"n{i}", f"10.0.0.{i}:7000", waiting=rng.randint(0, 4), max_streams=256,
+                 running=rng.randint(0, 64), kv_block_tokens=costs.block_tokens, kv_events=True,
+                 device_kind="gpu")
+        for i in range(replicas)
+    ]  # fmt: skip
+    for e in endpoints:  # each replica holds some groups' prefixes
         held = [b for r in rng.sample(reqs, 28) for b in r.blocks]
-        router.index.apply(f"r{i}", 0, [Stored(tuple(held[:2048]))])
+        index.apply(e.address, 0, [Stored(tuple(held[:2048]))])
+    outstanding = {e.address: rng.randint(0, 8) for e in endpoints}
+    view = View(outstanding, {}, lambda _k: True, prefixes.matches, prefixes.predict, lambda: True)
     times = []
-    for r in reqs:
+    for n, r in enumerate(reqs):
+        ask = Ask(blocks=tuple(r.blocks), tokens=len(r.tokens), block_tokens=16, model="m")
         t0 = time.perf_counter()
-        router.choose(r, Ask(blocks=r.blocks, tokens=len(r.tokens)))
+        pick("m", endpoints, ask, view, DEFAULT_WEIGHTS, n)
         times.append((time.perf_counter() - t0) * 1e6)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    index = PrefixIndex()
+    big = PrefixIndex()
     n_rep, n_blocks = 50, 2000
     for i in range(n_rep):
-        index.apply(f"10.0.{i // 256}.{i % 256}:7000", 0,
-                    [Stored(tuple(rng.getrandbits(64) for _ in range(n_blocks)))])  # fmt: skip
+        big.apply(f"10.0.{i // 256}.{i % 256}:7000", 0,
+                  [Stored(tuple(rng.getrandbits(64) for _ in range(n_blocks)))])  # fmt: skip
     per_entry = (tracemalloc.get_traced_memory()[0] - base) / (n_rep * n_blocks)
     tracemalloc.stop()
     return {
