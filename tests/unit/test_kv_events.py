@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from meshserve.kvblocks import DEVICE, Cleared, Event, Removed, Stored, chain, root, sim_tokens
 from meshserve.nodeagent.kvevents import MAX_BACKLOG, KvBlocks
-from meshserve.router.routing.prefix import PrefixIndex
+from meshserve.router.routing.prefix import Match, PrefixIndex
 
 from tests.unit.test_sim_engine import collect, loaded, params
 
@@ -51,7 +51,9 @@ async def test_the_cache_evicts_least_recently_used_blocks_and_reports_them() ->
         assert index.apply("a", seq, b)
     assert len(index.holds("a")) == 8
     last = chain(sim_tokens("2" * 320), 16, root())
-    assert index.match(last, ["a"], 0.0)["a"].device == 5  # the newest prompt stays whole
+    assert (
+        index.match(last, ["a"], 0.0).get("a", Match()).device == 5
+    )  # the newest prompt stays whole
 
 
 async def test_a_watch_gets_a_snapshot_then_every_batch_in_order() -> None:

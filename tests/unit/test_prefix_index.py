@@ -58,7 +58,7 @@ def test_index_equals_a_rebuild_from_its_events(batches: list[tuple[str, list[Ev
         assert index.holds(replica) == want.get(replica, {})
         # every held block is found by a query, with its medium
         for h, medium in want.get(replica, {}).items():
-            m = index.match([h], [replica], 0.0)[replica]
+            m = index.match([h], [replica], 0.0).get(replica, Match())
             assert m == (Match(1, 0, 0) if medium == DEVICE else Match(0, 1, 0))
     assert index.entries() == sum(len(b) for b in want.values())
     for replica in ("a", "b", "c"):  # a resync from the state gives the same index
@@ -73,7 +73,7 @@ def test_a_gap_in_the_sequence_drops_the_replica_and_asks_for_a_resync() -> None
     assert index.apply("a", 1, [Stored((4,))])
     assert not index.apply("a", 3, [Stored((5,))])  # batch 2 was lost
     assert index.holds("a") == {}
-    assert index.match([1, 2], ["a"], 0.0)["a"] == Match()
+    assert index.match([1, 2], ["a"], 0.0).get("a", Match()) == Match()
     index.resync("a", 3, [(1, DEVICE), (2, DEVICE), (5, DEVICE)])
     assert index.apply("a", 4, [Removed((5,))])
     assert index.holds("a") == {1: DEVICE, 2: DEVICE}
@@ -84,7 +84,7 @@ def test_a_replica_that_restarts_or_leaves_loses_its_blocks() -> None:
     index.apply("a", 0, [Stored((1, 2))])
     index.apply("b", 0, [Stored((1,))])
     index.forget("a")
-    assert index.match([1, 2], ["a", "b"], 0.0) == {"a": Match(), "b": Match(1)}
+    assert index.match([1, 2], ["a", "b"], 0.0) == {"b": Match(1)}  # "a" holds nothing
     assert index.apply("a", 0, [Stored((7,))])  # a fresh start counts from 0 again
 
 
@@ -96,17 +96,18 @@ def test_match_counts_the_leading_run_device_then_host_then_pending() -> None:
     index.apply("b", 0, [Stored(tuple(prompt[:3]))])
     index.sent("c", prompt[:8], now=10.0)
     got = index.match(prompt, ["a", "b", "c", "d"], now=10.5)
-    assert got == {"a": Match(4, 2, 4), "b": Match(3), "c": Match(0, 0, 8), "d": Match()}
+    assert got == {"a": Match(4, 2, 4), "b": Match(3), "c": Match(0, 0, 8)}  # "d": none
     assert got["a"].blocks == 10
     later = index.match(prompt, ["a", "c"], now=11.5)  # pending sends expire
-    assert later == {"a": Match(4, 2, 0), "c": Match()}
+    assert later == {"a": Match(4, 2, 0)}
+    assert index.match(prompt, None, now=10.5) == got  # None: every replica
 
 
 def test_stored_events_confirm_pending_blocks() -> None:
     index = PrefixIndex(pending_ttl=1.0)
     index.sent("a", [1, 2, 3], now=0.0)
     index.apply("a", 0, [Stored((1, 2, 3))])
-    assert index.match([1, 2, 3], ["a"], now=5.0)["a"] == Match(3)
+    assert index.match([1, 2, 3], ["a"], now=5.0).get("a", Match()) == Match(3)
 
 
 def test_memory_is_bounded_per_replica() -> None:
@@ -116,7 +117,10 @@ def test_memory_is_bounded_per_replica() -> None:
         index.sent("a", list(range(10_000 + seq * 50, 10_000 + seq * 50 + 50)), now=0.0)
     assert index.entries() == 100
     assert set(index.holds("a")) == set(range(400, 500))  # the oldest went first
-    assert sum(index.match([h], ["a"], 0.0)["a"].pending for h in range(10_000, 10_500)) == 100
+    assert (
+        sum(index.match([h], ["a"], 0.0).get("a", Match()).pending for h in range(10_000, 10_500))
+        == 100
+    )
 
 
 def test_equal_tokens_under_another_cache_salt_or_adapter_are_other_blocks() -> None:
@@ -132,8 +136,8 @@ def test_equal_tokens_under_another_cache_salt_or_adapter_are_other_blocks() -> 
     assert longer[: len(plain)] == plain
     index = PrefixIndex()
     index.apply("a", 0, [Stored(tuple(salted))])
-    assert index.match(plain, ["a"], 0.0)["a"] == Match()
-    assert index.match(salted, ["a"], 0.0)["a"] == Match(len(salted))
+    assert index.match(plain, ["a"], 0.0).get("a", Match()) == Match()
+    assert index.match(salted, ["a"], 0.0).get("a", Match()) == Match(len(salted))
 
 
 PROMPTS = [chain(list(range(i * 1000, i * 1000 + 160)), 16, root()) for i in range(4)]
@@ -180,4 +184,4 @@ def test_match_equals_the_leading_run_of_each_replicas_blocks(
         held = index.holds(replica)
         run = next((i for i, h in enumerate(query) if h not in held), len(query))
         first_host = next((i for i in range(run) if held[query[i]] == HOST), run)
-        assert got[replica] == Match(first_host, run - first_host, 0), (replica, held)
+        assert got.get(replica, Match()) == Match(first_host, run - first_host, 0), (replica, held)

@@ -233,15 +233,11 @@ class Prefixes:
         if ix is None or ask.model != model:  # a fallback's index: not this prompt's hashes
             return {}
         memo_ask, memo_model, version, memo = self._memo
-        if (
-            memo_ask is ask
-            and memo_model == model
-            and version == ix.version
-            and all(e.address in memo for e in cands)
-        ):
+        if memo_ask is ask and memo_model == model and version == ix.version:
             return memo
-        same = [e.address for e in cands if e.kv_block_tokens == ask.block_tokens]
-        got = ix.match(ask.blocks, same, time.monotonic())
+        # Every replica that holds a prefix of it (a replica of another block size holds
+        # none of these hashes, and its sends are not recorded: see `sent`).
+        got = ix.match(ask.blocks, None, time.monotonic())
         self._memo = (ask, model, ix.version, got)
         return got
 

@@ -69,6 +69,7 @@ class PrefixIndex:
         # index's memory is mostly these and the replicas' own LRU maps)
         self._holders: dict[int, int] = {}
         self._slots: dict[str, int] = {}
+        self._names: dict[int, str] = {}  # a slot's bit → its replica
         self._free: list[int] = []
         self._pending: dict[int, dict[str, float]] = {}  # hash → {replica: expiry}
         self._host_entries = 0  # blocks in host RAM, all replicas (0: skip the medium check)
@@ -123,7 +124,9 @@ class PrefixIndex:
             self._unhold(h, r.bit)
         for h in r.pending:
             self._unpend(h, replica)
-        self._free.append(self._slots.pop(replica))
+        slot = self._slots.pop(replica)
+        del self._names[1 << slot]
+        self._free.append(slot)
 
     # --- the send feed -----------------------------------------------------------------------
 
@@ -147,14 +150,20 @@ class PrefixIndex:
 
     # --- queries ---------------------------------------------------------------------------
 
-    def match(self, hashes: Sequence[int], replicas: Iterable[str], now: float) -> dict[str, Match]:
-        """For each replica, how many leading blocks of ``hashes`` it holds: known blocks first
-        (device, then host), then pending ones. One walk down the prompt's blocks for all
-        replicas at once (a bit mask of those still holding every block so far: one lookup and
-        an AND a block), stopping when none is left; pending runs are found by binary search (a
-        block hash names its whole prefix, so a replica's pending blocks are a leading run)."""
-        runs: dict[int, int] = {}  # replica bit → its known run
-        alive = self._holders.get(hashes[0], 0) if hashes else 0
+    def match(
+        self, hashes: Sequence[int], replicas: Iterable[str] | None, now: float
+    ) -> dict[str, Match]:
+        """For each replica (of ``replicas``; None: all) that holds a leading run of ``hashes``,
+        how many blocks: known ones first (device, then host), then pending ones; replicas
+        left out hold none. One walk down the prompt's blocks for all replicas at once (a bit
+        mask of those still holding every block so far: one lookup and an AND a block), which
+        stops when none is left; pending runs are found by binary search (a block hash names its
+        whole prefix, so a replica's pending blocks are a leading run)."""
+        if not hashes:
+            return {}
+        wanted = None if replicas is None else set(replicas)
+        runs: dict[str, int] = {}
+        alive = self._holders.get(hashes[0], 0)
         j = 0
         while alive:
             j += 1
@@ -162,21 +171,26 @@ class PrefixIndex:
             gone = alive & ~nxt
             while gone:
                 low = gone & -gone
-                runs[low] = j
+                runs[self._names[low]] = j
                 gone ^= low
             alive = nxt
-        pend0 = self._pending.get(hashes[0], {}) if hashes else {}
         out: dict[str, Match] = {}
-        for k in replicas:
-            r = self._replicas.get(k)
-            n = runs.get(r.bit, 0) if r is not None else 0
+        for k, n in runs.items():
+            if wanted is not None and k not in wanted:
+                continue
             host = 0
-            if self._host_entries and n and r is not None:  # from the first host block on
-                host = n - next((i for i in range(n) if r.blocks.get(hashes[i]) == HOST), n)
+            if self._host_entries:  # the blocks from the first host one on are fetched
+                blocks = self._replicas[k].blocks
+                host = n - next((i for i in range(n) if blocks.get(hashes[i]) == HOST), n)
             pending = 0
-            if n < len(hashes) and k in (self._pending.get(hashes[n], pend0) if n else pend0):
+            if n < len(hashes) and k in self._pending.get(hashes[n], ()):
                 pending = self._run(hashes, n, self._pending_at(k, now)) - n
             out[k] = Match(n - host, host, pending)
+        for k in self._pending.get(hashes[0], ()):  # pending from the first block on
+            if k not in out and (wanted is None or k in wanted):
+                pending = self._run(hashes, 0, self._pending_at(k, now))
+                if pending:
+                    out[k] = Match(0, 0, pending)
         return out
 
     def _pending_at(self, k: str, now: float) -> Callable[[int], bool]:
@@ -215,6 +229,7 @@ class PrefixIndex:
         if r is None:
             slot = self._free.pop() if self._free else len(self._slots)
             self._slots[replica] = slot
+            self._names[1 << slot] = replica
             r = self._replicas[replica] = _Replica(bit=1 << slot)
         return r
 
