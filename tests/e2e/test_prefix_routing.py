@@ -2,8 +2,9 @@
 nodes (`meshserve agent --simulate 2`, the sim engine with its prefix cache and KV events) and a
 router. Requests that share a long prefix go to the replica that cached it, known from the
 agents' block events (the router's own sends expire first); prompts that share nothing spread;
-another tenant's salt shares nothing; a saturated replica passes the overflow on; and the
-router exports how far its TTFT predictions were off."""
+another tenant's salt shares nothing; a saturated replica passes the overflow on; the router
+exports how far its TTFT predictions were off; and agents that restart lose their blocks in the
+router's index, which learns again from the new replicas' events."""
 
 from __future__ import annotations
 
@@ -52,11 +53,8 @@ def test_shared_prefixes_go_where_they_are_cached(tmp_path: Path) -> None:
     try:
         mesh.start_etcd()
         mesh.start_scheduler()
-        mesh.start_agent(
-            "fleet",
-            device="cpu",
-            extra=["--simulate", "2", "--memory-limit", "4GiB", "--max-in-flight", str(SLOTS)],
-        )
+        fleet_flags = ["--simulate", "2", "--memory-limit", "4GiB", "--max-in-flight", str(SLOTS)]
+        mesh.start_agent("fleet", device="cpu", extra=fleet_flags)
         router = mesh.start_router(extra=["--metrics-port", str(metrics_port)])
         spec = spec_from_dict(
             {"name": MODEL, "source": "sim://p", "engine": "sim", "memory": "256MiB",
@@ -111,6 +109,22 @@ def test_shared_prefixes_go_where_they_are_cached(tmp_path: Path) -> None:
             text = await asyncio.to_thread(_read, url)
             # one observed prediction per request sent (1 + 6 + 6 + 1 + the burst)
             assert _metric(text, "ttft_prediction_error_ratio_count") == 14 + SLOTS + 1
+            assert _metric(text, "prefix_index_blocks") > 0
+
+            # The agents restart (their caches are gone): the router forgets their blocks,
+            # follows the new replicas from their (empty) snapshots, and learns anew.
+            mesh.kill("fleet")
+            mesh.start_agent("fleet", device="cpu", extra=fleet_flags)
+            await eventually(two_ready, 60, "2 READY replicas again", 0.2)
+
+            async def forgotten() -> bool:
+                text = await asyncio.to_thread(_read, url)
+                return _metric(text, "prefix_index_blocks") == 0
+
+            await eventually(forgotten, 30, "the old replicas' blocks dropped", 0.2)
+            again = await ask(router.address, SYSTEM + "Question 99?")
+            await asyncio.sleep(PENDING_TTL_S + 0.5)  # the router's own send expires again
+            assert await ask(router.address, SYSTEM + "Question 100?") == again
 
         asyncio.run(scenario())
     finally:
