@@ -18,6 +18,9 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI
 ROLES = frozenset({"system", "user", "assistant"})
 
 
+MAX_SALT_CHARS = 256  # a label, not data (the OpenAI front allows as many)
+
+
 def check_generate(req: inference_pb2.GenerateRequest, spec: cluster_pb2.ModelSpec | None) -> None:
     """Raises ServiceError(INVALID_ARGUMENT) naming every bad field."""
     v: list[tuple[str, str]] = []
@@ -28,6 +31,8 @@ def check_generate(req: inference_pb2.GenerateRequest, spec: cluster_pb2.ModelSp
     size = len(req.prompt) + sum(len(m.content) for m in req.messages)
     if size > MAX_PROMPT_CHARS:
         v.append(("prompt", f"request has {size} characters; the limit is {MAX_PROMPT_CHARS}"))
+    if len(req.cache_salt) > MAX_SALT_CHARS:
+        v.append(("cache_salt", f"{len(req.cache_salt)} characters; the limit is {MAX_SALT_CHARS}"))
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             v.append((f"messages[{i}].role", f"must be one of {sorted(ROLES)}, got {m.role!r}"))

@@ -40,6 +40,7 @@ def req(**kw: object) -> inference_pb2.GenerateRequest:
         (req(sampling={"top_k": -1}), "sampling.top_k"),
         (req(sampling={"stop": [""]}), "sampling.stop"),
         (req(prompt="x" * (MAX_PROMPT_CHARS + 1)), "prompt"),  # oversized
+        (req(cache_salt="s" * 257), "cache_salt"),  # a salt is a label
         (req(messages=[inference_pb2.ChatMessage(role="user", content="hi")]), "prompt"),  # both
         (
             req(prompt="", messages=[inference_pb2.ChatMessage(role="robot", content="x")]),
