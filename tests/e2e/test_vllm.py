@@ -78,7 +78,9 @@ def vmesh(tmp_path_factory: pytest.TempPathFactory, vllm_python: str) -> Iterato
 
 
 async def _replica(mesh: Mesh, node: str = AGENT) -> cluster_pb2.ReplicaStatus | None:
-    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    # 15 s a call, not the services' 5 s: this is the test reading etcd while vLLM's engine core
+    # holds both of a CI machine's cores (a clean CI run once timed out here at 5 s).
+    client = connect(EtcdConfig(mesh.etcd.endpoint, timeout_s=15.0))
     try:
         entry = await Store(client, Keyspace()).get(
             Keyspace().replica(MODEL, node), cluster_pb2.ReplicaStatus
