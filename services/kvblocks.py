@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
+from typing import Protocol
 
 DEVICE, HOST = 1, 2  # where a block lives (cluster_pb2.TIER_DEVICE / TIER_HOST)
 DEFAULT_BLOCK_TOKENS = 16  # vLLM's default block size on GPUs (its CPU build uses 128)
@@ -50,6 +51,17 @@ def chain(
         h = int.from_bytes(blake2b(pack(h, *block), digest_size=8).digest(), "big")
         out.append(h)
     return out
+
+
+class _Turn(Protocol):
+    role: str
+    content: str
+
+
+def sim_text(prompt: str, messages: Iterable[_Turn]) -> str:
+    """The text the ``sim`` engine reads: the prompt, or its chat messages as ``role: content``
+    lines (the router hashes this very text, so the two cannot drift apart)."""
+    return prompt or "".join(f"{m.role}: {m.content}\n" for m in messages)
 
 
 def sim_tokens(text: str) -> list[int]:

@@ -29,6 +29,7 @@ from meshserve.kvblocks import (
     Stored,
     chain,
     root,
+    sim_text,
     sim_tokens,
 )
 from meshserve.nodeagent.engines.base import (
@@ -237,7 +238,7 @@ class SimEngine(Serving):
         if self._died:
             raise engine_died(self._name, self._died)
         self._refuse_unless_serving(self._name, self._task is not None)
-        text = prompt or "".join(f"{m.role}: {m.content}\n" for m in messages)
+        text = sim_text(prompt, messages)
         input_tokens = max(1, len(text.encode()) // 4)
         if input_tokens + params.max_tokens > self._max_len:
             raise context_too_long(input_tokens, params.max_tokens, self._max_len)

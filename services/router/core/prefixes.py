@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from meshserve.kvblocks import chain, root, sim_tokens
+from meshserve.kvblocks import chain, root, sim_text, sim_tokens
 from meshserve.router.routing.endpoints import Endpoint, Route
 from meshserve.router.routing.pipeline import Ask
 from meshserve.router.routing.prefix import NO_MATCH, Match, PrefixIndex
@@ -66,8 +66,7 @@ class Tokenizers:
 
     def tokens(self, spec: cluster_pb2.ModelSpec, req: inference_pb2.GenerateRequest) -> list[int]:
         if spec.engine == SIM:  # as sim_engine.generate builds its text
-            text = req.prompt or "".join(f"{m.role}: {m.content}\n" for m in req.messages)
-            return sim_tokens(text)
+            return sim_tokens(sim_text(req.prompt, req.messages))
         if spec.engine not in (TORCH, VLLM, 0):
             return []
         hf = self._hf_tokenizer(spec)
