@@ -415,6 +415,35 @@ async def _replica_status(mesh: Mesh, model: str, node: str) -> cluster_pb2.Repl
     return await _etcd_get(mesh, Keyspace().replica(model, node), cluster_pb2.ReplicaStatus)
 
 
+async def _revision(mesh: Mesh) -> int:
+    """etcd's current revision."""
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    try:
+        return int((await client.get_prefix(Keyspace().prefix.encode())).header.revision)
+    finally:
+        await client.close()
+
+
+async def _first_status(
+    mesh: Mesh, model: str, node: str, wanted: int, since: int
+) -> cluster_pb2.ReplicaStatus:
+    """The first write of the replica's status in state ``wanted`` after revision ``since`` (a
+    watch, so a state that lasts a moment is seen too)."""
+    client = connect(EtcdConfig(mesh.etcd.endpoint))
+    watch = await client.watch(Keyspace().replica(model, node), start_revision=since + 1)
+    try:
+        async for event in watch:
+            if event.kind != "PUT":
+                continue
+            status = cluster_pb2.ReplicaStatus.FromString(event.kv.value)
+            if status.state == wanted:
+                return status
+        raise AssertionError("the watch ended")
+    finally:
+        await watch.cancel()
+        await client.close()
+
+
 async def _etcd_get(mesh: Mesh, key: bytes, kind: type[M]) -> M | None:
     client = connect(EtcdConfig(mesh.etcd.endpoint))
     try:
@@ -459,6 +488,12 @@ async def test_device_oom_fails_one_request_and_repeated_oom_moves_the_model(
         return now is not None and now.memory_bytes > before.memory_bytes
 
     await eventually(grew, 10, "the measured memory to rise in etcd")
+    # FAILED may last only until the scheduler moves the model and this agent drops the record
+    # (CI once polled past it): watch the key's every write instead of polling its latest value.
+    since = await _revision(mesh)
+    failed_seen = asyncio.create_task(
+        _first_status(mesh, "oomy", node, cluster_pb2.REPLICA_STATE_FAILED, since)
+    )
     for _ in range(6):  # more OOMs: at the third the replica is given up here
         with contextlib.suppress(grpc.aio.AioRpcError):
             await generate(agent, request)
@@ -467,9 +502,11 @@ async def test_device_oom_fails_one_request_and_repeated_oom_moves_the_model(
         r = await _replica_status(mesh, "oomy", on)
         return r if r is not None and r.state == wanted else None
 
-    failed = await eventually(
-        lambda: state(node, cluster_pb2.REPLICA_STATE_FAILED), 30, f"oomy FAILED on {node}"
-    )
+    try:
+        async with asyncio.timeout(30):
+            failed = await failed_seen
+    except TimeoutError:
+        raise AssertionError(f"oomy never written FAILED on {node} within 30 s") from None
     ooms = re.fullmatch(r"out of device memory (\d+) times", failed.error)
     assert ooms is not None and int(ooms.group(1)) >= 3, failed.error
     other = next(n for n in ("agent-0", "agent-1") if n != node)
