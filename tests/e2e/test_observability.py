@@ -83,7 +83,11 @@ class Up:
 
     def generate(self, model: str, prompt: str = "Once upon a time") -> str:
         """`meshserve generate` as a person runs it; returns the trace id it printed."""
-        done = self.cli("generate", model, prompt, "--max-tokens", "8", "--timeout", "90")
+        # Greedy: the random tiny model may sample its end-of-text token early (CI once saw 5
+        # tokens of 8); greedy decoding of the fixed-seed demo model always gives all 8.
+        done = self.cli(
+            "generate", model, prompt, "--max-tokens", "8", "--temperature", "0", "--timeout", "90"
+        )
         found = re.search(r"trace ([0-9a-f]{32}) (\S+)", done.stderr)
         assert found, done.stderr
         trace_id, link = found.groups()

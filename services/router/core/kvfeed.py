@@ -50,9 +50,12 @@ class KvFeeds:
         self.prefixes = prefixes
         self._tasks: dict[Key, asyncio.Task[None]] = {}
         self.batches = 0  # applied, all feeds (tests and status read it)
+        self._stopping = False
         table.subscribe(self._on_table)
 
     def _on_table(self, table: RouteTable, models: set[str]) -> None:
+        if self._stopping:
+            return
         wanted: dict[Key, Endpoint] = {}
         for model in models:
             route = table.routes.get(model)
@@ -109,12 +112,15 @@ class KvFeeds:
             delay = min(BACKOFF_S[1], delay * 2)
 
     async def stop(self) -> None:
-        for task in self._tasks.values():
+        # No feed starts once stopping (a table change while we wait would add one: CI once
+        # saw the dict change size under the loop below).
+        self._stopping = True
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
             task.cancel()
-        for task in self._tasks.values():
+        for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        self._tasks.clear()
 
 
 def _pairs(events: list[Event]) -> list[tuple[int, int]]:
