@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from meshserve.router.routing.ttft import Fit, Forecaster, Work, ape, predict
@@ -55,3 +56,54 @@ def test_the_forecaster_queues_work_until_the_first_token_and_scores_it() -> Non
     asleep = Work(uncached_tokens=10, residency_s=3.0)
     f.first_token("m", "cpu", "a", asleep, 3.0, 3.1)
     assert f.fit("m", "cpu").n == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    base=st.floats(0.0, 0.1),
+    rate=st.floats(100, 50_000),
+    step=st.floats(0.0, 0.05),
+    tokens=st.integers(0, 8_000),
+    queued=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4_000)), max_size=6),
+    cands=st.lists(
+        st.tuples(
+            st.integers(0, 3),  # address
+            st.integers(0, 8_000),  # cached tokens
+            st.integers(0, 2_000),  # of them in host RAM
+            st.integers(0, 40),  # running
+            st.integers(0, 20),  # waiting in the engine
+            st.floats(0.0, 5.0),  # residency (an asleep replica's restore)
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_the_batch_prediction_equals_one_work_at_a_time(
+    base: float,
+    rate: float,
+    step: float,
+    tokens: int,
+    queued: list[tuple[int, int]],
+    cands: list[tuple[int, int, int, int, int, float]],
+) -> None:
+    """`Forecaster.predict_many` (the hot path's arithmetic) is `predict` of `work` for every
+    candidate: the two are written apart for speed, and must not drift."""
+    f = Forecaster()
+    fit = Fit(base_s=base, prefill_tokens_per_s=rate, step_cost_s=step)
+    for address, t in queued:  # this router's unstarted streams
+        f.sent(f"a{address}", f.work(f"a{address}", t, 0, 0, 0), t)
+    many = f.predict_many(
+        fit,
+        [f"a{a}" for a, *_ in cands],
+        tokens,
+        [c for _a, c, *_ in cands],
+        [h for _a, _c, h, *_ in cands],
+        [n for *_, n, _w, _r in cands],
+        [w for *_, w, _r in cands],
+        [r for *_, r in cands],
+    )
+    one = [
+        predict(fit, f.work(f"a{a}", tokens, c, h, n, waiting_elsewhere=w, residency_s=r))
+        for a, c, h, n, w, r in cands
+    ]
+    assert many == [pytest.approx(x, rel=1e-9, abs=1e-12) for x in one]
