@@ -300,6 +300,11 @@ class Lifecycle:
                     r.status.tier_note = r.engine.tier_note
                     state = S.REPLICA_STATE_OFFLOADED
                 r.status.transition_seconds = time.monotonic() - started
+                if tier == S.TIER_DEVICE:
+                    r.restores[S.Tier.Value(r.status.loaded_from)] = r.status.transition_seconds
+                    r.status.restore_seconds = 0.0
+                else:
+                    r.status.restore_seconds = r.restore_estimate()
                 span.set_attribute("meshserve.transition_seconds", r.status.transition_seconds)
                 metrics.SWAP_SECONDS.labels(model, tier_name).observe(
                     r.status.transition_seconds, exemplar()

@@ -11,6 +11,7 @@ from meshserve.nodeagent.kvevents import KvBlocks
 from meshserve.nodeagent.plan import Held
 from meshserve.nodeagent.share import DeviceShare
 from meshserve.v1 import cluster_pb2
+from meshserve.weights import DISK_BYTES_PER_S, HOST_BYTES_PER_S
 
 S = cluster_pb2
 
@@ -32,6 +33,7 @@ class Replica:
     asked_tier: int = S.TIER_DEVICE
     share: DeviceShare = field(init=False)  # its streams' GPU-seconds (usage)
     kv: KvBlocks | None = None  # its engine's KV blocks, for routers (engines that report them)
+    restores: dict[int, float] = field(default_factory=dict)  # tier → its last restore's seconds
 
     def __post_init__(self) -> None:
         self.share = DeviceShare(self.spec.gpus_per_replica)
@@ -39,6 +41,15 @@ class Replica:
     @property
     def ready(self) -> bool:
         return self.status.state == S.REPLICA_STATE_READY and self.engine is not None
+
+    def restore_estimate(self) -> float:
+        """Seconds to bring it back to the device from where it waits: its last restore from
+        that tier (with warm-up), else its memory over the tier's seed bandwidth."""
+        tier = self.status.tier
+        if tier in self.restores:
+            return self.restores[tier]
+        rate = HOST_BYTES_PER_S if tier == S.TIER_HOST else DISK_BYTES_PER_S
+        return self.status.memory_bytes / rate
 
     def held(self) -> Held:
         """What the planner needs to know of it."""

@@ -53,15 +53,18 @@ class SchedulerClient:
         self.router_id = router_id
         self.upstreams = upstreams
 
-    async def ensure(self, model: str) -> Ensured:
+    async def ensure(self, model: str, wake: bool = False) -> Ensured:
         """What the scheduler says of placing ``model``: why it cannot ("" when it is (being)
-        placed), and its estimate of when a replica can serve."""
+        placed), and its estimate of when a replica can serve; ``wake``: one more replica
+        (an asleep one woken), and why not."""
         candidates = sorted(self.mirror.snapshot.values(), key=lambda c: c.address)
         for c in candidates:
             stub = scheduler_pb2_grpc.SchedulerStub(self.upstreams.channel(c.address))
             try:
                 reply = await stub.EnsureModel(
-                    scheduler_pb2.EnsureModelRequest(model=model, requester=self.router_id),
+                    scheduler_pb2.EnsureModelRequest(
+                        model=model, requester=self.router_id, wake=wake
+                    ),
                     timeout=3.0,
                     metadata=trace_metadata(trace.get_current_span(), ""),
                 )
@@ -70,7 +73,7 @@ class SchedulerClient:
                 continue
             if reply.outcome == scheduler_pb2.ENSURE_OUTCOME_UNSCHEDULABLE:
                 return Ensured(str(reply.message))
-            return Ensured("", float(reply.ready_in_s))
+            return Ensured("", float(reply.ready_in_s), str(reply.wake_refused))
         return Ensured("no scheduler reachable" if not candidates else "every scheduler failed")
 
 

@@ -3,11 +3,13 @@ rounds, the simulator keeps it in virtual time).
 
 recommendation = max(⌈rate / target_rps⌉, ⌈in_flight / target_in_flight⌉, 1 while anything is
 queued, in flight or was requested within the idle timeout), +1 while the TTFT p99 is above the
-model's SLO or while a GPU serving it is saturated; clamped to [min_replicas, max_replicas].
-Up at once (after a short cooldown, so one burst adds one step at a time); down only after the
-recommendation stayed lower for `scale_down_delay_s` (Kubernetes HPA's stabilization window),
-to the highest recommendation seen in that window. Zero after `idle_timeout_s` without requests
-when min_replicas is 0; the router's cold-start path brings it back on the next request.
+model's SLO or while a GPU serving it is saturated, and what a router's wake asked for (one more
+than was placed when it asked); clamped to [min_replicas, max_replicas].
+Up at once (after a short cooldown, so one burst adds one step at a time; a wake skips it);
+down only after the recommendation stayed lower for `scale_down_delay_s` (Kubernetes HPA's
+stabilization window), to the highest recommendation seen in that window. Zero after
+`idle_timeout_s` without requests when min_replicas is 0; the router's cold-start path brings it
+back on the next request.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class Load:
     # the busiest device among its replicas, [0, 1]: NVML utilization, or measured decode rate
     # over the device's decode capacity (snapshot.device_busy)
     gpu_utilization: float = 0.0
+    # replicas a router asked for by waking an asleep one (EnsureModel wake): the count placed
+    # then + 1; taken at once, without the up cooldown (a restore from CPU RAM takes well under
+    # a second, and the router judged it faster than queueing)
+    wake_to: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ def recommend(policy: ScalePolicy, load: Load, current: int, now: float) -> int:
         want = max(want, current + 1)
     if policy.busy_gpu > 0 and current > 0 and active and load.gpu_utilization > policy.busy_gpu:
         want = max(want, current + 1)  # saturated GPUs queue requests before latency shows it
-    return clamp(policy, want)
+    return clamp(policy, max(want, load.wake_to))
 
 
 def clamp(policy: ScalePolicy, n: int) -> int:
@@ -90,7 +96,7 @@ def step(policy: ScalePolicy, load: Load, prev: ScaleState | None, now: float) -
         recent.pop()
     window = (*recent, (now, rec))
     if rec > current:
-        if current == 0 or now - changed_at >= UP_COOLDOWN_S:
+        if current == 0 or now - changed_at >= UP_COOLDOWN_S or load.wake_to > current:
             # From zero straight to what is asked (a cold start); otherwise one step per cooldown.
             target = rec if current == 0 else current + 1
             return ScaleState(target, now, window)
@@ -116,5 +122,6 @@ def merge(loads: Iterable[Load]) -> Load:
             max(out.last_request, x.last_request),
             max(out.ttft_p99_s, x.ttft_p99_s),
             max(out.gpu_utilization, x.gpu_utilization),
+            max(out.wake_to, x.wake_to),
         )
     return out

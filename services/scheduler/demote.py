@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 
 from meshserve.scheduler.views import DISK, HOST, ClusterSnapshot, ModelView, NodeView
 
@@ -13,11 +13,15 @@ def demote(
     assign: Mapping[str, frozenset[str]],
     evictions: list[tuple[str, str]],
     count: Mapping[str, int],
+    failed: Container[tuple[str, str]] = frozenset(),
 ) -> dict[str, dict[str, int]]:
     """Where models off the device wait. Evicted (or already offloaded) models that are still
     wanted: CPU RAM while the node's host budget allows, else disk; victims of this round first,
-    then older ones. Models scaled to zero: CPU RAM only, with what budget is left (their next
-    request restores in well under a second instead of loading from the source), else nothing."""
+    then older ones. Then, with what budget is left, CPU RAM only (else nothing): models scaled
+    to zero (their next request restores in well under a second instead of loading from the
+    source) and spare replicas, scaled down or evicted while enough others serve (a router that
+    finds the READY ones saturated wakes one: EnsureModel ``wake``) — never on a node that
+    drains or for a replica that FAILED there."""
     alive = {n.node_id: n for n in snap.nodes}
     waiting = sorted((m, n) for n, ms in snap.offloaded.items() for m in ms)
     idle = sorted(
@@ -25,6 +29,18 @@ def demote(
         for n, ms in snap.current.items()
         for m in ms
         if m in models and models[m].wanted == 0
+    )
+    spare = sorted(
+        (m, n)
+        for n, ms in snap.current.items()
+        for m in ms
+        if m in models
+        and models[m].wanted > 0
+        and m not in assign.get(n, frozenset())
+        and (m, n) not in failed
+        and n in alive
+        and not alive[n].draining
+        and alive[n].cordon != "drain"
     )
     out: dict[str, dict[str, int]] = {}
     host_used: dict[str, int] = {}
@@ -43,11 +59,13 @@ def demote(
         out.setdefault(node_id, {})[model] = tier
         if tier == HOST:
             host_used[node_id] = host_used.get(node_id, 0) + m.need_bytes
-    for model, node_id in [*idle, *waiting]:
+    for model, node_id in [*idle, *spare, *waiting]:
         m = models.get(model)
         node = alive.get(node_id)
-        if m is None or node is None or m.wanted > 0 or model in out.get(node_id, {}):
+        if m is None or node is None or model in out.get(node_id, {}):
             continue
+        if model in assign.get(node_id, frozenset()) or count.get(model, 0) < m.wanted:
+            continue  # on the device here, or wanted and decided above
         if snap.offloaded.get(node_id, {}).get(model, HOST) == HOST and room(node, m):
             out.setdefault(node_id, {})[model] = HOST
             host_used[node_id] = host_used.get(node_id, 0) + m.need_bytes

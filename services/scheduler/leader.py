@@ -40,6 +40,7 @@ from opentelemetry import trace
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
+WAKE_S = 10.0  # a router's wake holds this long (then the autoscaler's down window keeps it)
 
 
 class SchedulerLoop:
@@ -65,6 +66,7 @@ class SchedulerLoop:
         )
         self.election = Election(c, session, self.keys.election())
         self.ensured: dict[str, float] = {}
+        self.wakes: dict[str, tuple[int, float]] = {}  # model → (replicas asked, when: epoch s)
         self.measured_load_s: dict[str, float] = {}  # model → its last load + warm-up, s
         self.scale: dict[str, ScaleState] = {}  # the autoscaler's memory between rounds
         self.profile: Profile = config.profile
@@ -103,9 +105,14 @@ class SchedulerLoop:
             spec, self.replicas.snapshot.values(), self.measured_load_s, self.profile.reload
         )
 
-    async def ensure(self, model: str) -> None:
-        """Marks ``model`` as demanded now and waits (up to 2 s) for the round that places it."""
+    async def ensure(self, model: str, wake: bool = False) -> None:
+        """Marks ``model`` as demanded now and waits (up to 2 s) for the round that places it.
+        ``wake``: a router asks for one more replica than is placed now (autoscale.Load
+        ``wake_to``), which the demotion rule keeps asleep in CPU RAM where it can."""
         self.ensured[model] = time.time()
+        if wake:
+            placed = placed_replicas(self.placements.snapshot.values()).get(model, 0)
+            self.wakes[model] = (max(placed + 1, self.wakes.get(model, (0, 0.0))[0]), time.time())
         span = trace.get_current_span()
         if span.get_span_context().is_valid:
             self._links.append(trace.Link(span.get_span_context()))
@@ -210,7 +217,11 @@ class SchedulerLoop:
         nodes = list(self.nodes.snapshot.values())
         placements = list(self.placements.snapshot.values())
         busy = device_busy(nodes, placements)
-        load = loads(self.demand.snapshot.values(), self.ensured, busy)
+        wall = time.time()
+        for model in [m for m, (_n, at) in self.wakes.items() if wall - at > WAKE_S]:
+            del self.wakes[model]
+        wakes = {m: n for m, (n, _at) in self.wakes.items()}
+        load = loads(self.demand.snapshot.values(), self.ensured, busy, wakes)
         self.scale = autoscale(specs, load, self.scale, placed_replicas(placements), now)
         cordons = {c.node_id: c for c in self.cordons.snapshot.values()}
         return build_snapshot(

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from meshserve.scheduler.state import DEGRADED, FAILED, PlanState
 from meshserve.scheduler.views import DISK, HOST, ModelView, NodeView, mib, type_ok
+from meshserve.weights import DISK_BYTES_PER_S, HOST_BYTES_PER_S
 
 UNSCHEDULABLE, UNRESOLVABLE = 1, 2
 
@@ -250,8 +251,8 @@ class ReloadCosts:
     """Seconds to bring a model back, per byte, by where it waits (seed figures: CPU RAM → GPU
     14 GB in 0.44 s at PCIe speed, NVMe ≈ 2 s, object storage minutes)."""
 
-    host_bytes_per_s: float = 32e9
-    disk_bytes_per_s: float = 7e9
+    host_bytes_per_s: float = HOST_BYTES_PER_S
+    disk_bytes_per_s: float = DISK_BYTES_PER_S
     source_bytes_per_s: float = 0.2e9
 
     def seconds(self, need_bytes: int, tier: int) -> float:

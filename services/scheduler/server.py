@@ -10,6 +10,7 @@ from meshserve.rpc.channels import ChannelPool
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.rpc.handlers import Ctx
 from meshserve.scheduler.leader import SchedulerLoop
+from meshserve.scheduler.views import ModelDecision
 from meshserve.v1 import cluster_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -44,7 +45,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if self.loop.leadership is None:
             stub = await self._leader_stub()
             return await stub.EnsureModel(request, timeout=handlers.remaining_s(context) or 5.0)  # type: ignore[no-any-return]
-        await self.loop.ensure(spec.name)
+        await self.loop.ensure(spec.name, request.wake)
         plan = self.loop.last_plan
         decision = plan.decisions.get(spec.name) if plan else None
         if decision is not None and decision.unschedulable:
@@ -52,13 +53,25 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 outcome=scheduler_pb2.ENSURE_OUTCOME_UNSCHEDULABLE,
                 nodes=decision.placed_on,
                 message=decision.unschedulable,
+                wake_refused=decision.unschedulable if request.wake else "",
             )
         return scheduler_pb2.EnsureModelResponse(
             outcome=scheduler_pb2.ENSURE_OUTCOME_PLACED,
             nodes=decision.placed_on if decision else (),
             message="placed" if decision and decision.placed_on else "placement pending",
             ready_in_s=self.loop.ready_in_s(spec),
+            wake_refused=self._wake_refused(spec, decision) if request.wake else "",
         )
+
+    def _wake_refused(self, spec: cluster_pb2.ModelSpec, decision: ModelDecision | None) -> str:
+        """Why a router's wake placed no more replicas ("" when it did)."""
+        asked = self.loop.wakes.get(spec.name, (0, 0.0))[0]
+        placed = len(decision.placed_on) if decision is not None else 0
+        if placed >= asked:
+            return ""
+        if spec.max_replicas and placed >= spec.max_replicas:
+            return f"it has max_replicas {spec.max_replicas} placed"
+        return f"{placed} of {asked} replicas placed: no node takes one more now"
 
     @handlers.unary
     async def Explain(

@@ -59,9 +59,11 @@ def loads(
     demand: Iterable[cluster_pb2.RouterDemand],
     ensured: Mapping[str, float],
     busy: Mapping[str, float] | None = None,
+    wakes: Mapping[str, int] | None = None,
 ) -> dict[str, Load]:
     """Per model, every router's demand merged; an EnsureModel counts as a request at its time;
-    ``busy`` (from `device_busy`) adds device saturation."""
+    ``busy`` (from `device_busy`) adds device saturation, ``wakes`` the replicas routers' wakes
+    asked for."""
     per: dict[str, list[Load]] = defaultdict(list)
     for router in demand:
         for d in router.models:
@@ -78,6 +80,8 @@ def loads(
         per[model].append(Load(last_request=at))
     for model, u in (busy or {}).items():
         per[model].append(Load(gpu_utilization=u))
+    for model, n in (wakes or {}).items():
+        per[model].append(Load(wake_to=n))
     return {m: merge(xs) for m, xs in per.items()}
 
 

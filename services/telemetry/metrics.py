@@ -67,6 +67,12 @@ PREFIX_INDEX_BLOCKS = Gauge(
     "KV blocks the router knows its replicas hold (from their agents' block events)",
     ["model"],
 )
+WAKES = Counter(
+    "meshserve_router_wakes_total",
+    "Asleep replicas this router asked to wake (asked), and how the wakes ended: a new READY "
+    "replica (woken), the scheduler said no (refused), or none in time (expired)",
+    ["model", "outcome"],
+)
 PROMPT_TOKENS = Counter(
     "meshserve_router_prompt_tokens_total", "Prompt tokens of the requests routed", ["model"]
 )

@@ -600,6 +600,7 @@ class ReplicaStatus(_message.Message):
     KV_BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
     KV_EVENTS_FIELD_NUMBER: _builtins.int
     DEVICE_KIND_FIELD_NUMBER: _builtins.int
+    RESTORE_SECONDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -654,6 +655,11 @@ class ReplicaStatus(_message.Message):
     kv_events: _builtins.bool
     device_kind: _builtins.str
     """The accelerator it runs on ("cpu", or the GPU's name): routers fit TTFT per model and kind."""
+    restore_seconds: _builtins.float
+    """OFFLOADED (asleep in CPU RAM or on disk): the agent's estimate of the seconds a restore to
+    the device takes (its last restore of this model from that tier, else the weights over the
+    tier's bandwidth). Routers weigh waking it against queueing on the READY replicas.
+    """
     @_builtins.property
     def signature(self) -> _common_pb2.TensorSignature:
         """tensor models: what Infer takes and gives (after load)"""
@@ -689,10 +695,11 @@ class ReplicaStatus(_message.Message):
         kv_block_tokens: _builtins.int = ...,
         kv_events: _builtins.bool = ...,
         device_kind: _builtins.str = ...,
+        restore_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "device_kind", b"device_kind", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_block_tokens", b"kv_block_tokens", "kv_cache_usage", b"kv_cache_usage", "kv_events", b"kv_events", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "device_kind", b"device_kind", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_block_tokens", b"kv_block_tokens", "kv_cache_usage", b"kv_cache_usage", "kv_events", b"kv_events", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "restore_seconds", b"restore_seconds", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import cluster_pb2 as meshserve_dot_v1_dot_cluster__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/scheduler.proto\x12\x0cmeshserve.v1\x1a\x1ameshserve/v1/cluster.proto\"6\n\x12\x45nsureModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\"w\n\x13\x45nsureModelResponse\x12,\n\x07outcome\x18\x01 \x01(\x0e\x32\x1b.meshserve.v1.EnsureOutcome\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nready_in_s\x18\x04 \x01(\x01\"\x1f\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xff\x01\n\x0bNodeVerdict\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x66\x65\x61sible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x12\n\nfree_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x65victs\x18\x06 \x03(\t\x12\x0e\n\x06\x66ilter\x18\x07 \x01(\t\x12\x35\n\x06scores\x18\x08 \x03(\x0b\x32%.meshserve.v1.NodeVerdict.ScoresEntry\x12\x14\n\x0cunresolvable\x18\t \x01(\x08\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc8\x01\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tplaced_on\x18\x02 \x03(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12+\n\x08verdicts\x18\x04 \x03(\x0b\x32\x19.meshserve.v1.NodeVerdict\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x17\n\x0f\x64\x65\x63ided_unix_ms\x18\x06 \x01(\x03\x12\x14\n\x0cunresolvable\x18\x07 \x01(\x08\x12\x17\n\x0fwanted_replicas\x18\x08 \x01(\r\"\x10\n\x0eGetPlanRequest\"w\n\x0fGetPlanResponse\x12+\n\nplacements\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.Placement\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x11\n\tleader_id\x18\x03 \x01(\t\x12\x15\n\runschedulable\x18\x04 \x03(\t*l\n\rEnsureOutcome\x12\x1e\n\x1a\x45NSURE_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NSURE_OUTCOME_PLACED\x10\x01\x12 \n\x1c\x45NSURE_OUTCOME_UNSCHEDULABLE\x10\x02\x32\xef\x01\n\tScheduler\x12R\n\x0b\x45nsureModel\x12 .meshserve.v1.EnsureModelRequest\x1a!.meshserve.v1.EnsureModelResponse\x12\x46\n\x07\x45xplain\x12\x1c.meshserve.v1.ExplainRequest\x1a\x1d.meshserve.v1.ExplainResponse\x12\x46\n\x07GetPlan\x12\x1c.meshserve.v1.GetPlanRequest\x1a\x1d.meshserve.v1.GetPlanResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshserve/v1/scheduler.proto\x12\x0cmeshserve.v1\x1a\x1ameshserve/v1/cluster.proto\"D\n\x12\x45nsureModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x0c\n\x04wake\x18\x03 \x01(\x08\"\x8d\x01\n\x13\x45nsureModelResponse\x12,\n\x07outcome\x18\x01 \x01(\x0e\x32\x1b.meshserve.v1.EnsureOutcome\x12\r\n\x05nodes\x18\x02 \x03(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\nready_in_s\x18\x04 \x01(\x01\x12\x14\n\x0cwake_refused\x18\x05 \x01(\t\"\x1f\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xff\x01\n\x0bNodeVerdict\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08\x66\x65\x61sible\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x12\n\nfree_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06\x65victs\x18\x06 \x03(\t\x12\x0e\n\x06\x66ilter\x18\x07 \x01(\t\x12\x35\n\x06scores\x18\x08 \x03(\x0b\x32%.meshserve.v1.NodeVerdict.ScoresEntry\x12\x14\n\x0cunresolvable\x18\t \x01(\x08\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc8\x01\n\x0f\x45xplainResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tplaced_on\x18\x02 \x03(\t\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12+\n\x08verdicts\x18\x04 \x03(\x0b\x32\x19.meshserve.v1.NodeVerdict\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x17\n\x0f\x64\x65\x63ided_unix_ms\x18\x06 \x01(\x03\x12\x14\n\x0cunresolvable\x18\x07 \x01(\x08\x12\x17\n\x0fwanted_replicas\x18\x08 \x01(\r\"\x10\n\x0eGetPlanRequest\"w\n\x0fGetPlanResponse\x12+\n\nplacements\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.Placement\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x11\n\tleader_id\x18\x03 \x01(\t\x12\x15\n\runschedulable\x18\x04 \x03(\t*l\n\rEnsureOutcome\x12\x1e\n\x1a\x45NSURE_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NSURE_OUTCOME_PLACED\x10\x01\x12 \n\x1c\x45NSURE_OUTCOME_UNSCHEDULABLE\x10\x02\x32\xef\x01\n\tScheduler\x12R\n\x0b\x45nsureModel\x12 .meshserve.v1.EnsureModelRequest\x1a!.meshserve.v1.EnsureModelResponse\x12\x46\n\x07\x45xplain\x12\x1c.meshserve.v1.ExplainRequest\x1a\x1d.meshserve.v1.ExplainResponse\x12\x46\n\x07GetPlan\x12\x1c.meshserve.v1.GetPlanRequest\x1a\x1d.meshserve.v1.GetPlanResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEVERDICT_SCORESENTRY']._loaded_options = None
   _globals['_NODEVERDICT_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_ENSUREOUTCOME']._serialized_start=884
-  _globals['_ENSUREOUTCOME']._serialized_end=992
+  _globals['_ENSUREOUTCOME']._serialized_start=921
+  _globals['_ENSUREOUTCOME']._serialized_end=1029
   _globals['_ENSUREMODELREQUEST']._serialized_start=74
-  _globals['_ENSUREMODELREQUEST']._serialized_end=128
-  _globals['_ENSUREMODELRESPONSE']._serialized_start=130
-  _globals['_ENSUREMODELRESPONSE']._serialized_end=249
-  _globals['_EXPLAINREQUEST']._serialized_start=251
-  _globals['_EXPLAINREQUEST']._serialized_end=282
-  _globals['_NODEVERDICT']._serialized_start=285
-  _globals['_NODEVERDICT']._serialized_end=540
-  _globals['_NODEVERDICT_SCORESENTRY']._serialized_start=495
-  _globals['_NODEVERDICT_SCORESENTRY']._serialized_end=540
-  _globals['_EXPLAINRESPONSE']._serialized_start=543
-  _globals['_EXPLAINRESPONSE']._serialized_end=743
-  _globals['_GETPLANREQUEST']._serialized_start=745
-  _globals['_GETPLANREQUEST']._serialized_end=761
-  _globals['_GETPLANRESPONSE']._serialized_start=763
-  _globals['_GETPLANRESPONSE']._serialized_end=882
-  _globals['_SCHEDULER']._serialized_start=995
-  _globals['_SCHEDULER']._serialized_end=1234
+  _globals['_ENSUREMODELREQUEST']._serialized_end=142
+  _globals['_ENSUREMODELRESPONSE']._serialized_start=145
+  _globals['_ENSUREMODELRESPONSE']._serialized_end=286
+  _globals['_EXPLAINREQUEST']._serialized_start=288
+  _globals['_EXPLAINREQUEST']._serialized_end=319
+  _globals['_NODEVERDICT']._serialized_start=322
+  _globals['_NODEVERDICT']._serialized_end=577
+  _globals['_NODEVERDICT_SCORESENTRY']._serialized_start=532
+  _globals['_NODEVERDICT_SCORESENTRY']._serialized_end=577
+  _globals['_EXPLAINRESPONSE']._serialized_start=580
+  _globals['_EXPLAINRESPONSE']._serialized_end=780
+  _globals['_GETPLANREQUEST']._serialized_start=782
+  _globals['_GETPLANREQUEST']._serialized_end=798
+  _globals['_GETPLANRESPONSE']._serialized_start=800
+  _globals['_GETPLANRESPONSE']._serialized_end=919
+  _globals['_SCHEDULER']._serialized_start=1032
+  _globals['_SCHEDULER']._serialized_end=1271
 # @@protoc_insertion_point(module_scope)

@@ -47,19 +47,27 @@ class EnsureModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     REQUESTER_FIELD_NUMBER: _builtins.int
+    WAKE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """name or alias"""
     requester: _builtins.str
     """router id, for logs"""
+    wake: _builtins.bool
+    """A router predicts that a request starts sooner on one of the model's asleep replicas
+    (restored from CPU RAM or disk) than queued behind its READY ones: the scheduler places one
+    more replica now, if the model's max_replicas and memory allow (where it decides; its
+    `locality` scorer prefers the node the model sleeps on).
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         requester: _builtins.str = ...,
+        wake: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "requester", b"requester"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "requester", b"requester", "wake", b"wake"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -73,12 +81,15 @@ class EnsureModelResponse(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     READY_IN_S_FIELD_NUMBER: _builtins.int
+    WAKE_REFUSED_FIELD_NUMBER: _builtins.int
     outcome: Global___EnsureOutcome.ValueType
     message: _builtins.str
     ready_in_s: _builtins.float
     """Estimated seconds until a replica can serve: 0 when one is READY; otherwise the model's
     last measured load (+ warm-up), or its size over the bandwidth of the tier it loads from.
     """
+    wake_refused: _builtins.str
+    """For a wake: "" when one more replica is placed (it restores now); else why not."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -88,10 +99,11 @@ class EnsureModelResponse(_message.Message):
         nodes: _abc.Iterable[_builtins.str] | None = ...,
         message: _builtins.str = ...,
         ready_in_s: _builtins.float = ...,
+        wake_refused: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "nodes", b"nodes", "outcome", b"outcome", "ready_in_s", b"ready_in_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "nodes", b"nodes", "outcome", b"outcome", "ready_in_s", b"ready_in_s", "wake_refused", b"wake_refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

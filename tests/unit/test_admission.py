@@ -14,6 +14,7 @@ from meshserve.cluster.store import EtcdConfig, connect
 from meshserve.router.core.admission import Admission
 from meshserve.router.core.demand import DemandTracker
 from meshserve.router.core.ensure import Ensured
+from meshserve.router.core.prefixes import Prompt
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Route
@@ -54,7 +55,7 @@ def admission(*replicas: S.ReplicaStatus, per_model: int = 8, ready_in_s: float 
     table = EndpointTable(connect(EtcdConfig("127.0.0.1:1")), Keyspace())  # never started
     install(table, [spec("m")], replicas)
 
-    async def ensure(_model: str) -> Ensured:
+    async def ensure(_model: str, _wake: bool = False) -> Ensured:
         return Ensured("", ready_in_s)
 
     return Admission(table, ensure, Breakers(), DemandTracker("r"), per_model, 30.0, 0.05)
@@ -139,7 +140,7 @@ async def test_a_repository_load_waits_through_the_one_cold_start_loop() -> None
     answers: list[str] = []
     verdict = ""
 
-    async def ensure(model: str) -> Ensured:
+    async def ensure(model: str, _wake: bool = False) -> Ensured:
         answers.append(model)
         return Ensured(verdict)
 
@@ -189,3 +190,81 @@ def test_an_unreachable_only_replica_waits_for_the_table_not_the_attempt_count()
     install(table, [], [replica("b")])  # another replica to go to: the attempt counts
     with pytest.raises(ServiceError):
         policy.retry(Tries("m"), slot, dead, 100.0)
+
+
+def asleep(node: str, restore_s: float, tier: int = S.TIER_HOST) -> S.ReplicaStatus:
+    r = replica(node)
+    r.state, r.tier, r.restore_seconds = S.REPLICA_STATE_OFFLOADED, tier, restore_s  # type: ignore[assignment]
+    return r
+
+
+def waking(*replicas: S.ReplicaStatus, refuse: str = "") -> tuple[Admission, list[bool]]:
+    """An admission whose scheduler records each EnsureModel's ``wake`` and refuses with
+    ``refuse`` (when set)."""
+    table = EndpointTable(connect(EtcdConfig("127.0.0.1:1")), Keyspace())  # never started
+    install(table, [spec("m")], replicas)
+    asked: list[bool] = []
+
+    async def ensure(_model: str, wake: bool = False) -> Ensured:
+        asked.append(wake)
+        return Ensured("", 0.0, refuse if wake else "")
+
+    return Admission(table, ensure, Breakers(), DemandTracker("r"), 8, 30.0, 0.05), asked
+
+
+async def test_a_request_with_no_free_slot_wakes_an_asleep_replica_and_takes_it() -> None:
+    """The READY replica's slot is taken: the router asks the scheduler for a wake (once,
+    however many wait), of the quickest sleeper, and the request takes it once it turns READY,
+    before the busy one frees; the route lists it as asleep until then."""
+    a, asked = waking(replica("n1", max_streams=1), asleep("n2", 0.3), asleep("n3", 2.0))
+    assert [e.node_id for e in route(a).asleep] == ["n2", "n3"]
+    assert route(a).asleep[0].restore_s == 0.3
+    busy = await a.acquire(route(a))
+    waiters = [asyncio.create_task(a.acquire(route(a), deadline_s=5)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert asked == [True] and not any(w.done() for w in waiters)
+    [(_asked, d)] = list(a.decisions.last("m", 1))
+    assert "woke an asleep replica" in d.note and "n2" in d.note, d.note
+    install(a.table, [spec("m")], [replica("n2", max_streams=1)])  # restored: READY
+    first = await asyncio.wait_for(waiters[0], 1)
+    assert first.endpoint.node_id == "n2" and not waiters[1].done()
+    # The other still finds no slot: it wakes the next sleeper, but takes the first slot that
+    # frees on a READY replica meanwhile.
+    await asyncio.sleep(0.05)
+    assert asked == [True, True] and a.wakes.pending["m"].endpoint.node_id == "n3"
+    a.release(busy)
+    assert (await asyncio.wait_for(waiters[1], 1)).endpoint.node_id == "n1"
+    await a.close()
+
+
+async def test_a_refused_wake_sends_requests_back_to_the_ready_replicas() -> None:
+    a, asked = waking(replica("n1", max_streams=1), asleep("n2", 0.3), refuse="max_replicas")
+    busy = await a.acquire(route(a))
+    waiter = asyncio.create_task(a.acquire(route(a), deadline_s=5))
+    await asyncio.sleep(0.05)
+    assert asked == [True] and a.wakes.pending["m"].refused == "max_replicas"
+    a.release(busy)
+    assert (await asyncio.wait_for(waiter, 1)).endpoint.node_id == "n1"
+    await a.close()
+
+
+async def test_a_free_slot_is_taken_unless_the_sleeper_answers_over_twice_as_fast() -> None:
+    """With a slot free, the prediction decides (restore + prefill vs queue + prefill): a
+    replica with a long queue loses to a quick restore, a short one keeps the request."""
+    prompt = Prompt(tokens=4_000)
+    quick = replica("n1", max_streams=64)
+    quick.waiting = 0
+    a, asked = waking(quick, asleep("n2", 0.2))
+    slot = await a.acquire(route(a), prompt=prompt)
+    assert slot.endpoint.node_id == "n1" and asked == []
+    a.release(slot)
+    jammed = replica("n1", max_streams=64)
+    jammed.waiting = 40  # 40 prompts queued in its engine: seconds of prefill ahead
+    b, asked = waking(jammed, asleep("n2", 0.2))
+    waiter = asyncio.create_task(b.acquire(route(b), deadline_s=5, prompt=prompt))
+    await asyncio.sleep(0.05)
+    assert asked == [True] and not waiter.done()
+    install(b.table, [spec("m")], [replica("n2", max_streams=64)])
+    assert (await asyncio.wait_for(waiter, 1)).endpoint.node_id == "n2"
+    await a.close()
+    await b.close()

@@ -139,3 +139,16 @@ def test_the_window_keeps_its_maximum_in_a_few_entries(steps: list[tuple[float, 
         expected = max(r for t, r in history if now - t < POLICY.scale_down_delay_s)
         assert max(r for _t, r in state.window) == expected
         assert len(state.window) <= (POLICY.max_replicas or 0) + 1  # a decreasing run of values
+
+
+def test_a_router_s_wake_adds_one_replica_at_once_within_max_replicas() -> None:
+    """EnsureModel ``wake`` (a router judged an asleep replica faster than queueing): one more
+    replica than was placed, without the up cooldown, never past max_replicas; merged by max."""
+    policy = ScalePolicy(min_replicas=1, max_replicas=3, scale_down_delay_s=30)
+    steady = ScaleState(1, changed_at=99.0)  # just changed: a plain +1 would wait the cooldown
+    assert step(policy, Load(in_flight=1), steady, now=100.0).replicas == 1
+    assert step(policy, Load(in_flight=1, wake_to=2), steady, now=100.0).replicas == 2
+    assert recommend(policy, Load(wake_to=9), 1, now=0) == 3  # clamped
+    assert merge([Load(wake_to=2), Load(wake_to=3)]).wake_to == 3
+    demand = cluster_pb2.RouterDemand(router_id="r")
+    assert loads([demand], {}, None, {"m": 2})["m"].wake_to == 2

@@ -302,3 +302,36 @@ def test_scaled_to_zero_model_waits_in_cpu_ram_only_while_there_is_room() -> Non
     # ... unless the host budget has no room: then it is dropped, never sent to disk.
     assert plan_for(4, {"a": frozenset({"idle"})}, {}).offloads == {}
     assert plan_for(8, {}, {"a": {"idle": DISK}}).offloads == {}
+
+
+def test_a_spare_replica_scaled_down_waits_in_cpu_ram_unless_it_failed_or_its_node_drains() -> None:
+    """Scaled from 2 replicas to 1: the one dropped waits in CPU RAM while the host budget has
+    room (a router may wake it), not on a draining node, not where it FAILED, not without room."""
+
+    def plan_for(
+        host_gib: float = 8,
+        draining: bool = False,
+        failed: frozenset[tuple[str, str]] = frozenset(),
+    ) -> Plan:
+        return place(
+            ClusterSnapshot(
+                nodes=(
+                    NodeView("a", 10 * GiB, host_capacity_bytes=8 * GiB),
+                    NodeView(
+                        "b", 10 * GiB, host_capacity_bytes=int(host_gib * GiB), draining=draining
+                    ),
+                ),
+                models=(model("m", 6, wanted=1, last_used=9),),
+                current={"a": frozenset({"m"}), "b": frozenset({"m"})},
+                failed=failed,
+            )
+        )
+
+    plan = plan_for()
+    kept = next(n for n in ("a", "b") if held(plan, n) == {"m"})
+    spare = "b" if kept == "a" else "a"
+    assert plan.offloads == {spare: {"m": HOST}}
+    no_room_on_b = plan_for(host_gib=4).offloads
+    assert no_room_on_b == ({} if spare == "b" else {"a": {"m": HOST}})
+    assert plan_for(draining=True).offloads == {}  # b drains: m stays on a, nothing kept on b
+    assert plan_for(failed=frozenset({("m", "b")})).offloads == {}

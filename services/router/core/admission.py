@@ -10,7 +10,8 @@ quarter of a replica's slots, so interactive requests find one free at once. Sat
 never failure: an agent's RESOURCE_EXHAUSTED (other routers filled it) sends the request back
 here. A model with no READY replica is a cold start:
 one EnsureModel at a time per model (singleflight), repeated while anyone waits; a READY fallback
-model serves meanwhile.
+model serves meanwhile. A request that would queue behind saturated READY replicas may wait for
+an asleep one to be woken instead (wakes.py).
 
 Picking: the routing pipeline (routing/pipeline.py: filters free slot, not excluded for this
 request (the relay excludes a replica it gave up on), breaker (soft: an open one is used when
@@ -36,6 +37,7 @@ from meshserve.router.core.demand import DemandTracker
 from meshserve.router.core.ensure import ColdStarts, Ensured
 from meshserve.router.core.prefixes import NOT_HASHED, Pending, Prefixes, Prompt
 from meshserve.router.core.table import EndpointTable
+from meshserve.router.core.wakes import Wakes
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Endpoint, Route, RouteTable
 from meshserve.router.routing.exclusions import Identity
@@ -91,7 +93,7 @@ class Admission:
     def __init__(
         self,
         table: EndpointTable,
-        ensure: Callable[[str], Coroutine[Any, Any, Ensured]],
+        ensure: Callable[[str, bool], Coroutine[Any, Any, Ensured]],
         breakers: Breakers,
         demand: DemandTracker,
         per_model: int,
@@ -125,6 +127,7 @@ class Admission:
             self.prefixes.predict,
             breakers.all_closed,
         )
+        self.wakes = Wakes(ensure, self.prefixes.predict, self.prefixes.matches, self._dispatch_all)
         table.subscribe(self._on_table)
 
     # --- taking and giving back slots --------------------------------------------------------
@@ -153,7 +156,8 @@ class Admission:
             if slot is not None:
                 return self._take(slot)
             if refused is not None and refused.candidates:  # why it waits, for explain-route
-                self.decisions.record(model, replace(refused, note="none free: queued"))
+                note = refused.note or "none free: queued"
+                self.decisions.record(model, replace(refused, note=note))
         if len(queue) >= self.per_model:
             self._shed_for(model, queue, who.priority)
         waiter = _Waiter(route, ask)
@@ -257,6 +261,10 @@ class Admission:
                 r.spec.routing_weights or self.weights,
                 next(self._tiebreak),
             )
+            if r is route and (route.asleep or r.spec.name in self.wakes.pending):
+                note = self.wakes.consider(route, ask, d, time.monotonic())
+                if note:  # it waits for an asleep replica being woken
+                    return None, replace(d, chosen=None, note=note)
             if d.chosen is not None:
                 self.decisions.record(asked, d)
                 return Slot(r, d.chosen, decision=d), d
@@ -303,6 +311,7 @@ class Admission:
             route = table.routes.get(model)
             if route is not None:
                 metrics.READY_REPLICAS.labels(model).set(len(route.ready))
+                self.wakes.seen(route)
             else:
                 self.decisions.drop(model)
                 with contextlib.suppress(KeyError):
@@ -379,3 +388,4 @@ class Admission:
 
     async def close(self) -> None:
         await self.cold.close()
+        await self.wakes.close()

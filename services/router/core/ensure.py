@@ -28,13 +28,14 @@ class Ensured:
 
     unplaceable: str = ""  # why it cannot place the model; "" when it is (being) placed
     ready_in_s: float = 0.0  # its estimate of when a replica can serve (0: unknown or now)
+    wake_refused: str = ""  # asked to wake one more replica: why not ("" when it does)
 
 
 class ColdStarts:
     def __init__(
         self,
         table: EndpointTable,
-        ensure: Callable[[str], Coroutine[Any, Any, Ensured]],
+        ensure: Callable[[str, bool], Coroutine[Any, Any, Ensured]],
         interval_s: float,
         queued: Callable[[str], bool],
         on_estimate: Callable[[str], None],
@@ -64,7 +65,7 @@ class ColdStarts:
             if self._ready(model):
                 return
             try:
-                answer = await self.ensure(model)
+                answer = await self.ensure(model, False)
                 self.unplaceable[model] = answer.unplaceable
                 if answer.ready_in_s > 0:
                     self.ready_at[model] = time.monotonic() + answer.ready_in_s

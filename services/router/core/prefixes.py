@@ -259,13 +259,13 @@ class Prefixes:
             [m.host * e.kv_block_tokens for e, m in zip(cands, ms, strict=True)],
             [e.running for e in cands],
             [e.waiting for e in cands],
-            [0.0] * len(cands),
+            [e.restore_s for e in cands],
         )
 
     def work(self, model: str, e: Endpoint, ask: Ask, m: Match) -> Work:
         b = e.kv_block_tokens
         return self.forecast(model).work(
-            e.address, ask.tokens, m.blocks * b, m.host * b, e.running, waiting_elsewhere=e.waiting
+            e.address, ask.tokens, m.blocks * b, m.host * b, e.running, e.waiting, e.restore_s
         )
 
     # --- a stream's forecast ---------------------------------------------------------------------

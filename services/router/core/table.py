@@ -27,13 +27,14 @@ from meshserve.telemetry import metrics
 from meshserve.v1 import cluster_pb2, common_pb2
 
 S = cluster_pb2
+ASLEEP = (S.TIER_HOST, S.TIER_DISK)  # the tiers an OFFLOADED replica may be woken from
 
 
 def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
     """What of a replica's status the route depends on (all but its load figures)."""
     return (
         r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation, r.generation,
-        r.signature, r.kv_block_tokens, r.kv_events, r.device_kind,
+        r.signature, r.kv_block_tokens, r.kv_events, r.device_kind, r.tier, r.restore_seconds,
     )  # fmt: skip
 
 
@@ -41,6 +42,7 @@ def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
     return Endpoint(
         r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation,
         r.generation, r.running, r.kv_block_tokens, r.kv_events, r.device_kind,
+        0.0 if r.state == S.REPLICA_STATE_READY else r.restore_seconds,
     )  # fmt: skip
 
 
@@ -103,6 +105,7 @@ class TableBuilder:
                 self.statuses.pop(model, None)
             return
         ready: list[Endpoint] = []
+        asleep: list[Endpoint] = []
         loading = 0
         alive: set[tuple[str, int, int]] = set()
         signature: common_pb2.TensorSignature | None = None
@@ -126,8 +129,13 @@ class TableBuilder:
                 self.endpoints.pop(key, None)
                 if r.state in (S.REPLICA_STATE_LOADING, S.REPLICA_STATE_WARMING):
                     loading += 1
+                elif r.state == S.REPLICA_STATE_OFFLOADED and r.tier in ASLEEP:
+                    asleep.append(_endpoint(r))
         ready.sort(key=lambda e: e.node_id)
-        self._routes[model] = Route(spec, tuple(ready), loading, frozenset(alive), signature)
+        asleep.sort(key=lambda e: e.node_id)
+        self._routes[model] = Route(
+            spec, tuple(ready), loading, frozenset(alive), signature, tuple(asleep)
+        )
 
 
 def build_table(

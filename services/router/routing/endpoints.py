@@ -1,4 +1,4 @@
-"""What the router routes to (pure data): a READY replica (`Endpoint`), a model's replicas
+"""What the router routes to (pure data): a replica (`Endpoint`), a model's replicas
 (`Route`) and the table of routes with aliases resolved (`RouteTable`). The table itself is
 kept from etcd by `core.table`; routing policy reads only these."""
 
@@ -26,6 +26,7 @@ class Endpoint:
     kv_block_tokens: int = 0  # its KV block size (0: no prefix cache): prompts hash in these
     kv_events: bool = False  # its agent streams its block events (WatchKvBlocks)
     device_kind: str = ""  # "cpu" or the GPU's name: TTFT is fitted per model and kind
+    restore_s: float = 0.0  # asleep (Route.asleep): the restore its agent expects, s; else 0
 
     @property
     def identity(self) -> tuple[str, int, int]:
@@ -44,6 +45,9 @@ class Route:
     alive: frozenset[tuple[str, int, int]] = frozenset()
     # A tensor model's inputs and outputs, as its replicas published them (None: none has yet)
     signature: common_pb2.TensorSignature | None = None
+    # OFFLOADED replicas (asleep in CPU RAM or on disk), which a router may ask to wake
+    # (core.wakes) when that beats queueing on the READY ones; sorted by node id
+    asleep: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ For a prompt of ``tokens`` tokens of which a replica holds the first ``cached`` 
 
 - ``residency``: 0 when its weights are on the device; else the time to bring them back (the
   restore time its agent measured for that tier, or the model's bytes over the tier's
-  bandwidth), since a request sent to an asleep replica waits for the restore (the live router
-  routes among READY replicas only, so it passes 0; bench/routing.py's simulation uses it);
+  bandwidth: its ``restore_seconds``), since a request sent to an asleep replica waits for the
+  restore (the router weighs waking one against queueing: core/wakes.py);
 - ``queued``: prefill tokens ahead of it there (this router's streams sent but not yet started,
   plus the engine's own waiting streams at the mean prompt length);
 - ``uncached``: this prompt's tokens past its cached prefix; ``host_tokens``: the cached ones that
