@@ -26,6 +26,7 @@ import hashlib
 import time
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 from meshserve.router.routing.endpoints import Endpoint
@@ -185,11 +186,31 @@ class Scored(NamedTuple):
 class Decision:
     model: str  # whose replicas were considered (the asked model, or a fallback when cold)
     ask: Ask
-    candidates: tuple[Scored, ...]
     weights: Mapping[str, float]
     chosen: Endpoint | None = None
     note: str = ""  # e.g. a soft filter lifted
     at: float = field(default_factory=time.time)
+    # What `candidates` is made of, as `pick` left it: most decisions are never read (a span
+    # not sampled, explain-route not asked), so the per-replica rows are built when read.
+    endpoints: Sequence[Endpoint] = ()
+    rejected: Mapping[int, str] = field(default_factory=dict)  # replica index → why
+    passed: Sequence[int] = ()  # the candidates' replica indices
+    names: tuple[str, ...] = ()  # the scorers
+    columns: Sequence[Sequence[float]] = ()  # per scorer, a score per candidate
+    totals: Sequence[float] = ()  # per candidate
+
+    @cached_property
+    def candidates(self) -> tuple[Scored, ...]:
+        """Every replica: its scores when a candidate, else the filter that kept it out."""
+        per_candidate = list(zip(*self.columns, strict=True)) if self.columns else []
+        scored = {
+            i: Scored(self.endpoints[i], "", self.names, per_candidate[j], self.totals[j])
+            for j, i in enumerate(self.passed)
+        }
+        return tuple(
+            scored.get(i) or Scored(e, self.rejected.get(i, ""))
+            for i, e in enumerate(self.endpoints)
+        )
 
 
 def pick(
@@ -205,29 +226,31 @@ def pick(
     ``tiebreak`` (equal replicas share the load)."""
     rejected: dict[int, str] = {}
     soft_only: list[int] = []
+    n = len(endpoints)
     # Filter by filter over every replica (comprehensions: the common case passes them all).
-    none = [""] * len(endpoints)
-    verdicts = [
-        [f.check(e, model, ask, view) for e in endpoints] if f.active(ask, view) else none
-        for f in FILTERS
-    ]
-    for i in range(len(endpoints)):
-        for k, f in enumerate(FILTERS):
-            why = verdicts[k][i]
-            if why:
-                rejected[i] = f"{f.name}: {why}"
-                if f.soft and all(
-                    not verdicts[g][i] for g, h in enumerate(FILTERS) if g != k and not h.soft
-                ):
-                    soft_only.append(i)
-                break
+    active = [f for f in FILTERS if f.active(ask, view)]
+    verdicts = [[f.check(e, model, ask, view) for e in endpoints] for f in active]
     note = ""
-    passed = [i for i in range(len(endpoints)) if i not in rejected]
-    if not passed and soft_only:  # broken ones only when nothing else is left
-        passed, note = soft_only, "soft filters lifted: no other replica left"
-        for i in soft_only:
-            del rejected[i]
-    cands = [endpoints[i] for i in passed]
+    if not any(any(v) for v in verdicts):  # all pass: the common case, in C loops
+        passed: list[int] = list(range(n))
+        cands = list(endpoints)
+    else:
+        for i in range(n):
+            for k, f in enumerate(active):
+                why = verdicts[k][i]
+                if why:
+                    rejected[i] = f"{f.name}: {why}"
+                    if f.soft and all(
+                        not verdicts[g][i] for g, h in enumerate(active) if g != k and not h.soft
+                    ):
+                        soft_only.append(i)
+                    break
+        passed = [i for i in range(n) if i not in rejected]
+        if not passed and soft_only:  # broken ones only when nothing else is left
+            passed, note = soft_only, "soft filters lifted: no other replica left"
+            for i in soft_only:
+                del rejected[i]
+        cands = [endpoints[i] for i in passed]
     # a weight for a scorer this router lacks (a newer spec) counts for nothing
     names = tuple(name for name, w in weights.items() if w and name in scorers)
     columns = [scorers[name](model, cands, ask, view) for name in names]
@@ -235,19 +258,18 @@ def pick(
     for name, col in zip(names, columns, strict=True):
         w = weights[name]
         totals = [t + w * x for t, x in zip(totals, col, strict=True)]
-    per_candidate = list(zip(*columns, strict=True)) if columns else [()] * len(cands)
     m = len(passed)
-    scored = {
-        i: Scored(endpoints[i], "", names, per_candidate[j], totals[j])
-        for j, i in enumerate(passed)
-    }
-    # Ties rotate among the candidates left, so equal replicas share the load evenly.
-    best_j = max(range(m), key=lambda j: (totals[j], -((j - tiebreak) % m)), default=None)
-    best = passed[best_j] if best_j is not None else None
-    n = len(endpoints)
-    rows = tuple([scored.get(i) or Scored(endpoints[i], rejected[i]) for i in range(n)])
-    chosen = endpoints[best] if best is not None else None
-    return Decision(model, ask, rows, weights, chosen, note)
+    chosen = None
+    if m:  # ties rotate among the candidates left, so equal replicas share the load evenly
+        top = max(totals)
+        tied = [j for j, t in enumerate(totals) if t == top]
+        best_j = min(tied, key=lambda j: (j - tiebreak) % m) if len(tied) > 1 else tied[0]
+        chosen = endpoints[passed[best_j]]
+    return Decision(
+        model, ask, weights, chosen, note,
+        endpoints=endpoints, rejected=rejected, passed=passed, names=names, columns=columns,
+        totals=totals,
+    )  # fmt: skip
 
 
 def rank(
