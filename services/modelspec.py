@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from meshserve.artifacts.s3 import Location, is_registry
 from meshserve.batchconfig import BatchConfig
 from meshserve.cluster.keys import check_name
 from meshserve.sizes import parse_bytes
@@ -36,6 +37,9 @@ FIELDS = {
     "target_in_flight_per_replica",
     "scale_down_delay_s",
     "routing",
+    "revision",  # registry sources (s3://): the manifest's sha256 (`model apply` fills it in)
+    "endpoint",
+    "region",
 }
 DEFAULT_KV_HEADROOM = 64 * 2**20
 # The routers' scorers (router/routing/pipeline.py; a unit test holds the two lists equal).
@@ -77,8 +81,16 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         raise ValueError("fields 'name' and 'source' are required")
     name = check_name("model", str(d["name"]))
     engine = str(d.get("engine", "torch")).upper()
+    registry = is_registry(str(d["source"]))
     source = Path(str(d["source"])).expanduser()
-    if not source.is_absolute() and engine != "SIM":  # a sim model's source is only a label
+    if registry:
+        Location.parse(str(d["source"]), str(d.get("endpoint", "")), str(d.get("region", "")))
+        revision = str(d.get("revision", ""))
+        if revision and (len(revision) != 64 or any(c not in "0123456789abcdef" for c in revision)):
+            raise ValueError(f"revision: a manifest's sha256 (64 hex digits), got {revision!r}")
+    elif {"revision", "endpoint", "region"} & set(d):
+        raise ValueError("revision, endpoint and region belong to registry (s3://) sources")
+    if not source.is_absolute() and engine != "SIM" and not registry:  # sim: a label
         source = (base / source).resolve()
     if f"ENGINE_KIND_{engine}" not in cluster_pb2.EngineKind.keys():  # noqa: SIM118 - protobuf enum wrapper is not iterable
         raise ValueError(f"engine: must be torch, vllm or sim, got {d.get('engine')!r}")
@@ -87,12 +99,20 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         raise ValueError(
             f"priority: must be low, normal, high or critical, got {d.get('priority')!r}"
         )
-    memory = parse_bytes(str(d["memory"])) if "memory" in d else weights_bytes(source)
+    if "memory" in d:
+        memory = parse_bytes(str(d["memory"]))
+    elif registry:
+        raise ValueError("memory: not given (`meshserve model apply` reads it from the manifest)")
+    else:
+        memory = weights_bytes(source)
     if memory <= 0:
         raise ValueError(f"memory: not given and no weights found under {source}")
     spec = cluster_pb2.ModelSpec(
         name=name,
-        source=str(source) if engine != "SIM" else str(d["source"]),
+        source=str(source) if engine != "SIM" and not registry else str(d["source"]),
+        revision=str(d.get("revision", "")),
+        source_endpoint=str(d.get("endpoint", "")),
+        source_region=str(d.get("region", "")),
         engine=cluster_pb2.EngineKind.Value(f"ENGINE_KIND_{engine}"),
         engine_args={str(k): str(v) for k, v in (d.get("engine_args") or {}).items()},
         memory_bytes=memory,

@@ -169,14 +169,65 @@ def model_apply(file: Path, etcd: Etcd = "", prefix: Prefix = SERVICE.prefix) ->
     try:
         docs = yaml.safe_load(file.read_text())
         items = docs if isinstance(docs, list) else [docs]
-        specs = [spec_from_dict(d, base=file.parent) for d in items]
+        specs = [spec_from_dict(asyncio.run(pin_registry(d)), base=file.parent) for d in items]
     except (OSError, ValueError, yaml.YAMLError, TypeError) as e:
         raise fail(f"{file}: {e}") from None
     for spec in specs:
         asyncio.run(apply_spec(default_etcd(etcd), prefix, spec))
+        pinned = f", revision {spec.revision[:12]}" if spec.revision else ""
         console.print(
-            f"applied model [bold]{spec.name}[/bold] ({spec.memory_bytes / 2**20:.1f} MiB)"
+            f"applied model [bold]{spec.name}[/bold] ({spec.memory_bytes / 2**20:.1f} MiB{pinned})"
         )
+
+
+async def pin_registry(d: Any) -> Any:
+    """A registry (s3://) model's document with its revision pinned — the registry's manifest
+    now, which must equal a revision the document names — and its memory from the manifest's
+    weights when not given. Other documents pass unchanged."""
+    from meshserve.artifacts.s3 import Location, is_registry, read_manifest
+
+    if not isinstance(d, dict) or not is_registry(str(d.get("source", ""))):
+        return d
+    loc = Location.parse(str(d["source"]), str(d.get("endpoint", "")), str(d.get("region", "")))
+    try:
+        manifest, _raw = await read_manifest(loc)
+    except FileNotFoundError:
+        raise ValueError(f"{loc.url}: no manifest there (`meshserve model push` first)") from None
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{loc.url}: the registry failed: {e}") from None
+    if d.get("revision") and d["revision"] != manifest.revision:
+        raise ValueError(
+            f"revision: {loc.url} holds {manifest.revision}, not the {d['revision']} pinned here"
+        )
+    return {"memory": str(manifest.weights_bytes()), **d, "revision": manifest.revision}
+
+
+@model_app.command("push")
+def model_push(
+    directory: Path,
+    destination: Annotated[str, typer.Argument(help="s3://bucket/prefix")],
+    endpoint: Annotated[str, typer.Option(help="the registry's URL; default AWS S3")] = "",
+    region: Annotated[str, typer.Option(help="default $AWS_REGION, else us-east-1")] = "",
+) -> None:
+    """Upload a model directory to an S3-compatible registry with its manifest (every file's
+    size and sha256); prints the revision that pins it. Credentials: the AWS_* variables."""
+    from meshserve.artifacts.s3 import Location, push
+
+    try:
+        loc = Location.parse(destination, endpoint, region)
+        if not directory.is_dir():
+            raise ValueError(f"{directory}: not a directory")
+        started = time.monotonic()
+        manifest = asyncio.run(push(directory, loc))
+    except Exception as e:
+        raise fail(f"push: {e}") from None
+    seconds = time.monotonic() - started
+    console.print(
+        f"pushed {len(manifest.files)} files ({manifest.total_bytes / 2**20:.1f} MiB) to "
+        f"{loc.url} in {seconds:.1f} s\nrevision {manifest.revision}"
+    )
 
 
 @app.command()

@@ -66,6 +66,12 @@ def agent(
     cache_dir: Annotated[
         str, typer.Option(envvar="MESHSERVE_CACHE_DIR", help="disk tier; ~/.cache/meshserve/<node>")
     ] = AgentConfig.cache_dir,
+    artifact_cache_size: Annotated[
+        str,
+        typer.Option(
+            help="bytes of registry weights cached here, e.g. 200GiB; default half the disk"
+        ),
+    ] = "",
     lease_ttl: LeaseTtl = SERVICE.lease_ttl_s,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = AgentConfig.threads,
     max_in_flight: Annotated[
@@ -124,6 +130,7 @@ def agent(
             memory_limit_bytes=parse_bytes(memory_limit) if memory_limit else 0,
             host_memory_limit_bytes=parse_bytes(host_memory_limit) if host_memory_limit else 0,
             cache_dir=cache_dir,
+            artifact_cache_bytes=parse_bytes(artifact_cache_size) if artifact_cache_size else 0,
             threads=threads,
             max_in_flight=max_in_flight,
             drain_grace_s=drain_grace,

@@ -20,6 +20,9 @@ class AgentConfig:
     memory_limit_bytes: int = 0  # cap on memory offered to models; 0 = the device's
     host_memory_limit_bytes: int = 0  # CPU RAM offered to offloaded models; 0 = half the host's
     cache_dir: str = ""  # TIER_DISK copies; "" = ~/.cache/meshserve/<node_id>
+    # The artifact cache (registry sources: <cache_dir>/artifacts) holds at most this many
+    # bytes; 0 = half the size of the filesystem it is on.
+    artifact_cache_bytes: int = 0
     threads: int = 2  # torch intra-op threads
     max_in_flight: int = 64  # streams per model before RESOURCE_EXHAUSTED
     # How long a drain (an unload, a tier change, the agent's shutdown) lets in-flight streams
@@ -35,6 +38,8 @@ class AgentConfig:
         check_name("node", self.node_id)
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.artifact_cache_bytes < 0:
+            raise ValueError("artifact_cache_bytes must be >= 0")
         if self.memory_limit_bytes < 0 or self.host_memory_limit_bytes < 0:
             raise ValueError("memory_limit_bytes and host_memory_limit_bytes must be >= 0")
         if self.threads < 1 or self.max_in_flight < 1:

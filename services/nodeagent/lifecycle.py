@@ -17,6 +17,8 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import replace
 from pathlib import Path
 
+from meshserve.artifacts.cache import ArtifactError, node_cache
+from meshserve.artifacts.s3 import Location, is_registry
 from meshserve.nodeagent.binding import bind
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe
@@ -59,6 +61,7 @@ class Lifecycle:
             threads=config.threads,
             cache_dir=config.tier_cache_dir,
         )
+        self.artifacts = node_cache(config, lambda: {r.spec.revision for r in replicas.values()})
 
     # --- starting steps (never wait for them) ------------------------------------------------
 
@@ -150,9 +153,10 @@ class Lifecycle:
         model = r.spec.name
         started = time.monotonic()
         try:
+            spec = await self._artifacts(r) if is_registry(r.spec.source) else r.spec
             async with self._load_lock:
                 r.status.predicted_bytes = await asyncio.to_thread(
-                    predict_weight_bytes, Path(r.spec.source), r.spec.engine_args.get("dtype")
+                    predict_weight_bytes, Path(spec.source), spec.engine_args.get("dtype")
                 )
                 await self.publisher.set_state(r, S.REPLICA_STATE_LOADING)
                 with _tracer.start_as_current_span(
@@ -167,9 +171,9 @@ class Lifecycle:
                     r.status.load_trace = traceparent(span)  # published with LOADING
                     r.status.loaded_from = "source"
                     config = await self._engine_config_for(r)
-                    engine = await asyncio.to_thread(make_engine, r.spec, config)
+                    engine = await asyncio.to_thread(make_engine, spec, config)
                     r.engine = engine
-                    await engine.load(r.spec)
+                    await engine.load(spec)
                     self._report_blocks(r, engine)
                     r.status.memory_bytes = engine.memory_bytes()
                     r.status.tier_note = engine.tier_note
@@ -238,6 +242,29 @@ class Lifecycle:
             memory_budget_bytes=r.budget_bytes,
             device_total_bytes=b.memory_total_bytes,
         )
+
+    async def _artifacts(self, r: Replica) -> cluster_pb2.ModelSpec:
+        """A registry model's files in the node cache (fetched as needed, progress published):
+        its spec with ``source`` that directory, for the engine."""
+        with _tracer.start_as_current_span(
+            "model.fetch", attributes={"gen_ai.request.model": r.spec.name}
+        ) as span:
+            loc = Location.parse(r.spec.source, r.spec.source_endpoint, r.spec.source_region)
+            if not r.spec.revision:
+                raise ArtifactError(
+                    f"{loc.url}: no revision pinned (`meshserve model apply` records it)"
+                )
+
+            def progress(held: int, total: int) -> None:
+                r.status.download_bytes, r.status.download_total_bytes = held, total
+                self.publisher.mark_dirty(r.spec.name)
+
+            local = await self.artifacts.materialize(loc, r.spec.revision, progress)
+            span.set_attribute("meshserve.download_bytes", r.status.download_total_bytes)
+        spec = cluster_pb2.ModelSpec()
+        spec.CopyFrom(r.spec)
+        spec.source = str(local)
+        return spec
 
     async def _warm_up(self, r: Replica) -> None:
         """Warm-up requests must pass before a replica is READY (after a load or a restore)."""

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from meshserve.artifacts.cache import NodeCache
 from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
 from meshserve.nodeagent.config import AgentConfig
@@ -33,6 +34,7 @@ STABLE_FIELDS = (
     "host_capacity_bytes",
     "host_used_bytes",
     "disk_used_bytes",
+    "cached_revisions",  # a model's bytes arrived (or left): locality changes at once
 )
 
 
@@ -85,6 +87,7 @@ class StatusPublisher:
         self._last_node: cluster_pb2.NodeStatus | None = None
         self._last_node_at = 0.0
         self.throughput = Throughput(config.decode_tokens_per_s)
+        self.artifacts: NodeCache | None = None  # the node's registry cache (published)
 
     # --- replicas ----------------------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class StatusPublisher:
     def node_status(self) -> cluster_pb2.NodeStatus:
         report = self.probe.read()
         engines = [r.engine for r in self.replicas.values() if r.engine is not None]
+        cache = self.artifacts
         return S.NodeStatus(
             node_id=self.config.node_id,
             address=self.address,
@@ -149,6 +153,10 @@ class StatusPublisher:
             disk_used_bytes=sum(e.disk_bytes() for e in engines),
             draining=self.draining,
             device_kind=report.kind,
+            cached_revisions=cache.revisions() if cache else (),
+            cache_used_bytes=cache.used_bytes() if cache else 0,
+            cache_capacity_bytes=cache.capacity_bytes if cache else 0,
+            registry_bytes_per_s=cache.bytes_per_s if cache else 0.0,
             throughput=[
                 S.DeviceThroughput(
                     device_id=t.device_id,

@@ -68,6 +68,7 @@ class Reconciler:
         self._probe = probe
         self.publisher = StatusPublisher(config, store, session, probe, self.replicas)
         self.lifecycle = Lifecycle(config, probe, self.publisher, self.replicas, self._wake_up)
+        self.publisher.artifacts = self.lifecycle.artifacts
         self.max_epoch = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -102,7 +102,11 @@ class SchedulerLoop:
     def ready_in_s(self, spec: cluster_pb2.ModelSpec) -> float:
         """Seconds until ``spec`` can serve, as far as this scheduler knows (eta.py)."""
         return ready_in_s(
-            spec, self.replicas.snapshot.values(), self.measured_load_s, self.profile.reload
+            spec,
+            self.replicas.snapshot.values(),
+            self.measured_load_s,
+            self.profile.reload,
+            self.nodes.snapshot.values(),
         )
 
     async def ensure(self, model: str, wake: bool = False) -> None:

@@ -193,14 +193,19 @@ class BinPack:
 
 
 class Locality:
-    """score = 1 where the node holds the model in CPU RAM, 0.5 on its disk, else 0 (a restore
-    beats a load from the source)."""
+    """score = 1 where the node holds the model in CPU RAM, 0.5 on its disk, 0.25 where its
+    artifact cache holds the model's registry revision (no download), else 0 (a restore beats a
+    load from local files, which beats a download)."""
 
     name = "locality"
 
     def score(self, m: ModelView, node: NodeView, devices: tuple[int, ...], st: PlanState) -> float:
         tier = st.offloaded.get(node.node_id, {}).get(m.name)
-        return 1.0 if tier == HOST else 0.5 if tier == DISK else 0.0
+        if tier == HOST:
+            return 1.0
+        if tier == DISK:
+            return 0.5
+        return 0.25 if m.revision and m.revision in node.cached else 0.0
 
 
 class PriorityShelter:

@@ -185,6 +185,7 @@ def build_snapshot(
                 strategy=spec.placement_strategy,
                 gpu_types=frozenset(spec.gpu_types),
                 node_selector=dict(spec.node_selector),
+                revision=spec.revision,
                 request_rate=load[spec.name].rate if spec.name in load else 0.0,
                 tokens_per_s=decode.get(spec.name, 0.0),
             )
@@ -242,4 +243,5 @@ def node_view(n: cluster_pb2.NodeStatus, cordon: cluster_pb2.NodeCordon | None =
         devices,
         dict(n.labels),
         ("drain" if cordon.drain else "cordon") if cordon is not None else "",
+        frozenset(n.cached_revisions),
     )

@@ -30,6 +30,7 @@ class NodeView:
     devices: tuple[Device, ...] = ()  # empty: one device of capacity_bytes (a CPU node)
     labels: Mapping[str, str] = field(default_factory=dict)
     cordon: str = ""  # an operator's hold: "cordon" or "drain" (nothing new goes there)
+    cached: frozenset[str] = frozenset()  # model revisions its artifact cache holds whole
 
     @property
     def closed(self) -> bool:
@@ -52,6 +53,7 @@ class ModelView:
     strategy: str = ""  # "binpack" | "spread" | "" (the profile's)
     gpu_types: frozenset[str] = frozenset()  # allowed GPU types; empty = any
     node_selector: Mapping[str, str] = field(default_factory=dict)
+    revision: str = ""  # a registry model's pinned revision ("" for a local source)
     request_rate: float = 0.0  # requests/s now (eviction cost)
     tokens_per_s: float = 0.0  # tokens/s its demand asks for, over all replicas; 0 = unknown
 

@@ -211,6 +211,9 @@ class ModelSpec(_message.Message):
     SCALE_DOWN_DELAY_S_FIELD_NUMBER: _builtins.int
     UNLOADED_UNIX_MS_FIELD_NUMBER: _builtins.int
     ROUTING_WEIGHTS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    SOURCE_ENDPOINT_FIELD_NUMBER: _builtins.int
+    SOURCE_REGION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """local directory with config.json + safetensors"""
@@ -246,6 +249,15 @@ class ModelSpec(_message.Message):
     """Scaled to zero at this time (KServe v2 RepositoryModelUnload): no replica is wanted until a
     request arrives after it. 0 = not unloaded. Needs min_replicas 0.
     """
+    revision: _builtins.str
+    """Weights from a registry: ``source`` "s3://bucket/prefix" (an S3-compatible store; path-style
+    addressing; credentials from the agent's AWS_* environment) at ``source_endpoint`` (e.g.
+    "http://minio:9000"; empty: AWS) in ``source_region``. ``revision``: the sha256 of the
+    prefix's manifest (meshserve-manifest.json: every file's path, size and sha256), pinning the
+    content; `model apply` records it, and an agent refuses weights that do not match it.
+    """
+    source_endpoint: _builtins.str
+    source_region: _builtins.str
     @_builtins.property
     def engine_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -300,10 +312,13 @@ class ModelSpec(_message.Message):
         scale_down_delay_s: _builtins.int = ...,
         unloaded_unix_ms: _builtins.int = ...,
         routing_weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        revision: _builtins.str = ...,
+        source_endpoint: _builtins.str = ...,
+        source_region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "revision", b"revision", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "source_endpoint", b"source_endpoint", "source_region", b"source_region", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,6 +491,10 @@ class NodeStatus(_message.Message):
     HOST_USED_BYTES_FIELD_NUMBER: _builtins.int
     DISK_USED_BYTES_FIELD_NUMBER: _builtins.int
     THROUGHPUT_FIELD_NUMBER: _builtins.int
+    CACHED_REVISIONS_FIELD_NUMBER: _builtins.int
+    CACHE_USED_BYTES_FIELD_NUMBER: _builtins.int
+    CACHE_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    REGISTRY_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     """host:port of the agent's gRPC server"""
@@ -494,6 +513,10 @@ class NodeStatus(_message.Message):
     """CPU RAM its offloaded models take"""
     disk_used_bytes: _builtins.int
     """local disk its TIER_DISK models take"""
+    cache_used_bytes: _builtins.int
+    cache_capacity_bytes: _builtins.int
+    registry_bytes_per_s: _builtins.float
+    """Bytes/s of its last registry downloads (smoothed; 0 = none yet): cold-start estimates."""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
         """empty on a host without an NVIDIA driver"""
@@ -504,6 +527,12 @@ class NodeStatus(_message.Message):
     def throughput(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceThroughput]:
         """Decode throughput per device, measured from the engines' own token counters: one entry per
         GPU uuid that holds a replica (device_id "" is the memory of a node without GPUs).
+        """
+
+    @_builtins.property
+    def cached_revisions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Model revisions whose files the node's artifact cache holds whole (registry sources): the
+        scheduler's locality scorer prefers these nodes (no download at cold start).
         """
 
     def __init__(
@@ -523,10 +552,14 @@ class NodeStatus(_message.Message):
         host_used_bytes: _builtins.int = ...,
         disk_used_bytes: _builtins.int = ...,
         throughput: _abc.Iterable[Global___DeviceThroughput] | None = ...,
+        cached_revisions: _abc.Iterable[_builtins.str] | None = ...,
+        cache_used_bytes: _builtins.int = ...,
+        cache_capacity_bytes: _builtins.int = ...,
+        registry_bytes_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity_bytes", b"capacity_bytes", "device_kind", b"device_kind", "disk_used_bytes", b"disk_used_bytes", "draining", b"draining", "gpus", b"gpus", "host_capacity_bytes", b"host_capacity_bytes", "host_memory_available_bytes", b"host_memory_available_bytes", "host_memory_total_bytes", b"host_memory_total_bytes", "host_used_bytes", b"host_used_bytes", "labels", b"labels", "node_id", b"node_id", "throughput", b"throughput", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cache_capacity_bytes", b"cache_capacity_bytes", "cache_used_bytes", b"cache_used_bytes", "cached_revisions", b"cached_revisions", "capacity_bytes", b"capacity_bytes", "device_kind", b"device_kind", "disk_used_bytes", b"disk_used_bytes", "draining", b"draining", "gpus", b"gpus", "host_capacity_bytes", b"host_capacity_bytes", "host_memory_available_bytes", b"host_memory_available_bytes", "host_memory_total_bytes", b"host_memory_total_bytes", "host_used_bytes", b"host_used_bytes", "labels", b"labels", "node_id", b"node_id", "registry_bytes_per_s", b"registry_bytes_per_s", "throughput", b"throughput", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -601,6 +634,8 @@ class ReplicaStatus(_message.Message):
     KV_EVENTS_FIELD_NUMBER: _builtins.int
     DEVICE_KIND_FIELD_NUMBER: _builtins.int
     RESTORE_SECONDS_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -660,6 +695,9 @@ class ReplicaStatus(_message.Message):
     the device takes (its last restore of this model from that tier, else the weights over the
     tier's bandwidth). Routers weigh waking it against queueing on the READY replicas.
     """
+    download_bytes: _builtins.int
+    """LOADING from a registry: bytes fetched into the node's cache so far, of the revision's total."""
+    download_total_bytes: _builtins.int
     @_builtins.property
     def signature(self) -> _common_pb2.TensorSignature:
         """tensor models: what Infer takes and gives (after load)"""
@@ -696,10 +734,12 @@ class ReplicaStatus(_message.Message):
         kv_events: _builtins.bool = ...,
         device_kind: _builtins.str = ...,
         restore_seconds: _builtins.float = ...,
+        download_bytes: _builtins.int = ...,
+        download_total_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "device_kind", b"device_kind", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_block_tokens", b"kv_block_tokens", "kv_cache_usage", b"kv_cache_usage", "kv_events", b"kv_events", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "restore_seconds", b"restore_seconds", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "device_kind", b"device_kind", "download_bytes", b"download_bytes", "download_total_bytes", b"download_total_bytes", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_block_tokens", b"kv_block_tokens", "kv_cache_usage", b"kv_cache_usage", "kv_events", b"kv_events", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "restore_seconds", b"restore_seconds", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
