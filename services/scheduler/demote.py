@@ -13,15 +13,16 @@ def demote(
     assign: Mapping[str, frozenset[str]],
     evictions: list[tuple[str, str]],
     count: Mapping[str, int],
-    failed: Container[tuple[str, str]] = frozenset(),
+    gone: Container[tuple[str, str]] = frozenset(),
 ) -> dict[str, dict[str, int]]:
     """Where models off the device wait. Evicted (or already offloaded) models that are still
     wanted: CPU RAM while the node's host budget allows, else disk; victims of this round first,
     then older ones. Then, with what budget is left, CPU RAM only (else nothing): models scaled
     to zero (their next request restores in well under a second instead of loading from the
     source) and spare replicas, scaled down or evicted while enough others serve (a router that
-    finds the READY ones saturated wakes one: EnsureModel ``wake``) — never on a node that
-    drains or for a replica that FAILED there."""
+    finds the READY ones saturated wakes one: EnsureModel ``wake``) — never for a replica in
+    ``gone`` (it FAILED there, or leaves a failed device or a drained node) nor on a node that
+    drains."""
     alive = {n.node_id: n for n in snap.nodes}
     waiting = sorted((m, n) for n, ms in snap.offloaded.items() for m in ms)
     idle = sorted(
@@ -37,7 +38,7 @@ def demote(
         if m in models
         and models[m].wanted > 0
         and m not in assign.get(n, frozenset())
-        and (m, n) not in failed
+        and (m, n) not in gone
         and n in alive
         and not alive[n].draining
         and alive[n].cordon != "drain"

@@ -127,7 +127,8 @@ class Placer:
             if key in self.snap.current_devices:
                 devices[key] = self.snap.current_devices[key]
         counts = {m: len(ns) for m, ns in st.model_nodes.items()}
-        offloads = demote(self.snap, st.models, assignments, st.evictions, counts, st.failed)
+        gone = st.failed | frozenset(st.leaving)  # failed here, or leaving a failed device or drain
+        offloads = demote(self.snap, st.models, assignments, st.evictions, counts, gone)
         return Plan(
             assignments,
             dict(self.decisions),
