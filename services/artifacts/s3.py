@@ -95,3 +95,30 @@ async def push(directory: Path, loc: Location) -> Manifest:
     await asyncio.gather(*(put(f.path) for f in manifest.files))
     await obstore.put_async(store, loc.key(MANIFEST), manifest.to_bytes())
     return manifest
+
+
+async def fetch_files(loc: Location, revision: str, wanted: set[str], dest: Path) -> list[str]:
+    """The files of ``revision`` named in ``wanted`` (those it has) into ``dest``, each checked
+    against the manifest's sha256 (small files: a router's tokenizer); raises ValueError when
+    the registry holds another revision or a file does not match."""
+    import hashlib
+
+    import obstore
+
+    store = loc.store()
+    manifest, _raw = await read_manifest(loc, store)
+    if manifest.revision != revision:
+        raise ValueError(
+            f"{loc.url} holds revision {manifest.revision[:12]}…, not {revision[:12]}…"
+        )
+    got = []
+    for f in manifest.files:
+        if f.path not in wanted:
+            continue
+        data = bytes(await (await obstore.get_async(store, loc.key(f.path))).bytes_async())
+        if hashlib.sha256(data).hexdigest() != f.sha256:
+            raise ValueError(f"{loc.url}/{f.path}: sha256 does not match the manifest")
+        (dest / f.path).parent.mkdir(parents=True, exist_ok=True)
+        (dest / f.path).write_bytes(data)
+        got.append(f.path)
+    return got

@@ -15,6 +15,9 @@ import pytest
 from meshserve.artifacts import s3
 from meshserve.artifacts.cache import ArtifactError, NodeCache
 from meshserve.artifacts.manifest import MANIFEST, parse, sha256_file
+from meshserve.router.core.prefixes import Tokenizers
+from meshserve.v1 import cluster_pb2 as S
+from meshserve.v1 import inference_pb2
 
 from tests import s3server
 from tests.waiting import eventually
@@ -135,3 +138,30 @@ async def test_registry_cache_evicts_unplaced_revisions_first_and_never_placed_o
     await cache.materialize(b_loc, b, lambda h, t: None)
     assert sorted(cache.revisions()) == sorted([b, c])
     assert cache.used_bytes() <= 6.5 * MB
+
+
+async def test_registry_model_s_tokenizer_reaches_the_router_checked(
+    server: s3server.S3Server, tmp_path: Path, demo_model: Path
+) -> None:
+    """A router hashes a registry model's prompts (prefix routing) with the tokenizer and chat
+    template fetched from the registry at the pinned revision: the same tokens as from the
+    model's directory; a pin the registry does not hold gives no tokenizer (routing by load)."""
+    loc = server.location("tok/demo")
+    manifest = await s3.push(demo_model, loc)
+    spec = S.ModelSpec(
+        name="t", source=loc.url, source_endpoint=server.endpoint, revision=manifest.revision
+    )
+    local = S.ModelSpec(name="t-local", source=str(demo_model))
+    tokenizers = Tokenizers()
+    await asyncio.to_thread(tokenizers.load, spec)
+    await asyncio.to_thread(tokenizers.load, local)
+    chat = inference_pb2.GenerateRequest(model="t")
+    chat.messages.add(role="user", content="Where is my cached prefix?")
+    plain = inference_pb2.GenerateRequest(model="t", prompt="Once upon a time")
+    for req in (chat, plain):
+        assert tokenizers.tokens(spec, req) == tokenizers.tokens(local, req) != []
+    stale = S.ModelSpec(
+        name="s", source=loc.url, source_endpoint=server.endpoint, revision="a" * 64
+    )
+    await asyncio.to_thread(tokenizers.load, stale)
+    assert tokenizers.tokens(stale, plain) == []

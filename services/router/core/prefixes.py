@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from meshserve.artifacts.s3 import Location, fetch_files, is_registry
 from meshserve.kvblocks import chain, root, sim_text, sim_tokens
 from meshserve.router.routing.endpoints import Endpoint, Route
 from meshserve.router.routing.pipeline import Ask
@@ -113,7 +115,13 @@ class Tokenizers:
     def load(self, spec: cluster_pb2.ModelSpec) -> None:
         """Loads the model's tokenizer now (blocking: a worker thread's job)."""
         try:
-            got = _load_hf(Path(spec.source))
+            if is_registry(spec.source):  # its tokenizer files from the registry, checked
+                with tempfile.TemporaryDirectory(prefix="meshserve-tok-") as tmp:
+                    loc = Location.parse(spec.source, spec.source_endpoint, spec.source_region)
+                    asyncio.run(fetch_files(loc, spec.revision, TOKENIZER_FILES, Path(tmp)))
+                    got = _load_hf(Path(tmp))
+            else:
+                got = _load_hf(Path(spec.source))
         except Exception as e:  # a router without tokenizers, or a bad file: route by load
             log.info("no tokenizer for %s (%s): routing it without prefixes", spec.name, e)
             got = None
@@ -122,6 +130,9 @@ class Tokenizers:
     def _hf_tokenizer(self, spec: cluster_pb2.ModelSpec) -> Any:
         got = self._hf.get((spec.name, spec.source))
         return got[0] if got else None
+
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}  # _load_hf's
 
 
 def _load_hf(source: Path) -> tuple[Any, Any, dict[str, str]] | None:
