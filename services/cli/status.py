@@ -107,9 +107,13 @@ def render(
     for r in replicas:
         text = r.error or r.tier_note
         ref = f"[{notes.setdefault(text, len(notes) + 1)}]" if text else ""
+        state = cluster_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_")
+        if r.state == cluster_pb2.REPLICA_STATE_LOADING and r.download_total_bytes:
+            fetched = r.download_bytes / r.download_total_bytes
+            if fetched < 1:  # fetching its files from the registry
+                state += f" {fetched:.0%} of {format_bytes(r.download_total_bytes)}"
         t.add_row(
-            r.model, r.node_id,
-            cluster_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_"),
+            r.model, r.node_id, state,
             _tier(r.tier), format_bytes(r.memory_bytes), f"{r.running}+{r.waiting}",
             f"{r.kv_cache_usage:.0%}", ref,
         )  # fmt: skip

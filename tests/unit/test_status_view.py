@@ -68,3 +68,14 @@ def test_status_fits_80_columns_with_ids_whole_and_notes_below_the_table() -> No
     below = " ".join(line.strip() for line in lines[lines.index(next(
         line for line in lines if line.startswith("[2] "))):])  # fmt: skip
     assert NOTE in below and "[3] out of device memory 3 times" in below
+
+
+def test_a_registry_download_shows_its_progress_in_the_replica_s_state() -> None:
+    fetching = cluster_pb2.ReplicaStatus(
+        model="reg-model", node_id="n1", state=cluster_pb2.REPLICA_STATE_LOADING,
+        download_bytes=3 * 2**30, download_total_bytes=12 * 2**30,
+    )  # fmt: skip
+    console = Console(width=100, record=True)
+    console.print(render([], [], [fetching], [], []))
+    row = next(line for line in console.export_text().splitlines() if "reg-model" in line)
+    assert "LOADING 25% of 12" in row, row
