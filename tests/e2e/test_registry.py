@@ -21,7 +21,7 @@ from meshserve.localmesh import Mesh
 from meshserve.v1 import cluster_pb2, inference_pb2
 
 from tests import s3server
-from tests.e2e.conftest import generate, ready_replicas, replica_records
+from tests.e2e.conftest import free_port, generate, ready_replicas, replica_records
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -159,3 +159,23 @@ async def _nodes(mesh: Mesh) -> list[cluster_pb2.NodeStatus]:
         return [cluster_pb2.NodeStatus.FromString(kv.value) for kv in got]
     finally:
         await client.close()
+
+
+def test_registry_up_serves_the_demo_from_a_local_registry(tmp_path: Path) -> None:
+    """`meshserve up --registry`: the whole path locally — a local S3 server, the demo pushed and
+    pinned, the agent fetching it into its cache, a completion streamed — and nothing left."""
+    data = tmp_path / "up"
+    done = subprocess.run(
+        [sys.executable, "-m", "meshserve", "up", "--registry", "--exit-after-demo",
+         "--agents", "1", "--data-dir", str(data), "--port", str(free_port()),
+         "--http-port", "0", "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "demo pinned at revision" in out and "8 tokens from agent-0" in out, out
+    revision = out.split("demo pinned at revision ")[1].split()[0]
+    cached = list((data / "cache" / "agent-0" / "artifacts" / "revisions").glob("*.json"))
+    assert [p.stem[:12] for p in cached] == [revision], cached
+    weed = subprocess.run(["pgrep", "-f", f"weed -logdir={data}"], capture_output=True)
+    assert weed.returncode == 1, "the registry outlived `meshserve up`"
