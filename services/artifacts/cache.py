@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import obstore
 from meshserve.artifacts.manifest import MANIFEST, File, Manifest, parse, sha256_file
-from meshserve.artifacts.s3 import Location
+from meshserve.artifacts.s3 import Location, reason
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -133,7 +133,7 @@ class NodeCache:
         except FileNotFoundError:
             raise ArtifactError(f"{loc.url}: no {MANIFEST} there (push the model first)") from None
         except Exception as e:
-            raise ArtifactError(f"{loc.url}: the registry failed: {e}") from None
+            raise ArtifactError(f"{loc.url}: the registry failed: {reason(e)}") from None
         manifest = parse(raw)
         if manifest.revision != revision:
             raise ArtifactError(
@@ -201,7 +201,9 @@ class NodeCache:
                         store, loc.key(f.path), start=start, end=end
                     )  # type: ignore[arg-type]
                 except Exception as e:
-                    raise ArtifactError(f"{loc.url}/{f.path}: the registry failed: {e}") from None
+                    raise ArtifactError(
+                        f"{loc.url}/{f.path}: the registry failed: {reason(e)}"
+                    ) from None
                 if len(data) != end - start:
                     raise ArtifactError(f"{loc.url}/{f.path}: short read (the object changed?)")
                 await asyncio.to_thread(os.pwrite, fd, memoryview(data), start)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,12 @@ if TYPE_CHECKING:  # obstore is imported where a registry is used (modelspec rea
 
 SCHEME = "s3://"
 PUT_PARALLEL = 4
+CONNECT_TIMEOUT, TIMEOUT, RETRY_S = "5s", "300s", 30.0
+
+
+def reason(e: BaseException) -> str:
+    """A registry error in one line: obstore's message without its Rust debug dump."""
+    return " ".join(str(e).split("\n\nDebug source")[0].split()) or type(e).__name__
 
 
 def is_registry(source: str) -> bool:
@@ -65,8 +72,13 @@ class Location:
         if self.endpoint:
             config["endpoint"] = self.endpoint
         config["region"] = self.region or os.environ.get("AWS_REGION", "") or "us-east-1"
-        options = {"allow_http": True} if self.endpoint.startswith("http://") else {}
-        return S3Store(self.bucket, config=config, client_options=options)  # type: ignore[arg-type]
+        # A registry that is down fails a load within about half a minute (obstore's defaults
+        # retry for 3 minutes) with the reason; one chunk may take up to TIMEOUT.
+        options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, "timeout": TIMEOUT}
+        if self.endpoint.startswith("http://"):
+            options["allow_http"] = True
+        retry = {"max_retries": 4, "retry_timeout": timedelta(seconds=RETRY_S)}
+        return S3Store(self.bucket, config=config, client_options=options, retry_config=retry)  # type: ignore[arg-type]
 
 
 async def read_manifest(loc: Location, store: S3Store | None = None) -> tuple[Manifest, bytes]:

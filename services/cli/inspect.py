@@ -184,7 +184,7 @@ async def pin_registry(d: Any) -> Any:
     """A registry (s3://) model's document with its revision pinned — the registry's manifest
     now, which must equal a revision the document names — and its memory from the manifest's
     weights when not given. Other documents pass unchanged."""
-    from meshserve.artifacts.s3 import Location, is_registry, read_manifest
+    from meshserve.artifacts.s3 import Location, is_registry, read_manifest, reason
 
     if not isinstance(d, dict) or not is_registry(str(d.get("source", ""))):
         return d
@@ -196,7 +196,7 @@ async def pin_registry(d: Any) -> Any:
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f"{loc.url}: the registry failed: {e}") from None
+        raise ValueError(f"{loc.url}: the registry failed: {reason(e)}") from None
     if d.get("revision") and d["revision"] != manifest.revision:
         raise ValueError(
             f"revision: {loc.url} holds {manifest.revision}, not the {d['revision']} pinned here"
@@ -213,7 +213,7 @@ def model_push(
 ) -> None:
     """Upload a model directory to an S3-compatible registry with its manifest (every file's
     size and sha256); prints the revision that pins it. Credentials: the AWS_* variables."""
-    from meshserve.artifacts.s3 import Location, push
+    from meshserve.artifacts.s3 import Location, push, reason
 
     try:
         loc = Location.parse(destination, endpoint, region)
@@ -222,7 +222,7 @@ def model_push(
         started = time.monotonic()
         manifest = asyncio.run(push(directory, loc))
     except Exception as e:
-        raise fail(f"push: {e}") from None
+        raise fail(f"push: {reason(e)}") from None
     seconds = time.monotonic() - started
     console.print(
         f"pushed {len(manifest.files)} files ({manifest.total_bytes / 2**20:.1f} MiB) to "

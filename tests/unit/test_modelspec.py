@@ -71,3 +71,18 @@ def test_routing_weights_reach_the_spec() -> None:
 )
 def test_parse_bytes(text: str, value: int) -> None:
     assert parse_bytes(text) == value
+
+
+def test_registry_sources_keep_their_url_and_need_memory_and_a_well_formed_revision() -> None:
+    base = {"name": "r", "source": "s3://models/r", "endpoint": "http://minio:9000"}
+    spec = spec_from_dict({**base, "memory": "1GiB", "revision": "ab" * 32, "region": "eu-1"})
+    assert (spec.source, spec.source_endpoint, spec.source_region) == (
+        "s3://models/r", "http://minio:9000", "eu-1",
+    )  # fmt: skip
+    assert spec.revision == "ab" * 32
+    with pytest.raises(ValueError, match="memory"):
+        spec_from_dict(base)  # `model apply` fills it in from the manifest
+    with pytest.raises(ValueError, match="64 hex"):
+        spec_from_dict({**base, "memory": "1GiB", "revision": "latest"})
+    with pytest.raises(ValueError, match="registry"):
+        spec_from_dict({"name": "l", "source": "/models/l", "memory": "1GiB", "revision": "x"})
