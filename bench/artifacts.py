@@ -8,7 +8,9 @@ S3 server on loopback (SeaweedFS, tests/s3server.py). Each row is the agent's co
 the first token, with the torch engine (safetensors through transformers): (a) from the local
 directory; (b) from the registry into an empty node cache (manifest, parallel ranged fetch,
 sha256 check, link, then the same load); (c) from the node cache the fetch left (no download).
-Also the registry's bandwidth on loopback. Goal (issue 25): (c) ≤ 1.1 x (a).
+Also the registry's bandwidth on loopback, and the loader alone: safetensors vs
+runai-model-streamer reading every tensor into CPU memory (the streamer is optional).
+Goals (issue 25): (c) ≤ 1.1 x (a); a streaming loader ≥ 2x safetensors where it applies.
 Without --drop-caches (root only) every read after the first is served from the page cache.
 """
 
@@ -55,6 +57,47 @@ async def first_token(source: Path, tmp: Path, threads: int) -> tuple[float, flo
     return loaded, total
 
 
+def loaders(model: Path, repeats: int, drop: bool) -> dict[str, Any]:
+    """Reading every tensor of the model's safetensors into CPU memory (part 3: the loader
+    alone): the safetensors library vs runai-model-streamer (parallel reads into a host buffer;
+    optional: `pip install runai-model-streamer`), median seconds."""
+    import safetensors.torch
+
+    files = sorted(str(p) for p in model.glob("*.safetensors"))
+    nbytes = sum(Path(f).stat().st_size for f in files)
+
+    def st_load() -> None:
+        for f in files:
+            tensors = safetensors.torch.load_file(f)
+            sum(int(t.view(-1)[0].item() != 0) for t in tensors.values())  # touch each tensor
+
+    def runai_load() -> None:
+        from runai_model_streamer import SafetensorsStreamer
+
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_files(files)
+            for _name, t in streamer.get_tensors():
+                t.clone()  # the streamer reuses its buffer: keep a copy, as a loader must
+
+    out: dict[str, Any] = {"loader_bytes": nbytes}
+    for name, fn in (("safetensors", st_load), ("runai_streamer", runai_load)):
+        times = []
+        try:
+            for _ in range(repeats):
+                if drop:
+                    drop_page_cache()
+                started = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - started)
+        except ImportError:
+            out[f"{name}_s"] = None
+            continue
+        out[f"{name}_s"] = round(statistics.median(times), 3)
+    if out.get("runai_streamer_s"):
+        out["runai_vs_safetensors"] = round(out["safetensors_s"] / out["runai_streamer_s"], 2)
+    return out
+
+
 async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     model = build_demo_model(
         tmp / "model", hidden=args.hidden, layers=args.layers, intermediate=args.hidden * 11 // 4
@@ -89,7 +132,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     finally:
         server.stop()
     med = {k: statistics.median(v) for k, v in rows.items()}
-    return {
+    return loaders(model, args.repeats, args.drop_caches) | {
         "model_bytes": manifest.total_bytes,
         "files": len(manifest.files),
         "loader": "safetensors (transformers from_pretrained), torch engine on the CPU",
@@ -134,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         "(c) node cache", f"{r['cold_start_node_cache_s']:.3f}", f"{r['node_cache_vs_local']:.2f}"
     )
     Console().print(table)
+    runai = r.get("runai_streamer_s")
+    Console().print(
+        f"loader alone ({r['loader_bytes'] / 2**20:.0f} MiB into CPU memory): safetensors "
+        f"{r['safetensors_s']:.3f} s, runai-model-streamer "
+        + (f"{runai:.3f} s ({r['runai_vs_safetensors']:.2f}x)" if runai else "not installed")
+    )
     Console().print(
         f"registry on loopback: {r['registry_bytes_per_s'] / 1e6:.0f} MB/s "
         f"(fetch {r['registry_fetch_s']:.2f} s; push {r['push_s']:.2f} s); loader: {r['loader']}; "

@@ -98,6 +98,8 @@ class NodeCache:
         for d in (self.blobs, self.partial, self.revs):
             d.mkdir(parents=True, exist_ok=True)
         self._fetches: dict[str, asyncio.Task[None]] = {}
+        self._listeners: dict[str, list[Callable[[int], None]]] = {}  # per fetch: its waiters
+        self._so_far: dict[str, int] = {}  # per fetch: bytes held so far
         self._lock = asyncio.Lock()  # eviction and the decision to fetch
         self.fetched_bytes = 0  # from the registry, since start (tests and metrics read it)
         self.bytes_per_s = 0.0  # the registry's measured bandwidth (smoothed)
@@ -163,20 +165,33 @@ class NodeCache:
     def _fetch(
         self, store: S3Store, loc: Location, f: File, step: Callable[[int], None]
     ) -> Awaitable[None]:
-        """One task per file (sha256) however many revisions and replicas wait for it."""
+        """One task per file (sha256) however many revisions and replicas wait for it; each
+        waiter's ``step`` hears every byte of it (a late one first what came before it)."""
         task = self._fetches.get(f.sha256)
+        if (task is None or task.done()) and (self.blobs / f.sha256).exists():
+            step(f.size)  # another fetch brought it since this one looked
+            return asyncio.sleep(0)
         if task is None or task.done():
-            task = asyncio.create_task(self._download(store, loc, f, step))
+            self._listeners[f.sha256], self._so_far[f.sha256] = [step], 0
+            task = asyncio.create_task(self._download(store, loc, f))
             self._fetches[f.sha256] = task
             task.add_done_callback(partial(self._fetched, f.sha256))
+        else:
+            self._listeners[f.sha256].append(step)
+            step(self._so_far[f.sha256])
         return asyncio.shield(task)
 
     def _fetched(self, sha: str, _task: asyncio.Task[None]) -> None:
         self._fetches.pop(sha, None)
+        self._listeners.pop(sha, None)
+        self._so_far.pop(sha, None)
 
-    async def _download(
-        self, store: S3Store, loc: Location, f: File, step: Callable[[int], None]
-    ) -> None:
+    def _step(self, sha: str, n: int) -> None:
+        self._so_far[sha] = self._so_far.get(sha, 0) + n
+        for listener in self._listeners.get(sha, ()):
+            listener(n)
+
+    async def _download(self, store: S3Store, loc: Location, f: File) -> None:
         part, record = self.partial / f"{f.sha256}.part", self.partial / f"{f.sha256}.done"
         chunks = math.ceil(f.size / self.chunk_bytes)
         finished: set[int] = set()
@@ -186,7 +201,9 @@ class NodeCache:
         else:
             with part.open("wb") as out:
                 out.truncate(f.size)
-        step(sum(min(self.chunk_bytes, f.size - i * self.chunk_bytes) for i in finished))
+        self._step(
+            f.sha256, sum(min(self.chunk_bytes, f.size - i * self.chunk_bytes) for i in finished)
+        )
         fd = os.open(part, os.O_WRONLY)
         sem, recording = asyncio.Semaphore(self.parallel), asyncio.Lock()
         started, fetched = time.monotonic(), 0
@@ -213,7 +230,7 @@ class NodeCache:
                     await asyncio.to_thread(_write_atomic, record, done)
                 fetched += end - start
                 self.fetched_bytes += end - start
-                step(end - start)
+                self._step(f.sha256, end - start)
 
         try:
             await asyncio.gather(*(one(i) for i in range(chunks) if i not in finished))

@@ -56,14 +56,16 @@ async def test_registry_push_fetches_once_into_a_model_directory(
     manifest, _ = await s3.read_manifest(loc)
     assert manifest.revision == revision and manifest.weights_bytes() == 3 * MB
     cache = NodeCache(tmp_path / "cache", 0, chunk_bytes=MB // 2)
-    seen: list[tuple[int, int]] = []
-    # Two replicas ask at once: each file is fetched once.
+    seen: list[list[tuple[int, int]]] = [[], []]
+    # Two replicas ask at once: each file is fetched once, and each hears all of its progress.
     a, b = await asyncio.gather(
-        cache.materialize(loc, revision, lambda h, t: seen.append((h, t))),
-        cache.materialize(loc, revision, lambda h, t: None),
+        cache.materialize(loc, revision, lambda h, t: seen[0].append((h, t))),
+        cache.materialize(loc, revision, lambda h, t: seen[1].append((h, t))),
     )
     assert a == b and cache.fetched_bytes == manifest.total_bytes
-    assert seen[-1] == (manifest.total_bytes, manifest.total_bytes)
+    for progress in seen:
+        assert progress[-1] == (manifest.total_bytes, manifest.total_bytes), progress
+        assert [h for h, _t in progress] == sorted(h for h, _t in progress)
     src = tmp_path / "model-1"
     for f in manifest.files:
         assert (a / f.path).read_bytes() == (src / f.path).read_bytes()
