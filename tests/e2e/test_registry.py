@@ -9,6 +9,7 @@ does not hold (never the wrong weights)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,7 +174,9 @@ def test_registry_up_serves_the_demo_from_a_local_registry(tmp_path: Path) -> No
     )  # fmt: skip
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
-    assert "demo pinned at revision" in out and "8 tokens from agent-0" in out, out
+    # The demo samples from random weights: it may stop early (CI saw 2 tokens and STOP).
+    streamed = re.search(r"(\d+) tokens from agent-0", out)
+    assert "demo pinned at revision" in out and streamed and int(streamed[1]) >= 1, out
     revision = out.split("demo pinned at revision ")[1].split()[0]
     cached = list((data / "cache" / "agent-0" / "artifacts" / "revisions").glob("*.json"))
     assert [p.stem[:12] for p in cached] == [revision], cached
