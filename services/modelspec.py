@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from meshserve.artifacts.manifest import is_sha256
 from meshserve.artifacts.s3 import Location, is_registry
 from meshserve.batchconfig import BatchConfig
 from meshserve.cluster.keys import check_name
@@ -86,7 +87,7 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
     if registry:
         Location.parse(str(d["source"]), str(d.get("endpoint", "")), str(d.get("region", "")))
         revision = str(d.get("revision", ""))
-        if revision and (len(revision) != 64 or any(c not in "0123456789abcdef" for c in revision)):
+        if revision and not is_sha256(revision):
             raise ValueError(f"revision: a manifest's sha256 (64 hex digits), got {revision!r}")
     elif {"revision", "endpoint", "region"} & set(d):
         raise ValueError("revision, endpoint and region belong to registry (s3://) sources")

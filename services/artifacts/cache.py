@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import obstore
 from meshserve.artifacts.manifest import MANIFEST, File, Manifest, parse, sha256_file
-from meshserve.artifacts.s3 import Location, reason
+from meshserve.artifacts.s3 import Location, read_pinned, reason
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -130,19 +130,13 @@ class NodeCache:
             return done
         store = loc.store()
         try:
-            data = await obstore.get_async(store, loc.key(MANIFEST))
-            raw = bytes(await data.bytes_async())
+            manifest, raw = await read_pinned(loc, revision, store)
         except FileNotFoundError:
             raise ArtifactError(f"{loc.url}: no {MANIFEST} there (push the model first)") from None
+        except ValueError as e:  # another revision, or not a manifest
+            raise ArtifactError(str(e)) from None
         except Exception as e:
             raise ArtifactError(f"{loc.url}: the registry failed: {reason(e)}") from None
-        manifest = parse(raw)
-        if manifest.revision != revision:
-            raise ArtifactError(
-                f"{loc.url} holds revision {manifest.revision[:12]}…, the spec pins "
-                f"{revision[:12]}…: refusing weights that do not match (apply the model again "
-                "to serve the new revision)"
-            )
         total = manifest.total_bytes
         held = {f.sha256: f.size for f in manifest.files if (self.blobs / f.sha256).exists()}
         have = [sum(held.values())]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ from pathlib import Path
 
 import obstore
 from meshserve.artifacts.s3 import Location
+from meshserve.cluster.etcd_process import free_port
 from meshserve.lifeline import tied_to_parent
 
 ACCESS_KEY, SECRET_KEY = "meshserve-local", "meshserve-local-secret"  # a loopback server's
 BUCKET = "models"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def credentials() -> dict[str, str]:
@@ -66,7 +60,7 @@ def start(root: Path, timeout: float = 60) -> S3Server:
     there reads back."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
-    s3, master, volume, filer = (_free_port() for _ in range(4))
+    s3, master, volume, filer = (free_port() for _ in range(4))
     env = {**os.environ, **credentials(), "GOMEMLIMIT": "512MiB"}
     command = [
         weed(), f"-logdir={root}/logs", "mini", f"-dir={root}/data", "-ip=127.0.0.1",

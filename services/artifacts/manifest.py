@@ -53,6 +53,11 @@ class Manifest:
         return sum(st) if st else sum(f.size for f in self.files if f.path.endswith(".bin"))
 
 
+def is_sha256(text: str) -> bool:
+    """64 lowercase hex digits: a file's sha256, or a revision."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def check_path(path: str) -> str:
     """A manifest path must stay under its directory: relative, no "..", no empty parts."""
     p = PurePosixPath(path)
@@ -75,7 +80,7 @@ def parse(data: bytes) -> Manifest:
             path, size, digest = str(f["path"]), int(f["size"]), str(f["sha256"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"manifest: bad file entry {f!r}") from None
-        if size < 0 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        if size < 0 or not is_sha256(digest):
             raise ValueError(f"manifest: bad size or sha256 for {path!r}")
         files.append(File(check_path(path), size, digest))
     if not files:

@@ -91,6 +91,21 @@ async def read_manifest(loc: Location, store: S3Store | None = None) -> tuple[Ma
     return parse(data), data
 
 
+async def read_pinned(
+    loc: Location, revision: str, store: S3Store | None = None
+) -> tuple[Manifest, bytes]:
+    """`read_manifest`, which must hash to ``revision``: else ValueError (the registry holds
+    other weights than the spec pins)."""
+    manifest, raw = await read_manifest(loc, store)
+    if manifest.revision != revision:
+        raise ValueError(
+            f"{loc.url} holds revision {manifest.revision[:12]}…, the spec pins "
+            f"{revision[:12]}…: refusing weights that do not match (apply the model again "
+            "to serve the new revision)"
+        )
+    return manifest, raw
+
+
 async def push(directory: Path, loc: Location) -> Manifest:
     """Uploads every file of ``directory`` under the prefix, then the manifest (last: a reader
     who finds a manifest finds its files)."""
@@ -118,11 +133,7 @@ async def fetch_files(loc: Location, revision: str, wanted: set[str], dest: Path
     import obstore
 
     store = loc.store()
-    manifest, _raw = await read_manifest(loc, store)
-    if manifest.revision != revision:
-        raise ValueError(
-            f"{loc.url} holds revision {manifest.revision[:12]}…, not {revision[:12]}…"
-        )
+    manifest, _raw = await read_pinned(loc, revision, store)
     got = []
     for f in manifest.files:
         if f.path not in wanted:
