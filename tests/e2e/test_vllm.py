@@ -36,6 +36,7 @@ AGENT = "vllm-agent"
 LOAD_RETRY_S = 2.0
 AGENT_FLAGS = ("--load-retry", "2")  # a FAILED replica is loaded again 2 s later
 MODEL = "tinyvllm"
+LONG = 1900  # tokens: prompt and answer within max_model_len 2048, seconds of decoding on CPU
 ROUTER_METRICS = free_port()
 
 
@@ -302,14 +303,20 @@ async def test_dead_engine_core_fails_the_replica_at_once_and_the_agent_reloads_
     back (the agent reloads it after --load-retry) and completes exactly, with one failover;
     a new engine core runs in place of the dead one."""
     router, agent = vmesh.services["router"].address, vmesh.services[AGENT].address
-    expected = (await generate(router, _request(1200), timeout=60)).token_ids
+    expected = (await generate(router, _request(LONG), timeout=90)).token_ids
     agent_pid = vmesh.services[AGENT].proc.pid
     killed = set(_core_pids(agent_pid))
     assert killed, "vLLM's engine core should run under the agent"
     routed = Faulty(router)
     direct = Faulty(agent)
-    tasks = [asyncio.create_task(s.run(_request(1200))) for s in (routed, direct)]
-    await eventually(lambda: routed.ids and direct.ids, 30, "both streams under way")
+    # One after the other, the kill as soon as the direct stream's first token is here: a stream
+    # started beside the other could be generated whole into gRPC's flow-control window on a
+    # loaded machine before this loop sees the slower one begin (CI: the direct request had
+    # finished before the kill).
+    tasks = [asyncio.create_task(routed.run(_request(LONG)))]
+    await eventually(lambda: routed.ids, 30, "the routed stream under way", interval=0.01)
+    tasks.append(asyncio.create_task(direct.run(_request(LONG))))
+    await eventually(lambda: direct.ids, 30, "the direct stream under way", interval=0.005)
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     died = time.monotonic()
@@ -322,7 +329,9 @@ async def test_dead_engine_core_fails_the_replica_at_once_and_the_agent_reloads_
     assert time.monotonic() - died <= 2.0, f"FAILED {time.monotonic() - died:.2f} s after"
     assert "engine died" in r.error and "vLLM" in r.error, r.error
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 240)
-    assert direct.error is not None and direct.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert direct.crash is None and routed.crash is None, (direct.crash, routed.crash)
+    assert direct.error is not None, f"the direct stream ended without an error: {direct}"
+    assert direct.error.code() == grpc.StatusCode.UNAVAILABLE, direct.error
     assert "ENGINE_DIED" in str(direct.error.trailing_metadata()) or "died" in (
         direct.error.details() or ""
     ), direct.error
@@ -351,15 +360,15 @@ async def test_a_dead_engine_core_moves_its_streams_to_the_other_replica(
     try:
         await eventually(lambda: _ready_here(vmesh, second), 240, "a replica on the second agent")
         await eventually(lambda: _ready_here(vmesh, AGENT), 240, "and on the first")
-        expected = (await generate(router, _request(1200), timeout=60)).token_ids
+        expected = (await generate(router, _request(LONG), timeout=90)).token_ids
         s = Faulty(router)
-        task = asyncio.create_task(s.run(_request(1200)))
+        task = asyncio.create_task(s.run(_request(LONG)))
         await eventually(lambda: len(s.ids) >= 50, 30, "the stream under way")
         victim = s.node
         for pid in _core_pids(vmesh.services[victim].proc.pid):
             os.kill(pid, signal.SIGKILL)
         await asyncio.wait_for(task, 120)
-        assert s.error is None, s.error
+        assert s.error is None and s.crash is None, s
         # Exact, and moved (on a loaded machine the stall watch may move it once more: no token
         # is lost or repeated either way)
         assert s.ids == expected and int(s.trailers.get("meshserve-failovers", "0")) >= 1
@@ -395,6 +404,13 @@ class Faulty:
         self.error: grpc.aio.AioRpcError | None = None
         self.error_after = 0.0
         self.longest_gap = 0.0  # between two messages (a failover's pause)
+        self.crash: BaseException | None = None  # anything else that ended the read
+
+    def __repr__(self) -> str:
+        return (
+            f"<{self.address}: {len(self.ids)} tokens, error {self.error!r}, "
+            f"trailers {self.trailers}, crash {self.crash!r}>"
+        )
 
     async def run(self, request: inference_pb2.GenerateRequest) -> None:
         async with grpc.aio.insecure_channel(self.address) as ch:
@@ -410,6 +426,8 @@ class Faulty:
                 self.trailers = {k: str(v) for k, v in (await call.trailing_metadata() or ())}
             except grpc.aio.AioRpcError as e:
                 self.error, self.error_after = e, time.monotonic()
+            except Exception as e:  # kept to be reported by the test, not lost in a gather
+                self.crash = e
 
 
 async def test_offload_falls_back_to_unload_and_restore_serves_again(vmesh: Mesh) -> None:
