@@ -119,3 +119,27 @@ def build_classifier(
     model.save_pretrained(path, safe_serialization=True)
     (path / "meshserve-demo.json").write_text(json.dumps({"seed": seed, "kind": "random-init"}))
     return path
+
+
+def build_demo_adapter(base: Path, path: Path, seed: int = 1, rank: int = 8) -> Path:
+    """Writes a LoRA adapter of the demo model at ``base`` to ``path`` (PEFT format:
+    adapter_config.json + adapter_model.safetensors) unless one is there; returns ``path``.
+
+    Random A and B (``init_lora_weights=False``): peft's default makes B zero, an adapter that
+    changes nothing (DESIGN §7), and tests must see each adapter's own output. Needs ``peft``."""
+    if (path / "adapter_model.safetensors").exists():
+        return path
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+    )
+    get_peft_model(model, config).save_pretrained(str(path))
+    return path

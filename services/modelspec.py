@@ -41,10 +41,33 @@ FIELDS = {
     "revision",  # registry sources (s3://): the manifest's sha256 (`model apply` fills it in)
     "endpoint",
     "region",
+    "kind",  # "model" (the default) or "adapter" (a LoRA adapter of ``base``)
+    "base",
+    "max_adapters",  # on a base model: adapters one replica holds at once
+    "max_adapter_rank",
+}
+# What an adapter may not set: it is served on its base's replicas, with its base's settings.
+NOT_FOR_ADAPTERS = {
+    "engine",
+    "engine_args",
+    "kv_headroom",
+    "min_replicas",
+    "max_replicas",
+    "max_model_len",
+    "gpus_per_replica",
+    "gpu_types",
+    "node_selector",
+    "placement_strategy",
+    "max_adapters",
+    "max_adapter_rank",
+    "idle_timeout_s",
+    "target_rps_per_replica",
+    "target_in_flight_per_replica",
+    "scale_down_delay_s",
 }
 DEFAULT_KV_HEADROOM = 64 * 2**20
 # The routers' scorers (router/routing/pipeline.py; a unit test holds the two lists equal).
-ROUTING_SCORERS = ("ttft", "prefix", "affinity", "kv", "load")
+ROUTING_SCORERS = ("ttft", "prefix", "affinity", "kv", "load", "adapter")
 
 
 def routing_weights(given: Any, what: str = "routing") -> dict[str, float]:
@@ -81,6 +104,16 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
     if "name" not in d or "source" not in d:
         raise ValueError("fields 'name' and 'source' are required")
     name = check_name("model", str(d["name"]))
+    kind = str(d.get("kind", "model"))
+    if kind not in ("model", "adapter"):
+        raise ValueError(f"kind: must be model or adapter, got {kind!r}")
+    if kind == "adapter":
+        if not d.get("base"):
+            raise ValueError("kind adapter: 'base' names the model it adapts")
+        if wrong := sorted(NOT_FOR_ADAPTERS & set(d)):
+            raise ValueError(f"kind adapter: {wrong} are its base model's to set")
+    elif "base" in d:
+        raise ValueError("base: only an adapter (kind: adapter) has a base model")
     engine = str(d.get("engine", "torch")).upper()
     registry = is_registry(str(d["source"]))
     source = Path(str(d["source"])).expanduser()
@@ -100,6 +133,8 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         raise ValueError(
             f"priority: must be low, normal, high or critical, got {d.get('priority')!r}"
         )
+    if kind == "adapter" and not registry and not (source / "adapter_config.json").is_file():
+        raise ValueError(f"source: {source} holds no adapter_config.json (a PEFT LoRA adapter)")
     if "memory" in d:
         memory = parse_bytes(str(d["memory"]))
     elif registry:
@@ -138,7 +173,14 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         target_in_flight_per_replica=int(d.get("target_in_flight_per_replica", 0)),
         scale_down_delay_s=int(d.get("scale_down_delay_s", 0)),
         routing_weights=routing_weights(d["routing"]) if "routing" in d else {},
+        base=check_name("base", str(d["base"])) if kind == "adapter" else "",
+        max_adapters=int(d.get("max_adapters", 0)),
+        max_adapter_rank=int(d.get("max_adapter_rank", 0)),
     )
+    if spec.base == spec.name:
+        raise ValueError("base: an adapter cannot be its own base")
+    if spec.max_adapters < 0 or spec.max_adapter_rank < 0:
+        raise ValueError("max_adapters and max_adapter_rank must be >= 0")
     for key in ("stream_interval_ms", "stream_interval_tokens"):
         value = spec.engine_args.get(key, "0")
         if not value.isdigit():

@@ -134,16 +134,15 @@ def _up(
         etcd_members=observe.etcd_members,
     )
     os.environ.update(mesh.tls_env)  # this process is a client of the mesh too
-    registry: tuple[Any, str] | None = None
+    registry: tuple[Any, str, str] | None = None
     try:
         with console.status("building the tiny demo model (random weights, local tokenizer)…"):
-            from meshserve.demo_model import build_demo_model
+            from meshserve.demo_model import build_classifier, build_demo_adapter, build_demo_model
 
             model_dir = build_demo_model(data_dir / "models" / "demo")
-            from meshserve.demo_model import build_classifier
-
             classifier_dir = build_classifier(data_dir / "models" / "classifier")
-        registry = _start_registry(data_dir, model_dir) if observe.registry else None
+            adapter_dir = build_demo_adapter(model_dir, data_dir / "models" / "demo-lora")
+        registry = _start_registry(data_dir, model_dir, adapter_dir) if observe.registry else None
         with console.status("starting etcd, scheduler, agents, router…"):
             mesh.start_etcd()
             mesh.start_scheduler()
@@ -160,18 +159,28 @@ def _up(
             observe.prometheus_config.write_text(scrape.read_text())
         state = {"router": router_address, "etcd": mesh.etcd.endpoint, "tls": mesh.tls_env}
         (data_dir / STATE).write_text(json.dumps({**state, "trace_ui": ui.url if ui else ""}))
-        from meshserve.modelspec import classifier_spec, demo_spec
+        from meshserve.modelspec import classifier_spec, demo_spec, spec_from_dict
 
         demo = demo_spec(model_dir)
-        if registry is not None:  # the same model, from the registry at its pinned revision
-            server, revision = registry
+        demo.max_adapters = 2  # and a LoRA adapter of it, loaded on its first request
+        lora = spec_from_dict(
+            {"name": "demo-lora", "kind": "adapter", "base": "demo", "source": str(adapter_dir)}
+        )
+        if registry is not None:  # the same models, from the registry at their pinned revisions
+            server, revision, lora_revision = registry
             demo.source, demo.source_endpoint, demo.revision = (
                 "s3://models/demo",
                 server.endpoint,
                 revision,
             )
+            lora.source, lora.source_endpoint, lora.revision = (
+                "s3://models/demo-lora",
+                server.endpoint,
+                lora_revision,
+            )
             console.print(f"registry {server.endpoint}: demo pinned at revision {revision[:12]}")
         asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, demo))
+        asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, lora))
         asyncio.run(apply_spec(mesh.etcd.endpoint, SERVICE.prefix, classifier_spec(classifier_dir)))
         with console.status("waiting for model 'demo' to be READY…"):
             asyncio.run(_wait_ready(router_address, "demo", 120.0, key))
@@ -213,6 +222,7 @@ def _up(
         console.print(
             "\nTry, in another terminal:\n"
             '  meshserve generate demo "Once upon a time" --max-tokens 64\n'
+            '  meshserve generate demo-lora "Once upon a time"   (a LoRA adapter of demo)\n'
             "  meshserve status\n"
             "  (model 'classifier', a tiny image classifier, loads on its first KServe "
             "ModelInfer)\n"
@@ -234,18 +244,19 @@ def _up(
         (data_dir / STATE).unlink(missing_ok=True)
 
 
-def _start_registry(data_dir: Path, model_dir: Path) -> tuple[Any, str]:
-    """A local S3 registry with the demo model pushed: (server, revision). Its credentials go
-    to this process's environment, which the agents inherit."""
+def _start_registry(data_dir: Path, model_dir: Path, adapter_dir: Path) -> tuple[Any, str, str]:
+    """A local S3 registry with the demo model and its adapter pushed: (server, their
+    revisions). Its credentials go to this process's environment, which the agents inherit."""
     from meshserve.artifacts import local_s3, s3
 
     try:
         with console.status("starting a local S3 registry (SeaweedFS) and pushing the demo…"):
             server = local_s3.start(data_dir / "registry")
             manifest = asyncio.run(s3.push(model_dir, server.location("demo")))
+            adapter = asyncio.run(s3.push(adapter_dir, server.location("demo-lora")))
     except Exception as e:  # no weed binary, a port taken, the push refused
         raise fail(f"--registry: {e}") from None
-    return server, manifest.revision
+    return server, manifest.revision, adapter.revision
 
 
 def _start_trace_ui(data_dir: Path, observe: Observe) -> TraceUI:

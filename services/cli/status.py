@@ -96,8 +96,9 @@ def render(
         parts += [Text(f"[{i}] {text}") for text, i in notes.items()]
     t = _table("models", ("model", "aliases", "memory", "min", "priority"), 1)
     for m in models:
+        name = m.name + (f" (adapter of {m.base})" if m.base else "")
         t.add_row(
-            m.name, ", ".join(m.aliases), format_bytes(m.memory_bytes), str(m.min_replicas),
+            name, ", ".join(m.aliases), format_bytes(m.memory_bytes), str(m.min_replicas),
             common_pb2.Priority.Name(m.priority).removeprefix("PRIORITY_"),
         )  # fmt: skip
     parts.append(t)
@@ -112,8 +113,9 @@ def render(
             fetched = r.download_bytes / r.download_total_bytes
             if fetched < 1:  # fetching its files from the registry
                 state += f" {fetched:.0%} of {format_bytes(r.download_total_bytes)}"
+        held = f"\n+ adapters {', '.join(r.adapters)} ({len(r.adapters)}/{r.max_adapters})"
         t.add_row(
-            r.model, r.node_id, state,
+            r.model + (held if r.adapters else ""), r.node_id, state,
             _tier(r.tier), format_bytes(r.memory_bytes), f"{r.running}+{r.waiting}",
             f"{r.kv_cache_usage:.0%}", ref,
         )  # fmt: skip

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from meshserve.artifacts.cache import ArtifactError, node_cache
 from meshserve.artifacts.s3 import Location, is_registry
+from meshserve.nodeagent.adapters import adapters_for, pinned_revisions
 from meshserve.nodeagent.binding import bind
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe
@@ -61,7 +62,7 @@ class Lifecycle:
             threads=config.threads,
             cache_dir=config.tier_cache_dir,
         )
-        self.artifacts = node_cache(config, lambda: {r.spec.revision for r in replicas.values()})
+        self.artifacts = node_cache(config, lambda: pinned_revisions(replicas.values()))
 
     # --- starting steps (never wait for them) ------------------------------------------------
 
@@ -125,6 +126,7 @@ class Lifecycle:
                 with contextlib.suppress(Exception):
                     await r.engine.unload()  # fails what it still holds, frees its memory
                 r.engine = None
+                r.adapters = None
             self._close_blocks(r)
             if not dead:
                 await self._set_failed(r, why, "given_up")
@@ -175,6 +177,7 @@ class Lifecycle:
                     r.engine = engine
                     await engine.load(spec)
                     self._report_blocks(r, engine)
+                    r.adapters = adapters_for(r, engine, self.artifacts, self.publisher.mark_dirty)
                     r.status.memory_bytes = engine.memory_bytes()
                     r.status.tier_note = engine.tier_note
                     if isinstance(engine, TensorModel):  # what KServe's ModelMetadata shows
@@ -200,6 +203,7 @@ class Lifecycle:
                 with contextlib.suppress(Exception):
                     await r.engine.unload()
                 r.engine = None
+                r.adapters = None
             self._close_blocks(r)
             r.status.error = f"{type(e).__name__}: {e}"[:2000]
             await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
@@ -322,6 +326,8 @@ class Lifecycle:
                 else:
                     r.status.offload_trace = traceparent(span)
                     await self._drain(r)
+                    if r.adapters is not None:  # loaded again on demand after the restore
+                        await r.adapters.clear()
                     await r.engine.offload(tier)
                     r.status.tier = r.engine.tier  # type: ignore[assignment]  # where it settled
                     r.status.tier_note = r.engine.tier_note
@@ -346,6 +352,7 @@ class Lifecycle:
                 with contextlib.suppress(Exception):
                     await r.engine.unload()
                 r.engine = None
+                r.adapters = None
             self._close_blocks(r)
             r.failed_at = time.monotonic()
             r.status.error = f"tier change failed: {type(e).__name__}: {e}"[:2000]

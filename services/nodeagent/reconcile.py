@@ -213,6 +213,8 @@ class Reconciler:
             spec = find_model(specs, name)
         if spec is None:  # the list of known models is built only for the error
             raise not_found_model(name, [s.name for s in self.models.snapshot.values()])
+        if spec.base:  # an adapter: served by a replica of its base
+            return self.serving(spec.base)
         if self.fence is not None and self.fence.fenced:
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -228,6 +230,13 @@ class Reconciler:
             self.publisher.draining,
             self.config.max_in_flight,
         )
+
+    def adapter(self, name: str) -> cluster_pb2.ModelSpec | None:
+        """The adapter's spec when ``name`` names one (its own name or an alias), else None."""
+        if name in self.replicas:
+            return None
+        spec = find_model(self.models.snapshot.values(), name)
+        return spec if spec is not None and spec.base else None
 
     def all(self) -> list[Replica]:
         """Every replica here, by model name."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from meshserve.nodeagent.adapters import Adapters
 from meshserve.nodeagent.engines.base import Engine
 from meshserve.nodeagent.kvevents import KvBlocks
 from meshserve.nodeagent.plan import Held
@@ -34,6 +35,7 @@ class Replica:
     share: DeviceShare = field(init=False)  # its streams' GPU-seconds (usage)
     kv: KvBlocks | None = None  # its engine's KV blocks, for routers (engines that report them)
     restores: dict[int, float] = field(default_factory=dict)  # tier → its last restore's seconds
+    adapters: Adapters | None = None  # its LoRA adapters, while serving (spec.max_adapters > 0)
 
     def __post_init__(self) -> None:
         self.share = DeviceShare(self.spec.gpus_per_replica)

@@ -9,6 +9,7 @@ from typing import Protocol, TypeVar
 
 import grpc
 from meshserve.kvblocks import Event, Removed, Stored
+from meshserve.nodeagent.adapters import with_adapter
 from meshserve.nodeagent.coalesce import coalesced, interval_of
 from meshserve.nodeagent.engines.base import Resume, TensorModel
 from meshserve.nodeagent.engines.params import check_continuation, resolve_params
@@ -43,6 +44,9 @@ class Replicas(Protocol):
         """The READY replica for a model name or alias that may take one more stream; raises
         ServiceError (NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED) saying why not."""
 
+    def adapter(self, name: str) -> cluster_pb2.ModelSpec | None:
+        """The spec of the adapter ``name`` names (served on a replica of its base), or None."""
+
     def all(self) -> list[Replica]:
         """Every replica here, by model name."""
 
@@ -63,6 +67,17 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         self.replicas = replicas
         self.node_id = replicas.node_id
 
+    def _base_only(self, name: str) -> Replica:
+        """The replica for a call that adapters do not serve (Embed, Infer): never the base's
+        answer under an adapter's name."""
+        if (adapter := self.replicas.adapter(name)) is not None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{name!r} is a LoRA adapter of {adapter.base!r}: adapters serve Generate only",
+                "ADAPTER_GENERATES_ONLY",
+            )
+        return self.replicas.serving(name)
+
     @handlers.stream
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Ctx
@@ -75,17 +90,22 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
             server_span.set_attribute(
                 "meshserve.resumed_tokens", len(request.continuation.token_ids)
             )
-        r = self.replicas.serving(request.model)
+        adapter = self.replicas.adapter(request.model)
+        r = self.replicas.serving(request.model)  # an adapter's: a replica of its base
         check_generate(request, r.spec)
         params = replace(
             resolve_params(request.sampling, r.spec),
             priority=int(request.priority),
             cache_salt=request.cache_salt,
+            adapter=adapter.name if adapter is not None else "",
         )
         check_continuation(request, params)
         resume = Resume(tuple(request.continuation.token_ids), request.continuation.text)
         assert r.engine is not None
-        model = r.spec.name
+        model = adapter.name if adapter is not None else r.spec.name  # usage names the adapter
+        if adapter is not None:
+            server_span.set_attribute("meshserve.adapter", adapter.name)
+            server_span.set_attribute("meshserve.base_model", r.spec.name)
         await context.send_initial_metadata(
             (("meshserve-node", self.node_id), ("meshserve-model", model))
         )
@@ -109,6 +129,8 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
             try:
                 first = True
                 stream = r.engine.generate(request.prompt, request.messages, params, resume)
+                if adapter is not None:
+                    stream = with_adapter(r, adapter, stream, handlers.remaining_s(context))
                 async for chunk in coalesced(stream, *interval_of(request, r.spec.engine_args)):
                     now = time.perf_counter()
                     if first:
@@ -164,7 +186,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.EmbedRequest, context: Ctx
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
-        r = self.replicas.serving(request.model)
+        r = self._base_only(request.model)
         assert r.engine is not None
         with _tracer.start_as_current_span(
             "engine.embed", attributes={"gen_ai.request.model": r.spec.name}
@@ -178,7 +200,7 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
     async def Infer(
         self, request: inference_pb2.InferRequest, context: Ctx
     ) -> inference_pb2.InferResponse:
-        r = self.replicas.serving(request.model)
+        r = self._base_only(request.model)
         engine = r.engine
         if not isinstance(engine, TensorModel):
             raise not_a_tensor_model(r.spec.name)

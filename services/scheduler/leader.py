@@ -29,6 +29,7 @@ from meshserve.scheduler.snapshot import (
     device_busy,
     loads,
     placed_replicas,
+    with_adapters,
 )
 from meshserve.scheduler.views import ClusterSnapshot, ModelDecision, Plan
 from meshserve.scheduler.writes import Put, changes, wanted_placements
@@ -226,6 +227,7 @@ class SchedulerLoop:
             del self.wakes[model]
         wakes = {m: n for m, (n, _at) in self.wakes.items()}
         load = loads(self.demand.snapshot.values(), self.ensured, busy, wakes)
+        specs, load = with_adapters(specs, load)  # adapters are served by their bases
         self.scale = autoscale(specs, load, self.scale, placed_replicas(placements), now)
         cordons = {c.node_id: c for c in self.cordons.snapshot.values()}
         return build_snapshot(

@@ -33,6 +33,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def _spec(self, name: str) -> cluster_pb2.ModelSpec:
         spec = self.loop.spec(name)
+        if spec is not None and spec.base:  # an adapter: served (and so ensured) by its base
+            spec = self.loop.spec(spec.base)
         if spec is None:
             raise not_found_model(name, [s.name for s in self.loop.models.snapshot.values()])
         return spec

@@ -107,6 +107,40 @@ def autoscale(
     return out
 
 
+def with_adapters(
+    specs: list[cluster_pb2.ModelSpec], load: Mapping[str, Load]
+) -> tuple[list[cluster_pb2.ModelSpec], dict[str, Load]]:
+    """Adapters (ModelSpec.base) have no replicas of their own: agents load them into their
+    base's at run time (DESIGN §9). Their demand counts as their base's, and every replica of a
+    base is granted room for ``max_adapters`` of its largest adapter. Returns the models to
+    place (adapters left out, bases' memory raised by that room) and the merged load."""
+    adapters = [s for s in specs if s.base]
+    if not adapters:
+        return specs, dict(load)
+    bases = {s.name for s in specs if not s.base}
+    largest: dict[str, int] = defaultdict(int)
+    asked: dict[str, list[Load]] = defaultdict(list)
+    for a in adapters:
+        if a.base in bases:
+            largest[a.base] = max(largest[a.base], int(a.memory_bytes))
+            if a.name in load:
+                asked[a.base].append(load[a.name])
+    merged = {m: x for m, x in load.items() if m not in {a.name for a in adapters}}
+    for base, xs in asked.items():
+        merged[base] = merge([*xs, *([load[base]] if base in load else [])])
+    out = []
+    for spec in specs:
+        if spec.base:
+            continue
+        if spec.max_adapters and largest.get(spec.name):
+            roomy = cluster_pb2.ModelSpec()
+            roomy.CopyFrom(spec)
+            roomy.memory_bytes += spec.max_adapters * largest[spec.name]
+            spec = roomy
+        out.append(spec)
+    return out, merged
+
+
 def placed_replicas(placements: Iterable[cluster_pb2.Placement]) -> dict[str, int]:
     """Per model, the replicas placed on a device (offloaded ones do not count)."""
     placed: dict[str, int] = defaultdict(int)

@@ -148,6 +148,14 @@ TOKENS = Counter("meshserve_generated_tokens_total", "Tokens generated", ["model
 LOAD_SECONDS = Histogram(
     "meshserve_model_load_seconds", "Model load + warm-up time", ["model"], buckets=_LATENCY
 )
+ADAPTER_LOADS = Counter(
+    "meshserve_adapter_loads_total", "LoRA adapters loaded into a replica of this base", ["model"]
+)
+ADAPTER_EVICTIONS = Counter(
+    "meshserve_adapter_evictions_total",
+    "LoRA adapters evicted from a replica of this base (least recently used, slots full)",
+    ["model"],
+)
 SWAP_SECONDS = Histogram(
     "meshserve_tier_change_seconds",
     "Offload / restore (+ warm-up) time",

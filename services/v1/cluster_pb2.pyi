@@ -214,6 +214,9 @@ class ModelSpec(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     SOURCE_ENDPOINT_FIELD_NUMBER: _builtins.int
     SOURCE_REGION_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    MAX_ADAPTERS_FIELD_NUMBER: _builtins.int
+    MAX_ADAPTER_RANK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """local directory with config.json + safetensors"""
@@ -258,6 +261,20 @@ class ModelSpec(_message.Message):
     """
     source_endpoint: _builtins.str
     source_region: _builtins.str
+    base: _builtins.str
+    """A LoRA adapter (PEFT format: adapter_config.json + adapter_model.safetensors at ``source``,
+    a directory or a registry prefix) of the model named ``base`` (YAML ``kind: adapter``). It
+    has no replicas of its own: the agent loads it at run time into a READY replica of its base
+    when a request names it, and evicts the least recently used one past the base's
+    ``max_adapters``; routers send it where it is loaded, else where there is room. The
+    scheduler counts its demand as its base's. ``memory_bytes``: the adapter's weights.
+    """
+    max_adapters: _builtins.int
+    """On a base model: adapters one replica holds at once (vLLM's max_loras; 0: none), and the
+    largest LoRA rank they may have (vLLM's max_lora_rank; 0: 16). The scheduler grants each
+    replica room for ``max_adapters`` of its largest adapter.
+    """
+    max_adapter_rank: _builtins.int
     @_builtins.property
     def engine_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -315,10 +332,13 @@ class ModelSpec(_message.Message):
         revision: _builtins.str = ...,
         source_endpoint: _builtins.str = ...,
         source_region: _builtins.str = ...,
+        base: _builtins.str = ...,
+        max_adapters: _builtins.int = ...,
+        max_adapter_rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "revision", b"revision", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "source_endpoint", b"source_endpoint", "source_region", b"source_region", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "base", b"base", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_adapter_rank", b"max_adapter_rank", "max_adapters", b"max_adapters", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "revision", b"revision", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "source_endpoint", b"source_endpoint", "source_region", b"source_region", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -636,6 +656,8 @@ class ReplicaStatus(_message.Message):
     RESTORE_SECONDS_FIELD_NUMBER: _builtins.int
     DOWNLOAD_BYTES_FIELD_NUMBER: _builtins.int
     DOWNLOAD_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    MAX_ADAPTERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     node_id: _builtins.str
     address: _builtins.str
@@ -698,9 +720,16 @@ class ReplicaStatus(_message.Message):
     download_bytes: _builtins.int
     """LOADING from a registry: bytes fetched into the node's cache so far, of the revision's total."""
     download_total_bytes: _builtins.int
+    max_adapters: _builtins.int
     @_builtins.property
     def signature(self) -> _common_pb2.TensorSignature:
         """tensor models: what Infer takes and gives (after load)"""
+
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Adapters (ModelSpec.base) loaded into this replica, least recently used first, and how many
+        it may hold at once: routers prefer a replica that holds the one asked for, then one with room.
+        """
 
     def __init__(
         self,
@@ -736,10 +765,12 @@ class ReplicaStatus(_message.Message):
         restore_seconds: _builtins.float = ...,
         download_bytes: _builtins.int = ...,
         download_total_bytes: _builtins.int = ...,
+        adapters: _abc.Iterable[_builtins.str] | None = ...,
+        max_adapters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "device_kind", b"device_kind", "download_bytes", b"download_bytes", "download_total_bytes", b"download_total_bytes", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_block_tokens", b"kv_block_tokens", "kv_cache_usage", b"kv_cache_usage", "kv_events", b"kv_events", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "restore_seconds", b"restore_seconds", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "address", b"address", "decode_tokens_per_s", b"decode_tokens_per_s", "device_kind", b"device_kind", "download_bytes", b"download_bytes", "download_total_bytes", b"download_total_bytes", "epoch", b"epoch", "error", b"error", "generation", b"generation", "incarnation", b"incarnation", "kv_block_tokens", b"kv_block_tokens", "kv_cache_usage", b"kv_cache_usage", "kv_events", b"kv_events", "load_seconds", b"load_seconds", "load_trace", b"load_trace", "loaded_from", b"loaded_from", "max_adapters", b"max_adapters", "max_streams", b"max_streams", "memory_bytes", b"memory_bytes", "model", b"model", "node_id", b"node_id", "offload_trace", b"offload_trace", "placed_reason", b"placed_reason", "placed_trace", b"placed_trace", "predicted_bytes", b"predicted_bytes", "restore_seconds", b"restore_seconds", "running", b"running", "signature", b"signature", "state", b"state", "tier", b"tier", "tier_note", b"tier_note", "transition_seconds", b"transition_seconds", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,12 +19,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.localmesh import Mesh
+from meshserve.modelspec import spec_from_dict
 from meshserve.v1 import cluster_pb2, inference_pb2, inference_pb2_grpc
 
 from tests.e2e.conftest import apply, free_port, generate, known, model_spec
@@ -486,3 +488,107 @@ async def test_unload_stops_the_engine_core(vmesh: Mesh) -> None:
 
     await eventually(gone, 60, "replica unpublished and vLLM's engine core stopped")
     assert vmesh.services[AGENT].alive()
+
+
+LORA_BASE = "tinyvllm-lora"
+
+
+async def _lora_base(mesh: Mesh) -> cluster_pb2.ReplicaStatus | None:
+    client = connect(EtcdConfig(mesh.etcd.endpoint, timeout_s=15.0))
+    try:
+        return await Store(client, Keyspace()).get(
+            Keyspace().replica(LORA_BASE, AGENT), cluster_pb2.ReplicaStatus
+        )
+    finally:
+        await client.close()
+
+
+async def test_adapter_on_vllm_base_requests_batched_with_adapters_keep_the_base_output(
+    vmesh: Mesh,
+) -> None:
+    """A base (float32, max_adapters 2) and two LoRA adapters on vLLM: each adapter's greedy
+    answer equals the adapter applied offline with peft, and base requests batched with adapter
+    requests still give the base's own answer — the CPU build applies an adapter to a base
+    request in a mixed batch (DESIGN §7), which meshserve's identity adapter keeps from
+    reaching a client; without it this test fails."""
+    from meshserve.demo_model import build_demo_adapter
+
+    model = vmesh.data_dir / "model"
+    dirs = {n: build_demo_adapter(model, vmesh.data_dir / n, seed=i + 3)
+            for i, n in enumerate(("vlora-a", "vlora-b"))}  # fmt: skip
+    base = model_spec(LORA_BASE, model, engine="vllm", min_replicas=1, max_model_len=2048,
+                      max_adapters=2, engine_args={"dtype": "float32"})  # fmt: skip
+    await apply(vmesh, base)
+    for name, path in dirs.items():
+        doc = {"name": name, "kind": "adapter", "base": LORA_BASE, "source": str(path)}
+        await apply(vmesh, spec_from_dict(doc))
+    router = vmesh.services["router"].address
+    try:
+
+        async def ready() -> bool:
+            r = await _lora_base(vmesh)
+            if r is not None and r.state == S.REPLICA_STATE_FAILED:
+                raise AssertionError(f"FAILED: {r.error}\n{vmesh.tail(AGENT, 60)}")
+            return r is not None and r.state == S.REPLICA_STATE_READY
+
+        await eventually(ready, 240, "the LoRA base READY")
+
+        def ask(name: str) -> inference_pb2.GenerateRequest:
+            r = inference_pb2.GenerateRequest(model=name, prompt="Once upon a time")
+            r.sampling.max_tokens, r.sampling.temperature, r.sampling.ignore_eos = 24, 0.0, True
+            return r
+
+        alone = (await generate(router, ask(LORA_BASE), timeout=90)).token_ids
+        offline = _peft_greedy(model, dirs, "Once upon a time", 24)
+        for name in dirs:  # each loaded on demand, its own answer
+            assert (await generate(router, ask(name), timeout=90)).token_ids == offline[name]
+        assert alone == offline[""] and offline["vlora-a"] != offline["vlora-b"] != alone
+        # Base and adapter requests in the same batches: every answer is its own model's.
+        names = [LORA_BASE, "vlora-a", "vlora-b"] * 4
+        got = await asyncio.gather(*(generate(router, ask(n), timeout=120) for n in names))
+        for name, out in zip(names, got, strict=True):
+            want = alone if name == LORA_BASE else offline[name]
+            assert out.token_ids == want, f"{name} answered as another model"
+        r = await _lora_base(vmesh)
+        assert r is not None and set(r.adapters) == set(dirs) and r.max_adapters == 2
+    finally:
+        client = connect(EtcdConfig(vmesh.etcd.endpoint))
+        try:
+            for name in (*dirs, LORA_BASE):
+                await Store(client, Keyspace()).delete(Keyspace().model(name))
+        finally:
+            await client.close()
+        await eventually(lambda: _gone(vmesh), 120, "the LoRA base unloaded")
+
+
+async def _gone(mesh: Mesh) -> bool:
+    return await _lora_base(mesh) is None
+
+
+def _peft_greedy(
+    model: Path, adapters: dict[str, Path], prompt: str, n: int
+) -> dict[str, list[int]]:
+    """Greedy tokens of the base ("") and each adapter applied with peft, in float32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = list(AutoTokenizer.from_pretrained(model)(prompt, add_special_tokens=True)["input_ids"])
+
+    def greedy(m: Any) -> list[int]:
+        x, out = torch.tensor([ids]), []
+        with torch.inference_mode():
+            for _ in range(n):
+                t = int(m(input_ids=x).logits[0, -1].argmax())
+                out.append(t)
+                x = torch.cat([x, torch.tensor([[t]])], 1)
+        return out
+
+    def base() -> Any:
+        m: Any = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        return m.eval()
+
+    out = {"": greedy(base())}
+    for name, path in adapters.items():
+        out[name] = greedy(PeftModel.from_pretrained(base(), str(path)).eval())
+    return out

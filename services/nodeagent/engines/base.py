@@ -128,6 +128,15 @@ class Engine(Protocol):
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         """One L2-normalised vector per input."""
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Loads the LoRA adapter in the PEFT directory ``path`` under ``name``, for requests
+        whose `GenerationParams.adapter` names it (the agent keeps at most the spec's
+        ``max_adapters`` loaded and never unloads one a stream uses). Engines without adapters
+        raise ServiceError FAILED_PRECONDITION."""
+
+    async def unload_adapter(self, name: str) -> None:
+        """Frees an adapter `load_adapter` loaded (no stream uses it)."""
+
     async def unload(self) -> None:
         """Frees the device memory; the engine can be loaded again."""
 

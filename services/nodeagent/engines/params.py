@@ -29,6 +29,7 @@ class GenerationParams:
     logprobs: bool = False  # report each sampled token's logprob (raw: before temperature etc.)
     top_logprobs: int = 0  # ... and this many most likely tokens per position
     cache_salt: str = ""  # prefix-cache isolation: blocks are reused only under the same salt
+    adapter: str = ""  # a LoRA adapter the engine loaded (`Engine.load_adapter`); "": the base
 
 
 def resolve_params(

@@ -147,3 +147,12 @@ class ResumedText:
         delta = text[len(self.emitted) : end]
         self.emitted += delta
         return delta
+
+
+def no_adapters(engine: str) -> ServiceError:
+    """FAILED_PRECONDITION for an adapter asked of an engine that cannot load one."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"the {engine} serves no LoRA adapters: serve the base with engine torch or vllm",
+        "NO_ADAPTERS",
+    )

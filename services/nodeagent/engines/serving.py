@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from meshserve.kvblocks import Event
-from meshserve.nodeagent.engines.prompts import not_serving
+from meshserve.nodeagent.engines.prompts import no_adapters, not_serving
 from meshserve.v1 import cluster_pb2
 
 
@@ -40,3 +40,9 @@ class Serving:
         ``loaded`` and its weights are on the device."""
         if not loaded or self._tier != cluster_pb2.TIER_DEVICE:
             raise not_serving(name, self._tier)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise no_adapters(type(self).__name__)
+
+    async def unload_adapter(self, name: str) -> None:
+        raise no_adapters(type(self).__name__)

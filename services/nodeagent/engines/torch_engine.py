@@ -39,6 +39,7 @@ from meshserve.nodeagent.engines.prompts import (
     prompt_ids,
     unloaded,
 )
+from meshserve.nodeagent.engines.torch_adapters import TorchAdapters
 from meshserve.nodeagent.engines.torch_decode import (
     Stream,
     logprob_of,
@@ -50,7 +51,6 @@ from meshserve.nodeagent.engines.torch_decode import (
     this_turn,
 )
 from meshserve.nodeagent.engines.torch_device import set_threads
-from meshserve.nodeagent.engines.torch_tiers import TorchWeights
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +65,7 @@ class WorkerCrash(RuntimeError):
     """A failure of the worker itself (drills: ``engine_args.inject_crash_at_step``)."""
 
 
-class TorchEngine(TorchWeights):
+class TorchEngine(TorchAdapters):
     """`Engine` over a transformers AutoModelForCausalLM."""
 
     def __init__(self, config: EngineConfig) -> None:
@@ -79,7 +79,6 @@ class TorchEngine(TorchWeights):
         self._inbox: list[Stream] = []
         self._embeds: list[tuple[list[str], Future[list[list[float]]]]] = []
         self._active: list[Stream] = []
-        self._task = "generate"
         self._thread: threading.Thread | None = None
         self._in_flight = 0
         self._steps = 0  # decode steps over the engine's life
@@ -163,6 +162,7 @@ class TorchEngine(TorchWeights):
                     self._fail_all(engine_died(self._name, "a decode step hung"))
             self._thread = None
         self._tok = None
+        self._drop_adapters()
         self._forget()
         await asyncio.to_thread(gc.collect)
         if self._device.type == "cuda":
@@ -250,7 +250,7 @@ class TorchEngine(TorchWeights):
         if self._task == "embed":  # an encoder: mean-pool its last hidden state
             hidden = self._model(**enc).last_hidden_state.float()
         else:
-            hidden = self._model(**enc, output_hidden_states=True).hidden_states[-1].float()
+            hidden = self._forward("", **enc, output_hidden_states=True).hidden_states[-1].float()
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
@@ -349,8 +349,11 @@ class TorchEngine(TorchWeights):
             )
         # The first step reads the prompt and any resumed tokens; later ones the last token.
         last = s.input_ids + s.generated if s.cache is None else [s.generated[-1]]
-        out = self._model(
-            input_ids=torch.tensor([last], device=self._device), cache=s.cache, use_cache=True
+        out = self._forward(
+            s.params.adapter,
+            input_ids=torch.tensor([last], device=self._device),
+            cache=s.cache,
+            use_cache=True,
         )
         s.cache = out.cache
         logits = out.logits[0, -1].float()

@@ -17,8 +17,11 @@ over a paged KV cache; this module maps our API onto it one to one:
   sleep mode), shuts the engine down; restore starts it again from the model's files, and the
   engine reports TIER_DISK with a note saying so, instead of pretending to hold the weights in RAM.
 - Stats: a vLLM stat logger keeps the latest scheduler stats (KV-cache usage, running, waiting).
+- LoRA adapters (spec.max_adapters): loaded at run time, base requests through an identity
+  adapter (vllm_lora.py).
 
-`vllm` is imported only here (STYLE): the router and the scheduler never load it.
+`vllm` is imported only in the vllm_* engine modules (STYLE): the router and the scheduler never
+load it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,6 @@ from meshserve.nodeagent.engines.base import (
     Chunk,
     EngineConfig,
     EngineStats,
-    Logprob,
     Resume,
     per_token,
 )
@@ -50,10 +52,13 @@ from meshserve.nodeagent.engines.prompts import (
     ResumedText,
     check_resume,
     engine_died,
+    no_adapters,
     prompt_ids,
 )
 from meshserve.nodeagent.engines.serving import Serving
+from meshserve.nodeagent.engines.vllm_io import logprobs_of, process_env, sampling_params
 from meshserve.nodeagent.engines.vllm_kv import VllmKvEvents
+from meshserve.nodeagent.engines.vllm_lora import VllmLora
 from meshserve.nodeagent.engines.vllm_plan import (
     GIB,
     VllmPlan,
@@ -64,11 +69,9 @@ from meshserve.nodeagent.engines.vllm_plan import (
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.weights import predict_weight_bytes
-from vllm import SamplingParams
 from vllm.config.kv_events import KVEventsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -77,44 +80,6 @@ log = logging.getLogger(__name__)
 
 DEVICE, HOST, DISK = cluster_pb2.TIER_DEVICE, cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK
 FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
-
-
-def sampling_params(params: GenerationParams) -> SamplingParams:
-    return SamplingParams(
-        n=1,
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        seed=params.seed,
-        stop=list(params.stop) or None,
-        ignore_eos=params.ignore_eos,
-        # The sampled token's logprob and the top_logprobs most likely (raw, as our torch engine)
-        logprobs=params.top_logprobs if params.logprobs else None,
-        output_kind=RequestOutputKind.DELTA,
-    )
-
-
-def logprobs_of(
-    positions: Any, token_ids: Sequence[int], top: int, tok: Any
-) -> tuple[Logprob, ...]:
-    """vLLM's per-position {token id: Logprob(logprob, rank, decoded_token)} (the top ``top`` by
-    rank, plus the sampled token) as ours, one per sampled token."""
-
-    def text(token: int, decoded: str | None) -> str:
-        return decoded if decoded is not None else str(tok.decode([token]))
-
-    out = []
-    for token, position in zip(token_ids, positions or (), strict=False):
-        ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 0)
-        best = tuple(
-            (t, text(t, lp.decoded_token), float(lp.logprob))
-            for t, lp in ranked
-            if lp.rank is not None and lp.rank <= top
-        )[:top]
-        mine = position[token]
-        out.append(Logprob(float(mine.logprob), text(token, mine.decoded_token), best))
-    return tuple(out)
 
 
 class _StatsSink(StatLoggerBase):
@@ -145,21 +110,6 @@ class _StatsSink(StatLoggerBase):
         pass
 
 
-@contextlib.contextmanager
-def process_env(env: Mapping[str, str]) -> Iterator[None]:
-    """``env`` set in this process's environment for the duration, then restored."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 async def _alive(stream: AsyncIterator[Any], name: str) -> AsyncIterator[Any]:
     """vLLM's outputs; its EngineDeadError as UNAVAILABLE (a router continues the stream on
     another replica) instead of an unknown error."""
@@ -188,6 +138,7 @@ class VllmEngine(Serving):
         self._on_cpu = bool(current_platform.is_cpu())
         self._sleep = not self._on_cpu and bool(current_platform.is_sleep_mode_available())
         self._kv: VllmKvEvents | None = None  # its KV events, while the engine runs
+        self._lora: VllmLora | None = None  # its LoRA adapters (spec.max_adapters), while it runs
         self.kv_reports = True
 
     def _kv_to_agent(self, events: Sequence[Event]) -> None:
@@ -275,6 +226,9 @@ class VllmEngine(Serving):
                 AsyncLLM.from_engine_args, args, stat_loggers=[factory]
             )
         self._tok = self._llm.get_tokenizer()
+        if self._plan.kwargs.get("enable_lora"):
+            work = tempfile.mkdtemp(prefix="meshserve-lora-", dir=self.config.cache_dir or None)
+            self._lora = VllmLora(self._llm, Path(work))
         self._max_len = int(self._llm.model_config.max_model_len)
         if self._kv is not None:
             self._kv.start()
@@ -287,6 +241,9 @@ class VllmEngine(Serving):
         )
 
     async def _stop(self) -> None:
+        lora, self._lora = self._lora, None
+        if lora is not None:
+            lora.close()
         kv, self._kv = self._kv, None
         if kv is not None:
             await kv.close()
@@ -349,7 +306,10 @@ class VllmEngine(Serving):
         prompt_in: dict[str, Any] = {"prompt_token_ids": ids + done}
         if params.cache_salt:
             prompt_in["cache_salt"] = params.cache_salt
-        stream = self._llm.generate(prompt_in, sampling_params(rest), request_id)
+        lora = self._lora.request_for(params.adapter, self._name) if self._lora else None
+        if params.adapter and lora is None:
+            raise no_adapters(f"vllm engine of {self._name!r}")
+        stream = self._llm.generate(prompt_in, sampling_params(rest), request_id, lora_request=lora)
         self._in_flight += 1
         produced = len(done)
         # vLLM detokenizes a token-id prompt's continuation from an offset of its own: a resumed
@@ -389,6 +349,16 @@ class VllmEngine(Serving):
             self._in_flight -= 1
             with contextlib.suppress(Exception):
                 await stream.aclose()  # aborts the request in the engine core if still running
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        self._check_serving()
+        if self._lora is None:
+            raise no_adapters(f"vllm engine of {self._name!r} (max_adapters 0)")
+        await self._lora.load(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self._lora is not None:
+            await self._lora.unload(name)
 
     async def embed(self, inputs: Sequence[str]) -> list[list[float]]:
         self._check_serving()

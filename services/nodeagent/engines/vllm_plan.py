@@ -40,6 +40,9 @@ class VllmPlan:
     env: dict[str, str]  # the environment of the engine-core processes vLLM spawns
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -77,6 +80,12 @@ def plan_engine(
     }
     if spec.max_model_len:
         kwargs["max_model_len"] = spec.max_model_len
+    if spec.max_adapters:  # LoRA adapters at run time, one slot more for the identity (vllm_lora)
+        kwargs["enable_lora"] = True
+        kwargs["max_loras"] = kwargs["max_cpu_loras"] = spec.max_adapters + 1
+        kwargs["max_lora_rank"] = next(
+            (r for r in LORA_RANKS if r >= (spec.max_adapter_rank or 16)), LORA_RANKS[-1]
+        )
     if spec.gpus_per_replica > 1:  # the scheduler placed a gang: one shard per GPU
         kwargs["tensor_parallel_size"] = spec.gpus_per_replica
     for key, value in args.items():

@@ -41,7 +41,14 @@ from meshserve.router.core.wakes import Wakes
 from meshserve.router.routing.breakers import Breakers
 from meshserve.router.routing.endpoints import Endpoint, Route, RouteTable
 from meshserve.router.routing.exclusions import Identity
-from meshserve.router.routing.pipeline import DEFAULT_WEIGHTS, Ask, Decision, View, pick
+from meshserve.router.routing.pipeline import (
+    DEFAULT_WEIGHTS,
+    Ask,
+    Decision,
+    View,
+    pick,
+    weights_for,
+)
 from meshserve.router.tenancy.fairqueue import FairQueue
 from meshserve.rpc.errors import ServiceError
 from meshserve.telemetry import metrics
@@ -256,9 +263,9 @@ class Admission:
             d = pick(
                 r.spec.name,
                 r.ready,
-                ask,
+                replace(ask, adapter=r.spec.name) if r.spec.base else ask,
                 self._view,
-                r.spec.routing_weights or self.weights,
+                weights_for(r.spec.routing_weights or self.weights, bool(r.spec.base)),
                 next(self._tiebreak),
             )
             if r is route and (route.asleep or r.spec.name in self.wakes.pending):

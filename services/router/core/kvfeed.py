@@ -59,6 +59,8 @@ class KvFeeds:
         wanted: dict[Key, Endpoint] = {}
         for model in models:
             route = table.routes.get(model)
+            if route is not None and route.spec.base:  # an adapter: its base's replicas' feed
+                continue
             for e in route.ready if route else ():
                 if e.kv_events:
                     wanted[(model, e.address, e.identity)] = e

@@ -35,6 +35,7 @@ def _routing(r: cluster_pb2.ReplicaStatus) -> tuple[object, ...]:
     return (
         r.model, r.node_id, r.address, r.state, r.max_streams, r.incarnation, r.generation,
         r.signature, r.kv_block_tokens, r.kv_events, r.device_kind, r.tier, r.restore_seconds,
+        tuple(r.adapters), r.max_adapters,
     )  # fmt: skip
 
 
@@ -42,7 +43,8 @@ def _endpoint(r: cluster_pb2.ReplicaStatus) -> Endpoint:
     return Endpoint(
         r.node_id, r.address, r.waiting, r.kv_cache_usage, r.max_streams, r.incarnation,
         r.generation, r.running, r.kv_block_tokens, r.kv_events, r.device_kind,
-        0.0 if r.state == S.REPLICA_STATE_READY else r.restore_seconds,
+        0.0 if r.state == S.REPLICA_STATE_READY else r.restore_seconds, tuple(r.adapters),
+        r.max_adapters,
     )  # fmt: skip
 
 
@@ -56,18 +58,26 @@ class TableBuilder:
         self.endpoints: dict[bytes, Endpoint] = {}  # READY replicas by key
         self._routes: dict[str, Route] = {}
         self._aliases: dict[str, str] = {}
+        self._adapters: dict[str, set[str]] = defaultdict(set)  # base → its adapters' names
         self.table = RouteTable(MappingProxyType(self._routes), MappingProxyType(self._aliases))
 
     def spec(self, name: str, spec: cluster_pb2.ModelSpec | None) -> set[str]:
         """A model spec put (or deleted: None); returns the models whose route changed."""
+        old = self.specs.get(name)
+        if old is not None and old.base:
+            self._adapters[old.base].discard(name)
         if spec is None:
             self.specs.pop(name, None)
         else:
-            self.specs[name] = spec
+            self.specs[name] = spec  # in place: the aliases' order stays the specs' order
+            if spec.base:
+                self._adapters[spec.base].add(name)
         self._aliases.clear()
         self._aliases.update(alias_map(self.specs.values()))
-        self._rebuild(name)
-        return {name}
+        changed = {name, *self._adapters.get(name, ())}  # a base's adapters follow its spec
+        for model in changed:
+            self._rebuild(model)
+        return changed
 
     def replica(
         self,
@@ -92,8 +102,10 @@ class TableBuilder:
         if status is not None:
             self.statuses[status.model][key] = status
             changed.add(status.model)
-        for model in changed:
-            self._rebuild(model)
+        for base in list(changed):  # adapters are routed to their base's replicas
+            changed.update(self._adapters.get(base, ()))
+        for model in sorted(changed, key=lambda m: m in self.specs and bool(self.specs[m].base)):
+            self._rebuild(model)  # bases first: their adapters reuse the endpoints they made
         return changed
 
     def _rebuild(self, model: str) -> None:
@@ -104,6 +116,8 @@ class TableBuilder:
             if not statuses:
                 self.statuses.pop(model, None)
             return
+        if spec.base:  # an adapter: its base's replicas
+            statuses = self.statuses.get(spec.base, {})
         ready: list[Endpoint] = []
         asleep: list[Endpoint] = []
         loading = 0
@@ -118,10 +132,11 @@ class TableBuilder:
                 alive.add((r.address, r.incarnation, r.generation))
             if r.state == S.REPLICA_STATE_READY:
                 e = self.endpoints.get(key)
-                if e is None or (e.node_id, e.max_streams, e.identity) != (
+                if e is None or (e.node_id, e.max_streams, e.identity, e.adapters) != (
                     r.node_id,
                     r.max_streams,
                     (r.address, r.incarnation, r.generation),
+                    tuple(r.adapters),
                 ):
                     e = self.endpoints[key] = _endpoint(r)
                 ready.append(e)

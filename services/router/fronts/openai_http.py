@@ -120,9 +120,16 @@ def openai_app(core: RouterInference, stopping: Callable[[], bool] = lambda: Fal
             return failure(e)
         # Only what this API serves: a tensor model (task: classify) answers KServe and Infer,
         # and load generators such as guidellm take the first model listed.
+        # A LoRA adapter names its base model in ``parent`` (as vLLM's server lists them).
         routes = core.table.current.routes
         data = [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "meshserve"}
+            {
+                "id": m.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "meshserve",
+                "parent": (routes[m.name].spec.base or None) if m.name in routes else None,
+            }
             for m in got.models
             if m.name not in routes or routes[m.name].spec.engine_args.get("task") != "classify"
         ]

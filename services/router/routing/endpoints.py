@@ -27,6 +27,8 @@ class Endpoint:
     kv_events: bool = False  # its agent streams its block events (WatchKvBlocks)
     device_kind: str = ""  # "cpu" or the GPU's name: TTFT is fitted per model and kind
     restore_s: float = 0.0  # asleep (Route.asleep): the restore its agent expects, s; else 0
+    adapters: tuple[str, ...] = ()  # LoRA adapters loaded there (ReplicaStatus.adapters)
+    max_adapters: int = 0  # how many it may hold at once (0: it serves none)
 
     @property
     def identity(self) -> tuple[str, int, int]:
@@ -37,6 +39,8 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Route:
+    # An adapter's route (spec.base set) has its base's replicas: the adapter is loaded into
+    # them on demand (Endpoint.adapters says where it is already).
     spec: cluster_pb2.ModelSpec
     ready: tuple[Endpoint, ...]  # sorted by node id
     loading: int = 0  # replicas loading or warming up (a wait will end)

@@ -14,7 +14,9 @@ holds: GIE's approximate scorer), ``affinity`` (the replica that rendezvous hash
 request's session key, unless it carries more than AFFINITY_SLACK streams above the least
 loaded), ``kv`` (its KV cache below KV_FULL: a new stream on a nearly full one waits for blocks
 or preempts one), ``load`` (1 / (1 + this router's streams on it + streams queued in its
-engine)). The default weights (ttft 8, affinity 4, kv 2, load 1; prefix off) let a session keep
+engine)), ``adapter`` (for a LoRA adapter: 1 where it is loaded, 0.8 where there is room to load
+it, 0.6 where another must go first; weight 4 for adapters' requests). The default weights
+(ttft 8, affinity 4, kv 2, load 1; prefix off) let a session keep
 its replica unless another would answer over twice as fast; without a hashed prompt the ttft
 column is all 0 and the others rank lexicographically in that order. A router profile
 (``--routing-weights``) or a model (``routing:`` in its spec) may set others.
@@ -53,6 +55,7 @@ class Ask:
     tokens: int = 0  # the prompt's tokens (0: unknown)
     block_tokens: int = 0  # the block size ``blocks`` were cut in
     model: str = ""  # whose tokenizer made them (a fallback model's index is another)
+    adapter: str = ""  # the LoRA adapter asked for (its route's replicas are its base's)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,18 @@ def load(_model: str, cands: Sequence[Endpoint], _ask: Ask, view: View) -> list[
     return [1.0 / (1 + view.outstanding.get(e.address, 0) + e.waiting) for e in cands]
 
 
+def adapter(_model: str, cands: Sequence[Endpoint], ask: Ask, _view: View) -> list[float]:
+    """LoRA adapter affinity (llm-d's scores): 1 where the adapter is loaded, 0.8 where there is
+    room to load it, 0.6 where another must be evicted first (or wait for a slot)."""
+    if not ask.adapter:
+        return [0.0] * len(cands)
+    name = ask.adapter
+    return [
+        1.0 if name in e.adapters else 0.8 if len(e.adapters) < e.max_adapters else 0.6
+        for e in cands
+    ]
+
+
 def prefix(model: str, cands: Sequence[Endpoint], ask: Ask, view: View) -> list[float]:
     """The share of the prompt's blocks a candidate holds as a prefix (events or recent sends):
     the approximate prefix scorer of llm-d / the Gateway API inference extension."""
@@ -163,9 +178,21 @@ SCORERS: Mapping[str, Score] = {
     "affinity": affinity,
     "kv": kv_room,
     "load": load,
+    "adapter": adapter,
 }
 # ttft leads: a session's replica keeps it unless another answers over twice as fast.
 DEFAULT_WEIGHTS: Mapping[str, float] = {"ttft": 8.0, "affinity": 4.0, "kv": 2.0, "load": 1.0}
+# For an adapter's requests (only: others would carry a column of zeros) unless the weights name
+# it: an adapter stays where it is loaded unless that replica is much busier.
+ADAPTER_WEIGHT = 4.0
+
+
+def weights_for(weights: Mapping[str, float], adapter: bool) -> Mapping[str, float]:
+    """The scorer weights of one request: ``weights`` (a model's, else the profile's), with
+    the adapter scorer added for an adapter's request."""
+    if not adapter or "adapter" in weights:
+        return weights
+    return {**weights, "adapter": ADAPTER_WEIGHT}
 
 
 class Scored(NamedTuple):
