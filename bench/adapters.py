@@ -10,9 +10,9 @@ side by side in one run.
   the adapters with Zipf(1.1) popularity (a few hot, a long tail: swaps happen), then uniform
   popularity (the worst case: most requests find their adapter evicted); adapter loads and
   evictions counted from the agents' metrics.
-- Memory: the two base replicas as the agents measured them plus their adapter slots, vs twenty
-  full models (each fine-tune merged into its own copy of the weights: one such model loaded in
-  the same mesh, measured, times twenty).
+- Memory: the two base replicas as the agents measured them (weights and adapter slots), vs
+  twenty full models (each fine-tune merged into its own copy of the weights: one such model
+  loaded in the same mesh, measured, times twenty).
 - GPUs in the scheduler's own placement (snapshot.with_adapters + placement.place) for the same
   shape at Llama-3-8B scale (16 GiB of bf16 weights, 8 GiB KV headroom, rank-16 adapters of
   27 MB) on H100-80GB nodes: twenty full models vs one base with two replicas.
@@ -158,7 +158,10 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         router = mesh.start_router().address
         common = {"max_model_len": 2048, "kv_headroom": "16MiB"}
         base = {"name": "base", "source": str(base_dir), "min_replicas": 2, **common}
-        await apply(mesh, spec_from_dict({**base, "max_adapters": args.slots}))
+        # Slots sized for these adapters (rank 8 on q, k, v, o), as an operator would set them.
+        slots = {"max_adapters": args.slots, "max_adapter_rank": 8}
+        modules = {"adapter_modules": "q_proj,k_proj,v_proj,o_proj"}
+        await apply(mesh, spec_from_dict({**base, **slots, "engine_args": modules}))
         for n, d in dirs.items():
             adapter = {"name": n, "kind": "adapter", "base": "base", "source": str(d)}
             await apply(mesh, spec_from_dict(adapter))
@@ -190,11 +193,12 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         evictions = sum(counter(p, "meshserve_adapter_evictions_total") for p in ports)
     finally:
         mesh.stop()
-    adapters_mem = 2 * (memory["base"] + args.slots * adapter_bytes)
+    adapters_mem = 2 * memory["base"]  # as measured: weights and the adapter slots
     full_mem = ADAPTERS * memory["merged"]
     base_p99 = pct(rows["base model alone"], 99)
     return {
         "base_bytes": memory["base"],
+        "slots_bytes": memory["base"] - memory["merged"],
         "full_model_bytes": memory["merged"],
         "adapter_bytes": adapter_bytes,
         "slots_per_replica": args.slots,

@@ -139,6 +139,7 @@ class TorchEngine(TorchAdapters):
         auto = AutoModelForCausalLM if self._task == "generate" else AutoModel
         model = auto.from_pretrained(spec.source, dtype=dtype)
         model.to(self._device).eval()  # type: ignore[arg-type]
+        self._make_slots(model, spec)  # LoRA adapter slots (spec.max_adapters), measured too
         self._tok = tok
         self._texts = {}
         self._max_len = spec.max_model_len or int(model.config.max_position_embeddings)
@@ -292,7 +293,10 @@ class TorchEngine(TorchAdapters):
         takes (`this_turn`: by priority), ended early when a higher priority arrives."""
         if embeds:
             self._embed_batch(embeds)
-        for i, stream in enumerate(this_turn(self._active)):
+        streams = this_turn(self._active)
+        if self._held:  # by adapter within a priority: one switch per adapter per turn
+            streams.sort(key=lambda s: (-s.params.priority, s.params.adapter))
+        for i, stream in enumerate(streams):
             if i and outranked(list(self._inbox), stream.params.priority):
                 break  # a request of higher priority arrived: the turn restarts with it
             if not stream.cancelled:
