@@ -5,6 +5,9 @@ adapter, counts its demand as its base's and grants the base room for its adapte
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from meshserve.router.core.prefixes import Prefixes
 from meshserve.router.core.table import TableBuilder, build_table
 from meshserve.router.routing.endpoints import Endpoint
 from meshserve.router.routing.pipeline import (
@@ -18,6 +21,7 @@ from meshserve.router.routing.pipeline import (
 from meshserve.scheduler.autoscale import Load
 from meshserve.scheduler.snapshot import with_adapters
 from meshserve.v1 import cluster_pb2 as S
+from meshserve.v1 import inference_pb2
 
 
 def _status(
@@ -83,3 +87,21 @@ def test_adapter_demand_counts_as_its_base_and_the_base_gets_room() -> None:
     assert base.memory_bytes == 10_000  # the spec itself is left as it was
     # No adapters: nothing changes.
     assert with_adapters([other], {"solo": Load(rate=1.0)}) == ([other], {"solo": Load(rate=1.0)})
+
+
+def test_adapter_prompts_hash_with_the_base_tokenizer_into_the_adapter_index(
+    demo_model: Path,
+) -> None:
+    base = S.ModelSpec(name="base", source=str(demo_model), max_adapters=2)
+    lora = S.ModelSpec(name="lora", source="/adapters/lora", base="base")  # no tokenizer there
+    status = _status("n1")
+    status.kv_block_tokens = 4
+    table = build_table([base, lora], [status])
+    route = table.resolve("lora")
+    assert route is not None and route.base == base
+    prefixes = Prefixes()
+    prefixes.tokenizers.load(base)
+    req = inference_pb2.GenerateRequest(model="lora", prompt="Once upon a time there was a mesh")
+    prompt = prefixes.prompt(route, req)
+    assert prompt.blocks and prompt.model == "lora"  # hashed; the adapter's own index
+    assert prompt.blocks == prefixes.prompt(table.resolve("base"), req).blocks  # type: ignore[arg-type]

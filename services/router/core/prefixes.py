@@ -215,7 +215,7 @@ class Prefixes:
         if not block:
             return NOT_HASHED
         try:
-            tokens = self.tokenizers.tokens(route.spec, req)
+            tokens = self.tokenizers.tokens(route.base or route.spec, req)  # an adapter: its base's
         except Exception:  # never fail a request over routing: it goes by load
             log.exception("tokenizing a prompt for %s failed", route.spec.name)
             return NOT_HASHED
@@ -228,8 +228,9 @@ class Prefixes:
         """`prompt`, off the event loop for long prompts (tokenizing 100 k characters takes
         milliseconds every other stream would wait for) and while a model's tokenizer loads
         (the request meanwhile goes by load)."""
-        if not self.tokenizers.ready(route.spec):
-            self.tokenizers.load_soon(route.spec)
+        spec = route.base or route.spec  # an adapter's prompts: its base's tokenizer
+        if not self.tokenizers.ready(spec):
+            self.tokenizers.load_soon(spec)
             return NOT_HASHED
         size = len(req.prompt) + sum(len(m.content) for m in req.messages)
         if size > OFF_LOOP_CHARS:

@@ -149,8 +149,9 @@ class TableBuilder:
         ready.sort(key=lambda e: e.node_id)
         asleep.sort(key=lambda e: e.node_id)
         self._routes[model] = Route(
-            spec, tuple(ready), loading, frozenset(alive), signature, tuple(asleep)
-        )
+            spec, tuple(ready), loading, frozenset(alive), signature, tuple(asleep),
+            self.specs.get(spec.base) if spec.base else None,
+        )  # fmt: skip
 
 
 def build_table(

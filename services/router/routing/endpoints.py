@@ -52,6 +52,8 @@ class Route:
     # OFFLOADED replicas (asleep in CPU RAM or on disk), which a router may ask to wake
     # (core.wakes) when that beats queueing on the READY ones; sorted by node id
     asleep: tuple[Endpoint, ...] = ()
+    # An adapter's base model spec (its tokenizer hashes the adapter's prompts); None otherwise
+    base: cluster_pb2.ModelSpec | None = None
 
 
 @dataclass(frozen=True)
