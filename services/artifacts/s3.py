@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -106,20 +107,28 @@ async def read_pinned(
     return manifest, raw
 
 
-async def push(directory: Path, loc: Location) -> Manifest:
+async def push(
+    directory: Path, loc: Location, progress: Callable[[int, int], None] | None = None
+) -> Manifest:
     """Uploads every file of ``directory`` under the prefix, then the manifest (last: a reader
-    who finds a manifest finds its files)."""
+    who finds a manifest finds its files). ``progress(uploaded, total)``: bytes, after each
+    file."""
     import obstore
 
     manifest = await asyncio.to_thread(build, directory)
     store = loc.store()
     sem = asyncio.Semaphore(PUT_PARALLEL)
+    done = 0
 
-    async def put(path: str) -> None:
+    async def put(path: str, size: int) -> None:
+        nonlocal done
         async with sem:
             await obstore.put_async(store, loc.key(path), directory / path)
+        done += size
+        if progress is not None:
+            progress(done, manifest.total_bytes)
 
-    await asyncio.gather(*(put(f.path) for f in manifest.files))
+    await asyncio.gather(*(put(f.path, f.size) for f in manifest.files))
     await obstore.put_async(store, loc.key(MANIFEST), manifest.to_bytes())
     return manifest
 

@@ -214,13 +214,33 @@ def model_push(
     """Upload a model directory to an S3-compatible registry with its manifest (every file's
     size and sha256); prints the revision that pins it. Credentials: the AWS_* variables."""
     from meshserve.artifacts.s3 import Location, push, reason
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
 
     try:
         loc = Location.parse(destination, endpoint, region)
         if not directory.is_dir():
             raise ValueError(f"{directory}: not a directory")
         started = time.monotonic()
-        manifest = asyncio.run(push(directory, loc))
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"hashing, then uploading to {loc.url}", total=None)
+
+            def uploaded(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            manifest = asyncio.run(push(directory, loc, uploaded))
     except Exception as e:
         raise fail(f"push: {reason(e)}") from None
     seconds = time.monotonic() - started

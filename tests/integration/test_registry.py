@@ -52,8 +52,14 @@ async def pushed(
 async def test_registry_push_fetches_once_into_a_model_directory(
     server: s3server.S3Server, tmp_path: Path
 ) -> None:
-    loc, revision = await pushed(server, tmp_path, "once", 1)
+    loc = server.location("once")
+    uploads: list[tuple[int, int]] = []
+    revision = (
+        await s3.push(model_dir(tmp_path, 1), loc, lambda d, t: uploads.append((d, t)))
+    ).revision
     manifest, _ = await s3.read_manifest(loc)
+    # push reports its progress after each file, ending at the whole
+    assert len(uploads) == len(manifest.files) and uploads[-1] == (manifest.total_bytes,) * 2
     assert manifest.revision == revision and manifest.weights_bytes() == 3 * MB
     cache = NodeCache(tmp_path / "cache", 0, chunk_bytes=MB // 2)
     seen: list[list[tuple[int, int]]] = [[], []]
