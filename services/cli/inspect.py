@@ -19,16 +19,27 @@ app = typer.Typer()
 model_app = typer.Typer(help="Register and inspect models.", no_args_is_help=True)
 
 
-async def apply_spec(etcd: str, prefix: str, spec: Any) -> None:
-    """Writes ``spec`` (a ModelSpec) to ``models/<name>``."""
+async def apply_spec(etcd: str, prefix: str, spec: Any) -> str:
+    """Writes ``spec`` (a ModelSpec) to ``models/<name>``; for an adapter, returns what is
+    wrong with its base as registered now ("" when nothing is)."""
     from meshserve.cluster.keys import Keyspace
     from meshserve.cluster.store import EtcdConfig, Store, connect
+    from meshserve.v1 import cluster_pb2
 
     client = connect(EtcdConfig(etcd))
     try:
-        await Store(client, Keyspace(prefix)).put(Keyspace(prefix).model(spec.name), spec)
+        store = Store(client, Keyspace(prefix))
+        await store.put(Keyspace(prefix).model(spec.name), spec)
+        if not spec.base:
+            return ""
+        base = await store.get(Keyspace(prefix).model(spec.base), cluster_pb2.ModelSpec)
     finally:
         await client.close()
+    if base is None:
+        return f"its base {spec.base!r} is not registered: requests for it fail until it is"
+    if not base.max_adapters:
+        return f"its base {spec.base!r} has max_adapters 0: set it, or requests for it fail"
+    return ""
 
 
 async def stream_completion(
@@ -173,11 +184,15 @@ def model_apply(file: Path, etcd: Etcd = "", prefix: Prefix = SERVICE.prefix) ->
     except (OSError, ValueError, yaml.YAMLError, TypeError) as e:
         raise fail(f"{file}: {e}") from None
     for spec in specs:
-        asyncio.run(apply_spec(default_etcd(etcd), prefix, spec))
+        warning = asyncio.run(apply_spec(default_etcd(etcd), prefix, spec))
         pinned = f", revision {spec.revision[:12]}" if spec.revision else ""
+        kind = f"adapter of {spec.base}, " if spec.base else ""
         console.print(
-            f"applied model [bold]{spec.name}[/bold] ({spec.memory_bytes / 2**20:.1f} MiB{pinned})"
+            f"applied model [bold]{spec.name}[/bold] "
+            f"({kind}{spec.memory_bytes / 2**20:.1f} MiB{pinned})"
         )
+        if warning:
+            console.print(f"[yellow]warning[/yellow]: {spec.name}: {warning}")
 
 
 async def pin_registry(d: Any) -> Any:

@@ -8,6 +8,8 @@ burst over more adapters than slots is served whole, exactly."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,9 +155,16 @@ async def test_adapter_refusals_are_clear(amesh: Mesh, demo_model: Path, tmp_pat
     from meshserve.demo_model import build_demo_adapter
 
     lone = build_demo_adapter(demo_model, tmp_path / "lone", seed=9)
-    await apply(amesh, spec_from_dict(
-        {"name": "lone", "kind": "adapter", "base": "plain-base", "source": str(lone)}
-    ))  # fmt: skip
+    doc = tmp_path / "lone.yaml"
+    doc.write_text(f"name: lone\nkind: adapter\nbase: plain-base\nsource: {lone}\n")
+    applied = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "meshserve", "model", "apply", str(doc), "--etcd",
+         amesh.etcd.endpoint],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    assert "adapter of plain-base" in applied.stdout and "max_adapters 0" in applied.stdout
     await eventually(lambda: ready_replicas(router, "plain-base"), 90, "plain base READY")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await generate(router, _request("lone"))
