@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Protocol
@@ -67,11 +68,15 @@ def check_adapter(path: Path, name: str, max_rank: int) -> None:
 
 
 async def with_adapter(
-    r: Replica, spec: cluster_pb2.ModelSpec, stream: AsyncIterator[Chunk], remaining: float | None
+    r: Replica,
+    spec: cluster_pb2.ModelSpec,
+    generate: Callable[[str], AsyncIterator[Chunk]],
+    remaining: float | None,
 ) -> AsyncIterator[Chunk]:
-    """``stream`` (a generation naming the adapter) with the adapter held loaded on replica
-    ``r`` of its base throughout: loaded first if it is not (this counts in the time to first
-    token), released when the stream ends however it ends."""
+    """A generation with the adapter ``spec`` held loaded on replica ``r`` of its base
+    throughout: loaded first if it is not (this counts in the time to first token), the engine's
+    stream made by ``generate`` with the key the engine knows this load by, closed before the
+    adapter is let go however the stream ends."""
     if r.adapters is None:
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -83,15 +88,17 @@ async def with_adapter(
     with _tracer.start_as_current_span(
         "adapter.acquire", attributes={"meshserve.adapter": spec.name}
     ) as span:
-        loaded = spec.name in adapters.loaded
-        span.set_attribute("meshserve.adapter.was_loaded", loaded)
-        await adapters.acquire(spec, min(remaining or WAIT_S, WAIT_S))
+        span.set_attribute("meshserve.adapter.was_loaded", adapters.holds(spec))
+        key = await adapters.acquire(spec, min(remaining or WAIT_S, WAIT_S))
+    stream = generate(key)
     try:
         async for chunk in stream:
             yield chunk
     finally:
-        adapters.release(spec.name)
-        await stream.aclose()  # type: ignore[attr-defined]
+        try:
+            await stream.aclose()  # type: ignore[attr-defined]  # the engine lets go first
+        finally:
+            adapters.release(spec.name)
 
 
 def adapters_for(
@@ -137,6 +144,11 @@ def pinned_revisions(replicas: Iterable[Replica]) -> set[str]:
     return out
 
 
+def version(spec: cluster_pb2.ModelSpec) -> tuple[str, str, str]:
+    """What makes one adapter's weights these: a re-applied adapter with another is another."""
+    return (spec.source, spec.source_endpoint, spec.revision)
+
+
 class Adapters:
     def __init__(
         self,
@@ -152,11 +164,18 @@ class Adapters:
         self.fetch = fetch  # an adapter's files on this node (its directory, or the node cache)
         self.on_change = on_change  # publish ReplicaStatus.adapters
         self.loaded: OrderedDict[str, int] = OrderedDict()  # name → streams; LRU first
+        self.keys: dict[str, str] = {}  # name → the engine's key for this load of it
+        self.versions: dict[str, tuple[str, str, str]] = {}  # name → `version` loaded
         self.revisions: dict[str, str] = {}  # name → registry revision (the cache keeps them)
+        # Requests waiting for an adapter's load: it is not evicted before they take it (else
+        # two loads competing for the last slot would evict each other for ever).
+        self._claims: Counter[str] = Counter()
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()  # one eviction + load at a time
         self._freed = asyncio.Condition()
-        self._version = 0  # bumped whenever a stream lets go of an adapter
+        self._version = 0  # bumped whenever a stream or a waiter lets go of an adapter
+        self._serial = itertools.count(1)
+        self.closed = ""  # why no adapter loads here any more (a tier change); "" while open
         self.loads = 0
         self.evictions = 0
 
@@ -164,42 +183,58 @@ class Adapters:
         """Loaded adapters, least recently used first."""
         return list(self.loaded)
 
-    async def acquire(self, spec: cluster_pb2.ModelSpec, timeout: float = WAIT_S) -> None:
-        """Holds ``spec`` (an adapter of this base) loaded for one stream until `release`.
-        Raises RESOURCE_EXHAUSTED when every slot stays in use for ``timeout`` s, or the load's
-        own error."""
+    def holds(self, spec: cluster_pb2.ModelSpec) -> bool:
+        return spec.name in self.loaded and self.versions.get(spec.name) == version(spec)
+
+    async def acquire(self, spec: cluster_pb2.ModelSpec, timeout: float = WAIT_S) -> str:
+        """Holds ``spec`` (an adapter of this base) loaded for one stream until `release`;
+        returns the engine's key for it. Raises RESOURCE_EXHAUSTED when every slot stays in use
+        for ``timeout`` s, UNAVAILABLE while the replica changes tier, or the load's error."""
         try:
             async with asyncio.timeout(timeout):
-                await self._acquire(spec)
+                return await self._acquire(spec)
         except TimeoutError:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"adapter {spec.name!r}: all {self.limit} adapter slots of this replica of "
-                f"{self.base!r} were in use for {timeout:.0f} s; retry (a router tries another "
-                "replica)",
+                f"adapter {spec.name!r}: no adapter slot of this replica of {self.base!r} "
+                f"came free in {timeout:.0f} s; retry (a router tries another replica)",
                 "ADAPTER_SLOTS_BUSY",
                 retry_after_s=1.0,
             ) from None
 
-    async def _acquire(self, spec: cluster_pb2.ModelSpec) -> None:
+    async def _acquire(self, spec: cluster_pb2.ModelSpec) -> str:
         name = spec.name
-        while True:
-            if name in self.loaded:
-                self.loaded.move_to_end(name)
-                self.loaded[name] += 1
-                return
-            seen = self._version
-            task = self._loading.get(name)
-            if task is None:
-                task = self._loading[name] = asyncio.create_task(self._load(spec))
-                task.add_done_callback(self._loaded)
-            try:
-                # Shielded: a request that gives up does not cut the load short for the others
-                # (nor leave the engine holding an adapter this set does not know of).
-                await asyncio.shield(task)
-            except AllBusy:
-                async with self._freed:
-                    await self._freed.wait_for(functools.partial(self._moved_since, seen))
+        self._claims[name] += 1
+        try:
+            while True:
+                if self.closed:
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"adapter {name!r}: this replica of {self.base!r} {self.closed}; retry",
+                        "NOT_LOADED",
+                        retry_after_s=0.5,
+                    )
+                if self.holds(spec):
+                    self.loaded.move_to_end(name)
+                    self.loaded[name] += 1
+                    return self.keys[name]
+                seen = self._version
+                task = self._loading.get(name)
+                if task is None:
+                    task = self._loading[name] = asyncio.create_task(self._load(spec))
+                    task.add_done_callback(self._loaded)
+                try:
+                    # Shielded: a request that gives up does not cut the load short for the
+                    # others (nor leave the engine holding an adapter this set does not know).
+                    await asyncio.shield(task)
+                except AllBusy:
+                    async with self._freed:
+                        await self._freed.wait_for(functools.partial(self._moved_since, seen))
+        finally:
+            self._claims[name] -= 1
+            if not self._claims[name]:
+                del self._claims[name]
+            self._bump()
 
     def _moved_since(self, seen: int) -> bool:
         return self._version != seen
@@ -212,6 +247,9 @@ class Adapters:
     def release(self, name: str) -> None:
         if self.loaded.get(name, 0) > 0:
             self.loaded[name] -= 1
+        self._bump()
+
+    def _bump(self) -> None:
         self._version += 1
         asyncio.get_running_loop().create_task(self._notify())
 
@@ -221,33 +259,60 @@ class Adapters:
 
     async def _load(self, spec: cluster_pb2.ModelSpec) -> None:
         async with self._lock:
-            if spec.name in self.loaded:
-                return
-            while len(self.loaded) >= self.limit:
-                victim = next((n for n, streams in self.loaded.items() if streams == 0), None)
-                if victim is None:
-                    raise AllBusy()
-                del self.loaded[victim]
-                self.revisions.pop(victim, None)
-                await self.engine.unload_adapter(victim)
-                self.evictions += 1
-                metrics.ADAPTER_EVICTIONS.labels(self.base).inc()
-                log.info("%s: evicted adapter %s (least recently used)", self.base, victim)
-            path = await self.fetch(spec)
-            check_adapter(path, spec.name, self.max_rank)
-            await self.engine.load_adapter(spec.name, str(path))
-            self.loaded[spec.name] = 0
-            self.revisions[spec.name] = spec.revision
-            self.loads += 1
-            metrics.ADAPTER_LOADS.labels(self.base).inc()
-            log.info("%s: loaded adapter %s", self.base, spec.name)
-        self.on_change(self.names())
+            try:
+                await self._load_locked(spec)
+            finally:
+                self.on_change(self.names())
+
+    async def _load_locked(self, spec: cluster_pb2.ModelSpec) -> None:
+        name = spec.name
+        if self.closed or self.holds(spec):
+            return  # the caller sees which
+        if name in self.loaded:  # re-applied with other weights: the old ones go first
+            if self.loaded[name]:
+                raise AllBusy()  # streams still use the old weights
+            await self._evict(name, "replaced")
+        while len(self.loaded) >= self.limit:
+            victim = next(
+                (n for n, streams in self.loaded.items() if not streams and not self._claims[n]),
+                None,
+            )
+            if victim is None:
+                raise AllBusy()
+            await self._evict(victim, "least recently used")
+        path = await self.fetch(spec)
+        check_adapter(path, name, self.max_rank)
+        key = f"{name}#{next(self._serial)}"  # each load its own: no cache of the old reused
+        await self.engine.load_adapter(key, str(path))
+        self.loaded[name] = 0
+        self.keys[name], self.versions[name] = key, version(spec)
+        self.revisions[name] = spec.revision
+        self.loads += 1
+        metrics.ADAPTER_LOADS.labels(self.base).inc()
+        log.info("%s: loaded adapter %s", self.base, name)
+
+    async def _evict(self, name: str, why: str) -> None:
+        del self.loaded[name]
+        self.versions.pop(name, None)
+        self.revisions.pop(name, None)
+        key = self.keys.pop(name)
+        await self.engine.unload_adapter(key)
+        self.evictions += 1
+        metrics.ADAPTER_EVICTIONS.labels(self.base).inc()
+        log.info("%s: evicted adapter %s (%s)", self.base, name, why)
+
+    def close(self, why: str) -> None:
+        """No more loads (a tier change is coming): requests waiting for one are refused with
+        UNAVAILABLE and go elsewhere; streams already running go on until the drain ends."""
+        self.closed = why
+        self._bump()
+
+    def reopen(self) -> None:
+        self.closed = ""
 
     async def clear(self) -> None:
-        """Unloads every adapter (before a tier change; the caller drained the streams)."""
+        """Unloads every adapter (closed, and the replica drained)."""
         async with self._lock:
             for name in list(self.loaded):
-                del self.loaded[name]
-                await self.engine.unload_adapter(name)
-            self.revisions.clear()
+                await self._evict(name, self.closed or "cleared")
         self.on_change(self.names())

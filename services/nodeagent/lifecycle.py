@@ -322,11 +322,15 @@ class Lifecycle:
                     r.status.memory_bytes = r.engine.memory_bytes()
                     await self.publisher.set_state(r, S.REPLICA_STATE_WARMING)
                     await self._warm_up(r)
+                    if r.adapters is not None:
+                        r.adapters.reopen()
                     state = S.REPLICA_STATE_READY
                 else:
                     r.status.offload_trace = traceparent(span)
-                    await self._drain(r)
                     if r.adapters is not None:  # loaded again on demand after the restore
+                        r.adapters.close("is changing tier")
+                    await self._drain(r)
+                    if r.adapters is not None:
                         await r.adapters.clear()
                     await r.engine.offload(tier)
                     r.status.tier = r.engine.tier  # type: ignore[assignment]  # where it settled

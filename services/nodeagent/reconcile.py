@@ -213,7 +213,14 @@ class Reconciler:
             spec = find_model(specs, name)
         if spec is None:  # the list of known models is built only for the error
             raise not_found_model(name, [s.name for s in self.models.snapshot.values()])
-        if spec.base:  # an adapter: served by a replica of its base
+        if spec.base:  # an adapter: served by a replica of its base (a model, not an adapter)
+            base = find_model(self.models.snapshot.values(), spec.base)
+            if base is not None and base.base:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"adapter {spec.name!r}: its base {spec.base!r} is an adapter itself",
+                    "BAD_ADAPTER",
+                )
             return self.serving(spec.base)
         if self.fence is not None and self.fence.fenced:
             raise ServiceError(

@@ -11,7 +11,7 @@ import grpc
 from meshserve.kvblocks import Event, Removed, Stored
 from meshserve.nodeagent.adapters import with_adapter
 from meshserve.nodeagent.coalesce import coalesced, interval_of
-from meshserve.nodeagent.engines.base import Resume, TensorModel
+from meshserve.nodeagent.engines.base import Chunk, Resume, TensorModel
 from meshserve.nodeagent.engines.params import check_continuation, resolve_params
 from meshserve.nodeagent.replica import Replica
 from meshserve.rpc import handlers
@@ -128,9 +128,17 @@ class AgentInference(inference_pb2_grpc.InferenceServicer):
             finished = False
             try:
                 first = True
-                stream = r.engine.generate(request.prompt, request.messages, params, resume)
+                engine = r.engine
+
+                def run(key: str) -> AsyncIterator[Chunk]:  # key: the engine's name of the load
+                    return engine.generate(
+                        request.prompt, request.messages, replace(params, adapter=key), resume
+                    )
+
                 if adapter is not None:
-                    stream = with_adapter(r, adapter, stream, handlers.remaining_s(context))
+                    stream = with_adapter(r, adapter, run, handlers.remaining_s(context))
+                else:
+                    stream = run("")
                 async for chunk in coalesced(stream, *interval_of(request, r.spec.engine_args)):
                     now = time.perf_counter()
                     if first:

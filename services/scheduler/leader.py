@@ -178,7 +178,9 @@ class SchedulerLoop:
         snap = self._snapshot(time.time())
         export_replicas(self.replicas.snapshot.values())
         plan = place(snap, self.profile)
-        specs = {s.name: s for s in self.models.snapshot.values()}
+        # Bases with their adapters' room (with_adapters), so a placement grants what was planned
+        placed, _ = with_adapters(list(self.models.snapshot.values()), {})
+        specs = {s.name: s for s in placed}
         want = wanted_placements(plan, specs, lead.token, self.keys)
         puts, deletes = changes(want, self.placements.snapshot)
         # A span only for a round that decides something (or that a request waited on): idle

@@ -111,7 +111,6 @@ async def test_adapter_outputs_equal_peft_offline_and_load_on_demand(
     for name in ("adapted-base", "tone-a", "tone-b"):
         got = await generate(router, _request(name))
         assert got.token_ids == offline[name], name
-        assert got.headers.get("meshserve-model", name) == name
     # Each its own: no adapter answers as the base or as the other one.
     assert len({tuple(offline[n]) for n in ("adapted-base", "tone-a", "tone-b")}) == 3
     await eventually(lambda: _has(amesh, {"tone-a", "tone-b"}), 10, "both in ReplicaStatus")
@@ -133,13 +132,46 @@ async def test_adapter_eviction_under_max_adapters_and_a_burst_over_the_slots(
     got = await generate(router, _request("tone-c"))
     assert got.token_ids == offline["tone-c"]
     await eventually(lambda: _has(amesh, {"tone-a", "tone-c"}), 10, "tone-b evicted (LRU)")
-    # Three adapters, two slots, nine streams at once: each waits for a slot, none fails, and
-    # every answer is its own adapter's.
-    names = [n for n in ADAPTERS for _ in range(3)]
+    # Three adapters, two slots, and the base, twelve streams at once: each adapter waits for a
+    # slot, none fails, and every answer is its own model's.
+    names = [n for n in ("adapted-base", *ADAPTERS) for _ in range(3)]
     results = await asyncio.gather(*(generate(router, _request(n), timeout=90) for n in names))
     for name, got in zip(names, results, strict=True):
         assert got.token_ids == offline[name], name
-    assert len(await _loaded(amesh)) <= 2
+
+
+async def test_adapter_loads_competing_for_one_slot_all_complete(
+    amesh: Mesh, demo_model: Path, adapter_dirs: dict[str, Path], offline: dict[str, list[int]]
+) -> None:
+    """One slot, two adapters asked at once through the router, again and again: all answered,
+    each by its own adapter (the livelock of loads evicting each other is reproduced
+    deterministically in tests/integration/test_adapter_set.py)."""
+    router = amesh.services["router"].address
+    await apply(amesh, model_spec("one-slot", demo_model, min_replicas=1, max_adapters=1))
+    for name in ("tone-a", "tone-b"):
+        doc = {"name": f"one-{name}", "kind": "adapter", "base": "one-slot",
+               "source": str(adapter_dirs[name])}  # fmt: skip
+        await apply(amesh, spec_from_dict(doc))
+    await eventually(lambda: ready_replicas(router, "one-slot"), 90, "one-slot READY")
+    names = ["one-tone-a", "one-tone-b"] * 4
+    results = await asyncio.gather(*(generate(router, _request(n), timeout=60) for n in names))
+    for name, got in zip(names, results, strict=True):
+        assert got.token_ids == offline[name.removeprefix("one-")], name
+
+
+async def test_adapter_reapplied_with_other_weights_serves_the_new_ones(
+    amesh: Mesh, adapter_dirs: dict[str, Path], offline: dict[str, list[int]]
+) -> None:
+    router = amesh.services["router"].address
+    doc = {"name": "moving", "kind": "adapter", "base": "adapted-base"}
+    await apply(amesh, spec_from_dict({**doc, "source": str(adapter_dirs["tone-a"])}))
+    assert (await generate(router, _request("moving"))).token_ids == offline["tone-a"]
+    await apply(amesh, spec_from_dict({**doc, "source": str(adapter_dirs["tone-b"])}))
+
+    async def new_weights() -> bool:  # once the agent's watch has the new spec
+        return (await generate(router, _request("moving"))).token_ids == offline["tone-b"]
+
+    await eventually(new_weights, 10, "the re-applied adapter's new weights")
 
 
 async def test_adapter_refusals_are_clear(amesh: Mesh, demo_model: Path, tmp_path: Path) -> None:

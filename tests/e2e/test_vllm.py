@@ -542,7 +542,8 @@ async def test_adapter_on_vllm_base_requests_batched_with_adapters_keep_the_base
         offline = _peft_greedy(model, dirs, "Once upon a time", 24)
         for name in dirs:  # each loaded on demand, its own answer
             assert (await generate(router, ask(name), timeout=90)).token_ids == offline[name]
-        assert alone == offline[""] and offline["vlora-a"] != offline["vlora-b"] != alone
+        assert alone == offline[""]
+        assert len({tuple(alone), tuple(offline["vlora-a"]), tuple(offline["vlora-b"])}) == 3
         # Base and adapter requests in the same batches: every answer is its own model's.
         names = [LORA_BASE, "vlora-a", "vlora-b"] * 4
         got = await asyncio.gather(*(generate(router, ask(n), timeout=120) for n in names))

@@ -229,6 +229,9 @@ class VllmEngine(Serving):
         if self._plan.kwargs.get("enable_lora"):
             work = tempfile.mkdtemp(prefix="meshserve-lora-", dir=self.config.cache_dir or None)
             self._lora = VllmLora(self._llm, Path(work))
+            if self._on_cpu:  # base requests through an identity adapter (vllm_lora.py)
+                assert self._spec is not None
+                await self._lora.start(Path(self._spec.source))
         self._max_len = int(self._llm.model_config.max_model_len)
         if self._kv is not None:
             self._kv.start()
