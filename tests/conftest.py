@@ -14,6 +14,10 @@ from meshserve.cluster.etcd_process import EtcdProcess
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 
+# Every etcd the suite starts (in this process and in the services and CLIs it spawns, which
+# inherit the environment) runs without fsync: cluster/etcd_process.py says why.
+os.environ.setdefault("MESHSERVE_ETCD_UNSAFE_NO_FSYNC", "1")
+
 
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:

