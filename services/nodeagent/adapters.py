@@ -280,10 +280,19 @@ class Adapters:
             if victim is None:
                 raise AllBusy()
             await self._evict(victim, "least recently used")
-        path = await self.fetch(spec)
-        check_adapter(path, name, self.max_rank)
         key = f"{name}#{next(self._serial)}"  # each load its own: no cache of the old reused
-        await self.engine.load_adapter(key, str(path))
+        try:
+            path = await self.fetch(spec)
+            check_adapter(path, name, self.max_rank)
+            await self.engine.load_adapter(key, str(path))
+        except ServiceError:
+            raise
+        except Exception as e:  # a registry refusal, unreadable files: a retry won't fix it
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter {name!r} could not be loaded on {self.base!r}: {e}",
+                "BAD_ADAPTER",
+            ) from e
         self.loaded[name] = 0
         self.keys[name], self.versions[name] = key, version(spec)
         self.revisions[name] = spec.revision

@@ -197,6 +197,19 @@ async def test_adapter_refusals_are_clear(amesh: Mesh, demo_model: Path, tmp_pat
     )  # fmt: skip
     assert applied.returncode == 0, applied.stderr
     assert "adapter of plain-base" in applied.stdout and "max_adapters 0" in applied.stdout
+    # An adapter whose weights file is garbage: refused with the reason, the base serves on.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16}')
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 100)
+    await apply(amesh, spec_from_dict(
+        {"name": "broken", "kind": "adapter", "base": "adapted-base", "source": str(broken)}
+    ))  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await generate(router, _request("broken"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value
+    assert "could not be loaded" in (err.value.details() or ""), err.value.details()
+    assert (await generate(router, _request("adapted-base"))).final is not None
     await eventually(lambda: ready_replicas(router, "plain-base"), 90, "plain base READY")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await generate(router, _request("lone"))
