@@ -7,7 +7,10 @@ engine can load the same files. Needs the ``torch`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 CORPUS = """\
@@ -31,6 +34,23 @@ CHAT_TEMPLATE = (
 )
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars or deprecation warnings from transformers and peft while the demo's
+    files are written (`meshserve up` prints its own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def build_demo_model(
@@ -83,7 +103,8 @@ def build_demo_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
+    with _quiet():
+        model.save_pretrained(path, safe_serialization=True)
     (path / "meshserve-demo.json").write_text(json.dumps({"seed": seed, "kind": "random-init"}))
     return path
 
@@ -116,7 +137,8 @@ def build_classifier(
     torch.manual_seed(seed)
     model = ResNetForImageClassification(config).eval()
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    with _quiet():
+        model.save_pretrained(path, safe_serialization=True)
     (path / "meshserve-demo.json").write_text(json.dumps({"seed": seed, "kind": "random-init"}))
     return path
 
@@ -133,7 +155,8 @@ def build_demo_adapter(base: Path, path: Path, seed: int = 1, rank: int = 8) -> 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(seed)
     config = LoraConfig(
         r=rank,
@@ -141,5 +164,6 @@ def build_demo_adapter(base: Path, path: Path, seed: int = 1, rank: int = 8) -> 
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         init_lora_weights=False,
     )
-    get_peft_model(model, config).save_pretrained(str(path))
+    with _quiet():
+        get_peft_model(model, config).save_pretrained(str(path))
     return path
