@@ -21,6 +21,7 @@ import grpc
 from meshserve.artifacts.cache import ArtifactError, NodeCache
 from meshserve.artifacts.s3 import Location, is_registry
 from meshserve.nodeagent.engines.base import Chunk, Engine
+from meshserve.nodeagent.engines.params import adapter_rank
 from meshserve.rpc.errors import ServiceError
 from meshserve.telemetry import metrics
 from meshserve.telemetry.tracing import tracer
@@ -29,7 +30,6 @@ from meshserve.v1 import cluster_pb2
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 
-DEFAULT_MAX_RANK = 16  # vLLM's max_lora_rank default
 WAIT_S = 30.0  # longest a request waits for a slot while every adapter loaded is in use
 
 
@@ -57,7 +57,7 @@ def check_adapter(path: Path, name: str, max_rank: int) -> None:
             "BAD_ADAPTER",
         ) from None
     kind, rank = config.get("peft_type", "LORA"), int(config.get("r", 0))
-    limit = max_rank or DEFAULT_MAX_RANK
+    limit = max_rank
     if kind != "LORA" or not 0 < rank <= limit:
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -159,7 +159,7 @@ class Adapters:
     ) -> None:
         self.base = base.name
         self.limit = base.max_adapters
-        self.max_rank = base.max_adapter_rank
+        self.max_rank = adapter_rank(base)
         self.engine = engine
         self.fetch = fetch  # an adapter's files on this node (its directory, or the node cache)
         self.on_change = on_change  # publish ReplicaStatus.adapters

@@ -70,6 +70,8 @@ class SchedulerLoop:
         self.wakes: dict[str, tuple[int, float]] = {}  # model → (replicas asked, when: epoch s)
         self.measured_load_s: dict[str, float] = {}  # model → its last load + warm-up, s
         self.scale: dict[str, ScaleState] = {}  # the autoscaler's memory between rounds
+        # The last snapshot's models to place: bases carry their adapters' room (with_adapters)
+        self.placed_specs: dict[str, cluster_pb2.ModelSpec] = {}
         self.profile: Profile = config.profile
         self.leadership: Leadership | None = None
         self.last_plan: Plan | None = None
@@ -178,10 +180,8 @@ class SchedulerLoop:
         snap = self._snapshot(time.time())
         export_replicas(self.replicas.snapshot.values())
         plan = place(snap, self.profile)
-        # Bases with their adapters' room (with_adapters), so a placement grants what was planned
-        placed, _ = with_adapters(list(self.models.snapshot.values()), {})
-        specs = {s.name: s for s in placed}
-        want = wanted_placements(plan, specs, lead.token, self.keys)
+        # Bases with their adapters' room (as `_snapshot` planned them): placements grant it
+        want = wanted_placements(plan, self.placed_specs, lead.token, self.keys)
         puts, deletes = changes(want, self.placements.snapshot)
         # A span only for a round that decides something (or that a request waited on): idle
         # rounds — every resync — are counted in metrics, not exported as traces. It starts
@@ -230,6 +230,7 @@ class SchedulerLoop:
         wakes = {m: n for m, (n, _at) in self.wakes.items()}
         load = loads(self.demand.snapshot.values(), self.ensured, busy, wakes)
         specs, load = with_adapters(specs, load)  # adapters are served by their bases
+        self.placed_specs = {s.name: s for s in specs}  # the round's placements grant these
         self.scale = autoscale(specs, load, self.scale, placed_replicas(placements), now)
         cordons = {c.node_id: c for c in self.cordons.snapshot.values()}
         return build_snapshot(

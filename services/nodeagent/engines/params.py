@@ -11,6 +11,7 @@ from meshserve.v1 import cluster_pb2, inference_pb2
 from meshserve.validation import MAX_PROMPT_CHARS
 
 DEFAULT_MAX_TOKENS = 64
+DEFAULT_ADAPTER_RANK = 16  # vLLM's max_lora_rank default: a base's when max_adapter_rank is 0
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM does): logits / 1e-38 overflow
 
 
@@ -79,3 +80,8 @@ def context_too_long(prompt_tokens: int, max_tokens: int, limit: int) -> Service
             )
         ]
     )
+
+
+def adapter_rank(base: cluster_pb2.ModelSpec) -> int:
+    """The largest LoRA rank a base's adapters may have (its slots' rank on engine torch)."""
+    return base.max_adapter_rank or DEFAULT_ADAPTER_RANK

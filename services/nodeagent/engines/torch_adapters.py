@@ -25,13 +25,13 @@ from typing import Any
 import grpc
 import torch
 from meshserve.nodeagent.engines.base import EngineConfig
+from meshserve.nodeagent.engines.params import adapter_rank
 from meshserve.nodeagent.engines.prompts import no_adapters
 from meshserve.nodeagent.engines.torch_tiers import TorchWeights
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2
 
 BASE = ""  # the active "slot" that is none: adapter layers off
-DEFAULT_RANK = 16
 PREFIX = "base_model.model."  # peft's prefix of module paths in a saved adapter
 
 
@@ -63,7 +63,7 @@ class TorchAdapters(TorchWeights):
             return
         from peft import LoraConfig, get_peft_model
 
-        self._rank = spec.max_adapter_rank or DEFAULT_RANK
+        self._rank = adapter_rank(spec)
         # Slots on every linear layer unless the base names the ones its adapters train
         # (engine_args.adapter_modules: "q_proj,v_proj"): smaller slots, and faster passes.
         named = spec.engine_args.get("adapter_modules", "")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.nodeagent.engines.base import EngineConfig
+from meshserve.nodeagent.engines.params import adapter_rank
 from meshserve.v1 import cluster_pb2
 from meshserve.weights import OVERHEAD_FRACTION, need_bytes
 
@@ -84,7 +85,7 @@ def plan_engine(
         kwargs["enable_lora"] = True
         kwargs["max_loras"] = kwargs["max_cpu_loras"] = spec.max_adapters + 1
         kwargs["max_lora_rank"] = next(
-            (r for r in LORA_RANKS if r >= (spec.max_adapter_rank or 16)), LORA_RANKS[-1]
+            (r for r in LORA_RANKS if r >= adapter_rank(spec)), LORA_RANKS[-1]
         )
     if spec.gpus_per_replica > 1:  # the scheduler placed a gang: one shard per GPU
         kwargs["tensor_parallel_size"] = spec.gpus_per_replica
