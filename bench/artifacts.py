@@ -9,7 +9,8 @@ the first token, with the torch engine (safetensors through transformers): (a) f
 directory; (b) from the registry into an empty node cache (manifest, parallel ranged fetch,
 sha256 check, link, then the same load); (c) from the node cache the fetch left (no download).
 Also the registry's bandwidth on loopback, and the loader alone: safetensors vs
-runai-model-streamer reading every tensor into CPU memory (the streamer is optional).
+runai-model-streamer reading every tensor into CPU memory (the streamer is optional), beside the
+disk's ceiling (the same bytes read raw in parallel: no loader can beat it).
 Goals (issue 25): (c) ≤ 1.1 x (a); a streaming loader ≥ 2x safetensors where it applies.
 Without --drop-caches (root only) every read after the first is served from the page cache.
 """
@@ -19,11 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from bench.swap import drop_page_cache
 from tests import s3server
 
 ONE_TOKEN = GenerationParams(1, 0.0, 1.0, 0, None, (), True)
+CHUNK = 16 << 20
 
 
 async def first_token(source: Path, tmp: Path, threads: int) -> tuple[float, float]:
@@ -79,8 +83,28 @@ def loaders(model: Path, repeats: int, drop: bool) -> dict[str, Any]:
             for _name, t in streamer.get_tensors():
                 t.clone()  # the streamer reuses its buffer: keep a copy, as a loader must
 
+    def raw_read() -> None:
+        """The disk's ceiling for any loader: every byte read into memory (no parsing, no
+        tensors), 16 MiB ranges over 4 threads."""
+        ranges = []
+        for f in files:
+            size = Path(f).stat().st_size
+            ranges += [(f, o, min(CHUNK, size - o)) for o in range(0, size, CHUNK)]
+
+        def read(job: tuple[str, int, int]) -> None:
+            path, offset, length = job
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(read, ranges))
+
     out: dict[str, Any] = {"loader_bytes": nbytes}
-    for name, fn in (("safetensors", st_load), ("runai_streamer", runai_load)):
+    runs = (("raw_read", raw_read), ("safetensors", st_load), ("runai_streamer", runai_load))
+    for name, fn in runs:
         times = []
         try:
             for _ in range(repeats):
@@ -95,6 +119,9 @@ def loaders(model: Path, repeats: int, drop: bool) -> dict[str, Any]:
         out[f"{name}_s"] = round(statistics.median(times), 3)
     if out.get("runai_streamer_s"):
         out["runai_vs_safetensors"] = round(out["safetensors_s"] / out["runai_streamer_s"], 2)
+    # No loader beats reading the bytes: the most any can gain over safetensors on this disk.
+    out["raw_read_bytes_per_s"] = round(nbytes / out["raw_read_s"])
+    out["ceiling_vs_safetensors"] = round(out["safetensors_s"] / out["raw_read_s"], 2)
     return out
 
 
@@ -182,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         f"loader alone ({r['loader_bytes'] / 2**20:.0f} MiB into CPU memory): safetensors "
         f"{r['safetensors_s']:.3f} s, runai-model-streamer "
         + (f"{runai:.3f} s ({r['runai_vs_safetensors']:.2f}x)" if runai else "not installed")
+        + f"; the bytes alone (the disk's ceiling) {r['raw_read_s']:.3f} s, "
+        f"{r['raw_read_bytes_per_s'] / 1e9:.2f} GB/s: at most {r['ceiling_vs_safetensors']:.2f}x "
+        "for any loader here"
     )
     Console().print(
         f"registry on loopback: {r['registry_bytes_per_s'] / 1e6:.0f} MB/s "

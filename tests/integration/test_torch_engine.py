@@ -12,6 +12,7 @@ pytest.importorskip("torch")
 
 from meshserve.nodeagent.engines.base import NO_RESUME, EngineConfig, Logprob, Resume
 from meshserve.nodeagent.engines.params import GenerationParams
+from meshserve.nodeagent.engines.torch_decode import Stream, this_turn
 from meshserve.nodeagent.engines.torch_engine import TorchEngine
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2
@@ -62,6 +63,28 @@ async def test_concurrent_streams_and_seeded_sampling(demo_model: Path) -> None:
     other = await tokens(engine, GenerationParams(24, 0.8, 0.95, 40, 8, (), True))
     assert other != runs[0]  # the seed matters
     await engine.unload()
+
+
+async def test_a_turn_steps_streams_waiting_for_their_first_token_first() -> None:
+    """Within a priority, prefills before decode steps: a request that arrives mid-turn waits
+    out that turn and its own step, not every decoding stream's step as well (which put a
+    whole turn into the time to first token of any request that missed a turn's start, e.g.
+    one that waited for its adapter's load). Higher priorities still go first; lower ones sit
+    out turns while a higher one waits for its first token."""
+    loop = asyncio.get_running_loop()
+
+    def stream(priority: int, decoded: int) -> Stream:
+        s = Stream([1, 2], GenerationParams(8, 0.0, 1.0, 0, None, (), True, priority), loop, None)
+        s.generated = list(range(decoded))
+        return s
+
+    old, older, new, newer = stream(0, 3), stream(0, 5), stream(0, 0), stream(0, 0)
+    active = [old, older, new, newer]
+    assert this_turn(active) == [new, newer, old, older]
+    urgent_old, urgent_new, batch_new = stream(2, 4), stream(2, 0), stream(-1, 0)
+    active = [old, batch_new, urgent_old, new, urgent_new]
+    assert this_turn(active) == [urgent_new, urgent_old]  # the rest waits for its first token
+    assert this_turn([old, batch_new, urgent_old]) == [urgent_old, old, batch_new]
 
 
 def cosine(a: list[float], b: list[float]) -> float:

@@ -58,7 +58,9 @@ def this_turn(active: list[Stream]) -> list[Stream]:
     active.sort(key=lambda s: -s.params.priority)
     waiting = [s.params.priority for s in active if len(s.generated) == s.resumed]
     floor = max(waiting, default=0)
-    return [s for s in active if s.params.priority >= floor]
+    turn = [s for s in active if s.params.priority >= floor]
+    turn.sort(key=lambda s: (-s.params.priority, len(s.generated) != s.resumed))
+    return turn
 
 
 def outranked(inbox: list[Stream], priority: int) -> bool:

@@ -294,8 +294,6 @@ class TorchEngine(TorchAdapters):
         if embeds:
             self._embed_batch(embeds)
         streams = this_turn(self._active)
-        if self._held:  # by adapter within a priority: one switch per adapter per turn
-            streams.sort(key=lambda s: (-s.params.priority, s.params.adapter))
         for i, stream in enumerate(streams):
             if i and outranked(list(self._inbox), stream.params.priority):
                 break  # a request of higher priority arrived: the turn restarts with it
