@@ -82,7 +82,26 @@ def pytest_runtest_makereport(
     if report.skipped and not hasattr(report, "wasxfail"):
         allowed = next((m for m in ALLOWED_SKIPS if item.get_closest_marker(m)), "")
         _skips.append((item.nodeid, _reason(report), allowed))
+    if report.failed and report.when == "call":
+        _mesh_logs(item, report)
     return report
+
+
+MESH_LOG_LINES = 25
+
+
+def _mesh_logs(item: pytest.Item, report: pytest.TestReport) -> None:
+    """A failed test that used a local mesh shows the end of each service's log beside its
+    traceback: on CI, where the mesh's directory is gone after the run, that is all there is to
+    tell a product fault from a starved machine."""
+    from meshserve.localmesh import Mesh
+
+    for fixture, value in getattr(item, "funcargs", {}).items():
+        if isinstance(value, Mesh):
+            for name in value.services:
+                tail = value.tail(name, MESH_LOG_LINES)
+                if tail:
+                    report.sections.append((f"{fixture}: the end of {name}'s log", tail))
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:

@@ -225,6 +225,13 @@ def router(
     queue_timeout: Annotated[
         float, typer.Option(help="longest cold-start wait, s")
     ] = RouterConfig.queue_timeout_s,
+    stall_floor: Annotated[
+        float,
+        typer.Option(
+            help="a paced stream moves to another replica after this much silence at least, s "
+            "(raise it on shared or CPU hosts, where a replica may pause for seconds)",
+        ),
+    ] = RouterConfig.stall_floor_s,
     tenants: Annotated[
         str,
         typer.Option(
@@ -292,6 +299,7 @@ def router(
             max_attempts=max_attempts,
             queue_per_model=queue_per_model,
             queue_timeout_s=queue_timeout,
+            stall_floor_s=stall_floor,
             tenants_file=tenants,
             tenants_from_etcd=tenants_from_etcd,
             fair_queueing=fair_queueing,

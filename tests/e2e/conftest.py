@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
 from meshserve.localmesh import Mesh
 from meshserve.modelspec import spec_from_dict
-from meshserve.v1 import cluster_pb2, inference_pb2
+from meshserve.v1 import cluster_pb2, inference_pb2, nodeagent_pb2, nodeagent_pb2_grpc
 
 from tests.waiting import eventually
 
@@ -78,6 +78,48 @@ async def generate(
                 out.final = msg
         out.headers = {k: str(v) for k, v in (await call.initial_metadata() or ())}
     return out
+
+
+async def counted_stream(
+    address: str, model: str, tokens: int, started: asyncio.Event, prompt: str = "stream"
+) -> tuple[int, str]:
+    """A greedy stream of ``tokens`` tokens through ``address`` on a channel of its own,
+    setting ``started`` at its first message: (tokens received, the router's
+    meshserve-failovers trailer)."""
+    request = inference_pb2.GenerateRequest(model=model, prompt=prompt)
+    request.sampling.max_tokens, request.sampling.temperature = tokens, 0.0
+    request.sampling.ignore_eos = True
+    options = (("grpc.use_local_subchannel_pool", 1),)
+    async with grpc.aio.insecure_channel(address, options=options) as ch:
+        call = inference_pb2_grpc.InferenceStub(ch).Generate(request, timeout=60)
+        got = 0
+        async for msg in call:
+            got += len(msg.token_ids)
+            started.set()
+        trailers = dict(await call.trailing_metadata() or ())
+    return got, str(trailers.get("meshserve-failovers", "?"))
+
+
+@contextlib.asynccontextmanager
+async def ready_history(store: Store, every_s: float = 0.05) -> AsyncIterator[list[dict[str, str]]]:
+    """While the block runs, where each model is READY (`ready_nodes`), sampled every
+    ``every_s``: the list the block gets fills as it runs and ends with its last sample."""
+    from meshserve.nodeagent.fleet import ready_nodes
+
+    seen: list[dict[str, str]] = []
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            seen.append(await ready_nodes(store))
+            await asyncio.sleep(every_s)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield seen
+    finally:
+        done.set()
+        await watcher
 
 
 async def ready_replicas(address: str, model: str) -> int:
@@ -199,3 +241,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> Iterator
         yield m
     finally:
         m.stop()
+
+
+async def agent_load(mesh: Mesh, node: str, model: str) -> nodeagent_pb2.ReplicaLoad:
+    """What the agent ``node`` says of its replica of ``model``: requests in flight in its
+    engine, tokens generated (GetNodeStatus)."""
+    async with grpc.aio.insecure_channel(mesh.services[node].address) as ch:
+        status = await nodeagent_pb2_grpc.NodeAgentStub(ch).GetNodeStatus(
+            nodeagent_pb2.GetNodeStatusRequest(), timeout=15
+        )
+    load: nodeagent_pb2.ReplicaLoad = next(x for x in status.load if x.model == model)
+    return load

@@ -127,7 +127,8 @@ def visible_end(text: str, emitted: int, stops: Sequence[str], finished: bool) -
 class ResumedText:
     """Text for a resumed stream whose engine detokenizes only new tokens from an unknown offset
     (vLLM with token-id prompts): the whole generation decoded here, deltas past what the client
-    has, with the same hold-back and stop rules as an uninterrupted stream."""
+    has, with the same hold-back and stop rules as an uninterrupted stream (whose detokenizer
+    never sends a trailing incomplete UTF-8 character, not even when the stream ends)."""
 
     def __init__(self, tok: Any, done: Sequence[int], delivered: str, stops: Sequence[str]) -> None:
         self.tok = tok
@@ -143,6 +144,8 @@ class ResumedText:
         cut = stop_cut(text, len(self.emitted), self.stops)
         if cut is not None:
             text, finished, self.stopped = text[:cut], True, True
+        elif finished:  # as vLLM's own stream: an incomplete last character is never sent
+            text = text.rstrip("\ufffd")
         end = visible_end(text, len(self.emitted), self.stops, finished)
         delta = text[len(self.emitted) : end]
         self.emitted += delta
