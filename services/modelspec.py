@@ -45,6 +45,7 @@ FIELDS = {
     "base",
     "max_adapters",  # on a base model: adapters one replica holds at once
     "max_adapter_rank",
+    "warm_in",  # "device" (default) or "host": where min_replicas may wait while idle
 }
 # What an adapter may not set: it is served on its base's replicas, with its base's settings.
 NOT_FOR_ADAPTERS = {
@@ -64,7 +65,9 @@ NOT_FOR_ADAPTERS = {
     "target_rps_per_replica",
     "target_in_flight_per_replica",
     "scale_down_delay_s",
+    "warm_in",
 }
+WARM_IN = ("", "device", "host")
 DEFAULT_KV_HEADROOM = 64 * 2**20
 # The routers' scorers (router/routing/pipeline.py; a unit test holds the two lists equal).
 ROUTING_SCORERS = ("ttft", "prefix", "affinity", "kv", "load", "adapter")
@@ -176,6 +179,7 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         base=check_name("base", str(d["base"])) if kind == "adapter" else "",
         max_adapters=int(d.get("max_adapters", 0)),
         max_adapter_rank=int(d.get("max_adapter_rank", 0)),
+        warm_in=str(d.get("warm_in", "")),
     )
     if spec.base == spec.name:
         raise ValueError("base: an adapter cannot be its own base")
@@ -200,6 +204,11 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
         raise ValueError("target_rps_per_replica must be >= 0")
     if spec.min_replicas < 0 or spec.max_replicas < 0:
         raise ValueError("min_replicas and max_replicas must be >= 0")
+    if spec.warm_in not in WARM_IN:
+        raise ValueError(
+            f"warm_in: device (min_replicas READY on a device) or host (they may wait asleep in "
+            f"CPU RAM while the model is idle), got {spec.warm_in!r}"
+        )
     if spec.max_replicas and spec.max_replicas < spec.min_replicas:
         raise ValueError("max_replicas must be 0 (no limit) or >= min_replicas")
     return spec

@@ -23,14 +23,8 @@ from meshserve.scheduler.eta import ready_in_s
 from meshserve.scheduler.placement import place
 from meshserve.scheduler.profile import Profile
 from meshserve.scheduler.record import RoundOutcome, export_replicas, record_round
-from meshserve.scheduler.snapshot import (
-    autoscale,
-    build_snapshot,
-    device_busy,
-    loads,
-    placed_replicas,
-    with_adapters,
-)
+from meshserve.scheduler.repack import Repacks
+from meshserve.scheduler.snapshot import on_device, placed_replicas, round_snapshot
 from meshserve.scheduler.views import ClusterSnapshot, ModelDecision, Plan
 from meshserve.scheduler.writes import Put, changes, wanted_placements
 from meshserve.telemetry import metrics
@@ -73,6 +67,7 @@ class SchedulerLoop:
         # The last snapshot's models to place: bases carry their adapters' room (with_adapters)
         self.placed_specs: dict[str, cluster_pb2.ModelSpec] = {}
         self.profile: Profile = config.profile
+        self.repacks = Repacks(self.profile.repack_moves_per_minute)  # moves and their budget
         self.leadership: Leadership | None = None
         self.last_plan: Plan | None = None
         self.explained: dict[str, tuple[ModelDecision, float]] = {}  # model → decision, when
@@ -155,6 +150,7 @@ class SchedulerLoop:
 
     async def _lead(self, lead: Leadership) -> None:
         self._dirty.set()
+        self.repacks = Repacks(self.profile.repack_moves_per_minute)  # a previous term's go
         while not self.session.lost.is_set():
             with contextlib.suppress(TimeoutError):  # asyncio.timeout: see Reconciler._loop
                 async with asyncio.timeout(self.config.resync_s):
@@ -210,6 +206,7 @@ class SchedulerLoop:
         if not written:
             return False
         self._remember(plan)
+        self.repacks.begun(plan.repacked, time.time())
         done, self._round_done = self._round_done, asyncio.Event()
         done.set()
         return True
@@ -223,26 +220,28 @@ class SchedulerLoop:
                 self.measured_load_s[r.model] = r.load_seconds
         nodes = list(self.nodes.snapshot.values())
         placements = list(self.placements.snapshot.values())
-        busy = device_busy(nodes, placements)
         wall = time.time()
         for model in [m for m, (_n, at) in self.wakes.items() if wall - at > WAKE_S]:
             del self.wakes[model]
         wakes = {m: n for m, (n, _at) in self.wakes.items()}
-        load = loads(self.demand.snapshot.values(), self.ensured, busy, wakes)
-        specs, load = with_adapters(specs, load)  # adapters are served by their bases
-        self.placed_specs = {s.name: s for s in specs}  # the round's placements grant these
-        self.scale = autoscale(specs, load, self.scale, placed_replicas(placements), now)
         cordons = {c.node_id: c for c in self.cordons.snapshot.values()}
-        return build_snapshot(
+        moving = self.repacks.in_flight((p.model, p.node_id) for p in placements if on_device(p))
+        snap, self.scale, placed = round_snapshot(
             specs,
             nodes,
             self.replicas.snapshot.values(),
             placements,
-            load,
+            list(self.demand.snapshot.values()),
             self.scale,
+            now,
+            self.ensured,
+            wakes,
             cordons,
-            self.demand.snapshot.values(),
+            moving,
+            self.repacks.budget(now),
         )
+        self.placed_specs = {s.name: s for s in placed}  # the round's placements grant these
+        return snap
 
     async def _write(self, lead: Leadership, puts: list[Put], deletes: list[bytes]) -> bool:
         """In transactions of at most MAX_TXN_OPS, each fenced by the leader key's revision.

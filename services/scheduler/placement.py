@@ -60,6 +60,7 @@ class Placer:
         self.decisions: dict[str, ModelDecision] = {}
         self.moves = 0
         self.staying: list[tuple[str, str]] = []  # ... kept until replaced by READY elsewhere
+        self.repacked: list[tuple[str, str]] = []  # (model, old node) re-pack moves begun
         self.full = False  # a full re-plan: nothing was placed before this round
 
     # --- the round ---------------------------------------------------------------------------
@@ -88,6 +89,8 @@ class Placer:
         self._stay_until_replaced()
         if full and self.profile.consolidate:
             repair.consolidate(self.pipeline)
+        elif snap.repack_budget > 0 and self.profile.repack_moves_per_minute > 0:
+            self._repack()
         # Victims placed nowhere else get a decision saying so.
         for victim, node_id in st.evictions:
             dec = self.decisions.get(victim)
@@ -105,6 +108,28 @@ class Placer:
             ready = sum(1 for n in elsewhere if (model, n) in self.snap.ready)
             if ready < self.st.models[model].wanted:
                 self.staying.append((model, node_id))
+
+    def _repack(self) -> None:
+        """Background re-pack within the round's budget: each replica moved is placed on its
+        new device now and stays on its old one (make before break) until the new is READY."""
+        st, snap = self.st, self.snap
+        settled = frozenset(
+            (model, node_id)
+            for node_id, models in snap.current.items()
+            for model in models
+            if (model, node_id) in snap.ready and (model, node_id) in st.placed
+        )
+        budget, slack = snap.repack_budget, self.profile.repack_slack_gpus
+        for model, node_id, device, to in repair.repack(self.pipeline, budget, slack, settled):
+            self.staying.append((model, node_id))
+            self.repacked.append((model, node_id))
+            why = (
+                f"re-pack: moved off {node_id} device {st.dev_id[device] or '(node memory)'} "
+                f"to empty it (fragmentation cost over {self.profile.repack_slack_gpus} GPUs); "
+                "the old replica serves until this one is READY"
+            )
+            placed = tuple(sorted(st.model_nodes[model]))
+            self.decisions[model] = ModelDecision(model, placed, (Verdict(to, True, why),))
 
     def _order_key(self, m: ModelView) -> tuple[object, ...]:
         """size: first-fit-decreasing (gangs, then largest first); constrained: replicated models
@@ -137,6 +162,7 @@ class Placer:
             devices,
             self.moves,
             tuple(self.shed),
+            tuple(self.repacked),
         )
 
     def add_model(self, m: ModelView) -> ModelDecision:
@@ -154,6 +180,10 @@ class Placer:
             for model in sorted(snap.current[node_id]):
                 m = st.models.get(model)
                 if m is None or m.wanted == 0 or (model, node_id) in st.failed:
+                    continue
+                if (model, node_id) in snap.moving:  # a re-pack moves it: its memory stays
+                    st.leaving[(model, node_id)] = None  # held until it goes (the device
+                    st.reserve(m, self._kept_devices(m, node_id))  # takes new replicas)
                     continue
                 if node.cordon == "drain" or self._on_failed_device(model, node_id):
                     st.leaving[(model, node_id)] = None  # placed elsewhere first: see

@@ -41,6 +41,12 @@ class Profile:
     # A device takes a replica only while its expected token load stays under this share of its
     # throughput (devices and models that report no throughput/demand are not limited).
     compute_target: float = 0.8
+    # Background re-pack of a running fleet: when fragmentation costs more than
+    # `repack_slack_gpus` GPUs, incremental rounds empty the least-used devices, moving at most
+    # `repack_moves_per_minute` replicas a minute (the disruption budget), each make-before-
+    # break. 0: off (full re-plans still consolidate). On by default: bench/economics.py.
+    repack_moves_per_minute: int = 2
+    repack_slack_gpus: int = 1
 
 
 def load_profile(doc: Mapping[str, Any] | None) -> Profile:
@@ -57,6 +63,8 @@ def load_profile(doc: Mapping[str, Any] | None) -> Profile:
         "consolidate",
         "reload",
         "compute_target",
+        "repack_moves_per_minute",
+        "repack_slack_gpus",
     }
     if unknown:
         raise ValueError(f"unknown profile keys {sorted(unknown)}")
@@ -92,4 +100,13 @@ def load_profile(doc: Mapping[str, Any] | None) -> Profile:
         reload=reload,
         consolidate=bool(doc.get("consolidate", base.consolidate)),
         compute_target=float(doc.get("compute_target", base.compute_target)),
+        repack_moves_per_minute=_count(doc, "repack_moves_per_minute", base),
+        repack_slack_gpus=_count(doc, "repack_slack_gpus", base),
     )
+
+
+def _count(doc: Mapping[str, Any], key: str, base: Profile) -> int:
+    value = int(doc.get(key, getattr(base, key)))
+    if value < 0:
+        raise ValueError(f"{key} must be >= 0, got {value}")
+    return value

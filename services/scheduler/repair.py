@@ -9,6 +9,7 @@ from meshserve.scheduler.pipeline import Choice, Pipeline
 from meshserve.scheduler.views import ModelView
 
 RELOCATE_TRIES = 16  # devices tried per replica that fits nowhere in a full re-plan
+REPACK_TRIES = 16  # devices a re-pack tries to empty per round
 
 
 def consolidate(pipe: Pipeline) -> None:
@@ -28,24 +29,10 @@ def consolidate(pipe: Pipeline) -> None:
 def try_empty(pipe: Pipeline, d: int) -> bool:
     """Moves every model off device ``d`` into other used devices, or changes nothing."""
     st = pipe.st
-    node_id = st.dev_node[d]
     movers = sorted(st.dev_models[d], key=lambda x: (-st.models[x].need_bytes, x))
     if any(st.models[x].gpus > 1 or st.strategy_of(st.models[x]) == "spread" for x in movers):
         return False  # gangs stay where they are; spread models were spread on purpose
-    moved: list[tuple[ModelView, int]] = []
-    for x in movers:
-        m = st.models[x]
-        st.unbind(x, node_id)
-        target = consolidation_target(pipe, m, d)
-        if target is None:
-            st.bind(m, node_id, (d,))
-            for y, to in reversed(moved):  # undo
-                st.unbind(y.name, st.dev_node[to])
-                st.bind(y, node_id, (d,))
-            return False
-        st.bind(m, st.dev_node[target], (target,))
-        moved.append((m, target))
-    return True
+    return _move_off(pipe, d, movers, other_node=False) is not None
 
 
 def relocate_for(pipe: Pipeline, m: ModelView) -> Choice | None:
@@ -101,14 +88,98 @@ def elsewhere(pipe: Pipeline, x: ModelView, hidden: int) -> tuple[str, tuple[int
     return (chosen[0], chosen[1]) if chosen is not None else None
 
 
-def consolidation_target(pipe: Pipeline, m: ModelView, source: int) -> int | None:
-    """A used device other than ``source`` with room, on a node that passes the filters; the
-    tightest fit."""
+def consolidation_target(
+    pipe: Pipeline, m: ModelView, source: int, other_node: bool = False
+) -> int | None:
+    """A used device other than ``source`` with room, on a node that passes the filters (and
+    is not ``source``'s, with ``other_node``); the tightest fit."""
     st = pipe.st
     share = m.per_device_bytes
     for _free, d in st.index.irange((share, -1), None):
         if d == source or not st.dev_models[d] or not st.fits(m, d):
             continue
+        if other_node and st.dev_node[d] == st.dev_node[source]:
+            continue
         if pipe.rejects(m, st.dev_node[d], pipe.pre_filters) is None:
             return int(d)
     return None
+
+
+def fragmentation(pipe: Pipeline) -> int:
+    """Devices in use beyond the fewest whose memory could hold what is placed (largest first,
+    among devices in use or taking new replicas): what fragmentation costs, in GPUs."""
+    st = pipe.st
+    used = [d for d in range(len(st.capacity)) if st.dev_models[d]]
+    held = sum(st.capacity[d] - st.free[d] for d in used)
+    usable = set(used) | {d for _free, d in st.index}
+    total, fewest = 0, 0
+    for cap in sorted((st.capacity[d] for d in usable), reverse=True):
+        if total >= held:
+            break
+        total, fewest = total + cap, fewest + 1
+    return len(used) - fewest
+
+
+Move = tuple[str, str, int, str]  # (model, old node, old device, new node)
+
+
+def repack(
+    pipe: Pipeline, budget: int, slack: int, settled: frozenset[tuple[str, str]]
+) -> list[Move]:
+    """Background re-pack of a running fleet (incremental rounds): while fragmentation costs
+    more than ``slack`` GPUs, empty the least-used devices into other used devices on *other*
+    nodes, at most ``budget`` replicas moved in all. Only ``settled`` replicas move (READY and
+    placed before this round), each model at most once, none already moving; gangs and `spread`
+    models stay. Each move is made before it breaks: the caller keeps the old replica placed
+    until the new one is READY (`Placer`), so a move never takes a model below its READY
+    replicas. At most REPACK_TRIES devices are tried per round (rounds stay cheap when nothing
+    can move)."""
+    st = pipe.st
+    moves: list[Move] = []
+    moving = {model for model, _node in st.leaving}
+    tries = 0
+    while budget - len(moves) > 0 and fragmentation(pipe) > slack and tries < REPACK_TRIES:
+        used = [d for d in range(len(st.capacity)) if st.dev_models[d]]
+        done = None
+        for d in sorted(used, key=lambda d: (st.capacity[d] - st.free[d], d)):
+            movers = sorted(st.dev_models[d], key=lambda x: (-st.models[x].need_bytes, x))
+            if len(movers) > budget - len(moves) or any(
+                st.models[x].gpus > 1
+                or st.strategy_of(st.models[x]) == "spread"
+                or x in moving
+                or (x, st.dev_node[d]) not in settled
+                for x in movers
+            ):
+                continue
+            tries += 1
+            done = _move_off(pipe, d, movers)
+            if done is not None or tries >= REPACK_TRIES:
+                break
+        if done is None:
+            break
+        moves += done
+        moving.update(m for m, *_rest in done)
+    return moves
+
+
+def _move_off(
+    pipe: Pipeline, d: int, movers: list[str], other_node: bool = True
+) -> list[Move] | None:
+    """Every model on device ``d`` moved to another used device (on another node, with
+    ``other_node``), or nothing moved."""
+    st = pipe.st
+    node_id = st.dev_node[d]
+    moved: list[tuple[ModelView, int]] = []
+    for x in movers:
+        m = st.models[x]
+        st.unbind(x, node_id)
+        target = consolidation_target(pipe, m, d, other_node)
+        if target is None:
+            st.bind(m, node_id, (d,))
+            for y, to in reversed(moved):  # undo
+                st.unbind(y.name, st.dev_node[to])
+                st.bind(y, node_id, (d,))
+            return None
+        st.bind(m, st.dev_node[target], (target,))
+        moved.append((m, target))
+    return [(m.name, node_id, d, st.dev_node[to]) for m, to in moved]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from meshserve.scheduler.autoscale import (
     DEFAULT_DOWN_DELAY_S,
@@ -20,9 +21,14 @@ from meshserve.v1 import cluster_pb2, common_pb2
 from meshserve.weights import need_bytes
 
 
+def warm_host(spec: cluster_pb2.ModelSpec) -> bool:
+    """Its minimum may wait asleep in CPU RAM (``warm_in: host``): on devices it has none."""
+    return spec.warm_in == "host"
+
+
 def scale_policy(spec: cluster_pb2.ModelSpec) -> ScalePolicy:
     return ScalePolicy(
-        min_replicas=spec.min_replicas,
+        min_replicas=0 if warm_host(spec) else spec.min_replicas,
         max_replicas=spec.max_replicas,
         target_rps=spec.target_rps_per_replica,
         target_in_flight=spec.target_in_flight_per_replica,
@@ -141,11 +147,55 @@ def with_adapters(
     return out, merged
 
 
+def round_snapshot(
+    specs: Iterable[cluster_pb2.ModelSpec],
+    nodes: list[cluster_pb2.NodeStatus],
+    replicas: Iterable[cluster_pb2.ReplicaStatus],
+    placements: list[cluster_pb2.Placement],
+    demands: list[cluster_pb2.RouterDemand],
+    scale: Mapping[str, ScaleState],
+    now: float,
+    ensured: Mapping[str, float] | None = None,
+    wakes: Mapping[str, int] | None = None,
+    cordons: Mapping[str, cluster_pb2.NodeCordon] | None = None,
+    moving: frozenset[tuple[str, str]] = frozenset(),
+    repack_budget: int = 0,
+) -> tuple[ClusterSnapshot, dict[str, ScaleState], list[cluster_pb2.ModelSpec]]:
+    """One round's input to `place` from the cluster's records: the routers' demand merged with
+    device saturation (`device_busy`), EnsureModel calls and wakes; adapters folded into their
+    bases; the autoscaler stepped from ``scale``. Returns the snapshot, the autoscaler's new
+    state and the specs placed (bases with their adapters' room). The leader and the simulator
+    (scheduler/sim) both decide through this, so the simulator judges the scheduler's code.
+    ``moving`` and ``repack_budget``: the background re-pack's moves in flight and how many more
+    it may start (the caller's disruption budget)."""
+    busy = device_busy(nodes, placements)
+    load = loads(demands, ensured or {}, busy, wakes)
+    placed, load = with_adapters(list(specs), load)
+    state = autoscale(placed, load, scale, placed_replicas(placements), now)
+    snap = build_snapshot(placed, nodes, replicas, placements, load, state, cordons, demands)
+    return replace(snap, moving=moving, repack_budget=repack_budget), state, placed
+
+
+def on_device(p: cluster_pb2.Placement) -> bool:
+    """A placement of a replica on a device (not offloaded to CPU RAM or disk)."""
+    return p.tier in (cluster_pb2.TIER_UNSPECIFIED, cluster_pb2.TIER_DEVICE)
+
+
+def warm_copies(placements: Iterable[cluster_pb2.Placement], alive: set[str]) -> dict[str, int]:
+    """Per model, its copies on live nodes that can keep a warm-in-host minimum: asleep in CPU
+    RAM, or on a device (from where a scale-down demotes it to CPU RAM first of all)."""
+    out: dict[str, int] = defaultdict(int)
+    for p in placements:
+        if p.node_id in alive and (on_device(p) or p.tier == cluster_pb2.TIER_HOST):
+            out[p.model] += 1
+    return dict(out)
+
+
 def placed_replicas(placements: Iterable[cluster_pb2.Placement]) -> dict[str, int]:
     """Per model, the replicas placed on a device (offloaded ones do not count)."""
     placed: dict[str, int] = defaultdict(int)
     for p in placements:
-        if p.tier in (cluster_pb2.TIER_UNSPECIFIED, cluster_pb2.TIER_DEVICE):
+        if on_device(p):
             placed[p.model] += 1
     return dict(placed)
 
@@ -203,16 +253,24 @@ def build_snapshot(
         if r.state == cluster_pb2.REPLICA_STATE_FAILED:
             failed.add((r.model, r.node_id))
     cut_off = unreachable(demands, replicas)
+    nodes = list(nodes)
+    placements = list(placements)
+    copies = warm_copies(placements, {n.node_id for n in nodes})
     views = []
     for spec in models:
         state = scale.get(spec.name)
-        wanted = state.replicas if state is not None else spec.min_replicas
+        keep = spec.min_replicas if warm_host(spec) else 0
+        wanted = state.replicas if state is not None else spec.min_replicas - keep
+        # A warm-in-host minimum with too few copies on live nodes (never loaded yet, or its
+        # node was lost) is loaded on a device; it sleeps in CPU RAM once idle.
+        wanted = max(wanted, keep - copies.get(spec.name, 0))
         views.append(
             ModelView(
                 name=spec.name,
                 need_bytes=footprint(spec, measured.get(spec.name, 0)),
                 wanted=wanted + cut_off.get(spec.name, 0) if wanted else 0,
-                min_replicas=spec.min_replicas,
+                min_replicas=spec.min_replicas - keep,
+                warm_host=keep,
                 priority=spec.priority or common_pb2.PRIORITY_NORMAL,
                 last_used=load[spec.name].last_request if spec.name in load else 0.0,
                 gpus=max(1, spec.gpus_per_replica),

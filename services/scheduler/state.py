@@ -110,6 +110,13 @@ class PlanState:
         held[m.priority] = held.get(m.priority, 0) + m.need_bytes
         self.placed[(m.name, node_id)] = devices
 
+    def reserve(self, m: ModelView, devices: tuple[int, ...]) -> None:
+        """Holds a leaving replica's memory and load on its devices (it still runs there until
+        its replacement is READY) without counting it as placed."""
+        for d in devices:
+            self.set_free(d, self.free[d] - m.per_device_bytes)
+            self.load[d] += m.per_device_load
+
     def unbind(self, model: str, node_id: str) -> None:
         m = self.models[model]
         for d in self.placed.pop((model, node_id)):

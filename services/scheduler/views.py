@@ -46,7 +46,7 @@ class ModelView:
     name: str
     need_bytes: int  # one replica in all: weights + KV headroom + overhead
     wanted: int  # replicas wanted now (from min/max replicas and the autoscaler)
-    min_replicas: int = 0
+    min_replicas: int = 0  # on devices (a warm-in-host model has none there)
     priority: int = 2  # meshserve.v1.Priority; higher wins
     last_used: float = 0.0  # s since the epoch of the last request; 0 = never
     gpus: int = 1  # devices per replica (tensor parallel gang on one node)
@@ -56,6 +56,7 @@ class ModelView:
     revision: str = ""  # a registry model's pinned revision ("" for a local source)
     request_rate: float = 0.0  # requests/s now (eviction cost)
     tokens_per_s: float = 0.0  # tokens/s its demand asks for, over all replicas; 0 = unknown
+    warm_host: int = 0  # copies kept asleep in CPU RAM while fewer are wanted on devices
 
     @property
     def per_device_bytes(self) -> int:
@@ -77,6 +78,11 @@ class ClusterSnapshot:
     # (model, node) → device ids it was given; missing: chosen again on that node
     current_devices: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     ready: frozenset[tuple[str, str]] = frozenset()  # (model, node) whose replica is READY
+    # Background re-pack (Profile.repack_*): (model, node) replicas a re-pack is moving off
+    # (kept until replaced by a READY one elsewhere), and how many more it may start this round
+    # (the leader's disruption budget); 0: none.
+    moving: frozenset[tuple[str, str]] = frozenset()
+    repack_budget: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ class Plan:
     devices: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     moves: int = 0  # replicas placed this round that were not placed before (loads)
     shed: tuple[tuple[str, str], ...] = ()  # evictions because a device could not hold them
+    repacked: tuple[tuple[str, str], ...] = ()  # (model, old node) a re-pack started to move
 
 
 def wanted_replicas(min_replicas: int, max_replicas: int, in_demand: bool) -> int:

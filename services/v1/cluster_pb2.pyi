@@ -217,6 +217,7 @@ class ModelSpec(_message.Message):
     BASE_FIELD_NUMBER: _builtins.int
     MAX_ADAPTERS_FIELD_NUMBER: _builtins.int
     MAX_ADAPTER_RANK_FIELD_NUMBER: _builtins.int
+    WARM_IN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """local directory with config.json + safetensors"""
@@ -275,6 +276,13 @@ class ModelSpec(_message.Message):
     replica room for ``max_adapters`` of its largest adapter.
     """
     max_adapter_rank: _builtins.int
+    warm_in: _builtins.str
+    """Where ``min_replicas`` may wait while the model is idle. "" or "device": READY on a device,
+    always. "host": asleep in a node's CPU RAM counts too (vLLM's sleep mode, torch's pinned
+    tier) — the model leaves its GPUs after ``idle_timeout_s`` like a model with no minimum, the
+    scheduler keeps ``min_replicas`` copies in CPU RAM (first claim on the nodes' host budget),
+    and the next request waits for a restore (charged to its TTFT), not a load from the source.
+    """
     @_builtins.property
     def engine_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -335,10 +343,11 @@ class ModelSpec(_message.Message):
         base: _builtins.str = ...,
         max_adapters: _builtins.int = ...,
         max_adapter_rank: _builtins.int = ...,
+        warm_in: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "base", b"base", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_adapter_rank", b"max_adapter_rank", "max_adapters", b"max_adapters", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "revision", b"revision", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "source_endpoint", b"source_endpoint", "source_region", b"source_region", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "base", b"base", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_adapter_rank", b"max_adapter_rank", "max_adapters", b"max_adapters", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "revision", b"revision", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "source_endpoint", b"source_endpoint", "source_region", b"source_region", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warm_in", b"warm_in", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,13 +23,12 @@ from meshserve.rpc.errors import decode_details, error_reason
 from meshserve.v1 import (
     inference_pb2,
     inference_pb2_grpc,
-    nodeagent_pb2,
-    nodeagent_pb2_grpc,
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
 
 from tests.e2e.conftest import (
+    agent_load,
     apply,
     generate,
     known,
@@ -157,15 +156,6 @@ async def test_deadline_while_waiting_for_a_replica(mesh: Mesh) -> None:
         router(mesh), G(model="broken", prompt="hi"), grpc.StatusCode.DEADLINE_EXCEEDED, timeout=1.5
     )
     assert "deadline" in (e.details() or "").lower()
-
-
-async def agent_load(mesh: Mesh, node: str, model: str) -> nodeagent_pb2.ReplicaLoad:
-    async with grpc.aio.insecure_channel(mesh.services[node].address) as ch:
-        status = await nodeagent_pb2_grpc.NodeAgentStub(ch).GetNodeStatus(
-            nodeagent_pb2.GetNodeStatusRequest(), timeout=5
-        )
-    load: nodeagent_pb2.ReplicaLoad = next(x for x in status.load if x.model == model)
-    return load
 
 
 async def test_client_cancel_stops_generation_on_the_agent(mesh: Mesh) -> None:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 from meshserve.cluster.keys import Keyspace
 from meshserve.cluster.store import EtcdConfig, Store, connect
@@ -20,8 +19,8 @@ from meshserve.localmesh import Mesh
 from meshserve.modelspec import spec_from_dict
 from meshserve.nodeagent.fleet import ready_nodes
 from meshserve.v1 import cluster_pb2 as S
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
+from tests.e2e.conftest import counted_stream, ready_history
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -35,21 +34,6 @@ def cli(mesh: Mesh, *args: str, timeout: float = 120) -> subprocess.CompletedPro
         text=True,
         timeout=timeout,
     )
-
-
-async def stream(address: str, started: asyncio.Event) -> tuple[int, str]:
-    request = inference_pb2.GenerateRequest(model="d-sim", prompt="drain me")
-    request.sampling.max_tokens, request.sampling.temperature = TOKENS, 0.0
-    request.sampling.ignore_eos = True
-    options = (("grpc.use_local_subchannel_pool", 1),)
-    async with grpc.aio.insecure_channel(address, options=options) as ch:
-        call = inference_pb2_grpc.InferenceStub(ch).Generate(request, timeout=60)
-        tokens = 0
-        async for msg in call:
-            tokens += len(msg.token_ids)
-            started.set()
-        trailers = dict(await call.trailing_metadata() or ())
-    return tokens, str(trailers.get("meshserve-failovers", "?"))
 
 
 def test_drain_moves_replicas_first_and_no_stream_fails(tmp_path: Path) -> None:
@@ -78,23 +62,16 @@ def test_drain_moves_replicas_first_and_no_stream_fails(tmp_path: Path) -> None:
                 other = "fleet-1" if victim == "fleet-0" else "fleet-0"
                 started = asyncio.Event()
                 streams = [
-                    asyncio.create_task(stream(router.address, started)) for _ in range(STREAMS)
+                    asyncio.create_task(
+                        counted_stream(router.address, "d-sim", TOKENS, started, "drain me")
+                    )
+                    for _ in range(STREAMS)
                 ]
                 await asyncio.wait_for(started.wait(), 30)
                 # Make before break: some replica is READY at every moment of the drain (a load
                 # takes 1.5 s here, so dropping the old one first would leave a gap).
-                seen: list[dict[str, str]] = []
-                done = asyncio.Event()
-
-                async def watch() -> None:
-                    while not done.is_set():
-                        seen.append(await ready_nodes(store))
-                        await asyncio.sleep(0.05)
-
-                watcher = asyncio.create_task(watch())
-                drained = await asyncio.to_thread(cli, mesh, "node", "drain", victim)
-                done.set()
-                await watcher
+                async with ready_history(store) as seen:
+                    drained = await asyncio.to_thread(cli, mesh, "node", "drain", victim)
                 assert all("d-sim" in s for s in seen), [s.get("d-sim") for s in seen]
                 assert {s["d-sim"] for s in seen} == {victim, other}  # it moved while watched
                 assert drained.returncode == 0, drained.stdout + drained.stderr

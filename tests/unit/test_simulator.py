@@ -53,3 +53,67 @@ def test_idle_office_tools_scale_to_zero_overnight(scenario) -> None:  # type: i
     day = simulate(scenario, "meshserve", hours=13, seed=0)  # through the morning peak
     assert max(g for _h, g in night.timeline) < max(g for _h, g in day.timeline)
     assert SHAPES["office"](3.0) == 0.0 and SHAPES["office"](12.0) == 1.0
+
+
+def test_the_market_day_has_the_published_shape_and_is_regenerated_exactly() -> None:
+    """market-day.yaml is what its generator makes (seeded), and its popularity is the shape of
+    Aegaeon's trace: the 94 % least used models get 1.35 % of the requests."""
+    from bench.economics import WORKLOADS, market_day
+
+    doc = market_day()
+    doc.pop("generated")
+    assert yaml.safe_load(WORKLOADS["market"].read_text()) == doc
+    rates = sorted((m["peak_rps"] for m in doc["models"]), reverse=True)
+    assert len(rates) == 200
+    assert sum(rates[12:]) / sum(rates) == pytest.approx(0.0135, abs=5e-4)
+
+
+def test_a_flash_crowd_multiplies_the_rate_for_twenty_minutes_and_dedicated_sizes_for_it() -> None:
+    from meshserve.scheduler.sim.scenario import SimModel
+    from meshserve.scheduler.sim.simulator import dedicated_replicas
+
+    m = SimModel("m", 16 * 10**9, 0, 2.0, 1000, "constant", bursts=(10.0,), burst_x=10.0)
+    calm = SimModel("m", 16 * 10**9, 0, 2.0, 1000, "constant")
+    assert m.rate(10.1) == pytest.approx(10 * calm.rate(10.1))
+    assert m.rate(10.4) == pytest.approx(calm.rate(10.4))  # over after 20 minutes
+    model = {"name": "m", "memory_gb": 16, "peak_rps": 2.0, "tokens_per_request": 1000}
+    gpu = {"throughput_tokens_per_s": 10000}
+    sc = load_scenario({"gpu": gpu, "models": [{**model, "bursts": [10.0], "burst_x": 10.0}]})
+    assert dedicated_replicas(calm, sc, 34 * 10**9) == 1
+    # The burst's peak (20 x 1,000 tokens/s at most) needs ceil(20,000 / 9,000) = 3 GPUs.
+    assert dedicated_replicas(sc.models[0], sc, 34 * 10**9) == 3
+
+
+def test_loads_count_the_bytes_they_move(scenario) -> None:  # type: ignore[no-untyped-def]
+    r = simulate(scenario, "meshserve", hours=6, seed=0)
+    sizes = {m.name: m.memory_bytes for m in scenario.models}
+    assert r.loads > 0 and min(sizes.values()) * r.loads <= r.bytes_moved
+    assert r.bytes_moved <= max(sizes.values()) * r.loads
+
+
+def test_background_repack_recovers_what_incremental_rounds_leave_fragmented(scenario) -> None:  # type: ignore[no-untyped-def]
+    """The nine-model day through the scheduler's own round: without re-pack, the evening's
+    scale-downs leave more GPUs in use than a full re-plan of the same demand would take; the
+    default profile's re-pack gives most of that back, in GPU-hours too."""
+    from meshserve.scheduler.profile import Profile
+
+    off = simulate(
+        scenario, "meshserve", hours=24, seed=0, profile=Profile(repack_moves_per_minute=0)
+    )
+    on = simulate(scenario, "meshserve", hours=24, seed=0, profile=Profile())
+    assert len(off.replan_samples) == 96  # every 15 simulated minutes
+    assert off.fragmentation_gpus > 0.5 and off.repack_moves == 0
+    assert 0 < on.repack_moves <= 24 * 60 * 2  # within the budget of 2 a minute
+    assert on.fragmentation_gpus < 0.5 * off.fragmentation_gpus
+    assert on.gpu_hours < off.gpu_hours
+
+
+def test_the_day_starts_from_a_fleet_already_loaded_as_the_dedicated_one_does(scenario) -> None:  # type: ignore[no-untyped-def]
+    # Two hours of warm-up run uncounted: the first requests of the day do not wait for the
+    # first loads from the source (a dedicated fleet starts loaded), and the day's traffic is
+    # the same draw either way.
+    warm = simulate(scenario, hours=1)
+    cold = simulate(scenario, hours=1, warmup_h=0)
+    assert cold.cold_start_misses > 0 and cold.loads > 0
+    assert warm.cold_start_misses == 0
+    assert warm.requests == pytest.approx(cold.requests, rel=0.01)

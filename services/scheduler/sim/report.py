@@ -24,6 +24,11 @@ class Result:
     queue_delay_mean_s: float = 0.0
     queue_delay_p99_s: float = 0.0
     loads: int = 0
+    bytes_moved: int = 0  # weights copied onto GPUs by loads and restores
+    repack_moves: int = 0  # replicas a background re-pack moved
+    # (devices the live placement uses, devices a full re-plan of the same snapshot would use),
+    # sampled every simulated 15 minutes: fragmentation's cost
+    replan_samples: list[tuple[int, int]] = field(default_factory=list)
     evictions: int = 0
     max_evictions_per_round: int = 0
     unplaced_rounds: int = 0
@@ -35,6 +40,12 @@ class Result:
     @property
     def slo_miss_rate(self) -> float:
         return self.slo_misses / self.requests if self.requests else 0.0
+
+    @property
+    def fragmentation_gpus(self) -> float:
+        """Mean devices the live placement uses beyond a full re-plan's."""
+        gaps = [live - replan for live, replan in self.replan_samples]
+        return sum(gaps) / len(gaps) if gaps else 0.0
 
     @property
     def gpus_mean(self) -> float:

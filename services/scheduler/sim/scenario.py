@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshserve.modelspec import WARM_IN
+
 GB = 10**9
 
 
@@ -43,6 +45,20 @@ class SimModel:
     tokens_per_request: int
     shape: str
     priority: int = 2
+    phase_h: float = 0.0  # the daily shape shifted by this many hours (another time zone)
+    bursts: tuple[float, ...] = ()  # hours at which a flash crowd starts (BURST_H long)
+    burst_x: float = 1.0  # the rate during a burst, times the shape's
+    warm_in: str = ""  # ModelSpec.warm_in: "host" lets its minimum sleep in CPU RAM when idle
+
+    def rate(self, h: float) -> float:
+        """Requests/s at hour ``h`` of the day, before the simulator's noise."""
+        rate = self.peak_rps * SHAPES[self.shape]((h - self.phase_h) % 24)
+        if any(t <= h < t + BURST_H for t in self.bursts):
+            rate *= self.burst_x
+        return rate
+
+
+BURST_H = 1 / 3  # a flash crowd lasts 20 minutes
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,8 @@ def load_scenario(doc: Mapping[str, Any], name: str = "scenario") -> Scenario:
         )
     models = []
     for m in doc["models"]:
+        if str(m.get("warm_in", "")) not in WARM_IN:
+            raise ValueError(f"model {m['name']}: warm_in must be device or host")
         shape = str(m.get("shape", "constant"))
         if shape not in SHAPES:
             raise ValueError(f"model {m['name']}: shape must be one of {sorted(SHAPES)}")
@@ -100,6 +118,10 @@ def load_scenario(doc: Mapping[str, Any], name: str = "scenario") -> Scenario:
                 int(m["tokens_per_request"]),
                 shape,
                 int(m.get("priority", 2)),
+                float(m.get("phase_h", 0.0)),
+                tuple(float(t) for t in m.get("bursts", ())),
+                float(m.get("burst_x", 1.0)),
+                str(m.get("warm_in", "")),
             )
         )
     failures = tuple((str(f["node"]), float(f["at_h"])) for f in doc.get("failures", []))

@@ -1,5 +1,7 @@
-"""A discrete-time simulator that runs the real scheduling code (autoscale.step, placement.place)
-against a virtual fleet and request traces, in virtual time (pure: no clock, no I/O; seeded).
+"""A discrete-time simulator that runs the real scheduling code against a virtual fleet and request
+traces, in virtual time (pure: no clock, no I/O; seeded). Each round the fleet is written as the
+records a scheduler reads from etcd (sim/records.py) and decided by the leader's own
+`snapshot.round_snapshot` (memory rule, autoscaler, device saturation) and `placement.place`.
 
 Model of the world, kept deliberately simple and stated here so the numbers can be judged:
 - Traffic: each model's rate is its peak x a daily shape (SHAPES) x (1 +/- 10 %) noise, per step
@@ -15,6 +17,9 @@ Model of the world, kept deliberately simple and stated here so the numbers can 
   PCIe speed, local disk, or the source) plus warm-up; requests for a model with no ready replica
   wait for the first one (a cold start) and miss when that wait exceeds the SLO.
 - Failures: a node vanishes at its time (its replicas with it) and comes back `recover_h` later.
+- Warm-up: the shared fleet's rounds start `warmup_h` (2 h) before the day and are not counted,
+  so the day starts from a placed and loaded fleet, as the dedicated one does (counting the
+  first loads from the source made the market day's SLO miss 0.094 % where it is 0.015 %).
 The same traces run against a dedicated fleet (each replica on its own GPUs, never moved).
 """
 
@@ -23,79 +28,86 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from meshserve.scheduler.autoscale import Load, ScalePolicy, ScaleState, step
+from meshserve.scheduler.autoscale import ScaleState
 from meshserve.scheduler.placement import place
-from meshserve.scheduler.plugins import ReloadCosts
 from meshserve.scheduler.profile import Profile
+from meshserve.scheduler.repack import Repacks
+from meshserve.scheduler.sim.records import (
+    BASE_TTFT_S,
+    Gpu,
+    SimReplica,
+    cluster_records,
+    gpus_for,
+    model_specs,
+    node_statuses,
+    router_demand,
+)
 from meshserve.scheduler.sim.report import Result
-from meshserve.scheduler.sim.scenario import GB, SHAPES, Scenario, SimModel
-from meshserve.scheduler.views import DISK, HOST, ClusterSnapshot, Device, ModelView, NodeView
+from meshserve.scheduler.sim.scenario import Scenario, SimModel
+from meshserve.scheduler.snapshot import round_snapshot
+from meshserve.scheduler.views import DISK, HOST, Plan
+from meshserve.v1 import cluster_pb2
+from meshserve.weights import OVERHEAD_FRACTION
 
-BASE_TTFT_S = 0.15  # prefill + scheduling at no load
 BATCH_SLOTS = 16  # sequences a GPU decodes together
 WARMUP_S = 0.5  # warm-up requests before READY (a few short generations)
-UTILIZATION_TARGET = 0.6  # autoscaler: requests/s per replica = capacity x this
-
-
-@dataclass
-class _Replica:
-    node: str
-    devices: tuple[str, ...]
-    ready_at: float
 
 
 class _Fleet:
     def __init__(self, sc: Scenario) -> None:
-        self.devices: dict[str, tuple[str, int, str, float, float]] = {}  # id → node, cap, type…
+        self.devices: dict[str, Gpu] = {}
         self.nodes: dict[str, list[str]] = {}
         i = 0
         for g in sc.groups:
-            usable = int(g.memory_bytes * (1 - sc.overhead_fraction))
             for _ in range(g.nodes):
                 node = f"n{i}"
                 i += 1
                 ids = [f"{node}-g{j}" for j in range(g.gpus_per_node)]
                 self.nodes[node] = ids
                 for d in ids:
-                    self.devices[d] = (
-                        node,
-                        usable,
-                        g.gpu_type,
-                        g.cost_per_hour,
-                        g.throughput_tokens_per_s,
+                    self.devices[d] = Gpu(
+                        node, g.memory_bytes, g.gpu_type, g.cost_per_hour, g.throughput_tokens_per_s
                     )
 
-    def view(self, down: set[str], host_bytes: int) -> tuple[NodeView, ...]:
-        out = []
-        for node, ids in self.nodes.items():
-            if node in down:
-                continue
-            devs = tuple(
-                Device(d, self.devices[d][1], self.devices[d][2], False, self.devices[d][4])
-                for d in ids
-            )
-            out.append(NodeView(node, sum(x.capacity_bytes for x in devs), False, host_bytes, devs))
-        return tuple(out)
+    def grow(self, gpus: int) -> None:
+        """Dedicated serving buys what it needs: nodes like the first group's are added until
+        the fleet has ``gpus`` GPUs (a shared fleet is the scenario's, fixed)."""
+        node0 = next(iter(self.nodes))
+        per = len(self.nodes[node0])
+        while len(self.devices) < gpus:
+            node = f"n{len(self.nodes)}"
+            self.nodes[node] = [f"{node}-g{j}" for j in range(per)]
+            for d in self.nodes[node]:
+                self.devices[d] = replace(self.devices[f"{node0}-g0"], node=node)
 
 
-def gpus_for(m: SimModel, usable: int) -> int:
-    return max(1, math.ceil(m.memory_bytes / usable))
+DEDICATED_UTILIZATION = 0.9  # the busiest a dedicated team runs a GPU at its peak
+
+
+def dedicated_replicas(m: SimModel, sc: Scenario, device_bytes: int) -> int:
+    """Replicas a team serving ``m`` on GPUs of its own keeps all day: its minimum, and enough
+    for its peak hour (bursts included) at DEDICATED_UTILIZATION of the GPUs' throughput."""
+    throughput = min(g.throughput_tokens_per_s for g in sc.groups) * gpus_for(m, device_bytes)
+    peak = max(m.rate(h / 4) for h in range(96)) * m.tokens_per_request
+    return max(1, m.min_replicas, math.ceil(peak / (throughput * DEDICATED_UTILIZATION)))
 
 
 def _serve(
     sc: Scenario,
     fleet: _Fleet,
     rates: Mapping[str, float],
-    ready: Mapping[str, list[_Replica]],
+    ready: Mapping[str, list[SimReplica]],
     dt: float,
     res: Result,
     delays: list[tuple[float, float]],
+    load: dict[str, float],
 ) -> dict[str, float]:
-    """One step of serving; returns each model's TTFT p99 for the autoscaler."""
+    """One step of serving; returns each model's TTFT p99 for the autoscaler and leaves each
+    device's token load in ``load`` (the agents' decode rates for the next round)."""
     models = {m.name: m for m in sc.models}
-    load: dict[str, float] = {}
+    load.clear()
     for name, reps in ready.items():
         if not reps:
             continue
@@ -110,7 +122,7 @@ def _serve(
         reps = ready.get(m.name, [])
         if not reps or n <= 0:
             continue
-        u = max(load[d] / fleet.devices[d][4] for r in reps for d in r.devices)
+        u = max(load[d] / fleet.devices[d].tokens_per_s for r in reps for d in r.devices)
         res.requests += n
         if u >= 0.999:
             served = n / u
@@ -140,106 +152,112 @@ def simulate(
     step_s: float = 60.0,
     seed: int = 0,
     profile: Profile | None = None,
+    warmup_h: float = 2.0,
 ) -> Result:
-    """``policy``: "meshserve" (autoscaler + placement pipeline) or "dedicated"."""
+    """``policy``: "meshserve" (the scheduler's round: records → `round_snapshot` → `place`)
+    or "dedicated"."""
+    if sc.overhead_fraction != OVERHEAD_FRACTION:
+        raise ValueError(
+            f"scenario {sc.name}: overhead_fraction {sc.overhead_fraction}; the simulator places "
+            f"by the scheduler's memory rule, whose overhead is {OVERHEAD_FRACTION}"
+        )
     rng = random.Random(seed)
     fleet = _Fleet(sc)
-    usable = min(v[1] for v in fleet.devices.values())
+    device_bytes = min(g.memory_bytes for g in fleet.devices.values())
     models = {m.name: m for m in sc.models}
-    reload = ReloadCosts()
     res = Result(policy)
-    replicas: dict[str, list[_Replica]] = {m: [] for m in models}
-    offloaded: dict[str, dict[str, int]] = {}
-    scale: dict[str, ScaleState] = {}
-    p99: dict[str, float] = {}
-    last_request: dict[str, float] = {}
+    w = _World(
+        specs=model_specs(
+            sc,
+            device_bytes,
+            max(g.tokens_per_s for g in fleet.devices.values()),
+            len(fleet.nodes),
+        ),
+        replicas={m: [] for m in models},
+        repacks=Repacks((profile or Profile()).repack_moves_per_minute),
+    )
     delays: list[tuple[float, float]] = []
     mem_util_sum = 0.0
     if policy == "dedicated":
         # Each replica of each model on GPUs of its own, all day; failures are not simulated
         # here (the dedicated fleet has no spare to move to anyway).
+        counts = {m.name: dedicated_replicas(m, sc, device_bytes) for m in sc.models}
+        fleet.grow(sum(counts[m.name] * gpus_for(m, device_bytes) for m in sc.models))
         ids = list(fleet.devices)
         k = 0
         for m in sc.models:
-            for _ in range(max(1, m.min_replicas)):
-                g = gpus_for(m, usable)
+            for _ in range(counts[m.name]):
+                g = gpus_for(m, device_bytes)
                 devs = tuple(ids[k : k + g])
                 k += g
-                replicas[m.name].append(_Replica(fleet.devices[devs[0]][0], devs, 0.0))
-        if k > len(ids):
-            raise ValueError(f"the fleet has {len(ids)} GPUs; dedicated serving needs {k}")
+                w.replicas[m.name].append(SimReplica(fleet.devices[devs[0]].node, devs, 0.0))
     steps = int(hours * 3600 / step_s)
-    for i in range(steps):
-        t = i * step_s
-        h = (t / 3600) % 24
-        down = {n for n, at in sc.failures if at * 3600 <= t < (at + sc.recover_h) * 3600}
-        rates = {
-            name: m.peak_rps * SHAPES[m.shape](h) * (0.9 + 0.2 * rng.random())
-            for name, m in models.items()
-        }
+    # The shared fleet starts from the hours before (placed and loaded as the day before left
+    # it), as the dedicated one starts loaded: the warm-up's rounds run and are not counted.
+    warm = int(warmup_h * 3600 / step_s) if policy == "meshserve" else 0
+    scratch, warm_rng = Result(policy), random.Random(seed + 1)
+    for i in range(-warm, steps):
+        day_s = i * step_s  # the time of day the traffic and failures follow (< 0: warm-up)
+        t = day_s + warm * step_s  # the simulated clock (>= 0: "never" is 0 to the autoscaler)
+        out, out_delays = (res, delays) if i >= 0 else (scratch, [])
+        h = (day_s / 3600) % 24
+        down = {n for n, at in sc.failures if at * 3600 <= day_s < (at + sc.recover_h) * 3600}
+        noise = rng if i >= 0 else warm_rng  # the day's draws are the same for every policy
+        rates = {name: m.rate(h) * (0.9 + 0.2 * noise.random()) for name, m in models.items()}
         for name, rate in rates.items():
             if rate * step_s >= 0.5:
-                last_request[name] = t
+                w.last_request[name] = t
         if policy == "meshserve":
             for name in models:  # replicas on a failed node are gone
-                replicas[name] = [r for r in replicas[name] if r.node not in down]
-            _round(
-                sc,
-                fleet,
-                models,
-                rates,
-                replicas,
-                offloaded,
-                scale,
-                p99,
-                last_request,
-                down,
-                t,
-                usable,
-                reload,
-                res,
-                profile or Profile(),
-            )
-        ready = {n: [r for r in rs if r.ready_at <= t] for n, rs in replicas.items()}
-        # Cold starts: demand with nothing ready waits for the first replica to come up.
+                w.replicas[name] = [r for r in w.replicas[name] if r.node not in down]
+            _round(fleet, models, rates, w, down, t, out, profile or Profile())
+        ready = {n: [r for r in rs if r.ready_at <= t] for n, rs in w.replicas.items()}
+        serving = dict(rates)
+        # Cold starts: requests arriving before a model's first replica is up wait for it (a
+        # load, or a restore from CPU RAM); those that arrive more than the SLO before it miss.
+        # What arrives after it is served by it, for the rest of the step.
         for name in models:
-            n = rates[name] * step_s
-            if ready[name] or n <= 0:
+            if ready[name] or rates[name] <= 0:
                 continue
-            loading = [r.ready_at for r in replicas[name]]
+            loading = [r.ready_at for r in w.replicas[name]]
             wait = (min(loading) - t) if loading else math.inf
-            res.requests += n
-            res.cold_start_requests += n
-            if wait > sc.slo_ttft_s:
-                res.slo_misses += n
-                res.cold_start_misses += n
-                res.misses_by_model[name] = res.misses_by_model.get(name, 0.0) + n
-            delays.append((min(wait, 600.0), n))
-        p99 = _serve(sc, fleet, rates, ready, step_s, res, delays)
+            early = min(wait, step_s)
+            cold = rates[name] * early
+            missed = rates[name] * min(max(0.0, wait - sc.slo_ttft_s), step_s)
+            out.requests += cold
+            out.cold_start_requests += cold
+            out.slo_misses += missed
+            out.cold_start_misses += missed
+            if missed:
+                out.misses_by_model[name] = out.misses_by_model.get(name, 0.0) + missed
+            out_delays.append((min(wait - early / 2, 600.0), cold))
+            serving[name] = rates[name] * (step_s - early) / step_s
+            ready[name] = [r for r in w.replicas[name] if r.ready_at < t + step_s]
+        w.p99 = _serve(sc, fleet, serving, ready, step_s, out, out_delays, w.device_load)
         used_devices: dict[str, int] = {}
-        for name, reps in replicas.items():
+        for name, reps in w.replicas.items():
             share = models[name].memory_bytes
             for rep in reps:
                 for d in rep.devices:
                     used_devices[d] = used_devices.get(d, 0) + share // len(rep.devices)
         gpus = len(used_devices)
-        res.gpus_peak = max(res.gpus_peak, gpus)
-        hourly = sum(fleet.devices[d][3] for d in used_devices)
-        res.cost_per_month_fixed = max(res.cost_per_month_fixed, hourly * 730)
-        res.gpu_hours += gpus * step_s / 3600
-        res.cost_per_month_elastic += sum(fleet.devices[d][3] for d in used_devices) * step_s / 3600
-        if used_devices:
+        out.gpus_peak = max(out.gpus_peak, gpus)
+        hourly = sum(fleet.devices[d].cost_per_hour for d in used_devices)
+        out.cost_per_month_fixed = max(out.cost_per_month_fixed, hourly * 730)
+        out.gpu_hours += gpus * step_s / 3600
+        out.cost_per_month_elastic += hourly * step_s / 3600
+        if used_devices and i >= 0:
             mem_util_sum += sum(used_devices.values()) / sum(
-                fleet.devices[d][1] / (1 - sc.overhead_fraction) for d in used_devices
+                fleet.devices[d].memory_bytes for d in used_devices
             )
         if i % max(1, int(900 / step_s)) == 0:
-            res.timeline.append((round(t / 3600, 2), gpus))
+            out.timeline.append((round(day_s / 3600, 2), gpus))
     res.hours = hours
     days = hours / 24
     res.cost_per_month_elastic = res.cost_per_month_elastic / days * 730 / 24
     res.memory_utilization = mem_util_sum / steps if steps else 0.0
     served = res.served_tokens
-    throughput = max((v[4] for v in fleet.devices.values()), default=1.0)
+    throughput = max((g.tokens_per_s for g in fleet.devices.values()), default=1.0)
     res.compute_utilization = served / (res.gpu_hours * 3600 * throughput) if res.gpu_hours else 0.0
     total = sum(n for _d, n in delays)
     if total:
@@ -253,101 +271,90 @@ def simulate(
     return res
 
 
+REPLAN_EVERY_S = 900  # the live placement is compared with a full re-plan this often
+
+
+def _devices(plan: Plan) -> int:
+    return len({(node, d) for (_m, node), ds in plan.devices.items() for d in ds})
+
+
+@dataclass
+class _World:
+    """What persists between simulated rounds: the specs applied, replicas on devices, copies
+    offloaded per node, the autoscaler's state, and what the routers and agents last saw."""
+
+    specs: list[cluster_pb2.ModelSpec]
+    replicas: dict[str, list[SimReplica]]
+    offloaded: dict[str, dict[str, int]] = field(default_factory=dict)
+    scale: dict[str, ScaleState] = field(default_factory=dict)
+    p99: dict[str, float] = field(default_factory=dict)
+    last_request: dict[str, float] = field(default_factory=dict)
+    device_load: dict[str, float] = field(default_factory=dict)  # tokens/s per device
+    repacks: Repacks = field(default_factory=lambda: Repacks(0))  # as the leader keeps them
+
+
 def _round(
-    sc: Scenario,
     fleet: _Fleet,
     models: Mapping[str, SimModel],
     rates: Mapping[str, float],
-    replicas: dict[str, list[_Replica]],
-    offloaded: dict[str, dict[str, int]],
-    scale: dict[str, ScaleState],
-    p99: Mapping[str, float],
-    last_request: Mapping[str, float],
+    w: _World,
     down: set[str],
     t: float,
-    usable: int,
-    reload: ReloadCosts,
     res: Result,
     profile: Profile,
 ) -> None:
-    """One scheduler round: the real autoscaler and the real placement, then their effects."""
-    throughput = max(v[4] for v in fleet.devices.values())
-    views = []
-    for name, m in models.items():
-        g = gpus_for(m, usable)
-        capacity = throughput * g / m.tokens_per_request  # requests/s one replica serves
-        policy = ScalePolicy(
-            min_replicas=m.min_replicas,
-            max_replicas=len(fleet.nodes),  # anti-affinity: one per node
-            target_rps=capacity * UTILIZATION_TARGET,
-            slo_ttft_s=sc.slo_ttft_s,
-            idle_timeout_s=sc.idle_timeout_s,
-            scale_down_delay_s=sc.scale_down_delay_s,
-        )
-        ready_n = sum(1 for r in replicas[name] if r.ready_at <= t)
-        load = Load(
-            rate=rates[name],
-            in_flight=round(rates[name] * BASE_TTFT_S),
-            queued=1 if rates[name] * 60 >= 0.5 and ready_n == 0 else 0,
-            last_request=last_request.get(name, 0.0),
-            ttft_p99_s=p99.get(name, 0.0),
-        )
-        scale[name] = step(policy, load, scale.get(name), t)
-        views.append(
-            ModelView(
-                name,
-                m.memory_bytes,
-                scale[name].replicas,
-                m.min_replicas,
-                m.priority,
-                last_request.get(name, 0.0),
-                gpus=g,
-                request_rate=rates[name],
-                tokens_per_s=rates[name] * m.tokens_per_request,
-            )
-        )
-    current: dict[str, set[str]] = {}
-    devices: dict[tuple[str, str], tuple[str, ...]] = {}
-    for name, rs in replicas.items():
-        for r in rs:
-            current.setdefault(r.node, set()).add(name)
-            devices[(name, r.node)] = r.devices
-    host = 256 * GB  # CPU RAM per node for offloaded models
-    snap = ClusterSnapshot(
-        fleet.view(down, host),
-        tuple(views),
-        {n: frozenset(ms) for n, ms in current.items()},
-        frozenset(),
-        {n: dict(ms) for n, ms in offloaded.items() if n not in down},
-        devices,
+    """One scheduler round over the fleet's records, as the leader decides one, then its
+    effects (loads take their time from where the weights wait)."""
+    demand = {n: rate * models[n].tokens_per_request for n, rate in rates.items()}
+    placements, statuses = cluster_records(w.replicas, w.offloaded, down, t, demand)
+    ready = {n: sum(1 for r in rs if r.ready_at <= t) for n, rs in w.replicas.items()}
+    moving = w.repacks.in_flight((n, r.node) for n, rs in w.replicas.items() for r in rs)
+    snap, w.scale, _placed = round_snapshot(
+        w.specs,
+        node_statuses(fleet.nodes, fleet.devices, down, w.device_load),
+        statuses,
+        placements,
+        router_demand(rates, ready, w.last_request, w.p99),
+        w.scale,
+        t,
+        moving=moving,
+        repack_budget=w.repacks.budget(t),
     )
     plan = place(snap, profile)
+    if t % REPLAN_EVERY_S == 0:  # what a full re-plan of the same demand would use
+        fresh = replace(snap, current={}, current_devices={}, offloaded={}, moving=frozenset())
+        replan = place(replace(fresh, ready=frozenset(), repack_budget=0), profile)
+        res.replan_samples.append((_devices(plan), _devices(replan)))
+    w.repacks.begun(plan.repacked, t)
+    res.repack_moves += len(plan.repacked)
     res.evictions += len(plan.evictions)
     res.max_evictions_per_round = max(res.max_evictions_per_round, len(plan.evictions))
     if any(d.unschedulable for d in plan.decisions.values()):
         res.unplaced_rounds += 1
-    new: dict[str, list[_Replica]] = {name: [] for name in models}
+    new: dict[str, list[SimReplica]] = {name: [] for name in models}
     for (name, node), devs in plan.devices.items():
-        old = next((r for r in replicas[name] if r.node == node), None)
+        old = next((r for r in w.replicas[name] if r.node == node), None)
         if old is not None and old.devices == devs:
             new[name].append(old)
             continue
-        tier = offloaded.get(node, {}).pop(name, 0)
+        tier = w.offloaded.get(node, {}).pop(name, 0)
         m = models[name]
-        seconds = reload.seconds(m.memory_bytes, tier if tier in (HOST, DISK) else 0) + WARMUP_S
-        had_ready = any(r.ready_at <= t for r in replicas[name])
+        where = tier if tier in (HOST, DISK) else 0
+        seconds = profile.reload.seconds(m.memory_bytes, where) + WARMUP_S
+        had_ready = any(r.ready_at <= t for r in w.replicas[name])
         if not had_ready and not new[name] and rates[name] * 60 >= 0.5:
             res.cold_starts += 1
         res.loads += 1
-        new[name].append(_Replica(node, devs, t + seconds))
+        res.bytes_moved += m.memory_bytes
+        new[name].append(SimReplica(node, devs, t + seconds))
     for node, waiting in plan.offloads.items():
-        offloaded.setdefault(node, {}).update(waiting)
+        w.offloaded.setdefault(node, {}).update(waiting)
     # Offloaded copies of models that went away entirely are dropped.
-    for node in list(offloaded):
-        for name in list(offloaded[node]):
+    for node in list(w.offloaded):
+        for name in list(w.offloaded[node]):
             placed_here = (name, node) in plan.devices
-            gone = scale[name].replicas == 0 and name not in plan.offloads.get(node, {})
+            gone = w.scale[name].replicas == 0 and name not in plan.offloads.get(node, {})
             if placed_here or gone:
-                offloaded[node].pop(name)
-    replicas.clear()
-    replicas.update(new)
+                w.offloaded[node].pop(name)
+    w.replicas.clear()
+    w.replicas.update(new)
