@@ -191,6 +191,8 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         )
         loads2 = sum(counter(p, "meshserve_adapter_loads_total") for p in ports)
         evictions = sum(counter(p, "meshserve_adapter_evictions_total") for p in ports)
+        load_s = sum(counter(p, "meshserve_adapter_load_seconds_sum") for p in ports)
+        load_n = sum(counter(p, "meshserve_adapter_load_seconds_count") for p in ports)
     finally:
         mesh.stop()
     adapters_mem = 2 * memory["base"]  # as measured: weights and the adapter slots
@@ -216,6 +218,7 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         },
         "adapter_loads": {"zipf": loads1 - loads0, "uniform": loads2 - loads1},
         "adapter_evictions": evictions,
+        "adapter_load_mean_s": load_s / load_n if load_n else None,  # fetch + check + fill
         "gpus_at_8b_scale": gpus_at_scale(),
         "concurrency": args.concurrency,
     }
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(lat)
     console.print(
         f"adapter loads: Zipf {r['adapter_loads']['zipf']:.0f}, uniform "
-        f"{r['adapter_loads']['uniform']:.0f} (evictions {r['adapter_evictions']:.0f}); GPUs at "
+        f"{r['adapter_loads']['uniform']:.0f} (evictions {r['adapter_evictions']:.0f}, a load "
+        f"{(r['adapter_load_mean_s'] or 0) * 1000:.1f} ms on average); GPUs at "
         f"8B scale (the scheduler's placement, H100-80GB): {r['gpus_at_8b_scale']}"
     )
     out = json.dumps(r, indent=2)

@@ -12,6 +12,7 @@ import functools
 import itertools
 import json
 import logging
+import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -281,6 +282,7 @@ class Adapters:
                 raise AllBusy()
             await self._evict(victim, "least recently used")
         key = f"{name}#{next(self._serial)}"  # each load its own: no cache of the old reused
+        began = time.monotonic()
         try:
             path = await self.fetch(spec)
             check_adapter(path, name, self.max_rank)
@@ -297,8 +299,10 @@ class Adapters:
         self.keys[name], self.versions[name] = key, version(spec)
         self.revisions[name] = spec.revision
         self.loads += 1
+        took = time.monotonic() - began
         metrics.ADAPTER_LOADS.labels(self.base).inc()
-        log.info("%s: loaded adapter %s", self.base, name)
+        metrics.ADAPTER_LOAD_SECONDS.labels(self.base).observe(took)
+        log.info("%s: loaded adapter %s in %.1f ms", self.base, name, took * 1000)
 
     async def _evict(self, name: str, why: str) -> None:
         del self.loaded[name]

@@ -151,6 +151,13 @@ LOAD_SECONDS = Histogram(
 ADAPTER_LOADS = Counter(
     "meshserve_adapter_loads_total", "LoRA adapters loaded into a replica of this base", ["model"]
 )
+ADAPTER_LOAD_SECONDS = Histogram(
+    "meshserve_adapter_load_seconds",
+    "LoRA adapter loads into a replica of this base: fetch, check and the engine's load (a "
+    "request for an adapter not loaded waits this long before its prefill)",
+    ["model"],
+    buckets=(0.001, 0.0025, *_LATENCY),
+)
 ADAPTER_EVICTIONS = Counter(
     "meshserve_adapter_evictions_total",
     "LoRA adapters evicted from a replica of this base (least recently used, slots full)",

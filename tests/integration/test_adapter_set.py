@@ -57,10 +57,25 @@ async def test_adapter_loads_competing_for_the_last_slot_all_complete(
         adapters.release(spec.name)
         return key
 
+    timed = _load_timings()
     keys = await asyncio.gather(*(one(specs[i % 2]) for i in range(8)))
     assert all(k.startswith(("x0#", "x1#")) for k in keys)
     assert adapters.loads <= 4, f"{adapters.loads} loads for 8 requests: loads evicting each other"
     assert published and len(published[-1]) == 1
+    # Each load timed in meshserve_adapter_load_seconds{model=base} (what a request waits).
+    count, total = (a - b for a, b in zip(_load_timings(), timed, strict=True))
+    assert count == adapters.loads and 0 < total < 10 * adapters.loads
+
+
+def _load_timings() -> tuple[float, float]:
+    """meshserve_adapter_load_seconds of the base "base": (count, sum) so far in this process."""
+    from prometheus_client import REGISTRY
+
+    def get(suffix: str) -> float:
+        name = f"meshserve_adapter_load_seconds_{suffix}"
+        return REGISTRY.get_sample_value(name, {"model": "base"}) or 0.0
+
+    return get("count"), get("sum")
 
 
 async def test_adapter_reapplied_gets_a_new_engine_key_and_a_closed_set_refuses(
