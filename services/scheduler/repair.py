@@ -28,11 +28,23 @@ def consolidate(pipe: Pipeline) -> None:
 
 def try_empty(pipe: Pipeline, d: int) -> bool:
     """Moves every model off device ``d`` into other used devices, or changes nothing."""
-    st = pipe.st
-    movers = sorted(st.dev_models[d], key=lambda x: (-st.models[x].need_bytes, x))
-    if any(st.models[x].gpus > 1 or st.strategy_of(st.models[x]) == "spread" for x in movers):
-        return False  # gangs stay where they are; spread models were spread on purpose
+    movers = _movers(pipe, d)
+    if any(_stays(pipe, x) for x in movers):
+        return False
     return _move_off(pipe, d, movers, other_node=False) is not None
+
+
+def _movers(pipe: Pipeline, d: int) -> list[str]:
+    """The models on device ``d``, largest first (the hardest to fit is tried first)."""
+    st = pipe.st
+    return sorted(st.dev_models[d], key=lambda x: (-st.models[x].need_bytes, x))
+
+
+def _stays(pipe: Pipeline, model: str) -> bool:
+    """Never moved to empty a device: gangs stay where they are; spread models were spread on
+    purpose."""
+    m = pipe.st.models[model]
+    return m.gpus > 1 or pipe.st.strategy_of(m) == "spread"
 
 
 def relocate_for(pipe: Pipeline, m: ModelView) -> Choice | None:
@@ -142,13 +154,9 @@ def repack(
         used = [d for d in range(len(st.capacity)) if st.dev_models[d]]
         done = None
         for d in sorted(used, key=lambda d: (st.capacity[d] - st.free[d], d)):
-            movers = sorted(st.dev_models[d], key=lambda x: (-st.models[x].need_bytes, x))
+            movers = _movers(pipe, d)
             if len(movers) > budget - len(moves) or any(
-                st.models[x].gpus > 1
-                or st.strategy_of(st.models[x]) == "spread"
-                or x in moving
-                or (x, st.dev_node[d]) not in settled
-                for x in movers
+                _stays(pipe, x) or x in moving or (x, st.dev_node[d]) not in settled for x in movers
             ):
                 continue
             tries += 1
