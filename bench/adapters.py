@@ -2,6 +2,7 @@
 side by side in one run.
 
     python -m bench.adapters [--quick] [--slots 8] [--requests 200] [--json PATH]
+                             [--adapter-routing ttft=8,affinity=4,kv=2,load=1,adapter=4]
 
 - A real mesh (etcd, a scheduler, two agents with the torch engine, a router) serves a random
   Llama-shaped base (hidden 512, 8 layers, float32: ≈ 110 MB) with ``max_adapters`` slots per
@@ -16,6 +17,9 @@ side by side in one run.
 - GPUs in the scheduler's own placement (snapshot.with_adapters + placement.place) for the same
   shape at Llama-3-8B scale (16 GiB of bf16 weights, 8 GiB KV headroom, rank-16 adapters of
   27 MB) on H100-80GB nodes: twenty full models vs one base with two replicas.
+
+``--adapter-routing``: the adapters' own scorer weights (their spec's ``routing:``), to compare
+with the router's default (the adapter scorer at weight 1: router/routing/pipeline.py).
 
 Goals (issue 25): adapters use ≤ 15 % of the memory of full models, at TTFT p99 ≤ 1.5x the base
 model's. `--quick`: a 4-layer base of hidden 256, 60 requests per row.
@@ -163,7 +167,17 @@ async def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         modules = {"adapter_modules": "q_proj,k_proj,v_proj,o_proj"}
         await apply(mesh, spec_from_dict({**base, **slots, "engine_args": modules}))
         for n, d in dirs.items():
-            adapter = {"name": n, "kind": "adapter", "base": "base", "source": str(d)}
+            adapter: dict[str, Any] = {
+                "name": n,
+                "kind": "adapter",
+                "base": "base",
+                "source": str(d),
+            }
+            if args.adapter_routing:
+                adapter["routing"] = {
+                    k: float(v)
+                    for k, v in (kv.split("=") for kv in args.adapter_routing.split(","))
+                }
             await apply(mesh, spec_from_dict(adapter))
         full = {"name": "merged", "source": str(merged), "min_replicas": 1, **common}
         await apply(mesh, spec_from_dict(full))
@@ -232,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200, help="per row")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--adapter-routing", default="", help="scorer weights of the adapters: ttft=8,adapter=1,..."
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:

@@ -71,6 +71,10 @@ def test_adapter_scorer_prefers_loaded_then_room_then_full() -> None:
     # Much busier where it is loaded: the load scorer may move it to a replica with room.
     busy = View({"h:1": 9}, {})
     assert pick("lora", [room, loaded], Ask(adapter="lora"), busy, weights).chosen is room
+    # One stream more where it is loaded already outweighs a load (milliseconds) elsewhere:
+    # requests for a hot adapter do not pile up on one replica while another idles.
+    one_more = View({"h:1": 1}, {})
+    assert pick("lora", [room, loaded], Ask(adapter="lora"), one_more, weights).chosen is room
 
 
 def test_adapter_demand_counts_as_its_base_and_the_base_gets_room() -> None:

@@ -15,10 +15,10 @@ request's session key, unless it carries more than AFFINITY_SLACK streams above 
 loaded), ``kv`` (its KV cache below KV_FULL: a new stream on a nearly full one waits for blocks
 or preempts one), ``load`` (1 / (1 + this router's streams on it + streams queued in its
 engine)), ``adapter`` (for a LoRA adapter: 1 where it is loaded, 0.8 where there is room to load
-it, 0.6 where another must go first; weight 4 for adapters' requests). The default weights
-(ttft 8, affinity 4, kv 2, load 1; prefix off) let a session keep
-its replica unless another would answer over twice as fast; without a hashed prompt the ttft
-column is all 0 and the others rank lexicographically in that order. A router profile
+it, 0.6 where another must go first; weight 1 for adapters' requests: a tie-breaker). The
+default weights (ttft 8, affinity 4, kv 2, load 1; prefix off) let a session keep its replica
+unless another would answer over twice as fast; without a hashed prompt the ttft column is all
+0 and the others rank lexicographically in that order. A router profile
 (``--routing-weights``) or a model (``routing:`` in its spec) may set others.
 """
 
@@ -183,8 +183,13 @@ SCORERS: Mapping[str, Score] = {
 # ttft leads: a session's replica keeps it unless another answers over twice as fast.
 DEFAULT_WEIGHTS: Mapping[str, float] = {"ttft": 8.0, "affinity": 4.0, "kv": 2.0, "load": 1.0}
 # For an adapter's requests (only: others would carry a column of zeros) unless the weights name
-# it: an adapter stays where it is loaded unless that replica is much busier.
-ADAPTER_WEIGHT = 4.0
+# it: where it is loaded wins among equally busy replicas, and one stream more there sends the
+# request to a replica with room (1 + 1/2 < 0.8 + 1). Loading an adapter takes milliseconds
+# (meshserve_adapter_load_seconds: 5-6 ms on bench/adapters.py's base) where a stream ahead
+# costs a forward pass or more: at weight 4 an adapter's requests piled onto the replica that held
+# it while the other idled, and TTFT p99 with 20 adapters was 1.28x (Zipf) and 1.92x (uniform)
+# the base's; at weight 1, 1.17x and 1.18x in the same benchmark (200 requests a row).
+ADAPTER_WEIGHT = 1.0
 
 
 def weights_for(weights: Mapping[str, float], adapter: bool) -> Mapping[str, float]:
