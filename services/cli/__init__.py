@@ -4,7 +4,7 @@ talk to a mesh (inspect.py, status.py, top.py …)."""
 from __future__ import annotations
 
 import typer
-from meshserve.cli import inspect, local, nodes, probe, route, serve, status, tenancy, top
+from meshserve.cli import inspect, local, nodes, probe, route, routes, serve, status, tenancy, top
 
 app = typer.Typer(
     help="meshserve: serve many models on a fleet of GPU hosts.", no_args_is_help=True
@@ -23,6 +23,7 @@ for part in (
 app.add_typer(inspect.model_app, name="model")
 app.add_typer(tenancy.tenant_app, name="tenant")
 app.add_typer(nodes.node_app, name="node")
+app.add_typer(routes.route_app, name="route")
 
 
 def main() -> None:

@@ -72,27 +72,33 @@ def render(router_id: str, d: router_pb2.RouteDecision) -> Table:
     return t
 
 
+async def router_addresses(etcd: str, prefix: str, router: str) -> list[str]:
+    """``router`` when given, else every router that publishes its demand in etcd."""
+    from meshserve.cluster.keys import Keyspace
+    from meshserve.cluster.store import EtcdConfig, Store, connect
+    from meshserve.v1 import cluster_pb2
+
+    if router:
+        return [router]
+    client = connect(EtcdConfig(etcd))
+    try:
+        keys = Keyspace(prefix)
+        entries, _ = await Store(client, keys).list(keys.demands(), cluster_pb2.RouterDemand)
+    except Exception as e:
+        raise fail(f"cannot read etcd at {etcd}: {type(e).__name__}: {e}") from None
+    finally:
+        await client.close()
+    return sorted({e.value.address for e in entries if e.value.address})
+
+
 async def _ask(
     etcd: str, prefix: str, router: str, model: str, last: int, api_key: str
 ) -> list[tuple[str, router_pb2.ExplainRouteResponse | str]]:
     import grpc
-    from meshserve.cluster.keys import Keyspace
-    from meshserve.cluster.store import EtcdConfig, Store, connect
-    from meshserve.v1 import cluster_pb2, router_pb2_grpc
+    from meshserve.v1 import router_pb2_grpc
 
-    addresses = [router]
-    if not router:
-        client = connect(EtcdConfig(etcd))
-        try:
-            keys = Keyspace(prefix)
-            entries, _ = await Store(client, keys).list(keys.demands(), cluster_pb2.RouterDemand)
-        except Exception as e:
-            raise fail(f"cannot read etcd at {etcd}: {type(e).__name__}: {e}") from None
-        finally:
-            await client.close()
-        addresses = sorted({e.value.address for e in entries if e.value.address})
     out: list[tuple[str, router_pb2.ExplainRouteResponse | str]] = []
-    for address in addresses:
+    for address in await router_addresses(etcd, prefix, router):
         async with open_channel(address) as ch:
             try:
                 reply = await router_pb2_grpc.RouterStub(ch).ExplainRoute(

@@ -102,6 +102,13 @@ class Keyspace:
     def demands(self) -> bytes:
         return self._key("demand", "")
 
+    # routes/<name>: a public name's route (RouteSpec), `meshserve route apply`
+    def route(self, name: str) -> bytes:
+        return self._key("routes", check_name("route", name))
+
+    def routes(self) -> bytes:
+        return self._key("routes", "")
+
     # config/tenants: the tenants document (TenantsDocument) every router reads
     def tenants(self) -> bytes:
         return self._key("config", "tenants")

@@ -24,6 +24,7 @@ from meshserve.router.core.ensure import Ensured
 from meshserve.router.core.kvfeed import KvFeeds
 from meshserve.router.core.prefixes import Prefixes
 from meshserve.router.core.relay import Relay
+from meshserve.router.core.routes import Routes
 from meshserve.router.core.service import RouterInference
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.core.unary import Unary
@@ -125,8 +126,9 @@ class Router(Component):
         )
         unary = Unary(config, self.table, self.admission, upstreams, self.breakers, budget)
         accountant = Accountant(self.tenancy, self.demand)
+        self.routes = Routes(cluster.client, cluster.keys)
         self.servicer = RouterInference(
-            config, self.table, self.admission, relay, unary, accountant
+            config, self.table, self.admission, relay, unary, accountant, self.routes
         )
         self.native = NativeFront(self.servicer)
         self.kserve = KServe(self.servicer, cluster.store)
@@ -150,6 +152,7 @@ class Router(Component):
         if self.tenancy.source.auth:
             self.demands.start()
         self.table.start()
+        self.routes.start()
         self.schedulers.start()
         await asyncio.wait_for(self.table.synced(), 30)
         self._publisher = asyncio.create_task(
@@ -239,6 +242,7 @@ class Router(Component):
         await self.tenancy.source.stop()
         await self.demands.stop()
         await self.table.stop()
+        await self.routes.stop()
         await self.schedulers.stop()
         await self.channels.close()
 

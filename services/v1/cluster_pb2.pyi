@@ -1061,3 +1061,177 @@ class TenantsDocument(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TenantsDocument: _TypeAlias = TenantsDocument  # noqa: Y015
+
+@_typing.final
+class RouteTarget(_message.Message):
+    """routes/<name>: how a public name is served (`meshserve route apply`), read by every router
+    within a second; a route's name is what clients ask for (it may not be a model's or an
+    alias's). A request is resolved once in the router core, for every front: the first rule
+    that matches picks its target, else a weighted pick among `targets` (sticky: one session key
+    or tenant keeps its target while the weights stay); then `fallbacks`, in order, when the
+    target fails before its first token or its queue wait passes the hop's bound.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """a model or alias"""
+    weight: _builtins.float
+    """targets: its share (any positive scale); shadows: the share copied, (0, 1]"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteTarget: _TypeAlias = RouteTarget  # noqa: Y015
+
+@_typing.final
+class RouteRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANTS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    MIN_PRIORITY_FIELD_NUMBER: _builtins.int
+    MIN_PROMPT_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    min_priority: _builtins.int
+    """the request's priority (Priority) at least this; 0: any"""
+    min_prompt_chars: _builtins.int
+    """prompt (and messages) length in characters"""
+    max_prompt_chars: _builtins.int
+    """0: no upper bound"""
+    target: _builtins.str
+    """a model or alias"""
+    name: _builtins.str
+    """for spans and `route status` ("" = rule<index>)"""
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every condition given must hold; an empty condition holds for every request."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """request metadata / HTTP headers (lower-case names) equal to"""
+
+    def __init__(
+        self,
+        *,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        min_priority: _builtins.int = ...,
+        min_prompt_chars: _builtins.int = ...,
+        max_prompt_chars: _builtins.int = ...,
+        target: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_prompt_chars", b"max_prompt_chars", "metadata", b"metadata", "min_priority", b"min_priority", "min_prompt_chars", b"min_prompt_chars", "name", b"name", "target", b"target", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteRule: _TypeAlias = RouteRule  # noqa: Y015
+
+@_typing.final
+class RouteHop(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_S_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """a model or alias"""
+    max_wait_s: _builtins.float
+    """Longest wait for a slot on this hop before the request goes to the next one (saturation);
+    0: the route's max_wait_s. The last hop waits as long as a plain request would.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        max_wait_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_wait_s", b"max_wait_s", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteHop: _TypeAlias = RouteHop  # noqa: Y015
+
+@_typing.final
+class RouteSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    FALLBACKS_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_S_FIELD_NUMBER: _builtins.int
+    STICKY_FIELD_NUMBER: _builtins.int
+    SHADOWS_FIELD_NUMBER: _builtins.int
+    UPDATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    max_wait_s: _builtins.float
+    """the target's queue-wait bound while a fallback is left; 0: 2 s"""
+    sticky: _builtins.str
+    """"session" (default: the session key, else the tenant), "tenant", "none" """
+    updated_unix_ms: _builtins.int
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteTarget]: ...
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteRule]: ...
+    @_builtins.property
+    def fallbacks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteHop]: ...
+    @_builtins.property
+    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteTarget]:
+        """copies sent there, answers discarded, latency recorded"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        targets: _abc.Iterable[Global___RouteTarget] | None = ...,
+        rules: _abc.Iterable[Global___RouteRule] | None = ...,
+        fallbacks: _abc.Iterable[Global___RouteHop] | None = ...,
+        max_wait_s: _builtins.float = ...,
+        sticky: _builtins.str = ...,
+        shadows: _abc.Iterable[Global___RouteTarget] | None = ...,
+        updated_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallbacks", b"fallbacks", "max_wait_s", b"max_wait_s", "name", b"name", "rules", b"rules", "shadows", b"shadows", "sticky", b"sticky", "targets", b"targets", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteSpec: _TypeAlias = RouteSpec  # noqa: Y015

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/router.proto\x12\x0cmeshserve.v1\"3\n\x13\x45xplainRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\xcc\x01\n\x0eRouteCandidate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\t\x12\x38\n\x06scores\x18\x04 \x03(\x0b\x32(.meshserve.v1.RouteCandidate.ScoresEntry\x12\r\n\x05total\x18\x05 \x01(\x01\x12\x0e\n\x06\x63hosen\x18\x06 \x01(\x08\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc2\x02\n\rRouteDecision\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tserved_by\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x10session_key_hash\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x39\n\x07weights\x18\x07 \x03(\x0b\x32(.meshserve.v1.RouteDecision.WeightsEntry\x12\x30\n\ncandidates\x18\x08 \x03(\x0b\x32\x1c.meshserve.v1.RouteCandidate\x12\x13\n\x0b\x63hosen_node\x18\t \x01(\t\x12\x0c\n\x04note\x18\n \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Y\n\x14\x45xplainRouteResponse\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12.\n\tdecisions\x18\x02 \x03(\x0b\x32\x1b.meshserve.v1.RouteDecision\"5\n\x0cUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x02 \x01(\x03\"\xa0\x01\n\x08UsageRow\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x13\n\x0b\x63old_starts\x18\x04 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x04\x12\x15\n\routput_tokens\x18\x06 \x01(\x04\x12\x13\n\x0bgpu_seconds\x18\x07 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x08 \x01(\x01\"_\n\rUsageResponse\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12$\n\x04rows\x18\x02 \x03(\x0b\x32\x16.meshserve.v1.UsageRow\x12\x15\n\rsince_unix_ms\x18\x03 \x01(\x03\x32\xa1\x01\n\x06Router\x12@\n\x05Usage\x12\x1a.meshserve.v1.UsageRequest\x1a\x1b.meshserve.v1.UsageResponse\x12U\n\x0c\x45xplainRoute\x12!.meshserve.v1.ExplainRouteRequest\x1a\".meshserve.v1.ExplainRouteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshserve/v1/router.proto\x12\x0cmeshserve.v1\"#\n\x12RouteStatusRequest\x12\r\n\x05route\x18\x01 \x01(\t\"\xc4\x01\n\x0cTargetStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x11\n\tfell_back\x18\x05 \x01(\x04\x12\x12\n\nttft_p50_s\x18\x06 \x01(\x01\x12\x12\n\nttft_p99_s\x18\x07 \x01(\x01\x12\x11\n\te2e_p50_s\x18\x08 \x01(\x01\x12\x11\n\te2e_p99_s\x18\t \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\n \x01(\x01\"d\n\x13RouteStatusResponse\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x01(\t\x12+\n\x07targets\x18\x03 \x03(\x0b\x32\x1a.meshserve.v1.TargetStatus\"3\n\x13\x45xplainRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\xcc\x01\n\x0eRouteCandidate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\t\x12\x38\n\x06scores\x18\x04 \x03(\x0b\x32(.meshserve.v1.RouteCandidate.ScoresEntry\x12\r\n\x05total\x18\x05 \x01(\x01\x12\x0e\n\x06\x63hosen\x18\x06 \x01(\x08\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc2\x02\n\rRouteDecision\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tserved_by\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x10session_key_hash\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x39\n\x07weights\x18\x07 \x03(\x0b\x32(.meshserve.v1.RouteDecision.WeightsEntry\x12\x30\n\ncandidates\x18\x08 \x03(\x0b\x32\x1c.meshserve.v1.RouteCandidate\x12\x13\n\x0b\x63hosen_node\x18\t \x01(\t\x12\x0c\n\x04note\x18\n \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Y\n\x14\x45xplainRouteResponse\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12.\n\tdecisions\x18\x02 \x03(\x0b\x32\x1b.meshserve.v1.RouteDecision\"5\n\x0cUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x02 \x01(\x03\"\xb3\x01\n\x08UsageRow\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x13\n\x0b\x63old_starts\x18\x04 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x04\x12\x15\n\routput_tokens\x18\x06 \x01(\x04\x12\x13\n\x0bgpu_seconds\x18\x07 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x08 \x01(\x01\x12\x11\n\tfallbacks\x18\t \x01(\x04\"_\n\rUsageResponse\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12$\n\x04rows\x18\x02 \x03(\x0b\x32\x16.meshserve.v1.UsageRow\x12\x15\n\rsince_unix_ms\x18\x03 \x01(\x03\x32\xf5\x01\n\x06Router\x12@\n\x05Usage\x12\x1a.meshserve.v1.UsageRequest\x1a\x1b.meshserve.v1.UsageResponse\x12U\n\x0c\x45xplainRoute\x12!.meshserve.v1.ExplainRouteRequest\x1a\".meshserve.v1.ExplainRouteResponse\x12R\n\x0bRouteStatus\x12 .meshserve.v1.RouteStatusRequest\x1a!.meshserve.v1.RouteStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTECANDIDATE_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_ROUTEDECISION_WEIGHTSENTRY']._loaded_options = None
   _globals['_ROUTEDECISION_WEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_EXPLAINROUTEREQUEST']._serialized_start=43
-  _globals['_EXPLAINROUTEREQUEST']._serialized_end=94
-  _globals['_ROUTECANDIDATE']._serialized_start=97
-  _globals['_ROUTECANDIDATE']._serialized_end=301
-  _globals['_ROUTECANDIDATE_SCORESENTRY']._serialized_start=256
-  _globals['_ROUTECANDIDATE_SCORESENTRY']._serialized_end=301
-  _globals['_ROUTEDECISION']._serialized_start=304
-  _globals['_ROUTEDECISION']._serialized_end=626
-  _globals['_ROUTEDECISION_WEIGHTSENTRY']._serialized_start=580
-  _globals['_ROUTEDECISION_WEIGHTSENTRY']._serialized_end=626
-  _globals['_EXPLAINROUTERESPONSE']._serialized_start=628
-  _globals['_EXPLAINROUTERESPONSE']._serialized_end=717
-  _globals['_USAGEREQUEST']._serialized_start=719
-  _globals['_USAGEREQUEST']._serialized_end=772
-  _globals['_USAGEROW']._serialized_start=775
-  _globals['_USAGEROW']._serialized_end=935
-  _globals['_USAGERESPONSE']._serialized_start=937
-  _globals['_USAGERESPONSE']._serialized_end=1032
-  _globals['_ROUTER']._serialized_start=1035
-  _globals['_ROUTER']._serialized_end=1196
+  _globals['_ROUTESTATUSREQUEST']._serialized_start=43
+  _globals['_ROUTESTATUSREQUEST']._serialized_end=78
+  _globals['_TARGETSTATUS']._serialized_start=81
+  _globals['_TARGETSTATUS']._serialized_end=277
+  _globals['_ROUTESTATUSRESPONSE']._serialized_start=279
+  _globals['_ROUTESTATUSRESPONSE']._serialized_end=379
+  _globals['_EXPLAINROUTEREQUEST']._serialized_start=381
+  _globals['_EXPLAINROUTEREQUEST']._serialized_end=432
+  _globals['_ROUTECANDIDATE']._serialized_start=435
+  _globals['_ROUTECANDIDATE']._serialized_end=639
+  _globals['_ROUTECANDIDATE_SCORESENTRY']._serialized_start=594
+  _globals['_ROUTECANDIDATE_SCORESENTRY']._serialized_end=639
+  _globals['_ROUTEDECISION']._serialized_start=642
+  _globals['_ROUTEDECISION']._serialized_end=964
+  _globals['_ROUTEDECISION_WEIGHTSENTRY']._serialized_start=918
+  _globals['_ROUTEDECISION_WEIGHTSENTRY']._serialized_end=964
+  _globals['_EXPLAINROUTERESPONSE']._serialized_start=966
+  _globals['_EXPLAINROUTERESPONSE']._serialized_end=1055
+  _globals['_USAGEREQUEST']._serialized_start=1057
+  _globals['_USAGEREQUEST']._serialized_end=1110
+  _globals['_USAGEROW']._serialized_start=1113
+  _globals['_USAGEROW']._serialized_end=1292
+  _globals['_USAGERESPONSE']._serialized_start=1294
+  _globals['_USAGERESPONSE']._serialized_end=1389
+  _globals['_ROUTER']._serialized_start=1392
+  _globals['_ROUTER']._serialized_end=1637
 # @@protoc_insertion_point(module_scope)

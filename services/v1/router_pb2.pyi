@@ -19,6 +19,103 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RouteStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTE_FIELD_NUMBER: _builtins.int
+    route: _builtins.str
+    def __init__(
+        self,
+        *,
+        route: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteStatusRequest: _TypeAlias = RouteStatusRequest  # noqa: Y015
+
+@_typing.final
+class TargetStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    FELL_BACK_FIELD_NUMBER: _builtins.int
+    TTFT_P50_S_FIELD_NUMBER: _builtins.int
+    TTFT_P99_S_FIELD_NUMBER: _builtins.int
+    E2E_P50_S_FIELD_NUMBER: _builtins.int
+    E2E_P99_S_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    role: _builtins.str
+    """"target", "rule", "fallback" or "shadow" """
+    requests: _builtins.int
+    """ended (served or failed)"""
+    errors: _builtins.int
+    """failed before or after their first token"""
+    fell_back: _builtins.int
+    """left for the next hop (error or saturation before the first token)"""
+    ttft_p50_s: _builtins.float
+    """over the last requests kept (up to 1,024 per target)"""
+    ttft_p99_s: _builtins.float
+    e2e_p50_s: _builtins.float
+    e2e_p99_s: _builtins.float
+    tokens_per_s: _builtins.float
+    """output tokens / stream time, over the same requests"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        role: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        fell_back: _builtins.int = ...,
+        ttft_p50_s: _builtins.float = ...,
+        ttft_p99_s: _builtins.float = ...,
+        e2e_p50_s: _builtins.float = ...,
+        e2e_p99_s: _builtins.float = ...,
+        tokens_per_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["e2e_p50_s", b"e2e_p50_s", "e2e_p99_s", b"e2e_p99_s", "errors", b"errors", "fell_back", b"fell_back", "model", b"model", "requests", b"requests", "role", b"role", "tokens_per_s", b"tokens_per_s", "ttft_p50_s", b"ttft_p50_s", "ttft_p99_s", b"ttft_p99_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TargetStatus: _TypeAlias = TargetStatus  # noqa: Y015
+
+@_typing.final
+class RouteStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTER_ID_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    router_id: _builtins.str
+    route: _builtins.str
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetStatus]: ...
+    def __init__(
+        self,
+        *,
+        router_id: _builtins.str = ...,
+        route: _builtins.str = ...,
+        targets: _abc.Iterable[Global___TargetStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["route", b"route", "router_id", b"router_id", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteStatusResponse: _TypeAlias = RouteStatusResponse  # noqa: Y015
+
+@_typing.final
 class ExplainRouteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -234,6 +331,7 @@ class UsageRow(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     GPU_SECONDS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    FALLBACKS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model: _builtins.str
     requests: _builtins.int
@@ -246,6 +344,8 @@ class UsageRow(_message.Message):
     """streams' time on their replica x its GPUs"""
     cost: _builtins.float
     """from the router's price table"""
+    fallbacks: _builtins.int
+    """of them, served as a route's fallback (the route's target failed or was full)"""
     def __init__(
         self,
         *,
@@ -257,10 +357,11 @@ class UsageRow(_message.Message):
         output_tokens: _builtins.int = ...,
         gpu_seconds: _builtins.float = ...,
         cost: _builtins.float = ...,
+        fallbacks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_starts", b"cold_starts", "cost", b"cost", "gpu_seconds", b"gpu_seconds", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "requests", b"requests", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cold_starts", b"cold_starts", "cost", b"cost", "fallbacks", b"fallbacks", "gpu_seconds", b"gpu_seconds", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "requests", b"requests", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

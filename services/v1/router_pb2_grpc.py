@@ -45,6 +45,11 @@ class RouterStub:
                 request_serializer=meshserve_dot_v1_dot_router__pb2.ExplainRouteRequest.SerializeToString,
                 response_deserializer=meshserve_dot_v1_dot_router__pb2.ExplainRouteResponse.FromString,
                 _registered_method=True)
+        self.RouteStatus = channel.unary_unary(
+                '/meshserve.v1.Router/RouteStatus',
+                request_serializer=meshserve_dot_v1_dot_router__pb2.RouteStatusRequest.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_router__pb2.RouteStatusResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -68,6 +73,14 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RouteStatus(self, request, context):
+        """A route's targets side by side as this router served them (`meshserve route status`):
+        the canary analysis view.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +93,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ExplainRoute,
                     request_deserializer=meshserve_dot_v1_dot_router__pb2.ExplainRouteRequest.FromString,
                     response_serializer=meshserve_dot_v1_dot_router__pb2.ExplainRouteResponse.SerializeToString,
+            ),
+            'RouteStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RouteStatus,
+                    request_deserializer=meshserve_dot_v1_dot_router__pb2.RouteStatusRequest.FromString,
+                    response_serializer=meshserve_dot_v1_dot_router__pb2.RouteStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +155,33 @@ class Router:
             '/meshserve.v1.Router/ExplainRoute',
             meshserve_dot_v1_dot_router__pb2.ExplainRouteRequest.SerializeToString,
             meshserve_dot_v1_dot_router__pb2.ExplainRouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RouteStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshserve.v1.Router/RouteStatus',
+            meshserve_dot_v1_dot_router__pb2.RouteStatusRequest.SerializeToString,
+            meshserve_dot_v1_dot_router__pb2.RouteStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

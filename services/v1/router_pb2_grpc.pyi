@@ -42,6 +42,10 @@ class RouterStub:
     replica considered, the filter that kept it out or its scores, and the one chosen. Admin
     tenants only when auth is on (decisions name replicas and request ids).
     """
+    RouteStatus: _grpc.UnaryUnaryMultiCallable[_router_pb2.RouteStatusRequest, _router_pb2.RouteStatusResponse]
+    """A route's targets side by side as this router served them (`meshserve route status`):
+    the canary analysis view.
+    """
 
 @_typing.type_check_only
 class RouterAsyncStub(RouterStub):
@@ -56,6 +60,10 @@ class RouterAsyncStub(RouterStub):
     """The last routing decisions this router made (`meshserve explain-route`): for each, every
     replica considered, the filter that kept it out or its scores, and the one chosen. Admin
     tenants only when auth is on (decisions name replicas and request ids).
+    """
+    RouteStatus: _aio.UnaryUnaryMultiCallable[_router_pb2.RouteStatusRequest, _router_pb2.RouteStatusResponse]  # type: ignore[assignment]
+    """A route's targets side by side as this router served them (`meshserve route status`):
+    the canary analysis view.
     """
 
 class RouterServicer(metaclass=_abc_1.ABCMeta):
@@ -80,6 +88,16 @@ class RouterServicer(metaclass=_abc_1.ABCMeta):
         """The last routing decisions this router made (`meshserve explain-route`): for each, every
         replica considered, the filter that kept it out or its scores, and the one chosen. Admin
         tenants only when auth is on (decisions name replicas and request ids).
+        """
+
+    @_abc_1.abstractmethod
+    def RouteStatus(
+        self,
+        request: _router_pb2.RouteStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.RouteStatusResponse, _abc.Awaitable[_router_pb2.RouteStatusResponse]]:
+        """A route's targets side by side as this router served them (`meshserve route status`):
+        the canary analysis view.
         """
 
 def add_RouterServicer_to_server(servicer: RouterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

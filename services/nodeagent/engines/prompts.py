@@ -101,6 +101,13 @@ def out_of_memory(
     )
 
 
+def failed(name: str, why: str) -> ServiceError:
+    """The engine failed one request and stays up (INTERNAL: a router tries elsewhere)."""
+    return ServiceError(
+        grpc.StatusCode.INTERNAL, f"model {name!r} failed this request ({why})", "ENGINE_ERROR"
+    )
+
+
 def stop_cut(text: str, emitted: int, stops: Sequence[str]) -> int | None:
     """Where ``text`` ends at the first stop string that is not entirely within the first
     ``emitted`` characters already sent (None: no stop string yet)."""

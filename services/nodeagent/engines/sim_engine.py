@@ -41,7 +41,7 @@ from meshserve.nodeagent.engines.base import (
     Resume,
 )
 from meshserve.nodeagent.engines.params import GenerationParams, context_too_long
-from meshserve.nodeagent.engines.prompts import engine_died, out_of_memory, unloaded
+from meshserve.nodeagent.engines.prompts import engine_died, failed, out_of_memory, unloaded
 from meshserve.nodeagent.engines.serving import Serving
 from meshserve.nodeagent.engines.sim_settings import SimSettings
 from meshserve.v1 import cluster_pb2, inference_pb2
@@ -362,6 +362,10 @@ class SimEngine(Serving):
         self._steps += 1
         if self._steps == self.settings.inject_crash_at_step:
             raise RuntimeError(f"injected crash at step {self._steps}")
+        if 0 < self.settings.inject_fail_after_step < self._steps:
+            self._running.remove(s)
+            s.queue.put_nowait(failed(self._name, "inject_fail_after_step"))
+            return
         if self.settings.inject_oom_every and self._steps % self.settings.inject_oom_every == 0:
             self.ooms += 1
             self._running.remove(s)

@@ -18,7 +18,9 @@
   ``disk_gbps`` (2);
 - ``fail_load`` (false), ``inject_oom_every`` (0: every Nth decode step fails its stream with
   RESOURCE_EXHAUSTED, as a device OOM does), ``inject_crash_at_step`` (0: at that step the
-  engine dies for good, as when its process or device is lost): failure hooks.
+  engine dies for good, as when its process or device is lost), ``inject_fail_after_step`` (0:
+  every step after that one fails its stream with INTERNAL, the engine staying up: a broken
+  model that passed its warm-up, 4 steps): failure hooks.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class SimSettings:
     fail_load: bool = False
     inject_oom_every: int = 0
     inject_crash_at_step: int = 0
+    inject_fail_after_step: int = 0
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> SimSettings:
@@ -75,4 +78,5 @@ class SimSettings:
             fail_load=args.get("fail_load", "false").lower() in ("1", "true", "yes"),
             inject_oom_every=int(number("inject_oom_every", 0)),
             inject_crash_at_step=int(number("inject_crash_at_step", 0)),
+            inject_fail_after_step=int(number("inject_fail_after_step", 0)),
         )

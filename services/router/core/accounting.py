@@ -50,6 +50,7 @@ class Tenancy:
         usage: tuple[int, int],
         gpu_seconds: float,
         served: bool = True,
+        fallback: bool = False,
     ) -> None:
         """The request ended: its limits get their stream back and its tokens; a request that
         was served (its stream began) is counted for its tenant."""
@@ -58,7 +59,9 @@ class Tenancy:
         if not served:
             return
         price = self.source.book.prices.get(model)
-        self.ledger.record(tenant.name, model, cold, usage[0], usage[1], gpu_seconds, price)
+        self.ledger.record(
+            tenant.name, model, cold, usage[0], usage[1], gpu_seconds, price, fallback=fallback
+        )
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Used:
     usage: tuple[int, int] = (0, 0)  # (input, output) tokens
     gpu_seconds: float = 0.0
     served: bool = False  # an answer (or a stream's first message) reached the caller
+    fallback: bool = False  # served by a route's fallback
 
 
 @dataclass
@@ -123,8 +127,9 @@ class Accountant:
             ns = int((time.perf_counter() - started) * 1e9)
             self.stats.setdefault(model, ModelStats()).add(code == "OK", ns)
             self.tenancy.done(
-                tenant, ticket, model, cold, used.usage, used.gpu_seconds, used.served
-            )
+                tenant, ticket, model, cold, used.usage, used.gpu_seconds, used.served,
+                used.fallback,
+            )  # fmt: skip
 
 
 def usage_of(messages: list[bytes]) -> tuple[int, int]:

@@ -148,9 +148,11 @@ class Admission:
         who: Who = ANYONE,
         request_id: str = "",
         prompt: Prompt = NOT_HASHED,
+        wait_s: float | None = None,
     ) -> Slot:
         """A slot on a replica of ``route``'s model (or a READY fallback); waits in the model's
-        queue while none is free. ``deadline_s``: the caller's remaining time (None: none).
+        queue while none is free. ``deadline_s``: the caller's remaining time (None: none);
+        ``wait_s``: a route hop's bound on the wait (then UNAVAILABLE: the next hop's turn).
         Raises ServiceError: RESOURCE_EXHAUSTED (queue full, or shed for a higher priority),
         DEADLINE_EXCEEDED, UNAVAILABLE."""
         model = route.spec.name
@@ -171,7 +173,7 @@ class Admission:
         queue.push(waiter, who.priority, who.tenant, who.weight)
         self.demand.queued(model, +1)
         metrics.QUEUED.labels(model).inc()
-        end = waiter.since + self.timeout_s
+        end = waiter.since + min(self.timeout_s, self.timeout_s if wait_s is None else wait_s)
         if deadline_s is not None:
             waiter.deadline_end = waiter.since + deadline_s - DEADLINE_MARGIN_S
             end = min(end, waiter.deadline_end)

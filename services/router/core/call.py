@@ -7,7 +7,7 @@ the core's coroutine or closes its stream, and the core cancels the upstream cal
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -18,12 +18,16 @@ class Call:
     deadline: float | None = None  # time.monotonic() at which the caller gives up; None: never
     headers: list[tuple[str, str]] = field(default_factory=list)  # before the first message
     trailers: list[tuple[str, str]] = field(default_factory=list)  # when the call ends
+    # Its metadata / HTTP headers (lower-case names): what a route's rules may match on
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def within(cls, timeout_s: float | None, authorization: str = "") -> Call:
+    def within(
+        cls, timeout_s: float | None, authorization: str = "", metadata: Mapping[str, str] = {}
+    ) -> Call:
         """A call whose caller gives up ``timeout_s`` from now (None or 0: never)."""
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        return cls(authorization=authorization, deadline=deadline)
+        return cls(authorization=authorization, deadline=deadline, metadata=metadata)
 
     def remaining_s(self) -> float | None:
         """Seconds until the caller's deadline (never below 0), or None without one."""

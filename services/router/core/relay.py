@@ -90,6 +90,7 @@ class Relay(AttemptPolicy):
         route: Route,
         call: Call,
         who: Who = ANYONE,
+        wait_s: float | None = None,  # a route hop's bound on waiting for a slot (routes.py)
     ) -> AsyncIterator[bytes]:
         start = time.perf_counter()
         model = route.spec.name
@@ -114,6 +115,7 @@ class Relay(AttemptPolicy):
                         request.request_id,
                         # a resume prefills the prompt and what was delivered: not forecast
                         NOT_HASHED if delivered else prompt,
+                        None if delivered else wait_s,
                     )
                     pick.set_attribute("meshserve.node", slot.endpoint.node_id)
                     if slot.forecast is not None:

@@ -11,6 +11,8 @@ when it ends (accounting.py).
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -24,16 +26,18 @@ from meshserve.router.core.decisions import DECISIONS_KEPT
 from meshserve.router.core.decisions import to_proto as decision_proto
 from meshserve.router.core.genai import genai_attributes
 from meshserve.router.core.relay import Relay
+from meshserve.router.core.routes import Routes
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.core.unary import Unary
 from meshserve.router.routing.endpoints import Route
+from meshserve.router.routing.routes import Facts, Hop, Plan, Policy
 from meshserve.router.tenancy.gate import caller, permission_denied
 from meshserve.router.tenancy.tenants import Tenant
 from meshserve.router.tenancy.usage import to_proto
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.tensors import check_inputs, not_a_tensor_model
-from meshserve.v1 import inference_pb2, router_pb2
+from meshserve.v1 import common_pb2, inference_pb2, router_pb2
 from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
 
@@ -49,8 +53,11 @@ class RouterInference:
         relay: Relay,
         unary: Unary,
         accountant: Accountant,
+        routes: Routes | None = None,
     ) -> None:
         self.config = config
+        self.routes = routes or Routes()
+        self._shadows: set[asyncio.Task[None]] = set()
         self.table = table
         self.admission = admission
         self.relay = relay
@@ -83,7 +90,25 @@ class RouterInference:
     ) -> AsyncGenerator[bytes, None]:
         span = trace.get_current_span()
         span.set_attribute("gen_ai.request.model", request.model)
+        policy = self.routes.get(request.model)
+        if policy is not None:  # a route's name: its plan's hops (routes.py)
+            async for message in self._routed(policy, request, call):
+                yield message
+            return
         tenant, route = self.enter(call, request.model)
+        async for message in self._generate_on(request, route, call, tenant):
+            yield message
+
+    async def _generate_on(
+        self,
+        request: inference_pb2.GenerateRequest,
+        route: Route,
+        call: Call,
+        tenant: Tenant,
+        hop: Hop | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """One Generate on ``route``'s model (``hop``: as a route's target or fallback)."""
+        span = trace.get_current_span()
         check_generate(request, route.spec)
         if request.continuation.token_ids or request.continuation.text:
             raise ServiceError(
@@ -101,8 +126,10 @@ class RouterInference:
         who = Who(tenant.name, request.priority, tenant.weight)
         messages: list[bytes] = []
         with self.accountant.request(tenant, route.spec.name, not route.ready) as used:
+            used.fallback = hop is not None and hop.role == "fallback"
+            wait_s = hop.max_wait_s if hop is not None else None
             try:
-                async for message in self.relay.generate(request, route, call, who):
+                async for message in self.relay.generate(request, route, call, who, wait_s):
                     messages.append(message)
                     yield message
             finally:
@@ -110,6 +137,131 @@ class RouterInference:
                 used.gpu_seconds = gpu_seconds_of(messages)
                 used.served = bool(messages)
                 genai_attributes(span, request, used.usage, messages)
+
+    # --- routes (routing/routes.py decides; core/routes.py keeps them) ------------------------
+
+    async def _routed(
+        self, policy: Policy, request: inference_pb2.GenerateRequest, call: Call
+    ) -> AsyncGenerator[bytes, None]:
+        """A route's request: its plan's hops in order, each until its first token; a hop that
+        fails before it (an error, or a queue wait over the hop's bound) hands the request to
+        the next, said on the span (event ``meshserve.route.fallback``) and in usage."""
+        span = trace.get_current_span()
+        tenant = self.identify(call)
+        if self.tenancy.source.book.auth and not tenant.may_use(policy.name):
+            raise permission_denied(tenant, policy.name)
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        facts = Facts(tenant.name, request.session_key, request.request_id,
+                      tenant.priority(request.priority), chars, call.metadata)  # fmt: skip
+        plan = policy.plan(facts)
+        span.set_attribute("meshserve.route", plan.route)
+        if plan.rule:
+            span.set_attribute("meshserve.route.rule", plan.rule)
+        if not plan.hops:
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                f"route {plan.route!r} has no target for this request "
+                "(no rule matched and it has no weighted targets)",
+                "NO_TARGET",
+            )
+        pristine = inference_pb2.GenerateRequest()
+        pristine.CopyFrom(request)
+        for model in plan.shadows:
+            self._shadow(plan, model, pristine, call, tenant)
+        for i, hop in enumerate(plan.hops):
+            last = i == len(plan.hops) - 1
+            attempt = request if i == 0 else inference_pb2.GenerateRequest()
+            if i:
+                attempt.CopyFrom(pristine)
+            attempt.model = hop.model
+            stats = self.routes.target(plan.route, hop.model, hop.role)
+            span.set_attribute("meshserve.route.target", hop.model)
+            started, first, messages = time.perf_counter(), None, []
+            try:
+                route = self.table.current.resolve(hop.model)
+                if route is None:
+                    raise not_found_model(hop.model, list(self.table.current.routes))
+                async for message in self._generate_on(attempt, route, call, tenant, hop):
+                    first = first or time.perf_counter() - started
+                    messages.append(message)
+                    yield message
+            except ServiceError as e:
+                stats.ended(False, first, time.perf_counter() - started, 0)
+                if messages or last or not _falls_back(e, call):
+                    raise
+                stats.fell_back += 1
+                nxt = plan.hops[i + 1].model
+                span.add_event(
+                    "meshserve.route.fallback",
+                    {
+                        "meshserve.route.from": hop.model,
+                        "meshserve.route.to": nxt,
+                        "meshserve.route.reason": e.reason or e.code.name,
+                    },
+                )
+                continue
+            stats.ended(True, first, time.perf_counter() - started, usage_of(messages)[1])
+            if i:
+                span.set_attribute("meshserve.route.fallbacks", i)
+            return
+
+    def _shadow(
+        self,
+        plan: Plan,
+        model: str,
+        request: inference_pb2.GenerateRequest,
+        call: Call,
+        tenant: Tenant,
+    ) -> None:
+        """A copy of the request to ``model``, detached: its answer is read and dropped, its
+        latency and errors recorded (`route status`); sheddable (it yields to real traffic),
+        never billed to the tenant, at most SHADOWS_IN_FLIGHT at once (more are not sent)."""
+        route = self.table.current.resolve(model)
+        stats = self.routes.target(plan.route, model, "shadow")
+        if route is None or len(self._shadows) >= SHADOWS_IN_FLIGHT:
+            stats.ended(False, None, 0.0, 0)
+            return
+        copy = inference_pb2.GenerateRequest()
+        copy.CopyFrom(request)
+        copy.model, copy.request_id = model, f"{request.request_id}-shadow"
+        left = call.remaining_s()
+        detached = Call.within(SHADOW_TIMEOUT_S if left is None else min(left, SHADOW_TIMEOUT_S))
+        who = Who(tenant.name, common_pb2.PRIORITY_LOW, tenant.weight)
+
+        async def run() -> None:
+            started, first, tokens = time.perf_counter(), None, []
+            try:
+                async for message in self.relay.generate(copy, route, detached, who):
+                    first = first or time.perf_counter() - started
+                    tokens.append(message)
+                stats.ended(True, first, time.perf_counter() - started, usage_of(tokens)[1])
+            except Exception:  # recorded, never raised: nobody waits for a shadow
+                stats.ended(False, first, time.perf_counter() - started, 0)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def route_status(
+        self, request: router_pb2.RouteStatusRequest, call: Call
+    ) -> router_pb2.RouteStatusResponse:
+        """A route's targets side by side as this router served them."""
+        tenant = self.identify(call)
+        if self.tenancy.source.book.auth and not tenant.admin:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"tenant {tenant.name!r} may not read route statistics (admin tenants may)",
+                "ROUTE_STATUS_NOT_ALLOWED",
+            )
+        if self.routes.get(request.route) is None:
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no route {request.route!r} (known: {sorted(self.routes.policies) or 'none'})",
+                "NO_ROUTE",
+            )
+        return self.routes.status(request.route, self.config.router_id)
 
     # --- Embed, Infer, ListModels ---------------------------------------------------------
 
@@ -214,3 +366,21 @@ class RouterInference:
         for asked, d in self.admission.decisions.last(route.spec.name, limit):
             out.decisions.append(decision_proto(asked, d))
         return out
+
+
+SHADOWS_IN_FLIGHT = 64
+SHADOW_TIMEOUT_S = 60.0
+# What hands a route's request to its next hop: the hop could not serve it now. Not a bad
+# request, a refusal of the caller, or the caller's own deadline or cancel.
+FALLS_BACK = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+}  # fmt: skip
+
+
+def _falls_back(e: ServiceError, call: Call) -> bool:
+    if e.code not in FALLS_BACK:
+        return False
+    left = call.remaining_s()
+    return left is None or left > 0.05  # the caller's deadline passed: nothing to hand on

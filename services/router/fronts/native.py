@@ -20,15 +20,18 @@ def call_of(context: Ctx) -> Call:
     """The core's view of a gRPC call: its authorization metadata, its client certificate's
     subject and ``CN=<common name>`` (mTLS), its deadline."""
     authorization = ""
+    metadata: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            authorization = value if isinstance(value, str) else value.decode(errors="replace")
+        if isinstance(value, str):  # -bin metadata is bytes: nothing a route rule matches
+            metadata[key] = value
+            if key == "authorization":
+                authorization = value
     auth = context.auth_context() or {}
     subjects = [v.decode(errors="replace") for v in auth.get("x509_subject", [])]
     subjects += [f"CN={v.decode(errors='replace')}" for v in auth.get("x509_common_name", [])]
     left = handlers.remaining_s(context)
     deadline = None if left is None else time.monotonic() + left
-    return Call(authorization=authorization, subjects=subjects, deadline=deadline)
+    return Call(authorization, subjects, deadline, metadata=metadata)
 
 
 async def send_headers(context: Ctx, call: Call) -> None:
@@ -99,6 +102,11 @@ class NativeFront:
     ) -> router_pb2.ExplainRouteResponse:
         return await self.core.explain_route(request, call_of(context))
 
+    async def route_status(
+        self, request: router_pb2.RouteStatusRequest, context: Ctx
+    ) -> router_pb2.RouteStatusResponse:
+        return await self.core.route_status(request, call_of(context))
+
 
 def handlers_for(front: NativeFront) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(
@@ -141,6 +149,11 @@ def admin_handlers_for(front: NativeFront) -> grpc.GenericRpcHandler:
                 handlers.unary(front.explain_route),
                 request_deserializer=router_pb2.ExplainRouteRequest.FromString,
                 response_serializer=router_pb2.ExplainRouteResponse.SerializeToString,
+            ),
+            "RouteStatus": grpc.unary_unary_rpc_method_handler(
+                handlers.unary(front.route_status),
+                request_deserializer=router_pb2.RouteStatusRequest.FromString,
+                response_serializer=router_pb2.RouteStatusResponse.SerializeToString,
             ),
         },
     )

@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 def call_of(request: Request, timeout_s: float | None) -> Call:
     """The core's view of an HTTP request: its authorization header and its timeout."""
-    return Call.within(timeout_s, request.headers.get("authorization", ""))
+    return Call.within(timeout_s, request.headers.get("authorization", ""), request.headers)
 
 
 def response_headers(call: Call) -> dict[str, str]:

@@ -24,6 +24,7 @@ class Counts:
     output_tokens: int = 0
     gpu_seconds: float = 0.0
     cost: float = 0.0
+    fallbacks: int = 0  # of the requests, served as a route's fallback
 
     def add(self, other: Counts) -> None:
         self.requests += other.requests
@@ -32,6 +33,7 @@ class Counts:
         self.output_tokens += other.output_tokens
         self.gpu_seconds += other.gpu_seconds
         self.cost += other.cost
+        self.fallbacks += other.fallbacks
 
 
 class UsageLedger:
@@ -50,10 +52,11 @@ class UsageLedger:
         gpu_seconds: float,
         price: Price | None,
         now: float | None = None,
+        fallback: bool = False,
     ) -> Counts:
         """One request that was served (its stream began); returns what it counted."""
         cost = price.cost(input_tokens, output_tokens, gpu_seconds) if price else 0.0
-        c = Counts(1, int(cold), input_tokens, output_tokens, gpu_seconds, cost)
+        c = Counts(1, int(cold), input_tokens, output_tokens, gpu_seconds, cost, int(fallback))
         key = (tenant, model)
         self.totals.setdefault(key, Counts()).add(c)
         minute = int((now if now is not None else time.time()) // 60)
@@ -105,5 +108,6 @@ def to_proto(router_id: str, rows: list[Row], covered_ms: int) -> router_pb2.Usa
             output_tokens=r.output_tokens,
             gpu_seconds=r.gpu_seconds,
             cost=r.cost,
+            fallbacks=r.fallbacks,
         )
     return out
