@@ -11,6 +11,8 @@
     fallbacks: [chat-small, {model: hosted, max_wait_s: 5}]
     max_wait_s: 2                     # a hop's longest queue wait while a fallback is left
     shadows: {chat-v3: 0.1}           # a copy of 10 % of requests, answers discarded
+    cascade: {model: chat-small, min_mean_logprob: -0.6, tokens: 16}  # small first; escalate
+                                      # to the target when its first 16 tokens' mean is lower
 
 A target, rule target, fallback or shadow is a model or an alias (not another route).
 """
@@ -24,7 +26,7 @@ from typing import Any
 from meshserve.cluster.keys import check_name
 from meshserve.v1 import cluster_pb2, common_pb2
 
-FIELDS = {"name", "targets", "rules", "fallbacks", "max_wait_s", "sticky", "shadows"}
+FIELDS = {"name", "targets", "rules", "fallbacks", "max_wait_s", "sticky", "shadows", "cascade"}
 RULE_FIELDS = {"name", "tenants", "tenant", "metadata", "min_priority", "min_prompt_chars",
                "max_prompt_chars", "target"}  # fmt: skip
 STICKY = ("session", "tenant", "none")
@@ -125,6 +127,24 @@ def _hop(i: int, d: Any) -> cluster_pb2.RouteHop:
     return cluster_pb2.RouteHop(model=check_name("model", str(d["model"])), max_wait_s=wait)
 
 
+def _cascade(d: Any) -> cluster_pb2.RouteCascade:
+    if not isinstance(d, dict) or "model" not in d or "min_mean_logprob" not in d:
+        raise ValueError("cascade: {model:, min_mean_logprob:, tokens:} (tokens: 16 if unset)")
+    if unknown := sorted(set(d) - {"model", "min_mean_logprob", "tokens"}):
+        raise ValueError(f"cascade: unknown field(s) {unknown}")
+    try:
+        threshold = float(d["min_mean_logprob"])
+    except (TypeError, ValueError):
+        raise ValueError("cascade.min_mean_logprob: a number <= 0 (a log probability)") from None
+    if not math.isfinite(threshold) or threshold > 0:
+        raise ValueError(f"cascade.min_mean_logprob: a number <= 0, got {d['min_mean_logprob']!r}")
+    tokens = _count("cascade.tokens", d.get("tokens", 16))
+    if not 1 <= tokens <= 4096:
+        raise ValueError(f"cascade.tokens: 1..4096, got {tokens}")
+    model = check_name("model", str(d["model"]))
+    return cluster_pb2.RouteCascade(model=model, min_mean_logprob=threshold, tokens=tokens)
+
+
 def route_from_dict(d: Any) -> cluster_pb2.RouteSpec:
     """Raises ValueError naming the field at fault."""
     if not isinstance(d, dict):
@@ -140,6 +160,8 @@ def route_from_dict(d: Any) -> cluster_pb2.RouteSpec:
     spec.rules.extend(_rule(i, r) for i, r in enumerate(d.get("rules", []) or []))
     if not spec.targets and not spec.rules:
         raise ValueError("targets: a route needs at least one target (or rules)")
+    if "cascade" in d:
+        spec.cascade.CopyFrom(_cascade(d["cascade"]))
     fallbacks = d.get("fallbacks", []) or []
     if not isinstance(fallbacks, list):
         raise ValueError("fallbacks: a list, tried in order")
@@ -153,6 +175,7 @@ def route_from_dict(d: Any) -> cluster_pb2.RouteSpec:
         raise ValueError(f"sticky: one of {list(STICKY)}, got {spec.sticky!r}")
     named = {t.model for t in spec.targets} | {r.target for r in spec.rules}
     named |= {h.model for h in spec.fallbacks} | {s.model for s in spec.shadows}
+    named |= {spec.cascade.model} - {""}
     if spec.name in named:
         raise ValueError(f"route {spec.name!r} names itself: a target must be a model or alias")
     return spec

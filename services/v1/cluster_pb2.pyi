@@ -1189,6 +1189,39 @@ class RouteHop(_message.Message):
 Global___RouteHop: _TypeAlias = RouteHop  # noqa: Y015
 
 @_typing.final
+class RouteCascade(_message.Message):
+    """A cascade on confidence: every request of the route goes to `model` first; once it has
+    streamed `tokens` tokens (or finished sooner) the mean of their log probabilities decides:
+    at or above `min_mean_logprob` its answer is the client's, else it is dropped and the request
+    goes to the route's target (the larger model) as if new. The client sees nothing until the
+    decision: one answer, never a retraction.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MIN_MEAN_LOGPROB_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    min_mean_logprob: _builtins.float
+    tokens: _builtins.int
+    """0: 16"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        min_mean_logprob: _builtins.float = ...,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_mean_logprob", b"min_mean_logprob", "model", b"model", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteCascade: _TypeAlias = RouteCascade  # noqa: Y015
+
+@_typing.final
 class RouteSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1200,6 +1233,7 @@ class RouteSpec(_message.Message):
     STICKY_FIELD_NUMBER: _builtins.int
     SHADOWS_FIELD_NUMBER: _builtins.int
     UPDATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    CASCADE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     max_wait_s: _builtins.float
     """the target's queue-wait bound while a fallback is left; 0: 2 s"""
@@ -1216,6 +1250,10 @@ class RouteSpec(_message.Message):
     def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteTarget]:
         """copies sent there, answers discarded, latency recorded"""
 
+    @_builtins.property
+    def cascade(self) -> Global___RouteCascade:
+        """unset (model ""): none"""
+
     def __init__(
         self,
         *,
@@ -1227,10 +1265,11 @@ class RouteSpec(_message.Message):
         sticky: _builtins.str = ...,
         shadows: _abc.Iterable[Global___RouteTarget] | None = ...,
         updated_unix_ms: _builtins.int = ...,
+        cascade: Global___RouteCascade | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cascade", b"cascade"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallbacks", b"fallbacks", "max_wait_s", b"max_wait_s", "name", b"name", "rules", b"rules", "shadows", b"shadows", "sticky", b"sticky", "targets", b"targets", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cascade", b"cascade", "fallbacks", b"fallbacks", "max_wait_s", b"max_wait_s", "name", b"name", "rules", b"rules", "shadows", b"shadows", "sticky", b"sticky", "targets", b"targets", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

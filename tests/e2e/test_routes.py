@@ -46,7 +46,11 @@ ROUTES = """
   targets: {chat-slow: 1}
   fallbacks: [chat-small]
   max_wait_s: 0.3
+- name: smart
+  targets: {chat-v1: 1}
+  cascade: {model: chat-small, min_mean_logprob: -0.45, tokens: 6}
 """
+THRESHOLD, HEAD = -0.45, 6
 
 
 def cli(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
@@ -191,3 +195,56 @@ async def test_canary_shadow_copy_never_reaches_the_client_and_is_recorded(rmesh
 
 async def _at_least(f: object, n: int) -> bool:
     return await f() >= n  # type: ignore[operator,no-any-return]
+
+
+async def small_confidence(ch: grpc.aio.Channel, prompt: str) -> tuple[float, str]:
+    """chat-small's own greedy answer to ``prompt`` (10 tokens): the mean log probability of
+    its first HEAD tokens, and its text."""
+    req = inference_pb2.GenerateRequest(model="chat-small", prompt=prompt)
+    req.sampling.max_tokens, req.sampling.ignore_eos, req.sampling.temperature = 10, True, 0.0
+    req.sampling.logprobs = True
+    lps, text = [], ""
+    async for m in inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=30):
+        lps += [lp.logprob for lp in m.logprobs]
+        text += m.text
+    return sum(lps[:HEAD]) / HEAD, text
+
+
+@pytest.mark.asyncio
+async def test_cascade_escalates_exactly_when_the_threshold_says(rmesh: Mesh) -> None:
+    """Forty prompts through the cascade route: each is answered by chat-small exactly when
+    chat-small's own first six tokens average a log probability at or above the threshold
+    (read from chat-small directly), and then with chat-small's text and no log probabilities
+    (the client did not ask); else by chat-v1. Both outcomes occur."""
+    router = rmesh.services["router"].address
+    await eventually(lambda: served_by_route(router, "smart"), 10, "route smart known")
+    async with grpc.aio.insecure_channel(router) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+
+        async def roles() -> Counter[tuple[str, str]]:
+            s = await stub.RouteStatus(router_pb2.RouteStatusRequest(route="smart"), timeout=5)
+            return Counter({(t.model, t.role): t.requests for t in s.targets})
+
+        before = await roles()  # the probe above went this way once
+        outcomes: Counter[str] = Counter()
+        for i in range(40):
+            prompt = f"question {i}"
+            mean, small_text = await small_confidence(ch, prompt)
+            req = inference_pb2.GenerateRequest(model="smart", prompt=prompt)
+            req.sampling.max_tokens, req.sampling.ignore_eos = 10, True
+            req.sampling.temperature = 0.0
+            call = inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=30)
+            messages = [m async for m in call]
+            served = dict(await call.initial_metadata() or ()).get("meshserve-model")
+            expected = "chat-small" if mean >= THRESHOLD else "chat-v1"
+            assert served == expected, (prompt, mean, served)
+            assert sum(len(m.token_ids) for m in messages) == 10
+            assert not any(m.logprobs for m in messages)
+            if served == "chat-small":
+                assert "".join(m.text for m in messages) == small_text
+            outcomes[served] += 1
+        assert outcomes["chat-small"] and outcomes["chat-v1"], outcomes
+        after = await roles()
+        after.subtract(before)
+        assert after[("chat-small", "cascade")] == 40
+        assert after[("chat-v1", "escalated")] == outcomes["chat-v1"]

@@ -106,3 +106,23 @@ def test_canary_bad_route_documents_are_refused_naming_the_field(
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(says)):
         route_from_dict({"name": "chat", **doc})
+
+
+def test_cascade_escalates_below_the_threshold_over_its_first_tokens() -> None:
+    p = policy(
+        targets={"big": 1}, cascade={"model": "small", "min_mean_logprob": -0.5, "tokens": 3}
+    )
+    c = p.plan(Facts()).cascade
+    assert c is not None and (c.model, c.tokens) == ("small", 3)
+    assert not c.escalate([-0.1, -0.2, -0.3, -9.0])  # mean of the first 3 = -0.2: kept
+    assert c.escalate([-0.4, -0.6, -0.7, 0.0])  # -0.57: escalated
+    assert not c.escalate([-0.5])  # a shorter answer: its tokens; at the threshold: kept
+    assert c.escalate([])  # nothing to judge
+    assert policy(targets={"big": 1}).plan(Facts()).cascade is None
+    for bad, says in (
+        ({"model": "small"}, "min_mean_logprob"),
+        ({"model": "small", "min_mean_logprob": 0.5}, "a number <= 0"),
+        ({"model": "small", "min_mean_logprob": -1, "tokens": 0}, "1..4096"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            policy(targets={"big": 1}, cascade=bad)

@@ -11,8 +11,6 @@ when it ends (accounting.py).
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -26,18 +24,20 @@ from meshserve.router.core.decisions import DECISIONS_KEPT
 from meshserve.router.core.decisions import to_proto as decision_proto
 from meshserve.router.core.genai import genai_attributes
 from meshserve.router.core.relay import Relay
+from meshserve.router.core.routed import RoutedGenerate, falls_back
 from meshserve.router.core.routes import Routes
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.core.unary import Unary
 from meshserve.router.routing.endpoints import Route
-from meshserve.router.routing.routes import Facts, Hop, Plan, Policy
+from meshserve.router.routing.routes import Facts, Hop, Policy
 from meshserve.router.tenancy.gate import caller, permission_denied
 from meshserve.router.tenancy.tenants import Tenant
 from meshserve.router.tenancy.usage import to_proto
+from meshserve.routespec import models_named
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.tensors import check_inputs, not_a_tensor_model
-from meshserve.v1 import common_pb2, inference_pb2, router_pb2
+from meshserve.v1 import inference_pb2, router_pb2
 from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
 
@@ -57,23 +57,35 @@ class RouterInference:
     ) -> None:
         self.config = config
         self.routes = routes or Routes()
-        self._shadows: set[asyncio.Task[None]] = set()
         self.table = table
         self.admission = admission
         self.relay = relay
         self.unary = unary
         self.accountant = accountant
         self.tenancy: Tenancy = accountant.tenancy
+        self.routed = RoutedGenerate(
+            self.routes, table, relay, self.tenancy, self.identify, self._generate_on
+        )
 
     def identify(self, call: Call) -> Tenant:
         """The caller's tenant; raises UNAUTHENTICATED."""
         return caller(self.tenancy.source.book, call.authorization, call.subjects)
 
-    def enter(self, call: Call, name: str) -> tuple[Tenant, Route]:
+    def enter(self, call: Call, name: str, hop: int = 0) -> tuple[Tenant, Route]:
         """The caller's tenant and the model's route: UNAUTHENTICATED, PERMISSION_DENIED (the
-        same whether or not the model exists), NOT_FOUND (listing what the tenant may use)."""
+        same whether or not the model exists), NOT_FOUND (listing what the tenant may use). A
+        route's name (routes.py) resolves to its plan's hop number ``hop`` for this call (its
+        rules, weights and fallbacks; `hops` says how many), for unary calls and KServe."""
         book = self.tenancy.source.book
         tenant = self.identify(call)
+        policy = self.routes.get(name)
+        if policy is not None:
+            if book.auth and not tenant.may_use(name):
+                raise permission_denied(tenant, name)
+            hops = self._hops(policy, tenant, call)
+            if not hops:
+                raise not_found_model(name, [])
+            name = hops[min(hop, len(hops) - 1)].model
         route = self.table.current.resolve(name)
         if book.auth and not tenant.may_use(name, route.spec.name if route else ""):
             raise permission_denied(tenant, name)
@@ -92,7 +104,7 @@ class RouterInference:
         span.set_attribute("gen_ai.request.model", request.model)
         policy = self.routes.get(request.model)
         if policy is not None:  # a route's name: its plan's hops (routes.py)
-            async for message in self._routed(policy, request, call):
+            async for message in self.routed.generate(policy, request, call):
                 yield message
             return
         tenant, route = self.enter(call, request.model)
@@ -140,110 +152,6 @@ class RouterInference:
 
     # --- routes (routing/routes.py decides; core/routes.py keeps them) ------------------------
 
-    async def _routed(
-        self, policy: Policy, request: inference_pb2.GenerateRequest, call: Call
-    ) -> AsyncGenerator[bytes, None]:
-        """A route's request: its plan's hops in order, each until its first token; a hop that
-        fails before it (an error, or a queue wait over the hop's bound) hands the request to
-        the next, said on the span (event ``meshserve.route.fallback``) and in usage."""
-        span = trace.get_current_span()
-        tenant = self.identify(call)
-        if self.tenancy.source.book.auth and not tenant.may_use(policy.name):
-            raise permission_denied(tenant, policy.name)
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
-        facts = Facts(tenant.name, request.session_key, request.request_id,
-                      tenant.priority(request.priority), chars, call.metadata)  # fmt: skip
-        plan = policy.plan(facts)
-        span.set_attribute("meshserve.route", plan.route)
-        if plan.rule:
-            span.set_attribute("meshserve.route.rule", plan.rule)
-        if not plan.hops:
-            raise ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"route {plan.route!r} has no target for this request "
-                "(no rule matched and it has no weighted targets)",
-                "NO_TARGET",
-            )
-        pristine = inference_pb2.GenerateRequest()
-        pristine.CopyFrom(request)
-        for model in plan.shadows:
-            self._shadow(plan, model, pristine, call, tenant)
-        for i, hop in enumerate(plan.hops):
-            last = i == len(plan.hops) - 1
-            attempt = request if i == 0 else inference_pb2.GenerateRequest()
-            if i:
-                attempt.CopyFrom(pristine)
-            attempt.model = hop.model
-            stats = self.routes.target(plan.route, hop.model, hop.role)
-            span.set_attribute("meshserve.route.target", hop.model)
-            started, first, messages = time.perf_counter(), None, []
-            try:
-                route = self.table.current.resolve(hop.model)
-                if route is None:
-                    raise not_found_model(hop.model, list(self.table.current.routes))
-                async for message in self._generate_on(attempt, route, call, tenant, hop):
-                    first = first or time.perf_counter() - started
-                    messages.append(message)
-                    yield message
-            except ServiceError as e:
-                stats.ended(False, first, time.perf_counter() - started, 0)
-                if messages or last or not _falls_back(e, call):
-                    raise
-                stats.fell_back += 1
-                nxt = plan.hops[i + 1].model
-                span.add_event(
-                    "meshserve.route.fallback",
-                    {
-                        "meshserve.route.from": hop.model,
-                        "meshserve.route.to": nxt,
-                        "meshserve.route.reason": e.reason or e.code.name,
-                    },
-                )
-                continue
-            stats.ended(True, first, time.perf_counter() - started, usage_of(messages)[1])
-            if i:
-                span.set_attribute("meshserve.route.fallbacks", i)
-            return
-
-    def _shadow(
-        self,
-        plan: Plan,
-        model: str,
-        request: inference_pb2.GenerateRequest,
-        call: Call,
-        tenant: Tenant,
-    ) -> None:
-        """A copy of the request to ``model``, detached: its answer is read and dropped, its
-        latency and errors recorded (`route status`); sheddable (it yields to real traffic),
-        never billed to the tenant, at most SHADOWS_IN_FLIGHT at once (more are not sent)."""
-        route = self.table.current.resolve(model)
-        stats = self.routes.target(plan.route, model, "shadow")
-        if route is None or len(self._shadows) >= SHADOWS_IN_FLIGHT:
-            stats.ended(False, None, 0.0, 0)
-            return
-        copy = inference_pb2.GenerateRequest()
-        copy.CopyFrom(request)
-        copy.model, copy.request_id = model, f"{request.request_id}-shadow"
-        left = call.remaining_s()
-        detached = Call.within(SHADOW_TIMEOUT_S if left is None else min(left, SHADOW_TIMEOUT_S))
-        who = Who(tenant.name, common_pb2.PRIORITY_LOW, tenant.weight)
-
-        async def run() -> None:
-            started, first, tokens = time.perf_counter(), None, []
-            try:
-                async for message in self.relay.generate(copy, route, detached, who):
-                    first = first or time.perf_counter() - started
-                    tokens.append(message)
-                stats.ended(True, first, time.perf_counter() - started, usage_of(tokens)[1])
-            except Exception:  # recorded, never raised: nobody waits for a shadow
-                stats.ended(False, first, time.perf_counter() - started, 0)
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._shadows.add(task)
-        task.add_done_callback(self._shadows.discard)
-
     async def route_status(
         self, request: router_pb2.RouteStatusRequest, call: Call
     ) -> router_pb2.RouteStatusResponse:
@@ -263,18 +171,34 @@ class RouterInference:
             )
         return self.routes.status(request.route, self.config.router_id)
 
+    def _hops(self, policy: Policy, tenant: Tenant, call: Call) -> tuple[Hop, ...]:
+        facts = Facts(tenant.name, "", "", tenant.priority(0), 0, call.metadata)
+        return policy.plan(facts).hops
+
+    def hops(self, call: Call, name: str) -> int:
+        """How many models a unary call to ``name`` may try: a route's hops, else 1."""
+        policy = self.routes.get(name)
+        return len(self._hops(policy, self.identify(call), call)) if policy else 1
+
     # --- Embed, Infer, ListModels ---------------------------------------------------------
 
     async def embed(
         self, request: inference_pb2.EmbedRequest, call: Call
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
-        tenant, route = self.enter(call, request.model)
-        who = Who(tenant.name, tenant.priority(0), tenant.weight)
-        reply: inference_pb2.EmbedResponse = await self._unary(
-            "Embed", request, route, call, tenant, who
-        )
-        return reply
+        hops, name = self.hops(call, request.model), request.model
+        for hop in range(hops):  # a route's fallbacks in order (routed.falls_back)
+            tenant, route = self.enter(call, name, hop)
+            who = Who(tenant.name, tenant.priority(0), tenant.weight)
+            try:
+                reply: inference_pb2.EmbedResponse = await self._unary(
+                    "Embed", request, route, call, tenant, who
+                )
+                return reply
+            except ServiceError as e:
+                if hop == hops - 1 or not falls_back(e, call):
+                    raise
+        raise AssertionError("unreachable: the last hop returns or raises")
 
     async def infer(
         self, request: inference_pb2.InferRequest, call: Call
@@ -282,18 +206,25 @@ class RouterInference:
         """A tensor model's request: checked here when the model's signature is known (the
         agent checks it again), then sent to a replica like Embed (any failure before a reply
         is retried elsewhere: inference on tensors has no side effects)."""
-        tenant, route = self.enter(call, request.model)
-        if route.spec.engine_args.get("task") != "classify":
-            raise not_a_tensor_model(route.spec.name)
-        if route.signature is not None:
-            check_inputs(route.spec.name, request.inputs, request.outputs, route.signature)
-        asked = tenant.priority(request.priority) if self.config.fair_queueing else 0
-        request.priority = asked  # type: ignore[assignment]
-        who = Who(tenant.name, request.priority, tenant.weight)
-        reply: inference_pb2.InferResponse = await self._unary(
-            "Infer", request, route, call, tenant, who
-        )
-        return reply
+        hops, name, priority = self.hops(call, request.model), request.model, request.priority
+        for hop in range(hops):  # a route's fallbacks in order (routed.falls_back)
+            tenant, route = self.enter(call, name, hop)
+            if route.spec.engine_args.get("task") != "classify":
+                raise not_a_tensor_model(route.spec.name)
+            if route.signature is not None:
+                check_inputs(route.spec.name, request.inputs, request.outputs, route.signature)
+            asked = tenant.priority(priority) if self.config.fair_queueing else 0
+            request.priority = asked  # type: ignore[assignment]
+            who = Who(tenant.name, request.priority, tenant.weight)
+            try:
+                reply: inference_pb2.InferResponse = await self._unary(
+                    "Infer", request, route, call, tenant, who
+                )
+                return reply
+            except ServiceError as e:
+                if hop == hops - 1 or not falls_back(e, call):
+                    raise
+        raise AssertionError("unreachable: the last hop returns or raises")
 
     async def _unary(
         self,
@@ -329,6 +260,12 @@ class RouterInference:
                 max_model_len=route.spec.max_model_len,
                 signature=route.signature,
             )
+        for name, policy in sorted(self.routes.policies.items()):  # routes: their targets' replicas
+            if book.auth and not tenant.may_use(name):
+                continue
+            targets = [self.table.current.resolve(m) for m in models_named(policy.spec)]
+            ready = sum(len(r.ready) for r in targets if r is not None)
+            out.models.add(name=name, ready_replicas=ready)
         return out
 
     async def usage(self, request: router_pb2.UsageRequest, call: Call) -> router_pb2.UsageResponse:
@@ -366,21 +303,3 @@ class RouterInference:
         for asked, d in self.admission.decisions.last(route.spec.name, limit):
             out.decisions.append(decision_proto(asked, d))
         return out
-
-
-SHADOWS_IN_FLIGHT = 64
-SHADOW_TIMEOUT_S = 60.0
-# What hands a route's request to its next hop: the hop could not serve it now. Not a bad
-# request, a refusal of the caller, or the caller's own deadline or cancel.
-FALLS_BACK = {
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-}  # fmt: skip
-
-
-def _falls_back(e: ServiceError, call: Call) -> bool:
-    if e.code not in FALLS_BACK:
-        return False
-    left = call.remaining_s()
-    return left is None or left > 0.05  # the caller's deadline passed: nothing to hand on

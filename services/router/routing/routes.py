@@ -12,6 +12,8 @@ what comes after when that one fails or is full.
 - Then the fallbacks in order, each with its queue-wait bound; the picked target's bound is the
   route's ``max_wait_s`` while a fallback is left. The last hop waits as a plain request does.
 - Shadows: a copy for a share of requests (by the request id: independent of stickiness).
+- A cascade (`Cascade`): its small model first, and `escalate` decides from the mean log
+  probability of its first tokens whether the hops (the larger target) take the request.
 """
 
 from __future__ import annotations
@@ -46,11 +48,27 @@ class Hop:
 
 
 @dataclass(frozen=True)
+class Cascade:
+    model: str  # tried first
+    min_mean_logprob: float
+    tokens: int  # decided after this many tokens (or at the end of a shorter answer)
+
+    def escalate(self, logprobs: list[float]) -> bool:
+        """Whether the answer whose first tokens have ``logprobs`` goes to the larger model:
+        their mean below the threshold (an empty answer: no confidence shown, escalated)."""
+        if not logprobs:
+            return True
+        head = logprobs[: self.tokens]
+        return sum(head) / len(head) < self.min_mean_logprob
+
+
+@dataclass(frozen=True)
 class Plan:
     route: str
     hops: tuple[Hop, ...]
     rule: str = ""  # the rule that matched ("" = a weighted pick)
     shadows: tuple[str, ...] = ()
+    cascade: Cascade | None = None
 
 
 def _unit(key: str, salt: str) -> float:
@@ -90,6 +108,8 @@ class Policy:
         self._shadows = [(s.model, s.weight) for s in spec.shadows]
         self._fallbacks = [(h.model, h.max_wait_s) for h in spec.fallbacks]
         self._sticky = spec.sticky or "session"
+        c = spec.cascade
+        self._cascade = Cascade(c.model, c.min_mean_logprob, c.tokens or 16) if c.model else None
 
     def key(self, f: Facts) -> str:
         if self._sticky == "tenant":
@@ -116,4 +136,4 @@ class Policy:
         shadows = tuple(
             m for m, share in self._shadows if m != first and _unit(f.request_id, m) < share
         )
-        return Plan(self.name, tuple(hops), rule_name, shadows)
+        return Plan(self.name, tuple(hops), rule_name, shadows, self._cascade)
