@@ -99,8 +99,44 @@ def weights_bytes(source: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+EXTERNAL_FIELDS = {"name", "engine", "url", "api_key_env", "served_model", "aliases",
+                   "max_model_len", "default_max_tokens"}  # fmt: skip
+
+
+def external_spec(d: dict[str, Any]) -> cluster_pb2.ModelSpec:
+    """``engine: external``: an OpenAI-compatible endpoint the routers stream through (never
+    placed: no source, memory or replicas). Raises ValueError naming the field at fault."""
+    if unknown := sorted(set(d) - EXTERNAL_FIELDS):
+        raise ValueError(
+            f"engine external: {unknown} do not apply; known: {sorted(EXTERNAL_FIELDS)}"
+        )
+    if "name" not in d or "url" not in d:
+        raise ValueError("engine external: fields 'name' and 'url' are required")
+    url = str(d["url"]).rstrip("/")
+    if not url.startswith(("http://", "https://")) or len(url) < 10:
+        raise ValueError(
+            f"url: an OpenAI-compatible base URL (http(s)://host:port/v1), got {url!r}"
+        )
+    key_env = str(d.get("api_key_env", ""))
+    if key_env and not key_env.replace("_", "").isalnum():
+        raise ValueError(f"api_key_env: an environment variable's name, got {key_env!r}")
+    return cluster_pb2.ModelSpec(
+        name=check_name("model", str(d["name"])),
+        engine=cluster_pb2.ENGINE_KIND_EXTERNAL,
+        source=url,
+        url=url,
+        api_key_env=key_env,
+        served_model=str(d.get("served_model", "")),
+        aliases=[check_name("alias", str(a)) for a in d.get("aliases", [])],
+        max_model_len=int(d.get("max_model_len", 0)),
+        default_max_tokens=int(d.get("default_max_tokens", 0)),
+    )
+
+
 def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.ModelSpec:
     """Raises ValueError naming the field at fault."""
+    if str(d.get("engine", "")).lower() == "external":
+        return external_spec(d)
     unknown = set(d) - FIELDS
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)}; known: {sorted(FIELDS)}")
@@ -130,7 +166,7 @@ def spec_from_dict(d: dict[str, Any], base: Path = Path(".")) -> cluster_pb2.Mod
     if not source.is_absolute() and engine != "SIM" and not registry:  # sim: a label
         source = (base / source).resolve()
     if f"ENGINE_KIND_{engine}" not in cluster_pb2.EngineKind.keys():  # noqa: SIM118 - protobuf enum wrapper is not iterable
-        raise ValueError(f"engine: must be torch, vllm or sim, got {d.get('engine')!r}")
+        raise ValueError(f"engine: must be torch, vllm, sim or external, got {d.get('engine')!r}")
     priority = str(d.get("priority", "normal")).upper()
     if f"PRIORITY_{priority}" not in common_pb2.Priority.keys():  # noqa: SIM118
         raise ValueError(

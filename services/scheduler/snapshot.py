@@ -170,7 +170,9 @@ def round_snapshot(
     it may start (the caller's disruption budget)."""
     busy = device_busy(nodes, placements)
     load = loads(demands, ensured or {}, busy, wakes)
-    placed, load = with_adapters(list(specs), load)
+    # External models (engine external) are endpoints outside the mesh: nothing to place.
+    served = [s for s in specs if s.engine != cluster_pb2.ENGINE_KIND_EXTERNAL]
+    placed, load = with_adapters(served, load)
     state = autoscale(placed, load, scale, placed_replicas(placements), now)
     snap = build_snapshot(placed, nodes, replicas, placements, load, state, cordons, demands)
     return replace(snap, moving=moving, repack_budget=repack_budget), state, placed

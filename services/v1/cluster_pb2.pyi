@@ -32,6 +32,10 @@ class _EngineKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EngineKind
     ENGINE_KIND_VLLM: _EngineKind.ValueType  # 2
     ENGINE_KIND_SIM: _EngineKind.ValueType  # 3
     """simulated: no weights, timed like a device (load tests, fleet benches)"""
+    ENGINE_KIND_EXTERNAL: _EngineKind.ValueType  # 4
+    """An OpenAI-compatible endpoint outside the mesh (a vLLM server, a hosted API): never placed;
+    routers stream through it (ModelSpec.url, api_key_env, served_model).
+    """
 
 class EngineKind(_EngineKind, metaclass=_EngineKindEnumTypeWrapper):
     """Values stored in etcd under the keyspace of services/cluster/keys.py (DESIGN §4)."""
@@ -42,6 +46,10 @@ ENGINE_KIND_TORCH: EngineKind.ValueType  # 1
 ENGINE_KIND_VLLM: EngineKind.ValueType  # 2
 ENGINE_KIND_SIM: EngineKind.ValueType  # 3
 """simulated: no weights, timed like a device (load tests, fleet benches)"""
+ENGINE_KIND_EXTERNAL: EngineKind.ValueType  # 4
+"""An OpenAI-compatible endpoint outside the mesh (a vLLM server, a hosted API): never placed;
+routers stream through it (ModelSpec.url, api_key_env, served_model).
+"""
 Global___EngineKind: _TypeAlias = EngineKind  # noqa: Y015
 
 class _Tier:
@@ -218,6 +226,9 @@ class ModelSpec(_message.Message):
     MAX_ADAPTERS_FIELD_NUMBER: _builtins.int
     MAX_ADAPTER_RANK_FIELD_NUMBER: _builtins.int
     WARM_IN_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    API_KEY_ENV_FIELD_NUMBER: _builtins.int
+    SERVED_MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """local directory with config.json + safetensors"""
@@ -283,6 +294,13 @@ class ModelSpec(_message.Message):
     scheduler keeps ``min_replicas`` copies in CPU RAM (first claim on the nodes' host budget),
     and the next request waits for a restore (charged to its TTFT), not a load from the source.
     """
+    url: _builtins.str
+    """engine external: the endpoint's OpenAI base URL (".../v1"), the name of the router's
+    environment variable that holds its API key ("" = none; a Kubernetes Secret mounted as that
+    variable), and the model's name there ("" = this model's name).
+    """
+    api_key_env: _builtins.str
+    served_model: _builtins.str
     @_builtins.property
     def engine_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -344,10 +362,13 @@ class ModelSpec(_message.Message):
         max_adapters: _builtins.int = ...,
         max_adapter_rank: _builtins.int = ...,
         warm_in: _builtins.str = ...,
+        url: _builtins.str = ...,
+        api_key_env: _builtins.str = ...,
+        served_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "base", b"base", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_adapter_rank", b"max_adapter_rank", "max_adapters", b"max_adapters", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "revision", b"revision", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "source_endpoint", b"source_endpoint", "source_region", b"source_region", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "warm_in", b"warm_in", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "api_key_env", b"api_key_env", "base", b"base", "default_max_tokens", b"default_max_tokens", "engine", b"engine", "engine_args", b"engine_args", "fallbacks", b"fallbacks", "gpu_types", b"gpu_types", "gpus_per_replica", b"gpus_per_replica", "idle_timeout_s", b"idle_timeout_s", "kv_headroom_bytes", b"kv_headroom_bytes", "max_adapter_rank", b"max_adapter_rank", "max_adapters", b"max_adapters", "max_model_len", b"max_model_len", "max_replicas", b"max_replicas", "memory_bytes", b"memory_bytes", "min_replicas", b"min_replicas", "name", b"name", "node_selector", b"node_selector", "placement_strategy", b"placement_strategy", "priority", b"priority", "revision", b"revision", "routing_weights", b"routing_weights", "scale_down_delay_s", b"scale_down_delay_s", "served_model", b"served_model", "slo_ttft_ms", b"slo_ttft_ms", "source", b"source", "source_endpoint", b"source_endpoint", "source_region", b"source_region", "target_in_flight_per_replica", b"target_in_flight_per_replica", "target_rps_per_replica", b"target_rps_per_replica", "unloaded_unix_ms", b"unloaded_unix_ms", "url", b"url", "warm_in", b"warm_in", "warmup_prompts", b"warmup_prompts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -252,3 +252,19 @@ async def agent_load(mesh: Mesh, node: str, model: str) -> nodeagent_pb2.Replica
         )
     load: nodeagent_pb2.ReplicaLoad = next(x for x in status.load if x.model == model)
     return load
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    python = os.environ.get("MESHSERVE_VLLM_PYTHON", "")
+    if not python:
+        pytest.skip("MESHSERVE_VLLM_PYTHON is not set (the README's test command sets it)")
+    python = os.path.abspath(python)  # not resolve(): the venv's symlink is what makes it a venv
+    probe = subprocess.run(
+        [python, "-c", "import vllm, meshserve; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.returncode == 0, f"{python} cannot import vllm and meshserve:\n{probe.stderr}"
+    return python

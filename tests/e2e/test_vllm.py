@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
@@ -42,22 +41,6 @@ AGENT_FLAGS = ("--load-retry", "2")  # a FAILED replica is loaded again 2 s late
 MODEL = "tinyvllm"
 LONG = 1900  # tokens: prompt and answer within max_model_len 2048, seconds of decoding on CPU
 ROUTER_METRICS = free_port()
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> str:
-    python = os.environ.get("MESHSERVE_VLLM_PYTHON", "")
-    if not python:
-        pytest.skip("MESHSERVE_VLLM_PYTHON is not set (the README's test command sets it)")
-    python = os.path.abspath(python)  # not resolve(): the venv's symlink is what makes it a venv
-    probe = subprocess.run(
-        [python, "-c", "import vllm, meshserve; print(vllm.__version__)"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert probe.returncode == 0, f"{python} cannot import vllm and meshserve:\n{probe.stderr}"
-    return python
 
 
 @pytest.fixture(scope="module")

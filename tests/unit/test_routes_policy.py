@@ -126,3 +126,31 @@ def test_cascade_escalates_below_the_threshold_over_its_first_tokens() -> None:
     ):
         with pytest.raises(ValueError, match=re.escape(says)):
             policy(targets={"big": 1}, cascade=bad)
+
+
+def test_external_backend_spec_is_checked_and_never_placed() -> None:
+    from meshserve.modelspec import spec_from_dict
+    from meshserve.scheduler.snapshot import round_snapshot
+    from meshserve.v1 import cluster_pb2
+
+    spec = spec_from_dict({"name": "hosted", "engine": "external", "url": "http://h:8000/v1/",
+                           "api_key_env": "HOSTED_KEY", "served_model": "llama"})  # fmt: skip
+    assert (spec.engine, spec.url, spec.api_key_env) == (
+        cluster_pb2.ENGINE_KIND_EXTERNAL, "http://h:8000/v1", "HOSTED_KEY")  # fmt: skip
+    for bad, says in (
+        ({"name": "x", "engine": "external"}, "'url' are required"),
+        ({"name": "x", "engine": "external", "url": "h:8000"}, "OpenAI-compatible base URL"),
+        (
+            {"name": "x", "engine": "external", "url": "http://h:1/v1", "min_replicas": 1},
+            "do not apply",
+        ),
+        (
+            {"name": "x", "engine": "external", "url": "http://h:1/v1", "api_key_env": "a b"},
+            "api_key_env",
+        ),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            spec_from_dict(bad)
+    local = cluster_pb2.ModelSpec(name="local", memory_bytes=1000, min_replicas=1)
+    _snap, _state, placed = round_snapshot([spec, local], [], [], [], [], {}, 0.0)
+    assert [s.name for s in placed] == ["local"]  # the scheduler never places an endpoint

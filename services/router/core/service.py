@@ -22,6 +22,7 @@ from meshserve.router.core.admission import Admission, Who
 from meshserve.router.core.call import Call
 from meshserve.router.core.decisions import DECISIONS_KEPT
 from meshserve.router.core.decisions import to_proto as decision_proto
+from meshserve.router.core.external import External
 from meshserve.router.core.genai import genai_attributes
 from meshserve.router.core.relay import Relay
 from meshserve.router.core.routed import RoutedGenerate, falls_back
@@ -37,7 +38,7 @@ from meshserve.routespec import models_named
 from meshserve.rpc.errors import ServiceError, not_found_model
 from meshserve.telemetry.server_interceptor import traceresponse
 from meshserve.tensors import check_inputs, not_a_tensor_model
-from meshserve.v1 import inference_pb2, router_pb2
+from meshserve.v1 import cluster_pb2, inference_pb2, router_pb2
 from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
 
@@ -57,6 +58,7 @@ class RouterInference:
     ) -> None:
         self.config = config
         self.routes = routes or Routes()
+        self.external = External()
         self.table = table
         self.admission = admission
         self.relay = relay
@@ -137,11 +139,18 @@ class RouterInference:
         span.set_attribute("meshserve.priority", int(request.priority))
         who = Who(tenant.name, request.priority, tenant.weight)
         messages: list[bytes] = []
-        with self.accountant.request(tenant, route.spec.name, not route.ready) as used:
+        external = route.spec.engine == cluster_pb2.ENGINE_KIND_EXTERNAL
+        with self.accountant.request(
+            tenant, route.spec.name, not (route.ready or external)
+        ) as used:
             used.fallback = hop is not None and hop.role == "fallback"
             wait_s = hop.max_wait_s if hop is not None else None
+            if external:  # an endpoint outside the mesh (core/external.py)
+                upstream = self.external.generate(request, route.spec, call)
+            else:
+                upstream = self.relay.generate(request, route, call, who, wait_s)
             try:
-                async for message in self.relay.generate(request, route, call, who, wait_s):
+                async for message in upstream:
                     messages.append(message)
                     yield message
             finally:
@@ -237,6 +246,13 @@ class RouterInference:
     ) -> Any:
         """One unary call through the tenant's limits, admission and the attempt policy;
         counted for the tenant when it was served."""
+        if route.spec.engine == cluster_pb2.ENGINE_KIND_EXTERNAL:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{route.spec.name!r} is an external model: it serves Generate "
+                "(completions and chat) only",
+                "EXTERNAL_GENERATE_ONLY",
+            )
         with self.accountant.request(tenant, route.spec.name, not route.ready) as used:
             reply = await self.unary.call(method, request, route, call, who)
             used.served = True
