@@ -13,6 +13,7 @@ span; `route status` rows of role ``cascade`` and ``escalated``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -126,10 +127,11 @@ class RoutedGenerate:
             started, first, messages = time.perf_counter(), 0.0, []
             try:
                 gen = self.generate_on(attempt, self._resolve(hop.model), call, tenant, hop)
-                async for message in gen:
-                    first = first or time.perf_counter() - started
-                    messages.append(message)
-                    yield message
+                async with contextlib.aclosing(gen):  # closed here, in this task, if we are
+                    async for message in gen:
+                        first = first or time.perf_counter() - started
+                        messages.append(message)
+                        yield message
             except ServiceError as e:
                 stats.ended(False, first or None, time.perf_counter() - started, 0)
                 if messages or last or not falls_back(e, call):
@@ -161,14 +163,30 @@ class RoutedGenerate:
         """The small model's answer when its confidence holds (then nothing is yielded if it
         does not: the caller escalates). Its messages carry log probabilities only when the
         client asked for them."""
-        span = trace.get_current_span()
         attempt = inference_pb2.GenerateRequest()
         attempt.CopyFrom(pristine)
         attempt.model, attempt.sampling.logprobs = cascade.model, True
         asked = pristine.sampling.logprobs
         stats = self.routes.target(plan.route, cascade.model, "cascade")
-        started, held, logprobs = time.perf_counter(), [], []
+        started = time.perf_counter()
         gen = self.generate_on(attempt, self._resolve(cascade.model), call, tenant, None)
+        decide = self._decide(cascade, gen, asked, stats, started, call)
+        async with contextlib.aclosing(gen), contextlib.aclosing(decide):  # closed in this task
+            async for raw in decide:
+                yield raw
+
+    async def _decide(
+        self,
+        cascade: Cascade,
+        gen: AsyncIterator[bytes],
+        asked: bool,
+        stats: TargetStats,
+        started: float,
+        call: Call,
+    ) -> AsyncGenerator[bytes, None]:
+        span = trace.get_current_span()
+        held: list[bytes] = []
+        logprobs: list[float] = []
         done = False
         try:
             async for raw in gen:
@@ -189,8 +207,7 @@ class RoutedGenerate:
         mean = sum(head) / len(head) if head else float("-inf")
         span.set_attribute("meshserve.cascade.mean_logprob", mean)
         decided = time.perf_counter() - started
-        if cascade.escalate(logprobs):
-            await gen.aclose()  # its replica stops generating
+        if cascade.escalate(logprobs):  # the caller closes ``gen``: its replica stops
             stats.ended(True, decided, decided, len(logprobs))
             span.set_attribute("meshserve.cascade.escalated", True)
             return
