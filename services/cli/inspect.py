@@ -29,6 +29,11 @@ async def apply_spec(etcd: str, prefix: str, spec: Any) -> str:
     client = connect(EtcdConfig(etcd))
     try:
         store = Store(client, Keyspace(prefix))
+        if await store.get(Keyspace(prefix).route(spec.name), cluster_pb2.RouteSpec) is not None:
+            raise fail(
+                f"model {spec.name!r}: a route has that name (`meshserve route delete` it "
+                "first, or pick another name)"
+            )
         await store.put(Keyspace(prefix).model(spec.name), spec)
         if not spec.base:
             return ""

@@ -101,7 +101,8 @@ async def _delete(etcd: str, prefix: str, name: str) -> bool:
 
     client = connect(EtcdConfig(etcd))
     try:
-        return bool((await client.delete(Keyspace(prefix).route(name))).deleted)
+        reply = await client.delete(Keyspace(prefix).route(name))  # None: there was none
+        return bool(reply is not None and reply.deleted)
     finally:
         await client.close()
 
