@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 from meshserve.cli.common import SERVICE, Etcd, Prefix, console, default_etcd, fail
@@ -91,22 +92,31 @@ async def router_addresses(etcd: str, prefix: str, router: str) -> list[str]:
     return sorted({e.value.address for e in entries if e.value.address})
 
 
-async def _ask(
-    etcd: str, prefix: str, router: str, model: str, last: int, api_key: str
-) -> list[tuple[str, router_pb2.ExplainRouteResponse | str]]:
+T = TypeVar("T")
+
+
+async def ask_routers(
+    etcd: str, prefix: str, router: str, ask: Callable[[Any], Awaitable[T]]
+) -> list[tuple[str, T | str]]:
+    """``ask(RouterStub)`` of ``router``, else of every router: each answer, or why it failed."""
     import grpc
     from meshserve.v1 import router_pb2_grpc
 
-    out: list[tuple[str, router_pb2.ExplainRouteResponse | str]] = []
+    out: list[tuple[str, T | str]] = []
     for address in await router_addresses(etcd, prefix, router):
         async with open_channel(address) as ch:
             try:
-                reply = await router_pb2_grpc.RouterStub(ch).ExplainRoute(
-                    router_pb2.ExplainRouteRequest(model=model, limit=last),
-                    timeout=10,
-                    metadata=bearer(api_key),
-                )
-                out.append((address, reply))
+                out.append((address, await ask(router_pb2_grpc.RouterStub(ch))))
             except grpc.aio.AioRpcError as e:
                 out.append((address, f"{e.code().name}: {e.details()}"))
     return out
+
+
+async def _ask(
+    etcd: str, prefix: str, router: str, model: str, last: int, api_key: str
+) -> list[tuple[str, router_pb2.ExplainRouteResponse | str]]:
+    request = router_pb2.ExplainRouteRequest(model=model, limit=last)
+    return await ask_routers(
+        etcd, prefix, router,
+        lambda stub: stub.ExplainRoute(request, timeout=10, metadata=bearer(api_key)),
+    )  # fmt: skip

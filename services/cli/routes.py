@@ -10,8 +10,7 @@ from typing import Annotated
 import typer
 from meshserve.cli.common import SERVICE, Etcd, Prefix, console, default_etcd, fail
 from meshserve.cli.inspect import ApiKey, bearer
-from meshserve.cli.route import router_addresses
-from meshserve.tls import open_channel
+from meshserve.cli.route import ask_routers
 from meshserve.v1 import cluster_pb2, router_pb2
 from rich.table import Table
 
@@ -143,18 +142,8 @@ def route_status(
 async def _status(
     etcd: str, prefix: str, router: str, name: str, api_key: str
 ) -> list[tuple[str, router_pb2.RouteStatusResponse | str]]:
-    import grpc
-    from meshserve.v1 import router_pb2_grpc
-
-    out: list[tuple[str, router_pb2.RouteStatusResponse | str]] = []
-    for address in await router_addresses(etcd, prefix, router):
-        async with open_channel(address) as ch:
-            try:
-                reply = await router_pb2_grpc.RouterStub(ch).RouteStatus(
-                    router_pb2.RouteStatusRequest(route=name), timeout=10,
-                    metadata=bearer(api_key),
-                )  # fmt: skip
-                out.append((address, reply))
-            except grpc.aio.AioRpcError as e:
-                out.append((address, f"{e.code().name}: {e.details()}"))
-    return out
+    request = router_pb2.RouteStatusRequest(route=name)
+    return await ask_routers(
+        etcd, prefix, router,
+        lambda stub: stub.RouteStatus(request, timeout=10, metadata=bearer(api_key)),
+    )  # fmt: skip

@@ -73,6 +73,16 @@ class RouterInference:
         """The caller's tenant; raises UNAUTHENTICATED."""
         return caller(self.tenancy.source.book, call.authorization, call.subjects)
 
+    def _admin_only(self, call: Call, what: str, reason: str) -> None:
+        """With auth on, only admin tenants read ``what`` (it names replicas and requests)."""
+        tenant = self.identify(call)
+        if self.tenancy.source.book.auth and not tenant.admin:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"tenant {tenant.name!r} may not read {what} (admin tenants may)",
+                reason,
+            )
+
     def enter(self, call: Call, name: str, hop: int = 0) -> tuple[Tenant, Route]:
         """The caller's tenant and the model's route: UNAUTHENTICATED, PERMISSION_DENIED (the
         same whether or not the model exists), NOT_FOUND (listing what the tenant may use). A
@@ -165,13 +175,7 @@ class RouterInference:
         self, request: router_pb2.RouteStatusRequest, call: Call
     ) -> router_pb2.RouteStatusResponse:
         """A route's targets side by side as this router served them."""
-        tenant = self.identify(call)
-        if self.tenancy.source.book.auth and not tenant.admin:
-            raise ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"tenant {tenant.name!r} may not read route statistics (admin tenants may)",
-                "ROUTE_STATUS_NOT_ALLOWED",
-            )
+        self._admin_only(call, "route statistics", "ROUTE_STATUS_NOT_ALLOWED")
         if self.routes.get(request.route) is None:
             raise ServiceError(
                 grpc.StatusCode.NOT_FOUND,
@@ -304,13 +308,7 @@ class RouterInference:
         self, request: router_pb2.ExplainRouteRequest, call: Call
     ) -> router_pb2.ExplainRouteResponse:
         """This router's last routing decisions for a model (admin tenants only, with auth)."""
-        tenant = self.identify(call)
-        if self.tenancy.source.book.auth and not tenant.admin:
-            raise ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"tenant {tenant.name!r} may not read routing decisions (admin tenants may)",
-                "EXPLAIN_NOT_ALLOWED",
-            )
+        self._admin_only(call, "routing decisions", "EXPLAIN_NOT_ALLOWED")
         route = self.table.current.resolve(request.model)
         if route is None:
             raise not_found_model(request.model, list(self.table.current.routes))
