@@ -29,9 +29,11 @@ async def apply_spec(etcd: str, prefix: str, spec: Any) -> str:
     client = connect(EtcdConfig(etcd))
     try:
         store = Store(client, Keyspace(prefix))
-        if await store.get(Keyspace(prefix).route(spec.name), cluster_pb2.RouteSpec) is not None:
+        for name in [spec.name, *spec.aliases]:
+            if await store.get(Keyspace(prefix).route(name), cluster_pb2.RouteSpec) is None:
+                continue
             raise fail(
-                f"model {spec.name!r}: a route has that name (`meshserve route delete` it "
+                f"model {spec.name!r}: a route is named {name!r} (`meshserve route delete` it "
                 "first, or pick another name)"
             )
         await store.put(Keyspace(prefix).model(spec.name), spec)

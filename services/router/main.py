@@ -155,6 +155,7 @@ class Router(Component):
         self.routes.start()
         self.schedulers.start()
         await asyncio.wait_for(self.table.synced(), 30)
+        await asyncio.wait_for(self.routes.synced(), 30)  # route names known from the start
         self._publisher = asyncio.create_task(
             publish_demand(
                 self.demand, self.cluster.store, self.cluster.session, self.config.demand_interval_s
@@ -242,6 +243,7 @@ class Router(Component):
         await self.tenancy.source.stop()
         await self.demands.stop()
         await self.table.stop()
+        self.servicer.routed.close()
         await self.routes.stop()
         await self.schedulers.stop()
         await self.channels.close()

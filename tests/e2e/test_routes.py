@@ -37,6 +37,8 @@ ROUTES = """
   targets: {chat-v2: 10, chat-v1: 90}
   rules:
     - {name: canary-header, metadata: {x-canary: "yes"}, target: chat-v2}
+- name: mirror
+  targets: {chat-v1: 1}
   shadows: {chat-small: 1.0}
 - name: errs
   targets: {chat-broken: 1}
@@ -178,19 +180,23 @@ async def test_canary_shadow_copy_never_reaches_the_client_and_is_recorded(rmesh
         stub = router_pb2_grpc.RouterStub(ch)
 
         async def shadows() -> int:
-            s = await stub.RouteStatus(router_pb2.RouteStatusRequest(route="chat"), timeout=5)
-            return sum(t.requests for t in s.targets if t.role == "shadow")
+            s = await stub.RouteStatus(router_pb2.RouteStatusRequest(route="mirror"), timeout=5)
+            rows = [t for t in s.targets if t.role == "shadow"]
+            assert not any(t.errors for t in rows), rows  # every copy served by the candidate
+            return sum(t.requests for t in rows)
 
+        await eventually(lambda: served_by_route(router, "mirror"), 10, "route mirror known")
+        await eventually(lambda: _at_least(shadows, 1), 10, "the probe's shadow copy recorded")
         before = await shadows()
-        got = [await ask(ch, "chat", "shadowed-user", tokens=5) for _ in range(5)]
+        got = [await ask(ch, "mirror", "shadowed-user", tokens=5) for _ in range(5)]
         direct = await ask(ch, got[0][0], "shadowed-user", tokens=5)
         assert all(g == direct for g in got), (got, direct)  # the target's answer, only it
         await eventually(lambda: _at_least(shadows, before + 5), 10, "5 shadow copies recorded")
-        shown = cli(rmesh, "route", "status", "chat")
+        shown = cli(rmesh, "route", "status", "mirror")
         assert shown.returncode == 0 and "shadow" in shown.stdout and "chat-small" in shown.stdout
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.RouteStatus(router_pb2.RouteStatusRequest(route="nope"), timeout=5)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "chat" in (e.value.details() or "")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "mirror" in (e.value.details() or "")
 
 
 async def _at_least(f: object, n: int) -> bool:
@@ -236,6 +242,8 @@ async def test_cascade_escalates_exactly_when_the_threshold_says(rmesh: Mesh) ->
             call = inference_pb2_grpc.InferenceStub(ch).Generate(req, timeout=30)
             messages = [m async for m in call]
             served = dict(await call.initial_metadata() or ()).get("meshserve-model")
+            trailers = [k for k, _v in (await call.trailing_metadata() or ())]
+            assert trailers.count("meshserve-failovers") == 1, trailers  # the answering model's
             expected = "chat-small" if mean >= THRESHOLD else "chat-v1"
             assert served == expected, (prompt, mean, served)
             assert sum(len(m.token_ids) for m in messages) == 10

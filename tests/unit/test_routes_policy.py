@@ -154,3 +154,20 @@ def test_external_backend_spec_is_checked_and_never_placed() -> None:
     local = cluster_pb2.ModelSpec(name="local", memory_bytes=1000, min_replicas=1)
     _snap, _state, placed = round_snapshot([spec, local], [], [], [], [], {}, 0.0)
     assert [s.name for s in placed] == ["local"]  # the scheduler never places an endpoint
+
+
+def test_canary_fallback_never_for_the_callers_own_limits_or_deadline() -> None:
+    import grpc
+    from meshserve.router.core.call import Call
+    from meshserve.router.core.routed import falls_back
+    from meshserve.rpc.errors import ServiceError
+
+    down = ServiceError(grpc.StatusCode.UNAVAILABLE, "no replica", "NO_REPLICA")
+    assert falls_back(down, Call.within(None)) and falls_back(down, Call.within(30))
+    assert not falls_back(down, Call.within(0.2))  # too little left to start another model
+    limited = ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "over", "REQUESTS_PER_S_LIMIT")
+    assert not falls_back(limited, Call.within(None))  # another model would refuse it too
+    full = ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "QUEUE_FULL")
+    assert falls_back(full, Call.within(None))
+    bad = ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "bad", "INVALID_REQUEST")
+    assert not falls_back(bad, Call.within(None))

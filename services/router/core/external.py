@@ -17,7 +17,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -85,7 +85,7 @@ class External:
 
     async def generate(
         self, request: inference_pb2.GenerateRequest, spec: cluster_pb2.ModelSpec, call: Call
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         import openai
 
         client = self._client(spec)
@@ -117,7 +117,8 @@ class External:
                     if delivered or e.status_code not in RETRYABLE_STATUS:
                         raise self._status(spec, e, delivered) from None
                     why = f"HTTP {e.status_code}: {_detail(e)}"
-                except (openai.APIConnectionError, openai.APITimeoutError) as e:
+                except openai.APIError as e:  # a connection lost, a timeout, or an error the
+                    # endpoint sent inside the stream (vLLM's `data: {"error": …}`)
                     if delivered:
                         raise _unavailable(
                             spec.name,

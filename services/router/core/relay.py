@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -91,7 +91,7 @@ class Relay(AttemptPolicy):
         call: Call,
         who: Who = ANYONE,
         wait_s: float | None = None,  # a route hop's bound on waiting for a slot (routes.py)
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         start = time.perf_counter()
         model = route.spec.name
         delivered: list[bytes] = []

@@ -30,7 +30,7 @@ from meshserve.router.routing.routes import Cascade, Facts, Hop, Plan, Policy
 from meshserve.router.tenancy.gate import permission_denied
 from meshserve.router.tenancy.tenants import Tenant
 from meshserve.rpc.errors import ServiceError, not_found_model
-from meshserve.v1 import common_pb2, inference_pb2
+from meshserve.v1 import cluster_pb2, common_pb2, inference_pb2
 from opentelemetry import trace
 
 SHADOWS_IN_FLIGHT = 64
@@ -38,21 +38,43 @@ SHADOW_TIMEOUT_S = 60.0
 # What hands a route's request to its next hop: the hop could not serve it now. Not a bad
 # request, a refusal of the caller, or the caller's own deadline or cancel.
 FALLS_BACK = {
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-}  # fmt: skip
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+}
 # Generate on one model: (request, route, call, tenant, hop) → the raw messages
 GenerateOn = Callable[
     [inference_pb2.GenerateRequest, Route, Call, Tenant, Hop | None], AsyncGenerator[bytes, None]
 ]
 
 
+# The caller's own limits (tenancy/quota.py): another model would be refused as well.
+CALLERS_LIMITS = {"REQUESTS_PER_S_LIMIT", "TOKENS_PER_MIN_LIMIT", "CONCURRENT_STREAMS_LIMIT"}
+HAND_ON_S = 0.5  # less left of the caller's deadline than this: no next hop is worth starting
+
+
 def falls_back(e: ServiceError, call: Call) -> bool:
-    if e.code not in FALLS_BACK:
+    if e.code not in FALLS_BACK or e.reason in CALLERS_LIMITS:
         return False
     left = call.remaining_s()
-    return left is None or left > 0.05  # the caller's deadline passed: nothing to hand on
+    return left is None or left > HAND_ON_S  # the caller's deadline (nearly) passed
+
+
+REFUSED = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+def _time_left(call: Call) -> bool:
+    left = call.remaining_s()
+    return left is None or left > HAND_ON_S
 
 
 def fresh(call: Call) -> None:
@@ -91,8 +113,17 @@ class RoutedGenerate:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
-        facts = Facts(tenant.name, request.session_key, request.request_id,
-                      tenant.priority(request.priority), chars, call.metadata)  # fmt: skip
+        # Without auth every caller is the same "tenant": stickiness falls to the session key,
+        # else the request (a fresh draw), not one key for everyone.
+        anyone = tenant.name if self.tenancy.source.book.auth else ""
+        facts = Facts(
+            anyone,
+            request.session_key,
+            request.request_id,
+            tenant.priority(request.priority),
+            chars,
+            call.metadata,
+        )
         plan = policy.plan(facts)
         span.set_attribute("meshserve.route", plan.route)
         if plan.rule:
@@ -169,10 +200,19 @@ class RoutedGenerate:
         asked = pristine.sampling.logprobs
         stats = self.routes.target(plan.route, cascade.model, "cascade")
         started = time.perf_counter()
-        gen = self.generate_on(attempt, self._resolve(cascade.model), call, tenant, None)
+        gen = self._small(attempt, cascade.model, call, tenant)
         decide = self._decide(cascade, gen, asked, stats, started, call)
         async with contextlib.aclosing(gen), contextlib.aclosing(decide):  # closed in this task
             async for raw in decide:
+                yield raw
+
+    async def _small(
+        self, attempt: inference_pb2.GenerateRequest, model: str, call: Call, tenant: Tenant
+    ) -> AsyncGenerator[bytes, None]:
+        """The cascade's small model (its absence is an error of the stream: escalated)."""
+        upstream = self.generate_on(attempt, self._resolve(model), call, tenant, None)
+        async with contextlib.aclosing(upstream):
+            async for raw in upstream:
                 yield raw
 
     async def _decide(
@@ -196,8 +236,9 @@ class RoutedGenerate:
                 if msg.finish_reason or len(logprobs) >= cascade.tokens:
                     done = bool(msg.finish_reason)
                     break
-        except ServiceError as e:
-            if not falls_back(e, call):
+        except ServiceError as e:  # the small model cannot answer (absent, down, too long a
+            # prompt for it): the larger one may; not the caller's own refusals or deadline
+            if e.code in REFUSED or e.reason in CALLERS_LIMITS or not _time_left(call):
                 raise
             stats.ended(False, None, time.perf_counter() - started, 0)
             span.set_attribute("meshserve.cascade.escalated", True)
@@ -235,8 +276,14 @@ class RoutedGenerate:
         never billed to the tenant, at most SHADOWS_IN_FLIGHT at once (more are not sent)."""
         route = self.table.current.resolve(model)
         stats = self.routes.target(plan.route, model, "shadow")
-        if route is None or len(self._shadows) >= SHADOWS_IN_FLIGHT:
-            stats.ended(False, None, 0.0, 0)
+        if route is None:
+            stats.ended(False, None, 0.0, 0)  # the candidate is not registered: an error of it
+            return
+        if (
+            len(self._shadows) >= SHADOWS_IN_FLIGHT
+            or route.spec.engine == cluster_pb2.ENGINE_KIND_EXTERNAL  # never through a paid API
+        ):
+            stats.skipped += 1  # not sent: no verdict on the candidate
             return
         copy = inference_pb2.GenerateRequest()
         copy.CopyFrom(request)
@@ -251,17 +298,33 @@ class RoutedGenerate:
         task.add_done_callback(self._shadows.discard)
 
     async def _run_shadow(
-        self, request: inference_pb2.GenerateRequest, route: Route, call: Call, who: Who,
+        self,
+        request: inference_pb2.GenerateRequest,
+        route: Route,
+        call: Call,
+        who: Who,
         stats: TargetStats,
-    ) -> None:  # fmt: skip
+    ) -> None:
         started, first, messages = time.perf_counter(), None, []
         try:
             async for message in self.relay.generate(request, route, call, who):
                 first = first or time.perf_counter() - started
                 messages.append(message)
             stats.ended(True, first, time.perf_counter() - started, usage_of(messages)[1])
-        except Exception:  # recorded, never raised: nobody waits for a shadow
+        except ServiceError as e:  # recorded, never raised: nobody waits for a shadow
+            if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                stats.skipped += (
+                    1  # shed for real traffic, or out of time: not the candidate's fault
+                )
+            else:
+                stats.ended(False, first, time.perf_counter() - started, 0)
+        except Exception:
             stats.ended(False, first, time.perf_counter() - started, 0)
+
+    def close(self) -> None:
+        """The router stops: shadow copies in flight are cancelled."""
+        for task in list(self._shadows):
+            task.cancel()
 
 
 def _without_logprobs(msg: inference_pb2.GenerateResponse) -> bytes:

@@ -26,6 +26,7 @@ class TargetStats:
     requests: int = 0
     errors: int = 0
     fell_back: int = 0
+    skipped: int = 0  # shadows not sent (cap, external) or shed for real traffic: no verdict
     # (ttft s or None, e2e s, output tokens) of the last KEPT requests that ended
     samples: deque[tuple[float | None, float, int]] = field(
         default_factory=lambda: deque(maxlen=KEPT)
@@ -60,6 +61,10 @@ class Routes:
     def start(self) -> None:
         if self._mirror is not None:
             self._mirror.start()
+
+    async def synced(self) -> None:
+        if self._mirror is not None:
+            await self._mirror.synced.wait()
 
     async def stop(self) -> None:
         if self._mirror is not None:

@@ -11,6 +11,7 @@ when it ends (accounting.py).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -30,7 +31,7 @@ from meshserve.router.core.routes import Routes
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.core.unary import Unary
 from meshserve.router.routing.endpoints import Route
-from meshserve.router.routing.routes import Facts, Hop, Policy
+from meshserve.router.routing.routes import Facts, Hop
 from meshserve.router.tenancy.gate import caller, permission_denied
 from meshserve.router.tenancy.tenants import Tenant
 from meshserve.router.tenancy.usage import to_proto
@@ -83,29 +84,47 @@ class RouterInference:
                 reason,
             )
 
-    def enter(self, call: Call, name: str, hop: int = 0) -> tuple[Tenant, Route]:
+    def enter(self, call: Call, name: str) -> tuple[Tenant, Route]:
         """The caller's tenant and the model's route: UNAUTHENTICATED, PERMISSION_DENIED (the
         same whether or not the model exists), NOT_FOUND (listing what the tenant may use). A
-        route's name (routes.py) resolves to its plan's hop number ``hop`` for this call (its
-        rules, weights and fallbacks; `hops` says how many), for unary calls and KServe."""
-        book = self.tenancy.source.book
+        route's name resolves to its plan's first model for this call (KServe's reads)."""
+        tenant, models = self.targets(call, name)
+        return tenant, self._model(tenant, models[0], routed=models[0] != name)
+
+    def targets(self, call: Call, name: str) -> tuple[Tenant, list[str]]:
+        """The caller's tenant and the models a call to ``name`` may try, in order: ``name``
+        itself, or a route's plan for this call (rules, weights, fallbacks; routes.py). A tenant
+        allowed a route may use whatever it sends to; NOT_FOUND when no rule and no weight
+        gives it a model."""
         tenant = self.identify(call)
         policy = self.routes.get(name)
-        if policy is not None:
-            if book.auth and not tenant.may_use(name):
-                raise permission_denied(tenant, name)
-            hops = self._hops(policy, tenant, call)
-            if not hops:
-                raise not_found_model(name, [])
-            name = hops[min(hop, len(hops) - 1)].model
+        if policy is None:
+            return tenant, [name]
+        if self.tenancy.source.book.auth and not tenant.may_use(name):
+            raise permission_denied(tenant, name)
+        anyone = "" if not self.tenancy.source.book.auth else tenant.name
+        facts = Facts(anyone, "", uuid.uuid4().hex, tenant.priority(0), 0, call.metadata)
+        hops = policy.plan(facts).hops
+        if not hops:
+            raise ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                f"route {name!r} has no target for "
+                "this request (no rule matched, no weighted targets)",
+                "NO_TARGET",
+            )
+        trace.get_current_span().set_attribute("meshserve.route", name)
+        return tenant, [h.model for h in hops]
+
+    def _model(self, tenant: Tenant, name: str, routed: bool = False) -> Route:
+        book = self.tenancy.source.book
         route = self.table.current.resolve(name)
-        if book.auth and not tenant.may_use(name, route.spec.name if route else ""):
+        if book.auth and not routed and not tenant.may_use(name, route.spec.name if route else ""):
             raise permission_denied(tenant, name)
         if route is None:
             known = [n for n, r in self.table.current.routes.items() if tenant.may_use(n)]
             raise not_found_model(name, known)
         trace.get_current_span().set_attribute("meshserve.tenant", tenant.name)
-        return tenant, route
+        return route
 
     # --- Generate ----------------------------------------------------------------------------
 
@@ -116,12 +135,16 @@ class RouterInference:
         span.set_attribute("gen_ai.request.model", request.model)
         policy = self.routes.get(request.model)
         if policy is not None:  # a route's name: its plan's hops (routes.py)
-            async for message in self.routed.generate(policy, request, call):
-                yield message
+            routed = self.routed.generate(policy, request, call)
+            async with contextlib.aclosing(routed):  # closed in this task, however it ends
+                async for message in routed:
+                    yield message
             return
         tenant, route = self.enter(call, request.model)
-        async for message in self._generate_on(request, route, call, tenant):
-            yield message
+        plain = self._generate_on(request, route, call, tenant)
+        async with contextlib.aclosing(plain):
+            async for message in plain:
+                yield message
 
     async def _generate_on(
         self,
@@ -160,9 +183,10 @@ class RouterInference:
             else:
                 upstream = self.relay.generate(request, route, call, who, wait_s)
             try:
-                async for message in upstream:
-                    messages.append(message)
-                    yield message
+                async with contextlib.aclosing(upstream):  # its slot goes back now, in this task
+                    async for message in upstream:
+                        messages.append(message)
+                        yield message
             finally:
                 used.usage = usage_of(messages)
                 used.gpu_seconds = gpu_seconds_of(messages)
@@ -184,34 +208,25 @@ class RouterInference:
             )
         return self.routes.status(request.route, self.config.router_id)
 
-    def _hops(self, policy: Policy, tenant: Tenant, call: Call) -> tuple[Hop, ...]:
-        facts = Facts(tenant.name, "", "", tenant.priority(0), 0, call.metadata)
-        return policy.plan(facts).hops
-
-    def hops(self, call: Call, name: str) -> int:
-        """How many models a unary call to ``name`` may try: a route's hops, else 1."""
-        policy = self.routes.get(name)
-        return len(self._hops(policy, self.identify(call), call)) if policy else 1
-
     # --- Embed, Infer, ListModels ---------------------------------------------------------
 
     async def embed(
         self, request: inference_pb2.EmbedRequest, call: Call
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
-        hops, name = self.hops(call, request.model), request.model
-        for hop in range(hops):  # a route's fallbacks in order (routed.falls_back)
-            tenant, route = self.enter(call, name, hop)
-            who = Who(tenant.name, tenant.priority(0), tenant.weight)
+        tenant, models = self.targets(call, request.model)
+        for i, model in enumerate(models):  # a route's fallbacks in order (routed.falls_back)
             try:
+                route = self._model(tenant, model, routed=len(models) > 1 or model != request.model)
+                who = Who(tenant.name, tenant.priority(0), tenant.weight)
                 reply: inference_pb2.EmbedResponse = await self._unary(
                     "Embed", request, route, call, tenant, who
                 )
                 return reply
             except ServiceError as e:
-                if hop == hops - 1 or not falls_back(e, call):
+                if i == len(models) - 1 or not falls_back(e, call):
                     raise
-        raise AssertionError("unreachable: the last hop returns or raises")
+        raise AssertionError("unreachable: the last model returns or raises")
 
     async def infer(
         self, request: inference_pb2.InferRequest, call: Call
@@ -219,25 +234,26 @@ class RouterInference:
         """A tensor model's request: checked here when the model's signature is known (the
         agent checks it again), then sent to a replica like Embed (any failure before a reply
         is retried elsewhere: inference on tensors has no side effects)."""
-        hops, name, priority = self.hops(call, request.model), request.model, request.priority
-        for hop in range(hops):  # a route's fallbacks in order (routed.falls_back)
-            tenant, route = self.enter(call, name, hop)
-            if route.spec.engine_args.get("task") != "classify":
-                raise not_a_tensor_model(route.spec.name)
-            if route.signature is not None:
-                check_inputs(route.spec.name, request.inputs, request.outputs, route.signature)
-            asked = tenant.priority(priority) if self.config.fair_queueing else 0
-            request.priority = asked  # type: ignore[assignment]
-            who = Who(tenant.name, request.priority, tenant.weight)
+        tenant, models = self.targets(call, request.model)
+        priority = request.priority
+        for i, model in enumerate(models):  # a route's fallbacks in order (routed.falls_back)
             try:
+                route = self._model(tenant, model, routed=len(models) > 1 or model != request.model)
+                if route.spec.engine_args.get("task") != "classify":
+                    raise not_a_tensor_model(route.spec.name)
+                if route.signature is not None:
+                    check_inputs(route.spec.name, request.inputs, request.outputs, route.signature)
+                asked = tenant.priority(priority) if self.config.fair_queueing else 0
+                request.priority = asked  # type: ignore[assignment]
+                who = Who(tenant.name, request.priority, tenant.weight)
                 reply: inference_pb2.InferResponse = await self._unary(
                     "Infer", request, route, call, tenant, who
                 )
                 return reply
             except ServiceError as e:
-                if hop == hops - 1 or not falls_back(e, call):
+                if i == len(models) - 1 or not falls_back(e, call):
                     raise
-        raise AssertionError("unreachable: the last hop returns or raises")
+        raise AssertionError("unreachable: the last model returns or raises")
 
     async def _unary(
         self,
