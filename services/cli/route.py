@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -17,6 +17,7 @@ from meshserve.v1 import router_pb2
 from rich.table import Table
 
 app = typer.Typer()
+T = TypeVar("T")
 
 
 @app.command("explain-route")
@@ -32,18 +33,24 @@ def explain_route(
     if not 1 <= last <= 256:
         raise fail(f"--last must be in 1..256, got {last}")
     answers = asyncio.run(_ask(default_etcd(etcd), prefix, router, model, last, api_key))
-    if not answers:
-        raise fail("no router is running (none publishes demand in etcd)")
-    for address, got in answers:
-        if isinstance(got, str):
-            console.print(f"[yellow]router at {address}: {got}[/yellow]")
-            continue
+    for got in answered(answers):
         if not got.decisions:
             console.print(f"router {got.router_id}: no decision for {model!r} yet")
         for d in got.decisions:
             console.print(render(got.router_id, d))
     if all(isinstance(got, str) for _address, got in answers):
         raise typer.Exit(1)  # no router answered (each said why above)
+
+
+def answered(answers: list[tuple[str, T | str]]) -> Iterator[T]:
+    """The routers' answers; each failure said as it comes, none at all refused."""
+    if not answers:
+        raise fail("no router is running (none publishes demand in etcd)")
+    for address, got in answers:
+        if isinstance(got, str):
+            console.print(f"[yellow]router at {address}: {got}[/yellow]")
+        else:
+            yield got
 
 
 def render(router_id: str, d: router_pb2.RouteDecision) -> Table:
@@ -90,9 +97,6 @@ async def router_addresses(etcd: str, prefix: str, router: str) -> list[str]:
     finally:
         await client.close()
     return sorted({e.value.address for e in entries if e.value.address})
-
-
-T = TypeVar("T")
 
 
 async def ask_routers(

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from meshserve.cli.common import SERVICE, Etcd, Prefix, console, default_etcd, fail
 from meshserve.cli.inspect import ApiKey, bearer
-from meshserve.cli.route import ask_routers
+from meshserve.cli.route import answered, ask_routers
 from meshserve.v1 import cluster_pb2, router_pb2
 from rich.table import Table
 
@@ -117,12 +117,7 @@ def route_status(
     """NAME's targets side by side per router: requests, errors, fallbacks, TTFT and e2e p50/p99,
     tokens/s."""
     answers = asyncio.run(_status(default_etcd(etcd), prefix, router, name, api_key))
-    if not answers:
-        raise fail("no router is running (none publishes demand in etcd)")
-    for address, got in answers:
-        if isinstance(got, str):
-            console.print(f"[yellow]router at {address}: {got}[/yellow]")
-            continue
+    for got in answered(answers):
         t = Table(title=f"route {name} · router {got.router_id}", title_justify="left")
         for col in ("target", "role", "requests", "errors", "fell back", "TTFT p50", "TTFT p99",
                     "e2e p50", "e2e p99", "tokens/s"):  # fmt: skip

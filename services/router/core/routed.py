@@ -59,10 +59,7 @@ HAND_ON_S = 0.5  # less left of the caller's deadline than this: no next hop is 
 
 
 def falls_back(e: ServiceError, call: Call) -> bool:
-    if e.code not in FALLS_BACK or e.reason in CALLERS_LIMITS:
-        return False
-    left = call.remaining_s()
-    return left is None or left > HAND_ON_S  # the caller's deadline (nearly) passed
+    return e.code in FALLS_BACK and e.reason not in CALLERS_LIMITS and _time_left(call)
 
 
 REFUSED = {
@@ -73,8 +70,30 @@ REFUSED = {
 
 
 def _time_left(call: Call) -> bool:
+    """Enough of the caller's deadline left to start another model."""
     left = call.remaining_s()
     return left is None or left > HAND_ON_S
+
+
+def facts(
+    tenant: Tenant,
+    auth: bool,
+    call: Call,
+    session_key: str = "",
+    request_id: str = "",
+    priority: int = 0,
+    chars: int = 0,
+) -> Facts:
+    """What a route reads of a request. Without auth every caller is the same "tenant", so
+    stickiness falls to the session key, else the request (a fresh draw), not one key for all."""
+    return Facts(
+        tenant.name if auth else "",
+        session_key,
+        request_id or uuid.uuid4().hex,
+        tenant.priority(priority),
+        chars,
+        call.metadata,
+    )
 
 
 def fresh(call: Call) -> None:
@@ -113,18 +132,17 @@ class RoutedGenerate:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
-        # Without auth every caller is the same "tenant": stickiness falls to the session key,
-        # else the request (a fresh draw), not one key for everyone.
-        anyone = tenant.name if self.tenancy.source.book.auth else ""
-        facts = Facts(
-            anyone,
-            request.session_key,
-            request.request_id,
-            tenant.priority(request.priority),
-            chars,
-            call.metadata,
+        plan = policy.plan(
+            facts(
+                tenant,
+                self.tenancy.source.book.auth,
+                call,
+                request.session_key,
+                request.request_id,
+                request.priority,
+                chars,
+            )
         )
-        plan = policy.plan(facts)
         span.set_attribute("meshserve.route", plan.route)
         if plan.rule:
             span.set_attribute("meshserve.route.rule", plan.rule)
@@ -312,10 +330,9 @@ class RoutedGenerate:
                 messages.append(message)
             stats.ended(True, first, time.perf_counter() - started, usage_of(messages)[1])
         except ServiceError as e:  # recorded, never raised: nobody waits for a shadow
+            # Shed for real traffic, or out of time: not the candidate's fault.
             if e.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                stats.skipped += (
-                    1  # shed for real traffic, or out of time: not the candidate's fault
-                )
+                stats.skipped += 1
             else:
                 stats.ended(False, first, time.perf_counter() - started, 0)
         except Exception:

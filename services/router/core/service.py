@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from meshserve.router.config import RouterConfig
@@ -26,12 +26,12 @@ from meshserve.router.core.decisions import to_proto as decision_proto
 from meshserve.router.core.external import External
 from meshserve.router.core.genai import genai_attributes
 from meshserve.router.core.relay import Relay
-from meshserve.router.core.routed import RoutedGenerate, falls_back
+from meshserve.router.core.routed import RoutedGenerate, facts, falls_back
 from meshserve.router.core.routes import Routes
 from meshserve.router.core.table import EndpointTable
 from meshserve.router.core.unary import Unary
 from meshserve.router.routing.endpoints import Route
-from meshserve.router.routing.routes import Facts, Hop
+from meshserve.router.routing.routes import Hop
 from meshserve.router.tenancy.gate import caller, permission_denied
 from meshserve.router.tenancy.tenants import Tenant
 from meshserve.router.tenancy.usage import to_proto
@@ -42,6 +42,8 @@ from meshserve.tensors import check_inputs, not_a_tensor_model
 from meshserve.v1 import cluster_pb2, inference_pb2, router_pb2
 from meshserve.validation import check_embed, check_generate
 from opentelemetry import trace
+
+T = TypeVar("T")
 
 
 class RouterInference:
@@ -91,6 +93,20 @@ class RouterInference:
         tenant, models = self.targets(call, name)
         return tenant, self._model(tenant, models[0], routed=models[0] != name)
 
+    async def _each_target(
+        self, call: Call, name: str, one: Callable[[Tenant, Route], Awaitable[T]]
+    ) -> T:
+        """``one(tenant, route)`` on ``name``'s model, or on a route's models in order while a
+        model fails before it answers in a way the next may not (routed.falls_back)."""
+        tenant, models = self.targets(call, name)
+        for i, model in enumerate(models):
+            try:
+                return await one(tenant, self._model(tenant, model, routed=model != name))
+            except ServiceError as e:
+                if i == len(models) - 1 or not falls_back(e, call):
+                    raise
+        raise AssertionError("unreachable: the last model returns or raises")
+
     def targets(self, call: Call, name: str) -> tuple[Tenant, list[str]]:
         """The caller's tenant and the models a call to ``name`` may try, in order: ``name``
         itself, or a route's plan for this call (rules, weights, fallbacks; routes.py). A tenant
@@ -102,9 +118,7 @@ class RouterInference:
             return tenant, [name]
         if self.tenancy.source.book.auth and not tenant.may_use(name):
             raise permission_denied(tenant, name)
-        anyone = "" if not self.tenancy.source.book.auth else tenant.name
-        facts = Facts(anyone, "", uuid.uuid4().hex, tenant.priority(0), 0, call.metadata)
-        hops = policy.plan(facts).hops
+        hops = policy.plan(facts(tenant, self.tenancy.source.book.auth, call)).hops
         if not hops:
             raise ServiceError(
                 grpc.StatusCode.NOT_FOUND,
@@ -214,19 +228,15 @@ class RouterInference:
         self, request: inference_pb2.EmbedRequest, call: Call
     ) -> inference_pb2.EmbedResponse:
         check_embed(request)
-        tenant, models = self.targets(call, request.model)
-        for i, model in enumerate(models):  # a route's fallbacks in order (routed.falls_back)
-            try:
-                route = self._model(tenant, model, routed=len(models) > 1 or model != request.model)
-                who = Who(tenant.name, tenant.priority(0), tenant.weight)
-                reply: inference_pb2.EmbedResponse = await self._unary(
-                    "Embed", request, route, call, tenant, who
-                )
-                return reply
-            except ServiceError as e:
-                if i == len(models) - 1 or not falls_back(e, call):
-                    raise
-        raise AssertionError("unreachable: the last model returns or raises")
+
+        async def one(tenant: Tenant, route: Route) -> inference_pb2.EmbedResponse:
+            who = Who(tenant.name, tenant.priority(0), tenant.weight)
+            reply: inference_pb2.EmbedResponse = await self._unary(
+                "Embed", request, route, call, tenant, who
+            )
+            return reply
+
+        return await self._each_target(call, request.model, one)
 
     async def infer(
         self, request: inference_pb2.InferRequest, call: Call
@@ -234,26 +244,22 @@ class RouterInference:
         """A tensor model's request: checked here when the model's signature is known (the
         agent checks it again), then sent to a replica like Embed (any failure before a reply
         is retried elsewhere: inference on tensors has no side effects)."""
-        tenant, models = self.targets(call, request.model)
         priority = request.priority
-        for i, model in enumerate(models):  # a route's fallbacks in order (routed.falls_back)
-            try:
-                route = self._model(tenant, model, routed=len(models) > 1 or model != request.model)
-                if route.spec.engine_args.get("task") != "classify":
-                    raise not_a_tensor_model(route.spec.name)
-                if route.signature is not None:
-                    check_inputs(route.spec.name, request.inputs, request.outputs, route.signature)
-                asked = tenant.priority(priority) if self.config.fair_queueing else 0
-                request.priority = asked  # type: ignore[assignment]
-                who = Who(tenant.name, request.priority, tenant.weight)
-                reply: inference_pb2.InferResponse = await self._unary(
-                    "Infer", request, route, call, tenant, who
-                )
-                return reply
-            except ServiceError as e:
-                if i == len(models) - 1 or not falls_back(e, call):
-                    raise
-        raise AssertionError("unreachable: the last model returns or raises")
+
+        async def one(tenant: Tenant, route: Route) -> inference_pb2.InferResponse:
+            if route.spec.engine_args.get("task") != "classify":
+                raise not_a_tensor_model(route.spec.name)
+            if route.signature is not None:
+                check_inputs(route.spec.name, request.inputs, request.outputs, route.signature)
+            asked = tenant.priority(priority) if self.config.fair_queueing else 0
+            request.priority = asked  # type: ignore[assignment]
+            who = Who(tenant.name, request.priority, tenant.weight)
+            reply: inference_pb2.InferResponse = await self._unary(
+                "Infer", request, route, call, tenant, who
+            )
+            return reply
+
+        return await self._each_target(call, request.model, one)
 
     async def _unary(
         self,
