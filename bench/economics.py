@@ -16,7 +16,8 @@ Workloads (bench/scenarios/, data):
 Policies: ``dedicated`` (each model on GPUs of its own, sized for its peak), ``lru`` and
 ``cost_aware`` (the scheduler with that eviction order, no background re-pack), ``repack``
 (cost-aware with background re-pack: at most 2 moves a minute, when fragmentation wastes more
-than 1 GPU), ``default`` (the scheduler's default profile), ``default_warm_host`` (the same with
+than 1 GPU: the default until 2026-12-05), ``default`` (the scheduler's default profile: re-pack
+when fragmentation wastes any GPU), ``default_warm_host`` (the same with
 every model opted in to `warm_in: host`: idle minimums sleep in CPU RAM, restores charged to
 TTFT). Rows: GPU-hours, saved vs
 dedicated, mean and peak GPUs, SLO miss (TTFT), cold starts, bytes moved onto GPUs, re-pack

@@ -142,10 +142,12 @@ def repack(
     more than ``slack`` GPUs, empty the least-used devices into other used devices on *other*
     nodes, at most ``budget`` replicas moved in all. Only ``settled`` replicas move (READY and
     placed before this round), each model at most once, none already moving; gangs and `spread`
-    models stay. Each move is made before it breaks: the caller keeps the old replica placed
-    until the new one is READY (`Placer`), so a move never takes a model below its READY
-    replicas. At most REPACK_TRIES devices are tried per round (rounds stay cheap when nothing
-    can move)."""
+    models stay. A device holding more replicas than the budget has left is emptied over several
+    rounds: all of its moves must be possible now, the first ones within the budget are made, and
+    the rest wait for the next minute's budget (the device, now the least used, comes first
+    again). Each move is made before it breaks: the caller keeps the old replica placed until
+    the new one is READY (`Placer`), so a move never takes a model below its READY replicas. At
+    most REPACK_TRIES devices are tried per round (rounds stay cheap when nothing can move)."""
     st = pipe.st
     moves: list[Move] = []
     moving = {model for model, _node in st.leaving}
@@ -155,7 +157,7 @@ def repack(
         done = None
         for d in sorted(used, key=lambda d: (st.capacity[d] - st.free[d], d)):
             movers = _movers(pipe, d)
-            if len(movers) > budget - len(moves) or any(
+            if any(
                 _stays(pipe, x) or x in moving or (x, st.dev_node[d]) not in settled for x in movers
             ):
                 continue
@@ -165,9 +167,20 @@ def repack(
                 break
         if done is None:
             break
+        done = _within(pipe, d, done, budget - len(moves))
         moves += done
         moving.update(m for m, *_rest in done)
     return moves
+
+
+def _within(pipe: Pipeline, d: int, done: list[Move], left: int) -> list[Move]:
+    """The first ``left`` of a device's moves; the others undone (they wait on ``d``)."""
+    st = pipe.st
+    for model, node_id, _d, to in done[left:]:
+        m = st.models[model]
+        st.unbind(model, to)
+        st.bind(m, node_id, (d,))
+    return done[:left]
 
 
 def _move_off(

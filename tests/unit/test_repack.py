@@ -110,3 +110,29 @@ def test_only_settled_replicas_move_and_a_moving_one_keeps_its_memory() -> None:
     assert ("m0", "n0") not in plan.repacked and "m0" not in {m for m, _ in plan.repacked}
     assert "big" not in plan.assignments.get("n0", frozenset())
     assert holders(plan, "m0") == {"n0", "n1"}  # the old one serves until the new is READY
+
+
+def test_a_device_with_more_replicas_than_the_budget_is_emptied_over_several_rounds() -> None:
+    # n0 holds three 4 GiB models; n1 and n2 a 30 GiB one each: n0 could be emptied into the
+    # others (one GPU wasted) but takes three moves, more than a round's budget of two.
+    snap = replace(
+        snapshot(
+            [node(f"n{i}", 40) for i in range(3)],
+            [model("a", 4), model("b", 4), model("c", 4), model("big1", 30), model("big2", 30)],
+            current={"n0": {"a", "b", "c"}, "n1": {"big1"}, "n2": {"big2"}},
+        ),
+        repack_budget=2,
+    )
+    snap = replace(snap, ready=frozenset((m, n) for n, ms in snap.current.items() for m in ms))
+    tight = replace(REPACK, repack_slack_gpus=0)
+    first = place(snap, tight)
+    assert len(first.repacked) == 2  # the budget: two now, the third waits on n0
+    assert {o for _m, o in first.repacked} == {"n0"}
+    # The moves finished (new replicas READY, old ones let go); the next minute's budget.
+    moved = {m for m, _o in first.repacked}
+    current = {n: frozenset(ms - moved if n == "n0" else ms) for n, ms in first.assignments.items()}
+    ready = frozenset((m, n) for n, ms in current.items() for m in ms)
+    second = place(replace(snap, current=current, ready=ready), tight)
+    ((last, old),) = second.repacked
+    assert old == "n0" and last not in moved
+    assert not (second.assignments.get("n0", frozenset()) - {last})  # n0 only keeps the mover

@@ -102,7 +102,7 @@ def test_background_repack_recovers_what_incremental_rounds_leave_fragmented(sce
     )
     on = simulate(scenario, "meshserve", hours=24, seed=0, profile=Profile())
     assert len(off.replan_samples) == 96  # every 15 simulated minutes
-    assert off.fragmentation_gpus > 0.5 and off.repack_moves == 0
+    assert off.fragmentation_gpus > 0.15 and off.repack_moves == 0
     assert 0 < on.repack_moves <= 24 * 60 * 2  # within the budget of 2 a minute
     assert on.fragmentation_gpus < 0.5 * off.fragmentation_gpus
     assert on.gpu_hours < off.gpu_hours
@@ -117,3 +117,33 @@ def test_the_day_starts_from_a_fleet_already_loaded_as_the_dedicated_one_does(sc
     assert cold.cold_start_misses > 0 and cold.loads > 0
     assert warm.cold_start_misses == 0
     assert warm.requests == pytest.approx(cold.requests, rel=0.01)
+
+
+def test_the_router_sends_less_to_a_replica_whose_device_serves_other_models_too() -> None:
+    """Least-loaded routing, as the simulator models it: a model with one replica beside a busy
+    neighbour and one alone sends the lone one more, so the shared device is not saturated by
+    an even split (what made the market day's hottest model miss its SLO)."""
+    from meshserve.scheduler.sim import serving
+    from meshserve.scheduler.sim import simulator as sim
+    from meshserve.scheduler.sim.records import SimReplica
+
+    doc = yaml.safe_load(SCENARIO.read_text())
+    doc["models"] = [
+        {"name": "hot", "memory_gb": 8, "min_replicas": 2, "peak_rps": 1, "tokens_per_request": 1,
+         "shape": "constant"},
+        {"name": "busy", "memory_gb": 8, "min_replicas": 1, "peak_rps": 1, "tokens_per_request": 1,
+         "shape": "constant"},
+    ]  # fmt: skip
+    sc = load_scenario(doc, "two")
+    fleet = sim._Fleet(sc)
+    a, b = "n0-g0", "n1-g0"
+    ready = {
+        "hot": [SimReplica("n0", (a,), 0.0), SimReplica("n1", (b,), 0.0)],
+        "busy": [SimReplica("n0", (a,), 0.0)],
+    }
+    rates = {"hot": 10_000.0, "busy": 9_000.0}  # tokens/s: capacity is 15,000 a GPU
+    load: dict[str, float] = {}
+    serving.route(fleet.devices, {m.name: m for m in sc.models}, rates, ready, load)
+    assert load[a] + load[b] == pytest.approx(19_000.0)  # nothing lost
+    assert load[a] < 9_000 + 5_000 - 1_000  # an even split would put 14,000 (93 %) on a
+    assert load[b] > 5_000 + 1_000

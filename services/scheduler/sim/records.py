@@ -9,13 +9,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from meshserve.scheduler.latency import BASE_TTFT_S
 from meshserve.scheduler.sim.scenario import Scenario, SimModel
 from meshserve.v1 import cluster_pb2
 from meshserve.weights import need_bytes
 
 UTILIZATION_TARGET = 0.6  # autoscaler: requests/s per replica = capacity x this
 HOST_BYTES = 256 * 10**9  # CPU RAM per node for offloaded models
-BASE_TTFT_S = 0.15  # prefill + scheduling at no load
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,11 @@ Model of the world, kept deliberately simple and stated here so the numbers can 
 - Traffic: each model's rate is its peak x a daily shape (SHAPES) x (1 +/- 10 %) noise, per step
   (60 s).
 - Capacity: a GPU generates `throughput_tokens_per_s` tokens/s shared by the replicas on it; a
-  request costs `tokens_per_request` tokens; a replica's share of the model's traffic is even.
-- Latency: continuous batching makes a GPU an M/M/c queue with c = BATCH_SLOTS sequences and a
-  prefill time BASE_TTFT_S; load = utilization u of the busiest device of the model's ready
-  replicas. Waiting probability u^sqrt(2(c+1)) (Sakasegawa), waits exponential with rate
-  c(1 - u)/BASE_TTFT_S; a request misses when BASE_TTFT_S + wait exceeds the SLO. u >= 1 serves
-  1/u of the demand and the rest misses.
+  request costs `tokens_per_request` tokens; the router's least-loaded choice gives a replica
+  whose device also serves other models a smaller share of its model's traffic (serving.py).
+- Latency: `scheduler/latency.py`'s queue law (the one the SLO-aware autoscaler predicts with)
+  at the utilization u of the busiest device of the model's ready replicas; a request misses
+  when its TTFT exceeds the SLO. u >= 1 serves 1/u of the demand and the rest misses.
 - Loads: a replica becomes ready after its weights arrive from where they wait (CPU RAM at
   PCIe speed, local disk, or the source) plus warm-up; requests for a model with no ready replica
   wait for the first one (a cold start) and miss when that wait exceeds the SLO.
@@ -35,7 +34,6 @@ from meshserve.scheduler.placement import place
 from meshserve.scheduler.profile import Profile
 from meshserve.scheduler.repack import Repacks
 from meshserve.scheduler.sim.records import (
-    BASE_TTFT_S,
     Gpu,
     SimReplica,
     cluster_records,
@@ -46,12 +44,12 @@ from meshserve.scheduler.sim.records import (
 )
 from meshserve.scheduler.sim.report import Result
 from meshserve.scheduler.sim.scenario import Scenario, SimModel
+from meshserve.scheduler.sim.serving import serve
 from meshserve.scheduler.snapshot import round_snapshot
 from meshserve.scheduler.views import DISK, HOST, Plan
 from meshserve.v1 import cluster_pb2
 from meshserve.weights import OVERHEAD_FRACTION
 
-BATCH_SLOTS = 16  # sequences a GPU decodes together
 WARMUP_S = 0.5  # warm-up requests before READY (a few short generations)
 
 
@@ -92,57 +90,6 @@ def dedicated_replicas(m: SimModel, sc: Scenario, device_bytes: int) -> int:
     throughput = min(g.throughput_tokens_per_s for g in sc.groups) * gpus_for(m, device_bytes)
     peak = max(m.rate(h / 4) for h in range(96)) * m.tokens_per_request
     return max(1, m.min_replicas, math.ceil(peak / (throughput * DEDICATED_UTILIZATION)))
-
-
-def _serve(
-    sc: Scenario,
-    fleet: _Fleet,
-    rates: Mapping[str, float],
-    ready: Mapping[str, list[SimReplica]],
-    dt: float,
-    res: Result,
-    delays: list[tuple[float, float]],
-    load: dict[str, float],
-) -> dict[str, float]:
-    """One step of serving; returns each model's TTFT p99 for the autoscaler and leaves each
-    device's token load in ``load`` (the agents' decode rates for the next round)."""
-    models = {m.name: m for m in sc.models}
-    load.clear()
-    for name, reps in ready.items():
-        if not reps:
-            continue
-        per = rates[name] / len(reps) * models[name].tokens_per_request
-        for r in reps:
-            for d in r.devices:
-                load[d] = load.get(d, 0.0) + per / len(r.devices)
-    served_tokens = 0.0
-    p99: dict[str, float] = {}
-    for m in sc.models:
-        n = rates[m.name] * dt
-        reps = ready.get(m.name, [])
-        if not reps or n <= 0:
-            continue
-        u = max(load[d] / fleet.devices[d].tokens_per_s for r in reps for d in r.devices)
-        res.requests += n
-        if u >= 0.999:
-            served = n / u
-            res.slo_misses += n - served
-            res.misses_by_model[m.name] = res.misses_by_model.get(m.name, 0.0) + n - served
-            delays.append((10.0, n))
-            p99[m.name] = 10.0
-            served_tokens += served * m.tokens_per_request
-            continue
-        waits = u ** math.sqrt(2 * (BATCH_SLOTS + 1))  # probability a request waits at all
-        rate = BATCH_SLOTS * (1 - u) / BASE_TTFT_S  # of the exponential wait
-        slack = max(0.0, sc.slo_ttft_s - BASE_TTFT_S)
-        missed = n * waits * math.exp(-rate * slack)
-        res.slo_misses += missed
-        res.misses_by_model[m.name] = res.misses_by_model.get(m.name, 0.0) + missed
-        delays.append((waits / rate, n))
-        p99[m.name] = BASE_TTFT_S + (math.log(100 * waits) / rate if 100 * waits > 1 else 0.0)
-        served_tokens += n * m.tokens_per_request
-    res.served_tokens += served_tokens
-    return p99
 
 
 def simulate(
@@ -233,7 +180,7 @@ def simulate(
             out_delays.append((min(wait - early / 2, 600.0), cold))
             serving[name] = rates[name] * (step_s - early) / step_s
             ready[name] = [r for r in w.replicas[name] if r.ready_at < t + step_s]
-        w.p99 = _serve(sc, fleet, serving, ready, step_s, out, out_delays, w.device_load)
+        w.p99 = serve(sc, fleet.devices, serving, ready, step_s, out, out_delays, w.device_load)
         used_devices: dict[str, int] = {}
         for name, reps in w.replicas.items():
             share = models[name].memory_bytes
