@@ -5,6 +5,11 @@ recommendation = max(⌈rate / target_rps⌉, ⌈in_flight / target_in_flight⌉
 queued, in flight or was requested within the idle timeout), +1 while the TTFT p99 is above the
 model's SLO or while a GPU serving it is saturated, and what a router's wake asked for (one more
 than was placed when it asked); clamped to [min_replicas, max_replicas].
+SLO-aware (`ScalePolicy.slo_quantile`, where the model has an SLO and its devices report their
+throughput): the rate threshold gives way to a prediction — the fewest replicas at which the
+queue law (`latency.py`) puts the TTFT quantile within the SLO on its busiest device, with that
+device's other load as measured (`pressure.py`) — so a model scales on the latency it will give,
+up before the SLO is missed and never down into a miss.
 Up at once (after a short cooldown, so one burst adds one step at a time; a wake skips it);
 down only after the recommendation stayed lower for `scale_down_delay_s` (Kubernetes HPA's
 stabilization window), to the highest recommendation seen in that window. Zero after
@@ -17,6 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from meshserve.scheduler.latency import QueueLaw
 
 DEFAULT_IDLE_S = 300.0
 DEFAULT_DOWN_DELAY_S = 120.0
@@ -37,6 +44,11 @@ class Load:
     # then + 1; taken at once, without the up cooldown (a restore from CPU RAM takes well under
     # a second, and the router judged it faster than queueing)
     wake_to: int = 0
+    # the model's decode rate, and its busiest device's other load and capacity (pressure.py)
+    tokens_per_s: float = 0.0
+    others_tokens_per_s: float = 0.0
+    capacity_tokens_per_s: float = 0.0
+    devices_per_replica: int = 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,9 @@ class ScalePolicy:
     busy_gpu: float = 0.95  # a replica's GPU busier than this adds a replica (0: off)
     idle_timeout_s: float = DEFAULT_IDLE_S
     scale_down_delay_s: float = DEFAULT_DOWN_DELAY_S
+    slo_quantile: float = 0.0  # SLO-aware: this TTFT quantile within slo_ttft_s (0: off)
+    slo_headroom: float = 0.1  # ... for this much more traffic than measured (growth, noise)
+    law: QueueLaw = field(default_factory=QueueLaw)
 
 
 @dataclass(frozen=True)
@@ -63,7 +78,10 @@ def recommend(policy: ScalePolicy, load: Load, current: int, now: float) -> int:
     active = load.queued > 0 or load.in_flight > 0
     recent = load.last_request > 0 and now - load.last_request < policy.idle_timeout_s
     want = 1 if active or recent else 0
-    if policy.target_rps > 0:
+    predicted = slo_replicas(policy, load, current)
+    if predicted is not None:
+        want = max(want, predicted)
+    elif policy.target_rps > 0:
         want = max(want, math.ceil(load.rate / policy.target_rps - 1e-9))
     if policy.target_in_flight > 0:
         want = max(want, math.ceil(load.in_flight / policy.target_in_flight))
@@ -72,6 +90,28 @@ def recommend(policy: ScalePolicy, load: Load, current: int, now: float) -> int:
     if policy.busy_gpu > 0 and current > 0 and active and load.gpu_utilization > policy.busy_gpu:
         want = max(want, current + 1)  # saturated GPUs queue requests before latency shows it
     return clamp(policy, max(want, load.wake_to))
+
+
+SLO_SEARCH = 16  # replicas beyond the current ones a prediction looks at
+
+
+def slo_replicas(policy: ScalePolicy, load: Load, current: int) -> int | None:
+    """The fewest replicas whose busiest device keeps the TTFT ``slo_quantile`` within the SLO
+    by the queue law, the model's rate split evenly over them beside the device's other load;
+    None where no prediction can be made (off, no SLO, nothing measured, or no replica now).
+    Where even many more would not do (the device's other load alone is too much), one more."""
+    if not (policy.slo_quantile and policy.slo_ttft_s and current):
+        return None
+    if load.capacity_tokens_per_s <= 0 or load.tokens_per_s <= 0:
+        return None
+    grow = 1 + policy.slo_headroom
+    per_device = grow * load.tokens_per_s / max(1, load.devices_per_replica)
+    others = grow * load.others_tokens_per_s
+    for k in range(1, current + SLO_SEARCH + 1):
+        u = (others + per_device / k) / load.capacity_tokens_per_s
+        if policy.law.quantile(u, policy.slo_quantile) <= policy.slo_ttft_s:
+            return k
+    return current + 1
 
 
 def clamp(policy: ScalePolicy, n: int) -> int:
@@ -123,5 +163,9 @@ def merge(loads: Iterable[Load]) -> Load:
             max(out.ttft_p99_s, x.ttft_p99_s),
             max(out.gpu_utilization, x.gpu_utilization),
             max(out.wake_to, x.wake_to),
+            max(out.tokens_per_s, x.tokens_per_s),
+            max(out.others_tokens_per_s, x.others_tokens_per_s),
+            max(out.capacity_tokens_per_s, x.capacity_tokens_per_s),
+            max(out.devices_per_replica, x.devices_per_replica),
         )
     return out

@@ -239,6 +239,8 @@ class SchedulerLoop:
             cordons,
             moving,
             self.repacks.budget(now),
+            self.profile.slo_quantile,
+            self.profile.latency,
         )
         self.placed_specs = {s.name: s for s in placed}  # the round's placements grant these
         return snap

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshserve.scheduler.latency import QueueLaw
 from meshserve.scheduler.plugins import FILTERS, SCORERS, VICTIM_ORDERS, ReloadCosts
 
 STRATEGIES = ("binpack", "spread")
@@ -50,6 +51,12 @@ class Profile:
     # 144.7), and the budget, not the slack, bounds the disruption.
     repack_moves_per_minute: int = 2
     repack_slack_gpus: int = 0
+    # SLO-aware autoscaling: a model with an SLO whose devices report their throughput gets the
+    # fewest replicas at which the queue law `latency` predicts this TTFT quantile within its SLO
+    # (instead of its rate threshold). 0: rate thresholds only. On by default (the p99):
+    # bench/economics.py, rows default vs rate_scaling.
+    slo_quantile: float = 0.99
+    latency: QueueLaw = field(default_factory=QueueLaw)
 
 
 def load_profile(doc: Mapping[str, Any] | None) -> Profile:
@@ -68,6 +75,8 @@ def load_profile(doc: Mapping[str, Any] | None) -> Profile:
         "compute_target",
         "repack_moves_per_minute",
         "repack_slack_gpus",
+        "slo_quantile",
+        "latency",
     }
     if unknown:
         raise ValueError(f"unknown profile keys {sorted(unknown)}")
@@ -93,6 +102,18 @@ def load_profile(doc: Mapping[str, Any] | None) -> Profile:
     if candidates < 1:
         raise ValueError("candidates must be >= 1")
     reload = ReloadCosts(**{k: float(v) for k, v in dict(doc.get("reload", {})).items()})
+    quantile = float(doc.get("slo_quantile", base.slo_quantile))
+    if not 0 <= quantile < 1:
+        raise ValueError(f"slo_quantile must be in [0, 1) (0.99: the p99), got {quantile}")
+    law = dict(doc.get("latency", {}))
+    if set(law) - {"slots", "base_ttft_s"}:
+        raise ValueError(f"unknown latency keys {sorted(set(law) - {'slots', 'base_ttft_s'})}")
+    latency = QueueLaw(
+        int(law.get("slots", base.latency.slots)),
+        float(law.get("base_ttft_s", base.latency.base_ttft_s)),
+    )
+    if latency.slots < 1 or latency.base_ttft_s <= 0:
+        raise ValueError("latency.slots must be >= 1 and latency.base_ttft_s > 0")
     return Profile(
         filters=filters,
         scorers=scorers,
@@ -105,6 +126,8 @@ def load_profile(doc: Mapping[str, Any] | None) -> Profile:
         compute_target=float(doc.get("compute_target", base.compute_target)),
         repack_moves_per_minute=_count(doc, "repack_moves_per_minute", base),
         repack_slack_gpus=_count(doc, "repack_slack_gpus", base),
+        slo_quantile=quantile,
+        latency=latency,
     )
 
 

@@ -16,6 +16,8 @@ from meshserve.scheduler.autoscale import (
     merge,
     step,
 )
+from meshserve.scheduler.latency import QueueLaw
+from meshserve.scheduler.pressure import Pressure, pressures
 from meshserve.scheduler.views import ClusterSnapshot, Device, ModelView, NodeView
 from meshserve.v1 import cluster_pb2, common_pb2
 from meshserve.weights import need_bytes
@@ -26,8 +28,12 @@ def warm_host(spec: cluster_pb2.ModelSpec) -> bool:
     return spec.warm_in == "host"
 
 
-def scale_policy(spec: cluster_pb2.ModelSpec) -> ScalePolicy:
+def scale_policy(
+    spec: cluster_pb2.ModelSpec, slo_quantile: float = 0.0, law: QueueLaw | None = None
+) -> ScalePolicy:
     return ScalePolicy(
+        slo_quantile=slo_quantile,
+        law=law or QueueLaw(),
         min_replicas=0 if warm_host(spec) else spec.min_replicas,
         max_replicas=spec.max_replicas,
         target_rps=spec.target_rps_per_replica,
@@ -66,6 +72,7 @@ def loads(
     ensured: Mapping[str, float],
     busy: Mapping[str, float] | None = None,
     wakes: Mapping[str, int] | None = None,
+    pressure: Mapping[str, Pressure] | None = None,
 ) -> dict[str, Load]:
     """Per model, every router's demand merged; an EnsureModel counts as a request at its time;
     ``busy`` (from `device_busy`) adds device saturation, ``wakes`` the replicas routers' wakes
@@ -88,6 +95,15 @@ def loads(
         per[model].append(Load(gpu_utilization=u))
     for model, n in (wakes or {}).items():
         per[model].append(Load(wake_to=n))
+    for model, p in (pressure or {}).items():
+        per[model].append(
+            Load(
+                tokens_per_s=p.tokens_per_s,
+                others_tokens_per_s=p.others_tokens_per_s,
+                capacity_tokens_per_s=p.capacity_tokens_per_s,
+                devices_per_replica=p.devices_per_replica,
+            )
+        )
     return {m: merge(xs) for m, xs in per.items()}
 
 
@@ -97,6 +113,8 @@ def autoscale(
     states: Mapping[str, ScaleState],
     placed: Mapping[str, int],
     now: float,
+    slo_quantile: float = 0.0,
+    law: QueueLaw | None = None,
 ) -> dict[str, ScaleState]:
     """The next ScaleState of every model. A model with no state yet (a new leader) starts from
     the replicas placed now, as if just changed, so a failover never scales down at once."""
@@ -109,7 +127,7 @@ def autoscale(
         if spec.unloaded_unix_ms and demand.last_request * 1000 <= spec.unloaded_unix_ms:
             out[spec.name] = ScaleState(0, now)  # unloaded, and nothing asked for it since
             continue
-        out[spec.name] = step(scale_policy(spec), demand, prev, now)
+        out[spec.name] = step(scale_policy(spec, slo_quantile, law), demand, prev, now)
     return out
 
 
@@ -160,6 +178,8 @@ def round_snapshot(
     cordons: Mapping[str, cluster_pb2.NodeCordon] | None = None,
     moving: frozenset[tuple[str, str]] = frozenset(),
     repack_budget: int = 0,
+    slo_quantile: float = 0.0,
+    law: QueueLaw | None = None,
 ) -> tuple[ClusterSnapshot, dict[str, ScaleState], list[cluster_pb2.ModelSpec]]:
     """One round's input to `place` from the cluster's records: the routers' demand merged with
     device saturation (`device_busy`), EnsureModel calls and wakes; adapters folded into their
@@ -167,13 +187,16 @@ def round_snapshot(
     state and the specs placed (bases with their adapters' room). The leader and the simulator
     (scheduler/sim) both decide through this, so the simulator judges the scheduler's code.
     ``moving`` and ``repack_budget``: the background re-pack's moves in flight and how many more
-    it may start (the caller's disruption budget)."""
+    it may start (the caller's disruption budget); ``slo_quantile`` and ``law``: SLO-aware
+    scaling (Profile.slo_quantile, Profile.latency)."""
+    replicas = list(replicas)
     busy = device_busy(nodes, placements)
-    load = loads(demands, ensured or {}, busy, wakes)
+    pressure = pressures(nodes, placements, replicas) if slo_quantile else None
+    load = loads(demands, ensured or {}, busy, wakes, pressure)
     # External models (engine external) are endpoints outside the mesh: nothing to place.
     served = [s for s in specs if s.engine != cluster_pb2.ENGINE_KIND_EXTERNAL]
     placed, load = with_adapters(served, load)
-    state = autoscale(placed, load, scale, placed_replicas(placements), now)
+    state = autoscale(placed, load, scale, placed_replicas(placements), now, slo_quantile, law)
     snap = build_snapshot(placed, nodes, replicas, placements, load, state, cordons, demands)
     return replace(snap, moving=moving, repack_budget=repack_budget), state, placed
 

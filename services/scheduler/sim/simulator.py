@@ -266,6 +266,8 @@ def _round(
         t,
         moving=moving,
         repack_budget=w.repacks.budget(t),
+        slo_quantile=profile.slo_quantile,
+        law=profile.latency,
     )
     plan = place(snap, profile)
     if t % REPLAN_EVERY_S == 0:  # what a full re-plan of the same demand would use
