@@ -87,6 +87,7 @@ class StatusPublisher:
         self._last_node: cluster_pb2.NodeStatus | None = None
         self._last_node_at = 0.0
         self.throughput = Throughput(config.decode_tokens_per_s)
+        self._preempted: dict[int, int] = {}  # engine → preemptions already counted
         self.artifacts: NodeCache | None = None  # the node's registry cache (published)
 
     # --- replicas ----------------------------------------------------------------------------
@@ -216,6 +217,10 @@ class StatusPublisher:
         self.throughput.observe(time.monotonic(), samples)
         for r, st in serving:
             assert r.engine is not None
+            seen = self._preempted.get(id(r.engine), 0)
+            if st.preempted > seen:
+                metrics.PREEMPTIONS.labels(r.spec.name).inc(st.preempted - seen)
+            self._preempted[id(r.engine)] = st.preempted
             s = r.status
             rate = round(self.throughput.replica_rate(r.spec.name), 1)
             busy = (st.running, st.waiting) != (s.running, s.waiting)

@@ -145,6 +145,11 @@ BAD_REQUESTS = Counter(
     "meshserve_undecodable_requests_total", "Requests whose bytes could not be parsed", ["method"]
 )
 TOKENS = Counter("meshserve_generated_tokens_total", "Tokens generated", ["model"])
+PREEMPTIONS = Counter(
+    "meshserve_engine_preemptions_total",
+    "Streams an engine preempted for a higher priority (they resume exactly, later)",
+    ["model"],
+)
 LOAD_SECONDS = Histogram(
     "meshserve_model_load_seconds", "Model load + warm-up time", ["model"], buckets=_LATENCY
 )

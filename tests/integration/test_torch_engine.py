@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 
 from meshserve.nodeagent.engines.base import NO_RESUME, EngineConfig, Logprob, Resume
 from meshserve.nodeagent.engines.params import GenerationParams
-from meshserve.nodeagent.engines.torch_decode import Stream, this_turn
+from meshserve.nodeagent.engines.torch_decode import Stream, admit, this_turn
 from meshserve.nodeagent.engines.torch_engine import TorchEngine
 from meshserve.rpc.errors import ServiceError
 from meshserve.v1 import cluster_pb2
@@ -85,6 +85,25 @@ async def test_a_turn_steps_streams_waiting_for_their_first_token_first() -> Non
     active = [old, batch_new, urgent_old, new, urgent_new]
     assert this_turn(active) == [urgent_new, urgent_old]  # the rest waits for its first token
     assert this_turn([old, batch_new, urgent_old]) == [urgent_old, old, batch_new]
+
+
+async def test_admission_takes_priorities_first_and_preempts_the_latest_lowest() -> None:
+    loop = asyncio.get_running_loop()
+
+    def stream(priority: int) -> Stream:
+        return Stream([1], GenerationParams(8, 0.0, 1.0, 0, None, (), True, priority), loop, None)
+
+    a, b, c = stream(0), stream(0), stream(1)
+    active: list[Stream] = []
+    inbox = [a, b, c]
+    assert admit(active, inbox, 2) == 0 and active == [c, a] and inbox == [b]
+    urgent = stream(2)
+    a.cache = "kv"
+    inbox.append(urgent)
+    # Full: urgent outranks a (the lowest running); a waits again ahead of b (it came first).
+    assert admit(active, inbox, 2) == 1
+    assert active == [c, urgent] and inbox == [a, b] and a.cache is None
+    assert admit(active, inbox, 2) == 0  # nothing waiting outranks what runs
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -285,4 +304,39 @@ async def test_a_full_disk_leaves_no_file_and_a_damaged_file_is_never_restored(
     copy.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="damaged"):
         await engine.restore()
+    await engine.unload()
+
+
+async def test_a_higher_priority_preempts_a_full_batch_and_the_stream_resumes_exactly(
+    demo_model: Path,
+) -> None:
+    """Token-level preemption: with the batch full (one place), a higher-priority request takes
+    the place of a running lower one at once instead of waiting for it to finish; the preempted
+    stream waits, re-reads its prompt and tokens when it runs again, and ends with exactly the
+    tokens it would have produced alone — greedy and seeded alike."""
+    engine = TorchEngine(EngineConfig(threads=1, max_batch=1))
+    await engine.load(cluster_pb2.ModelSpec(name="demo", source=str(demo_model)))
+    urgent = GenerationParams(8, 0.0, 1.0, 0, None, (), True, 2)
+    for low in (
+        GenerationParams(48, 0.0, 1.0, 0, None, (), True, 0),
+        GenerationParams(48, 0.8, 0.95, 40, 7, (), True, 0),
+    ):
+        alone = await tokens(engine, low)
+        got: list[int] = []
+        started = asyncio.Event()
+
+        async def run_low(params: GenerationParams, got: list[int], started: asyncio.Event) -> None:
+            async for chunk in engine.generate("Once upon a time", [], params):
+                got.extend(chunk.token_ids)
+                if len(got) >= 4:
+                    started.set()
+
+        task = asyncio.create_task(run_low(low, got, started))
+        await asyncio.wait_for(started.wait(), 60)
+        before = engine.stats().preempted
+        await asyncio.wait_for(tokens(engine, urgent), 60)
+        assert not task.done()  # the urgent one did not wait for the 48 tokens to finish
+        assert engine.stats().preempted == before + 1
+        await asyncio.wait_for(task, 60)
+        assert got == alone and len(got) > 8
     await engine.unload()

@@ -31,6 +31,7 @@ class EngineStats:
     kv_cache_usage: float  # [0, 1]; 0 where the engine has no paged KV cache
     out_of_memory: int = 0  # requests failed by device OOM since load (the agent moves it at 3)
     generated_tokens: int = 0  # output tokens generated since load (the engine's own counter)
+    preempted: int = 0  # streams preempted for a higher priority since load (resumed later)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,34 @@ def this_turn(active: list[Stream]) -> list[Stream]:
     return turn
 
 
+def admit(active: list[Stream], inbox: list[Stream], max_batch: int) -> int:
+    """Streams from ``inbox`` into ``active`` (both in place), higher priority first (arrival
+    order within one). Token-level preemption: while the batch is full and a waiting stream
+    outranks a running one, the running stream of the lowest priority (the latest admitted among
+    equals) gives up its place: its KV cache is dropped and it waits again ahead of its
+    priority's later arrivals, keeping its tokens. When it runs again it re-reads its prompt and
+    those tokens (as a failover's continuation does), so a greedy or seeded stream goes on
+    exactly as if never stopped. Returns how many were preempted."""
+    inbox.sort(key=lambda s: -s.params.priority)  # stable
+    preempted = 0
+    while inbox:
+        if len(active) < max_batch:
+            active.append(inbox.pop(0))
+            continue
+        lowest = min(reversed(active), key=lambda s: s.params.priority)
+        if inbox[0].params.priority <= lowest.params.priority:
+            break
+        active.remove(lowest)
+        lowest.cache = None
+        at = next(
+            (i for i, s in enumerate(inbox) if s.params.priority <= lowest.params.priority),
+            len(inbox),
+        )
+        inbox.insert(at, lowest)
+        preempted += 1
+    return preempted
+
+
 def outranked(inbox: list[Stream], priority: int) -> bool:
     """A stream of higher priority than ``priority`` waits in ``inbox`` (a copy taken without
     the lock: a stale answer only delays the break by one step)."""

@@ -42,6 +42,7 @@ from meshserve.nodeagent.engines.prompts import (
 from meshserve.nodeagent.engines.torch_adapters import TorchAdapters
 from meshserve.nodeagent.engines.torch_decode import (
     Stream,
+    admit,
     logprob_of,
     next_chunk,
     outranked,
@@ -87,6 +88,7 @@ class TorchEngine(TorchAdapters):
         self._inject_crash_at = 0  # drills: the worker dies at this decode step (0: never)
         self._max_batch = config.max_batch
         self.ooms = 0  # requests failed by device OOM
+        self.preempted = 0  # streams that gave their batch place to a higher priority
         self._died = ""  # why the worker thread ended without being asked to
         self._turn_started = 0.0  # monotonic s when the running worker turn began; 0 between
         self._step_timeout_s = STEP_TIMEOUT_S
@@ -96,7 +98,9 @@ class TorchEngine(TorchAdapters):
         return self._max_len
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self._active), len(self._inbox), 0.0, self.ooms, self._generated)
+        return EngineStats(
+            len(self._active), len(self._inbox), 0.0, self.ooms, self._generated, self.preempted
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -279,9 +283,7 @@ class TorchEngine(TorchAdapters):
                     if self._stopping:
                         self._fail_all()
                         return
-                    room = self._max_batch - len(self._active)
-                    self._active.extend(self._inbox[:room])
-                    del self._inbox[:room]
+                    self.preempted += admit(self._active, self._inbox, self._max_batch)
                     embeds, self._embeds = self._embeds, []
                 with self._turn:
                     self._turn_started = time.monotonic()

@@ -312,7 +312,13 @@ class VllmEngine(Serving):
         lora = self._lora.request_for(params.adapter, self._name) if self._lora else None
         if params.adapter and lora is None:
             raise no_adapters(f"vllm engine of {self._name!r}")
-        stream = self._llm.generate(prompt_in, sampling_params(rest), request_id, lora_request=lora)
+        stream = self._llm.generate(
+            prompt_in,
+            sampling_params(rest),
+            request_id,
+            lora_request=lora,
+            priority=-params.priority,  # vLLM runs lower values first; ours: higher first
+        )
         self._in_flight += 1
         produced = len(done)
         # vLLM detokenizes a token-id prompt's continuation from an offset of its own: a resumed

@@ -78,6 +78,9 @@ def plan_engine(
         "enforce_eager": eager,
         "disable_log_stats": True,  # our stat logger still runs (AsyncLLM enables custom ones)
         "enable_log_requests": False,
+        # Requests carry the router's priority (vllm_engine: negated, vLLM runs lower values
+        # first); its scheduler preempts the lowest-priority running request for a higher one.
+        "scheduling_policy": "priority",
     }
     if spec.max_model_len:
         kwargs["max_model_len"] = spec.max_model_len
