@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 from meshserve.cluster.election import Election, Leadership
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
 WAKE_S = 10.0  # a router's wake holds this long (then the autoscaler's down window keeps it)
+# A burst of lease expiries is over once no node was lost for this long (etcd revokes expired
+# leases in batches, every 0.5 s: a shorter quiet split one burst into a round per batch)
+LOSS_QUIET_S = 1.0
+LOSS_WAIT_MAX_S = 3.0  # ... and a round waits for one at most this long
 
 
 class SchedulerLoop:
@@ -77,9 +82,10 @@ class SchedulerLoop:
         self._round_done = asyncio.Event()
         self._links: list[trace.Link] = []
         self._task: asyncio.Task[None] | None = None
+        self._lost_at = -math.inf  # monotonic s of the last node lost (a lease that expired)
 
     def start(self) -> None:
-        self.nodes.subscribe_changes(_count_lost_nodes)
+        self.nodes.subscribe_changes(self._on_nodes)
         for m in self.mirrors:
             m.subscribe(lambda _s: self._dirty.set())
             m.start()
@@ -156,6 +162,7 @@ class SchedulerLoop:
                 async with asyncio.timeout(self.config.resync_s):
                     await self._dirty.wait()
             await asyncio.sleep(self.config.debounce_s)
+            await self._settle_losses()
             self._dirty.clear()
             try:
                 if not await self.round(lead):
@@ -166,6 +173,20 @@ class SchedulerLoop:
                 log.exception("scheduling round failed")
                 metrics.SCHEDULER_ROUNDS.labels("error").inc()
                 await asyncio.sleep(0.5)
+
+    def _on_nodes(self, changes: list[Change[cluster_pb2.NodeStatus]]) -> None:
+        if _count_lost_nodes(changes):
+            self._lost_at = time.monotonic()
+
+    async def _settle_losses(self) -> None:
+        """Leases that expire over a few seconds (a rack losing power, a zone) are re-placed in
+        one round rather than one round each: while nodes are being lost, the round waits until
+        none was for LOSS_QUIET_S, at most LOSS_WAIT_MAX_S."""
+        began = time.monotonic()
+        while (quiet := time.monotonic() - self._lost_at) < LOSS_QUIET_S:
+            if time.monotonic() - began >= LOSS_WAIT_MAX_S:
+                return
+            await asyncio.sleep(LOSS_QUIET_S - quiet)
 
     async def round(self, lead: Leadership) -> bool:
         """One decision and its fenced write: read → snapshot → place → diff → write → record.
@@ -271,8 +292,11 @@ class SchedulerLoop:
                 self.explained[name] = (decision, self.decided_at)
 
 
-def _count_lost_nodes(changes: list[Change[cluster_pb2.NodeStatus]]) -> None:
+def _count_lost_nodes(changes: list[Change[cluster_pb2.NodeStatus]]) -> int:
     """A node record that vanished without its agent draining first: its lease expired."""
+    lost = 0
     for _key, before, now in changes:
         if before is not None and now is None and not before.draining:
             metrics.NODES_LOST.inc()
+            lost += 1
+    return lost
