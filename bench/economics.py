@@ -16,12 +16,11 @@ Workloads (bench/scenarios/, data):
 Policies: ``dedicated`` (each model on GPUs of its own, sized for its peak), ``lru`` and
 ``cost_aware`` (the scheduler with that eviction order, no background re-pack), ``repack``
 (cost-aware with background re-pack: at most 2 moves a minute, when fragmentation wastes more
-than 1 GPU, scaling on rate thresholds: the default until 2026-12-05), ``default`` (the
-scheduler's default profile: re-pack when fragmentation wastes any GPU, SLO-aware autoscaling on
-the predicted TTFT p99), ``rate_scaling`` (the default with rate thresholds instead of SLO-aware
-scaling), ``default_warm_host`` (the same with
-every model opted in to `warm_in: host`: idle minimums sleep in CPU RAM, restores charged to
-TTFT), ``rate_scaling_warm_host`` (that, with rate thresholds). Rows: GPU-hours, saved vs
+than 1 GPU: the default until 2026-12-05), ``default`` (the scheduler's default profile:
+re-pack when fragmentation wastes any GPU), ``slo_aware`` (the default with SLO-aware
+autoscaling on the predicted TTFT p99 instead of rate thresholds), ``default_warm_host`` (the
+same with every model opted in to `warm_in: host`: idle minimums sleep in CPU RAM, restores
+charged to TTFT), ``slo_aware_warm_host`` (that, SLO-aware). Rows: GPU-hours, saved vs
 dedicated, mean and peak GPUs, SLO miss (TTFT), cold starts, bytes moved onto GPUs, re-pack
 moves, fragmentation (GPUs the live placement uses beyond a full re-plan of the same snapshot,
 sampled every 15 simulated minutes) and, for re-pack policies, the share of cost-aware's
@@ -54,18 +53,18 @@ WORKLOADS = {
 }
 # The scheduler before background re-pack and SLO-aware scaling: full re-plans consolidate.
 OFF = Profile(repack_moves_per_minute=0, slo_quantile=0.0)
-RATE = Profile(slo_quantile=0.0)  # today's default, scaling on rate thresholds instead
+SLO = Profile(slo_quantile=0.99)  # the default with SLO-aware autoscaling on the TTFT p99
 POLICIES: dict[str, Profile | None] = {
     "dedicated": None,
     "lru": replace(OFF, eviction="lru"),
     "cost_aware": replace(OFF, eviction="cost_aware"),
     "repack": replace(OFF, repack_moves_per_minute=2, repack_slack_gpus=1),
-    "rate_scaling": RATE,
     "default": Profile(),
-    "rate_scaling_warm_host": RATE,  # every model `warm_in: host` (warm_all)
-    "default_warm_host": Profile(),
+    "slo_aware": SLO,
+    "default_warm_host": Profile(),  # every model `warm_in: host` (warm_all)
+    "slo_aware_warm_host": SLO,
 }
-WARM_HOST = {"default_warm_host", "rate_scaling_warm_host"}
+WARM_HOST = {"default_warm_host", "slo_aware_warm_host"}
 MARKET_MODELS, MARKET_HEAD, MARKET_TAIL_SHARE = 200, 0.06, 0.0135
 H100 = {
     "type": "H100-80GB",

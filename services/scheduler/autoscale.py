@@ -98,8 +98,9 @@ SLO_SEARCH = 16  # replicas beyond the current ones a prediction looks at
 def slo_replicas(policy: ScalePolicy, load: Load, current: int) -> int | None:
     """The fewest replicas whose busiest device keeps the TTFT ``slo_quantile`` within the SLO
     by the queue law, the model's rate split evenly over them beside the device's other load;
-    None where no prediction can be made (off, no SLO, nothing measured, or no replica now).
-    Where even many more would not do (the device's other load alone is too much), one more."""
+    None where no prediction can be made (off, no SLO, nothing measured, or no replica now),
+    and where even many more would not do: the device's other load alone is too much, which
+    more replicas of this model would not cure (the models making it would scale, or be moved)."""
     if not (policy.slo_quantile and policy.slo_ttft_s and current):
         return None
     if load.capacity_tokens_per_s <= 0 or load.tokens_per_s <= 0:
@@ -111,7 +112,7 @@ def slo_replicas(policy: ScalePolicy, load: Load, current: int) -> int | None:
         u = (others + per_device / k) / load.capacity_tokens_per_s
         if policy.law.quantile(u, policy.slo_quantile) <= policy.slo_ttft_s:
             return k
-    return current + 1
+    return None
 
 
 def clamp(policy: ScalePolicy, n: int) -> int:

@@ -147,3 +147,30 @@ def test_the_router_sends_less_to_a_replica_whose_device_serves_other_models_too
     assert load[a] + load[b] == pytest.approx(19_000.0)  # nothing lost
     assert load[a] < 9_000 + 5_000 - 1_000  # an even split would put 14,000 (93 %) on a
     assert load[b] > 5_000 + 1_000
+
+
+def test_a_rarely_used_model_gets_whole_requests_and_idles_out_between_them() -> None:
+    """Sparse traffic is drawn as whole requests (Poisson): their mean is the rate, most steps of
+    a model asked a few times an hour see none, so it is loaded for its requests (cold starts)
+    and leaves the GPUs between them, as the router's measured rate would let it."""
+    import random
+
+    from meshserve.scheduler.sim.simulator import arrivals
+
+    rng = random.Random(3)
+    draws = [arrivals(1 / 900, 60.0, rng) for _ in range(20_000)]  # 4 an hour, 1-min steps
+    assert all(d * 60 == round(d * 60) for d in draws)  # whole requests
+    assert sum(draws) / len(draws) == pytest.approx(1 / 900, rel=0.1)
+    assert sum(1 for d in draws if d == 0) > 0.9 * len(draws)
+    assert arrivals(2.0, 60.0, rng) == 2.0  # busy models keep their rate
+    doc = yaml.safe_load(SCENARIO.read_text())
+    doc["models"] = [
+        {"name": "rare", "memory_gb": 30, "min_replicas": 0, "peak_rps": 1 / 3600,
+         "tokens_per_request": 64, "shape": "constant"},
+        {"name": "busy", "memory_gb": 30, "min_replicas": 1, "peak_rps": 1,
+         "tokens_per_request": 64, "shape": "constant"},
+    ]  # fmt: skip
+    doc.pop("failures", None)
+    r = simulate(load_scenario(doc, "rare"), "meshserve", hours=24, seed=0)
+    assert r.cold_starts >= 5  # loaded for its requests ...
+    assert r.gpu_hours < 1.5 * 24  # ... not held all day on a GPU of its own beside the busy one

@@ -156,7 +156,7 @@ def router_demand(
                     model=name,
                     request_rate=rate,
                     in_flight=round(rate * BASE_TTFT_S),
-                    queued=1 if rate * 60 >= 0.5 and not ready.get(name) else 0,
+                    queued=1 if rate > 0 and not ready.get(name) else 0,
                     last_request_unix_ms=round(last_request.get(name, 0.0) * 1000),
                     ttft_p99_s=p99.get(name, 0.0),
                 )

@@ -5,7 +5,8 @@ records a scheduler reads from etcd (sim/records.py) and decided by the leader's
 
 Model of the world, kept deliberately simple and stated here so the numbers can be judged:
 - Traffic: each model's rate is its peak x a daily shape (SHAPES) x (1 +/- 10 %) noise, per step
-  (60 s).
+  (60 s); where fewer than SPARSE requests are expected in a step, whole requests are drawn
+  (Poisson), so a rarely used model sees none in most steps and its router reports no rate then.
 - Capacity: a GPU generates `throughput_tokens_per_s` tokens/s shared by the replicas on it; a
   request costs `tokens_per_request` tokens; the router's least-loaded choice gives a replica
   whose device also serves other models a smaller share of its model's traffic (serving.py).
@@ -84,6 +85,23 @@ class _Fleet:
 DEDICATED_UTILIZATION = 0.9  # the busiest a dedicated team runs a GPU at its peak
 
 
+SPARSE = 5.0  # fewer requests than this expected in a step: drawn one by one (Poisson)
+
+
+def arrivals(rate: float, step_s: float, rng: random.Random) -> float:
+    """The requests/s a step actually sees: its expected rate when many arrive; for a rarely
+    used model, a Poisson draw of whole requests, so a model asked once an hour has no requests
+    (and no rate for the autoscaler) most steps, and idles out as a router would see it."""
+    n = rate * step_s
+    if n >= SPARSE or n <= 0:
+        return rate
+    limit, k, p = math.exp(-n), 0, rng.random()
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k / step_s
+
+
 def dedicated_replicas(m: SimModel, sc: Scenario, device_bytes: int) -> int:
     """Replicas a team serving ``m`` on GPUs of its own keeps all day: its minimum, and enough
     for its peak hour (bursts included) at DEDICATED_UTILIZATION of the GPUs' throughput."""
@@ -151,8 +169,9 @@ def simulate(
         down = {n for n, at in sc.failures if at * 3600 <= day_s < (at + sc.recover_h) * 3600}
         noise = rng if i >= 0 else warm_rng  # the day's draws are the same for every policy
         rates = {name: m.rate(h) * (0.9 + 0.2 * noise.random()) for name, m in models.items()}
+        rates = {name: arrivals(rate, step_s, noise) for name, rate in rates.items()}
         for name, rate in rates.items():
-            if rate * step_s >= 0.5:
+            if rate > 0:
                 w.last_request[name] = t
         if policy == "meshserve":
             for name in models:  # replicas on a failed node are gone
@@ -162,15 +181,18 @@ def simulate(
         serving = dict(rates)
         # Cold starts: requests arriving before a model's first replica is up wait for it (a
         # load, or a restore from CPU RAM); those that arrive more than the SLO before it miss.
-        # What arrives after it is served by it, for the rest of the step.
+        # The request that set off this step's cold start waits for all of it. What arrives
+        # after it is served by it, for the rest of the step.
         for name in models:
             if ready[name] or rates[name] <= 0:
                 continue
             loading = [r.ready_at for r in w.replicas[name]]
             wait = (min(loading) - t) if loading else math.inf
             early = min(wait, step_s)
-            cold = rates[name] * early
-            missed = rates[name] * min(max(0.0, wait - sc.slo_ttft_s), step_s)
+            first = min(1.0, rates[name] * step_s) if w.cold_at.get(name) == t else 0.0
+            cold = max(first, rates[name] * early)
+            late = rates[name] * min(max(0.0, wait - sc.slo_ttft_s), step_s)
+            missed = max(first, late) if wait > sc.slo_ttft_s else 0.0
             out.requests += cold
             out.cold_start_requests += cold
             out.slo_misses += missed
@@ -237,6 +259,7 @@ class _World:
     p99: dict[str, float] = field(default_factory=dict)
     last_request: dict[str, float] = field(default_factory=dict)
     device_load: dict[str, float] = field(default_factory=dict)  # tokens/s per device
+    cold_at: dict[str, float] = field(default_factory=dict)  # model → its last cold start's t
     repacks: Repacks = field(default_factory=lambda: Repacks(0))  # as the leader keeps them
 
 
@@ -291,8 +314,9 @@ def _round(
         where = tier if tier in (HOST, DISK) else 0
         seconds = profile.reload.seconds(m.memory_bytes, where) + WARMUP_S
         had_ready = any(r.ready_at <= t for r in w.replicas[name])
-        if not had_ready and not new[name] and rates[name] * 60 >= 0.5:
+        if not had_ready and not new[name] and rates[name] > 0:
             res.cold_starts += 1
+            w.cold_at[name] = t
         res.loads += 1
         res.bytes_moved += m.memory_bytes
         new[name].append(SimReplica(node, devs, t + seconds))
