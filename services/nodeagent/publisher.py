@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 
 from meshserve.artifacts.cache import NodeCache
@@ -15,6 +16,7 @@ from meshserve.cluster.session import Session
 from meshserve.cluster.store import Store
 from meshserve.nodeagent.config import AgentConfig
 from meshserve.nodeagent.devices import DeviceProbe, capacity_bytes
+from meshserve.nodeagent.engines.base import Engine
 from meshserve.nodeagent.replica import Replica
 from meshserve.nodeagent.throughput import Sample, Throughput, moved
 from meshserve.telemetry import metrics
@@ -87,7 +89,8 @@ class StatusPublisher:
         self._last_node: cluster_pb2.NodeStatus | None = None
         self._last_node_at = 0.0
         self.throughput = Throughput(config.decode_tokens_per_s)
-        self._preempted: dict[int, int] = {}  # engine → preemptions already counted
+        # engine → its preemptions already counted (gone with the engine)
+        self._preempted: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
         self.artifacts: NodeCache | None = None  # the node's registry cache (published)
 
     # --- replicas ----------------------------------------------------------------------------
@@ -217,10 +220,10 @@ class StatusPublisher:
         self.throughput.observe(time.monotonic(), samples)
         for r, st in serving:
             assert r.engine is not None
-            seen = self._preempted.get(id(r.engine), 0)
+            seen = self._preempted.get(r.engine, 0)
             if st.preempted > seen:
                 metrics.PREEMPTIONS.labels(r.spec.name).inc(st.preempted - seen)
-            self._preempted[id(r.engine)] = st.preempted
+            self._preempted[r.engine] = st.preempted
             s = r.status
             rate = round(self.throughput.replica_rate(r.spec.name), 1)
             busy = (st.running, st.waiting) != (s.running, s.waiting)

@@ -99,8 +99,9 @@ def slo_replicas(policy: ScalePolicy, load: Load, current: int) -> int | None:
     """The fewest replicas whose busiest device keeps the TTFT ``slo_quantile`` within the SLO
     by the queue law, the model's rate split evenly over them beside the device's other load;
     None where no prediction can be made (off, no SLO, nothing measured, or no replica now),
-    and where even many more would not do: the device's other load alone is too much, which
-    more replicas of this model would not cure (the models making it would scale, or be moved)."""
+    and where the device's other load alone misses the SLO, which more replicas of this model
+    would not cure (the models making it would scale, or be moved). A model needing more than
+    SLO_SEARCH replicas beyond its current ones gets that many (the up-step adds one a cooldown)."""
     if not (policy.slo_quantile and policy.slo_ttft_s and current):
         return None
     if load.capacity_tokens_per_s <= 0 or load.tokens_per_s <= 0:
@@ -108,11 +109,13 @@ def slo_replicas(policy: ScalePolicy, load: Load, current: int) -> int | None:
     grow = 1 + policy.slo_headroom
     per_device = grow * load.tokens_per_s / max(1, load.devices_per_replica)
     others = grow * load.others_tokens_per_s
+    cap, q = load.capacity_tokens_per_s, policy.slo_quantile
+    if policy.law.quantile(others / cap, q) > policy.slo_ttft_s:
+        return None
     for k in range(1, current + SLO_SEARCH + 1):
-        u = (others + per_device / k) / load.capacity_tokens_per_s
-        if policy.law.quantile(u, policy.slo_quantile) <= policy.slo_ttft_s:
+        if policy.law.quantile((others + per_device / k) / cap, q) <= policy.slo_ttft_s:
             return k
-    return None
+    return current + SLO_SEARCH  # far more than now: as many as one prediction looks at
 
 
 def clamp(policy: ScalePolicy, n: int) -> int:

@@ -6,7 +6,10 @@ request's service starts with a prefill of ``base_ttft_s`` at no load. A request
 with probability u^sqrt(2(c+1)) (Sakasegawa's approximation), and waits are exponential with rate
 c(1 - u)/base_ttft_s. At u >= 1 the queue grows without bound. The defaults are the simulator's
 engine (prefill and scheduling 0.15 s, 16 sequences a batch); a live deployment sets them from
-its measured TTFT at low load and its engines' batch size (Profile.latency_*)."""
+its engines' batch size and a TTFT scale fitted so that the law's p99 matches measured ones
+(Profile.latency). A limit to know: the wait rate takes ``base_ttft_s`` as the time a batch
+slot is held, which fits the simulator's engine; a live engine holds a slot for the whole
+generation, so fit the scale, do not read it off the prefill time."""
 
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class QueueLaw:
 
     def quantile(self, u: float, q: float) -> float:
         """The TTFT that a share ``q`` of requests stays within; inf when saturated."""
-        if u >= SATURATED:
+        if u >= SATURATED or q >= 1:
             return math.inf
         tail = (1 - q) / self.waits(u) if self.waits(u) > 0 else math.inf
         return self.base_ttft_s + (math.log(1 / tail) / self.wait_rate(u) if tail < 1 else 0.0)

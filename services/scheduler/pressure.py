@@ -1,7 +1,7 @@
 """What a model's busiest device carries, from the agents' records (pure): the model's own decode
-rate (all its READY replicas), the other models' rate on that device and its capacity, in
-tokens/s. The SLO-aware autoscaler predicts from it what TTFT k replicas would give
-(`autoscale.slo_replicas`)."""
+rate (the rates its placed replicas report; one without a status counts 0), the other models'
+rate on that device and its capacity, in tokens/s. The SLO-aware autoscaler predicts from it
+what TTFT k replicas would give (`autoscale.slo_replicas`)."""
 
 from __future__ import annotations
 

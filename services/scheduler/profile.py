@@ -47,8 +47,8 @@ class Profile:
     # `repack_moves_per_minute` replicas a minute (the disruption budget), each make-before-
     # break. 0: off (full re-plans still consolidate). On by default: bench/economics.py.
     # A slack of 0 (any GPU the memory could spare) beat 1 on every day there: a small fleet's
-    # one spare GPU is a quarter of it (nine-model day 112.6 → 106.0 GPU-hours, bursty 156.1 →
-    # 144.7), and the budget, not the slack, bounds the disruption.
+    # one spare GPU is a quarter of it (nine-model day 111.6 → 105.1 GPU-hours, bursty 156.5 →
+    # 145.1), and the budget, not the slack, bounds the disruption.
     repack_moves_per_minute: int = 2
     repack_slack_gpus: int = 0
     # SLO-aware autoscaling: a model with an SLO whose devices report their throughput gets the
@@ -107,7 +107,7 @@ def load_profile(doc: Mapping[str, Any] | None) -> Profile:
     quantile = float(doc.get("slo_quantile", base.slo_quantile))
     if not 0 <= quantile < 1:
         raise ValueError(f"slo_quantile must be in [0, 1) (0.99: the p99), got {quantile}")
-    law = dict(doc.get("latency", {}))
+    law = dict(doc.get("latency") or {})
     if set(law) - {"slots", "base_ttft_s"}:
         raise ValueError(f"unknown latency keys {sorted(set(law) - {'slots', 'base_ttft_s'})}")
     latency = QueueLaw(

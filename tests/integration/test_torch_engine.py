@@ -93,17 +93,25 @@ async def test_admission_takes_priorities_first_and_preempts_the_latest_lowest()
     def stream(priority: int) -> Stream:
         return Stream([1], GenerationParams(8, 0.0, 1.0, 0, None, (), True, priority), loop, None)
 
-    a, b, c = stream(0), stream(0), stream(1)
+    a, b, c, d = stream(0), stream(0), stream(1), stream(0)
     active: list[Stream] = []
-    inbox = [a, b, c]
-    assert admit(active, inbox, 2) == 0 and active == [c, a] and inbox == [b]
+    inbox = [a, b, c, d]
+    assert admit(active, inbox, 3) == 0 and active == [c, a, b] and inbox == [d]
     urgent = stream(2)
-    a.cache = "kv"
+    a.cache = b.cache = "kv"
     inbox.append(urgent)
-    # Full: urgent outranks a (the lowest running); a waits again ahead of b (it came first).
-    assert admit(active, inbox, 2) == 1
-    assert active == [c, urgent] and inbox == [a, b] and a.cache is None
-    assert admit(active, inbox, 2) == 0  # nothing waiting outranks what runs
+    # Full: urgent outranks a and b; b, the later to arrive, gives up its place, and waits again
+    # ahead of d (it came first).
+    assert admit(active, inbox, 3) == 1
+    assert active == [c, a, urgent] and inbox == [b, d] and b.cache is None and a.cache == "kv"
+    assert admit(active, inbox, 3) == 0  # nothing waiting outranks what runs
+    # A cancelled stream neither preempts nor is preempted: it leaves, and its place is taken.
+    ghost = stream(3)
+    ghost.cancelled = True
+    a.cancelled = True
+    inbox.append(ghost)
+    assert admit(active, inbox, 3) == 0
+    assert active == [c, urgent, b] and inbox == [d]
 
 
 def cosine(a: list[float], b: list[float]) -> float:

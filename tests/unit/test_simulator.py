@@ -174,3 +174,18 @@ def test_a_rarely_used_model_gets_whole_requests_and_idles_out_between_them() ->
     r = simulate(load_scenario(doc, "rare"), "meshserve", hours=24, seed=0)
     assert r.cold_starts >= 5  # loaded for its requests ...
     assert r.gpu_hours < 1.5 * 24  # ... not held all day on a GPU of its own beside the busy one
+
+
+def test_a_cold_start_s_first_request_waits_for_the_whole_load() -> None:
+    """The request that sets off a cold start waits for all of it (the scheduler loads on its
+    arrival): a model too big to load within the SLO misses at least one request per cold start,
+    not the sliver of the step a uniform spread would put before the replica is ready."""
+    doc = yaml.safe_load(SCENARIO.read_text())
+    doc["models"] = [
+        {"name": "rare", "memory_gb": 30, "min_replicas": 0, "peak_rps": 1 / 3600,
+         "tokens_per_request": 64, "shape": "constant"},
+    ]  # fmt: skip
+    doc.pop("failures", None)
+    r = simulate(load_scenario(doc, "rare"), "meshserve", hours=24, seed=0)
+    assert r.cold_starts >= 5
+    assert r.cold_start_misses >= 0.99 * r.cold_starts  # 34.5 GB: over a second even from RAM

@@ -5,6 +5,7 @@ incomplete UTF-8 held back). Pure given the tensors; the engine's worker thread 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,9 @@ STOP = inference_pb2.FINISH_REASON_STOP
 LENGTH = inference_pb2.FINISH_REASON_LENGTH
 
 
+_ARRIVALS = itertools.count()
+
+
 class Stream:
     """One generation in the worker. Fields are touched by the worker only, except ``cancelled``."""
 
@@ -33,6 +37,7 @@ class Stream:
     ) -> None:
         self.input_ids = input_ids  # the prompt's
         self.params = params
+        self.arrived = next(_ARRIVALS)  # arrival order: preemption takes the latest first
         self.loop = loop
         self.generator = generator
         self.queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
@@ -64,29 +69,31 @@ def this_turn(active: list[Stream]) -> list[Stream]:
 
 
 def admit(active: list[Stream], inbox: list[Stream], max_batch: int) -> int:
-    """Streams from ``inbox`` into ``active`` (both in place), higher priority first (arrival
-    order within one). Token-level preemption: while the batch is full and a waiting stream
-    outranks a running one, the running stream of the lowest priority (the latest admitted among
-    equals) gives up its place: its KV cache is dropped and it waits again ahead of its
-    priority's later arrivals, keeping its tokens. When it runs again it re-reads its prompt and
-    those tokens (as a failover's continuation does), so a greedy or seeded stream goes on
-    exactly as if never stopped. Returns how many were preempted."""
-    inbox.sort(key=lambda s: -s.params.priority)  # stable
+    """Streams from ``inbox`` into ``active`` (both in place), higher priority first, then by
+    arrival. Token-level preemption: while the batch is full and a waiting stream outranks a
+    running one, the running stream of the lowest priority (the latest to arrive among equals,
+    so a preempted one is not picked again and again) gives up its place: its KV cache is
+    dropped and it waits again in arrival order, keeping its tokens. When it runs again it
+    re-reads its prompt and those tokens (as a failover's continuation does), so a greedy or
+    seeded stream goes on exactly as if never stopped. Cancelled streams leave first (they never
+    preempt nor are preempted). Returns how many were preempted."""
+    inbox[:] = [s for s in inbox if not s.cancelled]
+    for s in [s for s in active if s.cancelled]:
+        s.cache = None
+        active.remove(s)
+    inbox.sort(key=lambda s: (-s.params.priority, s.arrived))
     preempted = 0
     while inbox:
         if len(active) < max_batch:
             active.append(inbox.pop(0))
             continue
-        lowest = min(reversed(active), key=lambda s: s.params.priority)
+        lowest = min(active, key=lambda s: (s.params.priority, -s.arrived))
         if inbox[0].params.priority <= lowest.params.priority:
             break
         active.remove(lowest)
         lowest.cache = None
-        at = next(
-            (i for i, s in enumerate(inbox) if s.params.priority <= lowest.params.priority),
-            len(inbox),
-        )
-        inbox.insert(at, lowest)
+        inbox.append(lowest)
+        inbox.sort(key=lambda s: (-s.params.priority, s.arrived))
         preempted += 1
     return preempted
 

@@ -79,7 +79,8 @@ def plan_engine(
         "disable_log_stats": True,  # our stat logger still runs (AsyncLLM enables custom ones)
         "enable_log_requests": False,
         # Requests carry the router's priority (vllm_engine: negated, vLLM runs lower values
-        # first); its scheduler preempts the lowest-priority running request for a higher one.
+        # first): its waiting queue goes by priority and, short of KV blocks, it preempts the
+        # lowest-priority running request first.
         "scheduling_policy": "priority",
     }
     if spec.max_model_len:
