@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -23,18 +22,12 @@ from meshserve.nodeagent.fleet import Fleet, ready_nodes, sim_spec
 from meshserve.v1 import cluster_pb2 as S
 from meshserve.v1 import inference_pb2
 
-from tests.e2e.conftest import generate
+from tests.e2e.conftest import free_port, generate
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 AGENTS, MODELS, KILLED = 100, 500, 10
 LEASE_S = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def writing_rounds(port: int) -> float:
