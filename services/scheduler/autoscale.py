@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from meshserve.scheduler.latency import QueueLaw
 
@@ -71,6 +71,11 @@ class ScaleState:
     replicas: int
     changed_at: float = 0.0
     window: tuple[tuple[float, int], ...] = field(default=())  # (time, recommendation) recent
+    # requests/s over about the last hour (an exponential average of the routers' rate): what
+    # cost-aware eviction weighs a model by, where the routers' 10 s rate is 0 between the
+    # requests of a rarely used one
+    demand: float = 0.0
+    demand_at: float = -math.inf
 
 
 def recommend(policy: ScalePolicy, load: Load, current: int, now: float) -> int:
@@ -123,10 +128,20 @@ def clamp(policy: ScalePolicy, n: int) -> int:
     return min(n, policy.max_replicas) if policy.max_replicas else n
 
 
+DEMAND_HORIZON_S = 3600.0  # ScaleState.demand's time constant
+
+
 def step(policy: ScalePolicy, load: Load, prev: ScaleState | None, now: float) -> ScaleState:
     """The next ScaleState: up at once (cooldown), down after the stabilization window. Without
     ``prev`` the model starts from min_replicas with no history; a new leader seeds ``prev`` from
     the replicas actually placed (changed_at = now) so a failover never scales down at once."""
+    out = _step(policy, load, prev, now)
+    before, at = (prev.demand, prev.demand_at) if prev is not None else (0.0, -math.inf)
+    keep = math.exp(-(now - at) / DEMAND_HORIZON_S) if now > at else 1.0  # -inf: exp(-inf) = 0
+    return replace(out, demand=keep * before + (1 - keep) * load.rate, demand_at=now)
+
+
+def _step(policy: ScalePolicy, load: Load, prev: ScaleState | None, now: float) -> ScaleState:
     current = prev.replicas if prev is not None else clamp(policy, 0)
     changed_at = prev.changed_at if prev is not None else -math.inf
     rec = recommend(policy, load, current, now)

@@ -303,7 +303,10 @@ def build_snapshot(
                 gpu_types=frozenset(spec.gpu_types),
                 node_selector=dict(spec.node_selector),
                 revision=spec.revision,
-                request_rate=load[spec.name].rate if spec.name in load else 0.0,
+                request_rate=max(
+                    load[spec.name].rate if spec.name in load else 0.0,
+                    state.demand if state is not None else 0.0,
+                ),
                 tokens_per_s=decode.get(spec.name, 0.0),
             )
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from meshserve.scheduler.autoscale import (
@@ -152,3 +153,22 @@ def test_a_router_s_wake_adds_one_replica_at_once_within_max_replicas() -> None:
     assert merge([Load(wake_to=2), Load(wake_to=3)]).wake_to == 3
     demand = cluster_pb2.RouterDemand(router_id="r")
     assert loads([demand], {}, None, {"m": 2})["m"].wake_to == 2
+
+
+def test_demand_averages_the_rate_over_about_an_hour_and_feeds_eviction_cost() -> None:
+    """ScaleState.demand: an exponential average of the routers' rate (time constant 1 h), so a
+    rarely used model, whose 10 s rate is 0 between its requests, keeps a demand that cost-aware
+    eviction weighs it by (it tied with LRU before: every sparse model cost 0)."""
+    import math
+
+    from meshserve.scheduler.snapshot import round_snapshot
+
+    policy = ScalePolicy(idle_timeout_s=60)
+    state = step(policy, Load(rate=0.5, last_request=0.1), None, 0.0)
+    assert state.demand == 0.5  # the first sample is all there is
+    state = step(policy, Load(last_request=0.1), state, 3600.0)  # an hour without a request
+    assert state.demand == pytest.approx(0.5 / math.e)
+    spec = cluster_pb2.ModelSpec(name="m", memory_bytes=2**30)
+    snap, _state, _ = round_snapshot([spec], [], [], [], [], {"m": state}, 3600.0)
+    (view,) = snap.models
+    assert view.request_rate == pytest.approx(0.5 / math.e)  # though the routers report 0 now
