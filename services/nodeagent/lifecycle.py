@@ -39,6 +39,7 @@ log = logging.getLogger("meshserve.nodeagent.reconcile")
 _tracer = tracer("meshserve.nodeagent.reconcile")
 S = cluster_pb2
 WARMUP = GenerationParams(4, 0.0, 1.0, 0, None, (), True)
+STEP_CANCEL_S = 6.0  # a cancelled step's own cleanup, at stop (a vLLM build's: up to 5 s)
 
 
 class Lifecycle:
@@ -141,10 +142,15 @@ class Lifecycle:
         await self.publisher.set_state(r, S.REPLICA_STATE_FAILED)
 
     async def stop(self) -> None:
-        """Cancels steps under way and unloads every engine (the agent is shutting down)."""
+        """Cancels steps under way and unloads every engine (the agent is shutting down). A
+        cancelled step cleans up first (a vLLM build kills the engine core it was starting),
+        within `STEP_CANCEL_S`, so no unload runs under it."""
+        steps = [r.busy for r in self.replicas.values() if r.busy is not None]
+        for step in steps:
+            step.cancel()
+        if steps:
+            await asyncio.wait(steps, timeout=STEP_CANCEL_S)
         for r in list(self.replicas.values()):
-            if r.busy is not None:
-                r.busy.cancel()
             if r.engine is not None:
                 with contextlib.suppress(Exception):
                     await r.engine.unload()

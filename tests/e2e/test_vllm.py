@@ -498,6 +498,54 @@ async def test_a_dead_engine_core_moves_its_streams_to_the_other_replica(
     await eventually(lambda: _state(vmesh, S.REPLICA_STATE_READY), 240, "the first agent READY")
 
 
+STOP_BUDGET_S = 10.0 + 5.0  # the agent's drain grace and what its shutdown may take beyond it
+
+
+async def test_an_agent_stopped_while_its_engine_starts_exits_at_once_leaving_no_process(
+    vmesh: Mesh, vllm_python: str
+) -> None:
+    """SIGTERM while vLLM builds the engine (its engine core spawned, the replica LOADING): the
+    build is abandoned, its engine core and workers killed, and the agent exits cleanly within
+    its stop budget with no vLLM process left behind. It used to run the build to its end in a
+    thread that the interpreter joins at exit (20 s on an idle machine; on a loaded CI machine
+    past the launcher's 30 s), and to remove the engine's KV-events directory under the starting
+    engine core, which died binding its socket there."""
+    third = "vllm-agent-3"
+    strays_before = _strays(vmesh)
+    vmesh.start_agent(third, threads=1, python=vllm_python, timeout_s=300, extra=AGENT_FLAGS)
+    agent = vmesh.services[third].proc
+    await apply(vmesh, _spec(vmesh.data_dir / "model", min_replicas=2))
+    try:
+
+        async def starting() -> bool:
+            r = await _replica(vmesh, third)
+            if r is not None and r.state == S.REPLICA_STATE_READY:
+                raise AssertionError("the engine was up before its start was seen")
+            loading = r is not None and r.state == S.REPLICA_STATE_LOADING
+            return loading and bool(_core_pids(agent.pid))
+
+        await eventually(starting, 240, "an engine core starting on the third agent", 0.02)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(STOP_BUDGET_S + 2) == 0, vmesh.tail(third, 40)
+        await eventually(lambda: _strays(vmesh) <= strays_before, 10, "no vLLM process left")
+        log = vmesh.services[third].log.read_text(errors="replace")
+        assert "killing EngineCore" in log and "ZMQError" not in log, vmesh.tail(third, 40)
+    finally:
+        await apply(vmesh, _spec(vmesh.data_dir / "model", min_replicas=1))
+        vmesh.kill(third, signal.SIGKILL)
+
+
+def _strays(mesh: Mesh) -> set[int]:
+    """vLLM processes on this machine outside the first agent's tree (the module's engine)."""
+    ours = set(_core_pids(mesh.services[AGENT].proc.pid))
+    everyone = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"VLLM::" in cmdline.read_bytes():
+                everyone.add(int(cmdline.parent.name))
+    return everyone - ours
+
+
 async def _ready_here(mesh: Mesh, node: str) -> bool:
     r = await _replica(mesh, node)
     return r is not None and r.state == S.REPLICA_STATE_READY

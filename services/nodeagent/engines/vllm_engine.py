@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from meshserve.nodeagent.engines.prompts import (
     prompt_ids,
 )
 from meshserve.nodeagent.engines.serving import Serving
+from meshserve.nodeagent.engines.vllm_build import build_cancellably
 from meshserve.nodeagent.engines.vllm_io import logprobs_of, process_env, sampling_params
 from meshserve.nodeagent.engines.vllm_kv import VllmKvEvents
 from meshserve.nodeagent.engines.vllm_lora import VllmLora
@@ -218,13 +220,21 @@ class VllmEngine(Serving):
             return _StatsSink(vllm_config, engine_index, self)
 
         # Building the engine blocks for seconds (it spawns and profiles the engine core): off the
-        # event loop, so leases keep beating. AsyncLLM starts its output handler on first use.
-        # The engine-core processes vLLM spawns now read the plan's environment (their devices,
-        # by uuid); the agent's own is restored once they run. Loads are serialized per agent.
-        with process_env(self._plan.env):
-            self._llm = await asyncio.to_thread(
-                AsyncLLM.from_engine_args, args, stat_loggers=[factory]
-            )
+        # event loop, so leases keep beating, and cancellable (vllm_build.py). AsyncLLM starts its
+        # output handler on first use. The engine-core processes vLLM spawns now read the plan's
+        # environment (their devices, by uuid); the agent's own is restored once they run. Loads
+        # are serialized per agent.
+        try:
+            with process_env(self._plan.env):
+                self._llm = await build_cancellably(
+                    partial(AsyncLLM.from_engine_args, args, stat_loggers=[factory]),
+                    AsyncLLM.shutdown,
+                )
+        except BaseException:
+            kv, self._kv = self._kv, None
+            if kv is not None:  # only now: the engine core binds its socket there
+                await asyncio.shield(kv.close())
+            raise
         self._tok = self._llm.get_tokenizer()
         if self._plan.kwargs.get("enable_lora"):
             work = tempfile.mkdtemp(prefix="meshserve-lora-", dir=self.config.cache_dir or None)
