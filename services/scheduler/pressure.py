@@ -20,6 +20,22 @@ class Pressure:
     devices_per_replica: int = 1
 
 
+Device = tuple[str, str]  # (node, device id)
+
+
+def throughputs(nodes: Iterable[cluster_pb2.NodeStatus]) -> dict[Device, tuple[float, float]]:
+    """Each device whose agent reports a decode capacity: (decode rate, capacity), tokens/s."""
+    out: dict[Device, tuple[float, float]] = {}
+    for n in nodes:
+        for t in n.throughput:
+            if t.capacity_tokens_per_s > 0:
+                rate, capacity = float(t.decode_tokens_per_s), float(t.capacity_tokens_per_s)
+                key = (n.node_id, t.device_id)
+                if key not in out or rate / capacity > out[key][0] / out[key][1]:
+                    out[key] = (rate, capacity)
+    return out
+
+
 def pressures(
     nodes: Iterable[cluster_pb2.NodeStatus],
     placements: Iterable[cluster_pb2.Placement],
@@ -27,18 +43,11 @@ def pressures(
 ) -> dict[str, Pressure]:
     """Per model whose devices report a capacity: its `Pressure`. A replica's rate is split evenly
     over its devices (a gang's tensor-parallel shards decode together)."""
-    device: dict[tuple[str, str], tuple[float, float]] = {}  # (node, device) → (rate, capacity)
-    for n in nodes:
-        for t in n.throughput:
-            if t.capacity_tokens_per_s > 0:
-                device[(n.node_id, t.device_id)] = (
-                    float(t.decode_tokens_per_s),
-                    float(t.capacity_tokens_per_s),
-                )
+    device = throughputs(nodes)
     rate = {(r.model, r.node_id): float(r.decode_tokens_per_s) for r in replicas}
     own: dict[str, float] = defaultdict(float)
-    mine: dict[tuple[str, tuple[str, str]], float] = {}
-    spans: dict[str, list[tuple[tuple[str, str], int]]] = defaultdict(list)
+    mine: dict[tuple[str, Device], float] = {}
+    spans: dict[str, list[tuple[Device, int]]] = defaultdict(list)
     for p in placements:
         if p.tier in (cluster_pb2.TIER_HOST, cluster_pb2.TIER_DISK) or not p.devices:
             continue

@@ -17,7 +17,7 @@ from meshserve.scheduler.autoscale import (
     step,
 )
 from meshserve.scheduler.latency import QueueLaw
-from meshserve.scheduler.pressure import Pressure, pressures
+from meshserve.scheduler.pressure import Pressure, pressures, throughputs
 from meshserve.scheduler.views import ClusterSnapshot, Device, ModelView, NodeView
 from meshserve.v1 import cluster_pb2, common_pb2
 from meshserve.weights import need_bytes
@@ -50,15 +50,10 @@ def device_busy(
     """Per model, how busy the busiest device its placements name is, in [0, 1]: NVML's
     utilization sample, or the measured decode rate over the device's capacity where the agent
     reports one (a CPU node's one device has no NVML sample: only the latter)."""
-    busy: dict[tuple[str, str], float] = {}
-    for n in nodes:
-        for g in n.gpus:
-            busy[(n.node_id, g.uuid)] = float(g.utilization)
-        for t in n.throughput:
-            if t.capacity_tokens_per_s > 0:
-                ratio = min(1.0, t.decode_tokens_per_s / t.capacity_tokens_per_s)
-                key = (n.node_id, t.device_id)
-                busy[key] = max(busy.get(key, 0.0), ratio)
+    nodes = list(nodes)
+    busy = {(n.node_id, g.uuid): float(g.utilization) for n in nodes for g in n.gpus}
+    for key, (rate, capacity) in throughputs(nodes).items():
+        busy[key] = max(busy.get(key, 0.0), min(1.0, rate / capacity))
     out: dict[str, float] = {}
     for p in placements:
         for d in p.devices or [""]:

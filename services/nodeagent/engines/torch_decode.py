@@ -5,6 +5,7 @@ incomplete UTF-8 held back). Pure given the tensors; the engine's worker thread 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import re
 from collections.abc import Callable
@@ -81,7 +82,7 @@ def admit(active: list[Stream], inbox: list[Stream], max_batch: int) -> int:
     for s in [s for s in active if s.cancelled]:
         s.cache = None
         active.remove(s)
-    inbox.sort(key=lambda s: (-s.params.priority, s.arrived))
+    inbox.sort(key=_queued)
     preempted = 0
     while inbox:
         if len(active) < max_batch:
@@ -92,10 +93,14 @@ def admit(active: list[Stream], inbox: list[Stream], max_batch: int) -> int:
             break
         active.remove(lowest)
         lowest.cache = None
-        inbox.append(lowest)
-        inbox.sort(key=lambda s: (-s.params.priority, s.arrived))
+        bisect.insort(inbox, lowest, key=_queued)
         preempted += 1
     return preempted
+
+
+def _queued(s: Stream) -> tuple[int, int]:
+    """Where a stream waits: higher priority first, then in arrival order."""
+    return (-s.params.priority, s.arrived)
 
 
 def outranked(inbox: list[Stream], priority: int) -> bool:
