@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import grpc
+import psutil
 import pytest
 from meshserve.localmesh import Mesh
 from meshserve.modelspec import spec_from_dict
@@ -188,8 +189,12 @@ async def test_external_backend_killed_fails_over_to_the_next_hop_before_the_fir
         call = stub.Generate(_request("overflow"), timeout=60)
         assert [m async for m in call]
         assert dict(await call.initial_metadata() or ()).get("meshserve-model") == "hosted"
+        engine = psutil.Process(server.pid).children(recursive=True)  # vLLM's engine core …
+        assert engine
         server.kill()
         server.wait(30)
+        # … goes with it (our vLLM plugin: a spawned vLLM process dies with its parent)
+        await eventually(lambda: not any(map(_alive, engine)), 20, "vLLM's engine core gone")
         call = stub.Generate(_request("overflow"), timeout=60)
         messages = [m async for m in call]
         assert (
@@ -203,3 +208,10 @@ async def test_external_backend_killed_fails_over_to_the_next_hop_before_the_fir
         )
         usage = await router_pb2_grpc.RouterStub(ch).Usage(router_pb2.UsageRequest(), timeout=5)
         assert {r.model: r for r in usage.rows}["local"].fallbacks >= 1
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False

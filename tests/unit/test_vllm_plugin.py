@@ -1,11 +1,21 @@
-"""The vLLM general plugin that asks Linux for AMX tile state (engines/vllm_plugin.py)."""
+"""The vLLM general plugin (engines/vllm_plugin.py): AMX tile state, and vLLM's processes tied to
+their parent."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import psutil
 from meshserve.nodeagent.engines import vllm_plugin
+
+from tests.waiting import eventually
 
 
 def test_the_plugin_is_an_installed_vllm_general_plugin() -> None:
@@ -21,3 +31,55 @@ def test_amx_state_is_granted_where_the_cpu_has_amx() -> None:
     CPU without AMX nothing is asked."""
     amx = " amx_tile" in Path("/proc/cpuinfo").read_text()
     assert vllm_plugin.request_amx() is (True if amx else None)
+
+
+def _child(path: str) -> None:
+    """A stand-in for vLLM's engine core: watches its parent, spawns a "worker", then idles."""
+    vllm_plugin.PARENT_WATCH_S = 0.1
+    assert vllm_plugin.die_with_parent()
+    worker = subprocess.Popen(["sleep", "600"])
+    Path(path).write_text(f"{os.getpid()} {worker.pid}")
+    time.sleep(600)
+
+
+MIDDLE = """
+import multiprocessing, sys, time
+from tests.unit.test_vllm_plugin import _child
+multiprocessing.get_context("spawn").Process(target=_child, args=(sys.argv[1],)).start()
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_spawned_process_exits_with_its_children_when_its_parent_is_killed(
+    tmp_path: Path,
+) -> None:
+    """The agent (here a process that spawns as vLLM does) is killed with SIGKILL: the process it
+    spawned (the engine core) and that one's child (a worker) exit, instead of running on
+    with the memory they hold."""
+    pids = tmp_path / "pids"
+    root = Path(__file__).resolve().parents[2]
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, str(pids)], cwd=root)
+    try:
+        asyncio.run(eventually(lambda: pids.exists() and pids.read_text(), 60, "the core up"))
+        core, worker = map(int, pids.read_text().split())
+        middle.kill()
+        middle.wait(10)
+        asyncio.run(eventually(lambda: _gone(core) and _gone(worker), 10, "core, worker gone"))
+    finally:
+        middle.kill()
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if pids.exists() and p.pid in map(int, pids.read_text().split()):
+                    p.kill()
+
+
+def test_a_process_not_spawned_by_multiprocessing_does_not_watch() -> None:
+    """The agent itself, or vLLM's own server: their launcher watches them (meshserve.lifeline)."""
+    assert vllm_plugin.die_with_parent() is False

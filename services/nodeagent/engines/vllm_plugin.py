@@ -12,10 +12,16 @@ request; with it they serve. A CPU or kernel without AMX is left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import multiprocessing
+import os
 import platform
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,42 @@ def request_amx() -> bool | None:
     return False
 
 
+PARENT_WATCH_S = 1.0  # how often a spawned vLLM process looks for its parent
+_watching = False
+
+
+def die_with_parent() -> bool:
+    """In a process spawned by `multiprocessing` (vLLM's engine core, a model worker): once its
+    parent is gone (it was reparented), kill what it spawned and exit. True when watching.
+
+    Not ``PR_SET_PDEATHSIG``: Linux sends that when the parent *thread* ends, and the agent
+    builds engines in a thread that ends as soon as the engine is up (vllm_build.py), which
+    would kill every healthy engine core. A daemon thread polling ``getppid`` costs nothing."""
+    global _watching
+    if _watching or multiprocessing.parent_process() is None:
+        return _watching  # the agent (or vLLM's own server) itself: its launcher watches it
+    _watching = True
+    parent = os.getppid()
+    threading.Thread(target=_watch, args=(parent,), name="meshserve-parent", daemon=True).start()
+    return True
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_WATCH_S)
+    log.warning(
+        "vLLM process %d: parent %d is gone; exiting with its children", os.getpid(), parent
+    )
+    import psutil  # vLLM's own dependency
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def register() -> None:
     """The entry point vLLM calls in each of its processes."""
     request_amx()
+    die_with_parent()
