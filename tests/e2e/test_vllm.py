@@ -40,7 +40,9 @@ LOAD_RETRY_S = 2.0
 AGENT_FLAGS = ("--load-retry", "2")  # a FAILED replica is loaded again 2 s later
 MODEL = "tinyvllm"
 LONG = 1900  # tokens: prompt and answer within max_model_len 2048, seconds of decoding on CPU
-ROUTER_METRICS = free_port()
+# The router's metrics port, chosen when the module's mesh starts (not at import: the whole suite
+# runs between collection and this module, and a port free then was taken by then once).
+ROUTER_METRICS: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,8 @@ def vmesh(tmp_path_factory: pytest.TempPathFactory, vllm_python: str) -> Iterato
         # A stall floor of 10 s, not 2: on CI's two cores a vLLM engine starved by another's
         # load paused for over 2 s four times in a row (the stream broke past max_failovers);
         # these tests move streams on engine deaths, which the agents report at once.
-        m.start_router(extra=["--metrics-port", str(ROUTER_METRICS), "--stall-floor", "10"])
+        ROUTER_METRICS["port"] = free_port()
+        m.start_router(extra=["--metrics-port", str(ROUTER_METRICS["port"]), "--stall-floor", "10"])
         asyncio.run(apply(m, _spec(model, min_replicas=1)))
         asyncio.run(eventually(lambda: _state(m, S.REPLICA_STATE_READY), 240, "vLLM replica READY"))
         yield m
@@ -154,7 +157,8 @@ async def test_streams_through_the_router_equal_to_the_agent(vmesh: Mesh) -> Non
 
 
 def _router_metric(name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{ROUTER_METRICS}/metrics", timeout=5) as r:
+    url = f"http://127.0.0.1:{ROUTER_METRICS['port']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
         lines = r.read().decode().splitlines()
     return sum(float(ln.split()[-1]) for ln in lines if ln.startswith(name) and f'"{MODEL}"' in ln)
 
