@@ -38,6 +38,11 @@ class Scorer(Protocol):
     def score(self, m: ModelView, node: NodeView, devices: tuple[int, ...], st: PlanState) -> float:
         """In [0, 1]; higher is better."""
 
+    def uniform(self, m: ModelView, st: PlanState) -> float | None:
+        """The score every candidate would get for ``m`` now, where that is known without
+        looking at them (the pipeline then skips ``score``: rounds call it ~100,000 times on a
+        large fleet); None when candidates may differ."""
+
 
 # --- filters --------------------------------------------------------------------------------
 
@@ -191,6 +196,9 @@ class BinPack:
             return 0.5 + 0.5 * fill
         return 0.5 * min(st.capacity[d] for d in devices) / st.largest_device
 
+    def uniform(self, m: ModelView, st: PlanState) -> float | None:
+        return None
+
 
 class Locality:
     """score = 1 where the node holds the model in CPU RAM, 0.5 on its disk, 0.25 where its
@@ -207,6 +215,11 @@ class Locality:
             return 0.5
         return 0.25 if m.revision and m.revision in node.cached else 0.0
 
+    def uniform(self, m: ModelView, st: PlanState) -> float | None:
+        if m.revision or any(m.name in held for held in st.offloaded.values()):
+            return None
+        return 0.0
+
 
 class PriorityShelter:
     """score = 1 - share of the node's memory held by models of higher priority (they cannot be
@@ -219,6 +232,9 @@ class PriorityShelter:
         higher = sum(b for p, b in by_priority.items() if p > m.priority) if by_priority else 0
         return 1.0 - min(1.0, higher / (st.node_capacity[node.node_id] or 1))
 
+    def uniform(self, m: ModelView, st: PlanState) -> float | None:
+        return None
+
 
 class DeviceHealthScore:
     """score = 1 - share of the chosen devices that are DEGRADED (throttled, a narrow link,
@@ -228,6 +244,9 @@ class DeviceHealthScore:
 
     def score(self, m: ModelView, node: NodeView, devices: tuple[int, ...], st: PlanState) -> float:
         return 1.0 - sum(st.dev_health[d] == DEGRADED for d in devices) / max(1, len(devices))
+
+    def uniform(self, m: ModelView, st: PlanState) -> float | None:
+        return None if st.any_degraded else 1.0
 
 
 SCORERS: Mapping[str, Callable[[], Scorer]] = {

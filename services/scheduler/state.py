@@ -67,6 +67,7 @@ class PlanState:
             self.node_capacity[node.node_id] = sum(self.capacity[d] for d in devs)
             self.node_priority_bytes[node.node_id] = {}
         self.largest_device = max(self.capacity, default=1) or 1
+        self.any_degraded = DEGRADED in self.dev_health  # health is fixed for the round
 
     def replicas(self, model: str) -> int:
         """Replicas of ``model`` placed in this round's state."""
