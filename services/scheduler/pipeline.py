@@ -118,7 +118,8 @@ class Pipeline:
         self.sweep = (rejected, scored)
         nodes, varying, fixed = st.nodes, [], 0.0
         for s, w in self.scorers:
-            same = s.uniform(m, st)
+            uniform = getattr(s, "uniform", None)  # optional for a scorer from elsewhere
+            same = uniform(m, st) if uniform is not None else None
             if same is None:
                 varying.append((s, w))
             else:

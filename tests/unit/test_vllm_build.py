@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from meshserve.nodeagent.engines.vllm_build import build_cancellably
 from tests.waiting import eventually
 
 SPAWN = multiprocessing.get_context("spawn")
+current = threading.current_thread
 
 
 class Built:
@@ -61,50 +63,83 @@ def _gone(pid: int) -> bool:
 async def test_cancel_kills_the_engine_core_and_its_worker_and_ends_the_build() -> None:
     spawned: list[Any] = []
     closed: list[Built] = []
-    task = asyncio.create_task(build_cancellably(_spawning_build(spawned), closed.append))
-    pids = await _running(task, spawned)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 10)
-    assert spawned[0].exitcode == -9  # killed, and the build's thread saw it (join returned)
-    await eventually(lambda: all(_gone(p) for p in pids), 10, "core and worker gone")
-    assert closed == []  # nothing was built
+    # Another engine's core, there before this build began: it must not be touched.
+    other = SPAWN.Process(target=time.sleep, args=(600,), daemon=True)
+    other.start()
+    try:
+        task = asyncio.create_task(build_cancellably(_spawning_build(spawned), closed.append))
+        pids = await _running(task, spawned)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert spawned[0].exitcode == -9  # killed, and the build's thread saw it (join returned)
+        await eventually(lambda: all(_gone(p) for p in pids), 10, "core and worker gone")
+        assert closed == []  # nothing was built
+        assert other.is_alive()
+    finally:
+        other.kill()
 
 
-async def test_an_engine_built_after_the_cancel_is_closed_once() -> None:
+async def test_an_engine_built_after_the_cancel_is_closed_once_off_the_event_loop() -> None:
     closed: list[Built] = []
+    loop_thread = threading.current_thread()
+    threads: list[threading.Thread] = []
+
+    def close(b: Built) -> None:
+        threads.append(threading.current_thread())
+        closed.append(b)
 
     def build() -> Built:
         time.sleep(0.5)  # spawns nothing: the cancel cannot shorten it
         return Built()
 
-    task = asyncio.create_task(build_cancellably(build, closed.append))
+    task = asyncio.create_task(build_cancellably(build, close))
     await asyncio.sleep(0.1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert len(closed) == 1
+    assert len(closed) == 1 and loop_thread not in threads  # shutting vLLM down blocks
+
+
+async def test_cancelled_again_while_abandoning_the_late_engine_is_still_closed() -> None:
+    """asyncio.run's final cancel-all may hit the wait for the build: what it builds is still
+    closed (off the loop), and a failure is not left unretrieved."""
+    closed: list[Built] = []
+
+    def build() -> Built:
+        time.sleep(0.6)
+        return Built()
+
+    task = asyncio.create_task(build_cancellably(build, closed.append))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.1)  # now in the bounded wait
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: len(closed) == 1, 10, "the late engine closed")
 
 
 async def test_a_build_outlasting_the_wait_is_closed_when_it_ends(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(vllm_build, "ABANDON_WAIT_S", 0.2)
-    closed: list[Built] = []
+    closed: list[threading.Thread] = []
 
     def build() -> Built:
         time.sleep(1.0)
         return Built()
 
-    task = asyncio.create_task(build_cancellably(build, closed.append))
+    task = asyncio.create_task(build_cancellably(build, lambda b: closed.append(current())))
     await asyncio.sleep(0.05)
     task.cancel()
     began = time.monotonic()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.monotonic() - began < 0.9  # did not wait for the build
+    assert time.monotonic() - began < 0.95  # did not wait for the build (1 s)
     assert closed == []
     await eventually(lambda: len(closed) == 1, 10, "the late engine closed")
+    assert closed[0] is not current()  # not on the event loop: shutting vLLM down blocks
 
 
 async def test_without_a_cancel_the_result_or_the_error_is_the_builds() -> None:

@@ -125,7 +125,11 @@ def test_engine_cores_see_exactly_the_placed_gpus_by_uuid() -> None:
     gang = EngineConfig(
         memory_budget_bytes=20 * GIB, device_total_bytes=GPU, visible_devices=("GPU-5", "GPU-6")
     )
-    assert plan_engine(s, gang, False, False, 0).env == {"CUDA_VISIBLE_DEVICES": "GPU-5,GPU-6"}
+    assert plan_engine(s, gang, False, False, 0).env == {
+        "CUDA_VISIBLE_DEVICES": "GPU-5,GPU-6",
+        # spawned, so that our plugin's parent watch runs in them (vllm_plugin.py)
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    }
     one = EngineConfig(
         memory_budget_bytes=10 * GIB, device_total_bytes=GPU, visible_devices=("MIG-7-1",)
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import psutil
+import pytest
 from meshserve.nodeagent.engines import vllm_plugin
 
 from tests.waiting import eventually
@@ -42,10 +44,23 @@ def _child(path: str) -> None:
     time.sleep(600)
 
 
+def _late_child(path: str) -> None:
+    """vLLM loads its plugins seconds into a process's life: the parent may be gone by then."""
+    vllm_plugin.PARENT_WATCH_S = 0.1
+    creator = multiprocessing.parent_process()
+    assert creator is not None
+    Path(path).write_text(f"{os.getpid()} {os.getpid()}")
+    while os.getppid() == creator.pid:
+        time.sleep(0.05)
+    vllm_plugin.die_with_parent()
+    time.sleep(600)
+
+
 MIDDLE = """
 import multiprocessing, sys, time
-from tests.unit.test_vllm_plugin import _child
-multiprocessing.get_context("spawn").Process(target=_child, args=(sys.argv[1],)).start()
+from tests.unit import test_vllm_plugin
+target = getattr(test_vllm_plugin, sys.argv[2])
+multiprocessing.get_context("spawn").Process(target=target, args=(sys.argv[1],)).start()
 time.sleep(600)
 """
 
@@ -57,15 +72,16 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.parametrize("target", ["_child", "_late_child"])
 def test_a_spawned_process_exits_with_its_children_when_its_parent_is_killed(
-    tmp_path: Path,
+    tmp_path: Path, target: str
 ) -> None:
     """The agent (here a process that spawns as vLLM does) is killed with SIGKILL: the process it
     spawned (the engine core) and that one's child (a worker) exit, instead of running on
-    with the memory they hold."""
+    with the memory they hold; also when the parent was gone before the watch began."""
     pids = tmp_path / "pids"
     root = Path(__file__).resolve().parents[2]
-    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, str(pids)], cwd=root)
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, str(pids), target], cwd=root)
     try:
         asyncio.run(eventually(lambda: pids.exists() and pids.read_text(), 60, "the core up"))
         core, worker = map(int, pids.read_text().split())

@@ -14,7 +14,9 @@ the agent stopped (SIGTERM) during a load:
 
 Here the build runs in a daemon thread of its own (never joined at exit), and a cancellation
 kills the engine-core processes this build spawned (the `multiprocessing` children that appeared
-since it began: the agent serializes loads, so no other build's), which makes vLLM's handshake
+since it began: the agent serializes loads, so no other build's — an assumption that several
+agents in one process (`meshserve.nodeagent.fleet`, for simulated engines) would break), which
+makes vLLM's handshake
 fail at once; it waits a bounded time for the thread to end and shuts down an engine that was
 built anyway, so nothing outlives the load.
 """
@@ -34,7 +36,7 @@ import psutil  # a dependency of vLLM's (vllm.utils.system_utils uses it too)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-ABANDON_WAIT_S = 5.0  # how long a cancelled build may take to end once its processes are killed
+ABANDON_WAIT_S = 3.0  # how long a cancelled build may take to end once its processes are killed
 KILL_POLL_S = 0.1
 
 
@@ -46,9 +48,11 @@ async def build_cancellably(build: Callable[[], T], close: Callable[[T], None]) 
     before = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
 
     def settle(result: T | None, error: BaseException | None) -> None:
-        if done.cancelled():  # nobody will take it: close it here
+        if done.cancelled():  # nobody will take it: close it, off the event loop (it blocks)
             if error is None:
-                _close_quietly(close, result)
+                threading.Thread(
+                    target=_close_quietly, args=(close, result), name="vllm-close", daemon=True
+                ).start()
         elif error is not None:
             done.set_exception(error)
         else:
@@ -76,6 +80,16 @@ async def build_cancellably(build: Callable[[], T], close: Callable[[T], None]) 
 
 
 async def _abandon(done: asyncio.Future[T], before: set[int], close: Callable[[T], None]) -> None:
+    try:
+        await _kill_and_wait(done, before, close)
+    finally:
+        if not done.done():  # cancelled again meanwhile, or the wait ran out: settle() closes
+            done.cancel()
+
+
+async def _kill_and_wait(
+    done: asyncio.Future[T], before: set[int], close: Callable[[T], None]
+) -> None:
     # Until the thread ends: what it spawned so far, and what it spawns next (a build cancelled
     # before its engine core started goes on to start one), is killed as soon as it shows.
     deadline = time.monotonic() + ABANDON_WAIT_S
@@ -89,7 +103,6 @@ async def _abandon(done: asyncio.Future[T], before: set[int], close: Callable[[T
     if not done.done():
         log.warning("a cancelled vLLM build is still running after %.0f s; left to end alone",
                     ABANDON_WAIT_S)  # fmt: skip
-        done.cancel()  # settle() closes what it builds
         return
     if done.exception() is None:
         await asyncio.to_thread(_close_quietly, close, done.result())

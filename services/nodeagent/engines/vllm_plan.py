@@ -122,7 +122,12 @@ def plan_engine(
             )
         kwargs["gpu_memory_utilization"] = round(fraction, 4)
         kwargs["enable_sleep_mode"] = sleep_mode
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_gib)} if on_cpu else {}
+    # Spawned, never forked: a forked engine core inherits vLLM's "plugins loaded" flag from the
+    # agent and never runs our plugin, whose parent watch frees its memory if the agent dies
+    # (vllm_plugin.py). The CPU build spawns anyway; on a GPU vLLM forks unless CUDA is up.
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    if on_cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_gib)
     if config.visible_devices:
         # The engine cores see exactly the placement's GPUs (or MIG instance), by uuid, in rank
         # order: never GPU 0.. because that is where CUDA starts counting.

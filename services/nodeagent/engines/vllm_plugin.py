@@ -66,10 +66,13 @@ def die_with_parent() -> bool:
     builds engines in a thread that ends as soon as the engine is up (vllm_build.py), which
     would kill every healthy engine core. A daemon thread polling ``getppid`` costs nothing."""
     global _watching
-    if _watching or multiprocessing.parent_process() is None:
+    creator = multiprocessing.parent_process()
+    if _watching or creator is None or creator.pid is None:
         return _watching  # the agent (or vLLM's own server) itself: its launcher watches it
     _watching = True
-    parent = os.getppid()
+    # The creator's pid, not getppid(): vLLM loads plugins seconds after the process starts,
+    # and a parent that died before that has already been replaced by init (or a subreaper).
+    parent = creator.pid
     threading.Thread(target=_watch, args=(parent,), name="meshserve-parent", daemon=True).start()
     return True
 
