@@ -11,14 +11,27 @@ ports, and each service still gets a SIGTERM it handles gracefully.
 The shim runs in a fresh single-threaded interpreter, so nothing here runs between ``fork`` and
 ``exec`` of a threaded parent (``preexec_fn`` is unsafe there). Outside Linux the shim only
 resets the signals and execs: the launcher's own cleanup is then all there is.
+
+Processes a service starts through `multiprocessing` (vLLM's engine core and its workers, for
+the agent) cannot go through the shim; `watch_parent` ties them instead: a daemon thread that
+polls ``getppid`` and, once the parent is gone, kills what the process spawned and the process.
+Not ``PR_SET_PDEATHSIG``: Linux sends that when the parent *thread* ends, and the agent builds
+engines in a thread that ends as soon as they are up (engines/vllm_build.py). The agent asks for
+it through `WATCH_ENV` in the engine's environment, and `watch_if_asked` runs when a spawned
+process re-imports the agent's main module, first thing (`meshserve.cli`): before vLLM even
+loads, so an engine core whose agent died mid-start (it would wait for its handshake forever)
+goes too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 OBEYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -38,6 +51,41 @@ def _die_with_parent(parent: int) -> None:
     # The parent may have died between our fork and the prctl: then no signal will come.
     if os.getppid() != parent:
         sys.exit(f"lifeline: parent {parent} is gone; not starting {sys.argv[3:]}")
+
+
+WATCH_ENV = "MESHSERVE_DIE_WITH_PARENT"
+WATCH_S = 1.0  # how often a watched process looks for its parent
+_watching = False
+
+
+def watch_parent(parent: int) -> bool:
+    """Once ``parent`` is gone (this process was reparented), SIGKILLs this process's children
+    and then this process. Idempotent; True once watching."""
+    global _watching
+    if not _watching:
+        _watching = True
+        watcher = threading.Thread(target=_watch, args=(parent,), name="parent", daemon=True)
+        watcher.start()
+    return True
+
+
+def watch_if_asked() -> bool:
+    """`watch_parent` of the parent, in a process whose environment asks for it (`WATCH_ENV`)."""
+    return os.environ.get(WATCH_ENV) == "1" and watch_parent(os.getppid())
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(WATCH_S)
+    print(f"process {os.getpid()}: parent {parent} is gone; exiting with its children",
+          file=sys.stderr, flush=True)  # fmt: skip
+    with contextlib.suppress(Exception):
+        import psutil  # vLLM's dependency (and the dev environment's)
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(args: list[str]) -> None:

@@ -3,8 +3,25 @@ talk to a mesh (inspect.py, status.py, top.py …)."""
 
 from __future__ import annotations
 
-import typer
-from meshserve.cli import inspect, local, nodes, probe, route, routes, serve, status, tenancy, top
+from meshserve import lifeline
+
+# First thing in a process the agent spawned for vLLM (its engine core and workers re-import the
+# agent's main module, hence this one, before anything else): die with the parent.
+lifeline.watch_if_asked()
+
+import typer  # noqa: E402
+from meshserve.cli import (  # noqa: E402
+    inspect,
+    local,
+    nodes,
+    probe,
+    route,
+    routes,
+    serve,
+    status,
+    tenancy,
+    top,
+)
 
 app = typer.Typer(
     help="meshserve: serve many models on a fleet of GPU hosts.", no_args_is_help=True

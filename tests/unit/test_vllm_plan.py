@@ -127,8 +127,9 @@ def test_engine_cores_see_exactly_the_placed_gpus_by_uuid() -> None:
     )
     assert plan_engine(s, gang, False, False, 0).env == {
         "CUDA_VISIBLE_DEVICES": "GPU-5,GPU-6",
-        # spawned, so that our plugin's parent watch runs in them (vllm_plugin.py)
+        # spawned, and dying with the agent (meshserve.lifeline's watch)
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        "MESHSERVE_DIE_WITH_PARENT": "1",
     }
     one = EngineConfig(
         memory_budget_bytes=10 * GIB, device_total_bytes=GPU, visible_devices=("MIG-7-1",)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from meshserve import lifeline
 from meshserve.nodeagent.engines import vllm_plugin
 
 from tests.waiting import eventually
@@ -37,7 +38,7 @@ def test_amx_state_is_granted_where_the_cpu_has_amx() -> None:
 
 def _child(path: str) -> None:
     """A stand-in for vLLM's engine core: watches its parent, spawns a "worker", then idles."""
-    vllm_plugin.PARENT_WATCH_S = 0.1
+    lifeline.WATCH_S = 0.1
     assert vllm_plugin.die_with_parent()
     worker = subprocess.Popen(["sleep", "600"])
     Path(path).write_text(f"{os.getpid()} {worker.pid}")
@@ -46,13 +47,25 @@ def _child(path: str) -> None:
 
 def _late_child(path: str) -> None:
     """vLLM loads its plugins seconds into a process's life: the parent may be gone by then."""
-    vllm_plugin.PARENT_WATCH_S = 0.1
+    lifeline.WATCH_S = 0.1
     creator = multiprocessing.parent_process()
     assert creator is not None
     Path(path).write_text(f"{os.getpid()} {os.getpid()}")
     while os.getppid() == creator.pid:
         time.sleep(0.05)
     vllm_plugin.die_with_parent()
+    time.sleep(600)
+
+
+def _env_child(path: str) -> None:
+    """As an engine core the agent spawns: its environment asks for the watch, and it starts by
+    re-importing the agent's main module (meshserve.cli); then it waits, as a core whose agent
+    died mid-start waits for its handshake, without ever loading vLLM's plugins."""
+    import meshserve.cli  # noqa: F401
+
+    lifeline.WATCH_S = 0.1
+    worker = subprocess.Popen(["sleep", "600"])
+    Path(path).write_text(f"{os.getpid()} {worker.pid}")
     time.sleep(600)
 
 
@@ -72,16 +85,18 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("target", ["_child", "_late_child"])
+@pytest.mark.parametrize("target", ["_child", "_late_child", "_env_child"])
 def test_a_spawned_process_exits_with_its_children_when_its_parent_is_killed(
     tmp_path: Path, target: str
 ) -> None:
     """The agent (here a process that spawns as vLLM does) is killed with SIGKILL: the process it
     spawned (the engine core) and that one's child (a worker) exit, instead of running on
-    with the memory they hold; also when the parent was gone before the watch began."""
+    with the memory they hold; also when the parent was gone before the watch began, and when
+    only the agent's environment asked for it (vLLM not loaded yet)."""
     pids = tmp_path / "pids"
     root = Path(__file__).resolve().parents[2]
-    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, str(pids), target], cwd=root)
+    env = {**os.environ, lifeline.WATCH_ENV: "1"} if target == "_env_child" else None
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, str(pids), target], cwd=root, env=env)
     try:
         asyncio.run(eventually(lambda: pids.exists() and pids.read_text(), 60, "the core up"))
         core, worker = map(int, pids.read_text().split())

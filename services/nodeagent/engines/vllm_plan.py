@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshserve.lifeline import WATCH_ENV
 from meshserve.nodeagent.engines.base import EngineConfig
 from meshserve.nodeagent.engines.params import adapter_rank
 from meshserve.v1 import cluster_pb2
@@ -122,10 +123,11 @@ def plan_engine(
             )
         kwargs["gpu_memory_utilization"] = round(fraction, 4)
         kwargs["enable_sleep_mode"] = sleep_mode
-    # Spawned, never forked: a forked engine core inherits vLLM's "plugins loaded" flag from the
-    # agent and never runs our plugin, whose parent watch frees its memory if the agent dies
-    # (vllm_plugin.py). The CPU build spawns anyway; on a GPU vLLM forks unless CUDA is up.
-    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    # The engine core and its workers die with their parent (meshserve.lifeline's watch, set up
+    # as they re-import the agent's main module): spawned, never forked, so that they do (a
+    # forked process re-imports nothing). The CPU build spawns anyway; on a GPU vLLM forks
+    # unless CUDA is up.
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", WATCH_ENV: "1"}
     if on_cpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_gib)
     if config.visible_devices:

@@ -12,17 +12,14 @@ request; with it they serve. A CPU or kernel without AMX is left as it is.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import multiprocessing
-import os
 import platform
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
+
+from meshserve.lifeline import watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -54,42 +51,15 @@ def request_amx() -> bool | None:
     return False
 
 
-PARENT_WATCH_S = 1.0  # how often a spawned vLLM process looks for its parent
-_watching = False
-
-
 def die_with_parent() -> bool:
-    """In a process spawned by `multiprocessing` (vLLM's engine core, a model worker): once its
-    parent is gone (it was reparented), kill what it spawned and exit. True when watching.
-
-    Not ``PR_SET_PDEATHSIG``: Linux sends that when the parent *thread* ends, and the agent
-    builds engines in a thread that ends as soon as the engine is up (vllm_build.py), which
-    would kill every healthy engine core. A daemon thread polling ``getppid`` costs nothing."""
-    global _watching
+    """In a process spawned by `multiprocessing` (vLLM's engine core, a model worker, also of
+    vLLM's own server): `lifeline.watch_parent` of its creator. True when watching. The creator's
+    pid, not getppid(): vLLM loads plugins seconds into a process's life, and a parent that died
+    before that has already been replaced by init (or a subreaper)."""
     creator = multiprocessing.parent_process()
-    if _watching or creator is None or creator.pid is None:
-        return _watching  # the agent (or vLLM's own server) itself: its launcher watches it
-    _watching = True
-    # The creator's pid, not getppid(): vLLM loads plugins seconds after the process starts,
-    # and a parent that died before that has already been replaced by init (or a subreaper).
-    parent = creator.pid
-    threading.Thread(target=_watch, args=(parent,), name="meshserve-parent", daemon=True).start()
-    return True
-
-
-def _watch(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_WATCH_S)
-    log.warning(
-        "vLLM process %d: parent %d is gone; exiting with its children", os.getpid(), parent
-    )
-    import psutil  # vLLM's own dependency
-
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if creator is None or creator.pid is None:
+        return False  # the agent (or vLLM's own server) itself: its launcher watches it
+    return watch_parent(creator.pid)
 
 
 def register() -> None:
