@@ -13,12 +13,11 @@ the agent stopped (SIGTERM) during a load:
   never shut down.
 
 Here the build runs in a daemon thread of its own (never joined at exit), and a cancellation
-kills the engine-core processes this build spawned (the `multiprocessing` children that appeared
-since it began: the agent serializes loads, so no other build's — an assumption that several
-agents in one process (`meshserve.nodeagent.fleet`, for simulated engines) would break), which
-makes vLLM's handshake
-fail at once; it waits a bounded time for the thread to end and shuts down an engine that was
-built anyway, so nothing outlives the load.
+kills the engine-core processes this build spawned, which makes vLLM's handshake fail at once;
+it waits a bounded time for the thread to end and shuts down an engine that was built anyway,
+so nothing outlives the load. "Spawned by this build" is the `multiprocessing` children that
+appeared since it began: the agent serializes loads, so they are no other build's (several
+agents in one process, `meshserve.nodeagent.fleet`, for simulated engines, would break that).
 """
 
 from __future__ import annotations
